@@ -1,0 +1,117 @@
+"""The HTTP edge shared by every handler: the error type, JSON in and out, field checks.
+
+Every 4xx/5xx body has the contract's shape `{"error", "detail", "fields"?}`; handlers raise
+`ApiError` and the middleware in server.py renders it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+REQUIRED = "This field is required."
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, contract error code, human detail, optional fields."""
+
+    def __init__(self, status: int, code: str, detail: str,
+                 fields: dict[str, str] | None = None, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.fields = fields
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.code, "detail": self.detail}
+        if self.fields is not None:
+            body["fields"] = self.fields
+        return body
+
+
+def invalid(fields: dict[str, str]) -> ApiError:
+    """A 400 validation error naming each bad field."""
+    return ApiError(400, "validation", "Invalid input.", fields)
+
+
+def not_found(what: str = "Not found.") -> ApiError:
+    return ApiError(404, "not_found", what)
+
+
+def conflict(detail: str) -> ApiError:
+    return ApiError(409, "conflict", detail)
+
+
+def not_authenticated() -> ApiError:
+    return ApiError(401, "not_authenticated", "Invalid Authentication Credentials",
+                    headers={"WWW-Authenticate": 'Bearer realm="pricewatch"'})
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, headers=headers,
+                        content_type="application/json")
+
+
+async def read_json(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object. Raises ApiError 400 `invalid_json` otherwise.
+
+    The body size limit (64 KiB) is enforced by aiohttp while reading (413).
+    """
+    raw = await request.read()
+    if not raw.strip():
+        if optional:
+            return {}
+        raise ApiError(400, "invalid_json", "Request body must be a JSON object.")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        # orjson refuses NaN, Infinity and 1e309 outright; the stdlib parser reads them as
+        # floats so that validation can name the field instead of rejecting the whole body.
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise ApiError(400, "invalid_json", "Request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_json", "Request body must be a JSON object.")
+    return data
+
+
+def positive_number(value: Any) -> float | str:
+    """A finite number > 0 as float, or the error message for the field."""
+    # bool is an int subclass: True must not become a price of 1.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "A valid number is required."
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        return "Ensure this value is a finite number."
+    if not math.isfinite(number):
+        return "Ensure this value is a finite number."
+    if number <= 0:
+        return "Ensure this value is greater than 0."
+    return number
+
+
+def query_int(request: web.Request, name: str, default: int | None, lo: int, hi: int | None,
+              errors: dict[str, str]) -> int | None:
+    """Parse an integer query parameter, recording a message in `errors` when it is bad."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        errors[name] = "A valid integer is required."
+        return default
+    if value < lo or (hi is not None and value > hi):
+        errors[name] = (f"Ensure this value is between {lo} and {hi}." if hi is not None
+                        else f"Ensure this value is at least {lo}.")
+        return default
+    return value

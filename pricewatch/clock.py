@@ -1,0 +1,23 @@
+"""Wall-clock time as epoch seconds, and its one wire format (ISO-8601 UTC with `Z`)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+
+def now() -> float:
+    """Seconds since the epoch (UTC)."""
+    return time.time()
+
+
+def iso(ts: float | None) -> str | None:
+    """`1700000000.5` -> `"2023-11-14T22:13:20.500Z"`; None stays None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def iso_ms(ms: int) -> str:
+    """Epoch milliseconds -> ISO-8601 UTC string."""
+    return iso(ms / 1000.0)  # type: ignore[return-value]

@@ -1,0 +1,231 @@
+"""Settings: one frozen dataclass built from the environment and `.env`.
+
+The environment wins over `.env`. A malformed or unknown `PRICEWATCH_*` value raises
+`ConfigError` naming the variable; `main()` turns that into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+PREFIX = "PRICEWATCH_"
+SYMBOL_RE = re.compile(r"[A-Z0-9]{2,20}")
+CURRENCY_RE = re.compile(r"[A-Z0-9]{2,10}")
+
+
+class ConfigError(ValueError):
+    """A configuration variable is malformed; the message names it."""
+
+
+def _str(name: str, raw: str) -> str:
+    return raw
+
+
+def _int(lo: int, hi: int):
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(lo: float, hi: float):
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not lo <= value <= hi:  # also rejects nan
+            raise ConfigError(f"{name} must be between {lo} and {hi}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _symbols(name: str, raw: str) -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(s.strip().upper() for s in raw.split(",") if s.strip()))
+    if not items:
+        raise ConfigError(f"{name} must list at least one symbol")
+    for item in items:
+        if not SYMBOL_RE.fullmatch(item):
+            raise ConfigError(f"{name}: {item!r} is not a Binance symbol like BTCUSDT")
+    return items
+
+
+def _pairs(name: str, raw: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in raw.split(","):
+        item = item.strip().upper()
+        if not item:
+            continue
+        parts = item.split("/")
+        if len(parts) != 2 or not all(CURRENCY_RE.fullmatch(p) for p in parts):
+            raise ConfigError(f"{name}: {item!r} is not a FROM/TO pair like BTC/USD")
+        pairs.append((parts[0], parts[1]))
+    if not pairs:
+        raise ConfigError(f"{name} must list at least one FROM/TO pair")
+    return tuple(dict.fromkeys(pairs))
+
+
+def _feed(name: str, raw: str) -> str:
+    value = raw.strip()
+    if value in ("binance", "demo", "off"):
+        return value
+    if value.startswith("replay:") and len(value) > len("replay:"):
+        return value
+    raise ConfigError(f"{name} must be binance, demo, off or replay:PATH, got {raw!r}")
+
+
+def _ws_url(name: str, raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    if not re.fullmatch(r"wss?://[^\s/]+(/\S*)?", value):
+        raise ConfigError(f"{name} must be a ws:// or wss:// URL, got {raw!r}")
+    return value
+
+
+def _http_url(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+        raise ConfigError(f"{name} must be an http:// or https:// URL, got {raw!r}")
+    return value
+
+
+def _secret(name: str, raw: str) -> str:
+    if len(raw.encode()) < 32:
+        raise ConfigError(f"{name} must be at least 32 bytes long")
+    return raw
+
+
+def _opt(parse):
+    def parse_optional(name: str, raw: str):
+        return None if raw.strip() == "" else parse(name, raw)
+
+    return parse_optional
+
+
+def _var(env: str, parse, default, secret: bool = False):
+    """A settings field read from PRICEWATCH_<env> with `parse(name, raw)`."""
+    return field(default=default, metadata={"env": env, "parse": parse, "secret": secret})
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _var("HOST", _str, "127.0.0.1")
+    port: int = _var("PORT", _int(0, 65535), 8000)
+    db: str = _var("DB", _str, "./pricewatch.db")
+    jwt_secret: str | None = _var("JWT_SECRET", _opt(_secret), None, secret=True)
+    access_ttl: int = _var("ACCESS_TTL", _int(1, 10**8), 1800)
+    refresh_ttl: int = _var("REFRESH_TTL", _int(1, 10**9), 604800)
+    symbols: tuple[str, ...] = _var("SYMBOLS", _symbols, ("BTCUSDT", "ETHUSDT"))
+    feed: str = _var("FEED", _feed, "binance")
+    replay_speed: float = _var("REPLAY_SPEED", _float(0, 1e6), 0.0)
+    binance_ws_url: str = _var("BINANCE_WS_URL", _ws_url, "wss://stream.binance.com:9443")
+    alphavantage_url: str = _var(
+        "ALPHAVANTAGE_URL", _http_url, "https://www.alphavantage.co/query"
+    )
+    alphavantage_api_key: str | None = _var(
+        "ALPHAVANTAGE_API_KEY", _opt(_str), None, secret=True
+    )
+    alphavantage_interval: float = _var("ALPHAVANTAGE_INTERVAL", _float(0.01, 1e7), 3600.0)
+    quote_pairs: tuple[tuple[str, str], ...] = _var("QUOTE_PAIRS", _pairs, (("BTC", "USD"),))
+    smtp_host: str | None = _var("SMTP_HOST", _opt(_str), None)
+    smtp_port: int = _var("SMTP_PORT", _int(1, 65535), 25)
+    smtp_user: str | None = _var("SMTP_USER", _opt(_str), None)
+    smtp_password: str | None = _var("SMTP_PASSWORD", _opt(_str), None, secret=True)
+    smtp_starttls: bool = _var("SMTP_STARTTLS", _bool, False)
+    smtp_timeout: float = _var("SMTP_TIMEOUT", _float(0.1, 600), 30.0)
+    smtp_concurrency: int = _var("SMTP_CONCURRENCY", _int(1, 100), 8)
+    smtp_max_attempts: int = _var("SMTP_MAX_ATTEMPTS", _int(1, 1000), 8)
+    smtp_retry_base: float = _var("SMTP_RETRY_BASE", _float(0.01, 3600), 2.0)
+    mail_from: str = _var("MAIL_FROM", _str, "pricewatch@localhost")
+    bcrypt_rounds: int = _var("BCRYPT_ROUNDS", _int(4, 16), 12)
+    max_alerts_per_user: int = _var("MAX_ALERTS_PER_USER", _int(1, 10**7), 1000)
+    login_max_failures: int = _var("LOGIN_MAX_FAILURES", _int(1, 10**6), 10)
+    login_window: float = _var("LOGIN_WINDOW", _float(1, 86400), 300.0)
+    allow_private_feeds: bool = _var("ALLOW_PRIVATE_FEEDS", _bool, False)
+    log_level: str = _var("LOG_LEVEL", _str, "INFO")
+    # Read only by `createuser`; listed so that setting it is not an "unknown variable".
+    password: str | None = _var("PASSWORD", _opt(_str), None, secret=True)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, dotenv: str | Path | None = ".env"
+    ) -> Settings:
+        """Build settings from `environ` (default: os.environ) over the `.env` file.
+
+        Raises ConfigError naming the first malformed or unknown variable.
+        """
+        merged: dict[str, str] = {}
+        if dotenv is not None:
+            merged.update(read_dotenv(Path(dotenv)))
+        merged.update(os.environ if environ is None else environ)
+        known = {PREFIX + f.metadata["env"] for f in fields(cls)}
+        for name in sorted(merged):
+            if name.startswith(PREFIX) and name not in known:
+                raise ConfigError(f"{name} is not a pricewatch setting")
+        values = {}
+        for f in fields(cls):
+            name = PREFIX + f.metadata["env"]
+            if name in merged:
+                values[f.name] = f.metadata["parse"](name, merged[name])
+        settings = cls(**values)
+        if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"{PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        return settings
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            shown = "'***'" if f.metadata["secret"] and value is not None else repr(value)
+            parts.append(f"{f.name}={shown}")
+        return f"Settings({', '.join(parts)})"
+
+
+def env_names() -> dict[str, str]:
+    """Map settings field name -> its environment variable name."""
+    return {f.name: PREFIX + f.metadata["env"] for f in fields(Settings)}
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse a `.env` file: `KEY=VALUE` lines, `#` comments, optional quotes and `export`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    values = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values

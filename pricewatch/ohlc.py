@@ -1,0 +1,258 @@
+"""OHLC candles built from trades, kept in bounded in-memory rings.
+
+Pure in-memory code on the tick path: `CandleBook.add` runs for every trade, so it allocates
+only when a trade opens a new candle and never does I/O.
+
+Rules (the tests pin each of them):
+
+- A trade belongs to the candle starting at ``ts_ms - ts_ms % tf`` (UTC boundaries from the
+  *trade* time; a trade exactly on a boundary opens the new candle). Empty intervals make no
+  candle.
+- Each (symbol, timeframe) ring keeps the newest ``size`` candles by start time.
+- A late trade still lands in its candle if the ring holds it, or creates it in order if its
+  interval is empty; when that insertion overflows a full ring the oldest candle goes. A trade
+  older than the oldest candle of a *full* ring is dropped and counted (a ring that is not
+  full yet accepts any older trade).
+- Open/close follow trade time, not arrival: a trade with a time strictly earlier than the
+  candle's first trade becomes the open; one with a time later than *or equal to* the
+  candle's last trade becomes the close. So among trades with the same time the first to
+  arrive is the open and the last to arrive is the close.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Mapping
+from itertools import islice
+from operator import attrgetter
+
+TIMEFRAMES: dict[str, int] = {
+    "1s": 1_000,
+    "1m": 60_000,
+    "5m": 300_000,
+    "15m": 900_000,
+    "1h": 3_600_000,
+    "4h": 14_400_000,
+    "1d": 86_400_000,
+}
+"""Supported timeframe names -> length in milliseconds, shortest first."""
+
+
+def parse_timeframe(name: str) -> int:
+    """Return the length in ms of timeframe `name` (e.g. ``"1m"``); raise ValueError if unknown."""
+    try:
+        return TIMEFRAMES[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown timeframe {name!r}; expected one of {', '.join(TIMEFRAMES)}"
+        ) from None
+
+
+def _iso(ms: int) -> str:
+    sec, msec = divmod(int(ms), 1000)
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    # Every standard timeframe starts on a whole second; only custom ones need the millis.
+    return f"{text}.{msec:03d}Z" if msec else text + "Z"
+
+
+class _Candle:
+    __slots__ = (
+        "start", "open", "high", "low", "close", "volume", "trades", "first_ts", "last_ts", "iso",
+    )
+
+    def __init__(self, start: float, price: float, qty: float, ts_ms: int) -> None:
+        self.start = start
+        self.open = self.high = self.low = self.close = price
+        self.volume = qty
+        self.trades = 1
+        self.first_ts = self.last_ts = ts_ms
+        self.iso: str | None = None  # formatted on first read, then reused
+
+    def add(self, price: float, qty: float, ts_ms: int) -> None:
+        # Same logic as the inlined copy in CandleBook.add; keep them in step.
+        if price > self.high:
+            self.high = price
+        elif price < self.low:
+            self.low = price
+        self.volume += qty
+        self.trades += 1
+        if ts_ms >= self.last_ts:
+            self.close = price
+            self.last_ts = ts_ms
+        elif ts_ms < self.first_ts:
+            self.open = price
+            self.first_ts = ts_ms
+
+    def as_dict(self) -> dict:
+        iso = self.iso
+        if iso is None:
+            iso = self.iso = _iso(self.start)
+        return {
+            "timestamp": iso,
+            "open": self.open,
+            "high": self.high,
+            "low": self.low,
+            "close": self.close,
+            "volume": self.volume,
+            "trades": self.trades,
+        }
+
+
+# Stands in for "no candle yet" so the hot path needs no None check: no start equals -inf
+# and every start is greater, so the first trade takes the new-candle branch.
+_NO_CANDLE = _Candle(float("-inf"), 0.0, 0.0, 0)
+_START = attrgetter("start")
+
+
+class _Ring:
+    __slots__ = ("name", "tf", "candles", "last", "dropped")
+
+    def __init__(self, name: str, tf: int, size: int) -> None:
+        self.name = name
+        self.tf = tf
+        self.candles: deque[_Candle] = deque(maxlen=size)  # sorted by start, oldest first
+        self.last = _NO_CANDLE  # == candles[-1] once there is one
+        self.dropped = 0
+
+    def add_late(self, start: int, price: float, qty: float, ts_ms: int) -> bool:
+        """Put a trade whose candle is older than the newest one; False if it was dropped."""
+        candles = self.candles
+        # start < candles[-1].start, so i is a valid index.
+        i = bisect_left(candles, start, key=_START)
+        candle = candles[i]
+        if candle.start == start:
+            candle.add(price, qty, ts_ms)
+            return True
+        if len(candles) == candles.maxlen:
+            if i == 0:
+                self.dropped += 1
+                return False
+            # Make room first: insert() into a full bounded deque raises.
+            candles.popleft()
+            i -= 1
+        candles.insert(i, _Candle(start, price, qty, ts_ms))
+        return True
+
+    def find(self, start: int) -> _Candle | None:
+        if self.last.start == start:
+            return self.last
+        candles = self.candles
+        i = bisect_left(candles, start, key=_START)
+        if i < len(candles) and candles[i].start == start:
+            return candles[i]
+        return None
+
+
+class CandleBook:
+    """Candles for every symbol seen and every configured timeframe.
+
+    Not thread-safe; meant to be driven from the event loop's tick path.
+    """
+
+    def __init__(self, timeframes: Mapping[str, int] = TIMEFRAMES, size: int = 1000) -> None:
+        """Raise ValueError unless `size` >= 1 and each timeframe is a positive int of ms."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        if not timeframes:
+            raise ValueError("at least one timeframe is required")
+        for name, tf in timeframes.items():
+            if isinstance(tf, bool) or not isinstance(tf, int) or tf < 1:
+                raise ValueError(f"timeframe {name!r} must be a positive int of ms, got {tf!r}")
+        self._timeframes = dict(timeframes)
+        self._index = {name: i for i, name in enumerate(self._timeframes)}
+        self._size = size
+        self._rings: dict[str, tuple[_Ring, ...]] = {}
+        self._dropped: dict[str, int] = {}
+
+    @property
+    def size(self) -> int:
+        """Maximum number of candles kept per (symbol, timeframe)."""
+        return self._size
+
+    @property
+    def timeframes(self) -> dict[str, int]:
+        """A copy of the configured timeframes (name -> ms)."""
+        return dict(self._timeframes)
+
+    def add(self, symbol: str, price: float, qty: float, ts_ms: int) -> None:
+        """Fold one trade (trade time `ts_ms`, ms since the epoch) into every timeframe."""
+        rings = self._rings.get(symbol)
+        if rings is None:
+            rings = self._new_symbol(symbol)
+        dropped = False
+        for ring in rings:
+            start = ts_ms - ts_ms % ring.tf
+            c = ring.last
+            if start == c.start:
+                # Hot path: the open candle. Inlined _Candle.add (saves a call per timeframe).
+                if price > c.high:
+                    c.high = price
+                elif price < c.low:
+                    c.low = price
+                c.volume += qty
+                c.trades += 1
+                if ts_ms >= c.last_ts:
+                    c.close = price
+                    c.last_ts = ts_ms
+                elif ts_ms < c.first_ts:
+                    c.open = price
+                    c.first_ts = ts_ms
+            elif start > c.start:
+                c = ring.last = _Candle(start, price, qty, ts_ms)
+                ring.candles.append(c)  # the bounded deque evicts the oldest itself
+            elif not ring.add_late(start, price, qty, ts_ms):
+                dropped = True
+        if dropped:
+            self._dropped[symbol] += 1
+
+    def candles(self, symbol: str, timeframe: str, limit: int = 100) -> list[dict]:
+        """The newest `limit` candles, oldest first (the last may still be open).
+
+        Unknown symbol or limit < 1 -> []; unknown timeframe -> ValueError.
+        """
+        ring = self._ring(symbol, timeframe)
+        if ring is None or limit < 1:
+            return []
+        newest = [c.as_dict() for c in islice(reversed(ring.candles), limit)]
+        newest.reverse()
+        return newest
+
+    def candle_at(self, symbol: str, timeframe: str, ts_ms: int) -> dict | None:
+        """The candle containing trade time `ts_ms`, or None if there is none (or unknown symbol).
+
+        Raises ValueError for an unknown timeframe.
+        """
+        ring = self._ring(symbol, timeframe)
+        if ring is None:
+            return None
+        candle = ring.find(ts_ms - ts_ms % ring.tf)
+        return None if candle is None else candle.as_dict()
+
+    def stats(self) -> dict:
+        """Counters: ``dropped`` = per symbol, trades dropped by at least one timeframe's ring;
+        ``dropped_by_timeframe`` = per symbol and timeframe."""
+        return {
+            "dropped": dict(self._dropped),
+            "dropped_by_timeframe": {
+                symbol: {ring.name: ring.dropped for ring in rings}
+                for symbol, rings in self._rings.items()
+            },
+        }
+
+    def _new_symbol(self, symbol: str) -> tuple[_Ring, ...]:
+        rings = tuple(_Ring(name, tf, self._size) for name, tf in self._timeframes.items())
+        self._rings[symbol] = rings
+        self._dropped[symbol] = 0
+        return rings
+
+    def _ring(self, symbol: str, timeframe: str) -> _Ring | None:
+        try:
+            i = self._index[timeframe]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"unknown timeframe {timeframe!r}; expected one of {', '.join(self._index)}"
+            ) from None
+        rings = self._rings.get(symbol)
+        return None if rings is None else rings[i]

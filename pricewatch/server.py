@@ -1,0 +1,151 @@
+"""The aiohttp application: app factory, middlewares, routes and lifetimes.
+
+`create_app(settings)` wires every part; `main()` in __main__.py only parses argv,
+configures logging and runs it. Startup order (cleanup contexts) follows DESIGN.md:
+store -> auth -> (engine, hub, writer, notifier, feeds); shutdown is the reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from . import auth
+from .api import ApiError, json_response
+from .config import Settings
+from .store import Conflict, NotFound, Store
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", Store)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_STATUS_CODES = {
+    400: "invalid_request",
+    401: "not_authenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    429: "rate_limited",
+    502: "upstream_error",
+    503: "unavailable",
+}
+
+
+def error_response(status: int, code: str, detail: str, fields: dict | None = None,
+                   headers: dict | None = None) -> web.Response:
+    body = {"error": code, "detail": detail}
+    if fields is not None:
+        body["fields"] = fields
+    return json_response(body, status=status, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every error, ours or aiohttp's, in the contract's JSON shape."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.detail, exc.fields, exc.headers)
+    except NotFound as exc:
+        return error_response(404, "not_found", str(exc).capitalize() + ".")
+    except Conflict as exc:
+        return error_response(409, "conflict", str(exc).capitalize() + ".")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
+        if exc.status == 413:
+            detail = f"Request body is larger than {MAX_BODY // 1024} KiB."
+        else:
+            detail = exc.reason + "."
+        return error_response(exc.status, _STATUS_CODES.get(exc.status, "error"), detail,
+                              headers=headers)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "internal", "Internal server error.")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    app = request.app
+    status, db = "ok", "ok"
+    try:
+        await asyncio.wait_for(app[STORE].ping(), timeout=2.0)
+    except Exception as exc:  # any failure means "not healthy", reported, not raised
+        status, db = "error", f"error: {type(exc).__name__}"
+    feeds = {name: health() for name, health in app[HEALTH].items()}
+    body = {"status": status, "db": db, "feeds": feeds}
+    return json_response(body, status=200 if status == "ok" else 503)
+
+
+HEALTH = web.AppKey("health", dict)  # name -> callable returning that part's health dict
+
+
+def add_route(app: web.Application, method: str, path: str, handler: Handler) -> None:
+    """Register `path` with and without its trailing slash (the contract treats both alike)."""
+    base = path.rstrip("/") or "/"
+    app.router.add_route(method, base, handler)
+    if base != "/":
+        app.router.add_route(method, base + "/", handler)
+
+
+async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    store = await Store.open(settings.db)
+    app[STORE] = store
+    log.info("database %s ready (schema version %d)", settings.db,
+             await store.schema_version())
+    try:
+        yield
+    finally:
+        await store.close()
+
+
+async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[auth.AUTH] = await auth.Auth.create(app[SETTINGS], app[STORE])
+    yield
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the whole application; nothing starts until the app runs."""
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
+    app[SETTINGS] = settings
+    app[HEALTH] = {}
+    app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(auth_ctx)
+
+    add_route(app, "GET", "/healthz", healthz)
+    add_route(app, "POST", "/auth/register", auth.register)
+    add_route(app, "POST", "/auth/token", auth.token)
+    add_route(app, "POST", "/auth/token/refresh", auth.refresh)
+    add_route(app, "POST", "/auth/logout", auth.logout)
+    add_route(app, "GET", "/auth/me", auth.me)
+    return app
+
+
+def run(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully (within ~5 s)."""
+    app = create_app(settings)
+    started = time.monotonic()
+
+    async def announce(app: web.Application) -> None:
+        log.info("pricewatch serving on http://%s:%d (feed %s, symbols %s) after %.2fs",
+                 settings.host, settings.port, settings.feed, ",".join(settings.symbols),
+                 time.monotonic() - started)
+
+    app.on_startup.append(announce)
+    web.run_app(app, host=settings.host, port=settings.port, shutdown_timeout=3.0,
+                print=None, access_log=logging.getLogger("pricewatch.access"),
+                access_log_format='%a "%r" %s %b %Tfs')

@@ -1,0 +1,599 @@
+"""SQLite persistence: the only module that speaks SQL.
+
+One writer connection (serialised by a lock, explicit `BEGIN IMMEDIATE` transactions) and
+one reader connection (WAL lets it read committed data while a write is in progress).
+Every write method returns only after COMMIT, so a 2xx answer built on it is durable.
+Rows come back as dataclasses, never as sqlite rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiosqlite
+
+from . import clock
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(Exception):
+    """Base class of store errors."""
+
+
+class NotFound(StoreError):
+    """The row does not exist (or belongs to someone else)."""
+
+
+class Conflict(StoreError):
+    """The write conflicts with existing state (duplicate, wrong status, cap reached)."""
+
+
+# Ordered migrations: index + 1 is the schema version. Append only; never edit a shipped one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        username TEXT NOT NULL UNIQUE,
+        email TEXT NOT NULL,
+        password_hash TEXT NOT NULL,
+        is_admin INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE refresh_tokens (
+        jti TEXT PRIMARY KEY,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        family TEXT NOT NULL,
+        issued_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        spent_at REAL,
+        revoked_at REAL
+    );
+    CREATE INDEX refresh_tokens_family ON refresh_tokens(family);
+    CREATE TABLE quotes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        from_currency TEXT NOT NULL,
+        to_currency TEXT NOT NULL,
+        rate REAL NOT NULL,
+        bid REAL,
+        ask REAL,
+        source_time TEXT NOT NULL,
+        fetched_at REAL NOT NULL
+    );
+    CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        asset TEXT NOT NULL,
+        price REAL NOT NULL,
+        direction TEXT NOT NULL CHECK (direction IN ('above', 'below')),
+        status TEXT NOT NULL DEFAULT 'CREATED'
+            CHECK (status IN ('CREATED', 'TRIGGERED', 'DELETED')),
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        triggered_at REAL,
+        triggered_price REAL,
+        notified TEXT CHECK (notified IN ('pending', 'sent', 'failed'))
+    );
+    CREATE INDEX alerts_user_status ON alerts(user_id, status, id);
+    CREATE INDEX alerts_status ON alerts(status);
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        alert_id INTEGER NOT NULL UNIQUE REFERENCES alerts(id) ON DELETE CASCADE,
+        recipient TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        sent_at REAL
+    );
+    CREATE INDEX outbox_due ON outbox(status, next_attempt_at);
+    CREATE TABLE feeds (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        url TEXT NOT NULL UNIQUE,
+        created_by INTEGER REFERENCES users(id) ON DELETE SET NULL,
+        created_at REAL NOT NULL
+    );
+    """,
+]
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    username: str
+    email: str
+    password_hash: str
+    is_admin: bool
+
+    def public(self) -> dict:
+        return {"id": self.id, "username": self.username, "email": self.email,
+                "is_admin": self.is_admin}
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    id: int
+    user_id: int
+    asset: str
+    price: float
+    direction: str
+    status: str
+    created_at: float
+    triggered_at: float | None
+    triggered_price: float | None
+    notified: str | None
+
+    def public(self) -> dict:
+        return {
+            "id": self.id,
+            "asset": self.asset,
+            "price": self.price,
+            "direction": self.direction,
+            "status": self.status,
+            "created": clock.iso(self.created_at),
+            "triggered_at": clock.iso(self.triggered_at),
+            "triggered_price": self.triggered_price,
+            "notified": self.notified,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    id: int
+    from_currency: str
+    to_currency: str
+    rate: float
+    bid: float | None
+    ask: float | None
+    source_time: str
+    fetched_at: float
+
+    def public(self) -> dict:
+        return {
+            "id": self.id,
+            "from_currency": self.from_currency,
+            "to_currency": self.to_currency,
+            "rate": self.rate,
+            "bid": self.bid,
+            "ask": self.ask,
+            "source_time": self.source_time,
+            "fetched_at": clock.iso(self.fetched_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """A queued email with the alert it is about."""
+
+    id: int
+    recipient: str
+    attempts: int
+    alert: Alert
+
+
+@dataclass(frozen=True, slots=True)
+class RotateResult:
+    """Outcome of presenting a refresh token: status is ok, unknown, revoked or reused."""
+
+    status: str
+    user_id: int | None = None
+    family: str | None = None
+
+
+_ALERT_COLS = ("id, user_id, asset, price, direction, status, created_at, triggered_at, "
+               "triggered_price, notified")
+_QUOTE_COLS = "id, from_currency, to_currency, rate, bid, ask, source_time, fetched_at"
+
+
+def _alert(row) -> Alert:
+    return Alert(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9])
+
+
+def _quote(row) -> Quote:
+    return Quote(*row)
+
+
+def _user(row) -> User:
+    return User(row[0], row[1], row[2], row[3], bool(row[4]))
+
+
+class Store:
+    """The database. Open with `await Store.open(path)`, close with `await store.close()`."""
+
+    def __init__(self, path: str, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+        self.path = path
+        self._w = writer
+        self._r = reader
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str) -> Store:
+        """Open (creating if needed) and migrate the database file at `path`."""
+        writer = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await writer.execute("PRAGMA journal_mode=WAL")
+            await _configure(writer)
+            await _migrate(writer)
+            reader = await aiosqlite.connect(path, isolation_level=None)
+            await _configure(reader)
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(path, writer, reader)
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._r.close()
+            await self._w.close()
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction; commits on success, rolls back on any exception."""
+        async with self._lock:
+            await self._w.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._w
+            except BaseException:
+                await asyncio.shield(self._w.execute("ROLLBACK"))
+                raise
+            await asyncio.shield(self._w.execute("COMMIT"))
+
+    async def _one(self, sql: str, params: Iterable = ()):
+        async with self._r.execute(sql, tuple(params)) as cur:
+            return await cur.fetchone()
+
+    async def _all(self, sql: str, params: Iterable = ()) -> list:
+        async with self._r.execute(sql, tuple(params)) as cur:
+            return list(await cur.fetchall())
+
+    async def schema_version(self) -> int:
+        return (await self._one("SELECT MAX(version) FROM schema_version"))[0] or 0
+
+    async def ping(self) -> None:
+        """Raise if the database cannot answer a query."""
+        await self._one("SELECT 1 FROM schema_version LIMIT 1")
+
+    # settings -------------------------------------------------------------------------
+
+    async def setting(self, key: str, default: str) -> str:
+        """Return the stored value for `key`, storing `default` first if it has none."""
+        async with self._tx() as db:
+            await db.execute("INSERT OR IGNORE INTO settings(key, value) VALUES (?, ?)",
+                             (key, default))
+            async with db.execute("SELECT value FROM settings WHERE key = ?", (key,)) as cur:
+                return (await cur.fetchone())[0]
+
+    # users ----------------------------------------------------------------------------
+
+    async def create_user(self, username: str, email: str, password_hash: str,
+                          is_admin: bool = False) -> User:
+        """Insert a user. Raises Conflict when the username is taken."""
+        try:
+            async with self._tx() as db:
+                cur = await db.execute(
+                    "INSERT INTO users(username, email, password_hash, is_admin, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (username, email, password_hash, int(is_admin), clock.now()),
+                )
+                user_id = cur.lastrowid
+        except sqlite3.IntegrityError:
+            raise Conflict(f"username {username!r} is taken") from None
+        return User(user_id, username, email, password_hash, is_admin)
+
+    async def user_by_name(self, username: str) -> User | None:
+        row = await self._one(
+            "SELECT id, username, email, password_hash, is_admin FROM users WHERE username = ?",
+            (username,))
+        return _user(row) if row else None
+
+    async def user_by_id(self, user_id: int) -> User | None:
+        row = await self._one(
+            "SELECT id, username, email, password_hash, is_admin FROM users WHERE id = ?",
+            (user_id,))
+        return _user(row) if row else None
+
+    # refresh tokens -------------------------------------------------------------------
+
+    async def add_refresh_token(self, jti: str, user_id: int, family: str,
+                                issued_at: float, expires_at: float) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT INTO refresh_tokens(jti, user_id, family, issued_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?)", (jti, user_id, family, issued_at, expires_at))
+
+    async def rotate_refresh_token(self, jti: str, new_jti: str, issued_at: float,
+                                   expires_at: float) -> RotateResult:
+        """Spend refresh token `jti` and record `new_jti` in its family, atomically.
+
+        A token that was already spent is a reuse: the whole family is revoked.
+        """
+        async with self._tx() as db:
+            async with db.execute(
+                "SELECT user_id, family, spent_at, revoked_at FROM refresh_tokens"
+                " WHERE jti = ?", (jti,)) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return RotateResult("unknown")
+            user_id, family, spent_at, revoked_at = row
+            if revoked_at is not None:
+                return RotateResult("revoked", user_id, family)
+            if spent_at is not None:
+                await _revoke_family(db, family, issued_at)
+                return RotateResult("reused", user_id, family)
+            await db.execute("UPDATE refresh_tokens SET spent_at = ? WHERE jti = ?",
+                             (issued_at, jti))
+            await db.execute(
+                "INSERT INTO refresh_tokens(jti, user_id, family, issued_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?)", (new_jti, user_id, family, issued_at, expires_at))
+            return RotateResult("ok", user_id, family)
+
+    async def revoke_token_family(self, jti: str) -> RotateResult:
+        """Revoke every token of the login that refresh token `jti` belongs to."""
+        async with self._tx() as db:
+            async with db.execute(
+                "SELECT user_id, family FROM refresh_tokens WHERE jti = ?", (jti,)) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return RotateResult("unknown")
+            await _revoke_family(db, row[1], clock.now())
+            return RotateResult("ok", row[0], row[1])
+
+    async def revoked_families(self, since: float) -> set[str]:
+        """Families revoked at or after `since` (older ones have no live access token)."""
+        rows = await self._all(
+            "SELECT DISTINCT family FROM refresh_tokens WHERE revoked_at >= ?", (since,))
+        return {r[0] for r in rows}
+
+    # alerts ---------------------------------------------------------------------------
+
+    async def create_alert(self, user_id: int, asset: str, price: float, direction: str,
+                           max_active: int) -> Alert:
+        """Insert a CREATED alert. Raises Conflict when the user has `max_active` already."""
+        now = clock.now()
+        async with self._tx() as db:
+            async with db.execute(
+                "SELECT COUNT(*) FROM alerts WHERE user_id = ? AND status = 'CREATED'",
+                (user_id,)) as cur:
+                (active,) = await cur.fetchone()
+            if active >= max_active:
+                raise Conflict(f"at most {max_active} active alerts per user")
+            cur = await db.execute(
+                "INSERT INTO alerts(user_id, asset, price, direction, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)", (user_id, asset, price, direction, now, now))
+            alert_id = cur.lastrowid
+        return Alert(alert_id, user_id, asset, price, direction, "CREATED", now, None, None,
+                     None)
+
+    async def get_alert(self, user_id: int, alert_id: int) -> Alert:
+        """The user's alert `alert_id`. Raises NotFound for a missing or foreign alert."""
+        row = await self._one(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ? AND user_id = ?",
+                              (alert_id, user_id))
+        if row is None:
+            raise NotFound("alert not found")
+        return _alert(row)
+
+    async def list_alerts(self, user_id: int, status: str | None, offset: int,
+                          limit: int) -> tuple[int, list[Alert]]:
+        """(total count, one page newest first) of the user's alerts, optionally by status."""
+        where, params = "user_id = ?", [user_id]
+        if status is not None:
+            where += " AND status = ?"
+            params.append(status)
+        (count,) = await self._one(f"SELECT COUNT(*) FROM alerts WHERE {where}", params)
+        rows = await self._all(
+            f"SELECT {_ALERT_COLS} FROM alerts WHERE {where} ORDER BY id DESC LIMIT ? OFFSET ?",
+            [*params, limit, offset])
+        return count, [_alert(r) for r in rows]
+
+    async def update_alert(self, user_id: int, alert_id: int, asset: str, price: float,
+                           direction: str) -> Alert:
+        """Change a CREATED alert. NotFound if not the user's; Conflict if not CREATED."""
+        async with self._tx() as db:
+            async with db.execute(
+                "SELECT status FROM alerts WHERE id = ? AND user_id = ?",
+                (alert_id, user_id)) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                raise NotFound("alert not found")
+            if row[0] != "CREATED":
+                raise Conflict(f"alert is {row[0]}; only CREATED alerts can change")
+            await db.execute(
+                "UPDATE alerts SET asset = ?, price = ?, direction = ?, updated_at = ?"
+                " WHERE id = ?", (asset, price, direction, clock.now(), alert_id))
+            async with db.execute(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ?",
+                                  (alert_id,)) as cur:
+                return _alert(await cur.fetchone())
+
+    async def delete_alert(self, user_id: int, alert_id: int) -> Alert:
+        """Soft-delete the user's alert (status DELETED). NotFound if not the user's."""
+        async with self._tx() as db:
+            cur = await db.execute(
+                "UPDATE alerts SET status = 'DELETED', updated_at = ?"
+                " WHERE id = ? AND user_id = ?", (clock.now(), alert_id, user_id))
+            if cur.rowcount == 0:
+                raise NotFound("alert not found")
+            async with db.execute(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ?",
+                                  (alert_id,)) as cur:
+                return _alert(await cur.fetchone())
+
+    async def active_alerts(self) -> list[tuple[int, str, float, str]]:
+        """(id, asset, price, direction) of every CREATED alert."""
+        return [tuple(r) for r in await self._all(
+            "SELECT id, asset, price, direction FROM alerts WHERE status = 'CREATED'")]
+
+    async def trigger_alerts(self, hits: Iterable[tuple[int, float, float]]) -> list[Alert]:
+        """Mark alerts TRIGGERED and queue their emails, all in ONE transaction.
+
+        `hits` holds (alert_id, trade price, trade time). Alerts no longer CREATED (deleted
+        or changed meanwhile) are skipped. Returns the alerts that were triggered.
+        """
+        done: list[Alert] = []
+        now = clock.now()
+        async with self._tx() as db:
+            for alert_id, price, at in hits:
+                cur = await db.execute(
+                    "UPDATE alerts SET status = 'TRIGGERED', triggered_at = ?,"
+                    " triggered_price = ?, notified = 'pending', updated_at = ?"
+                    " WHERE id = ? AND status = 'CREATED'", (at, price, now, alert_id))
+                if cur.rowcount == 0:
+                    continue
+                await db.execute(
+                    "INSERT INTO outbox(alert_id, recipient, next_attempt_at, created_at)"
+                    " SELECT a.id, u.email, ?, ? FROM alerts a JOIN users u ON u.id = a.user_id"
+                    " WHERE a.id = ?", (now, now, alert_id))
+                async with db.execute(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ?",
+                                      (alert_id,)) as c:
+                    done.append(_alert(await c.fetchone()))
+        return done
+
+    # outbox ---------------------------------------------------------------------------
+
+    async def due_outbox(self, now: float, limit: int) -> list[OutboxItem]:
+        """Pending emails whose next attempt is due, oldest first."""
+        rows = await self._all(
+            "SELECT o.id, o.recipient, o.attempts, "
+            + ", ".join("a." + c.strip() for c in _ALERT_COLS.split(","))
+            + " FROM outbox o JOIN alerts a ON a.id = o.alert_id"
+            " WHERE o.status = 'pending' AND o.next_attempt_at <= ?"
+            " ORDER BY o.next_attempt_at, o.id LIMIT ?", (now, limit))
+        return [OutboxItem(r[0], r[1], r[2], _alert(r[3:])) for r in rows]
+
+    async def next_outbox_due(self) -> float | None:
+        """When the earliest pending email is due, or None if nothing is pending."""
+        row = await self._one("SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending'")
+        return row[0]
+
+    async def outbox_counts(self) -> dict[str, int]:
+        rows = await self._all("SELECT status, COUNT(*) FROM outbox GROUP BY status")
+        counts = {"pending": 0, "sent": 0, "failed": 0}
+        counts.update({r[0]: r[1] for r in rows})
+        return counts
+
+    async def outbox_sent(self, outbox_id: int) -> None:
+        """Record that the SMTP server accepted the email (one small commit)."""
+        await self._outbox_set(outbox_id, "sent", None, None, sent_at=clock.now())
+
+    async def outbox_retry(self, outbox_id: int, next_attempt_at: float, error: str) -> None:
+        await self._outbox_set(outbox_id, "pending", next_attempt_at, error)
+
+    async def outbox_failed(self, outbox_id: int, error: str) -> None:
+        await self._outbox_set(outbox_id, "failed", None, error)
+
+    async def _outbox_set(self, outbox_id: int, status: str, next_attempt_at: float | None,
+                          error: str | None, sent_at: float | None = None) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE outbox SET status = ?, attempts = attempts + 1,"
+                " next_attempt_at = COALESCE(?, next_attempt_at), last_error = ?,"
+                " sent_at = ? WHERE id = ?",
+                (status, next_attempt_at, error, sent_at, outbox_id))
+            await db.execute(
+                "UPDATE alerts SET notified = ? WHERE id = (SELECT alert_id FROM outbox"
+                " WHERE id = ?)", (status, outbox_id))
+
+    # quotes ---------------------------------------------------------------------------
+
+    async def add_quote(self, from_currency: str, to_currency: str, rate: float,
+                        bid: float | None, ask: float | None, source_time: str) -> Quote:
+        fetched_at = clock.now()
+        async with self._tx() as db:
+            cur = await db.execute(
+                "INSERT INTO quotes(from_currency, to_currency, rate, bid, ask, source_time,"
+                " fetched_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (from_currency, to_currency, rate, bid, ask, source_time, fetched_at))
+            quote_id = cur.lastrowid
+        return Quote(quote_id, from_currency, to_currency, rate, bid, ask, source_time,
+                     fetched_at)
+
+    async def count_quotes(self) -> int:
+        return (await self._one("SELECT COUNT(*) FROM quotes"))[0]
+
+    async def list_quotes(self, offset: int, limit: int) -> list[Quote]:
+        """One page of quotes, newest first."""
+        rows = await self._all(
+            f"SELECT {_QUOTE_COLS} FROM quotes ORDER BY id DESC LIMIT ? OFFSET ?",
+            (limit, offset))
+        return [_quote(r) for r in rows]
+
+    async def iter_quotes(self, batch: int = 1000) -> AsyncIterator[list[Quote]]:
+        """Every quote newest first, in batches (keyset pagination: constant memory)."""
+        last = None
+        while True:
+            if last is None:
+                rows = await self._all(
+                    f"SELECT {_QUOTE_COLS} FROM quotes ORDER BY id DESC LIMIT ?", (batch,))
+            else:
+                rows = await self._all(
+                    f"SELECT {_QUOTE_COLS} FROM quotes WHERE id < ? ORDER BY id DESC LIMIT ?",
+                    (last, batch))
+            if not rows:
+                return
+            yield [_quote(r) for r in rows]
+            last = rows[-1][0]
+
+    # extra feeds ----------------------------------------------------------------------
+
+    async def add_feed(self, url: str, created_by: int | None) -> int:
+        """Store an extra feed URL. Raises Conflict when it is stored already."""
+        try:
+            async with self._tx() as db:
+                cur = await db.execute(
+                    "INSERT INTO feeds(url, created_by, created_at) VALUES (?, ?, ?)",
+                    (url, created_by, clock.now()))
+                return cur.lastrowid
+        except sqlite3.IntegrityError:
+            raise Conflict("feed already exists") from None
+
+    async def remove_feed(self, feed_id: int) -> None:
+        async with self._tx() as db:
+            cur = await db.execute("DELETE FROM feeds WHERE id = ?", (feed_id,))
+            if cur.rowcount == 0:
+                raise NotFound("feed not found")
+
+    async def feeds(self) -> list[tuple[int, str]]:
+        return [(r[0], r[1]) for r in await self._all("SELECT id, url FROM feeds ORDER BY id")]
+
+
+async def _configure(db: aiosqlite.Connection) -> None:
+    await db.execute("PRAGMA foreign_keys=ON")
+    await db.execute("PRAGMA synchronous=FULL")
+    await db.execute("PRAGMA busy_timeout=5000")
+
+
+async def _revoke_family(db: aiosqlite.Connection, family: str, at: float) -> None:
+    await db.execute(
+        "UPDATE refresh_tokens SET revoked_at = ? WHERE family = ? AND revoked_at IS NULL",
+        (at, family))
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    """Apply the migrations this file is newer than, each in its own transaction."""
+    await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    async with db.execute("SELECT MAX(version) FROM schema_version") as cur:
+        current = (await cur.fetchone())[0] or 0
+    if current > len(MIGRATIONS):
+        raise StoreError(f"database schema version {current} is newer than this pricewatch "
+                         f"({len(MIGRATIONS)})")
+    for version in range(current + 1, len(MIGRATIONS) + 1):
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(MIGRATIONS[version - 1]):
+                await db.execute(statement)
+            await db.execute("INSERT INTO schema_version(version) VALUES (?)", (version,))
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        await db.execute("COMMIT")
+        log.info("database migrated to schema version %d", version)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script on `;` (migrations hold no semicolons inside literals)."""
+    return [s.strip() for s in script.split(";") if s.strip()]

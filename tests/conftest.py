@@ -1,0 +1,77 @@
+"""Shared fixtures: settings on a temp SQLite file, a real server on a free loopback port."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from pricewatch.config import Settings
+from pricewatch.server import create_app
+
+
+class LiveServer:
+    """`create_app(settings)` served on 127.0.0.1 on a free port, as an async context."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.app: web.Application | None = None
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> LiveServer:
+        self.app = create_app(self.settings)
+        self._runner = web.AppRunner(self.app, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._runner.cleanup()
+
+    def ws_url(self, path: str) -> str:
+        return "ws" + self.url[len("http"):] + path
+
+
+@pytest.fixture
+def make_settings(tmp_path):
+    """Settings for a test: temp DB, cheap bcrypt, no feed; override any field."""
+
+    base = Settings(db=str(tmp_path / "pricewatch.db"), bcrypt_rounds=4, feed="off")
+
+    def make(**overrides) -> Settings:
+        return dataclasses.replace(base, **overrides)
+
+    return make
+
+
+@pytest.fixture
+async def server(make_settings) -> AsyncIterator[LiveServer]:
+    async with LiveServer(make_settings()) as live:
+        yield live
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def register(http: aiohttp.ClientSession, server: LiveServer, username: str = "alice",
+                   password: str = "correct horse", email: str | None = None) -> dict:
+    """Register a user through the API; returns the 201 body (id, tokens...)."""
+    async with http.post(server.url + "/auth/register", json={
+            "username": username, "password": password,
+            "email": email or f"{username}@example.com"}) as resp:
+        assert resp.status == 201, await resp.text()
+        return await resp.json()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
