@@ -60,10 +60,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "createuser":
         return _createuser(settings, args.username, args.email, args.admin)
+    from .feeds import FeedConfigError
     from .server import run
 
     try:
         run(settings)
+    except FeedConfigError as exc:
+        print(f"pricewatch: configuration error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # e.g. the port is taken: one line, not a traceback
         print(f"pricewatch: cannot serve on {settings.host}:{settings.port}: {exc}",
               file=sys.stderr)

@@ -11,12 +11,16 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
 
 from aiohttp import web
 
-from . import auth
+from . import auth, market
 from .api import ApiError, json_response
 from .config import Settings
+from .feeds import Feed, make_feed
+from .hub import Hub
+from .market import HUB, MARKET, Market
 from .store import Conflict, NotFound, Store
 
 log = logging.getLogger(__name__)
@@ -90,7 +94,8 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response(body, status=200 if status == "ok" else 503)
 
 
-HEALTH = web.AppKey("health", dict)  # name -> callable returning that part's health dict
+HEALTH = web.AppKey("health", dict)
+FEED = web.AppKey("feed", object)  # the configured Feed, or None for "off"  # name -> callable returning that part's health dict
 
 
 def add_route(app: web.Application, method: str, path: str, handler: Handler) -> None:
@@ -118,13 +123,59 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+async def close_websockets(app: web.Application) -> None:
+    """On shutdown, before handlers are awaited: every websocket gets 1001 going away."""
+    await app[HUB].close_all()
+
+
+async def feed_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Run the configured market feed (PRICEWATCH_FEED) into the tick pipeline."""
+    feed = app[FEED]
+    if feed is None:
+        log.info("market feed is off")
+        yield
+        return
+    async with FeedRunner(app, feed):
+        yield
+
+
+class FeedRunner:
+    """Run `feed` as a task shown in /healthz; on exit cancel it and wait for it."""
+
+    def __init__(self, app: web.Application, feed: Feed):
+        self.app, self.feed = app, feed
+        self.task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> asyncio.Task:
+        self.app[HEALTH][self.feed.name] = self.feed.health
+        self.task = asyncio.create_task(self.feed.run(), name=f"feed-{self.feed.name}")
+        log.info("market feed %s started for %s", self.feed.name, ",".join(self.feed.symbols))
+        return self.task
+
+    async def __aexit__(self, *exc) -> None:
+        self.task.cancel()
+        with suppress(asyncio.CancelledError):
+            await self.task
+        self.app[HEALTH].pop(self.feed.name, None)
+        log.info("market feed %s stopped", self.feed.name)
+
+
 def create_app(settings: Settings) -> web.Application:
     """Build the whole application; nothing starts until the app runs."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
     app[SETTINGS] = settings
     app[HEALTH] = {}
+    hub = Hub()
+    app[HUB] = hub
+    mkt = app[MARKET] = Market(settings.symbols, hub)
+    # Built now so that a bad PRICEWATCH_FEED (missing replay file...) fails before any I/O.
+    app[FEED] = make_feed(settings.feed, symbols=settings.symbols,
+                          binance_url=settings.binance_ws_url, on_tick=mkt.on_tick,
+                          on_book=mkt.on_book, replay_speed=settings.replay_speed)
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(auth_ctx)
+    app.cleanup_ctx.append(feed_ctx)
+    app.on_shutdown.append(close_websockets)
 
     add_route(app, "GET", "/healthz", healthz)
     add_route(app, "POST", "/auth/register", auth.register)
@@ -132,6 +183,11 @@ def create_app(settings: Settings) -> web.Application:
     add_route(app, "POST", "/auth/token/refresh", auth.refresh)
     add_route(app, "POST", "/auth/logout", auth.logout)
     add_route(app, "GET", "/auth/me", auth.me)
+    add_route(app, "GET", "/api/v1/prices", market.prices)
+    add_route(app, "GET", "/api/v1/prices/{symbol}", market.price)
+    add_route(app, "GET", "/api/v1/ohlc", market.ohlc)
+    add_route(app, "GET", "/live-feed/subscribe", market.live_feed)
+    add_route(app, "GET", "/ws/ohlc", market.ws_ohlc)
     return app
 
 

@@ -12,7 +12,6 @@ import bcrypt
 import jwt
 import orjson
 import pytest
-
 from conftest import LiveServer, bearer, register
 
 INVALID = {"error": "not_authenticated", "detail": "Invalid Authentication Credentials"}

@@ -1,0 +1,184 @@
+"""The hub: owns every websocket client and fans messages out without blocking the caller.
+
+Each client has a bounded queue and one sender task. `send()` is synchronous and never
+waits: the tick path calls it with bytes serialised once for all receivers. A client whose
+queue stays full for `slow_timeout` seconds, or whose socket write takes longer than
+`send_timeout`, is closed with 1008 and counted; it never slows anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from contextlib import suppress
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+log = logging.getLogger(__name__)
+
+POLICY_VIOLATION = WSCloseCode.POLICY_VIOLATION  # 1008
+GOING_AWAY = WSCloseCode.GOING_AWAY  # 1001
+
+
+class Client:
+    """One websocket connection and what it listens to."""
+
+    __slots__ = ("ws", "request", "endpoint", "user_id", "queue", "sender", "full_since",
+                 "closed", "topics")
+
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request, endpoint: str,
+                 user_id: int | None, queue_size: int):
+        self.ws = ws
+        self.request = request
+        self.endpoint = endpoint
+        self.user_id = user_id
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(queue_size)
+        self.sender: asyncio.Task | None = None
+        self.full_since: float | None = None
+        self.closed = False
+        self.topics: set = set()  # what this client subscribed to (endpoint-specific keys)
+
+
+class Hub:
+    """Every open websocket, their topic subscriptions and the slow-client policy."""
+
+    def __init__(self, queue_size: int = 512, slow_timeout: float = 5.0,
+                 send_timeout: float = 5.0):
+        self.queue_size = queue_size
+        self.slow_timeout = slow_timeout
+        self.send_timeout = send_timeout
+        self.clients: set[Client] = set()
+        self.topics: dict[object, set[Client]] = {}
+        self.by_user: dict[int, set[Client]] = {}
+        self.dropped = 0  # slow clients closed with 1008
+        self._closing: set[asyncio.Task] = set()
+
+    def attach(self, ws: web.WebSocketResponse, request: web.Request, endpoint: str,
+               user_id: int | None = None) -> Client:
+        client = Client(ws, request, endpoint, user_id, self.queue_size)
+        client.sender = asyncio.create_task(self._sender(client),
+                                            name=f"ws-sender-{endpoint}")
+        self.clients.add(client)
+        if user_id is not None:
+            self.by_user.setdefault(user_id, set()).add(client)
+        return client
+
+    async def detach(self, client: Client) -> None:
+        """Forget the client and stop its sender (the connection is over)."""
+        client.closed = True
+        self._forget(client)
+        if client.sender is not None and client.sender is not asyncio.current_task():
+            client.sender.cancel()
+            with suppress(asyncio.CancelledError):
+                await client.sender
+
+    def _forget(self, client: Client) -> None:
+        self.clients.discard(client)
+        for topic in client.topics:
+            members = self.topics.get(topic)
+            if members is not None:
+                members.discard(client)
+                if not members:
+                    del self.topics[topic]
+        client.topics.clear()
+        if client.user_id is not None:
+            mine = self.by_user.get(client.user_id)
+            if mine is not None:
+                mine.discard(client)
+                if not mine:
+                    del self.by_user[client.user_id]
+
+    def subscribe(self, client: Client, topic: object) -> None:
+        client.topics.add(topic)
+        self.topics.setdefault(topic, set()).add(client)
+
+    def unsubscribe(self, client: Client, topic: object) -> None:
+        client.topics.discard(topic)
+        members = self.topics.get(topic)
+        if members is not None:
+            members.discard(client)
+            if not members:
+                del self.topics[topic]
+
+    def has_topic(self, topic: object) -> bool:
+        return topic in self.topics
+
+    def publish(self, topic: object, data: bytes) -> None:
+        """Queue `data` for every subscriber of `topic` (no-op without subscribers)."""
+        members = self.topics.get(topic)
+        if members:
+            for client in tuple(members):
+                self.send(client, data)
+
+    def send_user(self, user_id: int, data: bytes) -> None:
+        for client in tuple(self.by_user.get(user_id, ())):
+            self.send(client, data)
+
+    def send(self, client: Client, data: bytes) -> None:
+        """Queue one message for one client without waiting; enforce the slow policy."""
+        if client.closed:
+            return
+        try:
+            client.queue.put_nowait(data)
+        except asyncio.QueueFull:
+            now = time.monotonic()
+            if client.full_since is None:
+                client.full_since = now
+            elif now - client.full_since >= self.slow_timeout:
+                self.drop(client, "send queue full")
+            return
+        client.full_since = None
+
+    def drop(self, client: Client, why: str) -> None:
+        """Close a client that falls behind with 1008, in the background."""
+        if client.closed:
+            return
+        client.closed = True
+        self.dropped += 1
+        log.warning("dropping slow %s client %s: %s", client.endpoint,
+                    client.request.remote, why)
+        self._forget(client)
+        task = asyncio.create_task(self._close(client, POLICY_VIOLATION, b"slow consumer"))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close(self, client: Client, code: int, message: bytes) -> None:
+        if client.sender is not None and client.sender is not asyncio.current_task():
+            client.sender.cancel()
+        try:
+            await asyncio.wait_for(client.ws.close(code=code, message=message), timeout=1.0)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            pass
+        finally:
+            # A peer that does not read cannot take the close frame either: cut it off.
+            transport = client.request.transport
+            if transport is not None and not client.ws.closed:
+                transport.abort()
+
+    async def _sender(self, client: Client) -> None:
+        ws, queue = client.ws, client.queue
+        try:
+            while True:
+                data = await queue.get()
+                await asyncio.wait_for(ws.send_frame(data, WSMsgType.TEXT), self.send_timeout)
+        except TimeoutError:
+            self.drop(client, f"send took over {self.send_timeout}s")
+        except (ConnectionError, RuntimeError):
+            pass  # the peer went away; the handler's read loop ends and detaches
+
+    async def close_all(self, code: int = GOING_AWAY) -> None:
+        """Close every client (shutdown: 1001 going away)."""
+        clients = list(self.clients)
+        for client in clients:
+            client.closed = True
+            self._forget(client)
+        await asyncio.gather(*(self._close(c, code, b"server shutdown") for c in clients),
+                             return_exceptions=True)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def counts(self) -> Counter:
+        return Counter(c.endpoint for c in self.clients)
+

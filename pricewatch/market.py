@@ -1,0 +1,255 @@
+"""Market data: the tick pipeline and its public face (prices, candles, market websockets).
+
+`Market.on_tick` is THE tick path: one synchronous call per trade that updates the latest
+price, adds the trade to the candles, runs the trade hooks (the alert engine) and queues
+fan-out messages, serialised once, on the hub. It never awaits and never touches SQLite.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from . import auth, clock
+from .api import invalid, json_response, not_found
+from .feeds import Book, Tick
+from .hub import Client, Hub
+from .ohlc import TIMEFRAMES, CandleBook
+
+log = logging.getLogger(__name__)
+
+MAX_WS_MESSAGE = 64 * 1024
+HEARTBEAT = 20.0  # seconds between server pings; a peer that does not answer is reaped
+
+
+class Latest:
+    """Latest trade and book of one symbol."""
+
+    __slots__ = ("symbol", "price", "time", "bid", "ask")
+
+    def __init__(self, symbol: str):
+        self.symbol = symbol
+        self.price: float | None = None
+        self.time: int | None = None
+        self.bid: float | None = None
+        self.ask: float | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {"symbol": self.symbol, "price": self.price, "bid": self.bid, "ask": self.ask,
+                "time": clock.iso_ms(self.time) if self.time is not None else None}
+
+
+class Market:
+    """Latest prices, candles and the fan-out of both, for the watched symbols."""
+
+    def __init__(self, symbols: tuple[str, ...], hub: Hub, candles: CandleBook | None = None):
+        self.symbols = symbols
+        self.hub = hub
+        self.candles = candles or CandleBook()
+        self.latest = {s: Latest(s) for s in symbols}
+        self.ticks = dict.fromkeys(symbols, 0)
+        self.trade_hooks: list[Callable[[Tick], None]] = []
+        # Topic keys built once, so the tick path allocates no tuples.
+        self._price_topic = {s: ("price", s) for s in symbols}
+        self._candle_topics = {s: [(tf, ("ohlc", s, tf)) for tf in TIMEFRAMES] for s in symbols}
+
+    def on_tick(self, tick: Tick) -> None:
+        symbol = tick.symbol
+        latest = self.latest.get(symbol)
+        if latest is None:
+            return
+        latest.price = tick.price
+        latest.time = tick.time
+        self.ticks[symbol] += 1
+        self.candles.add(symbol, tick.price, tick.qty, tick.time)
+        for hook in self.trade_hooks:
+            hook(tick)
+        hub = self.hub
+        if not hub.topics:
+            return
+        topic = self._price_topic[symbol]
+        if topic in hub.topics:
+            hub.publish(topic, orjson.dumps({"type": "price", **latest.public()}))
+        for tf, topic in self._candle_topics[symbol]:
+            if topic in hub.topics:
+                candle = self.candles.candle_at(symbol, tf, tick.time)
+                hub.publish(topic, orjson.dumps(
+                    {"type": "candle", "symbol": symbol, "timeframe": tf, "candle": candle}))
+
+    def on_book(self, book: Book) -> None:
+        latest = self.latest.get(book.symbol)
+        if latest is not None:
+            latest.bid = book.bid
+            latest.ask = book.ask
+
+    def price(self, symbol: str) -> float | None:
+        latest = self.latest.get(symbol)
+        return latest.price if latest is not None else None
+
+
+MARKET = web.AppKey("market", Market)
+HUB = web.AppKey("hub", Hub)
+
+
+def _symbol(request: web.Request, raw: object) -> str | None:
+    """The watched symbol named by `raw` (any case), or None."""
+    if not isinstance(raw, str):
+        return None
+    symbol = raw.strip().upper()
+    return symbol if symbol in request.app[MARKET].latest else None
+
+
+async def prices(request: web.Request) -> web.Response:
+    market = request.app[MARKET]
+    results = [lt.public() for lt in market.latest.values() if lt.price is not None]
+    return json_response({"results": results})
+
+
+async def price(request: web.Request) -> web.Response:
+    market = request.app[MARKET]
+    symbol = _symbol(request, request.match_info["symbol"])
+    if symbol is None or market.latest[symbol].price is None:
+        raise not_found("No price known for this symbol.")
+    return json_response(market.latest[symbol].public())
+
+
+def _ohlc_params(request: web.Request, source: dict) -> tuple[str, str, int]:
+    """(symbol, timeframe, limit) from a query or a websocket message; raises ApiError 400."""
+    errors = {}
+    symbol = _symbol(request, source.get("symbol"))
+    if source.get("symbol") in (None, ""):
+        errors["symbol"] = "This field is required."
+    elif symbol is None:
+        errors["symbol"] = "Not a watched symbol: " + ", ".join(request.app[MARKET].symbols)
+    timeframe = source.get("timeframe", "1m")
+    if timeframe not in TIMEFRAMES:
+        errors["timeframe"] = "Must be one of " + " ".join(TIMEFRAMES) + "."
+    raw_limit = source.get("limit", 100)
+    try:
+        if isinstance(raw_limit, bool) or isinstance(raw_limit, float):
+            raise ValueError
+        limit = int(raw_limit)
+        if not 1 <= limit <= 1000:
+            raise ValueError
+    except (TypeError, ValueError):
+        errors["limit"] = "Ensure this value is an integer between 1 and 1000."
+        limit = 0
+    if errors:
+        raise invalid(errors)
+    return symbol, timeframe, limit  # type: ignore[return-value]
+
+
+async def ohlc(request: web.Request) -> web.Response:
+    symbol, timeframe, limit = _ohlc_params(request, dict(request.query))
+    data = request.app[MARKET].candles.candles(symbol, timeframe, limit)
+    return json_response({"symbol": symbol, "timeframe": timeframe, "data": data})
+
+
+def _error(detail: str) -> bytes:
+    return orjson.dumps({"type": "error", "detail": detail})
+
+
+def _ws_message(msg) -> dict | None:
+    """A client's text message as a JSON object, or None when it is anything else."""
+    if msg.type != WSMsgType.TEXT:
+        return None
+    try:
+        data = orjson.loads(msg.data)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+async def _serve(request: web.Request, endpoint: str, user_id: int | None,
+                 on_open: Callable[[Client], None] | None,
+                 on_message: Callable[[Client, dict], None]) -> web.WebSocketResponse:
+    """Run one websocket: attach to the hub, dispatch client messages, detach at the end."""
+    hub = request.app[HUB]
+    ws = web.WebSocketResponse(heartbeat=HEARTBEAT, compress=False,
+                               max_msg_size=MAX_WS_MESSAGE)
+    await ws.prepare(request)
+    client = hub.attach(ws, request, endpoint, user_id)
+    try:
+        if on_open is not None:
+            on_open(client)
+        async for msg in ws:
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                data = _ws_message(msg)
+                if data is None:
+                    hub.send(client, _error("Messages must be JSON objects."))
+                else:
+                    on_message(client, data)
+    finally:
+        await hub.detach(client)
+    return ws
+
+
+async def live_feed(request: web.Request) -> web.StreamResponse:
+    """`/live-feed/subscribe/`: prices of subscribed symbols and the user's alert events."""
+    identity = auth.require_identity(request, allow_query=True)  # 401 before the upgrade
+    market, hub = request.app[MARKET], request.app[HUB]
+
+    def send_prices(client: Client, symbols) -> None:
+        for symbol in symbols:
+            latest = market.latest[symbol]
+            if latest.price is not None:
+                hub.send(client, orjson.dumps({"type": "price", **latest.public()}))
+
+    def on_open(client: Client) -> None:
+        for symbol in market.symbols:  # default: every watched symbol
+            hub.subscribe(client, ("price", symbol))
+        send_prices(client, market.symbols)
+
+    def on_message(client: Client, data: dict) -> None:
+        action = data.get("action")
+        if action not in ("subscribe", "unsubscribe"):
+            hub.send(client, _error("action must be subscribe or unsubscribe."))
+            return
+        raw = data.get("symbols", list(market.symbols))
+        if not isinstance(raw, list) or not raw:
+            hub.send(client, _error("symbols must be a non-empty list of symbols."))
+            return
+        symbols = [_symbol(request, s) for s in raw]
+        unknown = [s for s, known in zip(raw, symbols, strict=True) if known is None]
+        if unknown:
+            hub.send(client, _error("Unknown symbols: " + ", ".join(map(str, unknown))
+                                    + ". Watched: " + ", ".join(market.symbols)))
+            return
+        change = hub.subscribe if action == "subscribe" else hub.unsubscribe
+        for symbol in symbols:
+            change(client, ("price", symbol))
+        current = sorted(t[1] for t in client.topics if t[0] == "price")
+        hub.send(client, orjson.dumps({"type": action + "d", "symbols": current}))
+        if action == "subscribe":
+            send_prices(client, symbols)
+
+    return await _serve(request, "live", identity.user_id, on_open, on_message)
+
+
+async def ws_ohlc(request: web.Request) -> web.StreamResponse:
+    """`/ws/ohlc/`: a snapshot of a symbol's candles, then every change of its candle."""
+    market, hub = request.app[MARKET], request.app[HUB]
+
+    def on_message(client: Client, data: dict) -> None:
+        try:
+            symbol, timeframe, limit = _ohlc_params(request, data)
+        except Exception as exc:  # ApiError: answer on the socket, keep it open
+            fields = getattr(exc, "fields", None) or {}
+            hub.send(client, orjson.dumps({"type": "error", "detail": "Invalid subscription.",
+                                           "fields": fields}))
+            return
+        topic = ("ohlc", symbol, timeframe)
+        if data.get("action") == "unsubscribe":
+            hub.unsubscribe(client, topic)
+            return
+        # Snapshot and subscription in one synchronous step: no update can slip between.
+        hub.send(client, orjson.dumps({
+            "type": "snapshot", "symbol": symbol, "timeframe": timeframe,
+            "data": market.candles.candles(symbol, timeframe, limit)}))
+        hub.subscribe(client, topic)
+
+    return await _serve(request, "ohlc", None, None, on_message)
