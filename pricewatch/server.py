@@ -94,8 +94,8 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response(body, status=200 if status == "ok" else 503)
 
 
-HEALTH = web.AppKey("health", dict)
-FEED = web.AppKey("feed", object)  # the configured Feed, or None for "off"  # name -> callable returning that part's health dict
+HEALTH = web.AppKey("health", dict)  # name -> callable returning that part's health dict
+FEED = web.AppKey("feed", object)  # the configured Feed, or None for "off"
 
 
 def add_route(app: web.Application, method: str, path: str, handler: Handler) -> None:
