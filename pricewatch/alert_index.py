@@ -178,24 +178,24 @@ class AlertIndex:
         nearest to ``price`` first, equal targets by ascending id. A NaN price or an
         unknown symbol triggers nothing. Never raises for a numeric price.
         """
+        return [hit[0] for hit in self.match_targets(symbol, price)]
+
+    def match_targets(self, symbol: str, price: float) -> list[tuple[int, float, str]]:
+        """Like :meth:`match`, as ``(id, target, direction)`` of each alert as indexed."""
         book = self._books.get(symbol)
         if book is None or book.min_above > price > book.max_below:
             return []
-        hits: list[int] = []
-        taken_any = False
+        ids: list[int] = []
         if price >= book.min_above:
-            taken = _take_suffix(book.above_keys, book.above_ids, -price)
-            hits.extend(taken.tolist())
-            taken_any = True
+            ids.extend(_take_suffix(book.above_keys, book.above_ids, -price).tolist())
         if price <= book.max_below:
-            taken = _take_suffix(book.below_keys, book.below_ids, price)
-            hits.extend(taken.tolist())
-            taken_any = True
-        if taken_any:
-            keys = book.keys
-            for alert_id in hits:
-                del keys[alert_id]
-            book._refresh()
+            ids.extend(_take_suffix(book.below_keys, book.below_ids, price).tolist())
+        keys = book.keys
+        hits = []
+        for alert_id in ids:
+            key = keys.pop(alert_id)
+            hits.append((alert_id, -key, ABOVE) if key < 0 else (alert_id, key, BELOW))
+        book._refresh()
         return hits
 
     # -- maintenance ----------------------------------------------------------------------

@@ -15,7 +15,9 @@ from contextlib import suppress
 
 from aiohttp import web
 
-from . import auth, market
+from . import alerts_api, auth, market
+from .alerts import AlertEngine, Notifier
+from .alerts_api import ENGINE
 from .api import ApiError, json_response
 from .config import Settings
 from .feeds import Feed, make_feed
@@ -123,6 +125,36 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+NOTIFIER = web.AppKey("notifier", Notifier)
+
+
+async def notifier_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Send queued alert emails; pending rows from before a restart are resumed."""
+    notifier = app[NOTIFIER] = Notifier(app[SETTINGS], app[STORE])
+    await notifier.start()
+    try:
+        yield
+    finally:
+        await notifier.stop()
+
+
+async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Load every CREATED alert into memory and run the trigger writer."""
+    engine = app[ENGINE] = AlertEngine(app[STORE], app[HUB],
+                                       max_active=app[SETTINGS].max_alerts_per_user)
+    began = time.monotonic()
+    count = await engine.load()
+    log.info("alert engine loaded %d active alerts in %.2fs", count, time.monotonic() - began)
+    engine.notify_hook = app[NOTIFIER].wake
+    app[MARKET].trade_hooks.append(engine.on_tick)
+    await engine.start()
+    try:
+        yield
+    finally:
+        app[MARKET].trade_hooks.remove(engine.on_tick)
+        await engine.stop()
+
+
 async def close_websockets(app: web.Application) -> None:
     """On shutdown, before handlers are awaited: every websocket gets 1001 going away."""
     await app[HUB].close_all()
@@ -174,6 +206,8 @@ def create_app(settings: Settings) -> web.Application:
                           on_book=mkt.on_book, replay_speed=settings.replay_speed)
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(auth_ctx)
+    app.cleanup_ctx.append(notifier_ctx)
+    app.cleanup_ctx.append(engine_ctx)
     app.cleanup_ctx.append(feed_ctx)
     app.on_shutdown.append(close_websockets)
 
@@ -188,6 +222,7 @@ def create_app(settings: Settings) -> web.Application:
     add_route(app, "GET", "/api/v1/ohlc", market.ohlc)
     add_route(app, "GET", "/live-feed/subscribe", market.live_feed)
     add_route(app, "GET", "/ws/ohlc", market.ws_ohlc)
+    alerts_api.add_routes(app, add_route)
     return app
 
 

@@ -428,20 +428,23 @@ class Store:
         return [tuple(r) for r in await self._all(
             "SELECT id, asset, price, direction FROM alerts WHERE status = 'CREATED'")]
 
-    async def trigger_alerts(self, hits: Iterable[tuple[int, float, float]]) -> list[Alert]:
+    async def trigger_alerts(self, hits: Iterable[tuple[int, float, str, float, float]]
+                             ) -> list[Alert]:
         """Mark alerts TRIGGERED and queue their emails, all in ONE transaction.
 
-        `hits` holds (alert_id, trade price, trade time). Alerts no longer CREATED (deleted
-        or changed meanwhile) are skipped. Returns the alerts that were triggered.
+        `hits` holds (alert_id, target, direction, trade price, trade time). An alert that
+        is no longer CREATED with that target and direction (deleted or changed meanwhile)
+        is skipped. Returns the alerts that were triggered.
         """
         done: list[Alert] = []
         now = clock.now()
         async with self._tx() as db:
-            for alert_id, price, at in hits:
+            for alert_id, target, direction, price, at in hits:
                 cur = await db.execute(
                     "UPDATE alerts SET status = 'TRIGGERED', triggered_at = ?,"
                     " triggered_price = ?, notified = 'pending', updated_at = ?"
-                    " WHERE id = ? AND status = 'CREATED'", (at, price, now, alert_id))
+                    " WHERE id = ? AND status = 'CREATED' AND price = ? AND direction = ?",
+                    (at, price, now, alert_id, target, direction))
                 if cur.rowcount == 0:
                     continue
                 await db.execute(
@@ -464,6 +467,16 @@ class Store:
             " WHERE o.status = 'pending' AND o.next_attempt_at <= ?"
             " ORDER BY o.next_attempt_at, o.id LIMIT ?", (now, limit))
         return [OutboxItem(r[0], r[1], r[2], _alert(r[3:])) for r in rows]
+
+    async def outbox_current(self, outbox_id: int, attempts: int) -> bool:
+        """Whether the email is still pending after exactly `attempts` attempts.
+
+        The sender asks right before sending: a row read before another send finished
+        (stale) must not be sent twice.
+        """
+        row = await self._one("SELECT status, attempts FROM outbox WHERE id = ?",
+                              (outbox_id,))
+        return row is not None and row[0] == "pending" and row[1] == attempts
 
     async def next_outbox_due(self) -> float | None:
         """When the earliest pending email is due, or None if nothing is pending."""

@@ -1,0 +1,282 @@
+"""Price alerts: the in-memory engine on the tick path, the trigger writer and the notifier.
+
+Flow: `AlertEngine.on_tick` (synchronous, per trade) matches the trade against every CREATED
+alert of its symbol in O(log n + k) and only *enqueues* the hits. The writer task commits
+each batch of hits in ONE transaction (status TRIGGERED + outbox row), then pushes
+`{"type": "alert"}` to the owner's live sockets and wakes the notifier. The notifier sends
+outbox rows over SMTP with bounded concurrency, retrying with exponential backoff.
+
+Exactly once: an outbox row is marked `sent` only after the SMTP server accepted the
+message. The one window for a duplicate is a crash between that acceptance and the single
+local commit that records it; a restart then sends that one email again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import suppress
+from email.message import EmailMessage
+
+import aiosmtplib
+import orjson
+
+from . import clock
+from .alert_index import AlertIndex
+from .config import Settings
+from .feeds import Tick
+from .hub import Hub
+from .store import Alert, OutboxItem, Store
+
+log = logging.getLogger(__name__)
+
+# A hit: (alert id, target, direction, trade price, trade time in epoch seconds).
+Hit = tuple[int, float, str, float, float]
+
+
+class AlertEngine:
+    """CREATED alerts in memory, kept in step with the database (DB first, then memory)."""
+
+    def __init__(self, store: Store, hub: Hub, max_active: int = 1000):
+        self.store = store
+        self.hub = hub
+        self.max_active = max_active  # CREATED alerts per user
+        self.index = AlertIndex()
+        self.triggered = 0  # alerts committed as TRIGGERED by this process
+        self._hits: list[Hit] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task | None = None
+        self.notify_hook = None  # called after each committed batch (wakes the notifier)
+
+    async def load(self) -> int:
+        rows = await self.store.active_alerts()
+        self.index.load(rows)
+        return len(rows)
+
+    # the tick path --------------------------------------------------------------------
+
+    def on_tick(self, tick: Tick) -> None:
+        hits = self.index.match_targets(tick.symbol, tick.price)
+        if hits:
+            # Each hit keeps the target it matched at: the writer triggers an alert only if
+            # it still has that target, so an alert changed meanwhile never fires at the old.
+            price, at = tick.price, tick.time / 1000.0
+            self._hits.extend((aid, target, direction, price, at)
+                              for aid, target, direction in hits)
+            self._idle.clear()
+            self._wake.set()
+
+    # keeping memory in step -----------------------------------------------------------
+
+    def track(self, alert: Alert) -> None:
+        """An alert was created or changed in the DB: (re)index it while CREATED."""
+        if alert.status == "CREATED":
+            self.index.add(alert.id, alert.asset, alert.price, alert.direction)
+        else:
+            self.index.remove(alert.id)
+
+    def untrack(self, alert_id: int) -> None:
+        self.index.remove(alert_id)
+
+    # the writer -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._writer(), name="alert-writer")
+
+    async def stop(self, timeout: float = 3.0) -> None:
+        """Commit what is queued (bounded by `timeout`), then stop the writer."""
+        if self._task is None:
+            return
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        self._task.cancel()
+        with suppress(asyncio.CancelledError):
+            await self._task
+
+    async def drained(self) -> None:
+        """Wait until every hit so far is committed (tests and shutdown)."""
+        await self._idle.wait()
+
+    async def _writer(self) -> None:
+        backoff = 0.1
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._hits:
+                self._idle.set()
+                continue
+            # Group commit: everything matched since the last commit goes in one transaction.
+            batch, self._hits = self._hits, []
+            try:
+                alerts = await self.store.trigger_alerts(batch)
+            except asyncio.CancelledError:
+                self._hits[:0] = batch  # not committed: they stay CREATED on disk
+                raise
+            except Exception:
+                log.exception("could not record %d triggered alerts; retrying in %.1fs",
+                              len(batch), backoff)
+                self._hits[:0] = batch
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                self._wake.set()
+                continue
+            backoff = 0.1
+            self.triggered += len(alerts)
+            for alert in alerts:
+                log.info("alert %d triggered: %s %s %s at %s", alert.id, alert.asset,
+                         alert.direction, alert.price, alert.triggered_price)
+                self.hub.send_user(alert.user_id,
+                                   orjson.dumps({"type": "alert", "alert": alert.public()}))
+            if alerts and self.notify_hook is not None:
+                self.notify_hook()
+            if not self._hits:
+                self._idle.set()
+            else:
+                self._wake.set()
+
+
+def compose(item: OutboxItem, sender: str) -> EmailMessage:
+    """The plain-text email for one triggered alert."""
+    alert = item.alert
+    sign = ">=" if alert.direction == "above" else "<="
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = item.recipient
+    msg["Subject"] = f"pricewatch: {alert.asset} {alert.direction} {alert.price:g} reached"
+    msg.set_content(
+        f"Your price alert #{alert.id} has triggered.\n\n"
+        f"Asset:         {alert.asset}\n"
+        f"Target:        {alert.price:g} ({alert.direction}: price {sign} target)\n"
+        f"Trigger price: {alert.triggered_price:g}\n"
+        f"Time (UTC):    {clock.iso(alert.triggered_at)}\n"
+    )
+    return msg
+
+
+class Notifier:
+    """Sends pending outbox rows over SMTP: bounded concurrency, retries, resumes on start."""
+
+    def __init__(self, settings: Settings, store: Store):
+        self.settings = settings
+        self.store = store
+        self.sent = 0
+        self.failed = 0
+        self.attempts = 0  # SMTP attempts that failed (and were retried or given up)
+        self.progress = asyncio.Condition()  # notified after every recorded outcome
+        self._wake = asyncio.Event()
+        self._inflight: set[int] = set()
+        self._sending: set[asyncio.Task] = set()
+        self._slots = asyncio.Semaphore(settings.smtp_concurrency)
+        self._task: asyncio.Task | None = None
+
+    @property
+    def configured(self) -> bool:
+        return self.settings.smtp_host is not None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        if not self.configured:
+            log.warning("PRICEWATCH_SMTP_HOST is not set: alert emails stay queued (pending)")
+            return
+        self._task = asyncio.create_task(self._scheduler(), name="notifier")
+
+    async def stop(self, timeout: float = 2.0) -> None:
+        """Give sends in flight `timeout` seconds to finish, then cancel everything."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        with suppress(asyncio.CancelledError):
+            await self._task
+        if self._sending:
+            _, pending = await asyncio.wait(self._sending, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _scheduler(self) -> None:
+        while True:
+            self._wake.clear()
+            due = await self.store.due_outbox(clock.now(), limit=self.settings.smtp_concurrency * 4)
+            for item in due:
+                if item.id in self._inflight:
+                    continue
+                self._inflight.add(item.id)
+                task = asyncio.create_task(self._send(item), name=f"email-{item.id}")
+                self._sending.add(task)
+                task.add_done_callback(self._sending.discard)
+            next_due = await self.store.next_outbox_due()
+            timeout = 60.0 if next_due is None else max(0.05, next_due - clock.now())
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(timeout, 60.0))
+
+    async def _send(self, item: OutboxItem) -> None:
+        s = self.settings
+        try:
+            async with self._slots:
+                # The scheduler's read may predate the outcome of an earlier send of this
+                # very row; a fresh read after claiming it rules a second send out.
+                if not await self.store.outbox_current(item.id, item.attempts):
+                    return
+                began = time.monotonic()
+                try:
+                    await aiosmtplib.send(
+                        compose(item, s.mail_from), hostname=s.smtp_host, port=s.smtp_port,
+                        username=s.smtp_user, password=s.smtp_password,
+                        start_tls=s.smtp_starttls, timeout=s.smtp_timeout)
+                except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                    self.attempts += 1
+                    await self._failed_attempt(item, exc)
+                    return
+                await self._record(self.store.outbox_sent, item.id)
+                self.sent += 1
+                log.info("alert %d email sent to %s in %.2fs", item.alert.id, item.recipient,
+                         time.monotonic() - began)
+        finally:
+            self._inflight.discard(item.id)
+            self._wake.set()
+            async with self.progress:
+                self.progress.notify_all()
+
+    async def wait_until(self, predicate, timeout: float) -> None:
+        """Wait (at most `timeout` s) until `predicate()` is true after some outcome."""
+        async with self.progress:
+            await asyncio.wait_for(self.progress.wait_for(predicate), timeout)
+
+    async def _failed_attempt(self, item: OutboxItem, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        attempts = item.attempts + 1
+        if _permanent(exc) or attempts >= self.settings.smtp_max_attempts:
+            self.failed += 1
+            log.error("alert %d email to %s failed after %d attempts: %s", item.alert.id,
+                      item.recipient, attempts, error)
+            await self._record(self.store.outbox_failed, item.id, error)
+            return
+        delay = min(self.settings.smtp_retry_base * 2 ** (attempts - 1), 3600.0)
+        log.warning("alert %d email attempt %d failed (%s); retrying in %.1fs",
+                    item.alert.id, attempts, error, delay)
+        await self._record(self.store.outbox_retry, item.id, clock.now() + delay, error)
+
+    async def _record(self, method, *args) -> None:
+        """Commit an outbox state change, retrying briefly: losing `sent` means a resend."""
+        for attempt in range(5):
+            try:
+                await method(*args)
+                return
+            except Exception:
+                if attempt == 4:
+                    raise
+                log.exception("could not record outbox state; retrying")
+                await asyncio.sleep(0.1 * 2 ** attempt)
+
+
+def _permanent(exc: BaseException) -> bool:
+    """5xx answers are permanent; 4xx, timeouts and connection errors are worth a retry."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return all(r.code >= 500 for r in exc.recipients)
+    code = getattr(exc, "code", None)
+    return isinstance(code, int) and 500 <= code < 600

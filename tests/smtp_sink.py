@@ -1,0 +1,65 @@
+"""A real SMTP server (aiosmtpd) on loopback that records every accepted message."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import threading
+
+from aiosmtpd.controller import Controller
+from fake_binance import free_port
+
+
+class SmtpSink:
+    """Runs aiosmtpd on 127.0.0.1:`port` in its own thread; `fail_first` DATA get 451."""
+
+    def __init__(self, port: int = 0, fail_first: int = 0):
+        self.port = port
+        self.fail_first = fail_first
+        self.messages: list[email.message.EmailMessage] = []
+        self.rejected = 0
+        self._lock = threading.Lock()
+        self._arrived = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._controller: Controller | None = None
+
+    async def handle_DATA(self, server, session, envelope):  # aiosmtpd handler hook
+        with self._lock:
+            if self.rejected < self.fail_first:
+                self.rejected += 1
+                return "451 4.3.0 try again later"
+            msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
+            self.messages.append(msg)
+        self._loop.call_soon_threadsafe(self._arrived.set)
+        return "250 OK"
+
+    async def start(self) -> SmtpSink:
+        if self.port == 0:
+            self.port = free_port()
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        await asyncio.to_thread(self._controller.start)  # it blocks until it listens
+        return self
+
+    async def stop(self) -> None:
+        if self._controller is not None:
+            await asyncio.to_thread(self._controller.stop)
+            self._controller = None
+
+    async def __aenter__(self) -> SmtpSink:
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def wait_messages(self, n: int, timeout: float = 10.0) -> list:
+        async def reached() -> None:
+            while True:
+                with self._lock:
+                    if len(self.messages) >= n:
+                        return
+                    self._arrived.clear()
+                await self._arrived.wait()
+
+        await asyncio.wait_for(reached(), timeout)
+        return list(self.messages)
