@@ -145,6 +145,7 @@ class Settings:
         "ALPHAVANTAGE_API_KEY", _opt(_str), None, secret=True
     )
     alphavantage_interval: float = _var("ALPHAVANTAGE_INTERVAL", _float(0.01, 1e7), 3600.0)
+    alphavantage_timeout: float = _var("ALPHAVANTAGE_TIMEOUT", _float(0.1, 600), 10.0)
     quote_pairs: tuple[tuple[str, str], ...] = _var("QUOTE_PAIRS", _pairs, (("BTC", "USD"),))
     smtp_host: str | None = _var("SMTP_HOST", _opt(_str), None)
     smtp_port: int = _var("SMTP_PORT", _int(1, 65535), 25)

@@ -12,12 +12,15 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
+from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
-from . import alerts_api, auth, market
+from . import alerts_api, auth, market, quotes_api
 from .alerts import AlertEngine, Notifier
 from .alerts_api import ENGINE
+from .alphavantage import QuotePoller
 from .api import ApiError, json_response
 from .config import Settings
 from .feeds import Feed, make_feed
@@ -100,6 +103,16 @@ HEALTH = web.AppKey("health", dict)  # name -> callable returning that part's he
 FEED = web.AppKey("feed", object)  # the configured Feed, or None for "off"
 
 
+STATIC = Path(__file__).parent / "static"
+
+
+async def live_page(request: web.Request) -> web.FileResponse:
+    """The live page: one self-contained HTML file (inline JS/CSS, works offline)."""
+    return web.FileResponse(STATIC / "live.html",
+                            headers={"Content-Type": "text/html; charset=utf-8",
+                                     "Cache-Control": "no-cache"})
+
+
 def add_route(app: web.Application, method: str, path: str, handler: Handler) -> None:
     """Register `path` with and without its trailing slash (the contract treats both alike)."""
     base = path.rstrip("/") or "/"
@@ -155,6 +168,24 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         await engine.stop()
 
 
+async def quotes_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The shared HTTP client session, and the AlphaVantage poller when a key is set."""
+    settings = app[SETTINGS]
+    async with aiohttp.ClientSession() as session:
+        quotes = app[quotes_api.QUOTES] = quotes_api.Quotes(settings, app[STORE], app[HUB],
+                                                            session)
+        if settings.alphavantage_api_key is None:
+            log.info("PRICEWATCH_ALPHAVANTAGE_API_KEY is not set: no quote polling")
+            yield
+            return
+        quotes.poller = QuotePoller(session, settings.alphavantage_url,
+                                    settings.alphavantage_api_key, list(settings.quote_pairs),
+                                    settings.alphavantage_interval, quotes.save,
+                                    timeout=settings.alphavantage_timeout)
+        async with FeedRunner(app, quotes.poller):
+            yield
+
+
 async def close_websockets(app: web.Application) -> None:
     """On shutdown, before handlers are awaited: every websocket gets 1001 going away."""
     await app[HUB].close_all()
@@ -174,14 +205,14 @@ async def feed_ctx(app: web.Application) -> AsyncIterator[None]:
 class FeedRunner:
     """Run `feed` as a task shown in /healthz; on exit cancel it and wait for it."""
 
-    def __init__(self, app: web.Application, feed: Feed):
+    def __init__(self, app: web.Application, feed: Feed | QuotePoller):
         self.app, self.feed = app, feed
         self.task: asyncio.Task | None = None
 
     async def __aenter__(self) -> asyncio.Task:
         self.app[HEALTH][self.feed.name] = self.feed.health
         self.task = asyncio.create_task(self.feed.run(), name=f"feed-{self.feed.name}")
-        log.info("market feed %s started for %s", self.feed.name, ",".join(self.feed.symbols))
+        log.info("feed %s started", self.feed.name)
         return self.task
 
     async def __aexit__(self, *exc) -> None:
@@ -189,7 +220,7 @@ class FeedRunner:
         with suppress(asyncio.CancelledError):
             await self.task
         self.app[HEALTH].pop(self.feed.name, None)
-        log.info("market feed %s stopped", self.feed.name)
+        log.info("feed %s stopped", self.feed.name)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -208,10 +239,13 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(auth_ctx)
     app.cleanup_ctx.append(notifier_ctx)
     app.cleanup_ctx.append(engine_ctx)
+    app.cleanup_ctx.append(quotes_ctx)
     app.cleanup_ctx.append(feed_ctx)
     app.on_shutdown.append(close_websockets)
 
     add_route(app, "GET", "/healthz", healthz)
+    add_route(app, "GET", "/", live_page)
+    add_route(app, "GET", "/rates/live", live_page)
     add_route(app, "POST", "/auth/register", auth.register)
     add_route(app, "POST", "/auth/token", auth.token)
     add_route(app, "POST", "/auth/token/refresh", auth.refresh)
@@ -223,6 +257,7 @@ def create_app(settings: Settings) -> web.Application:
     add_route(app, "GET", "/live-feed/subscribe", market.live_feed)
     add_route(app, "GET", "/ws/ohlc", market.ws_ohlc)
     alerts_api.add_routes(app, add_route)
+    quotes_api.add_routes(app, add_route)
     return app
 
 

@@ -525,8 +525,14 @@ class Store:
         return Quote(quote_id, from_currency, to_currency, rate, bid, ask, source_time,
                      fetched_at)
 
-    async def count_quotes(self) -> int:
-        return (await self._one("SELECT COUNT(*) FROM quotes"))[0]
+    async def quote_span(self) -> tuple[int, int]:
+        """(number of quotes, highest id): a consistent view for listing them all."""
+        count, top = await self._one("SELECT COUNT(*), MAX(id) FROM quotes")
+        return count, top or 0
+
+    async def latest_quote(self) -> Quote | None:
+        row = await self._one(f"SELECT {_QUOTE_COLS} FROM quotes ORDER BY id DESC LIMIT 1")
+        return _quote(row) if row else None
 
     async def list_quotes(self, offset: int, limit: int) -> list[Quote]:
         """One page of quotes, newest first."""
@@ -535,17 +541,15 @@ class Store:
             (limit, offset))
         return [_quote(r) for r in rows]
 
-    async def iter_quotes(self, batch: int = 1000) -> AsyncIterator[list[Quote]]:
-        """Every quote newest first, in batches (keyset pagination: constant memory)."""
-        last = None
+    async def iter_quotes(self, upto_id: int, batch: int = 1000
+                          ) -> AsyncIterator[list[Quote]]:
+        """Every quote with id <= `upto_id`, newest first, in batches (keyset pagination:
+        constant memory however many rows there are)."""
+        last = upto_id + 1
         while True:
-            if last is None:
-                rows = await self._all(
-                    f"SELECT {_QUOTE_COLS} FROM quotes ORDER BY id DESC LIMIT ?", (batch,))
-            else:
-                rows = await self._all(
-                    f"SELECT {_QUOTE_COLS} FROM quotes WHERE id < ? ORDER BY id DESC LIMIT ?",
-                    (last, batch))
+            rows = await self._all(
+                f"SELECT {_QUOTE_COLS} FROM quotes WHERE id < ? ORDER BY id DESC LIMIT ?",
+                (last, batch))
             if not rows:
                 return
             yield [_quote(r) for r in rows]
