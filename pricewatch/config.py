@@ -136,6 +136,7 @@ class Settings:
     refresh_ttl: int = _var("REFRESH_TTL", _int(1, 10**9), 604800)
     symbols: tuple[str, ...] = _var("SYMBOLS", _symbols, ("BTCUSDT", "ETHUSDT"))
     feed: str = _var("FEED", _feed, "binance")
+    feed_stale_after: float = _var("FEED_STALE_AFTER", _float(0.1, 86400), 60.0)
     replay_speed: float = _var("REPLAY_SPEED", _float(0, 1e6), 0.0)
     binance_ws_url: str = _var("BINANCE_WS_URL", _ws_url, "wss://stream.binance.com:9443")
     alphavantage_url: str = _var(

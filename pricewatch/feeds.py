@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
@@ -384,8 +385,14 @@ class BinanceFeed(Feed):
         if not (0 < backoff_initial <= backoff_cap) or stale_after <= 0 or open_timeout <= 0:
             raise FeedConfigError("backoff/stale/open timeouts must be positive, "
                                   "backoff_initial <= backoff_cap")
-        streams = "/".join(f"{s.lower()}@trade/{s.lower()}@bookTicker" for s in self.symbols)
-        self.url = f"{base_url.rstrip('/')}/stream?streams={streams}"
+        if urlsplit(base_url).path.strip("/"):
+            # A full stream URL (an admin's extra feed: `/stream?streams=...` or `/ws/x@trade`)
+            # is used as given; a bare base gets every watched symbol's streams.
+            self.url = base_url
+        else:
+            streams = "/".join(f"{s.lower()}@trade/{s.lower()}@bookTicker"
+                               for s in self.symbols)
+            self.url = f"{base_url.rstrip('/')}/stream?streams={streams}"
         self.backoff_initial = backoff_initial
         self.backoff_cap = backoff_cap
         self.stale_after = stale_after

@@ -26,6 +26,7 @@ from .config import Settings
 from .feeds import Feed, make_feed
 from .hub import Hub
 from .market import HUB, MARKET, Market
+from .metrics import HTTP_METRICS, Exposition, HttpMetrics, metrics_middleware, render_http
 from .store import Conflict, NotFound, Store
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,62 @@ async def healthz(request: web.Request) -> web.Response:
     except Exception as exc:  # any failure means "not healthy", reported, not raised
         status, db = "error", f"error: {type(exc).__name__}"
     feeds = {name: health() for name, health in app[HEALTH].items()}
+    stale = sorted(name for name, h in feeds.items() if h.get("stale"))
+    if stale and status == "ok":
+        status = "stale"
     body = {"status": status, "db": db, "feeds": feeds}
+    if stale:
+        body["stale_feeds"] = stale
     return json_response(body, status=200 if status == "ok" else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of the whole process."""
+    app = request.app
+    out = Exposition()
+    mkt, hub, engine, notifier = app[MARKET], app[HUB], app[ENGINE], app[NOTIFIER]
+    out.metric("pricewatch_ticks_total", "counter", "Trades ingested, per symbol.")
+    for symbol, count in mkt.ticks.items():
+        out.sample("pricewatch_ticks_total", count, symbol=symbol)
+    healths = {name: health() for name, health in app[HEALTH].items()}
+    for key, kind, text in [("messages", "counter", "Upstream messages received."),
+                            ("reconnects", "counter", "Upstream reconnect attempts."),
+                            ("parse_errors", "counter", "Malformed upstream messages."),
+                            ("stale", "gauge", "1 when a live feed sent nothing for too long.")]:
+        name = f"pricewatch_feed_{key}" + ("_total" if kind == "counter" else "")
+        out.metric(name, kind, text)
+        for feed, health in healths.items():
+            if key in health:
+                out.sample(name, health[key] or 0, feed=feed)
+    for key, text in [("gaps", "Trade-id gaps seen (missed trades), per symbol."),
+                      ("missed_trades", "Trades missed inside those gaps, per symbol.")]:
+        name = f"pricewatch_feed_{key}_total"
+        out.metric(name, "counter", text)
+        for feed, health in healths.items():
+            for symbol, count in (health.get(key) or {}).items():
+                out.sample(name, count, feed=feed, symbol=symbol)
+    out.metric("pricewatch_websocket_clients", "gauge", "Open websocket clients by endpoint.")
+    counts = hub.counts()
+    for endpoint in sorted({"live", "ohlc", "rates", *counts}):
+        out.sample("pricewatch_websocket_clients", counts.get(endpoint, 0), endpoint=endpoint)
+    out.metric("pricewatch_websocket_slow_dropped_total", "counter",
+               "Websocket clients closed with 1008 for reading too slowly.")
+    out.sample("pricewatch_websocket_slow_dropped_total", hub.dropped)
+    out.metric("pricewatch_alerts_active", "gauge", "CREATED alerts held by the engine.")
+    out.sample("pricewatch_alerts_active", len(engine.index))
+    out.metric("pricewatch_alerts_triggered_total", "counter",
+               "Alerts triggered by this process.")
+    out.sample("pricewatch_alerts_triggered_total", engine.triggered)
+    out.metric("pricewatch_emails", "gauge", "Alert emails in the outbox, by state.")
+    for state, count in (await app[STORE].outbox_counts()).items():
+        out.sample("pricewatch_emails", count, state=state)
+    out.metric("pricewatch_emails_sent_total", "counter", "Emails sent by this process.")
+    out.sample("pricewatch_emails_sent_total", notifier.sent)
+    out.metric("pricewatch_emails_failed_total", "counter", "Emails given up by this process.")
+    out.sample("pricewatch_emails_failed_total", notifier.failed)
+    render_http(out, app[HTTP_METRICS])
+    return web.Response(body=out.text().encode(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 HEALTH = web.AppKey("health", dict)  # name -> callable returning that part's health dict
@@ -198,19 +253,37 @@ async def feed_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("market feed is off")
         yield
         return
-    async with FeedRunner(app, feed):
+    live = feed.kind in ("binance", "demo")
+    async with FeedRunner(app, feed, app[SETTINGS].feed_stale_after if live else None):
         yield
 
 
 class FeedRunner:
-    """Run `feed` as a task shown in /healthz; on exit cancel it and wait for it."""
+    """Run `feed` as a task shown in /healthz; on exit cancel it and wait for it.
 
-    def __init__(self, app: web.Application, feed: Feed | QuotePoller):
+    A live market feed (Binance or demo) that delivered nothing for `stale_after` seconds is
+    reported stale, and /healthz answers 503.
+    """
+
+    def __init__(self, app: web.Application, feed: Feed | QuotePoller,
+                 stale_after: float | None = None):
         self.app, self.feed = app, feed
         self.task: asyncio.Task | None = None
+        self.stale_after = stale_after
+        self.started = time.monotonic()
+
+    def health(self) -> dict:
+        health = self.feed.health()
+        if self.stale_after is not None and health.get("state") not in ("finished", "stopped"):
+            age = health.get("last_message_age")
+            if age is None:
+                age = time.monotonic() - self.started
+            health["stale"] = age > self.stale_after
+        return health
 
     async def __aenter__(self) -> asyncio.Task:
-        self.app[HEALTH][self.feed.name] = self.feed.health
+        self.started = time.monotonic()
+        self.app[HEALTH][self.feed.name] = self.health
         self.task = asyncio.create_task(self.feed.run(), name=f"feed-{self.feed.name}")
         log.info("feed %s started", self.feed.name)
         return self.task
@@ -225,7 +298,9 @@ class FeedRunner:
 
 def create_app(settings: Settings) -> web.Application:
     """Build the whole application; nothing starts until the app runs."""
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
+    app = web.Application(client_max_size=MAX_BODY,
+                          middlewares=[metrics_middleware, error_middleware])
+    app[HTTP_METRICS] = HttpMetrics()
     app[SETTINGS] = settings
     app[HEALTH] = {}
     hub = Hub()
@@ -244,6 +319,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(close_websockets)
 
     add_route(app, "GET", "/healthz", healthz)
+    add_route(app, "GET", "/metrics", metrics)
     add_route(app, "GET", "/", live_page)
     add_route(app, "GET", "/rates/live", live_page)
     add_route(app, "POST", "/auth/register", auth.register)

@@ -1,0 +1,113 @@
+"""Operations: /metrics exposition and /healthz verdicts."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from conftest import LiveServer, bearer, register
+from fake_binance import FakeBinance
+
+from pricewatch.server import STORE
+
+T0 = 1704067200000
+
+
+def sample(text: str, name: str, **labels) -> float:
+    """The value of one sample line; fails the test when the line is missing."""
+    label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = "^" + re.escape(name + (f"{{{label_text}}}" if labels else "")) + r" (\S+)$"
+    match = re.search(pattern, text, re.MULTILINE)
+    assert match, f"no sample {name} {labels} in:\n{text}"
+    return float(match.group(1))
+
+
+async def scrape(http, server) -> str:
+    async with http.get(server.url + "/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return await resp.text()
+
+
+async def test_metrics_count_ticks_requests_clients_and_alerts(make_settings, http):
+    async with FakeBinance() as fake, LiveServer(make_settings(
+            feed="binance", binance_ws_url=fake.url)) as server:
+        tok = (await register(http, server))["access"]
+        async with http.ws_connect(server.ws_url("/ws/ohlc/")) as ws:
+            await ws.send_json({"symbol": "BTCUSDT", "timeframe": "1m"})
+            assert (await ws.receive_json(timeout=5))["type"] == "snapshot"
+            await fake.wait_open(1)
+            for i in range(3):
+                await fake.send_trade("BTCUSDT", i + 1, 100 + i, 1, T0 + i)
+            await fake.send_trade("BTCUSDT", 10, 200, 1, T0 + 10)  # a gap of 6 trades
+            for _ in range(4):
+                assert (await ws.receive_json(timeout=5))["type"] == "candle"
+            for price in (150.0, 50.0):
+                async with http.post(server.url + "/api/v1/alerts", headers=bearer(tok), json={
+                        "asset": "BTCUSDT", "price": price, "direction": "above"}) as resp:
+                    assert resp.status == 201
+            async with http.get(server.url + "/api/v1/alerts/999", headers=bearer(tok)):
+                pass
+            text = await scrape(http, server)
+        assert sample(text, "pricewatch_ticks_total", symbol="BTCUSDT") == 4
+        assert sample(text, "pricewatch_ticks_total", symbol="ETHUSDT") == 0
+        assert sample(text, "pricewatch_feed_messages_total", feed="binance") == 4
+        assert sample(text, "pricewatch_feed_gaps_total", feed="binance", symbol="BTCUSDT") == 1
+        assert sample(text, "pricewatch_feed_missed_trades_total", feed="binance",
+                      symbol="BTCUSDT") == 6
+        assert sample(text, "pricewatch_websocket_clients", endpoint="ohlc") == 1
+        assert sample(text, "pricewatch_websocket_clients", endpoint="live") == 0
+        assert sample(text, "pricewatch_alerts_active") == 2
+        assert sample(text, "pricewatch_emails", state="pending") == 0
+        assert sample(text, "pricewatch_http_requests_total", method="POST",
+                      route="/api/v1/alerts", status=201) == 2
+        assert sample(text, "pricewatch_http_requests_total", method="GET",
+                      route="/api/v1/alerts/{alert_id}", status=404) == 1
+        assert sample(text, "pricewatch_http_request_duration_seconds_count",
+                      route="/api/v1/alerts") == 2
+        assert sample(text, "pricewatch_http_request_duration_seconds_bucket",
+                      route="/api/v1/alerts", le="+Inf") == 2
+        # Every sample line has a HELP and TYPE line for its family.
+        families = set(re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE))
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name = re.match(r"[a-z_]+", line).group(0)
+                assert any(name == f or name.startswith(f + "_") for f in families), line
+
+
+async def test_unmatched_routes_share_one_label(server, http):
+    for path in ("/nope/1", "/nope/2"):
+        async with http.get(server.url + path) as resp:
+            assert resp.status == 404
+    text = await scrape(http, server)
+    assert sample(text, "pricewatch_http_requests_total", method="GET", route="unmatched",
+                  status=404) == 2
+
+
+async def test_healthz_is_503_when_a_live_feed_goes_quiet(make_settings, http):
+    async with FakeBinance() as fake, LiveServer(make_settings(
+            feed="binance", binance_ws_url=fake.url, feed_stale_after=0.3)) as server:
+        await fake.wait_open(1)
+        await fake.send_trade("BTCUSDT", 1, 100, 1, T0)
+        async with http.ws_connect(server.ws_url("/ws/ohlc/")) as ws:
+            await ws.send_json({"symbol": "BTCUSDT", "timeframe": "1m"})
+            snapshot = await ws.receive_json(timeout=5)
+        async with http.get(server.url + "/healthz") as resp:
+            body = await resp.json()
+            fresh = resp.status
+        assert snapshot["data"] and fresh == 200 and body["feeds"]["binance"]["stale"] is False
+        await asyncio.sleep(0.45)  # wait on the clock past the 0.3 s staleness limit
+        async with http.get(server.url + "/healthz") as resp:
+            body = await resp.json()
+            assert resp.status == 503
+        assert body["status"] == "stale" and body["stale_feeds"] == ["binance"]
+
+
+async def test_healthz_is_503_when_the_database_is_unreachable(server, http):
+    async with http.get(server.url + "/healthz") as resp:
+        assert resp.status == 200 and (await resp.json())["db"] == "ok"
+    await server.app[STORE]._r.close()  # the reader connection the check uses is gone
+    async with http.get(server.url + "/healthz") as resp:
+        body = await resp.json()
+        assert resp.status == 503
+    assert body["status"] == "error" and body["db"].startswith("error")
