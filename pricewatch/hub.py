@@ -2,8 +2,9 @@
 
 Each client has a bounded queue and one sender task. `send()` is synchronous and never
 waits: the tick path calls it with bytes serialised once for all receivers. A client whose
-queue stays full for `slow_timeout` seconds, or whose socket write takes longer than
-`send_timeout`, is closed with 1008 and counted; it never slows anyone else.
+queue overflowed and has not drained empty within `slow_timeout` seconds, or whose socket
+write takes longer than `send_timeout`, is closed with 1008 and counted; it never slows
+anyone else.
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ class Hub:
         """Queue one message for one client without waiting; enforce the slow policy."""
         if client.closed:
             return
+        queue = client.queue
         try:
-            client.queue.put_nowait(data)
+            queue.put_nowait(data)
         except asyncio.QueueFull:
             now = time.monotonic()
             if client.full_since is None:
@@ -129,7 +131,11 @@ class Hub:
             elif now - client.full_since >= self.slow_timeout:
                 self.drop(client, "send queue full")
             return
-        client.full_since = None
+        # The clock runs from the first overflow until the client has caught up (its queue
+        # was empty), not until one slot frees: a client taking only part of what it is sent
+        # frees slots now and then, and would otherwise lose messages forever, never dropped.
+        if client.full_since is not None and queue.qsize() == 1:
+            client.full_since = None
 
     def drop(self, client: Client, why: str) -> None:
         """Close a client that falls behind with 1008, in the background."""
@@ -147,15 +153,28 @@ class Hub:
     async def _close(self, client: Client, code: int, message: bytes) -> None:
         if client.sender is not None and client.sender is not asyncio.current_task():
             client.sender.cancel()
+        closed = False
         try:
             await asyncio.wait_for(client.ws.close(code=code, message=message), timeout=1.0)
+            closed = True
         except (TimeoutError, ConnectionError, RuntimeError):
             pass
+        except asyncio.CancelledError:
+            # aiohttp shares one drain future per connection and does not shield it: the
+            # sender's timed-out (or cancelled) write cancelled it, so close() waiting on it
+            # raises CancelledError too. Only a cancellation of this task is passed on.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
         finally:
-            # A peer that does not read cannot take the close frame either: cut it off.
-            transport = client.request.transport
-            if transport is not None and not client.ws.closed:
-                transport.abort()
+            if not closed:
+                # A peer that does not read cannot take the close frame either: cut it off.
+                # (Not `if not ws.closed`: close() marks the socket closed before it writes,
+                # and a graceful transport close would wait forever to flush to that peer,
+                # keeping its handler and socket alive.)
+                transport = client.request.transport
+                if transport is not None:
+                    transport.abort()
 
     async def _sender(self, client: Client) -> None:
         ws, queue = client.ws, client.queue

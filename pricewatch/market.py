@@ -15,7 +15,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from . import auth, clock
-from .api import invalid, json_response, not_found
+from .api import ApiError, invalid, json_response, not_found
 from .feeds import Book, Tick
 from .hub import Client, Hub
 from .ohlc import TIMEFRAMES, CandleBook
@@ -77,6 +77,8 @@ class Market:
         for tf, topic in self._candle_topics[symbol]:
             if topic in hub.topics:
                 candle = self.candles.candle_at(symbol, tf, tick.time)
+                if candle is None:  # a late trade older than the ring: dropped, no change
+                    continue
                 hub.publish(topic, orjson.dumps(
                     {"type": "candle", "symbol": symbol, "timeframe": tf, "candle": candle}))
 
@@ -126,7 +128,8 @@ def _ohlc_params(request: web.Request, source: dict) -> tuple[str, str, int]:
     elif symbol is None:
         errors["symbol"] = "Not a watched symbol: " + ", ".join(request.app[MARKET].symbols)
     timeframe = source.get("timeframe", "1m")
-    if timeframe not in TIMEFRAMES:
+    # A websocket message may carry any JSON here; a list is unhashable for the dict lookup.
+    if not isinstance(timeframe, str) or timeframe not in TIMEFRAMES:
         errors["timeframe"] = "Must be one of " + " ".join(TIMEFRAMES) + "."
     raw_limit = source.get("limit", 100)
     try:
@@ -164,7 +167,7 @@ def _ws_message(msg) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-async def _serve(request: web.Request, endpoint: str, user_id: int | None,
+async def serve_ws(request: web.Request, endpoint: str, user_id: int | None,
                  on_open: Callable[[Client], None] | None,
                  on_message: Callable[[Client, dict], None]) -> web.WebSocketResponse:
     """Run one websocket: attach to the hub, dispatch client messages, detach at the end."""
@@ -227,7 +230,7 @@ async def live_feed(request: web.Request) -> web.StreamResponse:
         if action == "subscribe":
             send_prices(client, symbols)
 
-    return await _serve(request, "live", identity.user_id, on_open, on_message)
+    return await serve_ws(request, "live", identity.user_id, on_open, on_message)
 
 
 async def ws_ohlc(request: web.Request) -> web.StreamResponse:
@@ -237,10 +240,9 @@ async def ws_ohlc(request: web.Request) -> web.StreamResponse:
     def on_message(client: Client, data: dict) -> None:
         try:
             symbol, timeframe, limit = _ohlc_params(request, data)
-        except Exception as exc:  # ApiError: answer on the socket, keep it open
-            fields = getattr(exc, "fields", None) or {}
+        except ApiError as exc:  # answer on the socket, keep it open
             hub.send(client, orjson.dumps({"type": "error", "detail": "Invalid subscription.",
-                                           "fields": fields}))
+                                           "fields": exc.fields or {}}))
             return
         topic = ("ohlc", symbol, timeframe)
         if data.get("action") == "unsubscribe":
@@ -252,4 +254,4 @@ async def ws_ohlc(request: web.Request) -> web.StreamResponse:
             "data": market.candles.candles(symbol, timeframe, limit)}))
         hub.subscribe(client, topic)
 
-    return await _serve(request, "ohlc", None, None, on_message)
+    return await serve_ws(request, "ohlc", None, None, on_message)

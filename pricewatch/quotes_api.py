@@ -16,8 +16,7 @@ from .alphavantage import Quote, QuotePoller, UpstreamError, UpstreamRateLimited
 from .api import ApiError, invalid, json_response, query_int, read_json
 from .auth import require_identity
 from .config import Settings
-from .market import HUB
-from .market import _serve as serve_ws
+from .market import HUB, serve_ws
 from .store import Store
 
 log = logging.getLogger(__name__)

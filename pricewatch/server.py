@@ -11,19 +11,19 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import suppress
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from . import alerts_api, auth, market, quotes_api
+from . import alerts_api, auth, feed_admin, market, quotes_api
 from .alerts import AlertEngine, Notifier
 from .alerts_api import ENGINE
 from .alphavantage import QuotePoller
 from .api import ApiError, json_response
 from .config import Settings
-from .feeds import Feed, make_feed
+from .feed_admin import EXTRA_FEEDS, HEALTH, ExtraFeeds, FeedRunner, binance_factory
+from .feeds import make_feed
 from .hub import Hub
 from .market import HUB, MARKET, Market
 from .metrics import HTTP_METRICS, Exposition, HttpMetrics, metrics_middleware, render_http
@@ -154,7 +154,6 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
-HEALTH = web.AppKey("health", dict)  # name -> callable returning that part's health dict
 FEED = web.AppKey("feed", object)  # the configured Feed, or None for "off"
 
 
@@ -258,42 +257,17 @@ async def feed_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-class FeedRunner:
-    """Run `feed` as a task shown in /healthz; on exit cancel it and wait for it.
-
-    A live market feed (Binance or demo) that delivered nothing for `stale_after` seconds is
-    reported stale, and /healthz answers 503.
-    """
-
-    def __init__(self, app: web.Application, feed: Feed | QuotePoller,
-                 stale_after: float | None = None):
-        self.app, self.feed = app, feed
-        self.task: asyncio.Task | None = None
-        self.stale_after = stale_after
-        self.started = time.monotonic()
-
-    def health(self) -> dict:
-        health = self.feed.health()
-        if self.stale_after is not None and health.get("state") not in ("finished", "stopped"):
-            age = health.get("last_message_age")
-            if age is None:
-                age = time.monotonic() - self.started
-            health["stale"] = age > self.stale_after
-        return health
-
-    async def __aenter__(self) -> asyncio.Task:
-        self.started = time.monotonic()
-        self.app[HEALTH][self.feed.name] = self.health
-        self.task = asyncio.create_task(self.feed.run(), name=f"feed-{self.feed.name}")
-        log.info("feed %s started", self.feed.name)
-        return self.task
-
-    async def __aexit__(self, *exc) -> None:
-        self.task.cancel()
-        with suppress(asyncio.CancelledError):
-            await self.task
-        self.app[HEALTH].pop(self.feed.name, None)
-        log.info("feed %s stopped", self.feed.name)
+async def extra_feeds_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Admin-added feeds: restarted from the DB, stopped on shutdown."""
+    settings, mkt = app[SETTINGS], app[MARKET]
+    feeds = app[EXTRA_FEEDS] = ExtraFeeds(
+        app, app[STORE], binance_factory(settings.symbols, mkt.on_tick, mkt.on_book),
+        settings.allow_private_feeds)
+    await feeds.restore()
+    try:
+        yield
+    finally:
+        await feeds.stop_all()
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -316,6 +290,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(engine_ctx)
     app.cleanup_ctx.append(quotes_ctx)
     app.cleanup_ctx.append(feed_ctx)
+    app.cleanup_ctx.append(extra_feeds_ctx)
     app.on_shutdown.append(close_websockets)
 
     add_route(app, "GET", "/healthz", healthz)
@@ -334,6 +309,7 @@ def create_app(settings: Settings) -> web.Application:
     add_route(app, "GET", "/ws/ohlc", market.ws_ohlc)
     alerts_api.add_routes(app, add_route)
     quotes_api.add_routes(app, add_route)
+    feed_admin.add_routes(app, add_route)
     return app
 
 

@@ -1,0 +1,240 @@
+"""Supervised feeds: the runner every feed task lives in, and the admins' extra feeds.
+
+`FeedRunner` runs one feed (or the quote poller) as a task, shows it in /healthz and stops
+it cleanly. `ExtraFeeds` holds the upstream websocket feeds that admins add at run time
+(`/api/v1/feeds`, seed-style `POST /save_quotes/`): stored in SQLite and restarted after a
+restart, feeding the same tick pipeline as the main feed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+from contextlib import suppress
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from .api import ApiError, invalid, json_response, not_found, read_json
+from .auth import AUTH, require_identity
+from .feeds import BinanceFeed, Feed, FeedConfigError
+from .store import NotFound, Store
+
+log = logging.getLogger(__name__)
+
+HEALTH = web.AppKey("health", dict)  # name -> callable returning that part's health dict
+MAX_EXTRA_FEEDS = 16
+MAX_URL = 2048
+
+
+class FeedRunner:
+    """Run `feed` as a task shown in /healthz; `stop()` cancels it and waits for it.
+
+    A live market feed that delivered nothing for `stale_after` seconds is reported stale,
+    and /healthz answers 503.
+    """
+
+    def __init__(self, app: web.Application, feed: Any, stale_after: float | None = None):
+        self.app, self.feed = app, feed
+        self.task: asyncio.Task | None = None
+        self.stale_after = stale_after
+        self.started = time.monotonic()
+
+    def health(self) -> dict:
+        health = self.feed.health()
+        if self.stale_after is not None and health.get("state") not in ("finished", "stopped"):
+            age = health.get("last_message_age")
+            if age is None:
+                age = time.monotonic() - self.started
+            health["stale"] = age > self.stale_after
+        return health
+
+    def start(self) -> asyncio.Task:
+        self.started = time.monotonic()
+        self.app[HEALTH][self.feed.name] = self.health
+        self.task = asyncio.create_task(self.feed.run(), name=f"feed-{self.feed.name}")
+        log.info("feed %s started", self.feed.name)
+        return self.task
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self.task
+        self.app[HEALTH].pop(self.feed.name, None)
+        log.info("feed %s stopped", self.feed.name)
+
+    async def __aenter__(self) -> asyncio.Task:
+        return self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+
+class ExtraFeeds:
+    """Admin-managed extra Binance-format feeds, by their stored id."""
+
+    def __init__(self, app: web.Application, store: Store, make: Any, allow_private: bool):
+        self.app = app
+        self.store = store
+        self._make = make  # (url, name) -> Feed feeding the tick pipeline
+        self.allow_private = allow_private
+        self.running: dict[int, tuple[str, FeedRunner]] = {}
+
+    async def restore(self) -> None:
+        """Start every stored feed (after a restart)."""
+        for feed_id, url in await self.store.feeds():
+            try:
+                self._start(feed_id, url)
+            except FeedConfigError as exc:
+                log.warning("stored feed %d (%s) not started: %s", feed_id, url, exc)
+
+    def _start(self, feed_id: int, url: str) -> None:
+        feed: Feed = self._make(url, f"extra-{feed_id}")
+        runner = FeedRunner(self.app, feed, stale_after=None)
+        runner.start()
+        self.running[feed_id] = (url, runner)
+
+    async def add(self, url: str, user_id: int) -> int:
+        if len(self.running) >= MAX_EXTRA_FEEDS:
+            raise ApiError(409, "conflict", f"At most {MAX_EXTRA_FEEDS} extra feeds.")
+        await check_url(url, self.allow_private)
+        try:
+            self._make(url, "probe")  # validates the URL the way the feed will use it
+        except FeedConfigError as exc:
+            raise invalid({"url": str(exc)}) from None
+        feed_id = await self.store.add_feed(url, user_id)  # Conflict (409) when a duplicate
+        self._start(feed_id, url)
+        log.info("extra feed %d added: %s", feed_id, url)
+        return feed_id
+
+    async def remove(self, feed_id: int) -> None:
+        await self.store.remove_feed(feed_id)  # NotFound (404) when unknown
+        entry = self.running.pop(feed_id, None)
+        if entry is not None:
+            await entry[1].stop()
+        log.info("extra feed %d removed", feed_id)
+
+    async def stop_all(self) -> None:
+        for _, runner in self.running.values():
+            await runner.stop()
+        self.running.clear()
+
+    def describe(self, feed_id: int) -> dict:
+        url, runner = self.running[feed_id]
+        return {"id": feed_id, "url": url, "name": runner.feed.name, "health": runner.health()}
+
+
+EXTRA_FEEDS = web.AppKey("extra_feeds", ExtraFeeds)
+
+
+async def check_url(url: str, allow_private: bool, field: str = "url") -> None:
+    """Refuse non-websocket URLs, and hosts on loopback/private/link-local addresses unless
+    allowed (an admin must not be able to point the server at its own network)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise invalid({field: "Only ws:// and wss:// URLs with a host are allowed."})
+    try:
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+    except ValueError:
+        raise invalid({field: "The port is not valid."}) from None
+    if allow_private:
+        return
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            parts.hostname, port, type=socket.SOCK_STREAM)
+    except OSError:
+        raise invalid({field: f"Cannot resolve host {parts.hostname!r}."}) from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if (address.is_private or address.is_loopback or address.is_link_local
+                or address.is_reserved or address.is_multicast or address.is_unspecified):
+            raise invalid({field: f"{parts.hostname} resolves to a non-public address "
+                                  f"({address}); set PRICEWATCH_ALLOW_PRIVATE_FEEDS=true "
+                                  "to allow it."})
+
+
+async def require_admin(request: web.Request) -> int:
+    """The caller's user id if they are an admin; 401 without a token, 403 otherwise."""
+    identity = require_identity(request)
+    user = await request.app[AUTH].store.user_by_id(identity.user_id)
+    if user is None or not user.is_admin:
+        raise ApiError(403, "forbidden", "Only admins may manage feeds.")
+    return identity.user_id
+
+
+def _url_from(data: dict, field: str) -> str:
+    url = data.get(field)
+    if url is None or url == "":
+        raise invalid({field: "This field is required."})
+    if not isinstance(url, str) or len(url) > MAX_URL:
+        raise invalid({field: f"A URL of at most {MAX_URL} characters is required."})
+    return url.strip()
+
+
+async def list_feeds(request: web.Request) -> web.Response:
+    await require_admin(request)
+    feeds = request.app[EXTRA_FEEDS]
+    return json_response({"results": [feeds.describe(i) for i in sorted(feeds.running)]})
+
+
+async def add_feed(request: web.Request) -> web.Response:
+    user_id = await require_admin(request)
+    field = "api_url" if request.path.rstrip("/") == "/save_quotes" else "url"
+    url = _url_from(await read_json(request), field)
+    feeds = request.app[EXTRA_FEEDS]
+    try:
+        feed_id = await feeds.add(url, user_id)
+    except ApiError as exc:
+        if exc.fields and "url" in exc.fields and field != "url":
+            exc.fields = {field: exc.fields["url"]}
+        raise
+    return json_response(feeds.describe(feed_id), status=201)
+
+
+async def delete_feed(request: web.Request) -> web.Response:
+    await require_admin(request)
+    feeds = request.app[EXTRA_FEEDS]
+    raw = request.match_info.get("feed_id")
+    if raw is None:  # DELETE /api/v1/feeds with {"id": N} or {"url": "..."}
+        data = await read_json(request)
+        if isinstance(data.get("id"), int) and not isinstance(data.get("id"), bool):
+            feed_id = data["id"]
+        elif isinstance(data.get("url"), str):
+            matches = [i for i, (url, _) in feeds.running.items() if url == data["url"]]
+            if not matches:
+                raise not_found("Feed not found.")
+            feed_id = matches[0]
+        else:
+            raise invalid({"id": "Give the feed's id or url."})
+    else:
+        try:
+            feed_id = int(raw)
+        except ValueError:
+            raise not_found("Feed not found.") from None
+    try:
+        await feeds.remove(feed_id)
+    except NotFound:
+        raise not_found("Feed not found.") from None
+    return web.Response(status=204)
+
+
+def add_routes(app: web.Application, add_route) -> None:
+    add_route(app, "GET", "/api/v1/feeds", list_feeds)
+    add_route(app, "POST", "/api/v1/feeds", add_feed)
+    add_route(app, "DELETE", "/api/v1/feeds", delete_feed)
+    add_route(app, "DELETE", "/api/v1/feeds/{feed_id}", delete_feed)
+    add_route(app, "POST", "/save_quotes", add_feed)
+
+
+def binance_factory(symbols, on_tick, on_book):
+    """(url, name) -> a BinanceFeed for an extra upstream, feeding the given callbacks."""
+
+    def make(url: str, name: str) -> BinanceFeed:
+        return BinanceFeed(url, symbols, on_tick, on_book, name=name)
+
+    return make
