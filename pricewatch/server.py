@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from . import alerts_api, auth, feed_admin, market, quotes_api
+from . import alerts_api, auth, feed_admin, market, openapi, quotes_api
 from .alerts import AlertEngine, Notifier
 from .alerts_api import ENGINE
 from .alphavantage import QuotePoller
@@ -295,6 +295,8 @@ def create_app(settings: Settings) -> web.Application:
 
     add_route(app, "GET", "/healthz", healthz)
     add_route(app, "GET", "/metrics", metrics)
+    add_route(app, "GET", "/openapi.json", openapi.spec_handler)
+    add_route(app, "GET", "/docs", openapi.docs_handler)
     add_route(app, "GET", "/", live_page)
     add_route(app, "GET", "/rates/live", live_page)
     add_route(app, "POST", "/auth/register", auth.register)
