@@ -86,7 +86,7 @@ class AlertEngine:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._writer(), name="alert-writer")
 
-    async def stop(self, timeout: float = 3.0) -> None:
+    async def stop(self, timeout: float = 2.0) -> None:
         """Commit what is queued (bounded by `timeout`), then stop the writer."""
         if self._task is None:
             return
@@ -185,7 +185,7 @@ class Notifier:
             return
         self._task = asyncio.create_task(self._scheduler(), name="notifier")
 
-    async def stop(self, timeout: float = 2.0) -> None:
+    async def stop(self, timeout: float = 1.5) -> None:
         """Give sends in flight `timeout` seconds to finish, then cancel everything."""
         if self._task is None:
             return

@@ -326,6 +326,6 @@ def run(settings: Settings) -> None:
                  time.monotonic() - started)
 
     app.on_startup.append(announce)
-    web.run_app(app, host=settings.host, port=settings.port, shutdown_timeout=3.0,
+    web.run_app(app, host=settings.host, port=settings.port, shutdown_timeout=1.0,
                 print=None, access_log=logging.getLogger("pricewatch.access"),
                 access_log_format='%a "%r" %s %b %Tfs')
