@@ -1,0 +1,291 @@
+"""The live page in a real browser: headless Chromium driven over the DevTools protocol.
+
+A fake Binance feeds a real server; Chromium loads `/`; the test reads the DOM and the canvas
+through `Runtime.evaluate`. No new dependency: the protocol is JSON over a websocket, spoken
+with aiohttp. Without a Chromium binary the test skips with the reason (CI installs one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import os
+import shutil
+import signal
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from conftest import LiveServer, bearer, register
+from fake_alphavantage import FakeAlphaVantage
+from fake_binance import FakeBinance
+
+BROWSERS = ("/usr/bin/chromium", "chromium", "chromium-browser")
+WIDTH, HEIGHT = 1200, 860
+
+
+def find_chromium() -> str | None:
+    for name in BROWSERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+class CDPError(RuntimeError):
+    pass
+
+
+class Chromium:
+    """Headless Chromium in its own process group, with one page attached over CDP.
+
+    `evaluate(js)` runs an expression in the page and returns its JSON value; `send` is any
+    CDP command on the page's session. Leaving the context kills the whole process group.
+    """
+
+    def __init__(self, binary: str, profile: Path):
+        self.binary, self.profile = binary, profile
+        self.log_path = profile.parent / "chromium.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.http: aiohttp.ClientSession | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.reader: asyncio.Task | None = None
+        self.pending: dict[int, asyncio.Future] = {}
+        self.ids = itertools.count(1)
+        self.session_id: str | None = None
+
+    async def __aenter__(self) -> Chromium:
+        self.profile.mkdir()
+        with open(self.log_path, "wb") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                self.binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+                f"--window-size={WIDTH},{HEIGHT}", f"--user-data-dir={self.profile}",
+                "--remote-debugging-port=0", "about:blank",
+                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True)  # its own group: the finally kills every child too
+        try:
+            port, path = await self._devtools_address(timeout=15.0)
+            self.http = aiohttp.ClientSession()
+            self.ws = await self.http.ws_connect(f"ws://127.0.0.1:{port}{path}",
+                                                 max_msg_size=0)
+            self.reader = asyncio.create_task(self._read())
+            target = await self.send("Target.createTarget", {"url": "about:blank"}, page=False)
+            attached = await self.send("Target.attachToTarget",
+                                       {"targetId": target["targetId"], "flatten": True},
+                                       page=False)
+            self.session_id = attached["sessionId"]
+            await self.send("Emulation.setDeviceMetricsOverride", {
+                "width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False})
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _devtools_address(self, timeout: float) -> tuple[int, str]:
+        """Chromium writes its port and browser path to DevToolsActivePort once it listens."""
+        marker = self.profile / "DevToolsActivePort"
+        try:
+            async with asyncio.timeout(timeout):
+                while self.proc.returncode is None:
+                    lines = marker.read_text().split() if marker.exists() else []
+                    if len(lines) == 2:
+                        return int(lines[0]), lines[1]
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise RuntimeError("chromium did not open DevTools: " + self.log_tail()) from None
+        raise RuntimeError(f"chromium exited with {self.proc.returncode}: " + self.log_tail())
+
+    async def _read(self) -> None:
+        """Resolve each command's future by id; events are not needed here."""
+        async for msg in self.ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            data = orjson.loads(msg.data)
+            future = self.pending.pop(data.get("id"), None)
+            if future is None or future.done():
+                continue
+            if "error" in data:
+                future.set_exception(CDPError(f"{data['error']}"))
+            else:
+                future.set_result(data.get("result", {}))
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(CDPError("devtools connection closed"))
+
+    async def send(self, method: str, params: dict | None = None, *, page: bool = True,
+                   timeout: float = 10.0) -> dict:
+        command_id = next(self.ids)
+        message: dict[str, Any] = {"id": command_id, "method": method, "params": params or {}}
+        if page:
+            message["sessionId"] = self.session_id
+        future = self.pending[command_id] = asyncio.get_running_loop().create_future()
+        await self.ws.send_str(orjson.dumps(message).decode())
+        async with asyncio.timeout(timeout):
+            return await future
+
+    async def evaluate(self, expression: str) -> Any:
+        result = await self.send("Runtime.evaluate", {
+            "expression": expression, "returnByValue": True, "awaitPromise": True})
+        if "exceptionDetails" in result:
+            raise CDPError(result["exceptionDetails"].get("exception", {}).get(
+                "description", str(result["exceptionDetails"])))
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, timeout: float = 10.0) -> Any:
+        """Evaluate `expression` until it is truthy; each round is a real query of the page."""
+        last: Any = None
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        last = await self.evaluate(expression)
+                    except CDPError as exc:  # e.g. the page is still navigating
+                        last = exc
+                    if last and not isinstance(last, Exception):
+                        return last
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            page = await self.evaluate("document.body ? document.body.innerText : ''")
+            raise AssertionError(f"timed out waiting for {expression!r} (last: {last!r})\n"
+                                 f"page text:\n{page}") from None
+
+    def log_tail(self) -> str:
+        with suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-2000:]
+        return ""
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            with suppress(Exception):
+                await asyncio.wait_for(self.send("Browser.close", page=False), 2.0)
+            await self.ws.close()
+        if self.reader is not None:
+            self.reader.cancel()
+            with suppress(asyncio.CancelledError):
+                await self.reader
+        if self.http is not None:
+            await self.http.close()
+        if self.proc is not None:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), 3.0)
+            # Renderer and zygote children share the group: end them all, by group id.
+            with suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+
+
+@pytest.fixture
+async def chromium(tmp_path: Path):
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("chromium not installed: none of " + ", ".join(BROWSERS)
+                    + " found (Debian: apt-get install chromium)")
+    async with Chromium(binary, tmp_path / "profile") as browser:
+        yield browser
+
+
+def cell(symbol: str, field: str) -> str:
+    """JS: the text of one price cell, or null while the row does not exist."""
+    return (f"document.querySelector('tr[data-symbol=\"{symbol}\"] "
+            f"[data-field=\"{field}\"]')?.textContent ?? null")
+
+
+ROW = ("JSON.stringify(Object.fromEntries(['price', 'bid', 'ask', 'time'].map("
+       "f => [f, document.querySelector(`tr[data-symbol=BTCUSDT] [data-field=${f}]`)"
+       "?.textContent])))")
+
+# Pixels of the chart in the up-candle colour (#26a69a), give or take anti-aliasing.
+UP_PIXELS = """(() => {
+  const c = document.querySelector('#chart');
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    if (Math.abs(d[i] - 0x26) < 24 && Math.abs(d[i + 1] - 0xa6) < 24
+        && Math.abs(d[i + 2] - 0x9a) < 24) n++;
+  }
+  return n;
+})()"""
+
+
+async def test_live_page_shows_prices_quote_and_candles_and_updates_live(
+        make_settings, chromium: Chromium, tmp_path: Path) -> None:
+    now = int(time.time() * 1000)
+    async with FakeBinance() as fake, \
+            LiveServer(make_settings(feed="binance", binance_ws_url=fake.url)) as server, \
+            aiohttp.ClientSession() as http:
+        await fake.wait_connections(1)
+        # The server reads the one upstream socket in order: once the candle made by the
+        # trade is on /ws/ohlc/, the book sent before it was applied too.
+        async with http.ws_connect(server.ws_url("/ws/ohlc/")) as probe:
+            await probe.send_json({"symbol": "BTCUSDT", "timeframe": "1m"})
+            assert (await probe.receive_json(timeout=5))["type"] == "snapshot"
+            await fake.send_book("BTCUSDT", 42000.25, 42000.75)
+            await fake.send_trade("BTCUSDT", 1, 42000.5, 0.25, now)
+            assert (await probe.receive_json(timeout=5))["candle"]["close"] == 42000.5
+
+        await chromium.send("Page.navigate", {"url": server.url + "/"})
+        await chromium.wait_for(f"{cell('BTCUSDT', 'price')} === '42,000.50'")
+        row = orjson.loads(await chromium.evaluate(ROW))
+        assert row["bid"] == "42,000.25" and row["ask"] == "42,000.75"
+        assert row["time"].startswith(time.strftime("%Y-%m-%d", time.gmtime(now / 1000)))
+        await chromium.wait_for("Number(document.body.dataset.candles) >= 1")
+        assert await chromium.evaluate("document.querySelector('#quote-rate').textContent") \
+            == "no quote yet"  # no AlphaVantage key: nothing stored, nothing pushed
+        await chromium.wait_for("document.querySelector('#status').dataset.state === 'live'")
+
+        # A trade after the page loaded shows up without a reload: price and candle.
+        await fake.send_trade("BTCUSDT", 2, 42100.25, 0.5, now + 1)
+        await chromium.wait_for(f"{cell('BTCUSDT', 'price')} === '42,100.25'", timeout=5)
+        await chromium.wait_for(
+            "document.querySelector('#chart-legend').textContent.includes('C 42,100.25')",
+            timeout=5)
+        assert await chromium.evaluate(UP_PIXELS) > 20  # a green candle body was drawn
+
+        shot = await chromium.send("Page.captureScreenshot", {"format": "png"})
+        png = base64.b64decode(shot["data"])
+        (tmp_path / "live.png").write_bytes(png)
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+async def test_live_page_shows_a_quote_pushed_on_ws_rates(
+        make_settings, chromium: Chromium) -> None:
+    async with FakeAlphaVantage() as upstream:
+        upstream.mode = "error"  # the poll made at startup stores nothing
+        settings = make_settings(alphavantage_url=upstream.url, alphavantage_api_key="KEY")
+        async with LiveServer(settings) as server, aiohttp.ClientSession() as http:
+            await upstream.wait_requests(1)
+            await chromium.send("Page.navigate", {"url": server.url + "/rates/live"})
+            await chromium.wait_for(
+                "document.querySelector('#status [data-socket=rates]').dataset.state === 'open'")
+            assert await chromium.evaluate(
+                "document.querySelector('#quote-rate').textContent") == "no quote yet"
+
+            upstream.mode = "ok"
+            user = await register(http, server)
+            async with http.post(server.url + "/api/v1/quotes",
+                                 headers=bearer(user["access"])) as resp:
+                assert resp.status == 201, await resp.text()
+            await chromium.wait_for(
+                "document.querySelector('#quote-rate').textContent === '58,073.74'", timeout=5)
+            quote = await chromium.evaluate("""[...document.querySelectorAll(
+                '#quote-pair, #quote-bid, #quote-ask, #quote-time')].map(e => e.textContent)""")
+            assert quote == ["BTC → USD", "58,073.73", "58,073.74", "2021-05-01 02:58:06 UTC"]
+
+
+async def test_page_is_served_at_both_paths(server: LiveServer) -> None:
+    async with aiohttp.ClientSession() as http:
+        for path in ("/", "/rates/live", "/rates/live/"):
+            async with http.get(server.url + path) as resp:
+                assert resp.status == 200
+                assert resp.content_type == "text/html"
+                assert 'id="chart"' in await resp.text()
