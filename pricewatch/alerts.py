@@ -201,18 +201,26 @@ class Notifier:
     async def _scheduler(self) -> None:
         while True:
             self._wake.clear()
-            due = await self.store.due_outbox(clock.now(), limit=self.settings.smtp_concurrency * 4)
-            for item in due:
-                if item.id in self._inflight:
-                    continue
-                self._inflight.add(item.id)
-                task = asyncio.create_task(self._send(item), name=f"email-{item.id}")
-                self._sending.add(task)
-                task.add_done_callback(self._sending.discard)
-            next_due = await self.store.next_outbox_due()
+            try:
+                await self._dispatch_due()
+                next_due = await self.store.next_outbox_due()
+            except Exception:  # a database hiccup must not end email delivery for good
+                log.exception("notifier could not read the outbox; retrying in 5 s")
+                next_due = clock.now() + 5.0
             timeout = 60.0 if next_due is None else max(0.05, next_due - clock.now())
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), min(timeout, 60.0))
+
+    async def _dispatch_due(self) -> None:
+        """Start a send task for every due row not already being sent."""
+        due = await self.store.due_outbox(clock.now(), limit=self.settings.smtp_concurrency * 4)
+        for item in due:
+            if item.id in self._inflight:
+                continue
+            self._inflight.add(item.id)
+            task = asyncio.create_task(self._send(item), name=f"email-{item.id}")
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
     async def _send(self, item: OutboxItem) -> None:
         s = self.settings
