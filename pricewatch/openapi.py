@@ -1,21 +1,481 @@
-"""OpenAPI 3.1 description of every HTTP route (being written)."""
+"""OpenAPI 3.1 description of every HTTP route, and an offline HTML rendering of it.
+
+`OPERATIONS` is the one table of what each route takes and answers, keyed by
+(METHOD, canonical path without trailing slash). tests/test_openapi.py compares it with
+the router both ways, so a route cannot ship undocumented nor a documented one vanish.
+Schemas are JSON Schema 2020-12 (OpenAPI 3.1). Response objects forbid unknown
+properties on purpose: the schemathesis run in the tests then catches a body drifting
+from the contract.
+"""
 
 from __future__ import annotations
+
+import html
+import json
+import re
+from typing import Any
 
 from aiohttp import web
 
 from .api import json_response
+from .market import MARKET
+from .ohlc import TIMEFRAMES
+
+JSON = "application/json"
+Schema = dict[str, Any]
+
+# -- schema helpers -------------------------------------------------------------------------
+
+STR: Schema = {"type": "string"}
+NUM: Schema = {"type": "number"}
+INT: Schema = {"type": "integer"}
+BOOL: Schema = {"type": "boolean"}
+TIME: Schema = {"type": "string", "format": "date-time", "description": "ISO-8601 UTC"}
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def array(items: Schema) -> Schema:
+    return {"type": "array", "items": items}
+
+
+def enum(*values: str) -> Schema:
+    return {"type": "string", "enum": list(values)}
+
+
+def obj(required: dict[str, Schema], optional: dict[str, Schema] | None = None, *,
+        closed: bool = True, description: str | None = None) -> Schema:
+    """An object schema. `closed` (for responses) forbids properties not listed."""
+    schema: Schema = {"type": "object", "properties": {**required, **(optional or {})},
+                      "required": list(required)}
+    if closed:
+        schema["additionalProperties"] = False
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def _schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
+    """The named schemas; `symbols` (the watched markets) becomes the Symbol enum."""
+    symbol = enum(*symbols) if symbols else {"type": "string", "pattern": "^[A-Z0-9]{2,20}$"}
+    currency = {"type": "string", "pattern": "^[A-Za-z0-9]{2,10}$", "examples": ["BTC"]}
+    page_link = nullable({"type": "string", "format": "uri"})
+    return {
+        "Error": obj({"error": STR, "detail": STR},
+                     {"fields": {"type": "object", "additionalProperties": STR,
+                                 "description": "Only for `validation`: field -> message."}}),
+        "Symbol": {**symbol, "description": "A watched market (Binance symbol); any case."},
+        "Register": obj({
+            "username": {"type": "string", "pattern": "^[A-Za-z0-9@.+_-]{3,150}$"},
+            "password": {"type": "string", "minLength": 8, "maxLength": 72,
+                         "description": "8 characters to 72 bytes, no NUL."},
+            "email": {"type": "string", "maxLength": 254,
+                      "pattern": r"^[^@\s]+@[^@\s]+\.[^@\s.]+$"},
+        }, closed=False),
+        "Registered": obj({"id": INT, "username": STR, "email": STR, "access": STR,
+                           "refresh": STR}),
+        "Login": obj({"username": {"type": "string", "minLength": 1},
+                      "password": {"type": "string", "minLength": 1}}, closed=False),
+        "Refresh": obj({"refresh": {"type": "string", "minLength": 1}}, closed=False),
+        "TokenPair": obj({"access": STR, "refresh": STR},
+                         description="HS256 JWTs; claims token_type, user_id, exp, iat, jti."),
+        "User": obj({"id": INT, "username": STR, "email": STR, "is_admin": BOOL}),
+        "Price": obj({"symbol": STR, "price": NUM, "bid": nullable(NUM),
+                      "ask": nullable(NUM), "time": TIME}),
+        "PriceList": obj({"results": array(ref("Price"))}),
+        "Candle": obj({"timestamp": TIME, "open": NUM, "high": NUM, "low": NUM,
+                       "close": NUM, "volume": NUM, "trades": INT}),
+        "Ohlc": obj({"symbol": STR, "timeframe": enum(*TIMEFRAMES),
+                     "data": array(ref("Candle"))},
+                    description="Oldest first; the last candle may still be open."),
+        "QuoteIn": obj({}, {"from_currency": currency, "to_currency": currency},
+                       closed=False, description="Defaults: the first PRICEWATCH_QUOTE_PAIRS."),
+        "Quote": obj({"id": INT, "from_currency": STR, "to_currency": STR, "rate": NUM,
+                      "bid": nullable(NUM), "ask": nullable(NUM),
+                      "source_time": {"type": "string", "description": "AlphaVantage's time"},
+                      "fetched_at": TIME}),
+        "QuotePage": obj({"count": INT, "page": INT, "per_page": INT, "pages": INT,
+                          "next": page_link, "previous": page_link,
+                          "results": array(ref("Quote"))}),
+        "QuoteAll": obj({"count": INT, "results": array(ref("Quote"))}),
+        "AlertIn": obj({"asset": ref("Symbol"),
+                        "price": {"type": "number", "exclusiveMinimum": 0}},
+                       {"direction": enum("above", "below")}, closed=False,
+                       description="Without direction it is derived from the latest price."),
+        "AlertPatch": obj({}, {"asset": ref("Symbol"),
+                               "price": {"type": "number", "exclusiveMinimum": 0},
+                               "direction": enum("above", "below")}, closed=False),
+        "Alert": obj({
+            "id": INT, "asset": STR, "price": NUM, "direction": enum("above", "below"),
+            "status": enum("CREATED", "TRIGGERED", "DELETED"), "created": TIME,
+            "triggered_at": nullable(TIME), "triggered_price": nullable(NUM),
+            "notified": nullable(enum("pending", "sent", "failed"))}),
+        "AlertPage": obj({"count": INT, "next": page_link, "previous": page_link,
+                          "results": array(ref("Alert"))}),
+        "Health": obj({"status": enum("ok", "stale", "error"), "db": STR,
+                       "feeds": {"type": "object", "additionalProperties": {"type": "object"},
+                                 "description": "Feed name -> its state and counters."}},
+                      {"stale_feeds": array(STR)}),
+        "FeedIn": obj({"url": {"type": "string", "pattern": "^wss?://", "maxLength": 2048}},
+                      closed=False),
+        "SaveQuotesIn": obj({"api_url": {"type": "string", "pattern": "^wss?://",
+                                         "maxLength": 2048}}, closed=False),
+        "FeedDelete": {"anyOf": [obj({"id": INT}, closed=False),
+                                 obj({"url": STR}, closed=False)]},
+        "Feed": obj({"id": INT, "url": STR, "name": STR, "health": {"type": "object"}}),
+        "FeedList": obj({"results": array(ref("Feed"))}),
+    }
+
+
+# -- error responses: (status, error codes, description, headers) ----------------------------
+
+RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"},
+                               "description": "Seconds to wait before trying again."}}
+ERRORS: dict[str, tuple[int, tuple[str, ...], str, dict]] = {
+    "BadBody": (400, ("invalid_json", "validation"),
+                "The body is not a JSON object, or fields are invalid (see `fields`).", {}),
+    "BadQuery": (400, ("validation",), "A query parameter is invalid (see `fields`).", {}),
+    "NotAnUpgrade": (400, ("invalid_request",),
+                     "A plain GET without a websocket upgrade handshake.", {}),
+    "NotAuthenticated": (401, ("not_authenticated",),
+                         "Missing, invalid, expired or revoked token.",
+                         {"WWW-Authenticate": {"schema": STR}}),
+    "BadCredentials": (401, ("bad_credentials",), "Wrong username or password.", {}),
+    "Forbidden": (403, ("forbidden",), "The caller is not an admin.", {}),
+    "NotFound": (404, ("not_found",), "No such resource (or it belongs to someone else).", {}),
+    "Conflict": (409, ("conflict",), "Conflicts with the current state.", {}),
+    "TooLarge": (413, ("payload_too_large",), "The body is over 64 KiB.", {}),
+    "RateLimited": (429, ("rate_limited",), "Too many failed logins.", RETRY_AFTER),
+    "UpstreamError": (502, ("upstream_error",), "AlphaVantage failed or answered garbage.",
+                      {}),
+    "Unavailable": (503, ("unavailable",),
+                    "No AlphaVantage key configured, or its rate limit was hit "
+                    "(then with Retry-After).", RETRY_AFTER),
+}
+
+
+def _error_response(status: int, codes: tuple[str, ...], text: str, headers: dict) -> dict:
+    schema = {"allOf": [ref("Error"), {"properties": {"error": enum(*codes)}}]}
+    response: dict = {"description": text, "content": {JSON: {"schema": schema}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+# -- the table ------------------------------------------------------------------------------
+
+PATH_PARAMS: dict[str, Schema] = {
+    "alert_id": {"type": "integer", "minimum": 1},
+    "feed_id": {"type": "integer", "minimum": 1},
+    "symbol": {"type": "string", "pattern": "^[A-Za-z0-9]{2,20}$"},
+}
+
+
+def query(name: str, schema: Schema, text: str, required: bool = False) -> dict:
+    return {"name": name, "in": "query", "required": required, "schema": schema,
+            "description": text}
+
+
+def json_ok(schema: str | Schema, text: str = "OK") -> dict:
+    return {"description": text, "content": {JSON: {"schema": ref(schema)
+                                                    if isinstance(schema, str) else schema}}}
+
+
+def media_ok(media: str, text: str) -> dict:
+    return {"description": text, "content": {media: {"schema": STR}}}
+
+
+NO_CONTENT = {"description": "Done; no body."}
+SWITCHING = {"description": "Switching Protocols: the websocket is open."}
+
+
+def op(tag: str, summary: str, ok: dict[int, dict], *errors: str, auth: str | None = None,
+       request: str | None = None, body_required: bool = True, params: tuple = (),
+       text: str = "") -> dict:
+    """One operation. auth: None (public), "user", "admin" or "user+query" (also `?token=`).
+
+    The errors an auth mode or a JSON body implies (401, 403, 400, 413) are added here.
+    """
+    implied = {"user": ("NotAuthenticated",), "user+query": ("NotAuthenticated",),
+               "admin": ("NotAuthenticated", "Forbidden"), None: ()}[auth]
+    if request is not None:
+        implied += ("BadBody", "TooLarge")
+    return {"tag": tag, "summary": summary, "ok": ok, "errors": implied + errors, "auth": auth,
+            "request": request, "body_required": body_required, "params": params,
+            "text": text}
+
+
+WS_NOTE = ("Open with a websocket handshake (`ws://HOST/...`); a slow reader is closed with "
+           "1008, every client with 1001 on shutdown. A plain GET is answered 400. ")
+PAGE_PARAMS = (query("page", {"type": "integer", "minimum": 1}, "Page number, from 1."),)
+
+OPERATIONS: dict[tuple[str, str], dict] = {
+    ("GET", "/healthz"): op(
+        "ops", "Health of the database and the feeds", {200: json_ok("Health"),
+                                                        503: json_ok("Health", "Not healthy")},
+        text="503 (same body) when the database does not answer or a live feed is stale."),
+    ("GET", "/metrics"): op("ops", "Prometheus metrics",
+                            {200: media_ok("text/plain", "Prometheus text exposition 0.0.4")}),
+    ("GET", "/openapi.json"): op("ops", "This OpenAPI 3.1 document",
+                                 {200: json_ok({"type": "object"})}),
+    ("GET", "/docs"): op("ops", "This document as HTML", {200: media_ok("text/html", "Page")}),
+    ("GET", "/"): op("pages", "The live page", {200: media_ok("text/html", "Page")}),
+    ("GET", "/rates/live"): op("pages", "The live page (same as /)",
+                               {200: media_ok("text/html", "Page")}),
+    ("POST", "/auth/register"): op(
+        "auth", "Create a user and log in", {201: json_ok("Registered", "Created")},
+        "Conflict", request="Register", text="409 when the username is taken."),
+    ("POST", "/auth/token"): op(
+        "auth", "Log in: a token pair", {200: json_ok("TokenPair")}, "BadCredentials",
+        "RateLimited", request="Login",
+        text="Repeated failures for one username or client address answer 429."),
+    ("POST", "/auth/token/refresh"): op(
+        "auth", "Spend a refresh token for a new pair", {200: json_ok("TokenPair")},
+        "NotAuthenticated", request="Refresh",
+        text="A spent refresh token answers 401 and revokes every token of that login."),
+    ("POST", "/auth/logout"): op("auth", "Revoke a login", {204: NO_CONTENT},
+                                 "NotAuthenticated", request="Refresh"),
+    ("GET", "/auth/me"): op("auth", "The caller", {200: json_ok("User")}, auth="user"),
+    ("GET", "/api/v1/prices"): op("market", "Latest price of every symbol seen",
+                                  {200: json_ok("PriceList")}),
+    ("GET", "/api/v1/prices/{symbol}"): op("market", "Latest price of one symbol",
+                                           {200: json_ok("Price")}, "NotFound",
+                                           text="404 for a symbol never seen."),
+    ("GET", "/api/v1/ohlc"): op(
+        "market", "Candles of a symbol", {200: json_ok("Ohlc")}, "BadQuery", params=(
+            query("symbol", ref("Symbol"), "Watched symbol.", required=True),
+            query("timeframe", {**enum(*TIMEFRAMES), "default": "1m"}, "Candle width."),
+            query("limit", {"type": "integer", "minimum": 1, "maximum": 1000,
+                            "default": 100}, "Newest candles to return."))),
+    ("GET", "/live-feed/subscribe"): op(
+        "websockets", "Websocket: live prices and the caller's alert events",
+        {101: SWITCHING}, "NotAnUpgrade", auth="user+query",
+        text=WS_NOTE + "Needs an access token (header, or `?token=` for browsers); "
+        "without one the upgrade is refused with 401.\n\nClient sends "
+        '`{"action": "subscribe"|"unsubscribe", "symbols": [...]}` (default: all watched). '
+        'Server sends `{"type": "price", symbol, price, bid, ask, time}`, '
+        '`{"type": "subscribed"|"unsubscribed", "symbols": [...]}`, '
+        '`{"type": "alert", "alert": Alert}` for the caller\'s alerts and '
+        '`{"type": "error", "detail"}` for a bad message.'),
+    ("GET", "/ws/ohlc"): op(
+        "websockets", "Websocket: candles of one symbol and timeframe", {101: SWITCHING},
+        "NotAnUpgrade",
+        text=WS_NOTE + 'Client sends `{"symbol": "BTCUSDT", "timeframe": "1m", "limit"?, '
+        '"action"?: "unsubscribe"}`. Server answers `{"type": "snapshot", symbol, '
+        'timeframe, data: [Candle]}`, then `{"type": "candle", symbol, timeframe, candle}` '
+        'on every change of the open candle; a bad message gets `{"type": "error", '
+        '"detail", "fields"}`.'),
+    ("GET", "/ws/rates"): op(
+        "websockets", "Websocket: AlphaVantage quotes", {101: SWITCHING}, "NotAnUpgrade",
+        text=WS_NOTE + 'Server sends the latest stored quote on connect, then every new '
+        'one, as `{"type": "quote", ...Quote}`. Client messages get `{"type": "error"}`.'),
+    ("POST", "/api/v1/alerts"): op(
+        "alerts", "Create an alert", {201: json_ok("Alert", "Created")}, "Conflict",
+        auth="user", request="AlertIn",
+        text="409 when no price is known yet and no direction is given, or the user has "
+        "reached the active alert cap."),
+    ("GET", "/api/v1/alerts"): op(
+        "alerts", "The caller's alerts, newest first", {200: json_ok("AlertPage")},
+        "BadQuery", "NotFound", auth="user", text="404 for a page past the last.", params=(
+            query("status", enum("CREATED", "TRIGGERED", "DELETED"),
+                  "Only alerts with this status (any case)."),
+            *PAGE_PARAMS,
+            query("page_size", {"type": "integer", "minimum": 1, "maximum": 100,
+                                "default": 10}, "Alerts per page."))),
+    ("GET", "/api/v1/alerts/{alert_id}"): op("alerts", "One alert", {200: json_ok("Alert")},
+                                             "NotFound", auth="user"),
+    ("PUT", "/api/v1/alerts/{alert_id}"): op(
+        "alerts", "Replace an alert", {200: json_ok("Alert")}, "NotFound", "Conflict",
+        auth="user", request="AlertIn", text="409 unless the alert is CREATED."),
+    ("PATCH", "/api/v1/alerts/{alert_id}"): op(
+        "alerts", "Change some fields of an alert", {200: json_ok("Alert")}, "NotFound",
+        "Conflict", auth="user", request="AlertPatch", text="409 unless the alert is CREATED."),
+    ("DELETE", "/api/v1/alerts/{alert_id}"): op(
+        "alerts", "Delete an alert (kept with status DELETED)", {200: json_ok("Alert")},
+        "NotFound", auth="user"),
+    ("GET", "/api/v1/quotes"): op(
+        "quotes", "Stored AlphaVantage quotes, newest first",
+        {200: json_ok({"anyOf": [ref("QuotePage"), ref("QuoteAll")]},
+                      "Paged with per_page; otherwise every row")},
+        "BadQuery", auth="user",
+        params=(*PAGE_PARAMS, query("per_page", {"type": "integer", "minimum": 1,
+                                                 "maximum": 1000}, "Quotes per page."))),
+    ("POST", "/api/v1/quotes"): op(
+        "quotes", "Fetch a quote now and store it", {201: json_ok("Quote", "Created")},
+        "UpstreamError", "Unavailable", auth="user", request="QuoteIn", body_required=False),
+    ("GET", "/api/v1/feeds"): op("feeds", "Extra upstream feeds", {200: json_ok("FeedList")},
+                                 auth="admin"),
+    ("POST", "/api/v1/feeds"): op(
+        "feeds", "Add an extra upstream websocket feed", {201: json_ok("Feed", "Created")},
+        "Conflict", auth="admin", request="FeedIn",
+        text="Only ws:// and wss:// URLs of public hosts (unless "
+        "PRICEWATCH_ALLOW_PRIVATE_FEEDS); 409 for a duplicate or past 16 feeds."),
+    ("DELETE", "/api/v1/feeds"): op("feeds", "Stop an extra feed by id or url",
+                                    {204: NO_CONTENT}, "NotFound", auth="admin",
+                                    request="FeedDelete"),
+    ("DELETE", "/api/v1/feeds/{feed_id}"): op("feeds", "Stop an extra feed", {204: NO_CONTENT},
+                                              "NotFound", auth="admin"),
+    ("POST", "/save_quotes"): op(
+        "feeds", "Add an extra feed (seed-style alias)", {201: json_ok("Feed", "Created")},
+        "Conflict", auth="admin", request="SaveQuotesIn"),
+}
+
+SECURITY = {None: [], "user": [{"bearerAuth": []}], "admin": [{"bearerAuth": []}],
+            "user+query": [{"bearerAuth": []}, {"tokenQuery": []}]}
+
+
+# -- building the document ------------------------------------------------------------------
+
+def _operation(method: str, path: str, entry: dict) -> dict:
+    operation: dict = {
+        "operationId": method.lower() + re.sub(r"[^A-Za-z0-9]+", "_", path).rstrip("_"),
+        "summary": entry["summary"], "tags": [entry["tag"]],
+        "security": SECURITY[entry["auth"]],
+    }
+    if entry["text"]:
+        operation["description"] = entry["text"]
+    params = [{"name": name, "in": "path", "required": True, "schema": PATH_PARAMS[name]}
+              for name in re.findall(r"{(\w+)}", path)]
+    params += list(entry["params"])
+    if params:
+        operation["parameters"] = params
+    if entry["request"] is not None:
+        operation["requestBody"] = {"required": entry["body_required"],
+                                    "content": {JSON: {"schema": ref(entry["request"])}}}
+    responses = {str(status): answer for status, answer in entry["ok"].items()}
+    for name in entry["errors"]:
+        status = ERRORS[name][0]
+        if str(status) in responses:  # two causes of one status: list the codes together
+            responses[str(status)] = _merged(responses[str(status)], name)
+        else:
+            responses[str(status)] = {"$ref": f"#/components/responses/{name}"}
+    operation["responses"] = dict(sorted(responses.items()))
+    return operation
+
+
+def _merged(current: dict, name: str) -> dict:
+    """One response for two error kinds of the same status (e.g. 400 body and query)."""
+    first = current["$ref"].rsplit("/", 1)[1]
+    status, codes, text, headers = ERRORS[first]
+    _, more, more_text, more_headers = ERRORS[name]
+    return _error_response(status, tuple(dict.fromkeys(codes + more)), f"{text} {more_text}",
+                           {**headers, **more_headers})
 
 
 def build_spec(app: web.Application) -> dict:
-    return {"openapi": "3.1.0", "info": {"title": "pricewatch", "version": "0.1.0"},
-            "paths": {}}
+    """The OpenAPI 3.1 document of every operation in `OPERATIONS`."""
+    market = app.get(MARKET)
+    paths: dict[str, dict] = {}
+    for (method, path), entry in OPERATIONS.items():
+        paths.setdefault(path, {})[method.lower()] = _operation(method, path, entry)
+    return {
+        "openapi": "3.1.0",
+        "jsonSchemaDialect": "https://spec.openapis.org/oas/3.1/dialect/base",
+        "info": {
+            "title": "pricewatch", "version": "0.1.0",
+            "description": "Self-hosted crypto prices, candles, quotes and price alerts. "
+            "Every path also answers with a trailing slash. Every 4xx/5xx body is "
+            '`{"error": CODE, "detail": "...", "fields"?: {...}}`.'},
+        "tags": [{"name": t} for t in dict.fromkeys(e["tag"] for e in OPERATIONS.values())],
+        "paths": paths,
+        "components": {
+            "schemas": _schemas(market.symbols if market is not None else None),
+            "responses": {name: _error_response(status, codes, text, headers)
+                          for name, (status, codes, text, headers) in ERRORS.items()},
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                               "description": "An access token from /auth/token."},
+                "tokenQuery": {"type": "apiKey", "in": "query", "name": "token",
+                               "description": "The access token, for browser websockets."},
+            },
+        },
+    }
 
 
 async def spec_handler(request: web.Request) -> web.Response:
     return json_response(build_spec(request.app))
 
 
+# -- HTML rendering -------------------------------------------------------------------------
+
+CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:70rem;margin:2rem auto;padding:0 1rem;
+color:#1d232a}h1{margin-bottom:0}section{border-top:1px solid #d8dee4;padding:.6rem 0}
+h2{font-size:1.05rem;margin:.4rem 0}.m{display:inline-block;min-width:4.2rem;font:700 .8rem
+monospace;padding:.15rem .4rem;border-radius:4px;color:#fff;background:#57606a;text-align:center}
+.GET{background:#0969da}.POST{background:#1a7f37}.PUT,.PATCH{background:#9a6700}.DELETE{
+background:#cf222e}pre{background:#f6f8fa;padding:.5rem;overflow:auto;font-size:.8rem;
+margin:.2rem 0}
+table{border-collapse:collapse}td,th{border:1px solid #d8dee4;padding:.2rem .5rem;text-align:left;
+vertical-align:top}.auth{color:#8250df}nav a{margin-right:.6rem}"""
+
+
+def _pretty(schema: Any) -> str:
+    """Schema as indented JSON, HTML-escaped, with `$ref`s linking to their definition."""
+    text = html.escape(json.dumps(schema, indent=2, ensure_ascii=False))
+    return re.sub(r"&quot;#/components/schemas/(\w+)&quot;",
+                  r'<a href="#schema-\1">&quot;#/components/schemas/\1&quot;</a>', text)
+
+
+def _render_operation(method: str, path: str, operation: dict, spec: dict) -> str:
+    security = operation["security"]
+    auth = ("public" if not security else
+            " or ".join(next(iter(s)) for s in security).replace(
+                "bearerAuth", "Authorization: Bearer &lt;access token&gt;").replace(
+                "tokenQuery", "?token=&lt;access token&gt;"))
+    out = [f'<section id="{operation["operationId"]}"><h2><span class="m {method}">{method}'
+           f'</span> <code>{html.escape(path)}</code> — {html.escape(operation["summary"])}'
+           f'</h2><p class="auth">Auth: {auth}</p>']
+    if "description" in operation:
+        out.append(f'<p style="white-space:pre-wrap">{html.escape(operation["description"])}'
+                   "</p>")
+    if operation.get("parameters"):
+        rows = "".join(
+            f"<tr><td><code>{html.escape(p['name'])}</code></td><td>{p['in']}</td>"
+            f"<td>{'yes' if p['required'] else 'no'}</td><td><pre>{_pretty(p['schema'])}</pre>"
+            f"</td><td>{html.escape(p.get('description', ''))}</td></tr>"
+            for p in operation["parameters"])
+        out.append("<h3>Parameters</h3><table><tr><th>name</th><th>in</th><th>required</th>"
+                   f"<th>schema</th><th></th></tr>{rows}</table>")
+    if "requestBody" in operation:
+        body = operation["requestBody"]
+        out.append(f"<h3>Request body ({JSON}, {'required' if body['required'] else 'optional'}"
+                   f")</h3><pre>{_pretty(body['content'][JSON]['schema'])}</pre>")
+    out.append("<h3>Responses</h3><table>")
+    for status, response in operation["responses"].items():
+        if "$ref" in response:
+            response = spec["components"]["responses"][response["$ref"].rsplit("/", 1)[1]]
+        cell = "".join(f"<div>{html.escape(media)}</div><pre>{_pretty(c['schema'])}</pre>"
+                       for media, c in response.get("content", {}).items())
+        out.append(f"<tr><td><b>{status}</b></td><td>{html.escape(response['description'])}"
+                   f"</td><td>{cell}</td></tr>")
+    out.append("</table></section>")
+    return "".join(out)
+
+
+def render_html(spec: dict) -> str:
+    """The whole document as one self-contained HTML page (no scripts, no CDN)."""
+    info = spec["info"]
+    nav = " ".join(f'<a href="#{op["operationId"]}">{method.upper()} {html.escape(path)}</a>'
+                   for path, ops in spec["paths"].items() for method, op in ops.items())
+    parts = [f"<!doctype html><html lang=en><meta charset=utf-8><title>{info['title']} API"
+             f"</title><style>{CSS}</style><h1>{info['title']} API {info['version']}</h1>"
+             f"<p>{html.escape(info['description'])} Machine-readable: "
+             f'<a href="/openapi.json">/openapi.json</a>.</p><nav>{nav}</nav>']
+    for path, ops in spec["paths"].items():
+        for method, operation in ops.items():
+            parts.append(_render_operation(method.upper(), path, operation, spec))
+    parts.append("<h2>Schemas</h2>")
+    for name, schema in spec["components"]["schemas"].items():
+        parts.append(f'<section id="schema-{name}"><h3>{name}</h3><pre>{_pretty(schema)}</pre>'
+                     "</section>")
+    return "".join(parts) + "</html>"
+
+
 async def docs_handler(request: web.Request) -> web.Response:
-    return web.Response(text="<!doctype html><title>pricewatch API</title>",
-                        content_type="text/html")
+    return web.Response(text=render_html(build_spec(request.app)), content_type="text/html")

@@ -12,11 +12,14 @@ from fake_binance import free_port
 
 
 class SmtpSink:
-    """Runs aiosmtpd on 127.0.0.1:`port` in its own thread; `fail_first` DATA get 451."""
+    """Runs aiosmtpd on 127.0.0.1:`port` in its own thread; the first `fail_first` DATA
+    commands are answered with `fail_reply` instead of being accepted."""
 
-    def __init__(self, port: int = 0, fail_first: int = 0):
+    def __init__(self, port: int = 0, fail_first: int = 0,
+                 fail_reply: str = "451 4.3.0 try again later"):
         self.port = port
         self.fail_first = fail_first
+        self.fail_reply = fail_reply
         self.messages: list[email.message.EmailMessage] = []
         self.rejected = 0
         self._lock = threading.Lock()
@@ -28,7 +31,7 @@ class SmtpSink:
         with self._lock:
             if self.rejected < self.fail_first:
                 self.rejected += 1
-                return "451 4.3.0 try again later"
+                return self.fail_reply
             msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
             self.messages.append(msg)
         self._loop.call_soon_threadsafe(self._arrived.set)

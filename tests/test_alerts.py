@@ -372,8 +372,12 @@ async def test_email_waits_for_smtp_that_is_down_then_arrives_once(make_settings
                 assert len(smtp.messages) == 1
 
 
-async def test_smtp_4xx_is_retried_and_delivers_one_email(make_settings, http, fake):
-    async with SmtpSink(fail_first=2) as smtp:
+@pytest.mark.parametrize("reply, rejected, outcome", [
+    ("451 4.3.0 try again later", 2, "sent"),   # temporary: retried until accepted, once
+    ("550 5.1.1 no such user", 1, "failed"),    # permanent: failed at once, no retry
+])
+async def test_smtp_rejections(make_settings, http, fake, reply, rejected, outcome):
+    async with SmtpSink(fail_first=2, fail_reply=reply) as smtp:
         async with LiveServer(market_settings(make_settings, fake, smtp.port)) as server:
             tok = (await register(http, server))["access"]
             notifier = server.app[NOTIFIER]
@@ -382,33 +386,11 @@ async def test_smtp_4xx_is_retried_and_delivers_one_email(make_settings, http, f
                 _, alert = await create(http, server, tok, asset="BTCUSDT", price=99.0,
                                         direction="below")
                 await market.trade(98.0)
-                await notifier.wait_until(lambda: notifier.sent >= 1, timeout=10)
-            assert smtp.rejected == 2 and len(smtp.messages) == 1
-            assert (await fetch(http, server, tok, alert["id"]))[1]["notified"] == "sent"
-
-
-async def test_smtp_5xx_fails_at_once(make_settings, http, fake):
-    async with SmtpSink(fail_first=1) as smtp:
-        smtp_code = "550 5.1.1 no such user"
-        original = smtp.handle_DATA
-
-        async def reject(server, session, envelope):
-            smtp.rejected += 1
-            return smtp_code
-
-        smtp.handle_DATA = reject
-        async with LiveServer(market_settings(make_settings, fake, smtp.port)) as server:
-            tok = (await register(http, server))["access"]
-            notifier = server.app[NOTIFIER]
-            async with Trader(fake, server, http, tok) as market:
-                await market.trade(100.0)
-                _, alert = await create(http, server, tok, asset="BTCUSDT", price=99.0,
-                                        direction="below")
-                await market.trade(98.0)
-                await notifier.wait_until(lambda: notifier.failed >= 1, timeout=10)
-            assert smtp.rejected == 1 and smtp.messages == []
-            assert (await fetch(http, server, tok, alert["id"]))[1]["notified"] == "failed"
-        smtp.handle_DATA = original
+                await notifier.wait_until(lambda: notifier.sent + notifier.failed >= 1,
+                                          timeout=10)
+            assert smtp.rejected == rejected
+            assert len(smtp.messages) == (1 if outcome == "sent" else 0)
+            assert (await fetch(http, server, tok, alert["id"]))[1]["notified"] == outcome
 
 
 async def test_pending_email_is_sent_once_after_a_restart(make_settings, http, fake):
