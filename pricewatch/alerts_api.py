@@ -115,7 +115,7 @@ async def list_alerts(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status.upper() not in STATUSES:
         errors["status"] = "Must be one of " + ", ".join(STATUSES) + "."
-    page = query_int(request, "page", 1, 1, None, errors)
+    page = query_int(request, "page", 1, 1, 2**31 - 1, errors)  # offset fits SQLite
     page_size = query_int(request, "page_size", 10, 1, 100, errors)
     if errors:
         raise invalid(errors)

@@ -218,7 +218,7 @@ async def delete_feed(request: web.Request) -> web.Response:
             raise not_found("Feed not found.") from None
     try:
         await feeds.remove(feed_id)
-    except NotFound:
+    except (NotFound, OverflowError):  # OverflowError: an id SQLite cannot hold
         raise not_found("Feed not found.") from None
     return web.Response(status=204)
 

@@ -27,6 +27,7 @@ class Client:
     """One websocket connection and what it listens to."""
 
     __slots__ = ("ws", "request", "endpoint", "user_id", "queue", "sender", "full_since",
+                 "sending_since",
                  "closed", "topics")
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, endpoint: str,
@@ -38,6 +39,7 @@ class Client:
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(queue_size)
         self.sender: asyncio.Task | None = None
         self.full_since: float | None = None
+        self.sending_since: float | None = None  # loop time a socket write began, if stuck
         self.closed = False
         self.topics: set = set()  # what this client subscribed to (endpoint-specific keys)
 
@@ -132,10 +134,13 @@ class Hub:
                 self.drop(client, "send queue full")
             return
         # The clock runs from the first overflow until the client has caught up (its queue
-        # was empty), not until one slot frees: a client taking only part of what it is sent
-        # frees slots now and then, and would otherwise lose messages forever, never dropped.
+        # was empty and its socket buffer flushed), not until one slot frees: a client
+        # taking only part of what it is sent frees slots now and then, and would otherwise
+        # lose messages forever, never dropped.
         if client.full_since is not None and queue.qsize() == 1:
-            client.full_since = None
+            transport = client.request.transport
+            if transport is None or transport.get_write_buffer_size() == 0:
+                client.full_since = None
 
     def drop(self, client: Client, why: str) -> None:
         """Close a client that falls behind with 1008, in the background."""
@@ -177,15 +182,34 @@ class Hub:
                     transport.abort()
 
     async def _sender(self, client: Client) -> None:
+        # No per-message timeout (asyncio.wait_for costs a task and a timer per send): the
+        # watchdog drops a client whose write has been stuck for longer than send_timeout.
         ws, queue = client.ws, client.queue
+        clock = asyncio.get_running_loop().time
         try:
             while True:
                 data = await queue.get()
-                await asyncio.wait_for(ws.send_frame(data, WSMsgType.TEXT), self.send_timeout)
-        except TimeoutError:
-            self.drop(client, f"send took over {self.send_timeout}s")
+                client.sending_since = clock()
+                await ws.send_frame(data, WSMsgType.TEXT)
+                client.sending_since = None
         except (ConnectionError, RuntimeError):
             pass  # the peer went away; the handler's read loop ends and detaches
+
+    async def watchdog(self) -> None:
+        """Run until cancelled: drop clients stuck in a write, or full, for too long."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self.send_timeout / 4, self.slow_timeout / 4))
+            now, mono = loop.time(), time.monotonic()
+            for client in tuple(self.clients):
+                if client.closed:
+                    continue
+                if (client.sending_since is not None
+                        and now - client.sending_since > self.send_timeout):
+                    self.drop(client, f"send took over {self.send_timeout}s")
+                elif (client.full_since is not None
+                        and mono - client.full_since >= self.slow_timeout):
+                    self.drop(client, "send queue full")
 
     async def close_all(self, code: int = GOING_AWAY) -> None:
         """Close every client (shutdown: 1001 going away)."""

@@ -94,7 +94,7 @@ async def list_quotes(request: web.Request) -> web.StreamResponse:
     require_identity(request)
     store = request.app[QUOTES].store
     errors: dict[str, str] = {}
-    page = query_int(request, "page", 1, 1, None, errors)
+    page = query_int(request, "page", 1, 1, 2**31 - 1, errors)  # offset fits SQLite
     per_page = query_int(request, "per_page", None, 1, 1000, errors)
     if errors:
         raise invalid(errors)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
 from pathlib import Path
 
 import aiohttp
@@ -240,6 +241,17 @@ async def quotes_ctx(app: web.Application) -> AsyncIterator[None]:
             yield
 
 
+async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The hub's watchdog, which drops websocket clients stuck behind a full socket."""
+    task = asyncio.create_task(app[HUB].watchdog(), name="hub-watchdog")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+
 async def close_websockets(app: web.Application) -> None:
     """On shutdown, before handlers are awaited: every websocket gets 1001 going away."""
     await app[HUB].close_all()
@@ -286,6 +298,7 @@ def create_app(settings: Settings) -> web.Application:
                           on_book=mkt.on_book, replay_speed=settings.replay_speed)
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(auth_ctx)
+    app.cleanup_ctx.append(hub_ctx)
     app.cleanup_ctx.append(notifier_ctx)
     app.cleanup_ctx.append(engine_ctx)
     app.cleanup_ctx.append(quotes_ctx)

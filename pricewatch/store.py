@@ -246,12 +246,12 @@ class Store:
             await asyncio.shield(self._w.execute("COMMIT"))
 
     async def _one(self, sql: str, params: Iterable = ()):
-        async with self._r.execute(sql, tuple(params)) as cur:
-            return await cur.fetchone()
+        rows = await self._r.execute_fetchall(sql, tuple(params))
+        return rows[0] if rows else None
 
     async def _all(self, sql: str, params: Iterable = ()) -> list:
-        async with self._r.execute(sql, tuple(params)) as cur:
-            return list(await cur.fetchall())
+        # One round trip to the connection's thread (execute + fetch + close in one call).
+        return list(await self._r.execute_fetchall(sql, tuple(params)))
 
     async def schema_version(self) -> int:
         return (await self._one("SELECT MAX(version) FROM schema_version"))[0] or 0
@@ -386,10 +386,14 @@ class Store:
         if status is not None:
             where += " AND status = ?"
             params.append(status)
-        (count,) = await self._one(f"SELECT COUNT(*) FROM alerts WHERE {where}", params)
+        # The total rides along each row (a window count): one query for page and count.
         rows = await self._all(
-            f"SELECT {_ALERT_COLS} FROM alerts WHERE {where} ORDER BY id DESC LIMIT ? OFFSET ?",
-            [*params, limit, offset])
+            f"SELECT {_ALERT_COLS}, COUNT(*) OVER () FROM alerts WHERE {where}"
+            " ORDER BY id DESC LIMIT ? OFFSET ?", [*params, limit, offset])
+        if rows:
+            count = rows[0][-1]
+        else:  # past the last page: no row carries the count
+            (count,) = await self._one(f"SELECT COUNT(*) FROM alerts WHERE {where}", params)
         return count, [_alert(r) for r in rows]
 
     async def update_alert(self, user_id: int, alert_id: int, asset: str, price: float,
