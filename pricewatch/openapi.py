@@ -173,7 +173,7 @@ def _error_response(status: int, codes: tuple[str, ...], text: str, headers: dic
 PATH_PARAMS: dict[str, Schema] = {
     "alert_id": {"type": "integer", "minimum": 1},
     "feed_id": {"type": "integer", "minimum": 1},
-    "symbol": {"type": "string", "pattern": "^[A-Za-z0-9]{2,20}$"},
+    "symbol": ref("Symbol"),
 }
 
 
@@ -213,7 +213,8 @@ def op(tag: str, summary: str, ok: dict[int, dict], *errors: str, auth: str | No
 
 WS_NOTE = ("Open with a websocket handshake (`ws://HOST/...`); a slow reader is closed with "
            "1008, every client with 1001 on shutdown. A plain GET is answered 400. ")
-PAGE_PARAMS = (query("page", {"type": "integer", "minimum": 1}, "Page number, from 1."),)
+PAGE_PARAMS = (query("page", {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
+                     "Page number, from 1."),)
 
 OPERATIONS: dict[tuple[str, str], dict] = {
     ("GET", "/healthz"): op(
@@ -415,8 +416,15 @@ table{border-collapse:collapse}td,th{border:1px solid #d8dee4;padding:.2rem .5re
 vertical-align:top}.auth{color:#8250df}nav a{margin-right:.6rem}"""
 
 
-def _pretty(schema: Any) -> str:
-    """Schema as indented JSON, HTML-escaped, with `$ref`s linking to their definition."""
+def _pretty(schema: Any, spec: dict | None = None) -> str:
+    """Schema as indented JSON, HTML-escaped, with `$ref`s linking to their definition.
+
+    With `spec`, a schema that is just a `$ref` is shown expanded under its name.
+    """
+    name = schema.get("$ref", "").rsplit("/", 1)[-1] if isinstance(schema, dict) else ""
+    if spec is not None and name:
+        return (f'<a href="#schema-{name}">{name}</a> '
+                + _pretty(spec["components"]["schemas"][name]))
     text = html.escape(json.dumps(schema, indent=2, ensure_ascii=False))
     return re.sub(r"&quot;#/components/schemas/(\w+)&quot;",
                   r'<a href="#schema-\1">&quot;#/components/schemas/\1&quot;</a>', text)
@@ -445,12 +453,12 @@ def _render_operation(method: str, path: str, operation: dict, spec: dict) -> st
     if "requestBody" in operation:
         body = operation["requestBody"]
         out.append(f"<h3>Request body ({JSON}, {'required' if body['required'] else 'optional'}"
-                   f")</h3><pre>{_pretty(body['content'][JSON]['schema'])}</pre>")
+                   f")</h3><pre>{_pretty(body['content'][JSON]['schema'], spec)}</pre>")
     out.append("<h3>Responses</h3><table>")
     for status, response in operation["responses"].items():
         if "$ref" in response:
             response = spec["components"]["responses"][response["$ref"].rsplit("/", 1)[1]]
-        cell = "".join(f"<div>{html.escape(media)}</div><pre>{_pretty(c['schema'])}</pre>"
+        cell = "".join(f"<div>{html.escape(media)}</div><pre>{_pretty(c['schema'], spec)}</pre>"
                        for media, c in response.get("content", {}).items())
         out.append(f"<tr><td><b>{status}</b></td><td>{html.escape(response['description'])}"
                    f"</td><td>{cell}</td></tr>")
