@@ -429,3 +429,19 @@ async def test_created_alerts_are_reloaded_after_restart(make_settings, http, fa
         async with Trader(fake, server, http, tok) as market:
             await market.trade(151.0)
             assert (await market.alert_event(alert["id"]))["triggered_price"] == 151.0
+
+
+async def test_email_fails_after_the_configured_attempts(make_settings, http, fake):
+    port = free_port()  # SMTP stays down for good
+    settings = market_settings(make_settings, fake, port, smtp_max_attempts=3)
+    async with LiveServer(settings) as server:
+        tok = (await register(http, server))["access"]
+        notifier = server.app[NOTIFIER]
+        async with Trader(fake, server, http, tok) as market:
+            await market.trade(100.0)
+            _, alert = await create(http, server, tok, asset="BTCUSDT", price=101.0,
+                                    direction="above")
+            await market.trade(101.0)
+            await notifier.wait_until(lambda: notifier.failed >= 1, timeout=10)
+        assert notifier.attempts == 3 and notifier.sent == 0
+        assert (await fetch(http, server, tok, alert["id"]))[1]["notified"] == "failed"
