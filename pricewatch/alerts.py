@@ -7,8 +7,9 @@ each batch of hits in ONE transaction (status TRIGGERED + outbox row), then push
 outbox rows over SMTP with bounded concurrency, retrying with exponential backoff.
 
 Exactly once: an outbox row is marked `sent` only after the SMTP server accepted the
-message. The one window for a duplicate is a crash between that acceptance and the single
-local commit that records it; a restart then sends that one email again.
+message, and once accepted the record is finished even during a shutdown. The one window for
+a duplicate is a crash (power loss, SIGKILL) between that acceptance and the single local
+commit that records it; a restart then sends that one email again.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from .store import Alert, OutboxItem, Store
 
 log = logging.getLogger(__name__)
 
-# A hit: (alert id, target, direction, trade price, trade time in epoch seconds).
-Hit = tuple[int, float, str, float, float]
+# A hit: (alert id, asset, target, direction, trade price, trade time in epoch seconds).
+Hit = tuple[int, str, float, str, float, float]
 
 
 class AlertEngine:
@@ -61,15 +62,23 @@ class AlertEngine:
     def on_tick(self, tick: Tick) -> None:
         hits = self.index.match_targets(tick.symbol, tick.price)
         if hits:
-            # Each hit keeps the target it matched at: the writer triggers an alert only if
-            # it still has that target, so an alert changed meanwhile never fires at the old.
-            price, at = tick.price, tick.time / 1000.0
-            self._hits.extend((aid, target, direction, price, at)
+            # Each hit keeps the asset and target it matched: the writer triggers an alert only
+            # if it still has them, so an alert changed meanwhile never fires at the old ones.
+            symbol, price, at = tick.symbol, tick.price, tick.time / 1000.0
+            self._hits.extend((aid, symbol, target, direction, price, at)
                               for aid, target, direction in hits)
             self._idle.clear()
             self._wake.set()
 
     # keeping memory in step -----------------------------------------------------------
+
+    def _announce(self, alerts: list[Alert]) -> None:
+        """Log each committed trigger and push it to its owner's live sockets."""
+        for alert in alerts:
+            log.info("alert %d triggered: %s %s %s at %s", alert.id, alert.asset,
+                     alert.direction, alert.price, alert.triggered_price)
+            self.hub.send_user(alert.user_id,
+                               orjson.dumps({"type": "alert", "alert": alert.public()}))
 
     def track(self, alert: Alert) -> None:
         """An alert was created or changed in the DB: (re)index it while CREATED."""
@@ -125,11 +134,10 @@ class AlertEngine:
                 continue
             backoff = 0.1
             self.triggered += len(alerts)
-            for alert in alerts:
-                log.info("alert %d triggered: %s %s %s at %s", alert.id, alert.asset,
-                         alert.direction, alert.price, alert.triggered_price)
-                self.hub.send_user(alert.user_id,
-                                   orjson.dumps({"type": "alert", "alert": alert.public()}))
+            try:
+                self._announce(alerts)
+            except Exception:  # they are committed; a push failing must not stop the writer
+                log.exception("could not announce %d triggered alerts", len(alerts))
             if alerts and self.notify_hook is not None:
                 self.notify_hook()
             if not self._hits:
@@ -169,6 +177,7 @@ class Notifier:
         self._wake = asyncio.Event()
         self._inflight: set[int] = set()
         self._sending: set[asyncio.Task] = set()
+        self._records: set[asyncio.Future] = set()
         self._slots = asyncio.Semaphore(settings.smtp_concurrency)
         self._task: asyncio.Task | None = None
 
@@ -197,13 +206,16 @@ class Notifier:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._records:  # acceptances being recorded always finish
+            await asyncio.gather(*self._records, return_exceptions=True)
 
     async def _scheduler(self) -> None:
         while True:
             self._wake.clear()
             try:
                 await self._dispatch_due()
-                next_due = await self.store.next_outbox_due()
+                # Rows being sent are not "due": their outcome wakes this loop.
+                next_due = await self.store.next_outbox_due(exclude=self._inflight)
             except Exception:  # a database hiccup must not end email delivery for good
                 log.exception("notifier could not read the outbox; retrying in 5 s")
                 next_due = clock.now() + 5.0
@@ -231,24 +243,42 @@ class Notifier:
                 if not await self.store.outbox_current(item.id, item.attempts):
                     return
                 began = time.monotonic()
+                smtp = aiosmtplib.SMTP(hostname=s.smtp_host, port=s.smtp_port,
+                                       username=s.smtp_user, password=s.smtp_password,
+                                       start_tls=s.smtp_starttls, timeout=s.smtp_timeout)
                 try:
-                    await aiosmtplib.send(
-                        compose(item, s.mail_from), hostname=s.smtp_host, port=s.smtp_port,
-                        username=s.smtp_user, password=s.smtp_password,
-                        start_tls=s.smtp_starttls, timeout=s.smtp_timeout)
+                    await smtp.connect()
+                    await smtp.send_message(compose(item, s.mail_from))
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                    smtp.close()
                     self.attempts += 1
                     await self._failed_attempt(item, exc)
                     return
-                await self._record(self.store.outbox_sent, item.id)
-                self.sent += 1
-                log.info("alert %d email sent to %s in %.2fs", item.alert.id, item.recipient,
-                         time.monotonic() - began)
+                # Accepted. From here nothing may stop the record, not even a shutdown
+                # cancelling this task: an unrecorded acceptance is sent again after restart.
+                record = asyncio.ensure_future(self._accepted(item, began))
+                self._records.add(record)
+                record.add_done_callback(self._records.discard)
+                try:
+                    await asyncio.shield(record)
+                except asyncio.CancelledError:
+                    smtp.close()
+                    raise
+                with suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                    await smtp.quit()
         finally:
             self._inflight.discard(item.id)
             self._wake.set()
             async with self.progress:
                 self.progress.notify_all()
+
+    async def _accepted(self, item: OutboxItem, began: float) -> None:
+        await self._record(self.store.outbox_sent, item.id)
+        self.sent += 1
+        log.info("alert %d email sent to %s in %.2fs", item.alert.id, item.recipient,
+                 time.monotonic() - began)
+        async with self.progress:
+            self.progress.notify_all()
 
     async def wait_until(self, predicate, timeout: float) -> None:
         """Wait (at most `timeout` s) until `predicate()` is true after some outcome."""

@@ -94,9 +94,9 @@ def _parse_quote(body: object, from_currency: str, to_currency: str) -> Quote:
         stamp = datetime.strptime(str(rec.get("6. Last Refreshed")), "%Y-%m-%d %H:%M:%S")
         tz_name = rec.get("7. Time Zone")
         tz = UTC if tz_name == "UTC" else ZoneInfo(str(tz_name))
-    except (ParseError, ValueError, ZoneInfoNotFoundError) as exc:
+        when = stamp.replace(tzinfo=tz).astimezone(UTC)  # OverflowError near year 1 / 9999
+    except (ParseError, ValueError, ZoneInfoNotFoundError, OverflowError) as exc:
         raise UpstreamError(f"AlphaVantage answer has an invalid field: {exc}") from None
-    when = stamp.replace(tzinfo=tz).astimezone(UTC)
     code_from = rec.get("1. From_Currency Code")
     code_to = rec.get("3. To_Currency Code")
     return Quote(
@@ -195,6 +195,11 @@ class QuotePoller:
                 self.errors += 1
                 self.last_error = str(exc)
                 log.warning("%s: %s", self.name, exc)
+                continue
+            except Exception as exc:  # a bug must not end polling silently
+                self.errors += 1
+                self.last_error = type(exc).__name__
+                log.error("%s: unexpected %s for %s/%s", self.name, type(exc).__name__, a, b)
                 continue
             self._limited_logged = False
             self.quotes += 1

@@ -9,6 +9,7 @@ which also kills that login's access tokens (checked against an in-memory set).
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import secrets
 import time
@@ -26,6 +27,8 @@ from .api import REQUIRED, ApiError, invalid, json_response, not_authenticated, 
 from .config import Settings
 from .store import Conflict, Store
 
+log = logging.getLogger(__name__)
+
 ALGORITHMS = ["HS256"]  # fixed: never taken from the token header
 USERNAME_RE = re.compile(r"[\w.@+-]{3,150}")
 EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s.]+")
@@ -42,15 +45,26 @@ class Identity:
 
     user_id: int
     family: str
+    expires: int  # epoch seconds (the token's `exp`)
 
 
 class LoginLimiter:
-    """Sliding-window count of failed logins per key (a username or a client address)."""
+    """Sliding-window count of failed logins per username and per client address.
 
-    def __init__(self, max_failures: int, window: float):
+    Parallel guesses must not slip past a check made before their outcome is known: an
+    attempt in flight counts against its username as if it had failed, and an address may
+    have at most `max_in_flight` attempts in flight. So one username sees at most
+    `max_failures` guesses per window however they are sent, and one address at most
+    `max_failures + max_in_flight`.
+    """
+
+    def __init__(self, max_failures: int, window: float, max_in_flight: int = 32):
         self.max_failures = max_failures
         self.window = window
+        self.max_in_flight = max_in_flight
         self._fails: dict[str, deque[float]] = {}
+        self._inflight: dict[str, int] = {}
+        self._next_prune = 0.0
 
     def _recent(self, key: str, now: float) -> deque[float] | None:
         fails = self._fails.get(key)
@@ -63,36 +77,56 @@ class LoginLimiter:
             return None
         return fails
 
-    def retry_after(self, keys: list[str]) -> int | None:
-        """Seconds until a blocked key may try again, or None when none is blocked."""
+    def retry_after(self, user_key: str, addr_key: str) -> int | None:
+        """Seconds until this attempt may be made, or None when it may be made now."""
         now = time.monotonic()
         wait = 0.0
-        for key in keys:
+        for key, in_flight in ((user_key, self._inflight.get(user_key, 0)), (addr_key, 0)):
             fails = self._recent(key, now)
-            if fails is not None and len(fails) >= self.max_failures:
-                wait = max(wait, fails[-self.max_failures] + self.window - now)
+            count = (len(fails) if fails else 0) + in_flight
+            if count >= self.max_failures:
+                if fails and len(fails) >= self.max_failures:
+                    wait = max(wait, fails[-self.max_failures] + self.window - now)
+                else:
+                    wait = max(wait, 1.0)  # blocked by attempts still being checked
+        if self._inflight.get(addr_key, 0) >= self.max_in_flight:
+            wait = max(wait, 1.0)
         return max(1, int(wait + 0.999)) if wait > 0 else None
 
-    def failed(self, keys: list[str]) -> None:
+    def begin(self, keys: tuple[str, str]) -> None:
+        for key in keys:
+            self._inflight[key] = self._inflight.get(key, 0) + 1
+
+    def end(self, keys: tuple[str, str], failed: bool) -> None:
         now = time.monotonic()
-        if len(self._fails) > 50_000:  # bound memory under a spray of usernames
+        for key in keys:
+            left = self._inflight[key] - 1
+            if left:
+                self._inflight[key] = left
+            else:
+                del self._inflight[key]
+        if not failed:
+            self._fails.pop(keys[0], None)  # the username starts afresh
+            return
+        if len(self._fails) > 50_000 and now >= self._next_prune:  # a spray of usernames
+            self._next_prune = now + self.window / 10
             for key in list(self._fails):
                 self._recent(key, now)
+            while len(self._fails) > 50_000:  # still too many: forget the oldest keys
+                del self._fails[next(iter(self._fails))]
         for key in keys:
             self._fails.setdefault(key, deque()).append(now)
-
-    def clear(self, key: str) -> None:
-        self._fails.pop(key, None)
 
 
 class Auth:
     """Password hashing, token issue/verification and the login limiter."""
 
-    def __init__(self, settings: Settings, store: Store, secret: str, revoked: set[str]):
+    def __init__(self, settings: Settings, store: Store, secret: str,
+                 revoked: dict[str, float]):
         self.settings = settings
         self.store = store
         self._secret = secret
-        self._revoked = revoked
+        self._revoked = revoked  # family -> when; pruned once no access token can be alive
         self.limiter = LoginLimiter(settings.login_max_failures, settings.login_window)
         self._dummy_hash: bytes | None = None
         self._verified: dict[str, tuple[int, str, int]] = {}  # access token -> claims used
@@ -102,8 +136,23 @@ class Auth:
         """The JWT secret comes from the settings, or is generated once and kept in the DB."""
         secret = settings.jwt_secret or await store.setting(
             "jwt_secret", secrets.token_urlsafe(48))
-        revoked = await store.revoked_families(clock.now() - settings.access_ttl)
+        now = clock.now()
+        purged = await store.purge_refresh_tokens(now - 86400)  # a day of grace for logs
+        if purged:
+            log.info("purged %d expired refresh tokens", purged)
+        revoked = await store.revoked_families(now - settings.access_ttl)
         return cls(settings, store, secret, revoked)
+
+    def _revoke(self, family: str) -> None:
+        now = clock.now()
+        self._revoked[family] = now
+        if len(self._revoked) > 1000:  # forget families whose access tokens all expired
+            horizon = now - self.settings.access_ttl
+            for fam in [f for f, at in self._revoked.items() if at < horizon]:
+                del self._revoked[fam]
+
+    def revoked(self, family: str) -> bool:
+        return family in self._revoked
 
     # passwords ------------------------------------------------------------------------
 
@@ -123,7 +172,8 @@ class Auth:
             return False
         raw = password.encode()
         if len(raw) > MAX_PASSWORD_BYTES or "\x00" in password:
-            return False
+            # Cannot match; still spend a check, so timing tells nothing about the user.
+            return await self.check_password(password, None)
         return await loop.run_in_executor(None, bcrypt.checkpw, raw, hashed.encode())
 
     # tokens ---------------------------------------------------------------------------
@@ -177,7 +227,7 @@ class Auth:
         if exp <= time.time() or family in self._revoked:  # PyJWT's rule: valid while now < exp
             del self._verified[token]
             raise TokenInvalid("token expired or revoked")
-        return Identity(user_id, family)
+        return Identity(user_id, family, exp)
 
     async def rotate(self, refresh: str) -> dict[str, str]:
         """Spend `refresh`, return a new pair of the same login. Raises TokenInvalid."""
@@ -190,7 +240,7 @@ class Auth:
         result = await self.store.rotate_refresh_token(claims["jti"], new_jti, now,
                                                        now + self.settings.refresh_ttl)
         if result.status == "reused":
-            self._revoked.add(family)
+            self._revoke(family)
         if result.status != "ok":
             raise TokenInvalid(f"refresh token {result.status}")
         return {"access": access, "refresh": new_refresh}
@@ -201,7 +251,7 @@ class Auth:
         result = await self.store.revoke_token_family(claims["jti"])
         if result.status != "ok":
             raise TokenInvalid("unknown refresh token")
-        self._revoked.add(result.family)  # type: ignore[arg-type]
+        self._revoke(result.family)  # type: ignore[arg-type]
 
 
 AUTH = web.AppKey("auth", Auth)
@@ -280,17 +330,23 @@ async def token(request: web.Request) -> web.Response:
     if errors:
         raise invalid(errors)
     username, password = values["username"], values["password"]
-    keys = ["user:" + username, "addr:" + (request.remote or "?")]
-    wait = auth.limiter.retry_after(keys)
+    # No real username is longer than 150: such a name cannot log in, and is not kept as a
+    # limiter key (it still counts against the address).
+    keys = ("user:" + username[:151], "addr:" + (request.remote or "?"))
+    wait = auth.limiter.retry_after(*keys)
     if wait is not None:
         raise ApiError(429, "rate_limited", "Too many failed logins; try again later.",
                        headers={"Retry-After": str(wait)})
-    user = await auth.store.user_by_name(username)
-    if not await auth.check_password(password, user.password_hash if user else None):
-        auth.limiter.failed(keys)
+    auth.limiter.begin(keys)
+    ok = False
+    try:
+        user = await auth.store.user_by_name(username) if len(username) <= 150 else None
+        ok = await auth.check_password(password, user.password_hash if user else None)
+    finally:
+        auth.limiter.end(keys, failed=not ok)
+    if not ok:
         raise ApiError(401, "bad_credentials",
                        "No active account found with the given credentials.")
-    auth.limiter.clear(keys[0])
     return json_response(await auth.issue_pair(user.id))
 
 

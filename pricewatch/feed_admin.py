@@ -21,7 +21,7 @@ from aiohttp import web
 
 from .api import ApiError, invalid, json_response, not_found, read_json
 from .auth import AUTH, require_identity
-from .feeds import BinanceFeed, Feed, FeedConfigError
+from .feeds import BinanceFeed, Feed, FeedConfigError, FeedRefused, redact_url
 from .store import NotFound, Store
 
 log = logging.getLogger(__name__)
@@ -89,9 +89,11 @@ class ExtraFeeds:
         """Start every stored feed (after a restart)."""
         for feed_id, url in await self.store.feeds():
             try:
+                await check_url(url, self.allow_private)
                 self._start(feed_id, url)
-            except FeedConfigError as exc:
-                log.warning("stored feed %d (%s) not started: %s", feed_id, url, exc)
+            except (ApiError, FeedConfigError) as exc:
+                log.warning("stored feed %d (%s) not started: %s", feed_id, redact_url(url),
+                            getattr(exc, "fields", None) or exc)
 
     def _start(self, feed_id: int, url: str) -> None:
         feed: Feed = self._make(url, f"extra-{feed_id}")
@@ -109,7 +111,7 @@ class ExtraFeeds:
             raise invalid({"url": str(exc)}) from None
         feed_id = await self.store.add_feed(url, user_id)  # Conflict (409) when a duplicate
         self._start(feed_id, url)
-        log.info("extra feed %d added: %s", feed_id, url)
+        log.info("extra feed %d added: %s", feed_id, redact_url(url))
         return feed_id
 
     async def remove(self, feed_id: int) -> None:
@@ -231,10 +233,23 @@ def add_routes(app: web.Application, add_route) -> None:
     add_route(app, "POST", "/save_quotes", add_feed)
 
 
-def binance_factory(symbols, on_tick, on_book):
-    """(url, name) -> a BinanceFeed for an extra upstream, feeding the given callbacks."""
+def binance_factory(symbols, on_tick, on_book, allow_private: bool):
+    """(url, name) -> a BinanceFeed for an extra upstream, feeding the given callbacks.
+
+    Unless private addresses are allowed, the host is checked again before every
+    connection attempt (its DNS answer may change after it was added) and redirects are
+    refused (they could lead anywhere).
+    """
+
+    async def precheck(url: str) -> None:
+        try:
+            await check_url(url, allow_private)
+        except ApiError as exc:
+            raise FeedRefused(next(iter((exc.fields or {}).values()), exc.detail)) from None
 
     def make(url: str, name: str) -> BinanceFeed:
-        return BinanceFeed(url, symbols, on_tick, on_book, name=name)
+        return BinanceFeed(url, symbols, on_tick, on_book, name=name,
+                           precheck=None if allow_private else precheck,
+                           follow_redirects=allow_private)
 
     return make

@@ -21,11 +21,11 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
@@ -88,6 +88,10 @@ class ServerShutdown:
     time: int | None
 
 
+class FeedRefused(Exception):
+    """A connection attempt was refused before it started (e.g. a forbidden address)."""
+
+
 class FeedConfigError(ValueError):
     """A feed was configured with a value that can never work (bad spec, missing file...)."""
 
@@ -144,6 +148,34 @@ def _symbol(value: object) -> str:
     raise ParseError("bad_field", f"s={value!r}")
 
 
+#: Trade times outside [1970, 5138) in milliseconds are refused as parse errors: a bogus
+#: timestamp must never reach candles or alerts (dates past 9999 cannot even be formatted).
+_MAX_MS = 10**14
+
+
+def _trade_time(value: int) -> int:
+    """Milliseconds since the epoch; microsecond values (16 digits) are converted."""
+    if value >= _MAX_MS:
+        value //= 1000
+    if not 0 < value < _MAX_MS:
+        raise ParseError("bad_time", f"trade time {value!r} out of range")
+    return value
+
+
+def redact_url(url: str) -> str:
+    """`url` without credentials or query values other than `streams` (safe to show/log)."""
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port is not None:
+        netloc = f"{netloc}:{parts.port}"
+    if ":" in (parts.hostname or ""):
+        netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port is not None else "")
+    query = "&".join(
+        item if item.startswith("streams=") else item.split("=", 1)[0] + "=***"
+        for item in parts.query.split("&") if item)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
 def parse_trade(data: dict[str, Any]) -> Tick:
     """Parse the payload of a ``<symbol>@trade`` event.
 
@@ -159,7 +191,7 @@ def parse_trade(data: dict[str, Any]) -> Tick:
             _symbol(data["s"]),
             _price(data["p"], "p"),
             _qty(data["q"], "q"),
-            _int(data["T"], "T"),
+            _trade_time(_int(data["T"], "T")),
             _int(data["t"], "t"),
         )
     except KeyError as exc:
@@ -374,8 +406,14 @@ class BinanceFeed(Feed):
     def __init__(self, base_url: str, symbols: Iterable[str], on_tick: TickCallback,
                  on_book: BookCallback, *, name: str = "binance", backoff_initial: float = 0.5,
                  backoff_cap: float = 30.0, stale_after: float = 60.0,
-                 open_timeout: float = 10.0) -> None:
+                 open_timeout: float = 10.0,
+                 precheck: Callable[[str], Awaitable[None]] | None = None,
+                 follow_redirects: bool = True) -> None:
         super().__init__(name, symbols, on_tick, on_book)
+        # `precheck(url)` runs before every connection attempt (raise FeedRefused to skip
+        # it); an admin's extra feed re-checks its host's addresses there each time.
+        self.precheck = precheck
+        self._connect = connect if follow_redirects else _connect_no_redirects
         if len(self.symbols) > MAX_SYMBOLS:
             raise FeedConfigError(f"at most {MAX_SYMBOLS} symbols per Binance connection "
                                   f"(1024 streams), got {len(self.symbols)}")
@@ -397,7 +435,7 @@ class BinanceFeed(Feed):
         self.backoff_cap = backoff_cap
         self.stale_after = stale_after
         self.open_timeout = open_timeout
-        self.stats.url = self.url
+        self.stats.url = redact_url(self.url)
 
     async def run(self) -> None:
         """Run until cancelled; never returns. On cancel the socket is closed, state "stopped"."""
@@ -413,10 +451,12 @@ class BinanceFeed(Feed):
                 outcome = "failed"
                 seen = stats.messages
                 try:
-                    async with connect(self.url, open_timeout=self.open_timeout,
-                                       close_timeout=5.0) as ws:
+                    if self.precheck is not None:
+                        await self.precheck(self.url)
+                    async with self._connect(self.url, open_timeout=self.open_timeout,
+                                             close_timeout=5.0) as ws:
                         stats.state = "connected"
-                        log.info("%s feed: connected to %s", self.name, self.url)
+                        log.info("%s feed: connected to %s", self.name, stats.url)
                         outcome = await self._consume(ws)
                 except ConnectionClosed as exc:
                     log.info("%s feed: upstream closed the connection (%s); reconnecting",
@@ -426,7 +466,7 @@ class BinanceFeed(Feed):
                     log.warning("%s feed: handshake refused with HTTP %s", self.name, status)
                     if status in (418, 429):  # rate limited / banned: back off hard
                         delay = self.backoff_cap
-                except (OSError, TimeoutError, WebSocketException) as exc:
+                except (OSError, TimeoutError, WebSocketException, FeedRefused) as exc:
                     log.warning("%s feed: connection failed: %s", self.name,
                                 str(exc) or type(exc).__name__)
                 except Exception:
@@ -479,6 +519,13 @@ class BinanceFeed(Feed):
                     log.warning("%s feed: no message for %.1f s; reconnecting", self.name,
                                 self.stale_after)
                     return "stale"
+
+
+class _connect_no_redirects(connect):  # noqa: N801 - used exactly like `connect`
+    """`connect` that refuses HTTP redirects: a redirect could lead anywhere."""
+
+    def process_redirect(self, exc: Exception) -> Exception:
+        return exc
 
 
 # --------------------------------------------------------------------------- demo
@@ -549,7 +596,7 @@ _YIELD_EVERY = 500
 
 def _csv_time_ms(value: int) -> int:
     # Dumps from 2025 on carry microseconds (16 digits now); milliseconds have 13.
-    return value // 1000 if value >= 10**14 else value
+    return _trade_time(value)
 
 
 def parse_trades_csv_line(line: bytes, symbol: str) -> Tick:

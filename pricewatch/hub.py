@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import suppress
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -27,7 +28,7 @@ class Client:
     """One websocket connection and what it listens to."""
 
     __slots__ = ("ws", "request", "endpoint", "user_id", "queue", "sender", "full_since",
-                 "sending_since",
+                 "sending_since", "expires", "family",
                  "closed", "topics")
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, endpoint: str,
@@ -40,6 +41,8 @@ class Client:
         self.sender: asyncio.Task | None = None
         self.full_since: float | None = None
         self.sending_since: float | None = None  # loop time a socket write began, if stuck
+        self.expires: float | None = None  # an authenticated client's token expiry (epoch s)
+        self.family: str | None = None  # ... and the login it belongs to
         self.closed = False
         self.topics: set = set()  # what this client subscribed to (endpoint-specific keys)
 
@@ -56,6 +59,7 @@ class Hub:
         self.topics: dict[object, set[Client]] = {}
         self.by_user: dict[int, set[Client]] = {}
         self.dropped = 0  # slow clients closed with 1008
+        self.revoked: Callable[[str], bool] = lambda family: False  # set by the app
         self._closing: set[asyncio.Task] = set()
 
     def attach(self, ws: web.WebSocketResponse, request: web.Request, endpoint: str,
@@ -142,6 +146,15 @@ class Hub:
             if transport is None or transport.get_write_buffer_size() == 0:
                 client.full_since = None
 
+    def end_session(self, client: Client) -> None:
+        """Close a client whose token expired or whose login was revoked (1008)."""
+        client.closed = True
+        self._forget(client)
+        task = asyncio.create_task(
+            self._close(client, POLICY_VIOLATION, b"token expired or revoked"))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     def drop(self, client: Client, why: str) -> None:
         """Close a client that falls behind with 1008, in the background."""
         if client.closed:
@@ -196,15 +209,19 @@ class Hub:
             pass  # the peer went away; the handler's read loop ends and detaches
 
     async def watchdog(self) -> None:
-        """Run until cancelled: drop clients stuck in a write, or full, for too long."""
+        """Run until cancelled: drop clients stuck in a write, or full, for too long, and end
+        sessions whose token expired or whose login was revoked (logout, token reuse)."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(1.0, self.send_timeout / 4, self.slow_timeout / 4))
-            now, mono = loop.time(), time.monotonic()
+            now, mono, wall = loop.time(), time.monotonic(), time.time()
             for client in tuple(self.clients):
                 if client.closed:
                     continue
-                if (client.sending_since is not None
+                if client.expires is not None and (
+                        wall >= client.expires or self.revoked(client.family)):
+                    self.end_session(client)
+                elif (client.sending_since is not None
                         and now - client.sending_since > self.send_timeout):
                     self.drop(client, f"send took over {self.send_timeout}s")
                 elif (client.full_since is not None

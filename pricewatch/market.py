@@ -230,7 +230,11 @@ async def live_feed(request: web.Request) -> web.StreamResponse:
         if action == "subscribe":
             send_prices(client, symbols)
 
-    return await serve_ws(request, "live", identity.user_id, on_open, on_message)
+    def on_open_session(client: Client) -> None:
+        client.expires, client.family = identity.expires, identity.family
+        on_open(client)
+
+    return await serve_ws(request, "live", identity.user_id, on_open_session, on_message)
 
 
 async def ws_ohlc(request: web.Request) -> web.StreamResponse:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from . import alerts_api, auth, feed_admin, market, openapi, quotes_api
 from .alerts import AlertEngine, Notifier
@@ -190,6 +191,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
     app[auth.AUTH] = await auth.Auth.create(app[SETTINGS], app[STORE])
+    app[HUB].revoked = app[auth.AUTH].revoked  # live sessions end when their login does
     yield
 
 
@@ -273,7 +275,8 @@ async def extra_feeds_ctx(app: web.Application) -> AsyncIterator[None]:
     """Admin-added feeds: restarted from the DB, stopped on shutdown."""
     settings, mkt = app[SETTINGS], app[MARKET]
     feeds = app[EXTRA_FEEDS] = ExtraFeeds(
-        app, app[STORE], binance_factory(settings.symbols, mkt.on_tick, mkt.on_book),
+        app, app[STORE], binance_factory(settings.symbols, mkt.on_tick, mkt.on_book,
+                                         settings.allow_private_feeds),
         settings.allow_private_feeds)
     await feeds.restore()
     try:
@@ -328,6 +331,18 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+class AccessLogger(AbstractAccessLogger):
+    """One line per request. `token` query values are masked: browsers authenticate
+    websockets with `?token=`, and access tokens must not end up in logs."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        url = request.rel_url
+        if "token" in url.query:
+            url = url.update_query(token="***")
+        self.logger.info('%s "%s %s" %s %s %.6fs', request.remote, request.method, url,
+                         response.status, response.body_length, time)
+
+
 def run(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully (within ~5 s)."""
     app = create_app(settings)
@@ -341,4 +356,4 @@ def run(settings: Settings) -> None:
     app.on_startup.append(announce)
     web.run_app(app, host=settings.host, port=settings.port, shutdown_timeout=1.0,
                 print=None, access_log=logging.getLogger("pricewatch.access"),
-                access_log_format='%a "%r" %s %b %Tfs')
+                access_log_class=AccessLogger)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Collection, Iterable
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
 import aiosqlite
@@ -237,11 +237,14 @@ class Store:
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
         """One write transaction; commits on success, rolls back on any exception."""
         async with self._lock:
-            await self._w.execute("BEGIN IMMEDIATE")
             try:
+                # Inside the try: a cancel landing on BEGIN must still roll back, or the
+                # connection would stay in a transaction and every later write would fail.
+                await self._w.execute("BEGIN IMMEDIATE")
                 yield self._w
             except BaseException:
-                await asyncio.shield(self._w.execute("ROLLBACK"))
+                with suppress(sqlite3.OperationalError):  # "no transaction is active"
+                    await asyncio.shield(self._w.execute("ROLLBACK"))
                 raise
             await asyncio.shield(self._w.execute("COMMIT"))
 
@@ -345,11 +348,19 @@ class Store:
             await _revoke_family(db, row[1], clock.now())
             return RotateResult("ok", row[0], row[1])
 
-    async def revoked_families(self, since: float) -> set[str]:
-        """Families revoked at or after `since` (older ones have no live access token)."""
+    async def purge_refresh_tokens(self, before: float) -> int:
+        """Delete refresh tokens that expired before `before`; returns how many."""
+        async with self._tx() as db:
+            cur = await db.execute("DELETE FROM refresh_tokens WHERE expires_at < ?", (before,))
+            return cur.rowcount
+
+    async def revoked_families(self, since: float) -> dict[str, float]:
+        """Family -> revoked_at for families revoked at or after `since` (older ones have no
+        live access token left)."""
         rows = await self._all(
-            "SELECT DISTINCT family FROM refresh_tokens WHERE revoked_at >= ?", (since,))
-        return {r[0] for r in rows}
+            "SELECT family, MAX(revoked_at) FROM refresh_tokens WHERE revoked_at >= ?"
+            " GROUP BY family", (since,))
+        return {r[0]: r[1] for r in rows}
 
     # alerts ---------------------------------------------------------------------------
 
@@ -432,23 +443,23 @@ class Store:
         return [tuple(r) for r in await self._all(
             "SELECT id, asset, price, direction FROM alerts WHERE status = 'CREATED'")]
 
-    async def trigger_alerts(self, hits: Iterable[tuple[int, float, str, float, float]]
+    async def trigger_alerts(self, hits: Iterable[tuple[int, str, float, str, float, float]]
                              ) -> list[Alert]:
         """Mark alerts TRIGGERED and queue their emails, all in ONE transaction.
 
-        `hits` holds (alert_id, target, direction, trade price, trade time). An alert that
-        is no longer CREATED with that target and direction (deleted or changed meanwhile)
-        is skipped. Returns the alerts that were triggered.
+        `hits` holds (alert_id, asset, target, direction, trade price, trade time). An alert
+        that is no longer CREATED with that asset, target and direction (deleted or changed
+        meanwhile) is skipped. Returns the alerts that were triggered.
         """
         done: list[Alert] = []
         now = clock.now()
         async with self._tx() as db:
-            for alert_id, target, direction, price, at in hits:
+            for alert_id, asset, target, direction, price, at in hits:
                 cur = await db.execute(
                     "UPDATE alerts SET status = 'TRIGGERED', triggered_at = ?,"
                     " triggered_price = ?, notified = 'pending', updated_at = ?"
-                    " WHERE id = ? AND status = 'CREATED' AND price = ? AND direction = ?",
-                    (at, price, now, alert_id, target, direction))
+                    " WHERE id = ? AND status = 'CREATED' AND asset = ? AND price = ?"
+                    " AND direction = ?", (at, price, now, alert_id, asset, target, direction))
                 if cur.rowcount == 0:
                     continue
                 await db.execute(
@@ -482,9 +493,12 @@ class Store:
                               (outbox_id,))
         return row is not None and row[0] == "pending" and row[1] == attempts
 
-    async def next_outbox_due(self) -> float | None:
-        """When the earliest pending email is due, or None if nothing is pending."""
-        row = await self._one("SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending'")
+    async def next_outbox_due(self, exclude: Collection[int] = ()) -> float | None:
+        """When the earliest pending email not in `exclude` is due, or None."""
+        ids = tuple(exclude)
+        row = await self._one(
+            "SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending'"
+            f" AND id NOT IN ({','.join('?' * len(ids))})", ids)
         return row[0]
 
     async def outbox_counts(self) -> dict[str, int]:

@@ -16,8 +16,10 @@ class SmtpSink:
     commands are answered with `fail_reply` instead of being accepted."""
 
     def __init__(self, port: int = 0, fail_first: int = 0,
-                 fail_reply: str = "451 4.3.0 try again later"):
+                 fail_reply: str = "451 4.3.0 try again later", hold_quit: bool = False):
         self.port = port
+        self.hold_quit = hold_quit  # QUIT is answered only once `release` is set
+        self.release = threading.Event()
         self.fail_first = fail_first
         self.fail_reply = fail_reply
         self.messages: list[email.message.EmailMessage] = []
@@ -37,6 +39,11 @@ class SmtpSink:
         self._loop.call_soon_threadsafe(self._arrived.set)
         return "250 OK"
 
+    async def handle_QUIT(self, server, session, envelope):  # aiosmtpd handler hook
+        if self.hold_quit:
+            await asyncio.to_thread(self.release.wait, 10)
+        return "221 Bye"
+
     async def start(self) -> SmtpSink:
         if self.port == 0:
             self.port = free_port()
@@ -45,6 +52,7 @@ class SmtpSink:
         return self
 
     async def stop(self) -> None:
+        self.release.set()
         if self._controller is not None:
             await asyncio.to_thread(self._controller.stop)
             self._controller = None

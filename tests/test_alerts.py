@@ -17,7 +17,7 @@ from fake_binance import FakeBinance, free_port
 from smtp_sink import SmtpSink
 
 from pricewatch.alerts_api import ENGINE
-from pricewatch.server import NOTIFIER
+from pricewatch.server import NOTIFIER, STORE
 
 T0 = 1704067200000  # 2024-01-01T00:00:00Z
 
@@ -445,3 +445,23 @@ async def test_email_fails_after_the_configured_attempts(make_settings, http, fa
             await notifier.wait_until(lambda: notifier.failed >= 1, timeout=10)
         assert notifier.attempts == 3 and notifier.sent == 0
         assert (await fetch(http, server, tok, alert["id"]))[1]["notified"] == "failed"
+
+
+async def test_shutdown_while_smtp_is_slow_to_say_goodbye_sends_no_duplicate(make_settings,
+                                                                           http, fake):
+    """Accepted is accepted: a shutdown while the server dawdles on QUIT must not leave the
+    row pending (it would be sent again after the restart)."""
+    async with SmtpSink(hold_quit=True) as smtp:
+        settings = market_settings(make_settings, fake, smtp.port)
+        async with LiveServer(settings) as server:
+            tok = (await register(http, server))["access"]
+            async with Trader(fake, server, http, tok) as market:
+                await market.trade(100.0)
+                _, alert = await create(http, server, tok, asset="BTCUSDT", price=101.0,
+                                        direction="above")
+                await market.trade(101.0)
+                await smtp.wait_messages(1)  # DATA accepted; the client now waits on QUIT
+        async with LiveServer(settings) as server:
+            assert (await fetch(http, server, tok, alert["id"]))[1]["notified"] == "sent"
+            assert await server.app[STORE].due_outbox(float("inf"), 10) == []
+        assert len(smtp.messages) == 1

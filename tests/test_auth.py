@@ -14,6 +14,8 @@ import orjson
 import pytest
 from conftest import LiveServer, bearer, register
 
+from pricewatch.server import STORE
+
 INVALID = {"error": "not_authenticated", "detail": "Invalid Authentication Credentials"}
 
 
@@ -195,6 +197,16 @@ async def test_eleventh_failed_login_is_rate_limited(server, http):
     assert 1 <= int(headers["Retry-After"]) <= 300
 
 
+async def test_parallel_guesses_cannot_slip_past_the_limit(server, http):
+    await register(http, server, "henry")
+    statuses = await asyncio.gather(*(
+        post(http, server, "/auth/token", {"username": "henry", "password": f"guess {i}"})
+        for i in range(30)))
+    codes = [status for status, _, _ in statuses]
+    # At most ten of the thirty were checked against the password; the rest were refused.
+    assert codes.count(401) <= 10 and codes.count(429) >= 20, codes
+
+
 async def test_failures_from_one_address_across_usernames_are_limited(server, http):
     for i in range(10):
         status, _, _ = await post(http, server, "/auth/token",
@@ -207,7 +219,6 @@ async def test_failures_from_one_address_across_usernames_are_limited(server, ht
 
 async def test_password_is_stored_only_as_a_bcrypt_hash(server, http):
     reg = await register(http, server, "frank", password="s3cret pass")
-    from pricewatch.server import STORE
     user = await server.app[STORE].user_by_id(reg["id"])
     assert user.password_hash.startswith("$2b$") and "s3cret" not in user.password_hash
     assert bcrypt.checkpw(b"s3cret pass", user.password_hash.encode())
@@ -245,11 +256,15 @@ async def test_env_secret_overrides_the_stored_one(make_settings, http):
 async def test_healthz_answers_quickly_while_twenty_logins_hash(make_settings, http):
     """bcrypt (cost 12) runs in threads: /healthz keeps answering while 20 logins hash."""
     async with LiveServer(make_settings(bcrypt_rounds=12)) as server:
-        await register(http, server, "grace")
         salt = bcrypt.gensalt(12)
         began = time.perf_counter()
-        await asyncio.to_thread(bcrypt.hashpw, b"calibrate", salt)
+        hashed = await asyncio.to_thread(bcrypt.hashpw, b"correct horse", salt)
         one_hash = time.perf_counter() - began
+        # Twenty users (one login each: parallel attempts on ONE username are capped by the
+        # limiter), sharing one precomputed cost-12 hash to keep the setup short.
+        for i in range(20):
+            await server.app[STORE].create_user(f"grace{i}", f"g{i}@example.com",
+                                                hashed.decode())
 
         # The probe runs in its own thread: a probe on the server's loop could not see
         # the loop being blocked, since it would be blocked too.
@@ -268,13 +283,13 @@ async def test_healthz_answers_quickly_while_twenty_logins_hash(make_settings, h
                 latencies.append(time.perf_counter() - began)
             conn.close()
 
-        async def login() -> int:
+        async def login(i: int) -> int:
             status, _, _ = await post(http, server, "/auth/token",
-                                      {"username": "grace", "password": "correct horse"})
+                                      {"username": f"grace{i}", "password": "correct horse"})
             return status
 
         prober = asyncio.create_task(asyncio.to_thread(probe))
-        statuses = await asyncio.gather(*(login() for _ in range(20)))
+        statuses = await asyncio.gather(*(login(i) for i in range(20)))
         done.set()
         await prober
         assert statuses == [200] * 20
@@ -282,3 +297,19 @@ async def test_healthz_answers_quickly_while_twenty_logins_hash(make_settings, h
         # for many hashes in a row; off the loop, no probe waits as long as one hash.
         assert len(latencies) >= 10
         assert max(latencies) < one_hash, (one_hash, sorted(latencies)[-5:])
+
+
+async def test_live_socket_ends_when_its_login_is_revoked(server, http):
+    reg = await register(http, server)
+    other = await post(http, server, "/auth/token",
+                       {"username": "alice", "password": "correct horse"})
+    async with http.ws_connect(server.ws_url("/live-feed/subscribe/"),
+                               headers=bearer(reg["access"])) as ws, \
+            http.ws_connect(server.ws_url("/live-feed/subscribe/"),
+                            headers=bearer(other[1]["access"])) as kept:
+        status, _, _ = await post(http, server, "/auth/logout", {"refresh": reg["refresh"]})
+        assert status == 204
+        msg = await ws.receive(timeout=5)  # the hub's watchdog ends it within a second
+        assert msg.type.name in ("CLOSE", "CLOSED") and ws.close_code == 1008
+        await kept.send_json({"action": "subscribe"})  # the other login's socket lives on
+        assert (await kept.receive_json(timeout=5))["type"] == "subscribed"

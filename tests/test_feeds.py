@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
+from aiohttp import web
 from fake_alphavantage import FakeAlphaVantage
 from fake_binance import FakeBinance, free_port
 
@@ -31,6 +33,7 @@ from pricewatch.feeds import (
     DemoFeed,
     Feed,
     FeedConfigError,
+    FeedRefused,
     ParseError,
     ReplayFeed,
     ServerShutdown,
@@ -598,3 +601,71 @@ async def test_quote_poller_rate_limit_skips_the_slot_and_logs_once(
     assert poller.health()["rate_limited"] >= 3 and poller.health()["errors"] >= 1
     assert quotes.empty()
     assert_no_key(None, caplog)
+
+
+# --------------------------------------------------------------------------- hardening
+
+
+@pytest.mark.parametrize("time_value, expected", [
+    (1704067200121, 1704067200121),            # milliseconds, as Binance sends
+    (1704067200121000, 1704067200121),         # microseconds (2025+ dumps): converted
+    (10**17, None), (0, None), (-5, None),     # nonsense: refused, never reaches candles
+])
+def test_trade_times_are_checked(time_value: int, expected: int | None) -> None:
+    frame = orjson.dumps({"stream": "btcusdt@trade", "data": {
+        "e": "trade", "s": "BTCUSDT", "t": 1, "p": "1.5", "q": "1", "T": time_value}})
+    if expected is None:
+        with pytest.raises(ParseError):
+            decode_event(frame)
+    else:
+        assert decode_event(frame).time == expected
+
+
+def test_feed_urls_shown_in_health_hide_credentials(sink: Sink) -> None:
+    feed = BinanceFeed("wss://user:s3cret@example.com:9443/stream?streams=btcusdt@trade"
+                       "&apikey=TOPSECRET", SYMBOLS, sink.on_tick, sink.on_book)
+    shown = feed.health()["url"]
+    assert "s3cret" not in shown and "TOPSECRET" not in shown and "user" not in shown
+    assert shown == "wss://example.com:9443/stream?streams=btcusdt@trade&apikey=***"
+
+
+async def test_precheck_refusal_means_no_connection(fake: FakeBinance, sink: Sink) -> None:
+    checked = asyncio.Event()
+
+    async def refuse(url: str) -> None:
+        checked.set()
+        raise FeedRefused("forbidden address")
+
+    feed = binance(fake, sink, precheck=refuse)
+    async with running(feed):
+        await asyncio.wait_for(checked.wait(), 5)
+        await wait_state(feed, "backoff")
+    assert fake.open_count == 0 and fake.connections == []
+
+
+async def test_redirects_are_refused_when_asked(fake: FakeBinance, sink: Sink) -> None:
+    async def redirect(request: web.Request) -> web.Response:
+        hits.set()
+        raise web.HTTPFound(fake.url + "/stream?streams=btcusdt@trade")
+
+    hits = asyncio.Event()
+    app = web.Application()
+    app.router.add_get("/stream", redirect)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        feed = BinanceFeed(f"ws://127.0.0.1:{port}", SYMBOLS, sink.on_tick, sink.on_book,
+                           backoff_initial=0.05, backoff_cap=0.2, follow_redirects=False)
+        async with running(feed):
+            await asyncio.wait_for(hits.wait(), 5)
+            await wait_state(feed, "backoff")
+        assert fake.connections == []  # the redirect target was never contacted
+        followed = BinanceFeed(f"ws://127.0.0.1:{port}", SYMBOLS, sink.on_tick,
+                               sink.on_book, backoff_initial=0.05, backoff_cap=0.2)
+        async with running(followed):  # the default follows it: the check above can fail
+            await fake.wait_connections(1)
+    finally:
+        await runner.cleanup()

@@ -60,3 +60,21 @@ async def test_foreign_keys_are_enforced(tmp_path):
             raise AssertionError("a refresh token for a missing user was accepted")
     finally:
         await store.close()
+
+
+async def test_trigger_skips_an_alert_changed_since_it_matched(tmp_path):
+    store = await Store.open(str(tmp_path / "pw.db"))
+    try:
+        user = await store.create_user("alice", "a@example.com", "$2b$hash")
+        alert = await store.create_alert(user.id, "BTCUSDT", 100.0, "above", max_active=10)
+        # Matched as a BTCUSDT alert, but moved to ETHUSDT (same target) before the commit.
+        await store.update_alert(user.id, alert.id, "ETHUSDT", 100.0, "above")
+        stale = [(alert.id, "BTCUSDT", 100.0, "above", 150.0, 1.0)]
+        assert await store.trigger_alerts(stale) == []
+        fresh = [(alert.id, "ETHUSDT", 100.0, "above", 101.0, 2.0)]
+        (done,) = await store.trigger_alerts(fresh)
+        assert done.status == "TRIGGERED" and done.triggered_price == 101.0
+        assert await store.trigger_alerts(fresh) == []  # once only
+        assert await store.outbox_counts() == {"pending": 1, "sent": 0, "failed": 0}
+    finally:
+        await store.close()
