@@ -53,6 +53,7 @@ class Market:
         self.latest = {s: Latest(s) for s in symbols}
         self.ticks = dict.fromkeys(symbols, 0)
         self.trade_hooks: list[Callable[[Tick], None]] = []
+        self.closed = False  # set at shutdown: ticks still arriving are ignored
         # Topic keys built once, so the tick path allocates no tuples.
         self._price_topic = {s: ("price", s) for s in symbols}
         self._candle_topics = {s: [(tf, ("ohlc", s, tf)) for tf in TIMEFRAMES] for s in symbols}
@@ -60,7 +61,7 @@ class Market:
     def on_tick(self, tick: Tick) -> None:
         symbol = tick.symbol
         latest = self.latest.get(symbol)
-        if latest is None:
+        if latest is None or self.closed:
             return
         latest.price = tick.price
         latest.time = tick.time

@@ -255,7 +255,13 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def close_websockets(app: web.Application) -> None:
-    """On shutdown, before handlers are awaited: every websocket gets 1001 going away."""
+    """On shutdown, before handlers are awaited. In DESIGN.md's order: no more ticks are
+    taken in, the alert writer commits (and pushes) what it holds, then every websocket gets
+    1001 going away. The feed tasks themselves stop in their cleanup contexts."""
+    app[MARKET].closed = True
+    if ENGINE in app:
+        with suppress(TimeoutError):
+            await asyncio.wait_for(app[ENGINE].drained(), timeout=2.0)
     await app[HUB].close_all()
 
 
