@@ -146,6 +146,12 @@ class AlertEngine:
                 self._wake.set()
 
 
+def plain(value: float) -> str:
+    """A price in full, as a person writes it: 60018.26, 1250000, 0.00000123 (never 6e+04)."""
+    text = f"{value:.10f}".rstrip("0").rstrip(".")
+    return text if text not in ("", "-0") else "0"
+
+
 def compose(item: OutboxItem, sender: str) -> EmailMessage:
     """The plain-text email for one triggered alert."""
     alert = item.alert
@@ -153,12 +159,13 @@ def compose(item: OutboxItem, sender: str) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = item.recipient
-    msg["Subject"] = f"pricewatch: {alert.asset} {alert.direction} {alert.price:g} reached"
+    msg["Subject"] = (f"pricewatch: {alert.asset} {alert.direction} {plain(alert.price)}"
+                      " reached")
     msg.set_content(
         f"Your price alert #{alert.id} has triggered.\n\n"
         f"Asset:         {alert.asset}\n"
-        f"Target:        {alert.price:g} ({alert.direction}: price {sign} target)\n"
-        f"Trigger price: {alert.triggered_price:g}\n"
+        f"Target:        {plain(alert.price)} ({alert.direction}: price {sign} target)\n"
+        f"Trigger price: {plain(alert.triggered_price)}\n"
         f"Time (UTC):    {clock.iso(alert.triggered_at)}\n"
     )
     return msg
@@ -178,6 +185,7 @@ class Notifier:
         self._inflight: set[int] = set()
         self._sending: set[asyncio.Task] = set()
         self._records: set[asyncio.Future] = set()
+        self._batch = settings.smtp_concurrency * 4  # rows claimed at most at once
         self._slots = asyncio.Semaphore(settings.smtp_concurrency)
         self._task: asyncio.Task | None = None
 
@@ -206,16 +214,23 @@ class Notifier:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        if self._records:  # acceptances being recorded always finish
-            await asyncio.gather(*self._records, return_exceptions=True)
+        if self._records:  # acceptances being recorded finish (unless the DB is gone)
+            _, stuck = await asyncio.wait(self._records, timeout=5.0)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
 
     async def _scheduler(self) -> None:
         while True:
             self._wake.clear()
             try:
                 await self._dispatch_due()
-                # Rows being sent are not "due": their outcome wakes this loop.
-                next_due = await self.store.next_outbox_due(exclude=self._inflight)
+                # Rows being sent (or being recorded as sent) are not "due": their outcome
+                # wakes this loop. With every slot busy there is nothing to do but wait.
+                if len(self._inflight) >= self._batch:
+                    next_due = None
+                else:
+                    next_due = await self.store.next_outbox_due(exclude=self._inflight)
             except Exception:  # a database hiccup must not end email delivery for good
                 log.exception("notifier could not read the outbox; retrying in 5 s")
                 next_due = clock.now() + 5.0
@@ -225,7 +240,10 @@ class Notifier:
 
     async def _dispatch_due(self) -> None:
         """Start a send task for every due row not already being sent."""
-        due = await self.store.due_outbox(clock.now(), limit=self.settings.smtp_concurrency * 4)
+        room = self._batch - len(self._inflight)
+        if room <= 0:
+            return
+        due = await self.store.due_outbox(clock.now(), limit=room, exclude=self._inflight)
         for item in due:
             if item.id in self._inflight:
                 continue
@@ -236,6 +254,8 @@ class Notifier:
 
     async def _send(self, item: OutboxItem) -> None:
         s = self.settings
+        smtp: aiosmtplib.SMTP | None = None
+        accepted = False
         try:
             async with self._slots:
                 # The scheduler's read may predate the outcome of an earlier send of this
@@ -250,30 +270,51 @@ class Notifier:
                     await smtp.connect()
                     await smtp.send_message(compose(item, s.mail_from))
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                    smtp.close()
                     self.attempts += 1
                     await self._failed_attempt(item, exc)
                     return
+                except Exception as exc:  # e.g. an address the library cannot use: no retry
+                    self.attempts += 1
+                    await self._failed_attempt(item, exc, permanent=True)
+                    return
                 # Accepted. From here nothing may stop the record, not even a shutdown
-                # cancelling this task: an unrecorded acceptance is sent again after restart.
+                # cancelling this task; until it lands the row stays claimed (in flight).
+                accepted = True
                 record = asyncio.ensure_future(self._accepted(item, began))
                 self._records.add(record)
                 record.add_done_callback(self._records.discard)
-                try:
-                    await asyncio.shield(record)
-                except asyncio.CancelledError:
-                    smtp.close()
-                    raise
-                with suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-                    await smtp.quit()
+                await asyncio.shield(record)
+            # The slot is free again; a polite goodbye, bounded.
+            with suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                await asyncio.wait_for(smtp.quit(), 2.0)
+        except Exception:  # e.g. the DB refused to record a failed attempt: retried later
+            log.exception("email %d: could not finish this attempt", item.id)
         finally:
-            self._inflight.discard(item.id)
+            if smtp is not None:
+                smtp.close()
+            if not accepted:  # an accepted row stays claimed until `_accepted` records it
+                self._inflight.discard(item.id)
             self._wake.set()
             async with self.progress:
                 self.progress.notify_all()
 
     async def _accepted(self, item: OutboxItem, began: float) -> None:
-        await self._record(self.store.outbox_sent, item.id)
+        """Record an accepted email as sent, retrying until it lands: giving up would leave
+        the row pending and send it again. The row stays claimed meanwhile."""
+        delay = 0.1
+        try:
+            while True:
+                try:
+                    await self.store.outbox_sent(item.id)
+                    break
+                except Exception:
+                    log.exception("could not record email %d as sent; retrying in %.1fs",
+                                  item.id, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+        finally:
+            self._inflight.discard(item.id)
+            self._wake.set()
         self.sent += 1
         log.info("alert %d email sent to %s in %.2fs", item.alert.id, item.recipient,
                  time.monotonic() - began)
@@ -285,10 +326,11 @@ class Notifier:
         async with self.progress:
             await asyncio.wait_for(self.progress.wait_for(predicate), timeout)
 
-    async def _failed_attempt(self, item: OutboxItem, exc: BaseException) -> None:
+    async def _failed_attempt(self, item: OutboxItem, exc: BaseException,
+                              permanent: bool = False) -> None:
         error = f"{type(exc).__name__}: {exc}"[:500]
         attempts = item.attempts + 1
-        if _permanent(exc) or attempts >= self.settings.smtp_max_attempts:
+        if permanent or _permanent(exc) or attempts >= self.settings.smtp_max_attempts:
             self.failed += 1
             log.error("alert %d email to %s failed after %d attempts: %s", item.alert.id,
                       item.recipient, attempts, error)

@@ -76,7 +76,8 @@ async def read_json(request: web.Request, *, optional: bool = False) -> dict[str
         # floats so that validation can name the field instead of rejecting the whole body.
         try:
             data = json.loads(raw)
-        except (ValueError, RecursionError):
+            orjson.dumps(data)  # what orjson refused for other reasons (lone surrogates...)
+        except (ValueError, RecursionError, TypeError, orjson.JSONEncodeError):
             raise ApiError(400, "invalid_json", "Request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", "Request body must be a JSON object.")

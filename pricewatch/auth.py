@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 
 ALGORITHMS = ["HS256"]  # fixed: never taken from the token header
 USERNAME_RE = re.compile(r"[\w.@+-]{3,150}")
-EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s.]+")
+# A plain ASCII address (what SMTP servers take without extensions): the local part's
+# usual characters, a dotted domain. No quotes, brackets, commas or comments.
+EMAIL_RE = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}")
 MAX_PASSWORD_BYTES = 72  # bcrypt's limit
 
 
@@ -108,14 +111,19 @@ class LoginLimiter:
         if not failed:
             self._fails.pop(keys[0], None)  # the username starts afresh
             return
-        if len(self._fails) > 50_000 and now >= self._next_prune:  # a spray of usernames
+        size = len(self._fails)
+        if size > 50_000 and (now >= self._next_prune or size > 100_000):  # a spray of names
             self._next_prune = now + self.window / 10
             for key in list(self._fails):
                 self._recent(key, now)
-            while len(self._fails) > 50_000:  # still too many: forget the oldest keys
+            while len(self._fails) > 50_000:  # still too many: forget the least recent keys
                 del self._fails[next(iter(self._fails))]
         for key in keys:
-            self._fails.setdefault(key, deque()).append(now)
+            # Re-inserted at the end: the dict stays ordered by last failure, so eviction
+            # above forgets the keys that have been quiet longest, never an active attacker.
+            fails = self._fails.pop(key, None) or deque()
+            fails.append(now)
+            self._fails[key] = fails
 
 
 class Auth:

@@ -134,30 +134,40 @@ class ExtraFeeds:
 EXTRA_FEEDS = web.AppKey("extra_feeds", ExtraFeeds)
 
 
-async def check_url(url: str, allow_private: bool, field: str = "url") -> None:
+async def check_url(url: str, allow_private: bool, field: str = "url") -> dict:
     """Refuse non-websocket URLs, and hosts on loopback/private/link-local addresses unless
-    allowed (an admin must not be able to point the server at its own network)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise invalid({field: "Only ws:// and wss:// URLs with a host are allowed."})
+    allowed (an admin must not be able to point the server at its own network).
+
+    Returns the connection arguments that pin the connection to the address just checked
+    (`host`, `port`, and `server_hostname` for TLS): resolving again when connecting would
+    let a DNS answer change in between. Empty when private addresses are allowed.
+    """
     try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
         port = parts.port or (443 if parts.scheme == "wss" else 80)
-    except ValueError:
-        raise invalid({field: "The port is not valid."}) from None
+    except ValueError:  # "ws://[::1", a port out of range...
+        raise invalid({field: "The URL is not valid."}) from None
+    if parts.scheme not in ("ws", "wss") or not hostname:
+        raise invalid({field: "Only ws:// and wss:// URLs with a host are allowed."})
     if allow_private:
-        return
+        return {}
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(
-            parts.hostname, port, type=socket.SOCK_STREAM)
-    except OSError:
-        raise invalid({field: f"Cannot resolve host {parts.hostname!r}."}) from None
+            hostname, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):  # UnicodeError: "a..b", a label over 63 characters
+        raise invalid({field: f"Cannot resolve host {hostname!r}."}) from None
     for info in infos:
         address = ipaddress.ip_address(info[4][0].split("%")[0])
         if (address.is_private or address.is_loopback or address.is_link_local
                 or address.is_reserved or address.is_multicast or address.is_unspecified):
-            raise invalid({field: f"{parts.hostname} resolves to a non-public address "
+            raise invalid({field: f"{hostname} resolves to a non-public address "
                                   f"({address}); set PRICEWATCH_ALLOW_PRIVATE_FEEDS=true "
                                   "to allow it."})
+    pinned = {"host": infos[0][4][0], "port": port}
+    if parts.scheme == "wss":
+        pinned["server_hostname"] = hostname
+    return pinned
 
 
 async def require_admin(request: web.Request) -> int:
@@ -241,9 +251,9 @@ def binance_factory(symbols, on_tick, on_book, allow_private: bool):
     refused (they could lead anywhere).
     """
 
-    async def precheck(url: str) -> None:
+    async def precheck(url: str) -> dict:
         try:
-            await check_url(url, allow_private)
+            return await check_url(url, allow_private)
         except ApiError as exc:
             raise FeedRefused(next(iter((exc.fields or {}).values()), exc.detail)) from None
 

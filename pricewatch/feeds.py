@@ -407,11 +407,12 @@ class BinanceFeed(Feed):
                  on_book: BookCallback, *, name: str = "binance", backoff_initial: float = 0.5,
                  backoff_cap: float = 30.0, stale_after: float = 60.0,
                  open_timeout: float = 10.0,
-                 precheck: Callable[[str], Awaitable[None]] | None = None,
+                 precheck: Callable[[str], Awaitable[dict | None]] | None = None,
                  follow_redirects: bool = True) -> None:
         super().__init__(name, symbols, on_tick, on_book)
-        # `precheck(url)` runs before every connection attempt (raise FeedRefused to skip
-        # it); an admin's extra feed re-checks its host's addresses there each time.
+        # `precheck(url)` runs before every connection attempt: it may raise FeedRefused to
+        # skip the attempt, or return connection arguments (an admin's extra feed re-checks
+        # its host's addresses each time and pins the connection to the address checked).
         self.precheck = precheck
         self._connect = connect if follow_redirects else _connect_no_redirects
         if len(self.symbols) > MAX_SYMBOLS:
@@ -451,10 +452,9 @@ class BinanceFeed(Feed):
                 outcome = "failed"
                 seen = stats.messages
                 try:
-                    if self.precheck is not None:
-                        await self.precheck(self.url)
+                    pinned = await self.precheck(self.url) if self.precheck else None
                     async with self._connect(self.url, open_timeout=self.open_timeout,
-                                             close_timeout=5.0) as ws:
+                                             close_timeout=5.0, **(pinned or {})) as ws:
                         stats.state = "connected"
                         log.info("%s feed: connected to %s", self.name, stats.url)
                         outcome = await self._consume(ws)

@@ -95,7 +95,8 @@ class _Candle:
             "high": self.high,
             "low": self.low,
             "close": self.close,
-            "volume": self.volume,
+            # A running float sum drifts (0.6285499999999999); Binance quotes 8 decimals.
+            "volume": round(self.volume, 8),
             "trades": self.trades,
         }
 

@@ -246,7 +246,12 @@ class Store:
                 with suppress(sqlite3.OperationalError):  # "no transaction is active"
                     await asyncio.shield(self._w.execute("ROLLBACK"))
                 raise
-            await asyncio.shield(self._w.execute("COMMIT"))
+            try:
+                await asyncio.shield(self._w.execute("COMMIT"))
+            except BaseException:  # a failed COMMIT must not leave the transaction open
+                with suppress(sqlite3.OperationalError):
+                    await asyncio.shield(self._w.execute("ROLLBACK"))
+                raise
 
     async def _one(self, sql: str, params: Iterable = ()):
         rows = await self._r.execute_fetchall(sql, tuple(params))
@@ -473,14 +478,17 @@ class Store:
 
     # outbox ---------------------------------------------------------------------------
 
-    async def due_outbox(self, now: float, limit: int) -> list[OutboxItem]:
-        """Pending emails whose next attempt is due, oldest first."""
+    async def due_outbox(self, now: float, limit: int, exclude: Collection[int] = ()
+                         ) -> list[OutboxItem]:
+        """Pending emails whose next attempt is due, oldest first, except `exclude`."""
+        ids = tuple(exclude)
         rows = await self._all(
             "SELECT o.id, o.recipient, o.attempts, "
             + ", ".join("a." + c.strip() for c in _ALERT_COLS.split(","))
             + " FROM outbox o JOIN alerts a ON a.id = o.alert_id"
             " WHERE o.status = 'pending' AND o.next_attempt_at <= ?"
-            " ORDER BY o.next_attempt_at, o.id LIMIT ?", (now, limit))
+            f" AND o.id NOT IN ({','.join('?' * len(ids))})"
+            " ORDER BY o.next_attempt_at, o.id LIMIT ?", (now, *ids, limit))
         return [OutboxItem(r[0], r[1], r[2], _alert(r[3:])) for r in rows]
 
     async def outbox_current(self, outbox_id: int, attempts: int) -> bool:

@@ -16,8 +16,9 @@ from pricewatch.server import create_app
 class LiveServer:
     """`create_app(settings)` served on 127.0.0.1 on a free port, as an async context."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, port: int = 0):
         self.settings = settings
+        self.port = port  # 0: any free port; fixed to restart a server where clients wait
         self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -26,7 +27,7 @@ class LiveServer:
         self.app = create_app(self.settings)
         self._runner = web.AppRunner(self.app, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"

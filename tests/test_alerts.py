@@ -174,7 +174,13 @@ async def test_many_alerts_one_trade_commit_together(make_settings, http, fake, 
 
 
 async def test_explicit_direction_already_crossed_triggers_on_next_trade(make_settings, http,
-                                                                        fake):
+                                                                        fake, caplog):
+    with caplog.at_level("WARNING", logger="pricewatch.alerts"):
+        async with LiveServer(market_settings(make_settings, fake)):
+            pass
+    # No SMTP host: startup warns, once.
+    warnings = [r for r in caplog.records if "PRICEWATCH_SMTP_HOST is not set" in r.message]
+    assert len(warnings) == 1
     async with LiveServer(market_settings(make_settings, fake)) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
@@ -465,3 +471,43 @@ async def test_shutdown_while_smtp_is_slow_to_say_goodbye_sends_no_duplicate(mak
             assert (await fetch(http, server, tok, alert["id"]))[1]["notified"] == "sent"
             assert await server.app[STORE].due_outbox(float("inf"), 10) == []
         assert len(smtp.messages) == 1
+
+
+@pytest.mark.parametrize("value, text", [
+    (60018.26, "60018.26"), (1_250_000.0, "1250000"), (0.00000123, "0.00000123"),
+    (150.0, "150"), (3001.5, "3001.5")])
+def test_email_prices_are_written_in_full(value, text):
+    from pricewatch.alerts import compose, plain
+    from pricewatch.store import Alert, OutboxItem
+
+    assert plain(value) == text
+    alert = Alert(7, 1, "BTCUSDT", value, "above", "TRIGGERED", 0.0, 1704067200.5,
+                  value * 2, "pending")
+    msg = compose(OutboxItem(1, "a@example.com", 0, alert), "pw@localhost")
+    assert msg["Subject"] == f"pricewatch: BTCUSDT above {text} reached"
+    body = msg.get_content()
+    assert f"Target:        {text} (above: price >= target)" in body
+    assert f"Trigger price: {plain(value * 2)}" in body and "e+" not in body
+    assert "Time (UTC):    2024-01-01T00:00:00.500Z" in body and "#7" in body
+
+
+async def test_an_email_the_library_cannot_send_fails_once_not_forever(make_settings, http,
+                                                                       fake, smtp,
+                                                                       monkeypatch):
+    import pricewatch.alerts as alerts_mod
+
+    def broken(item, sender):
+        raise ValueError("No recipient headers")  # what aiosmtplib raises for odd addresses
+
+    monkeypatch.setattr(alerts_mod, "compose", broken)
+    async with LiveServer(market_settings(make_settings, fake, smtp.port)) as server:
+        tok = (await register(http, server))["access"]
+        notifier = server.app[NOTIFIER]
+        async with Trader(fake, server, http, tok) as market:
+            await market.trade(100.0)
+            _, alert = await create(http, server, tok, asset="BTCUSDT", price=101.0,
+                                    direction="above")
+            await market.trade(101.0)
+            await notifier.wait_until(lambda: notifier.failed >= 1, timeout=10)
+        assert notifier.attempts == 1 and smtp.messages == []
+        assert (await fetch(http, server, tok, alert["id"]))[1]["notified"] == "failed"

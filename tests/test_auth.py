@@ -313,3 +313,19 @@ async def test_live_socket_ends_when_its_login_is_revoked(server, http):
         assert msg.type.name in ("CLOSE", "CLOSED") and ws.close_code == 1008
         await kept.send_json({"action": "subscribe"})  # the other login's socket lives on
         assert (await kept.receive_json(timeout=5))["type"] == "subscribed"
+
+
+@pytest.mark.parametrize("field", ["username", "password", "email"])
+async def test_lone_surrogates_are_invalid_json_not_500(server, http, field):
+    body = {"username": "ivan", "password": "long enough", "email": "i@example.com"}
+    raw = orjson.dumps(body).replace(body[field].encode(), b"\\ud800")
+    status, err, _ = await post(http, server, "/auth/register", data=raw,
+                                headers={"Content-Type": "application/json"})
+    assert status == 400 and err["error"] == "invalid_json"
+
+
+async def test_odd_email_addresses_are_refused(server, http):
+    for email in ("(x@y.zz)", '"a"@b.com', "a@b..com", "a b@c.com"):
+        status, err, _ = await post(http, server, "/auth/register", {
+            "username": "jojo", "password": "long enough", "email": email})
+        assert status == 400 and "email" in err["fields"], email

@@ -29,10 +29,13 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import WSMsgType
 from conftest import bearer
 from fake_binance import FakeBinance, free_port
 from smtp_sink import SmtpSink
+
+from pricewatch.alerts import plain
 
 T0 = 1704067200000  # 2024-01-01T00:00:00Z; trade j happens at T0 + 1000 * (j + 1)
 SYMBOL = "BTCUSDT"
@@ -119,9 +122,9 @@ class ServerProcess:
         self.proc.kill()
         assert await asyncio.wait_for(self.proc.wait(), 5) == -signal.SIGKILL
 
-    async def terminate(self) -> int:
-        """SIGTERM; the process must exit within 5 s."""
-        self.proc.send_signal(signal.SIGTERM)
+    async def terminate(self, sig: int = signal.SIGTERM) -> int:
+        """SIGTERM (or `sig`); the process must exit within 5 s."""
+        self.proc.send_signal(sig)
         return await asyncio.wait_for(self.proc.wait(), 5)
 
     async def cleanup(self) -> None:
@@ -399,9 +402,9 @@ async def test_sigkill_under_load_loses_nothing_and_emails_each_trigger_once(tmp
                 emailed[alert["id"]] += 1
                 assert msg["To"] == "alice@example.com"
                 lines = body.splitlines()
-                assert f"Trigger price: {alert['triggered_price']:g}" in lines, body
+                assert f"Trigger price: {plain(alert['triggered_price'])}" in lines, body
                 assert f"Time (UTC):    {alert['triggered_at']}" in lines, body
-                assert f"Target:        {alert['price']:g} ({alert['direction']}" in body
+                assert f"Target:        {plain(alert['price'])} ({alert['direction']}" in body
             assert emailed == Counter(set(final)), "an email is missing or duplicated"
             assert len(sink.messages) == total
         finally:
@@ -414,7 +417,8 @@ async def test_sigkill_under_load_loses_nothing_and_emails_each_trigger_once(tmp
                 await sink.stop()
 
 
-async def test_sigterm_closes_websockets_with_1001_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_sigterm_closes_websockets_with_1001_and_exits_cleanly(tmp_path, sig):
     async with FakeBinance() as fake, aiohttp.ClientSession() as http:
         server = ServerProcess(tmp_path, "server", fake.url, free_port())
         sockets = []
@@ -437,7 +441,7 @@ async def test_sigterm_closes_websockets_with_1001_and_exits_cleanly(tmp_path):
 
             # Read while the server shuts down, so that the close handshake can complete.
             reads = [asyncio.create_task(ws.receive()) for ws in sockets]
-            assert await server.terminate() == 0  # aiohttp's run_app: SIGTERM = graceful
+            assert await server.terminate(sig) == 0  # run_app: SIGTERM/SIGINT = graceful
             for ws, read in zip(sockets, reads, strict=True):
                 msg = await asyncio.wait_for(read, 5)
                 assert msg.type == WSMsgType.CLOSE, msg

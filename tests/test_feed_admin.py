@@ -127,3 +127,13 @@ async def test_at_most_sixteen_extra_feeds(make_settings, http):
         async with http.post(server.url + "/api/v1/feeds", headers=bearer(tok),
                              json={"url": "ws://127.0.0.1:9/one-more"}) as resp:
             assert resp.status == 409
+
+
+@pytest.mark.parametrize("url", ["ws://[::1", "ws://a..b/stream", "ws://" + "x" * 64 + ".com/"])
+async def test_malformed_feed_hosts_are_400_not_500(make_settings, http, url):
+    async with LiveServer(make_settings()) as server:
+        tok = await admin_token(http, server)
+        async with http.post(server.url + "/api/v1/feeds", headers=bearer(tok),
+                             json={"url": url}) as resp:
+            err = await resp.json()
+        assert resp.status == 400 and set(err["fields"]) == {"url"}, err

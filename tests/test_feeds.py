@@ -669,3 +669,18 @@ async def test_redirects_are_refused_when_asked(fake: FakeBinance, sink: Sink) -
             await fake.wait_connections(1)
     finally:
         await runner.cleanup()
+
+
+async def test_precheck_pins_the_connection_to_the_checked_address(fake: FakeBinance,
+                                                                   sink: Sink) -> None:
+    async def pin(url: str) -> dict:
+        return {"host": "127.0.0.1", "port": fake.port}
+
+    # The name does not resolve: only a connection pinned to the checked address gets there.
+    feed = BinanceFeed("ws://feed.invalid:1/stream?streams=btcusdt@trade", SYMBOLS,
+                       sink.on_tick, sink.on_book, backoff_initial=0.05, backoff_cap=0.2,
+                       precheck=pin)
+    async with running(feed):
+        await fake.wait_connections(1)
+        await fake.send_trade("BTCUSDT", 1, 42000, 1, T0)
+        assert (await sink.next()).price == 42000

@@ -275,7 +275,7 @@ def reference_candles(path: Path, tf_ms: int) -> list[dict]:
         sec = start // 1000
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sec))
         out.append(candle(stamp, by_time[0][1], max(prices), min(prices), by_time[-1][1],
-                          sum(q for _, _, q in rows), len(rows)))
+                          round(sum(q for _, _, q in rows), 8), len(rows)))
     return out
 
 

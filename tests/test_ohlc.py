@@ -304,7 +304,7 @@ def reference(trades: list[tuple[int, float, float]], tf: int) -> list[dict]:
                 max(p for _, _, p, _ in group),
                 min(p for _, _, p, _ in group),
                 by_time[-1][2],
-                volume,
+                round(volume, 8),  # the book shows volume to Binance's 8 decimals
                 len(group),
             )
         )

@@ -23,7 +23,7 @@ import orjson
 import pytest
 from conftest import LiveServer, bearer, register
 from fake_alphavantage import FakeAlphaVantage
-from fake_binance import FakeBinance
+from fake_binance import FakeBinance, free_port
 
 BROWSERS = ("/usr/bin/chromium", "chromium", "chromium-browser")
 WIDTH, HEIGHT = 1200, 860
@@ -255,6 +255,33 @@ async def test_live_page_shows_prices_quote_and_candles_and_updates_live(
         png = base64.b64decode(shot["data"])
         (tmp_path / "live.png").write_bytes(png)
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+async def test_live_page_reconnects_when_the_server_restarts(
+        make_settings, chromium: Chromium) -> None:
+    now = int(time.time() * 1000)
+    port = free_port()
+    async with FakeBinance() as fake, aiohttp.ClientSession() as http:
+        settings = make_settings(feed="binance", binance_ws_url=fake.url)
+        async with LiveServer(settings, port=port) as server:
+            await fake.wait_connections(1)
+            await fake.send_trade("BTCUSDT", 1, 42000.5, 0.25, now)
+            await chromium.send("Page.navigate", {"url": server.url + "/"})
+            await chromium.wait_for(f"{cell('BTCUSDT', 'price')} === '42,000.50'")
+            await chromium.wait_for("document.querySelector('#status').dataset.state === 'live'")
+        # The server is gone: the page notices, then finds the new one on the same port.
+        await chromium.wait_for(
+            "document.querySelector('#status').dataset.state === 'offline'", timeout=15)
+        async with LiveServer(settings, port=port):
+            await fake.wait_connections(2)
+            await chromium.wait_for(
+                "document.querySelector('#status').dataset.state === 'live'", timeout=20)
+            async with http.ws_connect(f"ws://127.0.0.1:{port}/ws/ohlc/") as probe:
+                await probe.send_json({"symbol": "BTCUSDT", "timeframe": "1m"})
+                assert (await probe.receive_json(timeout=5))["type"] == "snapshot"
+                await fake.send_trade("BTCUSDT", 2, 43000.25, 0.5, now + 1)
+                assert (await probe.receive_json(timeout=5))["candle"]["close"] == 43000.25
+            await chromium.wait_for(f"{cell('BTCUSDT', 'price')} === '43,000.25'", timeout=10)
 
 
 async def test_live_page_shows_a_quote_pushed_on_ws_rates(
