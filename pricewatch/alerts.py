@@ -9,7 +9,8 @@ outbox rows over SMTP with bounded concurrency, retrying with exponential backof
 Exactly once: an outbox row is marked `sent` only after the SMTP server accepted the
 message, and once accepted the record is finished even during a shutdown. The one window for
 a duplicate is a crash (power loss, SIGKILL) between that acceptance and the single local
-commit that records it; a restart then sends that one email again.
+commit that records it, or a shutdown cutting off a send whose answer to DATA had not come
+within the grace period; a restart then sends that one email again.
 """
 
 from __future__ import annotations
