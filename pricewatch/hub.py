@@ -1,10 +1,12 @@
 """The hub: owns every websocket client and fans messages out without blocking the caller.
 
-Each client has a bounded queue and one sender task. `send()` is synchronous and never
-waits: the tick path calls it with bytes serialised once for all receivers. A client whose
-queue overflowed and has not drained empty within `slow_timeout` seconds, or whose socket
-write takes longer than `send_timeout`, is closed with 1008 and counted; it never slows
-anyone else.
+`publish()`/`send()` are synchronous and never wait. A message is serialised once and framed
+once (server frames are unmasked, so one websocket frame serves every receiver); for a
+client that keeps up it is written straight to its socket. Only a client whose socket
+buffer is full gets its frames queued (bounded), and a sender task writes them as the
+buffer drains, in order. A client whose queue overflowed and has not drained empty within
+`slow_timeout` seconds, or whose socket stays full for longer than `send_timeout`, is closed
+with 1008 and counted; it never slows anyone else.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import suppress
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, web
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +29,22 @@ GOING_AWAY = WSCloseCode.GOING_AWAY  # 1001
 class Client:
     """One websocket connection and what it listens to."""
 
-    __slots__ = ("ws", "request", "endpoint", "user_id", "queue", "sender", "full_since",
-                 "sending_since", "expires", "family",
-                 "closed", "topics")
+    __slots__ = ("ws", "request", "transport", "endpoint", "user_id", "queue", "sender",
+                 "full_since", "sending_since", "pending", "expires", "family", "closed",
+                 "topics")
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, endpoint: str,
                  user_id: int | None, queue_size: int):
         self.ws = ws
         self.request = request
+        self.transport = request.transport
         self.endpoint = endpoint
         self.user_id = user_id
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(queue_size)
         self.sender: asyncio.Task | None = None
         self.full_since: float | None = None
-        self.sending_since: float | None = None  # loop time a socket write began, if stuck
+        self.sending_since: float | None = None  # loop time the socket buffer filled up
+        self.pending = False  # the sender holds a frame it waits to write
         self.expires: float | None = None  # an authenticated client's token expiry (epoch s)
         self.family: str | None = None  # ... and the login it belongs to
         self.closed = False
@@ -51,8 +55,9 @@ class Hub:
     """Every open websocket, their topic subscriptions and the slow-client policy."""
 
     def __init__(self, queue_size: int = 512, slow_timeout: float = 5.0,
-                 send_timeout: float = 5.0):
+                 send_timeout: float = 5.0, write_limit: int = 64 * 1024):
         self.queue_size = queue_size
+        self.write_limit = write_limit  # socket buffer bytes past which frames are queued
         self.slow_timeout = slow_timeout
         self.send_timeout = send_timeout
         self.clients: set[Client] = set()
@@ -113,38 +118,50 @@ class Hub:
         return topic in self.topics
 
     def publish(self, topic: object, data: bytes) -> None:
-        """Queue `data` for every subscriber of `topic` (no-op without subscribers)."""
+        """Send `data` to every subscriber of `topic` (no-op without subscribers)."""
         members = self.topics.get(topic)
         if members:
+            framed = frame(data)
+            deliver = self._deliver
             for client in tuple(members):
-                self.send(client, data)
+                deliver(client, framed)
 
     def send_user(self, user_id: int, data: bytes) -> None:
-        for client in tuple(self.by_user.get(user_id, ())):
-            self.send(client, data)
+        clients = self.by_user.get(user_id)
+        if clients:
+            framed = frame(data)
+            for client in tuple(clients):
+                self._deliver(client, framed)
 
     def send(self, client: Client, data: bytes) -> None:
-        """Queue one message for one client without waiting; enforce the slow policy."""
-        if client.closed:
+        """Send one message to one client without waiting."""
+        self._deliver(client, frame(data))
+
+    def _deliver(self, client: Client, framed: bytes) -> None:
+        """Write a frame now if the client keeps up, else queue it; enforce the slow policy."""
+        if client.closed or client.ws.closed:
+            return
+        transport = client.transport
+        if transport is None or transport.is_closing():
             return
         queue = client.queue
+        if not client.pending and not queue.qsize():
+            buffered = transport.get_write_buffer_size()
+            if buffered < self.write_limit:
+                # Nothing waits ahead of it and the socket has room: straight out, in order.
+                # (aiohttp's own frames, pings and close, are whole writes too.)
+                transport.write(framed)
+                if client.full_since is not None and buffered == 0:
+                    client.full_since = None  # caught up: queue empty, socket flushed
+                return
         try:
-            queue.put_nowait(data)
+            queue.put_nowait(framed)
         except asyncio.QueueFull:
             now = time.monotonic()
             if client.full_since is None:
                 client.full_since = now
             elif now - client.full_since >= self.slow_timeout:
                 self.drop(client, "send queue full")
-            return
-        # The clock runs from the first overflow until the client has caught up (its queue
-        # was empty and its socket buffer flushed), not until one slot frees: a client
-        # taking only part of what it is sent frees slots now and then, and would otherwise
-        # lose messages forever, never dropped.
-        if client.full_since is not None and queue.qsize() == 1:
-            transport = client.request.transport
-            if transport is None or transport.get_write_buffer_size() == 0:
-                client.full_since = None
 
     def end_session(self, client: Client) -> None:
         """Close a client whose token expired or whose login was revoked (1008)."""
@@ -168,12 +185,13 @@ class Hub:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _close(self, client: Client, code: int, message: bytes) -> None:
+    async def _close(self, client: Client, code: int, message: bytes,
+                     timeout: float = 1.0) -> None:
         if client.sender is not None and client.sender is not asyncio.current_task():
             client.sender.cancel()
         closed = False
         try:
-            await asyncio.wait_for(client.ws.close(code=code, message=message), timeout=1.0)
+            await asyncio.wait_for(client.ws.close(code=code, message=message), timeout)
             closed = True
         except (TimeoutError, ConnectionError, RuntimeError):
             pass
@@ -195,18 +213,25 @@ class Hub:
                     transport.abort()
 
     async def _sender(self, client: Client) -> None:
-        # No per-message timeout (asyncio.wait_for costs a task and a timer per send): the
-        # watchdog drops a client whose write has been stuck for longer than send_timeout.
-        ws, queue = client.ws, client.queue
+        """Write the client's queued frames, in order, as its socket buffer drains. The
+        watchdog drops a client whose buffer stays full longer than send_timeout."""
+        queue, transport = client.queue, client.transport
         clock = asyncio.get_running_loop().time
-        try:
-            while True:
-                data = await queue.get()
-                client.sending_since = clock()
-                await ws.send_frame(data, WSMsgType.TEXT)
-                client.sending_since = None
-        except (ConnectionError, RuntimeError):
-            pass  # the peer went away; the handler's read loop ends and detaches
+        while True:
+            framed = await queue.get()
+            client.pending = True
+            pause = 0.005
+            while (transport.get_write_buffer_size() >= self.write_limit
+                   and not transport.is_closing()):
+                if client.sending_since is None:
+                    client.sending_since = clock()
+                await asyncio.sleep(pause)  # only clients that fell behind ever wait here
+                pause = min(pause * 2, 0.1)
+            client.sending_since = None
+            client.pending = False
+            if client.closed or client.ws.closed or transport.is_closing():
+                return
+            transport.write(framed)
 
     async def watchdog(self) -> None:
         """Run until cancelled: drop clients stuck in a write, or full, for too long, and end
@@ -234,7 +259,9 @@ class Hub:
         for client in clients:
             client.closed = True
             self._forget(client)
-        await asyncio.gather(*(self._close(c, code, b"server shutdown") for c in clients),
+        # Half a second for each peer's closing handshake (all at once), then cut it off:
+        # shutdown must stay under 5 s even with thousands of busy clients.
+        await asyncio.gather(*(self._close(c, code, b"server shutdown", 0.5) for c in clients),
                              return_exceptions=True)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
@@ -242,3 +269,15 @@ class Hub:
     def counts(self) -> Counter:
         return Counter(c.endpoint for c in self.clients)
 
+
+
+def frame(data: bytes) -> bytes:
+    """`data` as one unmasked, final websocket text frame (RFC 6455 section 5.2)."""
+    size = len(data)
+    if size < 126:
+        header = bytes((0x81, size))
+    elif size < 1 << 16:
+        header = bytes((0x81, 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + size.to_bytes(8, "big")
+    return header + data

@@ -28,7 +28,8 @@ from websockets.asyncio.client import connect as ws_client_connect
 from websockets.exceptions import ConnectionClosed
 
 from pricewatch import server as server_mod
-from pricewatch.market import HUB
+from pricewatch.feeds import Tick
+from pricewatch.market import HUB, MARKET
 
 DATA = Path(__file__).parent / "data"
 T0 = 1704067200000  # 2024-01-01T00:00:00Z
@@ -619,3 +620,30 @@ async def test_upstream_close_reconnects_the_server_feed(
     feed = body["feeds"]["binance"]
     assert feed["state"] == "connected" and feed["reconnects"] >= 1
     assert feed["messages"] >= 1
+
+
+@pytest.mark.parametrize("candles", [1, 3, 1000])  # frames of <126 B, <64 KiB and >64 KiB
+async def test_snapshots_of_every_size_arrive_intact(server, http, candles):
+    """The hub frames each message itself (one frame for all receivers): every length
+    encoding must decode in a real client, and two clients get the same thing."""
+    market = server.app[MARKET]
+    for i in range(candles):
+        market.on_tick(Tick("BTCUSDT", 100.0 + i, 0.5, T0 + i * 1000, i + 1))
+    query = {"symbol": "BTCUSDT", "timeframe": "1s", "limit": 1000}
+    async with http.ws_connect(server.ws_url("/ws/ohlc/")) as a, \
+            http.ws_connect(server.ws_url("/ws/ohlc/")) as b:
+        got = []
+        for ws in (a, b):
+            await ws.send_json(query)
+            msg = await ws.receive(timeout=5)
+            assert msg.type == WSMsgType.TEXT
+            got.append(msg.data)
+        snapshot = orjson.loads(got[0])
+        assert got[0] == got[1] and len(snapshot["data"]) == candles
+        assert snapshot["data"][-1]["close"] == 100.0 + candles - 1
+        if candles == 1000:
+            assert len(got[0]) > 65536
+        market.on_tick(Tick("BTCUSDT", 5.0, 1, T0 + candles * 1000, candles + 1))
+        for ws in (a, b):  # small frames after a big one: the stream stays in step
+            update = await ws.receive_json(timeout=5)
+            assert update["type"] == "candle" and update["candle"]["close"] == 5.0
