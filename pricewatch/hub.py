@@ -196,9 +196,8 @@ class Hub:
         except (TimeoutError, ConnectionError, RuntimeError):
             pass
         except asyncio.CancelledError:
-            # aiohttp shares one drain future per connection and does not shield it: the
-            # sender's timed-out (or cancelled) write cancelled it, so close() waiting on it
-            # raises CancelledError too. Only a cancellation of this task is passed on.
+            # close() may wait on aiohttp's per-connection drain future, which a cancelled
+            # writer elsewhere can cancel. Only a cancellation of this task is passed on.
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise
@@ -208,9 +207,8 @@ class Hub:
                 # (Not `if not ws.closed`: close() marks the socket closed before it writes,
                 # and a graceful transport close would wait forever to flush to that peer,
                 # keeping its handler and socket alive.)
-                transport = client.request.transport
-                if transport is not None:
-                    transport.abort()
+                if client.transport is not None:
+                    client.transport.abort()
 
     async def _sender(self, client: Client) -> None:
         """Write the client's queued frames, in order, as its socket buffer drains. The
@@ -234,24 +232,29 @@ class Hub:
             transport.write(framed)
 
     async def watchdog(self) -> None:
-        """Run until cancelled: drop clients stuck in a write, or full, for too long, and end
-        sessions whose token expired or whose login was revoked (logout, token reuse)."""
-        loop = asyncio.get_running_loop()
+        """Run until cancelled, sweeping (see `sweep`) several times per timeout period."""
         while True:
             await asyncio.sleep(min(1.0, self.send_timeout / 4, self.slow_timeout / 4))
-            now, mono, wall = loop.time(), time.monotonic(), time.time()
-            for client in tuple(self.clients):
-                if client.closed:
-                    continue
-                if client.expires is not None and (
-                        wall >= client.expires or self.revoked(client.family)):
-                    self.end_session(client)
-                elif (client.sending_since is not None
-                        and now - client.sending_since > self.send_timeout):
-                    self.drop(client, f"send took over {self.send_timeout}s")
-                elif (client.full_since is not None
-                        and mono - client.full_since >= self.slow_timeout):
-                    self.drop(client, "send queue full")
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Drop clients stuck behind a full socket, or still behind after overflowing, for
+        too long; end sessions whose token expired or whose login was revoked."""
+        now, mono, wall = asyncio.get_running_loop().time(), time.monotonic(), time.time()
+        for client in tuple(self.clients):
+            if client.closed:
+                continue
+            if client.expires is not None and (
+                    wall >= client.expires or self.revoked(client.family)):
+                self.end_session(client)
+            elif (client.sending_since is not None
+                    and now - client.sending_since > self.send_timeout):
+                self.drop(client, f"send took over {self.send_timeout}s")
+            elif (client.full_since is not None and (client.queue.qsize() or client.pending)
+                    and mono - client.full_since >= self.slow_timeout):
+                # A client that overflowed once but has emptied its queue since is not
+                # behind any more, even if no new message has come to prove it.
+                self.drop(client, "send queue full")
 
     async def close_all(self, code: int = GOING_AWAY) -> None:
         """Close every client (shutdown: 1001 going away)."""
