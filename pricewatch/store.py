@@ -1,4 +1,4 @@
-"""SQLite persistence: the only module that speaks SQL.
+"""SQLite persistence: the only module that speaks SQL (its schema's DDL is in schema.py).
 
 One writer connection (serialised by a lock, explicit `BEGIN IMMEDIATE` transactions) and
 one reader connection (WAL lets it read committed data while a write is in progress).
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import aiosqlite
 
 from . import clock
+from .schema import MIGRATIONS
 
 log = logging.getLogger(__name__)
 
@@ -32,76 +33,6 @@ class NotFound(StoreError):
 
 class Conflict(StoreError):
     """The write conflicts with existing state (duplicate, wrong status, cap reached)."""
-
-
-# Ordered migrations: index + 1 is the schema version. Append only; never edit a shipped one.
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE users (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        username TEXT NOT NULL UNIQUE,
-        email TEXT NOT NULL,
-        password_hash TEXT NOT NULL,
-        is_admin INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL
-    );
-    CREATE TABLE refresh_tokens (
-        jti TEXT PRIMARY KEY,
-        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-        family TEXT NOT NULL,
-        issued_at REAL NOT NULL,
-        expires_at REAL NOT NULL,
-        spent_at REAL,
-        revoked_at REAL
-    );
-    CREATE INDEX refresh_tokens_family ON refresh_tokens(family);
-    CREATE TABLE quotes (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        from_currency TEXT NOT NULL,
-        to_currency TEXT NOT NULL,
-        rate REAL NOT NULL,
-        bid REAL,
-        ask REAL,
-        source_time TEXT NOT NULL,
-        fetched_at REAL NOT NULL
-    );
-    CREATE TABLE alerts (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-        asset TEXT NOT NULL,
-        price REAL NOT NULL,
-        direction TEXT NOT NULL CHECK (direction IN ('above', 'below')),
-        status TEXT NOT NULL DEFAULT 'CREATED'
-            CHECK (status IN ('CREATED', 'TRIGGERED', 'DELETED')),
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        triggered_at REAL,
-        triggered_price REAL,
-        notified TEXT CHECK (notified IN ('pending', 'sent', 'failed'))
-    );
-    CREATE INDEX alerts_user_status ON alerts(user_id, status, id);
-    CREATE INDEX alerts_status ON alerts(status);
-    CREATE TABLE outbox (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        alert_id INTEGER NOT NULL UNIQUE REFERENCES alerts(id) ON DELETE CASCADE,
-        recipient TEXT NOT NULL,
-        status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'failed')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at REAL NOT NULL,
-        last_error TEXT,
-        created_at REAL NOT NULL,
-        sent_at REAL
-    );
-    CREATE INDEX outbox_due ON outbox(status, next_attempt_at);
-    CREATE TABLE feeds (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        url TEXT NOT NULL UNIQUE,
-        created_by INTEGER REFERENCES users(id) ON DELETE SET NULL,
-        created_at REAL NOT NULL
-    );
-    """,
-]
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,17 +30,16 @@ from pricewatch.alphavantage import (
 from pricewatch.feeds import (
     BinanceFeed,
     Book,
-    DemoFeed,
     Feed,
     FeedConfigError,
     FeedRefused,
     ParseError,
-    ReplayFeed,
     ServerShutdown,
     Tick,
     decode_event,
     make_feed,
 )
+from pricewatch.offline_feeds import DemoFeed, ReplayFeed
 
 DATA = Path(__file__).parent / "data"
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
