@@ -57,6 +57,16 @@ class Trader:
         await self.next_of("price", symbol=symbol, price=price)
         await self.server.app[ENGINE].drained()
 
+    async def cross_new_alert(self, direction: str = "above") -> dict:
+        """Trade at 100, create an alert one away, then trade across it; returns the alert."""
+        await self.trade(100.0)
+        target = 101.0 if direction == "above" else 99.0
+        status, alert = await create(self.http, self.server, self.token, asset="BTCUSDT",
+                                     price=target, direction=direction)
+        assert status == 201, alert
+        await self.trade(target + (1.0 if direction == "above" else -1.0))
+        return alert
+
     async def alert_event(self, alert_id: int) -> dict:
         for event in self.alerts:
             if event["id"] == alert_id:
@@ -365,10 +375,7 @@ async def test_email_waits_for_smtp_that_is_down_then_arrives_once(make_settings
         tok = (await register(http, server))["access"]
         notifier = server.app[NOTIFIER]
         async with Trader(fake, server, http, tok) as market:
-            await market.trade(100.0)
-            _, alert = await create(http, server, tok, asset="BTCUSDT", price=101.0,
-                                    direction="above")
-            await market.trade(102.0)
+            alert = await market.cross_new_alert()
             await notifier.wait_until(lambda: notifier.attempts >= 2, timeout=10)
             assert (await fetch(http, server, tok, alert["id"]))[1]["notified"] == "pending"
             async with SmtpSink(port=port) as smtp:
@@ -388,10 +395,7 @@ async def test_smtp_rejections(make_settings, http, fake, reply, rejected, outco
             tok = (await register(http, server))["access"]
             notifier = server.app[NOTIFIER]
             async with Trader(fake, server, http, tok) as market:
-                await market.trade(100.0)
-                _, alert = await create(http, server, tok, asset="BTCUSDT", price=99.0,
-                                        direction="below")
-                await market.trade(98.0)
+                alert = await market.cross_new_alert("below")
                 await notifier.wait_until(lambda: notifier.sent + notifier.failed >= 1,
                                           timeout=10)
             assert smtp.rejected == rejected
@@ -405,10 +409,7 @@ async def test_pending_email_is_sent_once_after_a_restart(make_settings, http, f
     async with LiveServer(settings) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
-            await market.trade(100.0)
-            _, alert = await create(http, server, tok, asset="BTCUSDT", price=101.0,
-                                    direction="above")
-            await market.trade(101.0)
+            alert = await market.cross_new_alert()
             notifier = server.app[NOTIFIER]
             await notifier.wait_until(lambda: notifier.attempts >= 1, timeout=10)
     # Stopped with the email pending (SMTP was down). Start mail, then the server again.
@@ -444,10 +445,7 @@ async def test_email_fails_after_the_configured_attempts(make_settings, http, fa
         tok = (await register(http, server))["access"]
         notifier = server.app[NOTIFIER]
         async with Trader(fake, server, http, tok) as market:
-            await market.trade(100.0)
-            _, alert = await create(http, server, tok, asset="BTCUSDT", price=101.0,
-                                    direction="above")
-            await market.trade(101.0)
+            alert = await market.cross_new_alert()
             await notifier.wait_until(lambda: notifier.failed >= 1, timeout=10)
         assert notifier.attempts == 3 and notifier.sent == 0
         assert (await fetch(http, server, tok, alert["id"]))[1]["notified"] == "failed"
@@ -462,10 +460,7 @@ async def test_shutdown_while_smtp_is_slow_to_say_goodbye_sends_no_duplicate(mak
         async with LiveServer(settings) as server:
             tok = (await register(http, server))["access"]
             async with Trader(fake, server, http, tok) as market:
-                await market.trade(100.0)
-                _, alert = await create(http, server, tok, asset="BTCUSDT", price=101.0,
-                                        direction="above")
-                await market.trade(101.0)
+                alert = await market.cross_new_alert()
                 await smtp.wait_messages(1)  # DATA accepted; the client now waits on QUIT
         async with LiveServer(settings) as server:
             assert (await fetch(http, server, tok, alert["id"]))[1]["notified"] == "sent"
@@ -504,10 +499,7 @@ async def test_an_email_the_library_cannot_send_fails_once_not_forever(make_sett
         tok = (await register(http, server))["access"]
         notifier = server.app[NOTIFIER]
         async with Trader(fake, server, http, tok) as market:
-            await market.trade(100.0)
-            _, alert = await create(http, server, tok, asset="BTCUSDT", price=101.0,
-                                    direction="above")
-            await market.trade(101.0)
+            alert = await market.cross_new_alert()
             await notifier.wait_until(lambda: notifier.failed >= 1, timeout=10)
         assert notifier.attempts == 1 and smtp.messages == []
         assert (await fetch(http, server, tok, alert["id"]))[1]["notified"] == "failed"
