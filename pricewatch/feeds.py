@@ -109,28 +109,27 @@ BookCallback = Callable[[Book], object]
 # --------------------------------------------------------------------------- parsers
 
 
-def _price(value: object, name: str) -> float:
-    """A finite number > 0 from a decimal string (or a JSON number, as replay files may hold)."""
+def _number(value: object, name: str, zero_ok: bool = False) -> float:
+    """A finite number > 0 (>= 0 with `zero_ok`) from a decimal string (or a JSON number, as
+    replay files may hold); raises ParseError otherwise."""
     if type(value) is str or (type(value) in (int, float)):
         try:
             v = float(value)  # type: ignore[arg-type]
         except ValueError:
             raise ParseError("bad_number", f"{name}={value!r}") from None
-        if 0.0 < v < math.inf:  # also false for NaN
+        if (0.0 < v or (zero_ok and v == 0.0)) and v < math.inf:  # also false for NaN
             return v
     raise ParseError("bad_number", f"{name}={value!r}")
+
+
+def _price(value: object, name: str) -> float:
+    """A finite price > 0."""
+    return _number(value, name)
 
 
 def _qty(value: object, name: str) -> float:
-    """A finite number >= 0."""
-    if type(value) is str or (type(value) in (int, float)):
-        try:
-            v = float(value)  # type: ignore[arg-type]
-        except ValueError:
-            raise ParseError("bad_number", f"{name}={value!r}") from None
-        if 0.0 <= v < math.inf:
-            return v
-    raise ParseError("bad_number", f"{name}={value!r}")
+    """A finite quantity >= 0."""
+    return _number(value, name, zero_ok=True)
 
 
 def _int(value: object, name: str) -> int:
