@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
         if f.name in _NO_OPTION:
             continue
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar="VALUE",
-                            help=f"env {names[f.name]} (default: {_show(f.default)})")
+                            help=f"{f.metadata['help']} (env {names[f.name]}, default: "
+                                 f"{_show(f.default)})")
     sub = parser.add_subparsers(dest="command")
     create = sub.add_parser("createuser", help="create a user (password from the prompt or "
                                                "PRICEWATCH_PASSWORD)")

@@ -23,6 +23,7 @@ import jwt
 from aiohttp import web
 
 from . import clock
+from .addresses import client_address
 from .api import REQUIRED, ApiError, invalid, json_response, not_authenticated, read_json
 from .config import Settings
 from .store import Conflict, Store
@@ -340,7 +341,7 @@ async def token(request: web.Request) -> web.Response:
     username, password = values["username"], values["password"]
     # No real username is longer than 150: such a name cannot log in, and is not kept as a
     # limiter key (it still counts against the address).
-    keys = ("user:" + username[:151], "addr:" + (request.remote or "?"))
+    keys = ("user:" + username[:151], "addr:" + client_address(request))
     wait = auth.limiter.retry_after(*keys)
     if wait is not None:
         raise ApiError(429, "rate_limited", "Too many failed logins; try again later.",

@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
 PREFIX = "PRICEWATCH_"
@@ -121,51 +122,126 @@ def _opt(parse):
     return parse_optional
 
 
-def _var(env: str, parse, default, secret: bool = False):
-    """A settings field read from PRICEWATCH_<env> with `parse(name, raw)`."""
-    return field(default=default, metadata={"env": env, "parse": parse, "secret": secret})
+def _networks(name: str, raw: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """Comma-separated IPs or CIDRs (`10.0.0.0/8, ::1`)."""
+    nets = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            nets.append(ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(f"{name}: {item!r} is not an IP address or CIDR") from None
+    return tuple(nets)
+
+
+def _public_url(name: str, raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^\s?#]*)?", value):
+        raise ConfigError(f"{name} must be an http(s) base URL like https://prices.example.com, "
+                          f"got {raw!r}")
+    return value
+
+
+def _var(env: str, parse, default, help: str, secret: bool = False):
+    """A settings field read from PRICEWATCH_<env> with `parse(name, raw)`; `help` feeds
+    `--help` and the README table."""
+    return field(default=default,
+                 metadata={"env": env, "parse": parse, "secret": secret, "help": help})
 
 
 @dataclass(frozen=True)
 class Settings:
-    host: str = _var("HOST", _str, "127.0.0.1")
-    port: int = _var("PORT", _int(0, 65535), 8000)
-    db: str = _var("DB", _str, "./pricewatch.db")
-    jwt_secret: str | None = _var("JWT_SECRET", _opt(_secret), None, secret=True)
-    access_ttl: int = _var("ACCESS_TTL", _int(1, 10**8), 1800)
-    refresh_ttl: int = _var("REFRESH_TTL", _int(1, 10**9), 604800)
-    symbols: tuple[str, ...] = _var("SYMBOLS", _symbols, ("BTCUSDT", "ETHUSDT"))
-    feed: str = _var("FEED", _feed, "binance")
-    feed_stale_after: float = _var("FEED_STALE_AFTER", _float(0.1, 86400), 60.0)
-    replay_speed: float = _var("REPLAY_SPEED", _float(0, 1e6), 0.0)
-    binance_ws_url: str = _var("BINANCE_WS_URL", _ws_url, "wss://stream.binance.com:9443")
-    alphavantage_url: str = _var(
-        "ALPHAVANTAGE_URL", _http_url, "https://www.alphavantage.co/query"
-    )
-    alphavantage_api_key: str | None = _var(
-        "ALPHAVANTAGE_API_KEY", _opt(_str), None, secret=True
-    )
-    alphavantage_interval: float = _var("ALPHAVANTAGE_INTERVAL", _float(0.01, 1e7), 3600.0)
-    alphavantage_timeout: float = _var("ALPHAVANTAGE_TIMEOUT", _float(0.1, 600), 10.0)
-    quote_pairs: tuple[tuple[str, str], ...] = _var("QUOTE_PAIRS", _pairs, (("BTC", "USD"),))
-    smtp_host: str | None = _var("SMTP_HOST", _opt(_str), None)
-    smtp_port: int = _var("SMTP_PORT", _int(1, 65535), 25)
-    smtp_user: str | None = _var("SMTP_USER", _opt(_str), None)
-    smtp_password: str | None = _var("SMTP_PASSWORD", _opt(_str), None, secret=True)
-    smtp_starttls: bool = _var("SMTP_STARTTLS", _bool, False)
-    smtp_timeout: float = _var("SMTP_TIMEOUT", _float(0.1, 600), 30.0)
-    smtp_concurrency: int = _var("SMTP_CONCURRENCY", _int(1, 100), 8)
-    smtp_max_attempts: int = _var("SMTP_MAX_ATTEMPTS", _int(1, 1000), 8)
-    smtp_retry_base: float = _var("SMTP_RETRY_BASE", _float(0.01, 3600), 2.0)
-    mail_from: str = _var("MAIL_FROM", _str, "pricewatch@localhost")
-    bcrypt_rounds: int = _var("BCRYPT_ROUNDS", _int(4, 16), 12)
-    max_alerts_per_user: int = _var("MAX_ALERTS_PER_USER", _int(1, 10**7), 1000)
-    login_max_failures: int = _var("LOGIN_MAX_FAILURES", _int(1, 10**6), 10)
-    login_window: float = _var("LOGIN_WINDOW", _float(1, 86400), 300.0)
-    allow_private_feeds: bool = _var("ALLOW_PRIVATE_FEEDS", _bool, False)
-    log_level: str = _var("LOG_LEVEL", _str, "INFO")
+    # -- serving
+    host: str = _var("HOST", _str, "127.0.0.1", "listen address")
+    port: int = _var("PORT", _int(0, 65535), 8000, "listen port")
+    db: str = _var("DB", _str, "./pricewatch.db",
+                   "SQLite database file (created and migrated on start)")
+    public_url: str | None = _var(
+        "PUBLIC_URL", _opt(_public_url), None,
+        "base URL for absolute links (pagination, emails); unset: built from the request")
+    log_level: str = _var("LOG_LEVEL", _str, "INFO", "DEBUG, INFO, WARNING or ERROR")
+    # -- auth
+    jwt_secret: str | None = _var(
+        "JWT_SECRET", _opt(_secret), None,
+        "HS256 signing key, at least 32 bytes (unset: generated once, kept in the DB)",
+        secret=True)
+    access_ttl: int = _var("ACCESS_TTL", _int(1, 10**8), 1800, "access token lifetime (s)")
+    refresh_ttl: int = _var("REFRESH_TTL", _int(1, 10**9), 604800,
+                            "refresh token lifetime (s)")
+    bcrypt_rounds: int = _var("BCRYPT_ROUNDS", _int(4, 16), 12, "bcrypt cost")
+    login_max_failures: int = _var(
+        "LOGIN_MAX_FAILURES", _int(1, 10**6), 10,
+        "failed logins per username or client address per window before 429")
+    login_window: float = _var("LOGIN_WINDOW", _float(1, 86400), 300.0,
+                               "the failed-login window (s)")
     # Read only by `createuser`; listed so that setting it is not an "unknown variable".
-    password: str | None = _var("PASSWORD", _opt(_str), None, secret=True)
+    password: str | None = _var(
+        "PASSWORD", _opt(_str), None,
+        "password for createuser (else prompted, or one line of standard input)", secret=True)
+    # -- limits: every client has a bounded cost
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = _var(
+        "TRUSTED_PROXIES", _networks, (),
+        "IPs/CIDRs of reverse proxies allowed to set the client address (X-Forwarded-For)")
+    max_ws_per_address: int = _var("MAX_WS_PER_ADDRESS", _int(1, 10**6), 64,
+                                   "open websockets per client address (all endpoints)")
+    ws_max_queue_bytes: int = _var(
+        "WS_MAX_QUEUE_BYTES", _int(1024, 2**31), 1048576,
+        "bytes of undelivered messages a websocket client may hold before 1008")
+    register_limit: int = _var("REGISTER_LIMIT", _int(1, 10**6), 10,
+                               "registrations per client address per hour")
+    quote_min_gap: float = _var(
+        "QUOTE_MIN_GAP", _float(0, 86400), 60.0,
+        "seconds between upstream fetches of one pair through POST /api/v1/quotes; 0: off")
+    alert_create_rate: int = _var("ALERT_CREATE_RATE", _int(1, 10**6), 60,
+                                  "alert creations per user per minute")
+    max_alerts_per_user: int = _var("MAX_ALERTS_PER_USER", _int(1, 10**7), 1000,
+                                    "active (CREATED) alerts a user may hold")
+    # -- markets
+    symbols: tuple[str, ...] = _var("SYMBOLS", _symbols, ("BTCUSDT", "ETHUSDT"),
+                                    "markets watched (comma-separated Binance symbols)")
+    feed: str = _var("FEED", _feed, "binance",
+                     "binance, demo (offline random walk), off, or replay:PATH")
+    feed_stale_after: float = _var(
+        "FEED_STALE_AFTER", _float(0.1, 86400), 60.0,
+        "seconds without a message before a live feed makes /healthz 503")
+    replay_speed: float = _var("REPLAY_SPEED", _float(0, 1e6), 0.0,
+                               "replay:PATH speed factor; 0 = as fast as possible")
+    binance_ws_url: str = _var("BINANCE_WS_URL", _ws_url, "wss://stream.binance.com:9443",
+                               "Binance websocket base")
+    allow_private_feeds: bool = _var(
+        "ALLOW_PRIVATE_FEEDS", _bool, False,
+        "let admins add feeds on loopback/private addresses (tests)")
+    # -- quotes
+    alphavantage_url: str = _var("ALPHAVANTAGE_URL", _http_url,
+                                 "https://www.alphavantage.co/query", "AlphaVantage quote API")
+    alphavantage_api_key: str | None = _var(
+        "ALPHAVANTAGE_API_KEY", _opt(_str), None,
+        "AlphaVantage key; unset: no polling, POST /api/v1/quotes answers 503", secret=True)
+    alphavantage_interval: float = _var("ALPHAVANTAGE_INTERVAL", _float(0.01, 1e7), 3600.0,
+                                        "seconds between AlphaVantage polls")
+    alphavantage_timeout: float = _var("ALPHAVANTAGE_TIMEOUT", _float(0.1, 600), 10.0,
+                                       "seconds per AlphaVantage call")
+    quote_pairs: tuple[tuple[str, str], ...] = _var(
+        "QUOTE_PAIRS", _pairs, (("BTC", "USD"),), "AlphaVantage FROM/TO pairs polled")
+    # -- mail
+    smtp_host: str | None = _var("SMTP_HOST", _opt(_str), None,
+                                 "SMTP server; unset: alert mail stays queued (pending)")
+    smtp_port: int = _var("SMTP_PORT", _int(1, 65535), 25, "SMTP port")
+    smtp_user: str | None = _var("SMTP_USER", _opt(_str), None, "SMTP login user")
+    smtp_password: str | None = _var("SMTP_PASSWORD", _opt(_str), None,
+                                     "SMTP login password", secret=True)
+    smtp_starttls: bool = _var("SMTP_STARTTLS", _bool, False, "use STARTTLS")
+    smtp_timeout: float = _var("SMTP_TIMEOUT", _float(0.1, 600), 30.0,
+                               "seconds per SMTP call")
+    smtp_concurrency: int = _var("SMTP_CONCURRENCY", _int(1, 100), 8,
+                                 "parallel SMTP connections")
+    smtp_max_attempts: int = _var("SMTP_MAX_ATTEMPTS", _int(1, 1000), 8,
+                                  "attempts before an email is marked failed")
+    smtp_retry_base: float = _var("SMTP_RETRY_BASE", _float(0.01, 3600), 2.0,
+                                  "first email retry delay (s), doubling")
+    mail_from: str = _var("MAIL_FROM", _str, "pricewatch@localhost", "sender of alert mail")
 
     @classmethod
     def from_env(

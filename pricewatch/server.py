@@ -21,6 +21,7 @@ from aiohttp.abc import AbstractAccessLogger
 from . import alerts_api, auth, feed_admin, market, openapi, quotes_api
 from .alerts import AlertEngine, Notifier
 from .alerts_api import ENGINE
+from .addresses import CLIENT_ADDRESSES, ClientAddresses, client_address
 from .alphavantage import QuotePoller
 from .api import ApiError, json_response
 from .config import Settings
@@ -297,6 +298,7 @@ def create_app(settings: Settings) -> web.Application:
                           middlewares=[metrics_middleware, error_middleware])
     app[HTTP_METRICS] = HttpMetrics()
     app[SETTINGS] = settings
+    app[CLIENT_ADDRESSES] = ClientAddresses(settings.trusted_proxies)
     app[HEALTH] = {}
     hub = Hub()
     app[HUB] = hub
@@ -345,8 +347,8 @@ class AccessLogger(AbstractAccessLogger):
         url = request.rel_url
         if "token" in url.query:
             url = url.update_query(token="***")
-        self.logger.info('%s "%s %s" %s %s %.6fs', request.remote, request.method, url,
-                         response.status, response.body_length, time)
+        self.logger.info('%s "%s %s" %s %s %.6fs', client_address(request), request.method,
+                         url, response.status, response.body_length, time)
 
 
 def run(settings: Settings) -> None:
