@@ -7,52 +7,103 @@ import asyncio
 import getpass
 import logging
 import os
+import sqlite3
 import sys
 from dataclasses import fields
 
 from .config import ConfigError, Settings, env_names
 
-# Settings that have no command-line option: secrets do not belong in `ps` output.
-_NO_OPTION = {"jwt_secret", "alphavantage_api_key", "smtp_password", "password"}
+# Shown for settings whose values are a fixed list or a pattern.
+_CHOICES = {"feed": "{binance,demo,off,replay:PATH}", "log_level": "{DEBUG,INFO,WARNING,ERROR}"}
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _option_fields() -> list:
+    """Settings that have a command-line option: all but the secrets, which would show in
+    `ps` output and shell history."""
+    return [f for f in fields(Settings) if not f.metadata["secret"]]
+
+
+def _secrets_text() -> str:
+    """The --help epilog: each secret variable with its help."""
+    names = env_names()
+    secrets = [f for f in fields(Settings) if f.metadata["secret"]]
+    width = max(len(names[f.name]) for f in secrets)
+    lines = [f"  {names[f.name]:<{width}}  {f.metadata['help']}" for f in secrets]
+    return ("Secrets have no option (they would show in `ps` and shell history); set them in "
+            "the\nenvironment or in ./.env:\n" + "\n".join(lines))
+
+
+def _options_parser() -> argparse.ArgumentParser:
+    """The serving options, shared by `pricewatch [options]` and `pricewatch serve [options]`.
+
+    Every default is SUPPRESS: an option not given leaves no attribute, so the subcommand's
+    parser never overwrites a value given before the subcommand.
+    """
+    options = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    group = options.add_argument_group("options (each also read from its environment variable)")
+    names = env_names()
+    for f in _option_fields():
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
+                           metavar=_CHOICES.get(f.name, "VALUE"),
+                           help=f"{f.metadata['help']} ({names[f.name]}, default: "
+                                f"{_show(f.default)})")
+    return options
 
 
 def _parser() -> argparse.ArgumentParser:
+    options = _options_parser()
     parser = argparse.ArgumentParser(
-        prog="pricewatch",
+        prog="pricewatch", parents=[options],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Self-hosted crypto price server. Every option can also be set by the "
-                    "environment variable shown, or in ./.env (the environment wins; an "
-                    "option wins over both).")
-    names = env_names()
-    for f in fields(Settings):
-        if f.name in _NO_OPTION:
-            continue
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar="VALUE",
-                            help=f"{f.metadata['help']} (env {names[f.name]}, default: "
-                                 f"{_show(f.default)})")
-    sub = parser.add_subparsers(dest="command")
-    create = sub.add_parser("createuser", help="create a user (password from the prompt or "
-                                               "PRICEWATCH_PASSWORD)")
+                    "environment\nvariable shown, or in ./.env (the environment wins; an "
+                    "option wins over both).",
+        epilog=_secrets_text())
+    sub = parser.add_subparsers(dest="command", metavar="{serve,createuser}")
+    sub.add_parser("serve", parents=[options], help="serve (the default)",
+                   description="Serve HTTP and websockets; the same options as without "
+                               "`serve`.")
+    create = sub.add_parser(
+        "createuser", help="create a user",
+        description="Create a user. The password comes from PRICEWATCH_PASSWORD, else the "
+                    "prompt on a terminal, else one line of standard input.")
     create.add_argument("username")
     create.add_argument("--email", required=True)
     create.add_argument("--admin", action="store_true", help="may manage feeds")
-    sub.add_parser("serve", help="serve (the default)")
     return parser
 
 
 def _show(value) -> str:
+    if value is None or value == ():
+        return "unset"
     if isinstance(value, tuple):
         return ",".join("/".join(v) if isinstance(v, tuple) else str(v) for v in value)
     return str(value)
 
 
+def _option_values(args: argparse.Namespace) -> dict[str, str]:
+    """The options given, as environment variables; raises ConfigError naming the option
+    (`--port`, not PRICEWATCH_PORT) when a value is malformed."""
+    names = env_names()
+    values = {}
+    for f in _option_fields():
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        option = "--" + f.name.replace("_", "-")
+        f.metadata["parse"](option, value)  # raises ConfigError naming the option
+        if f.name == "log_level" and value.upper() not in _LOG_LEVELS:
+            raise ConfigError(f"{option} must be DEBUG, INFO, WARNING or ERROR, got {value!r}")
+        values[names[f.name]] = value
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    environ = dict(os.environ)
-    names = env_names()
-    for name, value in vars(args).items():
-        if name in names and value is not None:
-            environ[names[name]] = value
     try:
+        environ = dict(os.environ)
+        environ.update(_option_values(args))
         settings = Settings.from_env(environ)
     except ConfigError as exc:
         print(f"pricewatch: configuration error: {exc}", file=sys.stderr)
@@ -63,17 +114,44 @@ def main(argv: list[str] | None = None) -> int:
         return _createuser(settings, args.username, args.email, args.admin)
     from .feeds import FeedConfigError
     from .server import run
+    from .startup import StartupError
 
     try:
         run(settings)
     except FeedConfigError as exc:
         print(f"pricewatch: configuration error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # e.g. the port is taken: one line, not a traceback
-        print(f"pricewatch: cannot serve on {settings.host}:{settings.port}: {exc}",
-              file=sys.stderr)
-        return 1
+    except StartupError as exc:  # database path, lock or port: one line, no traceback
+        print(f"pricewatch: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as exc:  # what the path checks could not foresee
+        print(f"pricewatch: database {settings.db}: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _read_password() -> str | None:
+    """The password for createuser: PRICEWATCH_PASSWORD (via settings), else asked twice on a
+    terminal, else one line of standard input. None (after one line on stderr) if there is
+    none."""
+    if sys.stdin is None or not sys.stdin.isatty():
+        line = sys.stdin.readline() if sys.stdin is not None else ""
+        if not line:
+            print("pricewatch: no password: set PRICEWATCH_PASSWORD or write it as one line "
+                  "to standard input", file=sys.stderr)
+            return None
+        return line.rstrip("\r\n")
+    try:
+        password = getpass.getpass("Password: ")
+        again = getpass.getpass("Password (again): ")
+    except (EOFError, KeyboardInterrupt):
+        print(file=sys.stderr)
+        print("pricewatch: no password given", file=sys.stderr)
+        return None
+    if password != again:
+        print("pricewatch: passwords differ", file=sys.stderr)
+        return None
+    return password
 
 
 def _createuser(settings: Settings, username: str, email: str, admin: bool) -> int:
@@ -86,12 +164,9 @@ def _createuser(settings: Settings, username: str, email: str, admin: bool) -> i
     if not EMAIL_RE.fullmatch(email):
         print("pricewatch: enter a valid email address", file=sys.stderr)
         return 2
-    password = settings.password
+    password = settings.password if settings.password is not None else _read_password()
     if password is None:
-        password = getpass.getpass("Password: ")
-        if password != getpass.getpass("Password (again): "):
-            print("pricewatch: passwords differ", file=sys.stderr)
-            return 2
+        return 2
     if len(password) < 8 or len(password.encode()) > MAX_PASSWORD_BYTES:
         print("pricewatch: password must be 8 characters to 72 bytes", file=sys.stderr)
         return 2

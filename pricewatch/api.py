@@ -6,6 +6,7 @@ Every 4xx/5xx body has the contract's shape `{"error", "detail", "fields"?}`; ha
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from typing import Any
@@ -14,6 +15,10 @@ import orjson
 from aiohttp import web
 
 REQUIRED = "This field is required."
+
+# Seconds a client has to send a request body once it is being read (408 `timeout` after).
+# Read at each request, so tests may lower it.
+BODY_TIMEOUT = 30.0
 
 
 class ApiError(Exception):
@@ -62,9 +67,17 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
 async def read_json(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
     """The request body as a JSON object. Raises ApiError 400 `invalid_json` otherwise.
 
-    The body size limit (64 KiB) is enforced by aiohttp while reading (413).
+    The body size limit (64 KiB) is enforced by aiohttp while reading (413). A body that is
+    not complete within `BODY_TIMEOUT` seconds is a 408 `timeout` (the connection then ends).
+    Numbers JSON allows but a float cannot hold (1e309, an integer of 400 digits) and NaN or
+    Infinity are returned as read, so that field validation can name the field.
     """
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(408, "timeout", f"The request body did not arrive within "
+                                       f"{BODY_TIMEOUT:g} s.") from None
     if not raw.strip():
         if optional:
             return {}
@@ -72,12 +85,15 @@ async def read_json(request: web.Request, *, optional: bool = False) -> dict[str
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        # orjson refuses NaN, Infinity and 1e309 outright; the stdlib parser reads them as
-        # floats so that validation can name the field instead of rejecting the whole body.
+        # orjson refuses NaN, Infinity, 1e309 and integers past 64 bits outright; the stdlib
+        # parser reads them (as floats, or as a big int) so that validation can name the
+        # field instead of rejecting the whole body.
         try:
             data = json.loads(raw)
-            orjson.dumps(data)  # what orjson refused for other reasons (lone surrogates...)
-        except (ValueError, RecursionError, TypeError, orjson.JSONEncodeError):
+            # What orjson refused for other reasons: strings that are not valid Unicode
+            # (lone surrogates written as \ud800 escapes) cannot be encoded back to UTF-8.
+            json.dumps(data, ensure_ascii=False).encode()
+        except (ValueError, RecursionError, TypeError):  # UnicodeError is a ValueError
             raise ApiError(400, "invalid_json", "Request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", "Request body must be a JSON object.")

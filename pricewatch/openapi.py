@@ -151,6 +151,8 @@ ERRORS: dict[str, tuple[int, tuple[str, ...], str, dict]] = {
     "NotFound": (404, ("not_found",), "No such resource (or it belongs to someone else).", {}),
     "Conflict": (409, ("conflict",), "Conflicts with the current state.", {}),
     "TooLarge": (413, ("payload_too_large",), "The body is over 64 KiB.", {}),
+    "Timeout": (408, ("timeout",), "The body did not arrive within 30 s; the connection "
+                                   "ends after this answer.", {}),
     "RateLimited": (429, ("rate_limited",), "Too many failed logins.", RETRY_AFTER),
     "UpstreamError": (502, ("upstream_error",), "AlphaVantage failed or answered garbage.",
                       {}),
@@ -200,12 +202,12 @@ def op(tag: str, summary: str, ok: dict[int, dict], *errors: str, auth: str | No
        text: str = "") -> dict:
     """One operation. auth: None (public), "user", "admin" or "user+query" (also `?token=`).
 
-    The errors an auth mode or a JSON body implies (401, 403, 400, 413) are added here.
+    The errors an auth mode or a JSON body implies (401, 403, 400, 408, 413) are added here.
     """
     implied = {"user": ("NotAuthenticated",), "user+query": ("NotAuthenticated",),
                "admin": ("NotAuthenticated", "Forbidden"), None: ()}[auth]
     if request is not None:
-        implied += ("BadBody", "TooLarge")
+        implied += ("BadBody", "TooLarge", "Timeout")
     return {"tag": tag, "summary": summary, "ok": ok, "errors": implied + errors, "auth": auth,
             "request": request, "body_required": body_required, "params": params,
             "text": text}

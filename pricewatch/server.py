@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
@@ -17,16 +18,18 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_protocol import RequestPayloadError
 
-from . import alerts_api, auth, feed_admin, market, openapi, quotes_api
+from . import alerts_api, auth, feed_admin, market, openapi, quotes_api, startup
+from .addresses import CLIENT_ADDRESSES, ClientAddresses, client_address
 from .alerts import AlertEngine, Notifier
 from .alerts_api import ENGINE
-from .addresses import CLIENT_ADDRESSES, ClientAddresses, client_address
 from .alphavantage import QuotePoller
 from .api import ApiError, json_response
 from .config import Settings
 from .feed_admin import EXTRA_FEEDS, HEALTH, ExtraFeeds, FeedRunner, binance_factory
 from .feeds import make_feed
+from .httpd import make_runner
 from .hub import Hub
 from .market import HUB, MARKET, Market
 from .metrics import HTTP_METRICS, Exposition, HttpMetrics, metrics_middleware, render_http
@@ -41,12 +44,17 @@ STORE = web.AppKey("store", Store)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# Codes for aiohttp's own HTTP errors. Beyond the contract's list, three are kept because
+# clients and the OpenAPI document already rely on them: `invalid_request` (400: no websocket
+# handshake on a websocket route, a malformed HTTP request or body), `method_not_allowed`
+# (405) and `internal` (500, a bug: never caused by request content).
 _STATUS_CODES = {
     400: "invalid_request",
     401: "not_authenticated",
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "timeout",
     409: "conflict",
     413: "payload_too_large",
     429: "rate_limited",
@@ -54,41 +62,87 @@ _STATUS_CODES = {
     503: "unavailable",
 }
 
+# Status recorded (access log, /metrics) for a request whose client went away before it could
+# be answered; nginx's "client closed request".
+CLIENT_CLOSED = 499
+
 
 def error_response(status: int, code: str, detail: str, fields: dict | None = None,
                    headers: dict | None = None) -> web.Response:
     body = {"error": code, "detail": detail}
     if fields is not None:
         body["fields"] = fields
-    return json_response(body, status=status, headers=headers)
+    response = json_response(body, status=status, headers=headers)
+    if status == 408:  # the body is incomplete: the connection cannot carry another request
+        response.force_close()
+    return response
+
+
+class Unanswered(web.StreamResponse):
+    """Stands for a request that gets no HTTP answer: its client is gone, or its response was
+    already started (an upgraded websocket above all, where HTTP bytes would corrupt the
+    stream). aiohttp writes nothing for it and closes the connection; its status is only
+    what the access log and /metrics record."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status=status)
+        self.force_close()
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every error, ours or aiohttp's, in the contract's JSON shape."""
+    """Render every error, ours or aiohttp's, in the contract's JSON shape, unless nothing may
+    be written any more (see `Unanswered`)."""
     try:
         return await handler(request)
-    except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.detail, exc.fields, exc.headers)
-    except NotFound as exc:
-        return error_response(404, "not_found", str(exc).capitalize() + ".")
-    except Conflict as exc:
-        return error_response(409, "conflict", str(exc).capitalize() + ".")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
-        if exc.status == 413:
+        error: Exception = exc
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        error = exc
+    gone = request.transport is None or request.transport.is_closing()
+    if gone or request.writer.output_size > 0:
+        if isinstance(error, (ConnectionError, RequestPayloadError, ApiError,
+                              web.HTTPException)):
+            log.debug("%s %s ended without an answer: %r", request.method, request.path,
+                      error)
+        else:
+            log.error("error in %s %s after its response was started", request.method,
+                      request.path, exc_info=error)
+        return Unanswered(CLIENT_CLOSED if gone else getattr(error, "status", 500))
+    return render_error(request, error)
+
+
+def render_error(request: web.Request, error: Exception) -> web.Response:
+    """The contract's error answer for an exception raised by a handler."""
+    if isinstance(error, ApiError):
+        return error_response(error.status, error.code, error.detail, error.fields,
+                              error.headers)
+    if isinstance(error, NotFound):
+        return error_response(404, "not_found", str(error).capitalize() + ".")
+    if isinstance(error, Conflict):
+        return error_response(409, "conflict", str(error).capitalize() + ".")
+    if isinstance(error, web.HTTPException):
+        headers = {k: v for k, v in error.headers.items() if k.lower() != "content-type"}
+        if error.status == 413:
             detail = f"Request body is larger than {MAX_BODY // 1024} KiB."
         else:
-            detail = exc.reason + "."
-        return error_response(exc.status, _STATUS_CODES.get(exc.status, "error"), detail,
+            detail = error.reason + "."
+        return error_response(error.status, _STATUS_CODES.get(error.status, "error"), detail,
                               headers=headers)
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(500, "internal", "Internal server error.")
+    if isinstance(error, RequestPayloadError):  # chunked encoding or length gone wrong
+        return error_response(400, "invalid_request", "Malformed request body.")
+    log.error("unhandled error in %s %s", request.method, request.path, exc_info=error)
+    return error_response(500, "internal", "Internal server error.")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -352,16 +406,47 @@ class AccessLogger(AbstractAccessLogger):
 
 
 def run(settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM, then shut down gracefully (within ~5 s)."""
-    app = create_app(settings)
+    """Serve until SIGINT/SIGTERM, then shut down gracefully (within ~5 s).
+
+    Before anything starts: the database path is checked and locked against a second
+    pricewatch, and the port is bound. Each failure raises `startup.StartupError` (one line
+    for `main()`); "pricewatch serving on ..." is logged only once the port is listening.
+    """
+    lock = startup.lock_database(settings.db)
+    try:
+        sockets = startup.bind(settings.host, settings.port)
+        try:
+            asyncio.run(_serve(settings, sockets))
+        finally:
+            startup.close_all(sockets)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+async def _serve(settings: Settings, sockets: list) -> None:
     started = time.monotonic()
-
-    async def announce(app: web.Application) -> None:
+    app = create_app(settings)
+    runner = make_runner(app, shutdown_timeout=1.0,
+                         access_log=logging.getLogger("pricewatch.access"),
+                         access_log_class=AccessLogger)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        try:
+            await runner.setup()  # the cleanup contexts: database, auth, feeds...
+        except BaseException:
+            await app.cleanup()  # close what did start (aiohttp leaves that to us)
+            raise
+        for sock in sockets:
+            await web.SockSite(runner, sock, shutdown_timeout=1.0).start()
+        port = sockets[0].getsockname()[1]
         log.info("pricewatch serving on http://%s:%d (feed %s, symbols %s) after %.2fs",
-                 settings.host, settings.port, settings.feed, ",".join(settings.symbols),
+                 settings.host, port, settings.feed, ",".join(settings.symbols),
                  time.monotonic() - started)
-
-    app.on_startup.append(announce)
-    web.run_app(app, host=settings.host, port=settings.port, shutdown_timeout=1.0,
-                print=None, access_log=logging.getLogger("pricewatch.access"),
-                access_log_class=AccessLogger)
+        await stop.wait()
+        log.info("pricewatch shutting down")
+    finally:
+        await runner.cleanup()

@@ -10,11 +10,13 @@ import pytest
 from aiohttp import web
 
 from pricewatch.config import Settings
+from pricewatch.httpd import make_runner
 from pricewatch.server import create_app
 
 
 class LiveServer:
-    """`create_app(settings)` served on 127.0.0.1 on a free port, as an async context."""
+    """`create_app(settings)` served on 127.0.0.1 on a free port, as an async context, by the
+    same runner as `python -m pricewatch` (slow-client limits included)."""
 
     def __init__(self, settings: Settings, port: int = 0):
         self.settings = settings
@@ -25,7 +27,7 @@ class LiveServer:
 
     async def __aenter__(self) -> LiveServer:
         self.app = create_app(self.settings)
-        self._runner = web.AppRunner(self.app, shutdown_timeout=1.0)
+        self._runner = make_runner(self.app, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()

@@ -51,11 +51,14 @@ def test_secrets_are_masked_in_repr():
     assert "s" * 40 not in repr(s) and "hunter22" not in repr(s) and "'***'" in repr(s)
 
 
-def run_cli(*args, env=None, cwd=None):
+def run_cli(*args, env=None, cwd=None, input=None):
+    """`python -m pricewatch ARGS` with no PRICEWATCH_* but `env`; standard input is `input`
+    (none: empty, never a terminal)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PRICEWATCH_")}
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "pricewatch", *args], env=full_env,
-                          cwd=cwd, capture_output=True, text=True, timeout=60)
+                          cwd=cwd, capture_output=True, text=True, timeout=60,
+                          input=input or "")
 
 
 def test_bad_value_stops_startup_with_one_line_and_exit_2(tmp_path):
@@ -66,11 +69,79 @@ def test_bad_value_stops_startup_with_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_bad_option_names_the_option_not_the_variable(tmp_path):
+    for args in (["--port", "abc"], ["serve", "--port", "abc"], ["--log-level", "loud"]):
+        result = run_cli(*args, cwd=tmp_path)
+        assert result.returncode == 2, args
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and args[-2] in lines[0] and "PRICEWATCH_" not in lines[0], lines
+
+
+def test_serve_takes_the_same_options_as_the_bare_command():
+    from pricewatch.__main__ import _option_values, _parser
+
+    parser = _parser()
+    for argv in (["serve", "--port", "9001", "--feed", "demo"],
+                 ["--port", "9001", "--feed", "demo"],
+                 ["--port", "1", "serve", "--port", "9001", "--feed", "demo"]):
+        values = _option_values(parser.parse_args(argv))
+        assert values == {"PRICEWATCH_PORT": "9001", "PRICEWATCH_FEED": "demo"}, argv
+    # An option given before `serve` survives the subcommand's own (absent) default.
+    assert _option_values(parser.parse_args(["--db", "x.db", "serve"])) == {
+        "PRICEWATCH_DB": "x.db"}
+
+
 def test_help_lists_options_with_their_variables(tmp_path):
     result = run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0
     assert "--port" in result.stdout and "PRICEWATCH_PORT" in result.stdout
     assert "createuser" in result.stdout
+
+
+def test_help_describes_options_shows_choices_and_names_the_secrets(tmp_path):
+    text = run_cli("--help", cwd=tmp_path).stdout
+    assert "listen port (PRICEWATCH_PORT, default: 8000)" in " ".join(text.split())
+    assert "--feed {binance,demo,off,replay:PATH}" in text
+    assert "--log-level {DEBUG,INFO,WARNING,ERROR}" in text
+    for secret in ("PRICEWATCH_JWT_SECRET", "PRICEWATCH_ALPHAVANTAGE_API_KEY",
+                   "PRICEWATCH_SMTP_PASSWORD", "PRICEWATCH_PASSWORD"):
+        assert secret in text, secret
+        assert "--" + secret[len("PRICEWATCH_"):].lower().replace("_", "-") not in text
+    serve = run_cli("serve", "--help", cwd=tmp_path)
+    assert serve.returncode == 0 and "--port" in serve.stdout
+
+
+def test_createuser_reads_one_line_of_standard_input(tmp_path):
+    db = str(tmp_path / "pw.db")
+    env = {"PRICEWATCH_DB": db, "PRICEWATCH_BCRYPT_ROUNDS": "4"}
+    result = run_cli("createuser", "bob", "--email", "b@x.io", env=env, cwd=tmp_path,
+                     input="piped pass 1\nignored second line\n")
+    assert result.returncode == 0, result.stderr
+    assert "created user bob" in result.stdout
+
+    import asyncio
+
+    import bcrypt
+
+    from pricewatch.store import Store
+
+    async def stored_hash() -> bytes:
+        store = await Store.open(db)
+        try:
+            return (await store.user_by_name("bob")).password_hash.encode()
+        finally:
+            await store.close()
+
+    assert bcrypt.checkpw(b"piped pass 1", asyncio.run(stored_hash()))
+
+
+def test_createuser_without_a_password_anywhere_is_one_line(tmp_path):
+    env = {"PRICEWATCH_DB": str(tmp_path / "pw.db")}
+    result = run_cli("createuser", "bob", "--email", "b@x.io", env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "PRICEWATCH_PASSWORD" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_createuser_makes_an_admin_that_can_log_in(tmp_path):
