@@ -12,7 +12,8 @@ aiohttp's per-connection protocol (`web.RequestHandler`) is used with three chan
 - An HTTP parser error (garbage, a bad method, a request line or header over 8190 bytes, too
   many headers) is answered in the contract's JSON error shape, `invalid_request` with 400 or
   431, and never echoes the request bytes back (aiohttp's own answer is text/plain with them).
-  It is logged at DEBUG: the internet sends such bytes all day.
+  It is logged at DEBUG: the internet sends such bytes all day. So is a body aiohttp cannot
+  decode (the app answers it 400 `invalid_request`, see server.error_middleware).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.web_log import AccessLogger
+from aiohttp.web_protocol import RequestPayloadError
 
 from .api import ApiError, json_response
 
@@ -66,6 +68,15 @@ class EdgeProtocol(web.RequestHandler):
         log.debug("no complete request head within %.1fs from %s: disconnected",
                   self.head_timeout, self.peername)
         self.force_close()
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        # aiohttp reads what is left of a body after the answer ("lingering"); a body it
+        # cannot decode (bad gzip...) then raises there and would be logged as an unhandled
+        # error with a traceback. The client already got its 400: that is not our error.
+        if isinstance(kwargs.get("exc_info"), RequestPayloadError):
+            log.debug("malformed request body from %s", self.peername)
+            return
+        super().log_exception(*args, **kwargs)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,

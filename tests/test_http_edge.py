@@ -168,6 +168,8 @@ MALFORMED = {
     "bad method": (400, f"G{MARKER}(T / HTTP/1.1\r\nHost: t\r\n\r\n"),
     "bad header": (400, f"GET / HTTP/1.1\r\nHost: t\r\n{MARKER} no colon\r\n\r\n"),
     "garbage": (400, f"\x16\x03\x01\x02\x00{MARKER}\r\n\r\n"),
+    "body not gzip": (400, "POST /auth/token HTTP/1.1\r\nHost: t\r\nContent-Encoding: gzip\r\n"
+                           f"Content-Length: {len(MARKER)}\r\n\r\n{MARKER}"),
 }
 
 
