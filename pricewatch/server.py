@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
@@ -139,7 +140,7 @@ def render_error(request: web.Request, error: Exception) -> web.Response:
             detail = error.reason + "."
         return error_response(error.status, _STATUS_CODES.get(error.status, "error"), detail,
                               headers=headers)
-    if isinstance(error, RequestPayloadError):  # chunked encoding or length gone wrong
+    if isinstance(error, RequestPayloadError):  # a body aiohttp cannot decode (bad gzip)
         return error_response(400, "invalid_request", "Malformed request body.")
     log.error("unhandled error in %s %s", request.method, request.path, exc_info=error)
     return error_response(500, "internal", "Internal server error.")
@@ -424,7 +425,7 @@ def run(settings: Settings) -> None:
             lock.release()
 
 
-async def _serve(settings: Settings, sockets: list) -> None:
+async def _serve(settings: Settings, sockets: list[socket.socket]) -> None:
     started = time.monotonic()
     app = create_app(settings)
     runner = make_runner(app, shutdown_timeout=1.0,
