@@ -13,7 +13,8 @@ from dataclasses import fields
 from .config import ConfigError, Settings, env_names
 
 # Settings that have no command-line option: secrets do not belong in `ps` output.
-_NO_OPTION = {"jwt_secret", "alphavantage_api_key", "smtp_password", "password"}
+_NO_OPTION = {"jwt_secret", "alphavantage_api_key", "smtp_password", "password",
+              "binance_api_key"}
 
 
 def _parser() -> argparse.ArgumentParser:

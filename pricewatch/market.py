@@ -66,7 +66,7 @@ class Market:
         latest.price = tick.price
         latest.time = tick.time
         self.ticks[symbol] += 1
-        self.candles.add(symbol, tick.price, tick.qty, tick.time)
+        self.candles.add(symbol, tick.price, tick.qty, tick.time, tick.count)
         for hook in self.trade_hooks:
             hook(tick)
         hub = self.hub

@@ -62,22 +62,23 @@ class _Candle:
         "start", "open", "high", "low", "close", "volume", "trades", "first_ts", "last_ts", "iso",
     )
 
-    def __init__(self, start: float, price: float, qty: float, ts_ms: int) -> None:
+    def __init__(self, start: float, price: float, qty: float, ts_ms: int,
+                 count: int = 1) -> None:
         self.start = start
         self.open = self.high = self.low = self.close = price
         self.volume = qty
-        self.trades = 1
+        self.trades = count
         self.first_ts = self.last_ts = ts_ms
         self.iso: str | None = None  # formatted on first read, then reused
 
-    def add(self, price: float, qty: float, ts_ms: int) -> None:
+    def add(self, price: float, qty: float, ts_ms: int, count: int = 1) -> None:
         # Same logic as the inlined copy in CandleBook.add; keep them in step.
         if price > self.high:
             self.high = price
         elif price < self.low:
             self.low = price
         self.volume += qty
-        self.trades += 1
+        self.trades += count
         if ts_ms >= self.last_ts:
             self.close = price
             self.last_ts = ts_ms
@@ -117,14 +118,15 @@ class _Ring:
         self.last = _NO_CANDLE  # == candles[-1] once there is one
         self.dropped = 0
 
-    def add_late(self, start: int, price: float, qty: float, ts_ms: int) -> bool:
+    def add_late(self, start: int, price: float, qty: float, ts_ms: int,
+                 count: int = 1) -> bool:
         """Put a trade whose candle is older than the newest one; False if it was dropped."""
         candles = self.candles
         # start < candles[-1].start, so i is a valid index.
         i = bisect_left(candles, start, key=_START)
         candle = candles[i]
         if candle.start == start:
-            candle.add(price, qty, ts_ms)
+            candle.add(price, qty, ts_ms, count)
             return True
         if len(candles) == candles.maxlen:
             if i == 0:
@@ -133,7 +135,7 @@ class _Ring:
             # Make room first: insert() into a full bounded deque raises.
             candles.popleft()
             i -= 1
-        candles.insert(i, _Candle(start, price, qty, ts_ms))
+        candles.insert(i, _Candle(start, price, qty, ts_ms, count))
         return True
 
     def find(self, start: int) -> _Candle | None:
@@ -177,8 +179,9 @@ class CandleBook:
         """A copy of the configured timeframes (name -> ms)."""
         return dict(self._timeframes)
 
-    def add(self, symbol: str, price: float, qty: float, ts_ms: int) -> None:
-        """Fold one trade (trade time `ts_ms`, ms since the epoch) into every timeframe."""
+    def add(self, symbol: str, price: float, qty: float, ts_ms: int, count: int = 1) -> None:
+        """Fold one trade (trade time `ts_ms`, ms since the epoch) into every timeframe;
+        `count` > 1 for an aggregate of several trades at one price and time."""
         rings = self._rings.get(symbol)
         if rings is None:
             rings = self._new_symbol(symbol)
@@ -193,7 +196,7 @@ class CandleBook:
                 elif price < c.low:
                     c.low = price
                 c.volume += qty
-                c.trades += 1
+                c.trades += count
                 if ts_ms >= c.last_ts:
                     c.close = price
                     c.last_ts = ts_ms
@@ -201,9 +204,9 @@ class CandleBook:
                     c.open = price
                     c.first_ts = ts_ms
             elif start > c.start:
-                c = ring.last = _Candle(start, price, qty, ts_ms)
+                c = ring.last = _Candle(start, price, qty, ts_ms, count)
                 ring.candles.append(c)  # the bounded deque evicts the oldest itself
-            elif not ring.add_late(start, price, qty, ts_ms):
+            elif not ring.add_late(start, price, qty, ts_ms, count):
                 dropped = True
         if dropped:
             self._dropped[symbol] += 1

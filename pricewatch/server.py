@@ -24,6 +24,7 @@ from .alerts_api import ENGINE
 from .addresses import CLIENT_ADDRESSES, ClientAddresses, client_address
 from .alphavantage import QuotePoller
 from .api import ApiError, json_response
+from .binance_rest import BinanceRest
 from .config import Settings
 from .feed_admin import EXTRA_FEEDS, HEALTH, ExtraFeeds, FeedRunner, binance_factory
 from .feeds import make_feed
@@ -126,8 +127,9 @@ async def metrics(request: web.Request) -> web.Response:
         for feed, health in healths.items():
             if key in health:
                 out.sample(name, health[key] or 0, feed=feed)
-    for key, text in [("gaps", "Trade-id gaps seen (missed trades), per symbol."),
-                      ("missed_trades", "Trades missed inside those gaps, per symbol.")]:
+    for key, text in [("gaps", "Trade-id gaps seen, per symbol."),
+                      ("missed_trades", "Trades missed and not recovered, per symbol."),
+                      ("backfilled_trades", "Missed trades recovered over REST, per symbol.")]:
         name = f"pricewatch_feed_{key}_total"
         out.metric(name, "counter", text)
         for feed, health in healths.items():
@@ -226,22 +228,33 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         await engine.stop()
 
 
-async def quotes_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The shared HTTP client session, and the AlphaVantage poller when a key is set."""
-    settings = app[SETTINGS]
+HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
+BINANCE_REST = web.AppKey("binance_rest", BinanceRest)
+
+
+async def http_session_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The one outgoing HTTP client session (AlphaVantage, Binance REST)."""
     async with aiohttp.ClientSession() as session:
-        quotes = app[quotes_api.QUOTES] = quotes_api.Quotes(settings, app[STORE], app[HUB],
-                                                            session)
-        if settings.alphavantage_api_key is None:
-            log.info("PRICEWATCH_ALPHAVANTAGE_API_KEY is not set: no quote polling")
-            yield
-            return
-        quotes.poller = QuotePoller(session, settings.alphavantage_url,
-                                    settings.alphavantage_api_key, list(settings.quote_pairs),
-                                    settings.alphavantage_interval, quotes.save,
-                                    timeout=settings.alphavantage_timeout)
-        async with FeedRunner(app, quotes.poller):
-            yield
+        app[HTTP_SESSION] = app[BINANCE_REST].session = session
+        yield
+
+
+async def quotes_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The quotes service, and the AlphaVantage poller when a key is set."""
+    settings = app[SETTINGS]
+    session = app[HTTP_SESSION]
+    quotes = app[quotes_api.QUOTES] = quotes_api.Quotes(settings, app[STORE], app[HUB],
+                                                        session)
+    if settings.alphavantage_api_key is None:
+        log.info("PRICEWATCH_ALPHAVANTAGE_API_KEY is not set: no quote polling")
+        yield
+        return
+    quotes.poller = QuotePoller(session, settings.alphavantage_url,
+                                settings.alphavantage_api_key, list(settings.quote_pairs),
+                                settings.alphavantage_interval, quotes.save,
+                                timeout=settings.alphavantage_timeout)
+    async with FeedRunner(app, quotes.poller):
+        yield
 
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -303,15 +316,18 @@ def create_app(settings: Settings) -> web.Application:
     hub = Hub()
     app[HUB] = hub
     mkt = app[MARKET] = Market(settings.symbols, hub)
+    rest = app[BINANCE_REST] = BinanceRest(settings.binance_rest_url, settings.binance_api_key)
     # Built now so that a bad PRICEWATCH_FEED (missing replay file...) fails before any I/O.
     app[FEED] = make_feed(settings.feed, symbols=settings.symbols,
                           binance_url=settings.binance_ws_url, on_tick=mkt.on_tick,
-                          on_book=mkt.on_book, replay_speed=settings.replay_speed)
+                          on_book=mkt.on_book, replay_speed=settings.replay_speed, rest=rest,
+                          backfill_max_trades=settings.backfill_max_trades)
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(auth_ctx)
     app.cleanup_ctx.append(hub_ctx)
     app.cleanup_ctx.append(notifier_ctx)
     app.cleanup_ctx.append(engine_ctx)
+    app.cleanup_ctx.append(http_session_ctx)
     app.cleanup_ctx.append(quotes_ctx)
     app.cleanup_ctx.append(feed_ctx)
     app.cleanup_ctx.append(extra_feeds_ctx)
