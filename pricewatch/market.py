@@ -18,7 +18,8 @@ from . import auth, clock
 from .api import ApiError, invalid, json_response, not_found
 from .feeds import Book, Tick
 from .hub import Client, Hub
-from .ohlc import TIMEFRAMES, CandleBook
+from .candle_writer import CANDLE_WRITER
+from .ohlc import DAY_OF_MINUTES, TIMEFRAMES, CandleBook, candle_dict
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Market:
     def __init__(self, symbols: tuple[str, ...], hub: Hub, candles: CandleBook | None = None):
         self.symbols = symbols
         self.hub = hub
-        self.candles = candles or CandleBook()
+        self.candles = candles or CandleBook(sizes=DAY_OF_MINUTES)
         self.latest = {s: Latest(s) for s in symbols}
         self.ticks = dict.fromkeys(symbols, 0)
         self.trade_hooks: list[Callable[[Tick], None]] = []
@@ -148,8 +149,28 @@ def _ohlc_params(request: web.Request, source: dict) -> tuple[str, str, int]:
 
 
 async def ohlc(request: web.Request) -> web.Response:
-    symbol, timeframe, limit = _ohlc_params(request, dict(request.query))
-    data = request.app[MARKET].candles.candles(symbol, timeframe, limit)
+    """Candles: the newest `limit` in memory, or with `start`/`end` (ISO-8601 or ms, both
+    inclusive) the newest `limit` starting in that range, stored history included."""
+    query = request.query
+    errors: dict[str, str] = {}
+    span = {}
+    for name in ("start", "end"):
+        if name in query:
+            span[name] = clock.parse_time_ms(query[name])
+            if span[name] is None:
+                errors[name] = "Enter an ISO-8601 time or milliseconds since the epoch."
+    try:
+        symbol, timeframe, limit = _ohlc_params(request, dict(query))
+    except ApiError as exc:
+        raise invalid({**(exc.fields or {}), **errors}) from None
+    if errors:
+        raise invalid(errors)
+    if not span:
+        data = request.app[MARKET].candles.candles(symbol, timeframe, limit)
+    else:
+        start, end = span.get("start", 0), span.get("end", 2**53)
+        rows = await request.app[CANDLE_WRITER].between(symbol, timeframe, start, end, limit)
+        data = [candle_dict(row) for row in rows]
     return json_response({"symbol": symbol, "timeframe": timeframe, "data": data})
 
 

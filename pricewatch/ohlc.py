@@ -39,6 +39,8 @@ TIMEFRAMES: dict[str, int] = {
 }
 """Supported timeframe names -> length in milliseconds, shortest first."""
 
+DAY_OF_MINUTES = {"1m": 1440}  # ring sizes for the rolling 24 h figures
+
 
 def parse_timeframe(name: str) -> int:
     """Return the length in ms of timeframe `name` (e.g. ``"1m"``); raise ValueError if unknown."""
@@ -108,8 +110,19 @@ _NO_CANDLE = _Candle(float("-inf"), 0.0, 0.0, 0)
 _START = attrgetter("start")
 
 
+def candle_dict(row: tuple) -> dict:
+    """A storage row as the wire's candle object (the same as `_Candle.as_dict`)."""
+    return {"timestamp": _iso(row[2]), "open": row[3], "high": row[4], "low": row[5],
+            "close": row[6], "volume": round(row[7], 8), "trades": row[8]}
+
+
+def _row(symbol: str, timeframe: str, c: _Candle) -> tuple:
+    return (symbol, timeframe, int(c.start), c.open, c.high, c.low, c.close, c.volume,
+            c.trades, c.first_ts, c.last_ts)
+
+
 class _Ring:
-    __slots__ = ("name", "tf", "candles", "last", "dropped")
+    __slots__ = ("name", "tf", "candles", "last", "dropped", "flushed", "touched")
 
     def __init__(self, name: str, tf: int, size: int) -> None:
         self.name = name
@@ -117,6 +130,10 @@ class _Ring:
         self.candles: deque[_Candle] = deque(maxlen=size)  # sorted by start, oldest first
         self.last = _NO_CANDLE  # == candles[-1] once there is one
         self.dropped = 0
+        # For `CandleBook.changes()`: the newest candle's (start, trades) when last reported,
+        # and older candles changed since (late trades, seeded history).
+        self.flushed: tuple[float, int] = (float("-inf"), 0)
+        self.touched: set[_Candle] = set()
 
     def add_late(self, start: int, price: float, qty: float, ts_ms: int,
                  count: int = 1) -> bool:
@@ -127,6 +144,7 @@ class _Ring:
         candle = candles[i]
         if candle.start == start:
             candle.add(price, qty, ts_ms, count)
+            self.touched.add(candle)
             return True
         if len(candles) == candles.maxlen:
             if i == 0:
@@ -135,7 +153,9 @@ class _Ring:
             # Make room first: insert() into a full bounded deque raises.
             candles.popleft()
             i -= 1
-        candles.insert(i, _Candle(start, price, qty, ts_ms, count))
+        candle = _Candle(start, price, qty, ts_ms, count)
+        candles.insert(i, candle)
+        self.touched.add(candle)
         return True
 
     def find(self, start: int) -> _Candle | None:
@@ -154,8 +174,12 @@ class CandleBook:
     Not thread-safe; meant to be driven from the event loop's tick path.
     """
 
-    def __init__(self, timeframes: Mapping[str, int] = TIMEFRAMES, size: int = 1000) -> None:
-        """Raise ValueError unless `size` >= 1 and each timeframe is a positive int of ms."""
+    def __init__(self, timeframes: Mapping[str, int] = TIMEFRAMES, size: int = 1000,
+                 sizes: Mapping[str, int] | None = None) -> None:
+        """Raise ValueError unless `size` >= 1 and each timeframe is a positive int of ms.
+
+        `sizes` overrides `size` per timeframe (the market keeps 1440 1m candles, a day, for
+        the rolling 24 h figures: `DAY_OF_MINUTES`)."""
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
         if not timeframes:
@@ -166,6 +190,8 @@ class CandleBook:
         self._timeframes = dict(timeframes)
         self._index = {name: i for i, name in enumerate(self._timeframes)}
         self._size = size
+        self._sizes = {name: size for name in self._timeframes}
+        self._sizes.update(sizes or {})
         self._rings: dict[str, tuple[_Ring, ...]] = {}
         self._dropped: dict[str, int] = {}
 
@@ -173,6 +199,10 @@ class CandleBook:
     def size(self) -> int:
         """Maximum number of candles kept per (symbol, timeframe)."""
         return self._size
+
+    def ring_size(self, timeframe: str) -> int:
+        """How many candles of `timeframe` a ring keeps."""
+        return self._sizes[timeframe]
 
     @property
     def timeframes(self) -> dict[str, int]:
@@ -234,6 +264,69 @@ class CandleBook:
         candle = ring.find(ts_ms - ts_ms % ring.tf)
         return None if candle is None else candle.as_dict()
 
+    def between(self, symbol: str, timeframe: str, start: int, end: int) -> list[tuple]:
+        """Candles in memory starting within [start, end], oldest first, as storage rows."""
+        ring = self._ring(symbol, timeframe)
+        if ring is None:
+            return []
+        candles = ring.candles
+        i = bisect_left(candles, start, key=_START)
+        out = []
+        for c in islice(candles, i, None):
+            if c.start > end:
+                break
+            out.append(_row(symbol, ring.name, c))
+        return out
+
+    def changes(self) -> list[tuple]:
+        """Storage rows of every candle new or changed since the last call (the newest of
+        each ring included while it is open). Cheap: O(rings + changed candles)."""
+        out = []
+        for symbol, rings in self._rings.items():
+            for ring in rings:
+                last = ring.last
+                if last is _NO_CANDLE:
+                    continue
+                mark_start, mark_trades = ring.flushed
+                if (last.start, last.trades) != (mark_start, mark_trades):
+                    for c in reversed(ring.candles):  # newest first, down to the mark
+                        if c.start < mark_start:
+                            break
+                        ring.touched.add(c)
+                    ring.flushed = (last.start, last.trades)
+                if ring.touched:
+                    out.extend(_row(symbol, ring.name, c) for c in ring.touched)
+                    ring.touched.clear()
+        return out
+
+    def seed(self, symbol: str, timeframe: str, rows: list[tuple]) -> None:
+        """Put stored or fetched candles (storage rows, any order) into a ring; a candle of
+        the same start is replaced. The ring keeps its newest candles. Seeded candles are
+        reported by the next `changes()` only when `touched` is set by the caller."""
+        ring = self._ring(symbol, timeframe)
+        if ring is None:
+            self._new_symbol(symbol)
+            ring = self._ring(symbol, timeframe)
+        assert ring is not None
+        merged = {c.start: c for c in ring.candles}
+        for row in rows:
+            candle = _Candle(row[2], row[3], 0.0, row[9])
+            candle.high, candle.low, candle.close = row[4], row[5], row[6]
+            candle.volume, candle.trades, candle.last_ts = row[7], row[8], row[10]
+            merged[candle.start] = candle
+        newest = sorted(merged.values(), key=_START)[-ring.candles.maxlen:]
+        ring.candles.clear()
+        ring.candles.extend(newest)
+        ring.last = newest[-1] if newest else _NO_CANDLE
+        ring.touched.intersection_update(newest)
+
+    def mark_flushed(self) -> None:
+        """Forget pending changes (after seeding from storage: nothing new to write)."""
+        for rings in self._rings.values():
+            for ring in rings:
+                ring.touched.clear()
+                ring.flushed = (ring.last.start, ring.last.trades)
+
     def stats(self) -> dict:
         """Counters: ``dropped`` = per symbol, trades dropped by at least one timeframe's ring;
         ``dropped_by_timeframe`` = per symbol and timeframe."""
@@ -246,7 +339,8 @@ class CandleBook:
         }
 
     def _new_symbol(self, symbol: str) -> tuple[_Ring, ...]:
-        rings = tuple(_Ring(name, tf, self._size) for name, tf in self._timeframes.items())
+        rings = tuple(_Ring(name, tf, self._sizes.get(name, self._size))
+                      for name, tf in self._timeframes.items())
         self._rings[symbol] = rings
         self._dropped[symbol] = 0
         return rings

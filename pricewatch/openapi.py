@@ -253,7 +253,11 @@ OPERATIONS: dict[tuple[str, str], dict] = {
             query("symbol", ref("Symbol"), "Watched symbol.", required=True),
             query("timeframe", {**enum(*TIMEFRAMES), "default": "1m"}, "Candle width."),
             query("limit", {"type": "integer", "minimum": 1, "maximum": 1000,
-                            "default": 100}, "Newest candles to return."))),
+                            "default": 100}, "Newest candles to return."),
+            query("start", {"type": "string"}, "Oldest candle start to include (ISO-8601 or "
+                  "ms); with `start` or `end` stored history beyond memory is read."),
+            query("end", {"type": "string"}, "Newest candle start to include (ISO-8601 or "
+                  "ms); page back with the oldest start seen minus one."))),
     ("GET", "/live-feed/subscribe"): op(
         "websockets", "Websocket: live prices and the caller's alert events",
         {101: SWITCHING}, "NotAnUpgrade", auth="user+query",

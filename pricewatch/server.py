@@ -25,6 +25,7 @@ from .addresses import CLIENT_ADDRESSES, ClientAddresses, client_address
 from .alphavantage import QuotePoller
 from .api import ApiError, json_response
 from .binance_rest import BinanceRest
+from .candle_writer import CANDLE_WRITER, CandleWriter
 from .config import Settings
 from .feed_admin import EXTRA_FEEDS, HEALTH, ExtraFeeds, FeedRunner, binance_factory
 from .feeds import make_feed
@@ -192,6 +193,28 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.close()
 
 
+async def candles_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Stored candles back into the rings before any feed runs; changed ones written each
+    second; a last flush at shutdown, after the feeds have stopped."""
+    settings = app[SETTINGS]
+    writer = app[CANDLE_WRITER] = CandleWriter(app[MARKET].candles, app[STORE],
+                                               settings.symbols, settings.candle_retention)
+    began = time.monotonic()
+    count = await writer.load()
+    log.info("loaded %d stored candles in %.2fs", count, time.monotonic() - began)
+    task = asyncio.create_task(writer.run(), name="candle-writer")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        try:
+            await writer.flush()
+        except Exception:
+            log.exception("final candle write failed")
+
+
 async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
     app[auth.AUTH] = await auth.Auth.create(app[SETTINGS], app[STORE])
     app[HUB].revoked = app[auth.AUTH].revoked  # live sessions end when their login does
@@ -323,6 +346,7 @@ def create_app(settings: Settings) -> web.Application:
                           on_book=mkt.on_book, replay_speed=settings.replay_speed, rest=rest,
                           backfill_max_trades=settings.backfill_max_trades)
     app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(candles_ctx)
     app.cleanup_ctx.append(auth_ctx)
     app.cleanup_ctx.append(hub_ctx)
     app.cleanup_ctx.append(notifier_ctx)
