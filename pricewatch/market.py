@@ -43,6 +43,20 @@ class Latest:
         return {"symbol": self.symbol, "price": self.price, "bid": self.bid, "ask": self.ask,
                 "time": clock.iso_ms(self.time) if self.time is not None else None}
 
+    def with_day(self, candles: CandleBook) -> dict[str, Any]:
+        """`public()` plus the rolling 24 h figures from the 1m candles (null until known)."""
+        out = self.public()
+        day = candles.rolling(self.symbol)
+        if day is None or self.price is None:
+            out.update(open_24h=None, high_24h=None, low_24h=None, volume_24h=None,
+                       change_24h=None)
+        else:
+            open_, high, low, volume = day
+            out.update(open_24h=open_, high_24h=high, low_24h=low,
+                       volume_24h=round(volume, 8),
+                       change_24h=round((self.price - open_) / open_ * 100, 4))
+        return out
+
 
 class Market:
     """Latest prices, candles and the fan-out of both, for the watched symbols."""
@@ -109,7 +123,8 @@ def _symbol(request: web.Request, raw: object) -> str | None:
 
 async def prices(request: web.Request) -> web.Response:
     market = request.app[MARKET]
-    results = [lt.public() for lt in market.latest.values() if lt.price is not None]
+    results = [lt.with_day(market.candles) for lt in market.latest.values()
+               if lt.price is not None]
     return json_response({"results": results})
 
 
@@ -118,7 +133,7 @@ async def price(request: web.Request) -> web.Response:
     symbol = _symbol(request, request.match_info["symbol"])
     if symbol is None or market.latest[symbol].price is None:
         raise not_found("No price known for this symbol.")
-    return json_response(market.latest[symbol].public())
+    return json_response(market.latest[symbol].with_day(market.candles))
 
 
 def _ohlc_params(request: web.Request, source: dict) -> tuple[str, str, int]:

@@ -193,6 +193,7 @@ class CandleBook:
         self._sizes = {name: size for name in self._timeframes}
         self._sizes.update(sizes or {})
         self._rings: dict[str, tuple[_Ring, ...]] = {}
+        self._rolling: dict[tuple[str, str], tuple[float, tuple | None]] = {}
         self._dropped: dict[str, int] = {}
 
     @property
@@ -264,6 +265,30 @@ class CandleBook:
         candle = ring.find(ts_ms - ts_ms % ring.tf)
         return None if candle is None else candle.as_dict()
 
+    def rolling(self, symbol: str, span_ms: int = 86_400_000, timeframe: str = "1m"
+                ) -> tuple[float, float, float, float] | None:
+        """(open, high, low, volume) over the `timeframe` candles of the trailing `span_ms`
+        that ends with the newest candle, or None without candles. The closed part is
+        summed once per new candle and cached; each call adds only the open candle."""
+        ring = self._ring(symbol, timeframe)
+        if ring is None or ring.last is _NO_CANDLE:
+            return None
+        last = ring.last
+        cached = self._rolling.get((symbol, timeframe))
+        if cached is None or cached[0] != last.start:
+            first_start = last.start - span_ms + ring.tf
+            closed = [c for c in ring.candles if first_start <= c.start < last.start]
+            summary = None
+            if closed:
+                summary = (closed[0].open, max(c.high for c in closed),
+                           min(c.low for c in closed), sum(c.volume for c in closed))
+            cached = self._rolling[(symbol, timeframe)] = (last.start, summary)
+        summary = cached[1]
+        if summary is None:
+            return (last.open, last.high, last.low, last.volume)
+        return (summary[0], max(summary[1], last.high), min(summary[2], last.low),
+                summary[3] + last.volume)
+
     def between(self, symbol: str, timeframe: str, start: int, end: int) -> list[tuple]:
         """Candles in memory starting within [start, end], oldest first, as storage rows."""
         ring = self._ring(symbol, timeframe)
@@ -319,6 +344,7 @@ class CandleBook:
         ring.candles.extend(newest)
         ring.last = newest[-1] if newest else _NO_CANDLE
         ring.touched.intersection_update(newest)
+        self._rolling.pop((symbol, timeframe), None)
 
     def mark_flushed(self) -> None:
         """Forget pending changes (after seeding from storage: nothing new to write)."""

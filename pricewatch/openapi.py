@@ -87,7 +87,11 @@ def _schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
                          description="HS256 JWTs; claims token_type, user_id, exp, iat, jti."),
         "User": obj({"id": INT, "username": STR, "email": STR, "is_admin": BOOL}),
         "Price": obj({"symbol": STR, "price": NUM, "bid": nullable(NUM),
-                      "ask": nullable(NUM), "time": TIME}),
+                      "ask": nullable(NUM), "time": TIME, "open_24h": nullable(NUM),
+                      "high_24h": nullable(NUM), "low_24h": nullable(NUM),
+                      "volume_24h": nullable(NUM), "change_24h": nullable(NUM)},
+                     description="Latest trade and book; the *_24h figures roll over the "
+                                 "1m candles of the last 24 h (change_24h in percent)."),
         "PriceList": obj({"results": array(ref("Price"))}),
         "Candle": obj({"timestamp": TIME, "open": NUM, "high": NUM, "low": NUM,
                        "close": NUM, "volume": NUM, "trades": INT}),

@@ -109,3 +109,35 @@ async def test_writer_batches_changes_and_keeps_them_when_a_write_fails():
     first, late = store.writes[0][0], store.writes[1][0]
     assert first[2:9] == (T0, 100.0, 104.0, 100.0, 104.0, 5.0, 5)
     assert late[2:9] == (T0, 100.0, 104.0, 50.0, 50.0, 6.0, 6)  # latest trade time: close
+
+
+def test_rolling_day_figures_cover_the_trailing_24_hours_of_minutes():
+    book = CandleBook(timeframes={"1m": 60_000}, size=1440)
+    m = 60_000
+    book.add("X", 50.0, 1.0, T0 - 10 * m)  # 24 h + 9 min before the last trade: outside
+    book.add("X", 100.0, 2.0, T0)  # the window's first minute
+    book.add("X", 130.0, 1.0, T0 + 5 * m)
+    book.add("X", 90.0, 1.0, T0 + 600 * m)
+    assert book.rolling("X") == (50.0, 130.0, 50.0, 5.0)  # a day not over yet: all of it
+    book.add("X", 110.0, 0.5, T0 + 1439 * m)  # now the window starts at T0
+    assert book.rolling("X") == (100.0, 130.0, 90.0, 4.5)
+    book.add("X", 140.0, 0.25, T0 + 1439 * m + 1)  # the open candle counts at once
+    assert book.rolling("X") == (100.0, 140.0, 90.0, 4.75)
+    assert book.rolling("Y") is None
+
+
+async def test_prices_carry_the_24_hour_figures(make_settings, http):
+    path = DATA / "BTCUSDT-trades-sample.csv"
+    settings = make_settings(feed=f"replay:{path}", symbols=("BTCUSDT",))
+    async with LiveServer(settings) as server:
+        await asyncio.wait_for(server.app[server_mod.FEED].done.wait(), 5)
+        async with http.get(server.url + "/api/v1/prices/BTCUSDT") as resp:
+            body = await resp.json()
+        _, candles = await ohlc(http, server, symbol="BTCUSDT", timeframe="1m", limit=1000)
+    data = candles["data"]
+    assert body["open_24h"] == data[0]["open"]
+    assert body["high_24h"] == max(c["high"] for c in data)
+    assert body["low_24h"] == min(c["low"] for c in data)
+    assert body["volume_24h"] == round(sum(c["volume"] for c in data), 8)
+    assert body["change_24h"] == round((body["price"] - data[0]["open"]) / data[0]["open"]
+                                       * 100, 4)
