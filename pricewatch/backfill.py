@@ -105,6 +105,13 @@ class Sequencer:
         except Exception as exc:  # a downstream bug must not stop market data
             self.stats.callback_error(self.stats.kind, exc)
 
+    def resume(self, symbol: str, last_id: int, last_time: int) -> None:
+        """The trades up to `last_id` are accounted for elsewhere (candle history): the next
+        streamed trade continues from there, any trades in between are backfilled."""
+        sym = self._symbols.setdefault(symbol, _Symbol())
+        if sym.last_id is None:
+            sym.last_id, sym.last_time = last_id, last_time
+
     # ---- filling a gap
 
     async def _fill(self, symbol: str, sym: _Symbol, first: int, last: int) -> None:

@@ -71,7 +71,8 @@ class BinanceRest:
         self._headers = {"X-MBX-APIKEY": api_key} if api_key else {}
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.paths = paths or {"trades": "/api/v3/historicalTrades",
-                               "agg_trades": "/api/v3/aggTrades", "klines": "/api/v3/klines"}
+                               "agg_trades": "/api/v3/aggTrades", "klines": "/api/v3/klines",
+                               "recent": "/api/v3/trades"}
         self.session: aiohttp.ClientSession | None = None
         self.used_weight: int | None = None
         self.calls = 0
@@ -145,6 +146,17 @@ class BinanceRest:
             return out
         except (KeyError, TypeError, ParseError) as exc:
             raise RestError(f"malformed aggTrades answer: {exc}") from None
+
+    async def last_trade(self, symbol: str) -> Tick | None:
+        """The most recent trade (`/api/v3/trades?limit=1`), or None when there is none."""
+        rows = await self.get("recent", {"symbol": symbol, "limit": 1})
+        try:
+            return next((Tick(symbol, parse_number(r["price"], "price"),
+                              parse_number(r["qty"], "qty", zero_ok=True),
+                              parse_trade_time(r["time"]), _id(r["id"]))
+                         for r in _list(rows)), None)
+        except (KeyError, TypeError, ParseError) as exc:
+            raise RestError(f"malformed trades answer: {exc}") from None
 
     async def klines(self, symbol: str, interval: str, limit: int = MAX_LIMIT,
                      start_ms: int | None = None, end_ms: int | None = None) -> list[Kline]:

@@ -218,6 +218,9 @@ class Settings:
     backfill_max_trades: int = _var(
         "BACKFILL_MAX_TRADES", _int(0, 10**8), 100000,
         "missed trades fetched one by one per gap; a larger gap is not fetched trade by trade")
+    candle_history: bool = _var(
+        "CANDLE_HISTORY", _bool, True,
+        "fill the candle rings from Binance REST klines at start (binance feed)")
     candle_retention: int = _var(
         "CANDLE_RETENTION", _int(1000, 10**7), 50000,
         "candles kept in SQLite per symbol and timeframe (1s: ~14 h, 1m: ~35 days)")

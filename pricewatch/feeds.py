@@ -22,7 +22,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -33,6 +33,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 
 if TYPE_CHECKING:
     from .binance_rest import BinanceRest
+    from .history import KlineFill
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,8 @@ def decode_event(raw: str | bytes) -> Tick | Book | ServerShutdown | None:
 # --------------------------------------------------------------------------- health
 
 
-FeedState = Literal["connecting", "connected", "backoff", "running", "finished", "stopped"]
+FeedState = Literal["history", "connecting", "connected", "backoff", "running", "finished",
+                   "stopped"]
 
 
 @dataclass(slots=True)
@@ -412,7 +414,9 @@ class BinanceFeed(Feed):
                  open_timeout: float = 10.0,
                  precheck: Callable[[str], Awaitable[dict | None]] | None = None,
                  follow_redirects: bool = True, rest: BinanceRest | None = None,
-                 backfill_max_trades: int = 100_000, backfill_hold: float = 5.0) -> None:
+                 backfill_max_trades: int = 100_000, backfill_hold: float = 5.0,
+                 history: Mapping[str, tuple[int, int]] | None = None,
+                 on_history: Callable[[KlineFill], object] | None = None) -> None:
         super().__init__(name, symbols, on_tick, on_book)
         from .backfill import Sequencer  # it builds on this module
 
@@ -420,6 +424,11 @@ class BinanceFeed(Feed):
         # (`rest`), or counted as missed without it.
         self.sequencer = Sequencer(on_tick, self.stats, rest, max_trades=backfill_max_trades,
                                    hold_limit=backfill_hold)
+        self.rest = rest
+        # Candle history from REST klines before the first connection (`history`: timeframe
+        # -> (ms, ring size)), handed to `on_history`.
+        self.history = history if rest is not None and on_history is not None else None
+        self._on_history = on_history
         # `precheck(url)` runs before every connection attempt: it may raise FeedRefused to
         # skip the attempt, or return connection arguments (an admin's extra feed re-checks
         # its host's addresses each time and pins the connection to the address checked).
@@ -454,6 +463,8 @@ class BinanceFeed(Feed):
         delay = self.backoff_initial
         first = True
         try:
+            if self.history:
+                await self._load_history()
             while True:
                 if not first:
                     stats.reconnects += 1
@@ -497,6 +508,30 @@ class BinanceFeed(Feed):
 
     def health(self) -> dict[str, Any]:
         return {**self.stats.health(), **self.sequencer.health()}
+
+    async def _load_history(self, budget: float = 30.0) -> None:
+        """Fill every symbol's candle rings from REST klines and tell the sequencer where the
+        live trades take over (see history.py). Bounded in time; failures are logged."""
+        from .binance_rest import RestError
+        from .history import fetch_history, last_id_before
+
+        assert self.rest is not None and self.history is not None
+        self.stats.state = "history"
+        began = time.monotonic()
+        try:
+            async with asyncio.timeout(budget):
+                for symbol in self.symbols:
+                    fills, cut = await fetch_history(self.rest, symbol, self.history)
+                    resume = await last_id_before(self.rest, symbol, cut)
+                    for fill in fills:
+                        self._on_history(fill)  # type: ignore[misc]
+                    if resume is not None:
+                        self.sequencer.resume(symbol, *resume)
+            log.info("%s feed: candle history of %d symbols loaded in %.2f s", self.name,
+                     len(self.symbols), time.monotonic() - began)
+        except (RestError, TimeoutError) as exc:
+            log.warning("%s feed: no candle history from REST (%s); starting without it",
+                        self.name, exc or type(exc).__name__)
 
     def _deliver(self, event: Tick | Book) -> None:
         if type(event) is Tick:
@@ -554,8 +589,9 @@ class _connect_no_redirects(connect):  # noqa: N801 - used exactly like `connect
 
 def make_feed(spec: str, *, symbols: Iterable[str], binance_url: str, on_tick: TickCallback,
               on_book: BookCallback, replay_speed: float = 0.0,
-              rest: BinanceRest | None = None, backfill_max_trades: int = 100_000
-              ) -> Feed | None:
+              rest: BinanceRest | None = None, backfill_max_trades: int = 100_000,
+              history: Mapping[str, tuple[int, int]] | None = None,
+              on_history: Callable[[KlineFill], object] | None = None) -> Feed | None:
     """Build the feed named by PRICEWATCH_FEED: ``binance``, ``demo``, ``replay:PATH`` or ``off``.
 
     Returns None for ``off``. Raises FeedConfigError (a ValueError) for anything else.
@@ -566,7 +602,8 @@ def make_feed(spec: str, *, symbols: Iterable[str], binance_url: str, on_tick: T
     kind = kind.strip().lower()
     if kind == "binance" and not sep:
         return BinanceFeed(binance_url, symbols, on_tick, on_book, rest=rest,
-                           backfill_max_trades=backfill_max_trades)
+                           backfill_max_trades=backfill_max_trades, history=history,
+                           on_history=on_history)
     if kind == "demo" and not sep:
         return DemoFeed(symbols, on_tick, on_book)
     if kind == "replay" and sep and arg.strip():

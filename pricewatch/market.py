@@ -17,6 +17,7 @@ from aiohttp import WSMsgType, web
 from . import auth, clock
 from .api import ApiError, invalid, json_response, not_found
 from .feeds import Book, Tick
+from .history import KlineFill
 from .hub import Client, Hub
 from .candle_writer import CANDLE_WRITER
 from .ohlc import DAY_OF_MINUTES, TIMEFRAMES, CandleBook, candle_dict
@@ -97,6 +98,12 @@ class Market:
                     continue
                 hub.publish(topic, orjson.dumps(
                     {"type": "candle", "symbol": symbol, "timeframe": tf, "candle": candle}))
+
+    def on_history(self, fill: KlineFill) -> None:
+        """History from REST klines replaces the ring's part it covers (and is stored)."""
+        if fill.symbol in self.latest:
+            self.candles.seed(fill.symbol, fill.timeframe, fill.rows, fill.replace_from,
+                              touch=True)
 
     def on_book(self, book: Book) -> None:
         latest = self.latest.get(book.symbol)

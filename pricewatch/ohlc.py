@@ -201,6 +201,10 @@ class CandleBook:
         """Maximum number of candles kept per (symbol, timeframe)."""
         return self._size
 
+    def rings(self) -> dict[str, tuple[int, int]]:
+        """Every timeframe's (length in ms, ring size)."""
+        return {name: (tf, self._sizes[name]) for name, tf in self._timeframes.items()}
+
     def ring_size(self, timeframe: str) -> int:
         """How many candles of `timeframe` a ring keeps."""
         return self._sizes[timeframe]
@@ -324,26 +328,33 @@ class CandleBook:
                     ring.touched.clear()
         return out
 
-    def seed(self, symbol: str, timeframe: str, rows: list[tuple]) -> None:
-        """Put stored or fetched candles (storage rows, any order) into a ring; a candle of
-        the same start is replaced. The ring keeps its newest candles. Seeded candles are
-        reported by the next `changes()` only when `touched` is set by the caller."""
+    def seed(self, symbol: str, timeframe: str, rows: list[tuple],
+             replace_from: float | None = None, touch: bool = False) -> None:
+        """Put stored or fetched candles (storage rows) into a ring. Ring candles starting at
+        or after `replace_from`, and any of the same start as a row, are replaced. The ring
+        keeps its newest candles. `touch`: report the rows in the next `changes()`."""
         ring = self._ring(symbol, timeframe)
         if ring is None:
             self._new_symbol(symbol)
             ring = self._ring(symbol, timeframe)
         assert ring is not None
-        merged = {c.start: c for c in ring.candles}
+        merged = {c.start: c for c in ring.candles
+                  if replace_from is None or c.start < replace_from}
+        fresh = []
         for row in rows:
             candle = _Candle(row[2], row[3], 0.0, row[9])
             candle.high, candle.low, candle.close = row[4], row[5], row[6]
             candle.volume, candle.trades, candle.last_ts = row[7], row[8], row[10]
             merged[candle.start] = candle
+            fresh.append(candle)
         newest = sorted(merged.values(), key=_START)[-ring.candles.maxlen:]
         ring.candles.clear()
         ring.candles.extend(newest)
         ring.last = newest[-1] if newest else _NO_CANDLE
-        ring.touched.intersection_update(newest)
+        kept = set(newest)
+        ring.touched.intersection_update(kept)
+        if touch:
+            ring.touched.update(c for c in fresh if c in kept)
         self._rolling.pop((symbol, timeframe), None)
 
     def mark_flushed(self) -> None:

@@ -344,7 +344,9 @@ def create_app(settings: Settings) -> web.Application:
     app[FEED] = make_feed(settings.feed, symbols=settings.symbols,
                           binance_url=settings.binance_ws_url, on_tick=mkt.on_tick,
                           on_book=mkt.on_book, replay_speed=settings.replay_speed, rest=rest,
-                          backfill_max_trades=settings.backfill_max_trades)
+                          backfill_max_trades=settings.backfill_max_trades,
+                          history=mkt.candles.rings() if settings.candle_history else None,
+                          on_history=mkt.on_history)
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(candles_ctx)
     app.cleanup_ctx.append(auth_ctx)

@@ -65,6 +65,7 @@ class FakeBinance:
         app.router.add_get("/api/v3/historicalTrades", self._historical)
         app.router.add_get("/api/v3/aggTrades", self._agg_trades)
         app.router.add_get("/api/v3/klines", self._klines)
+        app.router.add_get("/api/v3/trades", self._recent)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self._port)
@@ -150,6 +151,16 @@ class FakeBinance:
             {"id": t["id"], "price": _num(t["price"]), "qty": _num(t["qty"]),
              "quoteQty": _num(t["price"] * t["qty"]), "time": t["time"],
              "isBuyerMaker": False, "isBestMatch": True} for t in rows])
+
+    async def _recent(self, request: web.Request) -> web.Response:
+        if (refused := self._rest_gate(request)) is not None:
+            return refused
+        limit = int(request.query.get("limit", 500))
+        rows = self._known(request)[-limit:]
+        return web.json_response([
+            {"id": t["id"], "price": _num(t["price"]), "qty": _num(t["qty"]),
+             "quoteQty": "0", "time": t["time"], "isBuyerMaker": False, "isBestMatch": True}
+            for t in rows])
 
     async def _agg_trades(self, request: web.Request) -> web.Response:
         if (refused := self._rest_gate(request)) is not None:
