@@ -21,3 +21,22 @@ def iso(ts: float | None) -> str | None:
 def iso_ms(ms: int) -> str:
     """Epoch milliseconds -> ISO-8601 UTC string."""
     return iso(ms / 1000.0)  # type: ignore[return-value]
+
+
+def parse_time_ms(raw: str) -> int | None:
+    """Milliseconds since the epoch from `raw`: an integer of ms, or ISO-8601 (`Z`, an offset,
+    or none for UTC). None when it is neither, or outside years 1970-9999."""
+    raw = raw.strip()
+    if raw.isdigit() and len(raw) <= 15:
+        return int(raw)
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    try:
+        ms = int(when.timestamp() * 1000)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return ms if ms >= 0 else None

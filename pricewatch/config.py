@@ -210,6 +210,20 @@ class Settings:
                                "replay:PATH speed factor; 0 = as fast as possible")
     binance_ws_url: str = _var("BINANCE_WS_URL", _ws_url, "wss://stream.binance.com:9443",
                                "Binance websocket base")
+    binance_rest_url: str = _var("BINANCE_REST_URL", _http_url, "https://api.binance.com",
+                                 "Binance REST base for history and backfill")
+    binance_api_key: str | None = _var(
+        "BINANCE_API_KEY", _opt(_str), None,
+        "sent as X-MBX-APIKEY to Binance REST calls when set (never logged)", secret=True)
+    backfill_max_trades: int = _var(
+        "BACKFILL_MAX_TRADES", _int(0, 10**8), 100000,
+        "missed trades fetched one by one per gap; a larger gap is not fetched trade by trade")
+    candle_history: bool = _var(
+        "CANDLE_HISTORY", _bool, True,
+        "fill the candle rings from Binance REST klines at start (binance feed)")
+    candle_retention: int = _var(
+        "CANDLE_RETENTION", _int(1000, 10**7), 50000,
+        "candles kept in SQLite per symbol and timeframe (1s: ~14 h, 1m: ~35 days)")
     allow_private_feeds: bool = _var(
         "ALLOW_PRIVATE_FEEDS", _bool, False,
         "let admins add feeds on loopback/private addresses (tests)")

@@ -22,14 +22,18 @@ import math
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+
+if TYPE_CHECKING:
+    from .binance_rest import BinanceRest
+    from .history import KlineFill
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,7 @@ class Tick:
     qty: float
     time: int  # ms since epoch UTC (trade time ``T``)
     trade_id: int | None
+    count: int = 1  # trades it stands for: an aggregate trade from REST backfill holds several
 
 
 @dataclass(slots=True, frozen=True)
@@ -109,7 +114,7 @@ BookCallback = Callable[[Book], object]
 # --------------------------------------------------------------------------- parsers
 
 
-def _number(value: object, name: str, zero_ok: bool = False) -> float:
+def parse_number(value: object, name: str, zero_ok: bool = False) -> float:
     """A finite number > 0 (>= 0 with `zero_ok`) from a decimal string (or a JSON number, as
     replay files may hold); raises ParseError otherwise."""
     if type(value) is str or (type(value) in (int, float)):
@@ -124,12 +129,12 @@ def _number(value: object, name: str, zero_ok: bool = False) -> float:
 
 def _price(value: object, name: str) -> float:
     """A finite price > 0."""
-    return _number(value, name)
+    return parse_number(value, name)
 
 
 def _qty(value: object, name: str) -> float:
     """A finite quantity >= 0."""
-    return _number(value, name, zero_ok=True)
+    return parse_number(value, name, zero_ok=True)
 
 
 def _int(value: object, name: str) -> int:
@@ -149,13 +154,16 @@ def _symbol(value: object) -> str:
 _MAX_MS = 10**14
 
 
-def _trade_time(value: int) -> int:
+def parse_trade_time(value: int) -> int:
     """Milliseconds since the epoch; microsecond values (16 digits) are converted."""
     if value >= _MAX_MS:
         value //= 1000
     if not 0 < value < _MAX_MS:
         raise ParseError("bad_time", f"trade time {value!r} out of range")
     return value
+
+
+_trade_time = parse_trade_time  # the name offline_feeds imports
 
 
 def redact_url(url: str) -> str:
@@ -187,7 +195,7 @@ def parse_trade(data: dict[str, Any]) -> Tick:
             _symbol(data["s"]),
             _price(data["p"], "p"),
             _qty(data["q"], "q"),
-            _trade_time(_int(data["T"], "T")),
+            parse_trade_time(_int(data["T"], "T")),
             _int(data["t"], "t"),
         )
     except KeyError as exc:
@@ -259,7 +267,8 @@ def decode_event(raw: str | bytes) -> Tick | Book | ServerShutdown | None:
 # --------------------------------------------------------------------------- health
 
 
-FeedState = Literal["connecting", "connected", "backoff", "running", "finished", "stopped"]
+FeedState = Literal["history", "connecting", "connected", "backoff", "running", "finished",
+                   "stopped"]
 
 
 @dataclass(slots=True)
@@ -404,8 +413,22 @@ class BinanceFeed(Feed):
                  backoff_cap: float = 30.0, stale_after: float = 60.0,
                  open_timeout: float = 10.0,
                  precheck: Callable[[str], Awaitable[dict | None]] | None = None,
-                 follow_redirects: bool = True) -> None:
+                 follow_redirects: bool = True, rest: BinanceRest | None = None,
+                 backfill_max_trades: int = 100_000, backfill_hold: float = 5.0,
+                 history: Mapping[str, tuple[int, int]] | None = None,
+                 on_history: Callable[[KlineFill], object] | None = None) -> None:
         super().__init__(name, symbols, on_tick, on_book)
+        from .backfill import Sequencer  # it builds on this module
+
+        # Every streamed trade passes the sequencer: ids in order, gaps filled over REST
+        # (`rest`), or counted as missed without it.
+        self.sequencer = Sequencer(on_tick, self.stats, rest, max_trades=backfill_max_trades,
+                                   hold_limit=backfill_hold)
+        self.rest = rest
+        # Candle history from REST klines before the first connection (`history`: timeframe
+        # -> (ms, ring size)), handed to `on_history`.
+        self.history = history if rest is not None and on_history is not None else None
+        self._on_history = on_history
         # `precheck(url)` runs before every connection attempt: it may raise FeedRefused to
         # skip the attempt, or return connection arguments (an admin's extra feed re-checks
         # its host's addresses each time and pins the connection to the address checked).
@@ -440,6 +463,8 @@ class BinanceFeed(Feed):
         delay = self.backoff_initial
         first = True
         try:
+            if self.history:
+                await self._load_history()
             while True:
                 if not first:
                     stats.reconnects += 1
@@ -478,7 +503,42 @@ class BinanceFeed(Feed):
                 delay = min(self.backoff_cap, delay * 2)
         except asyncio.CancelledError:
             stats.state = "stopped"
+            await self.sequencer.stop()
             raise
+
+    def health(self) -> dict[str, Any]:
+        return {**self.stats.health(), **self.sequencer.health()}
+
+    async def _load_history(self, budget: float = 30.0) -> None:
+        """Fill every symbol's candle rings from REST klines and tell the sequencer where the
+        live trades take over (see history.py). Bounded in time; failures are logged."""
+        from .binance_rest import RestError
+        from .history import fetch_history, last_id_before
+
+        assert self.rest is not None and self.history is not None
+        self.stats.state = "history"
+        began = time.monotonic()
+        try:
+            async with asyncio.timeout(budget):
+                for symbol in self.symbols:
+                    fills, cut = await fetch_history(self.rest, symbol, self.history)
+                    resume = await last_id_before(self.rest, symbol, cut)
+                    for fill in fills:
+                        self._on_history(fill)  # type: ignore[misc]
+                    if resume is not None:
+                        self.sequencer.resume(symbol, *resume)
+            log.info("%s feed: candle history of %d symbols loaded in %.2f s", self.name,
+                     len(self.symbols), time.monotonic() - began)
+        except (RestError, TimeoutError) as exc:
+            log.warning("%s feed: no candle history from REST (%s); starting without it",
+                        self.name, exc or type(exc).__name__)
+
+    def _deliver(self, event: Tick | Book) -> None:
+        if type(event) is Tick:
+            if event.symbol in self._watched:
+                self.sequencer.on_trade(event)
+        else:
+            super()._deliver(event)
 
     async def _consume(self, ws: ClientConnection) -> str:
         """Read frames until the socket closes (raises), goes stale or says serverShutdown.
@@ -528,7 +588,10 @@ class _connect_no_redirects(connect):  # noqa: N801 - used exactly like `connect
 
 
 def make_feed(spec: str, *, symbols: Iterable[str], binance_url: str, on_tick: TickCallback,
-              on_book: BookCallback, replay_speed: float = 0.0) -> Feed | None:
+              on_book: BookCallback, replay_speed: float = 0.0,
+              rest: BinanceRest | None = None, backfill_max_trades: int = 100_000,
+              history: Mapping[str, tuple[int, int]] | None = None,
+              on_history: Callable[[KlineFill], object] | None = None) -> Feed | None:
     """Build the feed named by PRICEWATCH_FEED: ``binance``, ``demo``, ``replay:PATH`` or ``off``.
 
     Returns None for ``off``. Raises FeedConfigError (a ValueError) for anything else.
@@ -538,7 +601,9 @@ def make_feed(spec: str, *, symbols: Iterable[str], binance_url: str, on_tick: T
     kind, sep, arg = spec.strip().partition(":")
     kind = kind.strip().lower()
     if kind == "binance" and not sep:
-        return BinanceFeed(binance_url, symbols, on_tick, on_book)
+        return BinanceFeed(binance_url, symbols, on_tick, on_book, rest=rest,
+                           backfill_max_trades=backfill_max_trades, history=history,
+                           on_history=on_history)
     if kind == "demo" and not sep:
         return DemoFeed(symbols, on_tick, on_book)
     if kind == "replay" and sep and arg.strip():

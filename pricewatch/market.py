@@ -17,8 +17,10 @@ from aiohttp import WSMsgType, web
 from . import auth, clock
 from .api import ApiError, invalid, json_response, not_found
 from .feeds import Book, Tick
+from .history import KlineFill
 from .hub import Client, Hub
-from .ohlc import TIMEFRAMES, CandleBook
+from .candle_writer import CANDLE_WRITER
+from .ohlc import DAY_OF_MINUTES, TIMEFRAMES, CandleBook, candle_dict
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,20 @@ class Latest:
         return {"symbol": self.symbol, "price": self.price, "bid": self.bid, "ask": self.ask,
                 "time": clock.iso_ms(self.time) if self.time is not None else None}
 
+    def with_day(self, candles: CandleBook) -> dict[str, Any]:
+        """`public()` plus the rolling 24 h figures from the 1m candles (null until known)."""
+        out = self.public()
+        day = candles.rolling(self.symbol)
+        if day is None or self.price is None:
+            out.update(open_24h=None, high_24h=None, low_24h=None, volume_24h=None,
+                       change_24h=None)
+        else:
+            open_, high, low, volume = day
+            out.update(open_24h=open_, high_24h=high, low_24h=low,
+                       volume_24h=round(volume, 8),
+                       change_24h=round((self.price - open_) / open_ * 100, 4))
+        return out
+
 
 class Market:
     """Latest prices, candles and the fan-out of both, for the watched symbols."""
@@ -49,7 +65,7 @@ class Market:
     def __init__(self, symbols: tuple[str, ...], hub: Hub, candles: CandleBook | None = None):
         self.symbols = symbols
         self.hub = hub
-        self.candles = candles or CandleBook()
+        self.candles = candles or CandleBook(sizes=DAY_OF_MINUTES)
         self.latest = {s: Latest(s) for s in symbols}
         self.ticks = dict.fromkeys(symbols, 0)
         self.trade_hooks: list[Callable[[Tick], None]] = []
@@ -66,7 +82,7 @@ class Market:
         latest.price = tick.price
         latest.time = tick.time
         self.ticks[symbol] += 1
-        self.candles.add(symbol, tick.price, tick.qty, tick.time)
+        self.candles.add(symbol, tick.price, tick.qty, tick.time, tick.count)
         for hook in self.trade_hooks:
             hook(tick)
         hub = self.hub
@@ -82,6 +98,12 @@ class Market:
                     continue
                 hub.publish(topic, orjson.dumps(
                     {"type": "candle", "symbol": symbol, "timeframe": tf, "candle": candle}))
+
+    def on_history(self, fill: KlineFill) -> None:
+        """History from REST klines replaces the ring's part it covers (and is stored)."""
+        if fill.symbol in self.latest:
+            self.candles.seed(fill.symbol, fill.timeframe, fill.rows, fill.replace_from,
+                              touch=True)
 
     def on_book(self, book: Book) -> None:
         latest = self.latest.get(book.symbol)
@@ -108,7 +130,8 @@ def _symbol(request: web.Request, raw: object) -> str | None:
 
 async def prices(request: web.Request) -> web.Response:
     market = request.app[MARKET]
-    results = [lt.public() for lt in market.latest.values() if lt.price is not None]
+    results = [lt.with_day(market.candles) for lt in market.latest.values()
+               if lt.price is not None]
     return json_response({"results": results})
 
 
@@ -117,7 +140,7 @@ async def price(request: web.Request) -> web.Response:
     symbol = _symbol(request, request.match_info["symbol"])
     if symbol is None or market.latest[symbol].price is None:
         raise not_found("No price known for this symbol.")
-    return json_response(market.latest[symbol].public())
+    return json_response(market.latest[symbol].with_day(market.candles))
 
 
 def _ohlc_params(request: web.Request, source: dict) -> tuple[str, str, int]:
@@ -148,8 +171,28 @@ def _ohlc_params(request: web.Request, source: dict) -> tuple[str, str, int]:
 
 
 async def ohlc(request: web.Request) -> web.Response:
-    symbol, timeframe, limit = _ohlc_params(request, dict(request.query))
-    data = request.app[MARKET].candles.candles(symbol, timeframe, limit)
+    """Candles: the newest `limit` in memory, or with `start`/`end` (ISO-8601 or ms, both
+    inclusive) the newest `limit` starting in that range, stored history included."""
+    query = request.query
+    errors: dict[str, str] = {}
+    span = {}
+    for name in ("start", "end"):
+        if name in query:
+            span[name] = clock.parse_time_ms(query[name])
+            if span[name] is None:
+                errors[name] = "Enter an ISO-8601 time or milliseconds since the epoch."
+    try:
+        symbol, timeframe, limit = _ohlc_params(request, dict(query))
+    except ApiError as exc:
+        raise invalid({**(exc.fields or {}), **errors}) from None
+    if errors:
+        raise invalid(errors)
+    if not span:
+        data = request.app[MARKET].candles.candles(symbol, timeframe, limit)
+    else:
+        start, end = span.get("start", 0), span.get("end", 2**53)
+        rows = await request.app[CANDLE_WRITER].between(symbol, timeframe, start, end, limit)
+        data = [candle_dict(row) for row in rows]
     return json_response({"symbol": symbol, "timeframe": timeframe, "data": data})
 
 

@@ -39,6 +39,8 @@ TIMEFRAMES: dict[str, int] = {
 }
 """Supported timeframe names -> length in milliseconds, shortest first."""
 
+DAY_OF_MINUTES = {"1m": 1440}  # ring sizes for the rolling 24 h figures
+
 
 def parse_timeframe(name: str) -> int:
     """Return the length in ms of timeframe `name` (e.g. ``"1m"``); raise ValueError if unknown."""
@@ -62,22 +64,23 @@ class _Candle:
         "start", "open", "high", "low", "close", "volume", "trades", "first_ts", "last_ts", "iso",
     )
 
-    def __init__(self, start: float, price: float, qty: float, ts_ms: int) -> None:
+    def __init__(self, start: float, price: float, qty: float, ts_ms: int,
+                 count: int = 1) -> None:
         self.start = start
         self.open = self.high = self.low = self.close = price
         self.volume = qty
-        self.trades = 1
+        self.trades = count
         self.first_ts = self.last_ts = ts_ms
         self.iso: str | None = None  # formatted on first read, then reused
 
-    def add(self, price: float, qty: float, ts_ms: int) -> None:
+    def add(self, price: float, qty: float, ts_ms: int, count: int = 1) -> None:
         # Same logic as the inlined copy in CandleBook.add; keep them in step.
         if price > self.high:
             self.high = price
         elif price < self.low:
             self.low = price
         self.volume += qty
-        self.trades += 1
+        self.trades += count
         if ts_ms >= self.last_ts:
             self.close = price
             self.last_ts = ts_ms
@@ -107,8 +110,19 @@ _NO_CANDLE = _Candle(float("-inf"), 0.0, 0.0, 0)
 _START = attrgetter("start")
 
 
+def candle_dict(row: tuple) -> dict:
+    """A storage row as the wire's candle object (the same as `_Candle.as_dict`)."""
+    return {"timestamp": _iso(row[2]), "open": row[3], "high": row[4], "low": row[5],
+            "close": row[6], "volume": round(row[7], 8), "trades": row[8]}
+
+
+def _row(symbol: str, timeframe: str, c: _Candle) -> tuple:
+    return (symbol, timeframe, int(c.start), c.open, c.high, c.low, c.close, c.volume,
+            c.trades, c.first_ts, c.last_ts)
+
+
 class _Ring:
-    __slots__ = ("name", "tf", "candles", "last", "dropped")
+    __slots__ = ("name", "tf", "candles", "last", "dropped", "flushed", "touched")
 
     def __init__(self, name: str, tf: int, size: int) -> None:
         self.name = name
@@ -116,15 +130,21 @@ class _Ring:
         self.candles: deque[_Candle] = deque(maxlen=size)  # sorted by start, oldest first
         self.last = _NO_CANDLE  # == candles[-1] once there is one
         self.dropped = 0
+        # For `CandleBook.changes()`: the newest candle's (start, trades) when last reported,
+        # and older candles changed since (late trades, seeded history).
+        self.flushed: tuple[float, int] = (float("-inf"), 0)
+        self.touched: set[_Candle] = set()
 
-    def add_late(self, start: int, price: float, qty: float, ts_ms: int) -> bool:
+    def add_late(self, start: int, price: float, qty: float, ts_ms: int,
+                 count: int = 1) -> bool:
         """Put a trade whose candle is older than the newest one; False if it was dropped."""
         candles = self.candles
         # start < candles[-1].start, so i is a valid index.
         i = bisect_left(candles, start, key=_START)
         candle = candles[i]
         if candle.start == start:
-            candle.add(price, qty, ts_ms)
+            candle.add(price, qty, ts_ms, count)
+            self.touched.add(candle)
             return True
         if len(candles) == candles.maxlen:
             if i == 0:
@@ -133,7 +153,9 @@ class _Ring:
             # Make room first: insert() into a full bounded deque raises.
             candles.popleft()
             i -= 1
-        candles.insert(i, _Candle(start, price, qty, ts_ms))
+        candle = _Candle(start, price, qty, ts_ms, count)
+        candles.insert(i, candle)
+        self.touched.add(candle)
         return True
 
     def find(self, start: int) -> _Candle | None:
@@ -152,8 +174,12 @@ class CandleBook:
     Not thread-safe; meant to be driven from the event loop's tick path.
     """
 
-    def __init__(self, timeframes: Mapping[str, int] = TIMEFRAMES, size: int = 1000) -> None:
-        """Raise ValueError unless `size` >= 1 and each timeframe is a positive int of ms."""
+    def __init__(self, timeframes: Mapping[str, int] = TIMEFRAMES, size: int = 1000,
+                 sizes: Mapping[str, int] | None = None) -> None:
+        """Raise ValueError unless `size` >= 1 and each timeframe is a positive int of ms.
+
+        `sizes` overrides `size` per timeframe (the market keeps 1440 1m candles, a day, for
+        the rolling 24 h figures: `DAY_OF_MINUTES`)."""
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
         if not timeframes:
@@ -164,7 +190,10 @@ class CandleBook:
         self._timeframes = dict(timeframes)
         self._index = {name: i for i, name in enumerate(self._timeframes)}
         self._size = size
+        self._sizes = {name: size for name in self._timeframes}
+        self._sizes.update(sizes or {})
         self._rings: dict[str, tuple[_Ring, ...]] = {}
+        self._rolling: dict[tuple[str, str], tuple[float, tuple | None]] = {}
         self._dropped: dict[str, int] = {}
 
     @property
@@ -172,13 +201,22 @@ class CandleBook:
         """Maximum number of candles kept per (symbol, timeframe)."""
         return self._size
 
+    def rings(self) -> dict[str, tuple[int, int]]:
+        """Every timeframe's (length in ms, ring size)."""
+        return {name: (tf, self._sizes[name]) for name, tf in self._timeframes.items()}
+
+    def ring_size(self, timeframe: str) -> int:
+        """How many candles of `timeframe` a ring keeps."""
+        return self._sizes[timeframe]
+
     @property
     def timeframes(self) -> dict[str, int]:
         """A copy of the configured timeframes (name -> ms)."""
         return dict(self._timeframes)
 
-    def add(self, symbol: str, price: float, qty: float, ts_ms: int) -> None:
-        """Fold one trade (trade time `ts_ms`, ms since the epoch) into every timeframe."""
+    def add(self, symbol: str, price: float, qty: float, ts_ms: int, count: int = 1) -> None:
+        """Fold one trade (trade time `ts_ms`, ms since the epoch) into every timeframe;
+        `count` > 1 for an aggregate of several trades at one price and time."""
         rings = self._rings.get(symbol)
         if rings is None:
             rings = self._new_symbol(symbol)
@@ -193,7 +231,7 @@ class CandleBook:
                 elif price < c.low:
                     c.low = price
                 c.volume += qty
-                c.trades += 1
+                c.trades += count
                 if ts_ms >= c.last_ts:
                     c.close = price
                     c.last_ts = ts_ms
@@ -201,9 +239,9 @@ class CandleBook:
                     c.open = price
                     c.first_ts = ts_ms
             elif start > c.start:
-                c = ring.last = _Candle(start, price, qty, ts_ms)
+                c = ring.last = _Candle(start, price, qty, ts_ms, count)
                 ring.candles.append(c)  # the bounded deque evicts the oldest itself
-            elif not ring.add_late(start, price, qty, ts_ms):
+            elif not ring.add_late(start, price, qty, ts_ms, count):
                 dropped = True
         if dropped:
             self._dropped[symbol] += 1
@@ -231,6 +269,101 @@ class CandleBook:
         candle = ring.find(ts_ms - ts_ms % ring.tf)
         return None if candle is None else candle.as_dict()
 
+    def rolling(self, symbol: str, span_ms: int = 86_400_000, timeframe: str = "1m"
+                ) -> tuple[float, float, float, float] | None:
+        """(open, high, low, volume) over the `timeframe` candles of the trailing `span_ms`
+        that ends with the newest candle, or None without candles. The closed part is
+        summed once per new candle and cached; each call adds only the open candle."""
+        ring = self._ring(symbol, timeframe)
+        if ring is None or ring.last is _NO_CANDLE:
+            return None
+        last = ring.last
+        cached = self._rolling.get((symbol, timeframe))
+        if cached is None or cached[0] != last.start:
+            first_start = last.start - span_ms + ring.tf
+            closed = [c for c in ring.candles if first_start <= c.start < last.start]
+            summary = None
+            if closed:
+                summary = (closed[0].open, max(c.high for c in closed),
+                           min(c.low for c in closed), sum(c.volume for c in closed))
+            cached = self._rolling[(symbol, timeframe)] = (last.start, summary)
+        summary = cached[1]
+        if summary is None:
+            return (last.open, last.high, last.low, last.volume)
+        return (summary[0], max(summary[1], last.high), min(summary[2], last.low),
+                summary[3] + last.volume)
+
+    def between(self, symbol: str, timeframe: str, start: int, end: int) -> list[tuple]:
+        """Candles in memory starting within [start, end], oldest first, as storage rows."""
+        ring = self._ring(symbol, timeframe)
+        if ring is None:
+            return []
+        candles = ring.candles
+        i = bisect_left(candles, start, key=_START)
+        out = []
+        for c in islice(candles, i, None):
+            if c.start > end:
+                break
+            out.append(_row(symbol, ring.name, c))
+        return out
+
+    def changes(self) -> list[tuple]:
+        """Storage rows of every candle new or changed since the last call (the newest of
+        each ring included while it is open). Cheap: O(rings + changed candles)."""
+        out = []
+        for symbol, rings in self._rings.items():
+            for ring in rings:
+                last = ring.last
+                if last is _NO_CANDLE:
+                    continue
+                mark_start, mark_trades = ring.flushed
+                if (last.start, last.trades) != (mark_start, mark_trades):
+                    for c in reversed(ring.candles):  # newest first, down to the mark
+                        if c.start < mark_start:
+                            break
+                        ring.touched.add(c)
+                    ring.flushed = (last.start, last.trades)
+                if ring.touched:
+                    out.extend(_row(symbol, ring.name, c) for c in ring.touched)
+                    ring.touched.clear()
+        return out
+
+    def seed(self, symbol: str, timeframe: str, rows: list[tuple],
+             replace_from: float | None = None, touch: bool = False) -> None:
+        """Put stored or fetched candles (storage rows) into a ring. Ring candles starting at
+        or after `replace_from`, and any of the same start as a row, are replaced. The ring
+        keeps its newest candles. `touch`: report the rows in the next `changes()`."""
+        ring = self._ring(symbol, timeframe)
+        if ring is None:
+            self._new_symbol(symbol)
+            ring = self._ring(symbol, timeframe)
+        assert ring is not None
+        merged = {c.start: c for c in ring.candles
+                  if replace_from is None or c.start < replace_from}
+        fresh = []
+        for row in rows:
+            candle = _Candle(row[2], row[3], 0.0, row[9])
+            candle.high, candle.low, candle.close = row[4], row[5], row[6]
+            candle.volume, candle.trades, candle.last_ts = row[7], row[8], row[10]
+            merged[candle.start] = candle
+            fresh.append(candle)
+        newest = sorted(merged.values(), key=_START)[-ring.candles.maxlen:]
+        ring.candles.clear()
+        ring.candles.extend(newest)
+        ring.last = newest[-1] if newest else _NO_CANDLE
+        kept = set(newest)
+        ring.touched.intersection_update(kept)
+        if touch:
+            ring.touched.update(c for c in fresh if c in kept)
+        self._rolling.pop((symbol, timeframe), None)
+
+    def mark_flushed(self) -> None:
+        """Forget pending changes (after seeding from storage: nothing new to write)."""
+        for rings in self._rings.values():
+            for ring in rings:
+                ring.touched.clear()
+                ring.flushed = (ring.last.start, ring.last.trades)
+
     def stats(self) -> dict:
         """Counters: ``dropped`` = per symbol, trades dropped by at least one timeframe's ring;
         ``dropped_by_timeframe`` = per symbol and timeframe."""
@@ -243,7 +376,8 @@ class CandleBook:
         }
 
     def _new_symbol(self, symbol: str) -> tuple[_Ring, ...]:
-        rings = tuple(_Ring(name, tf, self._size) for name, tf in self._timeframes.items())
+        rings = tuple(_Ring(name, tf, self._sizes.get(name, self._size))
+                      for name, tf in self._timeframes.items())
         self._rings[symbol] = rings
         self._dropped[symbol] = 0
         return rings

@@ -87,7 +87,11 @@ def _schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
                          description="HS256 JWTs; claims token_type, user_id, exp, iat, jti."),
         "User": obj({"id": INT, "username": STR, "email": STR, "is_admin": BOOL}),
         "Price": obj({"symbol": STR, "price": NUM, "bid": nullable(NUM),
-                      "ask": nullable(NUM), "time": TIME}),
+                      "ask": nullable(NUM), "time": TIME, "open_24h": nullable(NUM),
+                      "high_24h": nullable(NUM), "low_24h": nullable(NUM),
+                      "volume_24h": nullable(NUM), "change_24h": nullable(NUM)},
+                     description="Latest trade and book; the *_24h figures roll over the "
+                                 "1m candles of the last 24 h (change_24h in percent)."),
         "PriceList": obj({"results": array(ref("Price"))}),
         "Candle": obj({"timestamp": TIME, "open": NUM, "high": NUM, "low": NUM,
                        "close": NUM, "volume": NUM, "trades": INT}),
@@ -255,7 +259,11 @@ OPERATIONS: dict[tuple[str, str], dict] = {
             query("symbol", ref("Symbol"), "Watched symbol.", required=True),
             query("timeframe", {**enum(*TIMEFRAMES), "default": "1m"}, "Candle width."),
             query("limit", {"type": "integer", "minimum": 1, "maximum": 1000,
-                            "default": 100}, "Newest candles to return."))),
+                            "default": 100}, "Newest candles to return."),
+            query("start", {"type": "string"}, "Oldest candle start to include (ISO-8601 or "
+                  "ms); with `start` or `end` stored history beyond memory is read."),
+            query("end", {"type": "string"}, "Newest candle start to include (ISO-8601 or "
+                  "ms); page back with the oldest start seen minus one."))),
     ("GET", "/live-feed/subscribe"): op(
         "websockets", "Websocket: live prices and the caller's alert events",
         {101: SWITCHING}, "NotAnUpgrade", auth="user+query",

@@ -72,4 +72,21 @@ MIGRATIONS: list[str] = [
         created_at REAL NOT NULL
     );
     """,
+    # 2: closed (and open) candles of every timeframe, so charts survive restarts.
+    """
+    CREATE TABLE candles (
+        symbol TEXT NOT NULL,
+        timeframe TEXT NOT NULL,
+        start INTEGER NOT NULL,
+        open REAL NOT NULL,
+        high REAL NOT NULL,
+        low REAL NOT NULL,
+        close REAL NOT NULL,
+        volume REAL NOT NULL,
+        trades INTEGER NOT NULL,
+        first_ts INTEGER NOT NULL,
+        last_ts INTEGER NOT NULL,
+        PRIMARY KEY (symbol, timeframe, start)
+    ) WITHOUT ROWID;
+    """,
 ]

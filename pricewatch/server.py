@@ -27,6 +27,8 @@ from .alerts import AlertEngine, Notifier
 from .alerts_api import ENGINE
 from .alphavantage import QuotePoller
 from .api import ApiError, json_response
+from .binance_rest import BinanceRest
+from .candle_writer import CANDLE_WRITER, CandleWriter
 from .config import Settings
 from .feed_admin import EXTRA_FEEDS, HEALTH, ExtraFeeds, FeedRunner, binance_factory
 from .feeds import make_feed
@@ -181,8 +183,9 @@ async def metrics(request: web.Request) -> web.Response:
         for feed, health in healths.items():
             if key in health:
                 out.sample(name, health[key] or 0, feed=feed)
-    for key, text in [("gaps", "Trade-id gaps seen (missed trades), per symbol."),
-                      ("missed_trades", "Trades missed inside those gaps, per symbol.")]:
+    for key, text in [("gaps", "Trade-id gaps seen, per symbol."),
+                      ("missed_trades", "Trades missed and not recovered, per symbol."),
+                      ("backfilled_trades", "Missed trades recovered over REST, per symbol.")]:
         name = f"pricewatch_feed_{key}_total"
         out.metric(name, "counter", text)
         for feed, health in healths.items():
@@ -245,6 +248,28 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.close()
 
 
+async def candles_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Stored candles back into the rings before any feed runs; changed ones written each
+    second; a last flush at shutdown, after the feeds have stopped."""
+    settings = app[SETTINGS]
+    writer = app[CANDLE_WRITER] = CandleWriter(app[MARKET].candles, app[STORE],
+                                               settings.symbols, settings.candle_retention)
+    began = time.monotonic()
+    count = await writer.load()
+    log.info("loaded %d stored candles in %.2fs", count, time.monotonic() - began)
+    task = asyncio.create_task(writer.run(), name="candle-writer")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        try:
+            await writer.flush()
+        except Exception:
+            log.exception("final candle write failed")
+
+
 async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
     app[auth.AUTH] = await auth.Auth.create(app[SETTINGS], app[STORE])
     app[HUB].revoked = app[auth.AUTH].revoked  # live sessions end when their login does
@@ -281,22 +306,33 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         await engine.stop()
 
 
-async def quotes_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The shared HTTP client session, and the AlphaVantage poller when a key is set."""
-    settings = app[SETTINGS]
+HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
+BINANCE_REST = web.AppKey("binance_rest", BinanceRest)
+
+
+async def http_session_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The one outgoing HTTP client session (AlphaVantage, Binance REST)."""
     async with aiohttp.ClientSession() as session:
-        quotes = app[quotes_api.QUOTES] = quotes_api.Quotes(settings, app[STORE], app[HUB],
-                                                            session)
-        if settings.alphavantage_api_key is None:
-            log.info("PRICEWATCH_ALPHAVANTAGE_API_KEY is not set: no quote polling")
-            yield
-            return
-        quotes.poller = QuotePoller(session, settings.alphavantage_url,
-                                    settings.alphavantage_api_key, list(settings.quote_pairs),
-                                    settings.alphavantage_interval, quotes.save,
-                                    timeout=settings.alphavantage_timeout)
-        async with FeedRunner(app, quotes.poller):
-            yield
+        app[HTTP_SESSION] = app[BINANCE_REST].session = session
+        yield
+
+
+async def quotes_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The quotes service, and the AlphaVantage poller when a key is set."""
+    settings = app[SETTINGS]
+    session = app[HTTP_SESSION]
+    quotes = app[quotes_api.QUOTES] = quotes_api.Quotes(settings, app[STORE], app[HUB],
+                                                        session)
+    if settings.alphavantage_api_key is None:
+        log.info("PRICEWATCH_ALPHAVANTAGE_API_KEY is not set: no quote polling")
+        yield
+        return
+    quotes.poller = QuotePoller(session, settings.alphavantage_url,
+                                settings.alphavantage_api_key, list(settings.quote_pairs),
+                                settings.alphavantage_interval, quotes.save,
+                                timeout=settings.alphavantage_timeout)
+    async with FeedRunner(app, quotes.poller):
+        yield
 
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -358,15 +394,21 @@ def create_app(settings: Settings) -> web.Application:
     hub = Hub()
     app[HUB] = hub
     mkt = app[MARKET] = Market(settings.symbols, hub)
+    rest = app[BINANCE_REST] = BinanceRest(settings.binance_rest_url, settings.binance_api_key)
     # Built now so that a bad PRICEWATCH_FEED (missing replay file...) fails before any I/O.
     app[FEED] = make_feed(settings.feed, symbols=settings.symbols,
                           binance_url=settings.binance_ws_url, on_tick=mkt.on_tick,
-                          on_book=mkt.on_book, replay_speed=settings.replay_speed)
+                          on_book=mkt.on_book, replay_speed=settings.replay_speed, rest=rest,
+                          backfill_max_trades=settings.backfill_max_trades,
+                          history=mkt.candles.rings() if settings.candle_history else None,
+                          on_history=mkt.on_history)
     app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(candles_ctx)
     app.cleanup_ctx.append(auth_ctx)
     app.cleanup_ctx.append(hub_ctx)
     app.cleanup_ctx.append(notifier_ctx)
     app.cleanup_ctx.append(engine_ctx)
+    app.cleanup_ctx.append(http_session_ctx)
     app.cleanup_ctx.append(quotes_ctx)
     app.cleanup_ctx.append(feed_ctx)
     app.cleanup_ctx.append(extra_feeds_ctx)

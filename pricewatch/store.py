@@ -534,6 +534,48 @@ class Store:
     async def feeds(self) -> list[tuple[int, str]]:
         return [(r[0], r[1]) for r in await self._all("SELECT id, url FROM feeds ORDER BY id")]
 
+    # ---- candles (rows: symbol, timeframe, start, open, high, low, close, volume, trades,
+    #      first_ts, last_ts; times in ms)
+
+    async def upsert_candles(self, rows: Collection[tuple]) -> None:
+        """Write candles in one transaction (a newer state of a candle replaces the old)."""
+        if rows:
+            async with self._tx() as db:
+                await db.executemany(_UPSERT_CANDLE, rows)
+
+    async def recent_candles(self, symbol: str, timeframe: str, limit: int) -> list[tuple]:
+        """The newest `limit` stored candles, oldest first."""
+        rows = await self._all(
+            f"SELECT {_CANDLE_COLUMNS} FROM candles WHERE symbol = ? AND timeframe = ? "
+            "ORDER BY start DESC LIMIT ?", (symbol, timeframe, limit))
+        rows.reverse()
+        return rows
+
+    async def candles_between(self, symbol: str, timeframe: str, start: int, end: int,
+                              limit: int) -> list[tuple]:
+        """The newest `limit` stored candles starting within [start, end], oldest first."""
+        rows = await self._all(
+            f"SELECT {_CANDLE_COLUMNS} FROM candles WHERE symbol = ? AND timeframe = ? "
+            "AND start BETWEEN ? AND ? ORDER BY start DESC LIMIT ?",
+            (symbol, timeframe, start, end, limit))
+        rows.reverse()
+        return rows
+
+    async def prune_candles(self, timeframe: str, keep: int, size_ms: int) -> int:
+        """Delete candles of `timeframe` older than `keep` periods before each symbol's newest."""
+        async with self._tx() as db:
+            cur = await db.execute(
+                "DELETE FROM candles WHERE timeframe = ?1 AND start < "
+                "(SELECT MAX(start) FROM candles c WHERE c.symbol = candles.symbol "
+                "AND c.timeframe = ?1) - ?2", (timeframe, keep * size_ms))
+            return cur.rowcount
+
+
+_CANDLE_COLUMNS = ("symbol, timeframe, start, open, high, low, close, volume, trades, "
+                   "first_ts, last_ts")
+_UPSERT_CANDLE = (f"INSERT OR REPLACE INTO candles ({_CANDLE_COLUMNS}) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
 
 async def _configure(db: aiosqlite.Connection) -> None:
     await db.execute("PRAGMA foreign_keys=ON")

@@ -44,9 +44,14 @@ class LiveServer:
 
 @pytest.fixture
 def make_settings(tmp_path):
-    """Settings for a test: temp DB, cheap bcrypt, no feed; override any field."""
+    """Settings for a test: temp DB, cheap bcrypt, no feed; override any field.
 
-    base = Settings(db=str(tmp_path / "pricewatch.db"), bcrypt_rounds=4, feed="off")
+    Binance REST points at a closed loopback port unless a test passes its fake's
+    `rest_url`: no test may reach the internet (backfill after a gap then gives up at once).
+    """
+
+    base = Settings(db=str(tmp_path / "pricewatch.db"), bcrypt_rounds=4, feed="off",
+                    binance_rest_url="http://127.0.0.1:9")
 
     def make(**overrides) -> Settings:
         return dataclasses.replace(base, **overrides)

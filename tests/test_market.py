@@ -176,7 +176,8 @@ async def test_book_ticker_sets_bid_and_ask_of_latest_price(
         await recv_until(ws, candle_at("2024-01-01T00:00:00Z", 42000.5))
 
     expected = {"symbol": "BTCUSDT", "price": 42000.5, "bid": 42000.25, "ask": 42000.75,
-                "time": "2024-01-01T00:00:01.500Z"}
+                "time": "2024-01-01T00:00:01.500Z", "open_24h": 42000.5,
+                "high_24h": 42000.5, "low_24h": 42000.5, "volume_24h": 0.5, "change_24h": 0.0}
     status, body = await get_json(http, live.url + "/api/v1/prices")
     assert (status, body) == (200, {"results": [expected]})
     for path in ("/api/v1/prices/BTCUSDT", "/api/v1/prices/btcusdt/"):

@@ -1,0 +1,217 @@
+"""Gap-free trades: live Binance trades in trade-id order, missed ids fetched over REST.
+
+A `Sequencer` stands between the Binance websocket and the tick pipeline. Trade ids grow by
+one per trade and symbol, so a jump means trades were missed (a reconnect, a network blip).
+On a jump the sequencer holds that symbol's newer live trades, fetches the missing ids over
+REST (`historicalTrades` from the first missing id; `aggTrades` by time where that endpoint is
+refused), hands them to the *same* callback in id order, then releases the held trades. The
+callback therefore sees every trade exactly once, in id order, as if nothing had been missed.
+
+Bounds: live trades are held at most `hold_limit` seconds (and `max_held` trades); a gap REST
+cannot fill in that time (trades no longer served, errors, a long Retry-After) is given up,
+its remaining ids are counted in `missed_trades`, and the held trades go on. A gap of more than
+`max_trades` ids is not fetched trade by trade (see the README: counted as missed for now).
+Duplicates (an id at or below the last delivered one, e.g. replayed after a reconnect) are
+dropped and counted as `out_of_order`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .binance_rest import BinanceRest, RestError, RestLimited
+from .feeds import FeedStats, Tick
+
+log = logging.getLogger(__name__)
+
+
+class _Symbol:
+    __slots__ = ("last_id", "last_time", "held", "task", "state")
+
+    def __init__(self) -> None:
+        self.last_id: int | None = None
+        self.last_time: int | None = None
+        self.held: deque[Tick] = deque()
+        self.task: asyncio.Task | None = None
+        self.state = "idle"  # idle | filling | gave_up (the last gap could not be filled)
+
+
+class Sequencer:
+    """Delivers each symbol's trades exactly once in trade-id order, filling gaps over REST."""
+
+    def __init__(self, deliver: Callable[[Tick], Any], stats: FeedStats,
+                 rest: BinanceRest | None, *, max_trades: int = 100_000,
+                 hold_limit: float = 5.0, max_held: int = 200_000):
+        self._deliver = deliver
+        self.stats = stats
+        self.rest = rest
+        self.max_trades = max_trades
+        self.hold_limit = hold_limit
+        self.max_held = max_held
+        self._symbols: dict[str, _Symbol] = {}
+        self.backfilled: dict[str, int] = {s: 0 for s in stats.symbols}
+        self._agg_only = False  # historicalTrades was refused: use aggTrades from now on
+        self._stopping = False
+        self.changed = asyncio.Event()  # set whenever a gap is closed or given up (tests)
+
+    # ---- the live path (synchronous, called for every streamed trade)
+
+    def on_trade(self, tick: Tick) -> None:
+        sym = self._symbols.get(tick.symbol)
+        if sym is None:
+            sym = self._symbols[tick.symbol] = _Symbol()
+        if sym.task is not None:
+            sym.held.append(tick)
+            if len(sym.held) == self.max_held:  # a flood while filling: stop holding now
+                sym.task.cancel()
+            return
+        self._accept(tick.symbol, sym, tick)
+
+    def _accept(self, symbol: str, sym: _Symbol, tick: Tick) -> bool:
+        """Deliver `tick` or start filling the gap before it (then False: it is held)."""
+        trade_id = tick.trade_id
+        last = sym.last_id
+        if trade_id is None or last is None or trade_id == last + 1:
+            self._emit(sym, tick)
+            return True
+        if trade_id <= last:
+            self.stats.out_of_order += 1
+            return True
+        self.stats.gaps[symbol] = self.stats.gaps.get(symbol, 0) + 1
+        missing = trade_id - last - 1
+        if self.rest is None or missing > self.max_trades:
+            # Not fetched trade by trade: counted as missed at once, nothing is held.
+            self._missed(symbol, missing)
+            sym.state = "gave_up" if self.rest is not None else "idle"
+            self._emit(sym, tick)
+            return True
+        sym.held.appendleft(tick)
+        sym.state = "filling"
+        sym.task = asyncio.get_running_loop().create_task(
+            self._fill(symbol, sym, last + 1, trade_id - 1), name=f"backfill-{symbol}")
+        return False
+
+    def _emit(self, sym: _Symbol, tick: Tick) -> None:
+        if tick.trade_id is not None:
+            sym.last_id = tick.trade_id
+        sym.last_time = tick.time
+        try:
+            self._deliver(tick)
+        except Exception as exc:  # a downstream bug must not stop market data
+            self.stats.callback_error(self.stats.kind, exc)
+
+    def resume(self, symbol: str, last_id: int, last_time: int) -> None:
+        """The trades up to `last_id` are accounted for elsewhere (candle history): the next
+        streamed trade continues from there, any trades in between are backfilled."""
+        sym = self._symbols.setdefault(symbol, _Symbol())
+        if sym.last_id is None:
+            sym.last_id, sym.last_time = last_id, last_time
+
+    # ---- filling a gap
+
+    async def _fill(self, symbol: str, sym: _Symbol, first: int, last: int) -> None:
+        began = time.monotonic()
+        try:
+            async with asyncio.timeout(self.hold_limit):
+                await self._fetch(symbol, sym, last)
+        except TimeoutError:
+            log.warning("%s: backfill of trades %d..%d not done within %.1f s; giving up",
+                        symbol, sym.last_id + 1 if sym.last_id is not None else first, last,
+                        self.hold_limit)
+        except asyncio.CancelledError:
+            if self._stopping:
+                raise  # the feed stops
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            log.warning("%s: %d live trades held during a backfill; giving up", symbol,
+                        self.max_held)
+        except RestError as exc:
+            log.warning("%s: backfill failed: %s", symbol, exc)
+        finally:
+            filled_to = sym.last_id if sym.last_id is not None else first - 1
+            missed = max(0, last - max(filled_to, first - 1))
+            if missed:
+                self._missed(symbol, missed)
+                sym.state = "gave_up"
+                sym.last_id = last  # what follows the gap is live again
+            else:
+                sym.state = "idle"
+            sym.task = None
+            log.info("%s: gap closed in %.2f s (%d missed)", symbol, time.monotonic() - began,
+                     missed)
+            self._release(symbol, sym)
+            self.changed.set()
+
+    async def _fetch(self, symbol: str, sym: _Symbol, last: int) -> None:
+        """Deliver trades sym.last_id+1 .. last from REST, in id order."""
+        rest = self.rest
+        assert rest is not None
+        held_time = sym.held[0].time if sym.held else None
+        while sym.last_id is not None and sym.last_id < last:
+            try:
+                if self._agg_only:
+                    start = sym.last_time or 0
+                    end = min(held_time or int(time.time() * 1000), start + 3_600_000 - 1)
+                    batch = await rest.agg_trades(symbol, start, end)
+                else:
+                    batch = await rest.trades(symbol, sym.last_id + 1,
+                                              min(1000, last - sym.last_id))
+            except RestLimited as exc:
+                await asyncio.sleep(exc.retry_after)  # bounded by hold_limit's timeout
+                continue
+            except RestError as exc:
+                if exc.refused and not self._agg_only:
+                    log.info("historicalTrades refused (%s); backfilling from aggTrades", exc)
+                    self._agg_only = True
+                    continue
+                raise
+            progressed = False
+            for tick in batch:
+                tid = tick.trade_id
+                if tid is None or tid <= sym.last_id:
+                    continue  # already delivered
+                first_id = tid - tick.count + 1
+                if first_id > last:
+                    break  # live trades take it from here
+                if tid > last:  # an aggregate straddling the gap's end: cannot be split
+                    continue
+                if first_id <= sym.last_id:
+                    # An aggregate partly delivered live: its other trades cannot be told
+                    # apart (one qty for all), so they count as missed, never twice.
+                    self._missed(symbol, tid - sym.last_id)
+                    sym.last_id, sym.last_time = tid, tick.time
+                    progressed = True
+                    continue
+                self._missed(symbol, first_id - sym.last_id - 1)  # ids REST no longer serves
+                self._emit(sym, tick)
+                self.backfilled[symbol] = self.backfilled.get(symbol, 0) + tick.count
+                progressed = True
+            if not progressed:
+                return  # REST has nothing more for this gap (no longer served)
+
+    def _missed(self, symbol: str, count: int) -> None:
+        if count > 0:
+            self.stats.missed_trades[symbol] = self.stats.missed_trades.get(symbol, 0) + count
+
+    def _release(self, symbol: str, sym: _Symbol) -> None:
+        """Hand on held live trades until none is left or another gap starts."""
+        held = sym.held
+        while held and sym.task is None:
+            self._accept(symbol, sym, held.popleft())  # a new gap puts it back in front
+
+    # ---- reporting and lifetime
+
+    def health(self) -> dict[str, Any]:
+        return {"backfilled_trades": dict(self.backfilled),
+                "backfill_state": {s: sym.state for s, sym in self._symbols.items()}}
+
+    async def stop(self) -> None:
+        self._stopping = True
+        tasks = [s.task for s in self._symbols.values() if s.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,249 @@
+"""Gap-free trades: missed trade ids are fetched over REST from the loopback fake and handed
+on in id order, exactly once, before newer live trades."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from conftest import LiveServer, register
+from fake_binance import FakeBinance
+from test_alerts import Trader, create, fetch
+from test_feeds import SYMBOLS, T0, Sink, running
+
+from pricewatch.binance_rest import BinanceRest
+from pricewatch.feeds import BinanceFeed
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeBinance]:
+    async with FakeBinance() as server:
+        yield server
+
+
+@pytest.fixture
+def sink() -> Sink:
+    return Sink()
+
+
+@contextlib.asynccontextmanager
+async def rest_client(fake: FakeBinance) -> AsyncIterator[BinanceRest]:
+    rest = BinanceRest(fake.rest_url, timeout=2.0)
+    async with aiohttp.ClientSession() as session:
+        rest.session = session
+        yield rest
+
+
+def feed_with(fake: FakeBinance, sink: Sink, rest: BinanceRest, **kw) -> BinanceFeed:
+    return BinanceFeed(fake.url, SYMBOLS, sink.on_tick, sink.on_book, rest=rest,
+                       backoff_initial=0.05, backoff_cap=0.2, **kw)
+
+
+def ids(sink: Sink, symbol: str = "BTCUSDT") -> list[int]:
+    return [t.trade_id for t in sink.ticks if t.symbol == symbol]
+
+
+async def test_trades_missed_inside_a_gap_are_fetched_and_delivered_in_order(fake, sink):
+    async with rest_client(fake) as rest:
+        feed = feed_with(fake, sink, rest)
+        async with running(feed):
+            await fake.wait_open(1)
+            for i in (1, 2, 3):
+                await fake.send_trade("BTCUSDT", i, 100 + i, 1, T0 + i)
+            for i in range(4, 9):  # happened, but never reached us
+                fake.record_trade("BTCUSDT", i, 100 + i, 0.5, T0 + i)
+            await fake.send_trade("BTCUSDT", 9, 109, 1, T0 + 9)
+            await fake.send_trade("BTCUSDT", 10, 110, 1, T0 + 10)
+            await sink.wait(lambda: len(ids(sink)) >= 10)
+        assert ids(sink) == list(range(1, 11))
+        assert [t.price for t in sink.ticks] == [100.0 + i for i in range(1, 11)]
+        health = feed.health()
+        assert health["gaps"]["BTCUSDT"] == 1
+        assert health["missed_trades"]["BTCUSDT"] == 0
+        assert health["backfilled_trades"]["BTCUSDT"] == 5
+        assert health["backfill_state"]["BTCUSDT"] == "idle"
+        assert [c for c in fake.rest_calls if c[0] == "/api/v3/historicalTrades"][0][1][
+            "fromId"] == "4"
+
+
+async def test_trades_sent_during_a_reconnect_are_recovered(fake, sink):
+    async with rest_client(fake) as rest:
+        feed = feed_with(fake, sink, rest)
+        async with running(feed):
+            await fake.wait_open(1)
+            for i in (1, 2):
+                await fake.send_trade("BTCUSDT", i, 100, 1, T0 + i)
+            await sink.wait(lambda: len(sink.ticks) == 2)
+            await fake.drop_all()  # the daily close
+            for i in (3, 4, 5):
+                fake.record_trade("BTCUSDT", i, 90 + i, 1, T0 + i)
+            await fake.wait_connections(2)
+            await fake.wait_open(1)
+            await fake.send_trade("BTCUSDT", 5, 95, 1, T0 + 5)  # replayed overlap: a duplicate
+            await fake.send_trade("BTCUSDT", 6, 96, 1, T0 + 6)
+            await sink.wait(lambda: len(sink.ticks) >= 6)
+        assert ids(sink) == [1, 2, 3, 4, 5, 6]  # each exactly once
+
+
+async def test_refused_historical_trades_fall_back_to_aggregate_trades(fake, sink):
+    fake.refuse_historical = True
+    fake.agg_size = 2
+    async with rest_client(fake) as rest:
+        feed = feed_with(fake, sink, rest)
+        async with running(feed):
+            await fake.wait_open(1)
+            await fake.send_trade("BTCUSDT", 1, 100, 1, T0 + 1)
+            await fake.send_trade("BTCUSDT", 2, 100, 1, T0 + 2)
+            for i in range(3, 7):  # 3..6: two aggregates of two trades (ids 3-4, 5-6)
+                fake.record_trade("BTCUSDT", i, 100 + i, 0.25, T0 + i)
+            await fake.send_trade("BTCUSDT", 7, 107, 1, T0 + 7)
+            await sink.wait(lambda: ids(sink)[-1:] == [7])
+        assert ids(sink) == [1, 2, 4, 6, 7]  # aggregates carry their last trade id ...
+        assert [t.count for t in sink.ticks] == [1, 1, 2, 2, 1]  # ... and how many they hold
+        assert sum(t.qty for t in sink.ticks) == 4.0
+        assert feed.health()["missed_trades"]["BTCUSDT"] == 0
+        assert feed.health()["backfilled_trades"]["BTCUSDT"] == 4
+
+
+async def test_an_aggregate_partly_seen_live_is_counted_missed_not_twice(fake, sink):
+    fake.refuse_historical = True
+    fake.agg_size = 2
+    async with rest_client(fake) as rest:
+        feed = feed_with(fake, sink, rest)
+        async with running(feed):
+            await fake.wait_open(1)
+            await fake.send_trade("BTCUSDT", 1, 100, 1, T0 + 1)  # aggregate 1-2, half live
+            for i in range(2, 5):
+                fake.record_trade("BTCUSDT", i, 100 + i, 0.25, T0 + 1)
+            await fake.send_trade("BTCUSDT", 5, 105, 1, T0 + 5)
+            await sink.wait(lambda: ids(sink)[-1:] == [5])
+        assert ids(sink) == [1, 4, 5]
+        assert feed.health()["missed_trades"]["BTCUSDT"] == 1  # trade 2
+        assert feed.health()["backfilled_trades"]["BTCUSDT"] == 2
+
+
+async def test_rate_limit_retry_after_is_obeyed(fake, sink):
+    fake.answer_first = [429]
+    fake.retry_after = 1
+    async with rest_client(fake) as rest:
+        feed = feed_with(fake, sink, rest)
+        stamps: list[float] = []
+        real_get = rest.get
+
+        async def timed_get(name, params):
+            stamps.append(time.monotonic())
+            return await real_get(name, params)
+
+        rest.get = timed_get  # type: ignore[method-assign]
+        async with running(feed):
+            await fake.wait_open(1)
+            await fake.send_trade("BTCUSDT", 1, 100, 1, T0)
+            fake.record_trade("BTCUSDT", 2, 102, 1, T0 + 2)
+            await fake.send_trade("BTCUSDT", 3, 103, 1, T0 + 3)
+            await sink.wait(lambda: ids(sink)[-1:] == [3])
+        assert ids(sink) == [1, 2, 3]
+        assert len(stamps) == 2 and stamps[1] - stamps[0] >= 0.99  # waited out Retry-After
+
+
+async def test_gap_rest_cannot_fill_is_given_up_and_counted(fake, sink):
+    fake.served_from["BTCUSDT"] = 50  # ids below 50 are no longer served
+    async with rest_client(fake) as rest:
+        feed = feed_with(fake, sink, rest, backfill_hold=1.0)
+        async with running(feed):
+            await fake.wait_open(1)
+            await fake.send_trade("BTCUSDT", 1, 100, 1, T0)
+            await fake.send_trade("BTCUSDT", 8, 108, 1, T0 + 8)
+            await fake.send_trade("BTCUSDT", 9, 109, 1, T0 + 9)
+            await sink.wait(lambda: ids(sink)[-1:] == [9])
+        assert ids(sink) == [1, 8, 9]
+        assert feed.health()["missed_trades"]["BTCUSDT"] == 6
+        assert feed.health()["backfill_state"]["BTCUSDT"] == "gave_up"
+
+
+async def test_a_stuck_backfill_never_holds_live_trades_past_its_bound(fake, sink):
+    fake.answer_first = [429]
+    fake.retry_after = 600  # Binance says: come back in 10 minutes
+    async with rest_client(fake) as rest:
+        feed = feed_with(fake, sink, rest, backfill_hold=0.5)
+        async with running(feed):
+            await fake.wait_open(1)
+            await fake.send_trade("BTCUSDT", 1, 100, 1, T0)
+            fake.record_trade("BTCUSDT", 2, 102, 1, T0 + 2)
+            await fake.send_trade("BTCUSDT", 3, 103, 1, T0 + 3)
+            await sink.wait(lambda: ids(sink)[-1:] == [3], timeout=3.0)
+            assert rest.blocked_for() > 500  # and no call is made before that
+            await fake.send_trade("BTCUSDT", 4, 104, 1, T0 + 4)
+            fake.record_trade("BTCUSDT", 5, 105, 1, T0 + 5)
+            await fake.send_trade("BTCUSDT", 6, 106, 1, T0 + 6)
+            await sink.wait(lambda: ids(sink)[-1:] == [6], timeout=3.0)
+        assert ids(sink) == [1, 3, 4, 6]
+        assert feed.health()["missed_trades"]["BTCUSDT"] == 2
+        assert len(fake.rest_calls) == 1
+
+
+async def test_gap_beyond_the_trade_limit_is_not_fetched_trade_by_trade(fake, sink):
+    async with rest_client(fake) as rest:
+        feed = feed_with(fake, sink, rest, backfill_max_trades=10)
+        async with running(feed):
+            await fake.wait_open(1)
+            await fake.send_trade("BTCUSDT", 1, 100, 1, T0)
+            await fake.send_trade("BTCUSDT", 100, 108, 1, T0 + 8)
+            await sink.wait(lambda: ids(sink)[-1:] == [100])
+        assert feed.health()["missed_trades"]["BTCUSDT"] == 98
+        assert not [c for c in fake.rest_calls if c[0] == "/api/v3/historicalTrades"]
+
+
+async def test_symbols_are_sequenced_independently(fake, sink):
+    async with rest_client(fake) as rest:
+        feed = feed_with(fake, sink, rest)
+        async with running(feed):
+            await fake.wait_open(1)
+            await fake.send_trade("BTCUSDT", 1, 100, 1, T0)
+            fake.record_trade("BTCUSDT", 2, 102, 1, T0 + 2)
+            await fake.send_trade("ETHUSDT", 70, 2000, 1, T0)
+            await fake.send_trade("BTCUSDT", 3, 103, 1, T0 + 3)
+            await fake.send_trade("ETHUSDT", 71, 2001, 1, T0 + 1)
+            await sink.wait(lambda: len(sink.ticks) == 5)
+        assert ids(sink) == [1, 2, 3]
+        assert ids(sink, "ETHUSDT") == [70, 71]
+
+
+async def test_alert_crossed_only_inside_a_gap_triggers_at_that_trade(make_settings, http,
+                                                                       fake):
+    """End to end: the server's Binance feed backfills from the fake's REST; the alert fires
+    with the missed trade's own price and time, and the candle counts every trade once."""
+    settings = make_settings(feed="binance", binance_ws_url=fake.url,
+                             binance_rest_url=fake.rest_url)
+    async with LiveServer(settings) as server:
+        tok = (await register(http, server))["access"]
+        async with Trader(fake, server, http, tok) as market:
+            await market.trade(100.0)  # trade id 1
+            status, alert = await create(http, server, tok, asset="BTCUSDT", price=150.0,
+                                         direction="above")
+            assert status == 201
+            t_spike = 1704067200000 + 3
+            fake.record_trade("BTCUSDT", 2, 120.0, 1, t_spike - 1)
+            fake.record_trade("BTCUSDT", 3, 155.5, 1, t_spike)  # only this one crosses 150
+            fake.record_trade("BTCUSDT", 4, 110.0, 1, t_spike + 1)
+            for _ in range(3):
+                next(market.ids)
+            await market.trade(105.0)  # trade id 5: the gap 2..4 is filled before it counts
+            event = await market.alert_event(alert["id"])
+            assert event["status"] == "TRIGGERED"
+            _, stored = await fetch(http, server, tok, alert["id"])
+            assert stored["triggered_price"] == 155.5
+            assert stored["triggered_at"] == "2024-01-01T00:00:00.003Z"
+            async with http.get(server.url + "/api/v1/ohlc",
+                                params={"symbol": "BTCUSDT", "timeframe": "1m"}) as resp:
+                candle = (await resp.json())["data"][-1]
+            assert candle["trades"] == 5 and candle["volume"] == 5.0
+            assert (candle["open"], candle["high"], candle["low"], candle["close"]) == (
+                100.0, 155.5, 100.0, 105.0)
+            async with http.get(server.url + "/healthz") as resp:
+                feed = (await resp.json())["feeds"]["binance"]
+            assert feed["backfilled_trades"]["BTCUSDT"] == 3
+            assert feed["missed_trades"]["BTCUSDT"] == 0
+
