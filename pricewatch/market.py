@@ -16,10 +16,10 @@ from aiohttp import WSMsgType, web
 
 from . import auth, clock
 from .api import ApiError, invalid, json_response, not_found
+from .candle_writer import CANDLE_WRITER
 from .feeds import Book, Tick
 from .history import KlineFill
 from .hub import Client, Hub
-from .candle_writer import CANDLE_WRITER
 from .ohlc import DAY_OF_MINUTES, TIMEFRAMES, CandleBook, candle_dict
 
 log = logging.getLogger(__name__)
