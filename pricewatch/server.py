@@ -27,11 +27,11 @@ from .alerts import AlertEngine, Notifier
 from .alerts_api import ENGINE
 from .alphavantage import QuotePoller
 from .api import ApiError, json_response
-from .binance_rest import BinanceRest
+from .binance_rest import MARKETS, BinanceRest
 from .candle_writer import CANDLE_WRITER, CandleWriter
 from .config import Settings
 from .feed_admin import EXTRA_FEEDS, HEALTH, ExtraFeeds, FeedRunner, binance_factory
-from .feeds import make_feed
+from .feed_factory import make_feed
 from .httpd import make_runner
 from .hub import Hub
 from .market import HUB, MARKET, Market
@@ -394,7 +394,8 @@ def create_app(settings: Settings) -> web.Application:
     hub = Hub()
     app[HUB] = hub
     mkt = app[MARKET] = Market(settings.symbols, hub)
-    rest = app[BINANCE_REST] = BinanceRest(settings.binance_rest_url, settings.binance_api_key)
+    rest = app[BINANCE_REST] = BinanceRest(settings.binance_rest_url, settings.binance_api_key,
+                                           market=MARKETS[settings.binance_market])
     # Built now so that a bad PRICEWATCH_FEED (missing replay file...) fails before any I/O.
     app[FEED] = make_feed(settings.feed, symbols=settings.symbols,
                           binance_url=settings.binance_ws_url, on_tick=mkt.on_tick,
