@@ -26,7 +26,6 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from contextlib import suppress
 from typing import NamedTuple
 
 from aiohttp import WSCloseCode, web
@@ -111,6 +110,7 @@ class Hub:
         self.revoked: Callable[[str], bool] = lambda family: False  # set by the app
         self._closing: set[asyncio.Task] = set()
         self._behind = asyncio.Event()  # set when `backlog` gains a client
+        self._dropped = asyncio.Event()  # set (and replaced) at every drop
 
     @property
     def dropped(self) -> int:
@@ -292,6 +292,8 @@ class Hub:
             return
         client.closed = True
         self.drops[reason.reason] += 1
+        signal, self._dropped = self._dropped, asyncio.Event()
+        signal.set()
         if reason is not SESSION_ENDED:
             log.warning("closing %s client %s (%s): %s", client.endpoint,
                         client.request.remote, reason.reason, why)
@@ -322,6 +324,11 @@ class Hub:
                 # keeping its handler and socket alive.)
                 if client.transport is not None:
                     client.transport.abort()
+
+    async def dropped_for(self, reason: Disconnect, count: int = 1) -> None:
+        """Wait until `count` clients were closed for `reason` (for tests and benches)."""
+        while self.drops[reason.reason] < count:
+            await self._dropped.wait()
 
     async def settled(self) -> None:
         """Wait until every close started by `drop` has finished."""

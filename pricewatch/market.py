@@ -15,9 +15,9 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from . import auth, clock
+from .addresses import client_address
 from .api import ApiError, invalid, json_response, not_found
 from .feeds import Book, Tick
-from .addresses import client_address
 from .hub import MAX_SUBSCRIPTIONS, Client, Hub
 from .ohlc import TIMEFRAMES, CandleBook
 
