@@ -220,6 +220,10 @@ class Hub:
         """Send one message to one client without waiting."""
         self._deliver(client, frame(data))
 
+    def send_framed(self, client: Client, framed: bytes) -> None:
+        """Send one message already made into a frame by `frame()` (cached messages)."""
+        self._deliver(client, framed)
+
     def _deliver(self, client: Client, framed: bytes) -> None:
         """Write a frame now if the client keeps up, else queue it; past the byte bound
         close the client instead (it must never just miss this message)."""

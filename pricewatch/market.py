@@ -18,13 +18,14 @@ from . import auth, clock
 from .addresses import client_address
 from .api import ApiError, invalid, json_response, not_found
 from .feeds import Book, Tick
-from .hub import MAX_SUBSCRIPTIONS, Client, Hub
+from .hub import MAX_SUBSCRIPTIONS, Client, Hub, frame
 from .ohlc import TIMEFRAMES, CandleBook
 
 log = logging.getLogger(__name__)
 
 MAX_WS_MESSAGE = 64 * 1024
 HEARTBEAT = 20.0  # seconds between server pings; a peer that does not answer is reaped
+SNAPSHOT_CACHE = 32  # framed snapshots kept for repeated requests (at most ~4 MB)
 WS_RETRY_AFTER = 10  # seconds suggested to an address refused for holding too many sockets
 TOO_MANY_TOPICS = f"At most {MAX_SUBSCRIPTIONS} subscriptions per connection."
 
@@ -54,7 +55,10 @@ class Market:
         self.hub = hub
         self.candles = candles or CandleBook()
         self.latest = {s: Latest(s) for s in symbols}
+        # Trades per symbol. Also the version of its candles: every change to them comes
+        # through on_tick (a new path that changes candles must bump it too).
         self.ticks = dict.fromkeys(symbols, 0)
+        self._snapshots: dict[tuple[str, str, int], tuple[int, bytes]] = {}
         self.trade_hooks: list[Callable[[Tick], None]] = []
         self.closed = False  # set at shutdown: ticks still arriving are ignored
         # Topic keys built once, so the tick path allocates no tuples.
@@ -85,6 +89,25 @@ class Market:
                     continue
                 hub.publish(topic, orjson.dumps(
                     {"type": "candle", "symbol": symbol, "timeframe": tf, "candle": candle}))
+
+    def snapshot(self, symbol: str, timeframe: str, limit: int) -> bytes:
+        """The framed `/ws/ohlc/` snapshot message of the newest `limit` candles.
+
+        Built (~0.7 ms and ~128 KB for 1000 candles) at most once per change of the symbol's
+        candles; repeated requests, however many clients send them, cost a lookup. The
+        SNAPSHOT_CACHE most recently used are kept.
+        """
+        key = (symbol, timeframe, limit)
+        version = self.ticks[symbol]
+        cached = self._snapshots.pop(key, None)
+        if cached is None or cached[0] != version:
+            cached = (version, frame(orjson.dumps({
+                "type": "snapshot", "symbol": symbol, "timeframe": timeframe,
+                "data": self.candles.candles(symbol, timeframe, limit)})))
+        self._snapshots[key] = cached  # (re)inserted last: the dict is ordered by use
+        if len(self._snapshots) > SNAPSHOT_CACHE:
+            del self._snapshots[next(iter(self._snapshots))]
+        return cached[1]
 
     def on_book(self, book: Book) -> None:
         latest = self.latest.get(book.symbol)
@@ -297,8 +320,6 @@ async def ws_ohlc(request: web.Request) -> web.StreamResponse:
         if not hub.subscribe(client, topic):
             hub.send(client, _error(TOO_MANY_TOPICS))
             return
-        hub.send(client, orjson.dumps({
-            "type": "snapshot", "symbol": symbol, "timeframe": timeframe,
-            "data": market.candles.candles(symbol, timeframe, limit)}))
+        hub.send_framed(client, market.snapshot(symbol, timeframe, limit))
 
     return await serve_ws(request, "ohlc", None, None, on_message)

@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 
 from pricewatch import server as server_mod
 from pricewatch.feeds import Tick
+from pricewatch.hub import frame
 from pricewatch.market import HUB, MARKET
 
 DATA = Path(__file__).parent / "data"
@@ -648,3 +649,17 @@ async def test_snapshots_of_every_size_arrive_intact(server, http, candles):
         for ws in (a, b):  # small frames after a big one: the stream stays in step
             update = await ws.receive_json(timeout=5)
             assert update["type"] == "candle" and update["candle"]["close"] == 5.0
+
+
+async def test_snapshots_are_built_once_per_change_of_the_candles(server) -> None:
+    """Repeated snapshot requests (the abuse benchmark sends hundreds a second) reuse one
+    framed message until a trade changes the symbol's candles."""
+    market = server.app[MARKET]
+    market.on_tick(Tick("BTCUSDT", 100.0, 0.5, T0, 1))
+    first = market.snapshot("BTCUSDT", "1s", 1000)
+    assert market.snapshot("BTCUSDT", "1s", 1000) is first
+    market.on_tick(Tick("BTCUSDT", 101.0, 0.5, T0 + 1000, 2))
+    second = market.snapshot("BTCUSDT", "1s", 1000)
+    assert second is not first
+    assert second.endswith(b'"close":101.0,"volume":0.5,"trades":1}]}')
+    assert second.startswith(frame(second[4:])[:4])  # one whole frame (126..65535 bytes)
