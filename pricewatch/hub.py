@@ -3,9 +3,9 @@
 `publish()`/`send()` are synchronous and never wait. A message is serialised once and framed
 once (server frames are unmasked, so one websocket frame serves every receiver); for a
 client that keeps up it is written straight to its socket. Only a client whose socket
-buffer is full gets its frames queued, and the hub's flusher writes them, in order and
-several frames per socket write, as the buffer drains (one task for all clients, which polls
-only while someone is behind).
+buffer is full gets its frames queued (its `ClientWriter`), and the hub's flusher writes them,
+in order and several frames per socket write, as the buffer drains (one task for all
+clients, which polls only while someone is behind).
 
 Every client has a bounded cost (CONTRACT "Limits"):
 - the bytes the server holds for it (socket buffer + queue) never pass `max_queue_bytes`:
@@ -61,28 +61,100 @@ SHUTDOWN = Disconnect(GOING_AWAY, "shutdown", b"server shutdown")
 DROP_REASONS = (QUEUE_FULL, SLOW, TOO_MANY_MESSAGES, SESSION_ENDED)  # counted in Hub.drops
 
 
-class Client:
-    """One websocket connection: its socket, its outgoing backlog, what it listens to.
+class ClientWriter:
+    """One client's outgoing frames (the shape of centrifuge's writer.go).
 
-    `events` holds frames not yet handed to the socket, in order, each with the monotonic
-    time it was queued; `queued` is their size in bytes. (The conflation issue adds a
-    newest-frame-per-topic map for state messages beside it.)
+    A frame goes straight to the transport while nothing waits and the socket buffer is
+    under `write_limit`; otherwise it is queued, in order, in `events` (each with the
+    monotonic time it was queued; `queued` is their size in bytes) until `flush` can hand it
+    over. `push` and `check` *return* the Disconnect the hub then carries out: the bytes held
+    for the client (socket buffer + queue) never pass `max_bytes`. (The conflation issue
+    adds the newest frame per state topic beside `events`.)
     """
 
-    __slots__ = ("ws", "request", "transport", "endpoint", "user_id", "events", "queued",
-                 "peak", "full_since", "expires", "family", "closed", "topics", "inbound")
+    __slots__ = ("transport", "max_bytes", "write_limit", "events", "queued", "peak",
+                 "full_since")
+
+    def __init__(self, transport, max_bytes: int, write_limit: int):
+        self.transport = transport
+        self.max_bytes = max_bytes
+        self.write_limit = write_limit
+        self.events: deque[tuple[bytes, float]] = deque()
+        self.queued = 0  # bytes in `events`
+        self.peak = 0  # most bytes ever held (socket buffer + queue), for tests and benches
+        self.full_since: float | None = None  # when the socket buffer was seen full
+
+    def push(self, framed: bytes) -> Disconnect | None:
+        """Write or queue `framed`; QUEUE_FULL (and nothing done) past `max_bytes`."""
+        transport = self.transport
+        buffered = transport.get_write_buffer_size()
+        held = buffered + self.queued + len(framed)
+        if held > self.max_bytes:
+            return QUEUE_FULL
+        if held > self.peak:
+            self.peak = held
+        if not self.events and buffered < self.write_limit:
+            # Nothing waits ahead of it and the socket has room: straight out, in order.
+            # (aiohttp's own frames, pings and close, are whole writes too.)
+            transport.write(framed)
+        else:
+            self.events.append((framed, time.monotonic()))
+            self.queued += len(framed)
+        return None
+
+    def flush(self) -> None:
+        """Hand queued frames to the socket while its buffer is under `write_limit`, in
+        order, joined into one write."""
+        events, transport = self.events, self.transport
+        room = self.write_limit - transport.get_write_buffer_size()
+        if room <= 0 or not events:
+            return
+        chunk: list[bytes] = []
+        size = 0
+        while events and size < room:
+            framed = events.popleft()[0]
+            chunk.append(framed)
+            size += len(framed)
+        self.queued -= size
+        transport.write(chunk[0] if len(chunk) == 1 else b"".join(chunk))
+
+    def check(self, now: float, slow_timeout: float, send_timeout: float) -> Disconnect | None:
+        """SLOW when a queued frame waited over `slow_timeout` or the socket buffer has been
+        full for over `send_timeout` (seen by successive checks); QUEUE_FULL when the socket
+        buffer alone passes the bound (aiohttp's pongs to a peer that never reads)."""
+        if self.events and now - self.events[0][1] > slow_timeout:
+            return SLOW
+        buffered = self.transport.get_write_buffer_size()
+        if buffered + self.queued > self.max_bytes:
+            return QUEUE_FULL
+        if buffered < self.write_limit:
+            self.full_since = None
+        elif self.full_since is None:
+            self.full_since = now
+        elif now - self.full_since > send_timeout:
+            return SLOW
+        return None
+
+    def clear(self) -> None:
+        """Forget every queued frame (the client is gone: its memory goes now)."""
+        self.events.clear()
+        self.queued = 0
+
+
+class Client:
+    """One websocket connection: its socket, its writer, what it listens to."""
+
+    __slots__ = ("ws", "request", "transport", "writer", "endpoint", "user_id", "expires",
+                 "family", "closed", "topics", "inbound")
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, endpoint: str,
-                 user_id: int | None):
+                 user_id: int | None, writer: ClientWriter):
         self.ws = ws
         self.request = request
         self.transport = request.transport
+        self.writer = writer
         self.endpoint = endpoint
         self.user_id = user_id
-        self.events: deque[tuple[bytes, float]] = deque()
-        self.queued = 0  # bytes in `events`
-        self.peak = 0  # most bytes ever held for it (socket buffer + queue), for tests/bench
-        self.full_since: float | None = None  # when the socket buffer was seen full
         self.expires: float | None = None  # an authenticated client's token expiry (epoch s)
         self.family: str | None = None  # ... and the login it belongs to
         self.closed = False
@@ -139,7 +211,8 @@ class Hub:
 
     def attach(self, ws: web.WebSocketResponse, request: web.Request, endpoint: str,
                user_id: int | None = None) -> Client:
-        client = Client(ws, request, endpoint, user_id)
+        writer = ClientWriter(request.transport, self.max_queue_bytes, self.write_limit)
+        client = Client(ws, request, endpoint, user_id, writer)
         self.clients.add(client)
         if user_id is not None:
             self.by_user.setdefault(user_id, set()).add(client)
@@ -153,8 +226,7 @@ class Hub:
     def _forget(self, client: Client) -> None:
         self.clients.discard(client)
         self.backlog.discard(client)
-        client.events.clear()  # its memory goes now, not when the socket is finally gone
-        client.queued = 0
+        client.writer.clear()  # its memory goes now, not when the socket is finally gone
         for topic in client.topics:
             members = self.topics.get(topic)
             if members is not None:
@@ -225,51 +297,28 @@ class Hub:
         self._deliver(client, framed)
 
     def _deliver(self, client: Client, framed: bytes) -> None:
-        """Write a frame now if the client keeps up, else queue it; past the byte bound
-        close the client instead (it must never just miss this message)."""
+        """Hand a frame to the client's writer; past the byte bound close the client
+        instead (it must never just miss this message)."""
         if client.closed or client.ws.closed:
             return
-        transport = client.transport
-        if transport is None or transport.is_closing():
+        writer = client.writer
+        if writer.transport is None or writer.transport.is_closing():
             return
-        buffered = transport.get_write_buffer_size()
-        held = buffered + client.queued + len(framed)
-        if held > self.max_queue_bytes:
-            self.drop(client, QUEUE_FULL, f"{held} bytes undelivered")
-            return
-        if held > client.peak:
-            client.peak = held
-        if not client.events and buffered < self.write_limit:
-            # Nothing waits ahead of it and the socket has room: straight out, in order.
-            # (aiohttp's own frames, pings and close, are whole writes too.)
-            transport.write(framed)
-            return
-        client.events.append((framed, time.monotonic()))
-        client.queued += len(framed)
-        if client not in self.backlog:
+        reason = writer.push(framed)
+        if reason is not None:
+            self.drop(client, reason, f"over {self.max_queue_bytes} bytes undelivered")
+        elif writer.events and client not in self.backlog:
             self.backlog.add(client)
             self._behind.set()
 
     def flush(self, client: Client) -> None:
-        """Hand queued frames to the socket while its buffer is under `write_limit`, in
-        order, joined into one write."""
-        transport, events = client.transport, client.events
-        if client.closed or transport is None or transport.is_closing():
+        """Let the client's writer hand queued frames to its socket (see ClientWriter)."""
+        writer = client.writer
+        if client.closed or writer.transport is None or writer.transport.is_closing():
             self.backlog.discard(client)
             return
-        room = self.write_limit - transport.get_write_buffer_size()
-        if room <= 0:
-            return
-        chunk: list[bytes] = []
-        size = 0
-        while events and size < room:
-            framed = events.popleft()[0]
-            chunk.append(framed)
-            size += len(framed)
-        if chunk:
-            client.queued -= size
-            transport.write(chunk[0] if len(chunk) == 1 else b"".join(chunk))
-        if not events:
+        writer.flush()
+        if not writer.events:
             self.backlog.discard(client)
 
     async def flusher(self) -> None:
@@ -350,9 +399,8 @@ class Hub:
         await asyncio.gather(self.flusher(), self.watchdog())
 
     def sweep(self) -> None:
-        """Close clients with a message queued for over `slow_timeout`, a socket buffer full
-        for over `send_timeout` or holding more than `max_queue_bytes` (aiohttp's own pongs
-        count too); end sessions whose token expired or whose login was revoked."""
+        """Close clients whose writer reports them too slow or over the byte bound (see
+        ClientWriter.check); end sessions whose token expired or whose login was revoked."""
         now, wall = time.monotonic(), time.time()
         for client in tuple(self.clients):
             if client.closed:
@@ -361,21 +409,12 @@ class Hub:
                     wall >= client.expires or self.revoked(client.family)):
                 self.end_session(client)
                 continue
-            if client.events and now - client.events[0][1] > self.slow_timeout:
-                self.drop(client, SLOW, f"a message waited over {self.slow_timeout}s")
+            writer = client.writer
+            if writer.transport is None or writer.transport.is_closing():
                 continue
-            transport = client.transport
-            if transport is None or transport.is_closing():
-                continue
-            buffered = transport.get_write_buffer_size()
-            if buffered + client.queued > self.max_queue_bytes:
-                self.drop(client, QUEUE_FULL, f"{buffered + client.queued} bytes undelivered")
-            elif buffered < self.write_limit:
-                client.full_since = None
-            elif client.full_since is None:
-                client.full_since = now
-            elif now - client.full_since > self.send_timeout:
-                self.drop(client, SLOW, f"socket full for over {self.send_timeout}s")
+            reason = writer.check(now, self.slow_timeout, self.send_timeout)
+            if reason is not None:
+                self.drop(client, reason, "found by the watchdog")
 
     async def close_all(self) -> None:
         """Close every client (shutdown: 1001 going away)."""

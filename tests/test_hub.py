@@ -66,7 +66,7 @@ async def test_frames_go_straight_out_in_order_when_the_socket_has_room():
     for i in range(3):
         hub.send(client, b"%d" % i)
     assert transport.written == [frame(b"0"), frame(b"1"), frame(b"2")]
-    assert not client.events and not hub.backlog
+    assert not client.writer.events and not hub.backlog
 
 
 async def test_queued_frames_go_out_in_order_in_one_write_once_the_socket_drains():
@@ -76,13 +76,13 @@ async def test_queued_frames_go_out_in_order_in_one_write_once_the_socket_drains
     for i in range(3):
         hub.send(client, b'{"n": %d}' % i)
     assert transport.written == [] and client in hub.backlog
-    assert client.queued == sum(len(frame(b'{"n": %d}' % i)) for i in range(3))
+    assert client.writer.queued == sum(len(frame(b'{"n": %d}' % i)) for i in range(3))
     hub.send(client, b"late")  # even with room now, nothing overtakes the queue
     transport.buffered = 0
     hub.flush(client)
     assert transport.written == [b"".join(frame(b'{"n": %d}' % i) for i in range(3))
                                  + frame(b"late")]
-    assert client.queued == 0 and not client.events and client not in hub.backlog
+    assert client.writer.queued == 0 and not client.writer.events and client not in hub.backlog
 
 
 async def test_a_client_past_the_byte_bound_is_closed_at_once_and_nothing_is_skipped():
@@ -93,11 +93,11 @@ async def test_a_client_past_the_byte_bound_is_closed_at_once_and_nothing_is_ski
     fits = (4096 - 1024) // 102
     for _ in range(fits):
         hub.send(client, message)
-    assert len(client.events) == fits and not client.closed
+    assert len(client.writer.events) == fits and not client.closed
     hub.send(client, message)  # one more would pass the bound: closed, not skipped
     assert client.closed and hub.drops == {QUEUE_FULL.reason: 1} and hub.dropped == 1
-    assert client.peak <= 4096
-    assert not client.events and client.queued == 0  # its memory is freed at once
+    assert client.writer.peak <= 4096
+    assert not client.writer.events and client.writer.queued == 0  # its memory is freed at once
     assert client not in hub.clients and client not in hub.backlog
     await closed_with(hub, client, 1008)
     hub.send(client, message)  # nothing more for a closed client

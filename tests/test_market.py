@@ -549,12 +549,12 @@ async def test_client_that_never_reads_is_dropped_and_others_get_every_tick(
         # they pass the byte bound (or one waited too long) and it is closed.
         for _ in range(200):
             await rig.push()
-            if rig.slow_client.events or rig.dropped.is_set():
+            if rig.slow_client.writer.events or rig.dropped.is_set():
                 break
-        assert rig.slow_client.events or rig.dropped.is_set(), \
+        assert rig.slow_client.writer.events or rig.dropped.is_set(), \
             "the slow client never filled its buffers"
         await asyncio.wait_for(rig.dropped.wait(), 5)
-        assert rig.slow_client.peak <= rig.hub.max_queue_bytes
+        assert rig.slow_client.writer.peak <= rig.hub.max_queue_bytes
         await rig.finish()
     finally:
         rig.close()

@@ -68,8 +68,8 @@ async def test_a_non_reader_asking_for_big_snapshots_is_closed_at_the_byte_bound
 
         await asyncio.wait_for(hub.dropped_for(QUEUE_FULL), 5)
         assert client.closed and client not in hub.clients
-        assert 0 < client.peak <= bound  # never held more than the bound for it
-        assert client.queued == 0 and not client.events  # freed at once
+        assert 0 < client.writer.peak <= bound  # never held more than the bound for it
+        assert client.writer.queued == 0 and not client.writer.events  # freed at once
 
         messages, code = await attacker.until_closed()
         # Whatever it got before the close is whole snapshots, in order; then it is closed
