@@ -427,8 +427,9 @@ async def register(request: web.Request) -> web.Response:
         raise _register_limited(wait)
     if await auth.store.user_by_name(username) is not None:  # skip the bcrypt cost
         raise ApiError(409, "conflict", "A user with that username already exists.")
-    # Counted here: nothing awaits between this check-and-count and the hash, so parallel
-    # registrations cannot all pass one check (the await above was before the count).
+    # Counted here, right before the hash: take() checks and counts in one step, so parallel
+    # registrations cannot all pass one check (the check above only spares a limited
+    # address the lookup, and its answer may be stale after the await).
     wait = auth.registrations.take(address)
     if wait is not None:
         raise _register_limited(wait)

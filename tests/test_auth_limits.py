@@ -86,9 +86,8 @@ async def test_a_known_address_is_still_bound_by_its_own_limit(make_settings, ht
             status, _, _ = await post(http, server, "/auth/token", login("bob", "guess"),
                                       headers=frm(f"203.0.113.{i}"))
             assert status == 401
-        # The known address's wrong passwords go through bcrypt (401, not a free 429 that
-        # would tell the address is known) and count against that address: parallel ones
-        # too, so at most ten per window.
+        # The known address's wrong passwords go through bcrypt (401) and count against that
+        # address: parallel ones too, so at most ten per window.
         results = await asyncio.gather(*(
             post(http, server, "/auth/token", login("bob", f"wrong {i}"),
                  headers=frm("192.0.2.20")) for i in range(20)))
