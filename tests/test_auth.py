@@ -14,6 +14,7 @@ import jwt
 import orjson
 import pytest
 from conftest import LiveServer, bearer, register
+from test_config import run_cli
 
 from pricewatch.auth import AUTH
 from pricewatch.server import STORE
@@ -399,3 +400,13 @@ async def test_unknown_names_cost_what_stored_users_cost(make_settings, http, mo
         costs = [passwords.dummy_cost(f"name{i}") for i in range(400)]
         assert costs == [passwords.dummy_cost(f"name{i}") for i in range(400)]
         assert set(costs) == {4, 6} and 60 <= costs.count(4) <= 140, costs.count(4)
+
+
+def test_createuser_refuses_a_look_alike_name(tmp_path):
+    env = {"PRICEWATCH_DB": str(tmp_path / "pw.db"), "PRICEWATCH_PASSWORD": "admin pass 1",
+           "PRICEWATCH_BCRYPT_ROUNDS": "4"}
+    first = run_cli("createuser", "Root", "--email", "r@example.com", env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    twin = run_cli("createuser", "\uff32\uff2f\uff2f\uff34", "--email", "r2@example.com",
+                   env=env, cwd=tmp_path)  # fullwidth ROOT
+    assert twin.returncode == 1 and "exists" in twin.stderr
