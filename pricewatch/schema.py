@@ -22,7 +22,9 @@ def username_key(username: str) -> str:
     """The form under which usernames are unique: NFKC, case folded, NFKC again.
 
     `Alice`, `ALICE` and `ａｌｉｃｅ` share the key `alice`. The second NFKC is needed
-    because case folding can leave a string that is no longer normalised.
+    because case folding can leave a string that is no longer normalised. Keys are stored
+    (users.username_key); the exact registered spelling always finds its user, even if a
+    later Python's Unicode tables would compute another key for it.
     """
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", username).casefold())
 
@@ -127,7 +129,7 @@ MIGRATION_WARNINGS: dict[int, tuple[str, str]] = {
 async def migrate(db: aiosqlite.Connection) -> None:
     """Apply the migrations `db` lacks, each in its own transaction. Raises SchemaError for a
     database newer than this code."""
-    # Migrations may call it (deterministic: SQLite may use it in indexes and CHECKs).
+    # Migrations may call username_key() as pw_username_key().
     await db.create_function("pw_username_key", 1, username_key, deterministic=True)
     await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     async with db.execute("SELECT MAX(version) FROM schema_version") as cur:
