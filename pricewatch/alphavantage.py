@@ -44,8 +44,14 @@ _RATE_KEY = "Realtime Currency Exchange Rate"
 
 
 def _redact(text: str, secret: str) -> str:
-    text = text if len(text) <= 300 else text[:300] + "..."
-    return text.replace(secret, "***") if secret else text
+    """`text` with every `secret` replaced by ``***``, then cut to 300 characters.
+
+    Redact first: cutting first could split a key that straddles the cut, and the remaining
+    head of the key would no longer match it, so it would leak.
+    """
+    if secret:
+        text = text.replace(secret, "***")
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def _optional_price(rec: dict[str, Any], key: str) -> float | None:

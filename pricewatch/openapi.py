@@ -309,7 +309,9 @@ OPERATIONS: dict[tuple[str, str], dict] = {
                                                  "maximum": 1000}, "Quotes per page."))),
     ("POST", "/api/v1/quotes"): op(
         "quotes", "Fetch a quote now and store it", {201: json_ok("Quote", "Created")},
-        "UpstreamError", "Unavailable", auth="user", request="QuoteIn", body_required=False),
+        "UpstreamError", "Unavailable", "RateLimited", auth="user", request="QuoteIn",
+        body_required=False,
+        text="429 inside PRICEWATCH_QUOTE_MIN_GAP since the last fetch of the same pair."),
     ("GET", "/api/v1/feeds"): op("feeds", "Extra upstream feeds", {200: json_ok("FeedList")},
                                  auth="admin"),
     ("POST", "/api/v1/feeds"): op(

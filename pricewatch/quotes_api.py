@@ -16,6 +16,7 @@ from .alphavantage import Quote, QuotePoller, UpstreamError, UpstreamRateLimited
 from .api import ApiError, invalid, json_response, query_int, read_json
 from .auth import require_identity
 from .config import Settings
+from .limits import SlidingWindow
 from .market import HUB, serve_ws
 from .store import Store
 
@@ -35,6 +36,27 @@ class Quotes:
         self.hub = hub
         self.session = session
         self.poller: QuotePoller | None = None
+        # PRICEWATCH_QUOTE_MIN_GAP: one upstream fetch per pair and gap, all users together
+        # (a free AlphaVantage key allows 25 calls a day). None: the gap is off.
+        self.gaps = (SlidingWindow(1, settings.quote_min_gap)
+                     if settings.quote_min_gap > 0 else None)
+
+    def claim(self, from_currency: str, to_currency: str) -> None:
+        """Mark an upstream fetch of the pair as starting now, or raise 429 `rate_limited`
+        (with Retry-After) inside the gap since the last one.
+
+        Synchronous on purpose: check and mark happen with no await in between, so
+        concurrent requests for one pair cannot all pass the check. A failed fetch keeps its
+        mark: it spent an upstream call just the same.
+        """
+        if self.gaps is None:
+            return
+        wait = self.gaps.take(f"{from_currency}/{to_currency}")
+        if wait is not None:
+            raise ApiError(429, "rate_limited",
+                           f"{from_currency}/{to_currency} was fetched less than "
+                           f"{self.settings.quote_min_gap:g} s ago; the stored quote is in "
+                           "GET /api/v1/quotes.", headers={"Retry-After": str(wait)})
 
     async def save(self, quote: Quote):
         """Store a fully parsed quote, then push it to `/ws/rates/` subscribers."""
@@ -73,6 +95,7 @@ async def create_quote(request: web.Request) -> web.Response:
     from_currency, to_currency = _pair(data, quotes.settings)
     if quotes.settings.alphavantage_api_key is None:
         raise ApiError(503, "unavailable", "No AlphaVantage API key is configured.")
+    quotes.claim(from_currency, to_currency)
     try:
         quote = await quotes.fetch(from_currency, to_currency)
     except UpstreamRateLimited as exc:
