@@ -158,18 +158,26 @@ def _trade_time(value: int) -> int:
     return value
 
 
+def _masked(param: str) -> str:
+    name, eq, _ = param.partition("=")
+    return f"{name}=***" if eq else "***"  # a bare `?SECRET` is all value
+
+
 def redact_url(url: str) -> str:
-    """`url` without credentials or query values other than `streams` (safe to show/log)."""
+    """`url` without credentials, fragment, or parameter values other than `streams` (safe
+    to show/log): query values (`?apikey=***`, `&` or `;` separated) and matrix parameters
+    in the path (`/stream;apikey=***`) are masked."""
     parts = urlsplit(url)
     netloc = parts.hostname or ""
     if parts.port is not None:
         netloc = f"{netloc}:{parts.port}"
     if ":" in (parts.hostname or ""):
         netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port is not None else "")
-    query = "&".join(
-        item if item.startswith("streams=") else item.split("=", 1)[0] + "=***"
-        for item in parts.query.split("&") if item)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    path = "/".join(";".join([segment.split(";")[0], *map(_masked, segment.split(";")[1:])])
+                    for segment in parts.path.split("/"))
+    query = "&".join(item if item.startswith("streams=") else _masked(item)
+                     for item in re.split("[&;]", parts.query) if item)
+    return urlunsplit((parts.scheme, netloc, path, query, ""))
 
 
 def parse_trade(data: dict[str, Any]) -> Tick:
