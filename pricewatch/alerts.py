@@ -29,6 +29,7 @@ from .alert_index import AlertIndex
 from .config import Settings
 from .feeds import Tick
 from .hub import Hub
+from .limits import SlidingWindow
 from .store import Alert, OutboxItem, Store
 
 log = logging.getLogger(__name__)
@@ -36,14 +37,22 @@ log = logging.getLogger(__name__)
 # A hit: (alert id, asset, target, direction, trade price, trade time in epoch seconds).
 Hit = tuple[int, str, float, str, float, float]
 
+KEEP_DELETED = 30 * 86400.0  # seconds a DELETED alert stays listable before it is purged
+PURGE_EVERY = 3600.0  # seconds between purges
+
 
 class AlertEngine:
     """CREATED alerts in memory, kept in step with the database (DB first, then memory)."""
 
-    def __init__(self, store: Store, hub: Hub, max_active: int = 1000):
+    def __init__(self, store: Store, hub: Hub, max_active: int = 1000,
+                 create_rate: int | None = None):
         self.store = store
         self.hub = hub
         self.max_active = max_active  # CREATED alerts per user
+        # Alert creations per user per minute (PRICEWATCH_ALERT_CREATE_RATE): the active cap
+        # alone lets a client create and delete rows without end. None: set on first use.
+        self.creations = None if create_rate is None else SlidingWindow(create_rate, 60.0)
+        self.purged = 0  # DELETED alerts purged by this process
         self.index = AlertIndex()
         self.triggered = 0  # alerts committed as TRIGGERED by this process
         self._hits: list[Hit] = []
@@ -51,6 +60,7 @@ class AlertEngine:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task | None = None
+        self._purger: asyncio.Task | None = None
         self.notify_hook = None  # called after each committed batch (wakes the notifier)
 
     async def load(self) -> int:
@@ -95,9 +105,14 @@ class AlertEngine:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._writer(), name="alert-writer")
+        self._purger = asyncio.create_task(self._purge_loop(), name="alert-purger")
 
     async def stop(self, timeout: float = 2.0) -> None:
-        """Commit what is queued (bounded by `timeout`), then stop the writer."""
+        """Commit what is queued (bounded by `timeout`), then stop the writer and purger."""
+        if self._purger is not None:
+            self._purger.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._purger
         if self._task is None:
             return
         with suppress(TimeoutError):
@@ -105,6 +120,27 @@ class AlertEngine:
         self._task.cancel()
         with suppress(asyncio.CancelledError):
             await self._task
+
+    # the purger -----------------------------------------------------------------------
+
+    async def purge(self, now: float | None = None) -> int:
+        """One sweep: remove alerts DELETED more than KEEP_DELETED seconds before `now`
+        (default: the wall clock); returns how many."""
+        now = clock.now() if now is None else now
+        count = await self.store.purge_deleted_alerts(now - KEEP_DELETED)
+        self.purged += count
+        if count:
+            log.info("purged %d alerts deleted over %d days ago", count,
+                     KEEP_DELETED // 86400)
+        return count
+
+    async def _purge_loop(self) -> None:
+        while True:  # at start, then every PURGE_EVERY seconds
+            try:
+                await self.purge()
+            except Exception:  # a database hiccup: the next sweep tries again
+                log.exception("could not purge deleted alerts")
+            await asyncio.sleep(PURGE_EVERY)
 
     async def drained(self) -> None:
         """Wait until every hit so far is committed (tests and shutdown)."""

@@ -23,6 +23,7 @@ from .api import (
     read_json,
 )
 from .auth import require_identity
+from .limits import SlidingWindow
 from .market import MARKET
 from .store import Alert
 
@@ -89,12 +90,31 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
     return asset, price, direction  # type: ignore[return-value]
 
 
+def _creations(request: web.Request) -> SlidingWindow:
+    """The engine's per-user window of alert creations, PRICEWATCH_ALERT_CREATE_RATE per
+    minute (made on first use when the engine was built without it)."""
+    engine = request.app[ENGINE]
+    if engine.creations is None:
+        from .server import SETTINGS  # here, not at the top: server.py imports this module
+
+        engine.creations = SlidingWindow(request.app[SETTINGS].alert_create_rate, 60.0)
+    return engine.creations
+
+
 async def create_alert(request: web.Request) -> web.Response:
+    """201 with the new alert; 429 `rate_limited` past the user's creations per minute
+    (counted when a valid creation reaches the database, checked with no await between)."""
     identity = require_identity(request)
     data = await read_json(request)
     asset, price, direction = _validate(request, data, None)
     app = request.app
     engine = app[ENGINE]
+    creations = _creations(request)
+    wait = creations.take(str(identity.user_id))
+    if wait is not None:
+        raise ApiError(429, "rate_limited",
+                       f"At most {creations.limit} alerts may be created per minute.",
+                       headers={"Retry-After": str(wait)})
     alert = await engine.store.create_alert(identity.user_id, asset, price, direction,
                                             max_active=engine.max_active)
     engine.track(alert)

@@ -278,9 +278,9 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         'one, as `{"type": "quote", ...Quote}`. Client messages get `{"type": "error"}`.'),
     ("POST", "/api/v1/alerts"): op(
         "alerts", "Create an alert", {201: json_ok("Alert", "Created")}, "Conflict",
-        auth="user", request="AlertIn",
+        "RateLimited", auth="user", request="AlertIn",
         text="409 when no price is known yet and no direction is given, or the user has "
-        "reached the active alert cap."),
+        "reached the active alert cap; 429 past PRICEWATCH_ALERT_CREATE_RATE a minute."),
     ("GET", "/api/v1/alerts"): op(
         "alerts", "The caller's alerts, newest first", {200: json_ok("AlertPage")},
         "BadQuery", "NotFound", auth="user", text="404 for a page past the last.", params=(
