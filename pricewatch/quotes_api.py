@@ -17,6 +17,7 @@ from .api import ApiError, invalid, json_response, query_int, read_json
 from .auth import require_identity
 from .config import Settings
 from .limits import SlidingWindow
+from .links import base_url, page_url
 from .market import HUB, serve_ws
 from .store import Store
 
@@ -107,28 +108,27 @@ async def create_quote(request: web.Request) -> web.Response:
     return json_response(stored.public(), status=201)
 
 
-def _page_url(request: web.Request, page: int, pages: int) -> str | None:
-    if not 1 <= page <= pages:
-        return None
-    return str(request.url.with_query({**request.query, "page": str(page)}))
-
-
 async def list_quotes(request: web.Request) -> web.StreamResponse:
     require_identity(request)
-    store = request.app[QUOTES].store
+    quotes = request.app[QUOTES]
+    store = quotes.store
     errors: dict[str, str] = {}
     page = query_int(request, "page", 1, 1, 2**31 - 1, errors)  # offset fits SQLite
     per_page = query_int(request, "per_page", None, 1, 1000, errors)
     if errors:
         raise invalid(errors)
     if per_page is not None:
+        base = base_url(request, quotes.settings.public_url)  # 400 for a malformed Host
         count, _ = await store.quote_span()
         pages = -(-count // per_page)
         rows = await store.list_quotes((page - 1) * per_page, per_page) if page <= pages else []
+
+        def link(to: int) -> str | None:
+            return page_url(base, request, to) if 1 <= to <= pages else None
+
         return json_response({
             "count": count, "page": page, "per_page": per_page, "pages": pages,
-            "next": _page_url(request, page + 1, pages),
-            "previous": _page_url(request, min(page - 1, pages), pages),
+            "next": link(page + 1), "previous": link(min(page - 1, pages)),
             "results": [q.public() for q in rows],
         })
     # Every row: streamed in batches so a million rows never sit in memory at once.
