@@ -20,6 +20,7 @@ import logging
 import time
 from contextlib import suppress
 from email.message import EmailMessage
+from email.utils import formatdate, parseaddr
 
 import aiosmtplib
 import orjson
@@ -189,21 +190,34 @@ def plain(value: float) -> str:
     return text if text not in ("", "-0") else "0"
 
 
-def compose(item: OutboxItem, sender: str) -> EmailMessage:
-    """The plain-text email for one triggered alert."""
+def message_id(item: OutboxItem, sender: str) -> str:
+    """The Message-ID of the email for `item`: the same on every attempt, so that the one
+    duplicate a crash can cause (see the module docstring) can be recognised as such. The
+    domain is the sender's (never the local host name: looking that up could block)."""
+    domain = parseaddr(sender)[1].rpartition("@")[2] or "localhost"
+    stamp = int(item.alert.created_at * 1_000_000)  # keeps ids of other installs apart
+    return f"<pricewatch.{item.id}.{item.alert.id}.{stamp}@{domain}>"
+
+
+def compose(item: OutboxItem, sender: str, public_url: str | None = None) -> EmailMessage:
+    """The plain-text email for one triggered alert, with `Date` and `Message-ID` (some
+    providers reject mail without them); with `public_url`, a link to the live page."""
     alert = item.alert
     sign = ">=" if alert.direction == "above" else "<="
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = item.recipient
+    msg["Date"] = formatdate(usegmt=True)
+    msg["Message-ID"] = message_id(item, sender)
     msg["Subject"] = (f"pricewatch: {alert.asset} {alert.direction} {plain(alert.price)}"
                       " reached")
+    link = f"Live prices:   {public_url}/\n" if public_url else ""
     msg.set_content(
         f"Your price alert #{alert.id} has triggered.\n\n"
         f"Asset:         {alert.asset}\n"
         f"Target:        {plain(alert.price)} ({alert.direction}: price {sign} target)\n"
         f"Trigger price: {plain(alert.triggered_price)}\n"
-        f"Time (UTC):    {clock.iso(alert.triggered_at)}\n"
+        f"Time (UTC):    {clock.iso(alert.triggered_at)}\n" + link
     )
     return msg
 
@@ -305,7 +319,7 @@ class Notifier:
                                        start_tls=s.smtp_starttls, timeout=s.smtp_timeout)
                 try:
                     await smtp.connect()
-                    await smtp.send_message(compose(item, s.mail_from))
+                    await smtp.send_message(compose(item, s.mail_from, s.public_url))
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                     self.attempts += 1
                     await self._failed_attempt(item, exc)

@@ -8,7 +8,9 @@ processed (its price message), and the engine's `drained()` when hits are commit
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import itertools
+import re
 import time
 
 import orjson
@@ -549,3 +551,31 @@ async def test_deleted_alerts_are_purged_after_30_days(server, http):
     assert await engine.purge(now=now + 31 * 86400) == 2
     assert await listed("DELETED") == [] and await listed("CREATED") == [ids[2]]
     assert (await fetch(http, server, tok, ids[0]))[0] == 404
+
+
+async def test_alert_email_has_date_message_id_and_public_link(make_settings, http, fake,
+                                                              smtp):
+    settings = market_settings(make_settings, fake, smtp.port,
+                               mail_from="Pricewatch <alerts@prices.example.com>",
+                               public_url="https://prices.example.com")
+    async with LiveServer(settings) as server:
+        tok = (await register(http, server))["access"]
+        async with Trader(fake, server, http, tok) as market:
+            await market.cross_new_alert()
+            (msg,) = await smtp.wait_messages(1)
+    sent = email.utils.parsedate_to_datetime(msg["Date"])
+    assert sent.utcoffset().total_seconds() == 0 and abs(sent.timestamp() - time.time()) < 60
+    assert re.fullmatch(r"<[^<>@\s]+@prices\.example\.com>", msg["Message-ID"])
+    assert "https://prices.example.com/" in msg.get_content()
+
+
+def test_message_id_is_stable_across_attempts_and_unique_per_email():
+    from pricewatch.alerts import message_id
+    from pricewatch.store import Alert, OutboxItem
+
+    alert = Alert(7, 1, "BTCUSDT", 1.0, "above", "TRIGGERED", 1.7e9, 1.7e9, 1.0, "pending")
+    first = message_id(OutboxItem(3, "a@example.com", 0, alert), "pw@localhost")
+    assert first == message_id(OutboxItem(3, "a@example.com", 2, alert), "pw@localhost")
+    other = Alert(8, 1, "BTCUSDT", 1.0, "above", "TRIGGERED", 1.7e9, 1.7e9, 1.0, "pending")
+    assert first != message_id(OutboxItem(4, "a@example.com", 0, other), "pw@localhost")
+    assert first.endswith("@localhost>")
