@@ -58,6 +58,9 @@ class DemoFeed(Feed):
         self.stats.state = "running"
 
     def _step(self, symbol: str) -> None:
+        """One trade and its book. The book goes first and holds the trade's price
+        (bid < price < ask): a price message, sent on the trade, then shows a price inside
+        its own bid/ask, as it would on a real market."""
         rng = self._rng
         price = self._prices[symbol] * math.exp(rng.gauss(0.0, 0.0003))
         self._prices[symbol] = price
@@ -66,10 +69,10 @@ class DemoFeed(Feed):
         half = max(0.01, round(px * 0.00001, 2))
         self.stats.messages += 1
         self.stats.last_message_at = time.monotonic()
-        self._deliver(Tick(symbol, px, round(rng.expovariate(20.0) + 0.00001, 5),
-                           time.time_ns() // 1_000_000, self._ids[symbol]))
         self._deliver(Book(symbol, round(px - half, 2), round(px + half, 2),
                            round(rng.uniform(0.01, 5.0), 5), round(rng.uniform(0.01, 5.0), 5)))
+        self._deliver(Tick(symbol, px, round(rng.expovariate(20.0) + 0.00001, 5),
+                           time.time_ns() // 1_000_000, self._ids[symbol]))
 
     async def run(self) -> None:
         """Run until cancelled (state "running", then "stopped")."""
