@@ -309,6 +309,52 @@ async def test_live_page_shows_a_quote_pushed_on_ws_rates(
             assert quote == ["BTC → USD", "58,073.73", "58,073.74", "2021-05-01 02:58:06 UTC"]
 
 
+# Records the BTCUSDT row as "price|bid|ask" after every change the page makes to it.
+RECORD_ROWS = """(() => {
+  const tr = document.querySelector('tr[data-symbol=BTCUSDT]');
+  const read = () => ['price', 'bid', 'ask']
+    .map(f => tr.querySelector(`[data-field=${f}]`).textContent).join('|');
+  window.shownRows = [];
+  new MutationObserver(() => window.shownRows.push(read()))
+    .observe(tr, { subtree: true, childList: true, characterData: true });
+  return true;
+})()"""
+
+
+@pytest.mark.parametrize("with_token", [False, True], ids=["public", "token"])
+async def test_live_page_rows_never_mix_a_price_with_another_moments_bid_ask(
+        make_settings, chromium: Chromium, with_token: bool) -> None:
+    now = int(time.time() * 1000)
+    async with FakeBinance() as fake, \
+            LiveServer(make_settings(feed="binance", binance_ws_url=fake.url)) as server, \
+            aiohttp.ClientSession() as http:
+        await fake.wait_connections(1)
+        query = ""
+        if with_token:
+            query = "?token=" + (await register(http, server))["access"]
+        async with http.ws_connect(server.ws_url("/ws/ohlc/")) as probe:
+            await probe.send_json({"symbol": "BTCUSDT", "timeframe": "1m"})
+            assert (await probe.receive_json(timeout=5))["type"] == "snapshot"
+            await fake.send_book("BTCUSDT", 42000.25, 42000.75)
+            await fake.send_trade("BTCUSDT", 1, 42000.5, 0.25, now)
+            assert (await probe.receive_json(timeout=5))["candle"]["close"] == 42000.5
+        await chromium.send("Page.navigate", {"url": server.url + "/" + query})
+        first = "42,000.50|42,000.25|42,000.75"
+        await chromium.wait_for(f"{cell('BTCUSDT', 'price')} === '42,000.50'")
+        row = orjson.loads(await chromium.evaluate(ROW))
+        assert (row["bid"], row["ask"]) == ("42,000.25", "42,000.75")
+        await chromium.wait_for("document.querySelector('#status').dataset.state === 'live'")
+        assert await chromium.evaluate(RECORD_ROWS)
+
+        # The server's states are (t1, B1), then (t1, B2), then (t2, B2): never (t2, B1).
+        await fake.send_book("BTCUSDT", 42100.0, 42100.5)
+        await fake.send_trade("BTCUSDT", 2, 42100.25, 0.5, now + 1)
+        last = "42,100.25|42,100.00|42,100.50"
+        await chromium.wait_for(f"window.shownRows.includes('{last}')", timeout=5)
+        shown = await chromium.evaluate("window.shownRows")
+        assert set(shown) <= {first, "42,000.50|42,100.00|42,100.50", last}, shown
+
+
 async def test_page_is_served_at_both_paths(server: LiveServer) -> None:
     async with aiohttp.ClientSession() as http:
         for path in ("/", "/rates/live", "/rates/live/"):
