@@ -213,6 +213,8 @@ def op(tag: str, summary: str, ok: dict[int, dict], *errors: str, auth: str | No
 
 WS_NOTE = ("Open with a websocket handshake (`ws://HOST/...`); a slow reader is closed with "
            "1008, every client with 1001 on shutdown. A plain GET is answered 400. ")
+HOST_NOTE = ("`next`/`previous` start with PRICEWATCH_PUBLIC_URL when it is set, else with "
+             "the request's Host, and a malformed Host is a 400 (field `Host`).")
 PAGE_PARAMS = (query("page", {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
                      "Page number, from 1."),)
 
@@ -283,12 +285,13 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         "reached the active alert cap; 429 past PRICEWATCH_ALERT_CREATE_RATE a minute."),
     ("GET", "/api/v1/alerts"): op(
         "alerts", "The caller's alerts, newest first", {200: json_ok("AlertPage")},
-        "BadQuery", "NotFound", auth="user", text="404 for a page past the last.", params=(
+        "BadQuery", "NotFound", auth="user", params=(
             query("status", enum("CREATED", "TRIGGERED", "DELETED"),
                   "Only alerts with this status (any case)."),
             *PAGE_PARAMS,
             query("page_size", {"type": "integer", "minimum": 1, "maximum": 100,
-                                "default": 10}, "Alerts per page."))),
+                                "default": 10}, "Alerts per page.")),
+        text="404 for a page past the last. " + HOST_NOTE),
     ("GET", "/api/v1/alerts/{alert_id}"): op("alerts", "One alert", {200: json_ok("Alert")},
                                              "NotFound", auth="user"),
     ("PUT", "/api/v1/alerts/{alert_id}"): op(
@@ -304,7 +307,7 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         "quotes", "Stored AlphaVantage quotes, newest first",
         {200: json_ok({"anyOf": [ref("QuotePage"), ref("QuoteAll")]},
                       "Paged with per_page; otherwise every row")},
-        "BadQuery", auth="user",
+        "BadQuery", auth="user", text=HOST_NOTE,
         params=(*PAGE_PARAMS, query("per_page", {"type": "integer", "minimum": 1,
                                                  "maximum": 1000}, "Quotes per page."))),
     ("POST", "/api/v1/quotes"): op(
