@@ -217,6 +217,20 @@ UP_PIXELS = """(() => {
 })()"""
 
 
+async def book_and_trade(http, server: LiveServer, fake: FakeBinance, now: int) -> None:
+    """BTCUSDT book 42000.25/42000.75, then a trade at 42000.5, both processed by the server.
+
+    The server reads the one upstream socket in order: once the candle made by the trade is
+    on /ws/ohlc/, the book sent before it was applied too.
+    """
+    async with http.ws_connect(server.ws_url("/ws/ohlc/")) as probe:
+        await probe.send_json({"symbol": "BTCUSDT", "timeframe": "1m"})
+        assert (await probe.receive_json(timeout=5))["type"] == "snapshot"
+        await fake.send_book("BTCUSDT", 42000.25, 42000.75)
+        await fake.send_trade("BTCUSDT", 1, 42000.5, 0.25, now)
+        assert (await probe.receive_json(timeout=5))["candle"]["close"] == 42000.5
+
+
 async def test_live_page_shows_prices_quote_and_candles_and_updates_live(
         make_settings, chromium: Chromium, tmp_path: Path) -> None:
     now = int(time.time() * 1000)
@@ -224,14 +238,7 @@ async def test_live_page_shows_prices_quote_and_candles_and_updates_live(
             LiveServer(make_settings(feed="binance", binance_ws_url=fake.url)) as server, \
             aiohttp.ClientSession() as http:
         await fake.wait_connections(1)
-        # The server reads the one upstream socket in order: once the candle made by the
-        # trade is on /ws/ohlc/, the book sent before it was applied too.
-        async with http.ws_connect(server.ws_url("/ws/ohlc/")) as probe:
-            await probe.send_json({"symbol": "BTCUSDT", "timeframe": "1m"})
-            assert (await probe.receive_json(timeout=5))["type"] == "snapshot"
-            await fake.send_book("BTCUSDT", 42000.25, 42000.75)
-            await fake.send_trade("BTCUSDT", 1, 42000.5, 0.25, now)
-            assert (await probe.receive_json(timeout=5))["candle"]["close"] == 42000.5
+        await book_and_trade(http, server, fake, now)
 
         await chromium.send("Page.navigate", {"url": server.url + "/"})
         await chromium.wait_for(f"{cell('BTCUSDT', 'price')} === '42,000.50'")
@@ -332,12 +339,7 @@ async def test_live_page_rows_never_mix_a_price_with_another_moments_bid_ask(
         query = ""
         if with_token:
             query = "?token=" + (await register(http, server))["access"]
-        async with http.ws_connect(server.ws_url("/ws/ohlc/")) as probe:
-            await probe.send_json({"symbol": "BTCUSDT", "timeframe": "1m"})
-            assert (await probe.receive_json(timeout=5))["type"] == "snapshot"
-            await fake.send_book("BTCUSDT", 42000.25, 42000.75)
-            await fake.send_trade("BTCUSDT", 1, 42000.5, 0.25, now)
-            assert (await probe.receive_json(timeout=5))["candle"]["close"] == 42000.5
+        await book_and_trade(http, server, fake, now)
         await chromium.send("Page.navigate", {"url": server.url + "/" + query})
         first = "42,000.50|42,000.25|42,000.75"
         await chromium.wait_for(f"{cell('BTCUSDT', 'price')} === '42,000.50'")
