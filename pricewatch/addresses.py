@@ -54,3 +54,31 @@ def client_address(request: web.BaseRequest) -> str:
     """The client address of `request` (the app's trusted proxies applied)."""
     resolve = request.app.get(CLIENT_ADDRESSES) if isinstance(request, web.Request) else None
     return resolve(request) if resolve is not None else (request.remote or "?")
+
+
+def is_public_address(address: str) -> bool:
+    """Whether the IP address `address` is globally routable, i.e. safe for the server to
+    connect to on a user's or admin's word (feeds, webhooks): Python's `is_global`, and not
+    multicast (which `is_global` lets through: 224.0.0.1 is "global").
+
+    An IPv6 address that carries an IPv4 one is judged by that IPv4 address alone, since that
+    is where it leads: IPv4-mapped (`::ffff:127.0.0.1`), 6to4 (`2002:7f00:1::`), Teredo
+    (`2001:0::/32`: its server and its client must both be public) and NAT64
+    (`64:ff9b::a9fe:a9fe`). Brackets and a zone suffix (`fe80::1%eth0`) are ignored.
+    Raises ValueError when `address` is not an IP address.
+    """
+    addr = ip_address(address.strip().strip("[]").split("%")[0])
+    candidates = (addr,)
+    if addr.version == 6:
+        if addr.ipv4_mapped is not None:
+            candidates = (addr.ipv4_mapped,)
+        elif addr.sixtofour is not None:
+            candidates = (addr.sixtofour,)
+        elif addr.teredo is not None:
+            candidates = addr.teredo
+        elif addr in IPv6Network("64:ff9b::/96"):  # RFC 6052: the last 32 bits are IPv4
+            candidates = (ip_address(int(addr) & 0xFFFFFFFF),)
+    # Beyond is_global, the other flags guard against Python versions whose tables differ.
+    return all(a.is_global and not (a.is_multicast or a.is_private or a.is_reserved
+                                    or a.is_loopback or a.is_link_local or a.is_unspecified)
+               for a in candidates)

@@ -20,6 +20,7 @@ import logging
 import time
 from contextlib import suppress
 from email.message import EmailMessage
+from email.utils import formatdate, parseaddr
 
 import aiosmtplib
 import orjson
@@ -29,6 +30,7 @@ from .alert_index import AlertIndex
 from .config import Settings
 from .feeds import Tick
 from .hub import Hub
+from .limits import SlidingWindow
 from .store import Alert, OutboxItem, Store
 
 log = logging.getLogger(__name__)
@@ -36,14 +38,22 @@ log = logging.getLogger(__name__)
 # A hit: (alert id, asset, target, direction, trade price, trade time in epoch seconds).
 Hit = tuple[int, str, float, str, float, float]
 
+KEEP_DELETED = 30 * 86400.0  # seconds a DELETED alert stays listable before it is purged
+PURGE_EVERY = 3600.0  # seconds between purges
+
 
 class AlertEngine:
     """CREATED alerts in memory, kept in step with the database (DB first, then memory)."""
 
-    def __init__(self, store: Store, hub: Hub, max_active: int = 1000):
+    def __init__(self, store: Store, hub: Hub, max_active: int = 1000,
+                 create_rate: int | None = None):
         self.store = store
         self.hub = hub
         self.max_active = max_active  # CREATED alerts per user
+        # Alert creations per user per minute (PRICEWATCH_ALERT_CREATE_RATE): the active cap
+        # alone lets a client create and delete rows without end. None: set on first use.
+        self.creations = None if create_rate is None else SlidingWindow(create_rate, 60.0)
+        self.purged = 0  # DELETED alerts purged by this process
         self.index = AlertIndex()
         self.triggered = 0  # alerts committed as TRIGGERED by this process
         self._hits: list[Hit] = []
@@ -51,6 +61,7 @@ class AlertEngine:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task | None = None
+        self._purger: asyncio.Task | None = None
         self.notify_hook = None  # called after each committed batch (wakes the notifier)
 
     async def load(self) -> int:
@@ -95,9 +106,14 @@ class AlertEngine:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._writer(), name="alert-writer")
+        self._purger = asyncio.create_task(self._purge_loop(), name="alert-purger")
 
     async def stop(self, timeout: float = 2.0) -> None:
-        """Commit what is queued (bounded by `timeout`), then stop the writer."""
+        """Commit what is queued (bounded by `timeout`), then stop the writer and purger."""
+        if self._purger is not None:
+            self._purger.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._purger
         if self._task is None:
             return
         with suppress(TimeoutError):
@@ -105,6 +121,27 @@ class AlertEngine:
         self._task.cancel()
         with suppress(asyncio.CancelledError):
             await self._task
+
+    # the purger -----------------------------------------------------------------------
+
+    async def purge(self, now: float | None = None) -> int:
+        """One sweep: remove alerts DELETED more than KEEP_DELETED seconds before `now`
+        (default: the wall clock); returns how many."""
+        now = clock.now() if now is None else now
+        count = await self.store.purge_deleted_alerts(now - KEEP_DELETED)
+        self.purged += count
+        if count:
+            log.info("purged %d alerts deleted over %d days ago", count,
+                     KEEP_DELETED // 86400)
+        return count
+
+    async def _purge_loop(self) -> None:
+        while True:  # at start, then every PURGE_EVERY seconds
+            try:
+                await self.purge()
+            except Exception:  # a database hiccup: the next sweep tries again
+                log.exception("could not purge deleted alerts")
+            await asyncio.sleep(PURGE_EVERY)
 
     async def drained(self) -> None:
         """Wait until every hit so far is committed (tests and shutdown)."""
@@ -153,21 +190,34 @@ def plain(value: float) -> str:
     return text if text not in ("", "-0") else "0"
 
 
-def compose(item: OutboxItem, sender: str) -> EmailMessage:
-    """The plain-text email for one triggered alert."""
+def message_id(item: OutboxItem, sender: str) -> str:
+    """The Message-ID of the email for `item`: the same on every attempt, so that the one
+    duplicate a crash can cause (see the module docstring) can be recognised as such. The
+    domain is the sender's (never the local host name: looking that up could block)."""
+    domain = parseaddr(sender)[1].rpartition("@")[2] or "localhost"
+    stamp = int(item.alert.created_at * 1_000_000)  # keeps ids of other installs apart
+    return f"<pricewatch.{item.id}.{item.alert.id}.{stamp}@{domain}>"
+
+
+def compose(item: OutboxItem, sender: str, public_url: str | None = None) -> EmailMessage:
+    """The plain-text email for one triggered alert, with `Date` and `Message-ID` (some
+    providers reject mail without them); with `public_url`, a link to the live page."""
     alert = item.alert
     sign = ">=" if alert.direction == "above" else "<="
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = item.recipient
+    msg["Date"] = formatdate(usegmt=True)
+    msg["Message-ID"] = message_id(item, sender)
     msg["Subject"] = (f"pricewatch: {alert.asset} {alert.direction} {plain(alert.price)}"
                       " reached")
+    link = f"Live prices:   {public_url}/\n" if public_url else ""
     msg.set_content(
         f"Your price alert #{alert.id} has triggered.\n\n"
         f"Asset:         {alert.asset}\n"
         f"Target:        {plain(alert.price)} ({alert.direction}: price {sign} target)\n"
         f"Trigger price: {plain(alert.triggered_price)}\n"
-        f"Time (UTC):    {clock.iso(alert.triggered_at)}\n"
+        f"Time (UTC):    {clock.iso(alert.triggered_at)}\n" + link
     )
     return msg
 
@@ -269,7 +319,7 @@ class Notifier:
                                        start_tls=s.smtp_starttls, timeout=s.smtp_timeout)
                 try:
                     await smtp.connect()
-                    await smtp.send_message(compose(item, s.mail_from))
+                    await smtp.send_message(compose(item, s.mail_from, s.public_url))
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                     self.attempts += 1
                     await self._failed_attempt(item, exc)

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import aiohttp
 import orjson
 
-from .feeds import FeedConfigError, ParseError, _price
+from .feeds import FeedConfigError, ParseError, parse_price
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,21 @@ _RATE_KEY = "Realtime Currency Exchange Rate"
 
 
 def _redact(text: str, secret: str) -> str:
-    text = text if len(text) <= 300 else text[:300] + "..."
-    return text.replace(secret, "***") if secret else text
+    """`text` with every `secret` replaced by ``***``, then cut to 300 characters.
+
+    Redact first: cutting first could split a key that straddles the cut, and the remaining
+    head of the key would no longer match it, so it would leak.
+    """
+    if secret:
+        text = text.replace(secret, "***")
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def _optional_price(rec: dict[str, Any], key: str) -> float | None:
     value = rec.get(key)
     if value is None or value in ("", "-"):
         return None
-    return _price(value, key)
+    return parse_price(value, key)
 
 
 def parse_quote(body: object, from_currency: str, to_currency: str, *, secret: str = "") -> Quote:
@@ -88,7 +94,7 @@ def _parse_quote(body: object, from_currency: str, to_currency: str) -> Quote:
     if not isinstance(rec, dict):
         raise UpstreamError(f"AlphaVantage answer has no {_RATE_KEY!r}")
     try:
-        rate = _price(rec.get("5. Exchange Rate"), "5. Exchange Rate")
+        rate = parse_price(rec.get("5. Exchange Rate"), "5. Exchange Rate")
         bid = _optional_price(rec, "8. Bid Price")
         ask = _optional_price(rec, "9. Ask Price")
         stamp = datetime.strptime(str(rec.get("6. Last Refreshed")), "%Y-%m-%d %H:%M:%S")

@@ -9,7 +9,6 @@ restart, feeding the same tick pipeline as the main feed.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import time
@@ -19,6 +18,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from .addresses import is_public_address
 from .api import ApiError, invalid, json_response, not_found, read_json
 from .auth import AUTH, require_identity
 from .binance import BinanceFeed
@@ -85,6 +85,7 @@ class ExtraFeeds:
         self._make = make  # (url, name) -> Feed feeding the tick pipeline
         self.allow_private = allow_private
         self.running: dict[int, tuple[str, FeedRunner]] = {}
+        self._reserved = 0  # slots held by adds still between their checks and their start
 
     async def restore(self) -> None:
         """Start every stored feed (after a restart)."""
@@ -103,15 +104,22 @@ class ExtraFeeds:
         self.running[feed_id] = (url, runner)
 
     async def add(self, url: str, user_id: int) -> int:
-        if len(self.running) >= MAX_EXTRA_FEEDS:
+        """Check, store and start a feed; its id. At most MAX_EXTRA_FEEDS even when adds run
+        concurrently: a slot is reserved before the first await and released when the feed
+        runs (then it counts in `running`) or the add fails."""
+        if len(self.running) + self._reserved >= MAX_EXTRA_FEEDS:
             raise ApiError(409, "conflict", f"At most {MAX_EXTRA_FEEDS} extra feeds.")
-        await check_url(url, self.allow_private)
+        self._reserved += 1
         try:
-            self._make(url, "probe")  # validates the URL the way the feed will use it
-        except FeedConfigError as exc:
-            raise invalid({"url": str(exc)}) from None
-        feed_id = await self.store.add_feed(url, user_id)  # Conflict (409) when a duplicate
-        self._start(feed_id, url)
+            await check_url(url, self.allow_private)
+            try:
+                self._make(url, "probe")  # validates the URL the way the feed will use it
+            except FeedConfigError as exc:
+                raise invalid({"url": str(exc)}) from None
+            feed_id = await self.store.add_feed(url, user_id)  # Conflict (409): a duplicate
+            self._start(feed_id, url)
+        finally:
+            self._reserved -= 1
         log.info("extra feed %d added: %s", feed_id, redact_url(url))
         return feed_id
 
@@ -136,8 +144,9 @@ EXTRA_FEEDS = web.AppKey("extra_feeds", ExtraFeeds)
 
 
 async def check_url(url: str, allow_private: bool, field: str = "url") -> dict:
-    """Refuse non-websocket URLs, and hosts on loopback/private/link-local addresses unless
-    allowed (an admin must not be able to point the server at its own network).
+    """Refuse non-websocket URLs, and hosts with any address that is not globally routable
+    (`addresses.is_public_address`) unless allowed: an admin must not be able to point the
+    server at its own network or a cloud metadata service.
 
     Returns the connection arguments that pin the connection to the address just checked
     (`host`, `port`, and `server_hostname` for TLS): resolving again when connecting would
@@ -159,9 +168,8 @@ async def check_url(url: str, allow_private: bool, field: str = "url") -> dict:
     except (OSError, UnicodeError):  # UnicodeError: "a..b", a label over 63 characters
         raise invalid({field: f"Cannot resolve host {hostname!r}."}) from None
     for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if (address.is_private or address.is_loopback or address.is_link_local
-                or address.is_reserved or address.is_multicast or address.is_unspecified):
+        address = info[4][0]
+        if not is_public_address(address):
             raise invalid({field: f"{hostname} resolves to a non-public address "
                                   f"({address}); set PRICEWATCH_ALLOW_PRIVATE_FEEDS=true "
                                   "to allow it."})

@@ -116,12 +116,12 @@ def parse_number(value: object, name: str, zero_ok: bool = False) -> float:
     raise ParseError("bad_number", f"{name}={value!r}")
 
 
-def _price(value: object, name: str) -> float:
+def parse_price(value: object, name: str) -> float:
     """A finite price > 0."""
     return parse_number(value, name)
 
 
-def _qty(value: object, name: str) -> float:
+def parse_qty(value: object, name: str) -> float:
     """A finite quantity >= 0."""
     return parse_number(value, name, zero_ok=True)
 
@@ -152,21 +152,26 @@ def parse_trade_time(value: int) -> int:
     return value
 
 
-_trade_time = parse_trade_time  # the name offline_feeds imports
+def _masked(param: str) -> str:
+    name, eq, _ = param.partition("=")
+    return f"{name}=***" if eq else "***"  # a bare `?SECRET` is all value
 
 
 def redact_url(url: str) -> str:
-    """`url` without credentials or query values other than `streams` (safe to show/log)."""
+    """`url` without credentials, fragment, or parameter values other than `streams` (safe
+    to show/log): query values (`?apikey=***`, `&` or `;` separated) and matrix parameters
+    in the path (`/stream;apikey=***`) are masked."""
     parts = urlsplit(url)
     netloc = parts.hostname or ""
     if parts.port is not None:
         netloc = f"{netloc}:{parts.port}"
     if ":" in (parts.hostname or ""):
         netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port is not None else "")
-    query = "&".join(
-        item if item.startswith("streams=") else item.split("=", 1)[0] + "=***"
-        for item in parts.query.split("&") if item)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    path = "/".join(";".join([segment.split(";")[0], *map(_masked, segment.split(";")[1:])])
+                    for segment in parts.path.split("/"))
+    query = "&".join(item if item.startswith("streams=") else _masked(item)
+                     for item in re.split("[&;]", parts.query) if item)
+    return urlunsplit((parts.scheme, netloc, path, query, ""))
 
 
 def parse_trade(data: dict[str, Any]) -> Tick:
@@ -182,8 +187,8 @@ def parse_trade(data: dict[str, Any]) -> Tick:
     try:
         return Tick(
             _symbol(data["s"]),
-            _price(data["p"], "p"),
-            _qty(data["q"], "q"),
+            parse_price(data["p"], "p"),
+            parse_qty(data["q"], "q"),
             parse_trade_time(_int(data["T"], "T")),
             _int(data["t"], "t"),
         )
@@ -206,8 +211,8 @@ def parse_agg_trade(data: dict[str, Any]) -> Tick:
         first, last = _int(data["f"], "f"), _int(data["l"], "l")
         return Tick(
             _symbol(data["s"]),
-            _price(data["p"], "p"),
-            _qty(data["q"], "q"),
+            parse_price(data["p"], "p"),
+            parse_qty(data["q"], "q"),
             parse_trade_time(_int(data["T"], "T")),
             _int(data["a"], "a"),
             max(1, last - first + 1),
@@ -230,10 +235,10 @@ def parse_book(data: dict[str, Any]) -> Book:
     try:
         return Book(
             _symbol(data["s"]),
-            _price(data["b"], "b"),
-            _price(data["a"], "a"),
-            _qty(data["B"], "B"),
-            _qty(data["A"], "A"),
+            parse_price(data["b"], "b"),
+            parse_price(data["a"], "a"),
+            parse_qty(data["B"], "B"),
+            parse_qty(data["A"], "A"),
         )
     except KeyError as exc:
         raise ParseError("missing_field", f"bookTicker without {exc.args[0]!r}") from None

@@ -24,10 +24,10 @@ from .feeds import (
     ServerShutdown,
     Tick,
     TickCallback,
-    _price,
-    _qty,
-    _trade_time,
     decode_event,
+    parse_price,
+    parse_qty,
+    parse_trade_time,
 )
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,9 @@ class DemoFeed(Feed):
         self.stats.state = "running"
 
     def _step(self, symbol: str) -> None:
+        """One trade and its book. The book goes first and holds the trade's price
+        (bid < price < ask): a price message, sent on the trade, then shows a price inside
+        its own bid/ask, as it would on a real market."""
         rng = self._rng
         price = self._prices[symbol] * math.exp(rng.gauss(0.0, 0.0003))
         self._prices[symbol] = price
@@ -66,10 +69,10 @@ class DemoFeed(Feed):
         half = max(0.01, round(px * 0.00001, 2))
         self.stats.messages += 1
         self.stats.last_message_at = time.monotonic()
-        self._deliver(Tick(symbol, px, round(rng.expovariate(20.0) + 0.00001, 5),
-                           time.time_ns() // 1_000_000, self._ids[symbol]))
         self._deliver(Book(symbol, round(px - half, 2), round(px + half, 2),
                            round(rng.uniform(0.01, 5.0), 5), round(rng.uniform(0.01, 5.0), 5)))
+        self._deliver(Tick(symbol, px, round(rng.expovariate(20.0) + 0.00001, 5),
+                           time.time_ns() // 1_000_000, self._ids[symbol]))
 
     async def run(self) -> None:
         """Run until cancelled (state "running", then "stopped")."""
@@ -100,7 +103,7 @@ _YIELD_EVERY = 500
 
 def _csv_time_ms(value: int) -> int:
     # Dumps from 2025 on carry microseconds (16 digits now); milliseconds have 13.
-    return _trade_time(value)
+    return parse_trade_time(value)
 
 
 def parse_trades_csv_line(line: bytes, symbol: str) -> Tick:
@@ -120,8 +123,8 @@ def parse_trades_csv_line(line: bytes, symbol: str) -> Tick:
         t = int(parts[4])
     except ValueError:
         raise ParseError("csv_bad_int", repr(line[:80])) from None
-    return Tick(symbol, _price(parts[1].decode("ascii", "replace"), "price"),
-                _qty(parts[2].decode("ascii", "replace"), "qty"), _csv_time_ms(t), trade_id)
+    return Tick(symbol, parse_price(parts[1].decode("ascii", "replace"), "price"),
+                parse_qty(parts[2].decode("ascii", "replace"), "qty"), _csv_time_ms(t), trade_id)
 
 
 class ReplayFeed(Feed):

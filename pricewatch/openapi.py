@@ -222,6 +222,8 @@ WS_NOTE = ("Open with a websocket handshake (`ws://HOST/...`); a slow reader is 
            "address that already holds PRICEWATCH_MAX_WS_PER_ADDRESS websockets, 429. A client "
            "may send 20 messages/s (bursts of 40), else 1008; it holds at most 64 "
            "subscriptions. ")
+HOST_NOTE = ("`next`/`previous` start with PRICEWATCH_PUBLIC_URL when it is set, else with "
+             "the request's Host, and a malformed Host is a 400 (field `Host`).")
 PAGE_PARAMS = (query("page", {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
                      "Page number, from 1."),)
 
@@ -294,17 +296,18 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         'one, as `{"type": "quote", ...Quote}`. Client messages get `{"type": "error"}`.'),
     ("POST", "/api/v1/alerts"): op(
         "alerts", "Create an alert", {201: json_ok("Alert", "Created")}, "Conflict",
-        auth="user", request="AlertIn",
+        "RateLimited", auth="user", request="AlertIn",
         text="409 when no price is known yet and no direction is given, or the user has "
-        "reached the active alert cap."),
+        "reached the active alert cap; 429 past PRICEWATCH_ALERT_CREATE_RATE a minute."),
     ("GET", "/api/v1/alerts"): op(
         "alerts", "The caller's alerts, newest first", {200: json_ok("AlertPage")},
-        "BadQuery", "NotFound", auth="user", text="404 for a page past the last.", params=(
+        "BadQuery", "NotFound", auth="user", params=(
             query("status", enum("CREATED", "TRIGGERED", "DELETED"),
                   "Only alerts with this status (any case)."),
             *PAGE_PARAMS,
             query("page_size", {"type": "integer", "minimum": 1, "maximum": 100,
-                                "default": 10}, "Alerts per page."))),
+                                "default": 10}, "Alerts per page.")),
+        text="404 for a page past the last. " + HOST_NOTE),
     ("GET", "/api/v1/alerts/{alert_id}"): op("alerts", "One alert", {200: json_ok("Alert")},
                                              "NotFound", auth="user"),
     ("PUT", "/api/v1/alerts/{alert_id}"): op(
@@ -320,12 +323,14 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         "quotes", "Stored AlphaVantage quotes, newest first",
         {200: json_ok({"anyOf": [ref("QuotePage"), ref("QuoteAll")]},
                       "Paged with per_page; otherwise every row")},
-        "BadQuery", auth="user",
+        "BadQuery", auth="user", text=HOST_NOTE,
         params=(*PAGE_PARAMS, query("per_page", {"type": "integer", "minimum": 1,
                                                  "maximum": 1000}, "Quotes per page."))),
     ("POST", "/api/v1/quotes"): op(
         "quotes", "Fetch a quote now and store it", {201: json_ok("Quote", "Created")},
-        "UpstreamError", "Unavailable", auth="user", request="QuoteIn", body_required=False),
+        "UpstreamError", "Unavailable", "RateLimited", auth="user", request="QuoteIn",
+        body_required=False,
+        text="429 inside PRICEWATCH_QUOTE_MIN_GAP since the last fetch of the same pair."),
     ("GET", "/api/v1/feeds"): op("feeds", "Extra upstream feeds", {200: json_ok("FeedList")},
                                  auth="admin"),
     ("POST", "/api/v1/feeds"): op(

@@ -16,6 +16,8 @@ from .alphavantage import Quote, QuotePoller, UpstreamError, UpstreamRateLimited
 from .api import ApiError, invalid, json_response, query_int, read_json
 from .auth import require_identity
 from .config import Settings
+from .limits import SlidingWindow
+from .links import base_url, page_url
 from .market import HUB, serve_ws
 from .store import Store
 
@@ -35,6 +37,27 @@ class Quotes:
         self.hub = hub
         self.session = session
         self.poller: QuotePoller | None = None
+        # PRICEWATCH_QUOTE_MIN_GAP: one upstream fetch per pair and gap, all users together
+        # (a free AlphaVantage key allows 25 calls a day). None: the gap is off.
+        self.gaps = (SlidingWindow(1, settings.quote_min_gap)
+                     if settings.quote_min_gap > 0 else None)
+
+    def claim(self, from_currency: str, to_currency: str) -> None:
+        """Mark an upstream fetch of the pair as starting now, or raise 429 `rate_limited`
+        (with Retry-After) inside the gap since the last one.
+
+        Synchronous on purpose: check and mark happen with no await in between, so
+        concurrent requests for one pair cannot all pass the check. A failed fetch keeps its
+        mark: it spent an upstream call just the same.
+        """
+        if self.gaps is None:
+            return
+        wait = self.gaps.take(f"{from_currency}/{to_currency}")
+        if wait is not None:
+            raise ApiError(429, "rate_limited",
+                           f"{from_currency}/{to_currency} was fetched less than "
+                           f"{self.settings.quote_min_gap:g} s ago; the stored quote is in "
+                           "GET /api/v1/quotes.", headers={"Retry-After": str(wait)})
 
     async def save(self, quote: Quote):
         """Store a fully parsed quote, then push it to `/ws/rates/` subscribers."""
@@ -73,6 +96,7 @@ async def create_quote(request: web.Request) -> web.Response:
     from_currency, to_currency = _pair(data, quotes.settings)
     if quotes.settings.alphavantage_api_key is None:
         raise ApiError(503, "unavailable", "No AlphaVantage API key is configured.")
+    quotes.claim(from_currency, to_currency)
     try:
         quote = await quotes.fetch(from_currency, to_currency)
     except UpstreamRateLimited as exc:
@@ -84,28 +108,27 @@ async def create_quote(request: web.Request) -> web.Response:
     return json_response(stored.public(), status=201)
 
 
-def _page_url(request: web.Request, page: int, pages: int) -> str | None:
-    if not 1 <= page <= pages:
-        return None
-    return str(request.url.with_query({**request.query, "page": str(page)}))
-
-
 async def list_quotes(request: web.Request) -> web.StreamResponse:
     require_identity(request)
-    store = request.app[QUOTES].store
+    quotes = request.app[QUOTES]
+    store = quotes.store
     errors: dict[str, str] = {}
     page = query_int(request, "page", 1, 1, 2**31 - 1, errors)  # offset fits SQLite
     per_page = query_int(request, "per_page", None, 1, 1000, errors)
     if errors:
         raise invalid(errors)
     if per_page is not None:
+        base = base_url(request, quotes.settings.public_url)  # 400 for a malformed Host
         count, _ = await store.quote_span()
         pages = -(-count // per_page)
         rows = await store.list_quotes((page - 1) * per_page, per_page) if page <= pages else []
+
+        def link(to: int) -> str | None:
+            return page_url(base, request, to) if 1 <= to <= pages else None
+
         return json_response({
             "count": count, "page": page, "per_page": per_page, "pages": pages,
-            "next": _page_url(request, page + 1, pages),
-            "previous": _page_url(request, min(page - 1, pages), pages),
+            "next": link(page + 1), "previous": link(min(page - 1, pages)),
             "results": [q.public() for q in rows],
         })
     # Every row: streamed in batches so a million rows never sit in memory at once.

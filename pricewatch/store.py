@@ -420,6 +420,21 @@ class Store:
                     done.append(_alert(await c.fetchone()))
         return done
 
+    async def purge_deleted_alerts(self, older_than: float) -> int:
+        """Remove for good the DELETED alerts deleted before `older_than` (epoch s), with
+        their outbox rows; returns how many. Small transactions, so that other writes (a
+        trigger batch) never wait behind one long purge."""
+        total = 0
+        while True:
+            async with self._tx() as db:
+                cur = await db.execute(
+                    "DELETE FROM alerts WHERE id IN (SELECT id FROM alerts"
+                    " WHERE status = 'DELETED' AND updated_at < ? LIMIT 1000)", (older_than,))
+                removed = cur.rowcount
+            total += removed
+            if removed < 1000:
+                return total
+
     # outbox ---------------------------------------------------------------------------
 
     async def due_outbox(self, now: float, limit: int, exclude: Collection[int] = ()

@@ -8,7 +8,10 @@ processed (its price message), and the engine's `drained()` when hits are commit
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import itertools
+import re
+import time
 
 import orjson
 import pytest
@@ -503,3 +506,76 @@ async def test_an_email_the_library_cannot_send_fails_once_not_forever(make_sett
             await notifier.wait_until(lambda: notifier.failed >= 1, timeout=10)
         assert notifier.attempts == 1 and smtp.messages == []
         assert (await fetch(http, server, tok, alert["id"]))[1]["notified"] == "failed"
+
+
+async def test_alert_creation_rate_per_user_is_429_with_retry_after(make_settings, http):
+    async with LiveServer(make_settings(alert_create_rate=5)) as server:
+        tok = (await register(http, server))["access"]
+        for _ in range(3):  # refused before the database: not counted
+            assert (await create(http, server, tok, asset="BTCUSDT", price=-1))[0] == 400
+        results = await asyncio.gather(*(
+            create(http, server, tok, asset="BTCUSDT", price=10.0 + i, direction="above")
+            for i in range(12)))
+        assert sorted(status for status, _ in results) == [201] * 5 + [429] * 7
+        async with http.post(server.url + "/api/v1/alerts", headers=bearer(tok), json={
+                "asset": "BTCUSDT", "price": 1.0, "direction": "below"}) as resp:
+            assert resp.status == 429 and (await resp.json())["error"] == "rate_limited"
+            assert 1 <= int(resp.headers["Retry-After"]) <= 60
+        other = (await register(http, server, "bob"))["access"]  # per user
+        assert (await create(http, server, other, asset="BTCUSDT", price=1.0,
+                             direction="below"))[0] == 201
+
+
+async def test_deleted_alerts_are_purged_after_30_days(server, http):
+    tok = (await register(http, server))["access"]
+    ids = []
+    for price in (10.0, 11.0, 12.0):
+        status, body = await create(http, server, tok, asset="BTCUSDT", price=price,
+                                    direction="above")
+        assert status == 201
+        ids.append(body["id"])
+    for alert_id in ids[:2]:
+        async with http.delete(server.url + f"/api/v1/alerts/{alert_id}",
+                               headers=bearer(tok)) as resp:
+            assert resp.status == 200
+
+    async def listed(status):
+        async with http.get(server.url + f"/api/v1/alerts?status={status}",
+                            headers=bearer(tok)) as resp:
+            return [a["id"] for a in (await resp.json())["results"]]
+
+    engine = server.app[ENGINE]
+    now = time.time()
+    assert await engine.purge(now=now + 29 * 86400) == 0  # kept for 30 days
+    assert sorted(await listed("DELETED")) == ids[:2]
+    assert await engine.purge(now=now + 31 * 86400) == 2
+    assert await listed("DELETED") == [] and await listed("CREATED") == [ids[2]]
+    assert (await fetch(http, server, tok, ids[0]))[0] == 404
+
+
+async def test_alert_email_has_date_message_id_and_public_link(make_settings, http, fake,
+                                                              smtp):
+    settings = market_settings(make_settings, fake, smtp.port,
+                               mail_from="Pricewatch <alerts@prices.example.com>",
+                               public_url="https://prices.example.com")
+    async with LiveServer(settings) as server:
+        tok = (await register(http, server))["access"]
+        async with Trader(fake, server, http, tok) as market:
+            await market.cross_new_alert()
+            (msg,) = await smtp.wait_messages(1)
+    sent = email.utils.parsedate_to_datetime(msg["Date"])
+    assert sent.utcoffset().total_seconds() == 0 and abs(sent.timestamp() - time.time()) < 60
+    assert re.fullmatch(r"<[^<>@\s]+@prices\.example\.com>", msg["Message-ID"])
+    assert "https://prices.example.com/" in msg.get_content()
+
+
+def test_message_id_is_stable_across_attempts_and_unique_per_email():
+    from pricewatch.alerts import message_id
+    from pricewatch.store import Alert, OutboxItem
+
+    alert = Alert(7, 1, "BTCUSDT", 1.0, "above", "TRIGGERED", 1.7e9, 1.7e9, 1.0, "pending")
+    first = message_id(OutboxItem(3, "a@example.com", 0, alert), "pw@localhost")
+    assert first == message_id(OutboxItem(3, "a@example.com", 2, alert), "pw@localhost")
+    other = Alert(8, 1, "BTCUSDT", 1.0, "above", "TRIGGERED", 1.7e9, 1.7e9, 1.0, "pending")
+    assert first != message_id(OutboxItem(4, "a@example.com", 0, other), "pw@localhost")
+    assert first.endswith("@localhost>")

@@ -82,6 +82,8 @@ class ServerProcess:
             "PRICEWATCH_SMTP_MAX_ATTEMPTS": "100",
             "PRICEWATCH_BCRYPT_ROUNDS": "4",
             "PRICEWATCH_LOG_LEVEL": "WARNING",
+            # One user creates alerts under load, far faster than a person would.
+            "PRICEWATCH_ALERT_CREATE_RATE": "100000",
         })
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""

@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from conftest import LiveServer, bearer, register
 from fake_alphavantage import FakeAlphaVantage
 from fake_binance import FakeBinance, free_port
 
@@ -474,6 +475,41 @@ async def test_demo_feed_produces_ticks_at_its_rate_for_every_symbol(sink: Sink)
     assert all(b.bid < b.ask for b in sink.books)
     assert {b.symbol for b in sink.books} == set(symbols)
     assert all(v == 0 for v in feed.health()["gaps"].values())
+
+
+def test_demo_trades_lie_inside_the_book_sent_before_them(sink: Sink) -> None:
+    feed = DemoFeed(["BTCUSDT", "ETHUSDT", "XRPUSDT"], sink.on_tick, sink.on_book, seed=7)
+    for _ in range(200):
+        for symbol in feed.symbols:
+            feed._step(symbol)  # one scheduled step, without the clock
+    book: dict[str, Book] = {}
+    checked = 0
+    while not sink.events.empty():
+        event = sink.events.get_nowait()
+        if isinstance(event, Book):
+            book[event.symbol] = event
+        else:
+            quote = book[event.symbol]  # a book always comes before its trade
+            assert quote.bid <= event.price <= quote.ask, (event, quote)
+            checked += 1
+    assert checked == 600
+
+
+async def test_every_demo_price_message_lies_within_its_bid_and_ask(make_settings,
+                                                                    http) -> None:
+    async with LiveServer(make_settings(feed="demo")) as server:
+        tok = (await register(http, server))["access"]
+        async with http.ws_connect(server.ws_url("/live-feed/subscribe/"),
+                                   headers=bearer(tok)) as ws:
+            await ws.send_json({"action": "subscribe"})
+            prices = []
+            async with asyncio.timeout(10):
+                while len(prices) < 30:
+                    msg = orjson.loads((await ws.receive()).data)
+                    if msg["type"] == "price":
+                        prices.append(msg)
+    outside = [m for m in prices if not m["bid"] <= m["price"] <= m["ask"]]
+    assert outside == []
 
 
 # --------------------------------------------------------------------------- make_feed

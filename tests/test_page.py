@@ -217,6 +217,20 @@ UP_PIXELS = """(() => {
 })()"""
 
 
+async def book_and_trade(http, server: LiveServer, fake: FakeBinance, now: int) -> None:
+    """BTCUSDT book 42000.25/42000.75, then a trade at 42000.5, both processed by the server.
+
+    The server reads the one upstream socket in order: once the candle made by the trade is
+    on /ws/ohlc/, the book sent before it was applied too.
+    """
+    async with http.ws_connect(server.ws_url("/ws/ohlc/")) as probe:
+        await probe.send_json({"symbol": "BTCUSDT", "timeframe": "1m"})
+        assert (await probe.receive_json(timeout=5))["type"] == "snapshot"
+        await fake.send_book("BTCUSDT", 42000.25, 42000.75)
+        await fake.send_trade("BTCUSDT", 1, 42000.5, 0.25, now)
+        assert (await probe.receive_json(timeout=5))["candle"]["close"] == 42000.5
+
+
 async def test_live_page_shows_prices_quote_and_candles_and_updates_live(
         make_settings, chromium: Chromium, tmp_path: Path) -> None:
     now = int(time.time() * 1000)
@@ -224,14 +238,7 @@ async def test_live_page_shows_prices_quote_and_candles_and_updates_live(
             LiveServer(make_settings(feed="binance", binance_ws_url=fake.url)) as server, \
             aiohttp.ClientSession() as http:
         await fake.wait_connections(1)
-        # The server reads the one upstream socket in order: once the candle made by the
-        # trade is on /ws/ohlc/, the book sent before it was applied too.
-        async with http.ws_connect(server.ws_url("/ws/ohlc/")) as probe:
-            await probe.send_json({"symbol": "BTCUSDT", "timeframe": "1m"})
-            assert (await probe.receive_json(timeout=5))["type"] == "snapshot"
-            await fake.send_book("BTCUSDT", 42000.25, 42000.75)
-            await fake.send_trade("BTCUSDT", 1, 42000.5, 0.25, now)
-            assert (await probe.receive_json(timeout=5))["candle"]["close"] == 42000.5
+        await book_and_trade(http, server, fake, now)
 
         await chromium.send("Page.navigate", {"url": server.url + "/"})
         await chromium.wait_for(f"{cell('BTCUSDT', 'price')} === '42,000.50'")
@@ -307,6 +314,47 @@ async def test_live_page_shows_a_quote_pushed_on_ws_rates(
             quote = await chromium.evaluate("""[...document.querySelectorAll(
                 '#quote-pair, #quote-bid, #quote-ask, #quote-time')].map(e => e.textContent)""")
             assert quote == ["BTC → USD", "58,073.73", "58,073.74", "2021-05-01 02:58:06 UTC"]
+
+
+# Records the BTCUSDT row as "price|bid|ask" after every change the page makes to it.
+RECORD_ROWS = """(() => {
+  const tr = document.querySelector('tr[data-symbol=BTCUSDT]');
+  const read = () => ['price', 'bid', 'ask']
+    .map(f => tr.querySelector(`[data-field=${f}]`).textContent).join('|');
+  window.shownRows = [];
+  new MutationObserver(() => window.shownRows.push(read()))
+    .observe(tr, { subtree: true, childList: true, characterData: true });
+  return true;
+})()"""
+
+
+@pytest.mark.parametrize("with_token", [False, True], ids=["public", "token"])
+async def test_live_page_rows_never_mix_a_price_with_another_moments_bid_ask(
+        make_settings, chromium: Chromium, with_token: bool) -> None:
+    now = int(time.time() * 1000)
+    async with FakeBinance() as fake, \
+            LiveServer(make_settings(feed="binance", binance_ws_url=fake.url)) as server, \
+            aiohttp.ClientSession() as http:
+        await fake.wait_connections(1)
+        query = ""
+        if with_token:
+            query = "?token=" + (await register(http, server))["access"]
+        await book_and_trade(http, server, fake, now)
+        await chromium.send("Page.navigate", {"url": server.url + "/" + query})
+        first = "42,000.50|42,000.25|42,000.75"
+        await chromium.wait_for(f"{cell('BTCUSDT', 'price')} === '42,000.50'")
+        row = orjson.loads(await chromium.evaluate(ROW))
+        assert (row["bid"], row["ask"]) == ("42,000.25", "42,000.75")
+        await chromium.wait_for("document.querySelector('#status').dataset.state === 'live'")
+        assert await chromium.evaluate(RECORD_ROWS)
+
+        # The server's states are (t1, B1), then (t1, B2), then (t2, B2): never (t2, B1).
+        await fake.send_book("BTCUSDT", 42100.0, 42100.5)
+        await fake.send_trade("BTCUSDT", 2, 42100.25, 0.5, now + 1)
+        last = "42,100.25|42,100.00|42,100.50"
+        await chromium.wait_for(f"window.shownRows.includes('{last}')", timeout=5)
+        shown = await chromium.evaluate("window.shownRows")
+        assert set(shown) <= {first, "42,000.50|42,100.00|42,100.50", last}, shown
 
 
 async def test_page_is_served_at_both_paths(server: LiveServer) -> None:

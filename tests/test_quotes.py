@@ -166,3 +166,55 @@ async def test_listing_without_per_page_streams_every_row(server, http):
     assert body["count"] == 2500 and len(body["results"]) == 2500
     ids = [q["id"] for q in body["results"]]
     assert ids == sorted(ids, reverse=True) and len(set(ids)) == 2500
+
+
+async def test_quote_min_gap_lets_one_of_many_concurrent_posts_reach_upstream(
+        make_settings, http, upstream):
+    async with LiveServer(quote_settings(make_settings, upstream, quote_min_gap=60)) as server:
+        await upstream.wait_requests(1)  # the poller's own fetch does not count
+        tok = (await register(http, server))["access"]
+        before = len(upstream.requests)
+        results = await asyncio.gather(*(post_quote(http, server, tok) for _ in range(20)))
+        statuses = sorted(status for status, _, _ in results)
+        assert statuses == [201] + [429] * 19
+        assert len(upstream.requests) == before + 1
+        for status, err, headers in results:
+            if status == 429:
+                assert err["error"] == "rate_limited"
+                assert 1 <= int(headers["Retry-After"]) <= 60
+        # The gap is per pair: another pair is fetched at once.
+        status, _, _ = await post_quote(http, server, tok,
+                                        {"from_currency": "ETH", "to_currency": "USD"})
+        assert status == 201 and len(upstream.requests) == before + 2
+
+
+async def test_quote_min_gap_zero_turns_the_gap_off(make_settings, http, upstream):
+    async with LiveServer(quote_settings(make_settings, upstream, quote_min_gap=0)) as server:
+        await upstream.wait_requests(1)
+        tok = (await register(http, server))["access"]
+        results = await asyncio.gather(*(post_quote(http, server, tok) for _ in range(3)))
+        assert [status for status, _, _ in results] == [201] * 3
+
+
+async def test_a_key_straddling_the_message_cut_is_still_redacted(make_settings, http,
+                                                                  upstream, caplog):
+    # The upstream error echoes the key about 84 characters into the message: a 250-char key
+    # runs across the 300-character cut.
+    key = "".join(f"{i:03d}" for i in range(84))[:250]
+    upstream.mode = "error"
+    settings = make_settings(alphavantage_url=upstream.url, alphavantage_api_key=key,
+                             alphavantage_timeout=0.5)
+    with caplog.at_level(logging.DEBUG):
+        async with LiveServer(settings) as server:
+            poller = server.app[QUOTES].poller
+            async with asyncio.timeout(5):  # the poller's first poll at startup fails
+                while poller.last_error is None:
+                    await asyncio.sleep(0.01)
+            tok = (await register(http, server))["access"]
+            status, err, _ = await post_quote(http, server, tok)
+            async with http.get(server.url + "/healthz") as resp:
+                health = await resp.json()
+    assert status == 502 and "***" in err["detail"]
+    shown = [err["detail"], health["feeds"]["alphavantage"]["last_error"],
+             *(r.getMessage() for r in caplog.records)]
+    assert all(key[:40] not in text for text in shown)
