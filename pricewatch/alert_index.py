@@ -313,3 +313,50 @@ class AlertIndex:
 
     def __repr__(self) -> str:
         return f"<AlertIndex alerts={len(self)} symbols={len(self._books)}>"
+
+
+class CreationLog:
+    """When alerts were created, to answer "which alerts existed at trade time t?".
+
+    An alert created at time T never triggers on a trade older than T: a backfilled trade
+    from before its creation is history, not news. Alert ids grow with creation (SQLite
+    AUTOINCREMENT, assigned under the write lock), so the alerts that existed at time t are
+    exactly those with id <= `last_id_at(t)`. Kept as two parallel arrays (16 bytes per
+    creation); times are made non-decreasing (a wall clock stepping back cannot unsort them).
+    Entries older than a horizon can be folded into `floor_id` by `prune`.
+    """
+
+    def __init__(self) -> None:
+        self.times = array("d")
+        self.ids = array("q")
+        self.floor_id = 0  # every alert with an id up to this one existed before any entry
+
+    @property
+    def newest(self) -> float:
+        """The newest creation time logged (-inf when none)."""
+        return self.times[-1] if self.times else -_INF
+
+    def add(self, alert_id: int, created_ms: float) -> None:
+        if self.ids and alert_id <= self.ids[-1]:
+            return  # known already (an update), or older than what is logged
+        if alert_id <= self.floor_id:
+            return
+        self.times.append(max(created_ms, self.newest))
+        self.ids.append(alert_id)
+
+    def last_id_at(self, t_ms: float) -> int:
+        """The highest id of the alerts created at or before `t_ms`."""
+        i = bisect_right(self.times, t_ms)
+        return self.ids[i - 1] if i else self.floor_id
+
+    def prune(self, before_ms: float) -> None:
+        """Forget entries created before `before_ms` (trades older than that are judged as
+        if those alerts had always existed)."""
+        i = bisect_left(self.times, before_ms)
+        if i:
+            self.floor_id = self.ids[i - 1]
+            del self.times[:i]
+            del self.ids[:i]
+
+    def __len__(self) -> int:
+        return len(self.ids)

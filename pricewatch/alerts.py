@@ -26,7 +26,7 @@ import aiosmtplib
 import orjson
 
 from . import clock
-from .alert_index import AlertIndex
+from .alert_index import AlertIndex, CreationLog
 from .config import Settings
 from .feeds import Tick
 from .hub import Hub
@@ -40,21 +40,25 @@ Hit = tuple[int, str, float, str, float, float]
 
 KEEP_DELETED = 30 * 86400.0  # seconds a DELETED alert stays listable before it is purged
 PURGE_EVERY = 3600.0  # seconds between purges
+# How far back alert creation times are kept to judge backfilled trades (older trades are
+# judged as if every alert then active had always existed).
+CREATION_HORIZON = 86400.0
 
 
 class AlertEngine:
     """CREATED alerts in memory, kept in step with the database (DB first, then memory)."""
 
     def __init__(self, store: Store, hub: Hub, max_active: int = 1000,
-                 create_rate: int | None = None):
+                 create_rate: int = 60):
         self.store = store
         self.hub = hub
         self.max_active = max_active  # CREATED alerts per user
         # Alert creations per user per minute (PRICEWATCH_ALERT_CREATE_RATE): the active cap
-        # alone lets a client create and delete rows without end. None: set on first use.
-        self.creations = None if create_rate is None else SlidingWindow(create_rate, 60.0)
+        # alone lets a client create and delete rows without end.
+        self.creations = SlidingWindow(create_rate, 60.0)
         self.purged = 0  # DELETED alerts purged by this process
         self.index = AlertIndex()
+        self.created = CreationLog()  # which alerts existed at a (backfilled) trade's time
         self.triggered = 0  # alerts committed as TRIGGERED by this process
         self._hits: list[Hit] = []
         self._wake = asyncio.Event()
@@ -67,12 +71,16 @@ class AlertEngine:
     async def load(self) -> int:
         rows = await self.store.active_alerts()
         self.index.load(rows)
+        for alert_id, created in await self.store.alert_creations(clock.now() - CREATION_HORIZON):
+            self.created.add(alert_id, created * 1000)
         return len(rows)
 
     # the tick path --------------------------------------------------------------------
 
     def on_tick(self, tick: Tick) -> None:
         hits = self.index.match_targets(tick.symbol, tick.price)
+        if hits and tick.backfill and tick.time < self.created.newest:
+            hits = self._existing_at(tick, hits)
         if hits:
             # Each hit keeps the asset and target it matched: the writer triggers an alert only
             # if it still has them, so an alert changed meanwhile never fires at the old ones.
@@ -81,6 +89,21 @@ class AlertEngine:
                               for aid, target, direction in hits)
             self._idle.clear()
             self._wake.set()
+
+    def _existing_at(self, tick: Tick, hits: list[tuple[int, float, str]]
+                     ) -> list[tuple[int, float, str]]:
+        """The hits on alerts that existed at a backfilled trade's time. Alerts created after
+        it (a trade recovered from before their creation is history, not news) go back into
+        the index untouched. Streamed trades are news by definition and never filtered: the
+        exchange's clock and ours may differ by a little."""
+        last = self.created.last_id_at(tick.time)
+        kept = []
+        for hit in hits:
+            if hit[0] <= last:
+                kept.append(hit)
+            else:
+                self.index.add(hit[0], tick.symbol, hit[1], hit[2])
+        return kept
 
     # keeping memory in step -----------------------------------------------------------
 
@@ -95,6 +118,7 @@ class AlertEngine:
     def track(self, alert: Alert) -> None:
         """An alert was created or changed in the DB: (re)index it while CREATED."""
         if alert.status == "CREATED":
+            self.created.add(alert.id, alert.created_at * 1000)
             self.index.add(alert.id, alert.asset, alert.price, alert.direction)
         else:
             self.index.remove(alert.id)
@@ -128,6 +152,7 @@ class AlertEngine:
         """One sweep: remove alerts DELETED more than KEEP_DELETED seconds before `now`
         (default: the wall clock); returns how many."""
         now = clock.now() if now is None else now
+        self.created.prune((now - CREATION_HORIZON) * 1000)
         count = await self.store.purge_deleted_alerts(now - KEEP_DELETED)
         self.purged += count
         if count:

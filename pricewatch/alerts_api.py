@@ -23,8 +23,6 @@ from .api import (
     read_json,
 )
 from .auth import require_identity
-from .config import Settings
-from .limits import SlidingWindow
 from .links import base_url, page_url
 from .market import MARKET
 from .store import Alert
@@ -92,21 +90,6 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
     return asset, price, direction  # type: ignore[return-value]
 
 
-def _settings(request: web.Request) -> Settings:
-    from .server import SETTINGS  # here, not at the top: server.py imports this module
-
-    return request.app[SETTINGS]
-
-
-def _creations(request: web.Request) -> SlidingWindow:
-    """The engine's per-user window of alert creations, PRICEWATCH_ALERT_CREATE_RATE per
-    minute (made on first use when the engine was built without it)."""
-    engine = request.app[ENGINE]
-    if engine.creations is None:
-        engine.creations = SlidingWindow(_settings(request).alert_create_rate, 60.0)
-    return engine.creations
-
-
 async def create_alert(request: web.Request) -> web.Response:
     """201 with the new alert; 429 `rate_limited` past the user's creations per minute
     (counted when a valid creation reaches the database, checked with no await between)."""
@@ -115,7 +98,7 @@ async def create_alert(request: web.Request) -> web.Response:
     asset, price, direction = _validate(request, data, None)
     app = request.app
     engine = app[ENGINE]
-    creations = _creations(request)
+    creations = request.app[ENGINE].creations
     wait = creations.take(str(identity.user_id))
     if wait is not None:
         raise ApiError(429, "rate_limited",
@@ -137,7 +120,7 @@ async def list_alerts(request: web.Request) -> web.Response:
     page_size = query_int(request, "page_size", 10, 1, 100, errors)
     if errors:
         raise invalid(errors)
-    base = base_url(request, _settings(request).public_url)  # 400 for a malformed Host
+    base = base_url(request)  # 400 for a malformed Host
     count, alerts = await request.app[ENGINE].store.list_alerts(
         identity.user_id, status.upper() if status else None, (page - 1) * page_size,
         page_size)

@@ -155,7 +155,7 @@ class BinanceRest:
         try:
             return [Tick(symbol, parse_number(r["price"], "price"),
                          parse_number(r["qty"], "qty", zero_ok=True),
-                         parse_trade_time(r["time"]), _id(r["id"]))
+                         parse_trade_time(r["time"]), _id(r["id"]), backfill="trade")
                     for r in _list(rows)]
         except (KeyError, TypeError, ParseError) as exc:
             raise RestError(f"malformed historicalTrades answer: {exc}") from None
@@ -183,7 +183,7 @@ class BinanceRest:
                 out.append(Tick(symbol, parse_number(r["p"], "p"),
                                 parse_number(r["q"], "q", zero_ok=True),
                                 parse_trade_time(r["T"]), _id(r["a"]) if by_aggregate else last,
-                                max(1, last - first + 1)))
+                                max(1, last - first + 1), backfill="trade"))
             return out
         except (KeyError, TypeError, ParseError) as exc:
             raise RestError(f"malformed aggTrades answer: {exc}") from None

@@ -59,6 +59,7 @@ class Tick:
     time: int  # ms since epoch UTC (trade time ``T``)
     trade_id: int | None
     count: int = 1  # trades it stands for: an aggregate trade from REST backfill holds several
+    backfill: str | None = None  # "trade" when recovered over REST after a gap, not streamed
 
 
 @dataclass(slots=True, frozen=True)

@@ -35,12 +35,17 @@ def _well_formed(host: str) -> bool:
     return True
 
 
-def base_url(request: web.Request, public_url: str | None) -> str:
-    """The base of absolute links: `public_url`, else `scheme://host` from the request.
+PUBLIC_URL = web.AppKey("public_url", str)  # PRICEWATCH_PUBLIC_URL, set by create_app when given
+
+
+def base_url(request: web.Request) -> str:
+    """The base of absolute links: PRICEWATCH_PUBLIC_URL, else `scheme://host` from the
+    request.
 
     Raises ApiError 400 `validation` (field `Host`) when the base would come from a
     malformed Host header.
     """
+    public_url = request.app.get(PUBLIC_URL)
     if public_url is not None:
         return public_url
     host = request.headers.get("Host", "")

@@ -118,7 +118,7 @@ async def list_quotes(request: web.Request) -> web.StreamResponse:
     if errors:
         raise invalid(errors)
     if per_page is not None:
-        base = base_url(request, quotes.settings.public_url)  # 400 for a malformed Host
+        base = base_url(request)  # 400 for a malformed Host
         count, _ = await store.quote_span()
         pages = -(-count // per_page)
         rows = await store.list_quotes((page - 1) * per_page, per_page) if page <= pages else []

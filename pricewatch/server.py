@@ -34,6 +34,7 @@ from .feed_admin import EXTRA_FEEDS, HEALTH, ExtraFeeds, FeedRunner, binance_fac
 from .feed_factory import make_feed
 from .httpd import make_runner
 from .hub import DROP_REASONS, Hub
+from .links import PUBLIC_URL
 from .market import HUB, MARKET, Market
 from .metrics import HTTP_METRICS, Exposition, HttpMetrics, metrics_middleware, render_http
 from .store import Conflict, NotFound, Store
@@ -296,8 +297,10 @@ async def notifier_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
     """Load every CREATED alert into memory and run the trigger writer."""
+    settings = app[SETTINGS]
     engine = app[ENGINE] = AlertEngine(app[STORE], app[HUB],
-                                       max_active=app[SETTINGS].max_alerts_per_user)
+                                       max_active=settings.max_alerts_per_user,
+                                       create_rate=settings.alert_create_rate)
     began = time.monotonic()
     count = await engine.load()
     log.info("alert engine loaded %d active alerts in %.2fs", count, time.monotonic() - began)
@@ -397,6 +400,8 @@ def create_app(settings: Settings) -> web.Application:
     app[HTTP_METRICS] = HttpMetrics()
     app[SETTINGS] = settings
     app[CLIENT_ADDRESSES] = ClientAddresses(settings.trusted_proxies)
+    if settings.public_url is not None:
+        app[PUBLIC_URL] = settings.public_url
     app[HEALTH] = {}
     hub = Hub(max_queue_bytes=settings.ws_max_queue_bytes,
               max_per_address=settings.max_ws_per_address)

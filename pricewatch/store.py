@@ -392,6 +392,12 @@ class Store:
         return [tuple(r) for r in await self._all(
             "SELECT id, asset, price, direction FROM alerts WHERE status = 'CREATED'")]
 
+    async def alert_creations(self, since: float) -> list[tuple[int, float]]:
+        """(id, created_at) of the CREATED alerts created after `since`, by id."""
+        return [tuple(r) for r in await self._all(
+            "SELECT id, created_at FROM alerts WHERE status = 'CREATED' AND created_at > ? "
+            "ORDER BY id", (since,))]
+
     async def trigger_alerts(self, hits: Iterable[tuple[int, str, float, str, float, float]]
                              ) -> list[Alert]:
         """Mark alerts TRIGGERED and queue their emails, all in ONE transaction.

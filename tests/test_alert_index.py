@@ -273,3 +273,20 @@ def test_load_equals_incremental_add(preexisting, bulk):
         for symbol in SYMBOLS:
             assert loaded.match(symbol, price) == added.match(symbol, price)
     assert len(loaded) == len(added) == 0
+
+
+def test_creation_log_answers_which_alerts_existed_at_a_time():
+    from pricewatch.alert_index import CreationLog
+
+    log = CreationLog()
+    assert log.last_id_at(0) == 0 and log.newest == -math.inf
+    for alert_id, created in ((3, 1000.0), (5, 2000.0), (9, 1500.0), (12, 3000.0)):
+        log.add(alert_id, created)  # 9 came with a clock that stepped back: kept sorted
+    log.add(5, 9999.0)  # an update of a known alert changes nothing
+    assert [log.last_id_at(t) for t in (999, 1000, 1999, 2000, 2999, 3000, 10**9)] == [
+        0, 3, 3, 9, 9, 12, 12]
+    log.prune(2500.0)
+    assert len(log) == 1 and log.floor_id == 9
+    assert log.last_id_at(1000) == 9  # pruned: judged as if they had always existed
+    log.add(4, 5000.0)  # below the floor: ignored
+    assert log.last_id_at(10**9) == 12

@@ -14,6 +14,7 @@ from fake_binance import FakeBinance
 from test_alerts import Trader, create, fetch
 from test_feeds import SYMBOLS, T0, Sink, running
 
+from pricewatch.alerts_api import ENGINE
 from pricewatch.binance import BinanceFeed
 from pricewatch.binance_rest import BinanceRest
 
@@ -220,22 +221,24 @@ async def test_alert_crossed_only_inside_a_gap_triggers_at_that_trade(make_setti
     async with LiveServer(settings) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
-            await market.trade(100.0)  # trade id 1
+            now = int(time.time() * 1000)
+            t0 = now - now % 60_000 + 60_000  # the next minute: every trade in one candle
+            await fake.send_trade("BTCUSDT", 1, 100.0, 1, t0)
+            await market.next_of("price", price=100.0)
             status, alert = await create(http, server, tok, asset="BTCUSDT", price=150.0,
                                          direction="above")
             assert status == 201
-            t_spike = 1704067200000 + 3
+            t_spike = t0 + 3
             fake.record_trade("BTCUSDT", 2, 120.0, 1, t_spike - 1)
             fake.record_trade("BTCUSDT", 3, 155.5, 1, t_spike)  # only this one crosses 150
             fake.record_trade("BTCUSDT", 4, 110.0, 1, t_spike + 1)
-            for _ in range(3):
-                next(market.ids)
-            await market.trade(105.0)  # trade id 5: the gap 2..4 is filled before it counts
+            await fake.send_trade("BTCUSDT", 5, 105.0, 1, t0 + 5)  # the gap 2..4 goes first
             event = await market.alert_event(alert["id"])
             assert event["status"] == "TRIGGERED"
             _, stored = await fetch(http, server, tok, alert["id"])
             assert stored["triggered_price"] == 155.5
-            assert stored["triggered_at"] == "2024-01-01T00:00:00.003Z"
+            assert stored["triggered_at"] == time.strftime(
+                "%Y-%m-%dT%H:%M:%S.003Z", time.gmtime(t0 // 1000))
             async with http.get(server.url + "/api/v1/ohlc",
                                 params={"symbol": "BTCUSDT", "timeframe": "1m"}) as resp:
                 candle = (await resp.json())["data"][-1]
@@ -247,3 +250,29 @@ async def test_alert_crossed_only_inside_a_gap_triggers_at_that_trade(make_setti
             assert feed["backfilled_trades"]["BTCUSDT"] == 3
             assert feed["missed_trades"]["BTCUSDT"] == 0
 
+
+
+async def test_an_alert_never_triggers_on_a_backfilled_trade_older_than_itself(
+        make_settings, http, fake):
+    """Trades from before an alert's creation, recovered by a backfill, are history: the
+    alert stays CREATED through them and triggers on the first crossing after its creation."""
+    settings = make_settings(feed="binance", binance_ws_url=fake.url,
+                             binance_rest_url=fake.rest_url)
+    async with LiveServer(settings) as server:
+        tok = (await register(http, server))["access"]
+        async with Trader(fake, server, http, tok) as market:
+            now = int(time.time() * 1000)
+            await fake.send_trade("BTCUSDT", 1, 100.0, 1, now - 60_000)
+            await market.next_of("price", price=100.0)
+            status, alert = await create(http, server, tok, asset="BTCUSDT", price=150.0,
+                                         direction="above")
+            assert status == 201
+            fake.record_trade("BTCUSDT", 2, 155.0, 1, now - 30_000)  # before the alert
+            await fake.send_trade("BTCUSDT", 3, 120.0, 1, now + 5_000)
+            await market.next_of("price", price=120.0)
+            await server.app[ENGINE].drained()
+            _, stored = await fetch(http, server, tok, alert["id"])
+            assert stored["status"] == "CREATED"
+            await fake.send_trade("BTCUSDT", 4, 151.0, 1, now + 6_000)  # after it: news
+            event = await market.alert_event(alert["id"])
+            assert event["status"] == "TRIGGERED" and event["triggered_price"] == 151.0

@@ -170,3 +170,36 @@ def test_createuser_makes_an_admin_that_can_log_in(tmp_path):
     user = asyncio.run(check())
     assert user.is_admin and user.email == "root@example.com"
     assert user.password_hash.startswith("$2b$04$")
+
+
+def test_readme_configuration_table_lists_every_setting_with_its_default():
+    """The README's table is the one place a user reads about settings: every variable is in
+    it with its real default, and it names no variable that does not exist."""
+    from dataclasses import fields as dc_fields
+    from pathlib import Path
+
+    from pricewatch.config import env_names
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| PRICEWATCH_") and len(cells) >= 3:
+            rows[cells[0]] = cells[1]
+    names = env_names()
+
+    def shown(value) -> str:
+        if value is None or value == ():
+            return "unset"
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, tuple):
+            return ",".join("/".join(v) if isinstance(v, tuple) else str(v) for v in value)
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return str(value)
+
+    for f in dc_fields(Settings):
+        assert names[f.name] in rows, f"{names[f.name]} is missing from the README table"
+        assert rows[names[f.name]] == shown(f.default), names[f.name]
+    assert set(rows) <= set(names.values()), set(rows) - set(names.values())

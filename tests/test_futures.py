@@ -3,6 +3,8 @@ candles and alerts, and its gaps are backfilled by aggregate id."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from conftest import LiveServer, bearer, register
 from fake_binance import FakeBinance
@@ -11,7 +13,6 @@ from test_alerts import create, fetch
 from pricewatch.config import ConfigError, Settings
 from pricewatch.feeds import decode_event
 
-T0 = 1704067200000
 PERP = "BTCUSD_PERP"
 
 
@@ -56,10 +57,12 @@ async def test_coinm_perpetual_drives_prices_candles_and_alerts_with_backfill(
         tok = (await register(http, server))["access"]
         await fake.wait_open(1)
         assert fake.connections[0] == ["btcusd_perp@aggTrade", "btcusd_perp@bookTicker"]
+        now = int(time.time() * 1000)
+        t0 = now - now % 60_000 + 60_000  # one candle; after the alert's creation
         async with http.ws_connect(server.ws_url("/live-feed/subscribe/"),
                                    headers=bearer(tok)) as ws:
             await fake.send_futures_book(PERP, 99.5, 100.5)
-            await fake.send_agg_trade(PERP, 1, 100.0, 2, T0 + 1)
+            await fake.send_agg_trade(PERP, 1, 100.0, 2, t0 + 1)
             msg = await ws.receive_json(timeout=5)
             while msg.get("type") != "price":
                 msg = await ws.receive_json(timeout=5)
@@ -68,8 +71,8 @@ async def test_coinm_perpetual_drives_prices_candles_and_alerts_with_backfill(
             status, alert = await create(http, server, tok, asset="btcusd_perp", price=150.0,
                                          direction="above")
             assert status == 201, alert
-            fake.record_trade(PERP, 2, 151.0, 1, T0 + 2)  # aggregate 2: only REST has it
-            await fake.send_agg_trade(PERP, 3, 120.0, 1, T0 + 3)
+            fake.record_trade(PERP, 2, 151.0, 1, t0 + 2)  # aggregate 2: only REST has it
+            await fake.send_agg_trade(PERP, 3, 120.0, 1, t0 + 3)
             while True:
                 msg = await ws.receive_json(timeout=5)
                 if msg["type"] == "alert":
