@@ -265,6 +265,9 @@ class Auth:
 
 AUTH = web.AppKey("auth", Auth)
 IDENTITY_KEY = "pricewatch.identity"
+# Set by compat.py for seed 000's register, whose users may give no email: then "" is
+# stored, and nothing is ever mailed to it (store.trigger_alerts queues no email for "").
+EMAIL_OPTIONAL = web.RequestKey("email_optional", bool)
 
 
 def bearer_token(request: web.Request, allow_query: bool = False) -> str | None:
@@ -304,7 +307,10 @@ def _text_fields(data: dict[str, Any], names: tuple[str, ...]) -> tuple[dict, di
 async def register(request: web.Request) -> web.Response:
     auth = request.app[AUTH]
     data = await read_json(request)
-    values, errors = _text_fields(data, ("username", "password", "email"))
+    names = ("username", "password", "email")
+    if request.get(EMAIL_OPTIONAL) and data.get("email") in (None, ""):
+        names = names[:2]
+    values, errors = _text_fields(data, names)
     username, password, email = (values.get(k) for k in ("username", "password", "email"))
     if username is not None and not USERNAME_RE.fullmatch(username):
         errors["username"] = ("Enter a valid username of 3-150 characters: letters, digits "
@@ -324,7 +330,7 @@ async def register(request: web.Request) -> web.Response:
         raise ApiError(409, "conflict", "A user with that username already exists.")
     hashed = await auth.hash_password(password)
     try:
-        user = await auth.store.create_user(username, email, hashed)
+        user = await auth.store.create_user(username, email or "", hashed)
     except Conflict:
         raise ApiError(409, "conflict", "A user with that username already exists.") from None
     tokens = await auth.issue_pair(user.id)

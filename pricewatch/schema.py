@@ -89,4 +89,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (symbol, timeframe, start)
     ) WITHOUT ROWID;
     """,
+    # 3 (compat.py, issue 15): seed 002's alerts are named by their purpose; kept in `note`.
+    # Nullable: alerts made through /api/v1/alerts have none. (Appended by the seed-compat
+    # work while the schema is being changed elsewhere too: renumber at merge if needed.)
+    """
+    ALTER TABLE alerts ADD COLUMN note TEXT;
+    CREATE INDEX alerts_user_note ON alerts(user_id, note) WHERE note IS NOT NULL;
+    """,
 ]
