@@ -99,9 +99,10 @@ async def test_seed_000_live_feed_sends_binance_messages(make_settings, http, fa
                              {"username": "satoshi", "password": "correct horse"})
         token = body["access_token"]
         async with Trader(fake, server, http, token) as market:
+            await market.trade(100.5)
             url = server.ws_url("/live-feed/subscribe/?format=binance")
             async with http.ws_connect(url, headers=bearer(token)) as seed:
-                await market.trade(100.5)
+                # The latest price on connect (then the client is surely subscribed).
                 frame = orjson.loads((await asyncio.wait_for(seed.receive(), 10)).data)
                 assert list(frame) == ["message"] and isinstance(frame["message"], str)
                 assert orjson.loads(frame["message"]) == {
