@@ -7,6 +7,8 @@
   raw asyncio streams (no aiohttp per-frame cost), so that it is never the bottleneck. It
   answers pings and closes; everything else a client sends is ignored.
 * ``trade_frame``: one pre-serialised server->client text frame holding one trade event.
+* ``raw_ws_socket`` / ``client_frame``: a websocket client on a bare non-blocking socket that
+  never reads after the handshake (the abusive client of ``abuse.py``).
 """
 
 from __future__ import annotations
@@ -228,6 +230,56 @@ def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     else:
         header = struct.pack("!BBQ", 0x80 | opcode, 127, n)
     return header + payload
+
+
+def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """One masked (client->server) FIN frame; the mask is fixed (this is a load tool)."""
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    mask = b"\x5a\x17\xc3\x01"
+    return header + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+
+
+class Refused(Exception):
+    """The server answered a websocket upgrade with this HTTP status instead of 101."""
+
+
+async def raw_ws_socket(port: int, path: str, rcvbuf: int = 4096) -> socket.socket:
+    """A non-blocking socket with a completed websocket handshake to 127.0.0.1:`port`.
+
+    Its receive buffer is `rcvbuf` bytes (set before connecting, so the TCP window stays
+    small); the caller sends frames with ``loop.sock_sendall`` and never reads. Raises
+    ``Refused`` for a non-101 answer, OSError when the connection fails.
+    """
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16))
+        await loop.sock_sendall(sock, b"GET " + path.encode() + b" HTTP/1.1\r\n"
+                                b"Host: 127.0.0.1\r\nConnection: Upgrade\r\n"
+                                b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                                b"Sec-WebSocket-Key: " + key + b"\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = await loop.sock_recv(sock, 4096)
+            if not chunk:
+                raise ConnectionResetError("closed during the handshake")
+            head += chunk
+        status = int(head.split(b" ", 2)[1])
+        if status != 101:
+            raise Refused(status)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
 
 
 def trade_frame(symbol: str, trade_id: int, price: str, qty: str, time_ms: int) -> bytes:

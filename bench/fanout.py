@@ -158,7 +158,9 @@ async def run(args) -> dict:
     fake = await FakeUpstream().start()
     server = ServerProcess({"PRICEWATCH_FEED": "binance",
                             "PRICEWATCH_BINANCE_WS_URL": fake.url,
-                            "PRICEWATCH_BCRYPT_ROUNDS": "4"})
+                            "PRICEWATCH_BCRYPT_ROUNDS": "4",
+                            # every client comes from 127.0.0.1
+                            "PRICEWATCH_MAX_WS_PER_ADDRESS": str(args.clients)})
     await asyncio.to_thread(server.start)
     try:
         await fake.wait_client(timeout=20.0)

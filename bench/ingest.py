@@ -83,8 +83,9 @@ async def pipeline(args) -> dict:
     from aiohttp import web
 
     from pricewatch.alerts_api import ENGINE
+    from pricewatch.binance import BinanceFeed
     from pricewatch.config import Settings
-    from pricewatch.feeds import BinanceFeed, Tick, decode_event
+    from pricewatch.feeds import Tick, decode_event
     from pricewatch.market import MARKET
     from pricewatch.server import create_app
 

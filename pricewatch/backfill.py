@@ -4,8 +4,9 @@ A `Sequencer` stands between the Binance websocket and the tick pipeline. Trade 
 one per trade and symbol, so a jump means trades were missed (a reconnect, a network blip).
 On a jump the sequencer holds that symbol's newer live trades, fetches the missing ids over
 REST (`historicalTrades` from the first missing id; `aggTrades` by time where that endpoint is
-refused), hands them to the *same* callback in id order, then releases the held trades. The
-callback therefore sees every trade exactly once, in id order, as if nothing had been missed.
+refused; on futures markets, whose stream carries aggregate trades, `aggTrades` from the first
+missing aggregate id), hands them to the *same* callback in id order, then releases the held
+trades. The callback sees every trade exactly once, in id order, as if nothing had been missed.
 
 Bounds: live trades are held at most `hold_limit` seconds (and `max_held` trades); a gap REST
 cannot fill in that time (trades no longer served, errors, a long Retry-After) is given up,
@@ -151,9 +152,13 @@ class Sequencer:
         rest = self.rest
         assert rest is not None
         held_time = sym.held[0].time if sym.held else None
+        by_aggregate = rest.market.by_aggregate  # futures: ids are aggregate ids
         while sym.last_id is not None and sym.last_id < last:
             try:
-                if self._agg_only:
+                if by_aggregate:
+                    batch = await rest.agg_trades(symbol, from_id=sym.last_id + 1,
+                                                  limit=min(1000, last - sym.last_id))
+                elif self._agg_only:
                     start = sym.last_time or 0
                     end = min(held_time or int(time.time() * 1000), start + 3_600_000 - 1)
                     batch = await rest.agg_trades(symbol, start, end)
@@ -174,7 +179,7 @@ class Sequencer:
                 tid = tick.trade_id
                 if tid is None or tid <= sym.last_id:
                     continue  # already delivered
-                first_id = tid - tick.count + 1
+                first_id = tid if by_aggregate else tid - tick.count + 1
                 if first_id > last:
                     break  # live trades take it from here
                 if tid > last:  # an aggregate straddling the gap's end: cannot be split

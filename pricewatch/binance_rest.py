@@ -62,17 +62,47 @@ class Kline:
     trades: int
 
 
+@dataclass(slots=True, frozen=True)
+class BinanceMarket:
+    """What differs between Binance's spot and futures markets (cryptofeed keeps the same
+    facts as class data per exchange): hosts, REST paths, and which stream carries trades.
+    On futures the trade stream is `@aggTrade`, so trades are sequenced by aggregate id."""
+
+    ws: str
+    rest: str
+    prefix: str  # REST path prefix
+    trade_stream: str  # "trade" or "aggTrade"
+
+    @property
+    def by_aggregate(self) -> bool:
+        return self.trade_stream == "aggTrade"
+
+    def paths(self) -> dict[str, str]:
+        p = self.prefix
+        return {"trades": f"{p}/historicalTrades", "agg_trades": f"{p}/aggTrades",
+                "klines": f"{p}/klines", "recent": f"{p}/trades"}
+
+
+MARKETS = {
+    "spot": BinanceMarket("wss://stream.binance.com:9443", "https://api.binance.com",
+                          "/api/v3", "trade"),
+    "usdm": BinanceMarket("wss://fstream.binance.com", "https://fapi.binance.com", "/fapi/v1",
+                          "aggTrade"),
+    "coinm": BinanceMarket("wss://dstream.binance.com", "https://dapi.binance.com",
+                           "/dapi/v1", "aggTrade"),
+}
+
+
 class BinanceRest:
     """Calls `base_url` (e.g. https://api.binance.com) on a session set by the app."""
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 10.0,
-                 paths: dict[str, str] | None = None):
+                 market: BinanceMarket = MARKETS["spot"]):
         self.base_url = base_url.rstrip("/")
         self._headers = {"X-MBX-APIKEY": api_key} if api_key else {}
         self.timeout = aiohttp.ClientTimeout(total=timeout)
-        self.paths = paths or {"trades": "/api/v3/historicalTrades",
-                               "agg_trades": "/api/v3/aggTrades", "klines": "/api/v3/klines",
-                               "recent": "/api/v3/trades"}
+        self.market = market
+        self.paths = market.paths()
         self.session: aiohttp.ClientSession | None = None
         self.used_weight: int | None = None
         self.calls = 0
@@ -130,19 +160,30 @@ class BinanceRest:
         except (KeyError, TypeError, ParseError) as exc:
             raise RestError(f"malformed historicalTrades answer: {exc}") from None
 
-    async def agg_trades(self, symbol: str, start_ms: int, end_ms: int,
-                         limit: int = MAX_LIMIT) -> list[Tick]:
-        """Aggregate trades with `start_ms <= T <= end_ms` (at most one hour apart), as Ticks
-        whose `trade_id` is the aggregate's last trade id and `count` its number of trades."""
-        rows = await self.get("agg_trades", {"symbol": symbol, "startTime": start_ms,
-                                             "endTime": end_ms, "limit": min(limit, MAX_LIMIT)})
+    async def agg_trades(self, symbol: str, start_ms: int | None = None,
+                         end_ms: int | None = None, limit: int = MAX_LIMIT,
+                         from_id: int | None = None) -> list[Tick]:
+        """Aggregate trades by time (`start_ms <= T <= end_ms`, at most one hour apart) or
+        from aggregate id `from_id`, as Ticks with `count` = the trades each holds. Their
+        `trade_id` is the aggregate id on a futures market (trades are sequenced by it),
+        else the aggregate's last trade id."""
+        params: dict[str, Any] = {"symbol": symbol, "limit": min(limit, MAX_LIMIT)}
+        if from_id is not None:
+            params["fromId"] = from_id
+        if start_ms is not None:
+            params["startTime"] = start_ms
+        if end_ms is not None:
+            params["endTime"] = end_ms
+        rows = await self.get("agg_trades", params)
+        by_aggregate = self.market.by_aggregate
         try:
             out = []
             for r in _list(rows):
                 first, last = _id(r["f"]), _id(r["l"])
                 out.append(Tick(symbol, parse_number(r["p"], "p"),
                                 parse_number(r["q"], "q", zero_ok=True),
-                                parse_trade_time(r["T"]), last, max(1, last - first + 1)))
+                                parse_trade_time(r["T"]), _id(r["a"]) if by_aggregate else last,
+                                max(1, last - first + 1)))
             return out
         except (KeyError, TypeError, ParseError) as exc:
             raise RestError(f"malformed aggTrades answer: {exc}") from None

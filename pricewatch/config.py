@@ -9,12 +9,18 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
 PREFIX = "PRICEWATCH_"
-SYMBOL_RE = re.compile(r"[A-Z0-9]{2,20}")
+FUTURES_HOSTS = {  # the spot hosts are the fields' defaults
+    "usdm": {"binance_ws_url": "wss://fstream.binance.com",
+             "binance_rest_url": "https://fapi.binance.com"},
+    "coinm": {"binance_ws_url": "wss://dstream.binance.com",
+              "binance_rest_url": "https://dapi.binance.com"},
+}
+SYMBOL_RE = re.compile(r"[A-Z0-9]{2,20}(_[A-Z0-9]{1,10})?")  # futures: BTCUSD_PERP
 CURRENCY_RE = re.compile(r"[A-Z0-9]{2,10}")
 
 
@@ -67,7 +73,8 @@ def _symbols(name: str, raw: str) -> tuple[str, ...]:
         raise ConfigError(f"{name} must list at least one symbol")
     for item in items:
         if not SYMBOL_RE.fullmatch(item):
-            raise ConfigError(f"{name}: {item!r} is not a Binance symbol like BTCUSDT")
+            raise ConfigError(f"{name}: {item!r} is not a Binance symbol like BTCUSDT "
+                              f"(or BTCUSD_PERP on futures)")
     return items
 
 
@@ -113,6 +120,16 @@ def _secret(name: str, raw: str) -> str:
     if len(raw.encode()) < 32:
         raise ConfigError(f"{name} must be at least 32 bytes long")
     return raw
+
+
+def _choice(*allowed: str):
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+        return value
+
+    return parse
 
 
 def _opt(parse):
@@ -210,6 +227,10 @@ class Settings:
                                "replay:PATH speed factor; 0 = as fast as possible")
     binance_ws_url: str = _var("BINANCE_WS_URL", _ws_url, "wss://stream.binance.com:9443",
                                "Binance websocket base")
+    binance_market: str = _var(
+        "BINANCE_MARKET", _choice("spot", "usdm", "coinm"), "spot",
+        "spot, usdm (USD-M futures) or coinm (COIN-M futures): default hosts, REST paths "
+        "and trade stream")
     binance_rest_url: str = _var("BINANCE_REST_URL", _http_url, "https://api.binance.com",
                                  "Binance REST base for history and backfill")
     binance_api_key: str | None = _var(
@@ -279,6 +300,12 @@ class Settings:
             if name in merged:
                 values[f.name] = f.metadata["parse"](name, merged[name])
         settings = cls(**values)
+        if settings.binance_market != "spot":
+            # The market picks the default hosts; an explicit URL still wins.
+            hosts = FUTURES_HOSTS[settings.binance_market]
+            settings = replace(settings, **{
+                key: url for key, url in hosts.items()
+                if PREFIX + key.upper() not in merged})
         if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"{PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
         return settings

@@ -21,7 +21,8 @@ from aiohttp import web
 
 from .api import ApiError, invalid, json_response, not_found, read_json
 from .auth import AUTH, require_identity
-from .feeds import BinanceFeed, Feed, FeedConfigError, FeedRefused, redact_url
+from .binance import BinanceFeed
+from .feeds import Feed, FeedConfigError, FeedRefused, redact_url
 from .store import NotFound, Store
 
 log = logging.getLogger(__name__)

@@ -102,9 +102,15 @@ async def last_id_before(rest: BinanceRest, symbol: str, cut: int) -> tuple[int,
     the symbol has never traded."""
     aggs = await rest.agg_trades(symbol, cut, cut + 3_600_000 - 1, limit=1)
     if aggs:
-        first = aggs[0].trade_id - aggs[0].count + 1  # the first trade at or after the cut
+        first = aggs[0].trade_id  # the first trade (aggregate on futures) at or after the cut
+        if not rest.market.by_aggregate:
+            first -= aggs[0].count - 1
         return first - 1, cut - 1
-    last = await rest.last_trade(symbol)  # nothing since the cut: the newest trade
+    if rest.market.by_aggregate:  # the newest aggregate
+        newest = await rest.agg_trades(symbol, limit=1)
+        last = newest[-1] if newest else None
+    else:  # nothing since the cut: the newest trade
+        last = await rest.last_trade(symbol)
     if last is None or last.trade_id is None:
         return None
     return (last.trade_id, last.time) if last.time < cut else (last.trade_id - 1, cut - 1)

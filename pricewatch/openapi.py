@@ -247,7 +247,10 @@ def op(tag: str, summary: str, ok: dict[int, dict], *errors: str, auth: str | No
 
 
 WS_NOTE = ("Open with a websocket handshake (`ws://HOST/...`); a slow reader is closed with "
-           "1008, every client with 1001 on shutdown. A plain GET is answered 400. ")
+           "1008, every client with 1001 on shutdown. A plain GET is answered 400; a client "
+           "address that already holds PRICEWATCH_MAX_WS_PER_ADDRESS websockets, 429. A client "
+           "may send 20 messages/s (bursts of 40), else 1008; it holds at most 64 "
+           "subscriptions. ")
 PAGE_PARAMS = (query("page", {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
                      "Page number, from 1."),)
 
@@ -295,7 +298,7 @@ OPERATIONS: dict[tuple[str, str], dict] = {
                   "ms); page back with the oldest start seen minus one."))),
     ("GET", "/live-feed/subscribe"): op(
         "websockets", "Websocket: live prices and the caller's alert events",
-        {101: SWITCHING}, "NotAnUpgrade", "BadQuery", auth="user+query",
+        {101: SWITCHING}, "NotAnUpgrade", "BadQuery", "RateLimited", auth="user+query",
         params=(query("format", enum(*compat.PRICE_FORMATS),
                       'Seed 000\'s messages: each price as `{"message": "<Binance trade '
                       'event JSON as a string>"}`, and no alert events.'),),
@@ -308,7 +311,7 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         '`{"type": "error", "detail"}` for a bad message.'),
     ("GET", "/ws/ohlc"): op(
         "websockets", "Websocket: candles of one symbol and timeframe", {101: SWITCHING},
-        "NotAnUpgrade",
+        "NotAnUpgrade", "RateLimited",
         text=WS_NOTE + 'Client sends `{"symbol": "BTCUSDT", "timeframe": "1m", "limit"?, '
         '"action"?: "unsubscribe"}`. Server answers `{"type": "snapshot", symbol, '
         'timeframe, data: [Candle]}`, then `{"type": "candle", symbol, timeframe, candle}` '
@@ -316,6 +319,7 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         '"detail", "fields"}`.'),
     ("GET", "/ws/rates"): op(
         "websockets", "Websocket: AlphaVantage quotes", {101: SWITCHING}, "NotAnUpgrade",
+        "RateLimited",
         text=WS_NOTE + 'Server sends the latest stored quote on connect, then every new '
         'one, as `{"type": "quote", ...Quote}`. Client messages get `{"type": "error"}`.'),
     ("POST", "/api/v1/alerts"): op(

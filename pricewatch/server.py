@@ -27,13 +27,13 @@ from .alerts import AlertEngine, Notifier
 from .alerts_api import ENGINE
 from .alphavantage import QuotePoller
 from .api import ApiError, json_response
-from .binance_rest import BinanceRest
+from .binance_rest import MARKETS, BinanceRest
 from .candle_writer import CANDLE_WRITER, CandleWriter
 from .config import Settings
 from .feed_admin import EXTRA_FEEDS, HEALTH, ExtraFeeds, FeedRunner, binance_factory
-from .feeds import make_feed
+from .feed_factory import make_feed
 from .httpd import make_runner
-from .hub import Hub
+from .hub import DROP_REASONS, Hub
 from .market import HUB, MARKET, Market
 from .metrics import HTTP_METRICS, Exposition, HttpMetrics, metrics_middleware, render_http
 from .store import Conflict, NotFound, Store
@@ -198,6 +198,11 @@ async def metrics(request: web.Request) -> web.Response:
     out.metric("pricewatch_websocket_slow_dropped_total", "counter",
                "Websocket clients closed with 1008 for reading too slowly.")
     out.sample("pricewatch_websocket_slow_dropped_total", hub.dropped)
+    out.metric("pricewatch_websocket_dropped_total", "counter",
+               "Websocket clients closed with 1008, by reason.")
+    for reason in DROP_REASONS:
+        out.sample("pricewatch_websocket_dropped_total", hub.drops[reason.reason],
+                   reason=reason.reason)
     out.metric("pricewatch_alerts_active", "gauge", "CREATED alerts held by the engine.")
     out.sample("pricewatch_alerts_active", len(engine.index))
     out.metric("pricewatch_alerts_triggered_total", "counter",
@@ -336,8 +341,9 @@ async def quotes_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The hub's watchdog, which drops websocket clients stuck behind a full socket."""
-    task = asyncio.create_task(app[HUB].watchdog(), name="hub-watchdog")
+    """The hub's flusher (writes queued frames as sockets drain) and watchdog (closes
+    clients that fall behind, sessions that ended)."""
+    task = asyncio.create_task(app[HUB].run(), name="hub")
     try:
         yield
     finally:
@@ -391,10 +397,12 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[CLIENT_ADDRESSES] = ClientAddresses(settings.trusted_proxies)
     app[HEALTH] = {}
-    hub = Hub()
+    hub = Hub(max_queue_bytes=settings.ws_max_queue_bytes,
+              max_per_address=settings.max_ws_per_address)
     app[HUB] = hub
     mkt = app[MARKET] = Market(settings.symbols, hub)
-    rest = app[BINANCE_REST] = BinanceRest(settings.binance_rest_url, settings.binance_api_key)
+    rest = app[BINANCE_REST] = BinanceRest(settings.binance_rest_url, settings.binance_api_key,
+                                           market=MARKETS[settings.binance_market])
     # Built now so that a bad PRICEWATCH_FEED (missing replay file...) fails before any I/O.
     app[FEED] = make_feed(settings.feed, symbols=settings.symbols,
                           binance_url=settings.binance_ws_url, on_tick=mkt.on_tick,

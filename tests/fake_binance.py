@@ -62,10 +62,11 @@ class FakeBinance:
     async def start(self) -> FakeBinance:
         app = web.Application()
         app.router.add_get("/stream", self._handle)
-        app.router.add_get("/api/v3/historicalTrades", self._historical)
-        app.router.add_get("/api/v3/aggTrades", self._agg_trades)
-        app.router.add_get("/api/v3/klines", self._klines)
-        app.router.add_get("/api/v3/trades", self._recent)
+        for prefix in ("/api/v3", "/fapi/v1", "/dapi/v1"):  # spot, USD-M, COIN-M
+            app.router.add_get(prefix + "/historicalTrades", self._historical)
+            app.router.add_get(prefix + "/aggTrades", self._agg_trades)
+            app.router.add_get(prefix + "/klines", self._klines)
+            app.router.add_get(prefix + "/trades", self._recent)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self._port)
@@ -165,16 +166,19 @@ class FakeBinance:
     async def _agg_trades(self, request: web.Request) -> web.Response:
         if (refused := self._rest_gate(request)) is not None:
             return refused
-        start, end = int(request.query["startTime"]), int(request.query["endTime"])
-        limit = int(request.query.get("limit", 500))
-        groups: dict[int, list[dict]] = {}  # aggregates: fixed blocks of ids
+        query = request.query
+        start, end = int(query.get("startTime", 0)), int(query.get("endTime", 2**62))
+        from_id, limit = int(query.get("fromId", 0)), int(query.get("limit", 500))
+        groups: dict[int, list[dict]] = {}  # aggregates: fixed blocks of ids, numbered from 1
         for t in self._known(request):
-            groups.setdefault((t["id"] - 1) // self.agg_size, []).append(t)
+            groups.setdefault((t["id"] - 1) // self.agg_size + 1, []).append(t)
         aggs = [{"a": key, "p": _num(group[0]["price"]),
                  "q": _num(sum(t["qty"] for t in group)), "f": group[0]["id"],
                  "l": group[-1]["id"], "T": group[0]["time"], "m": False, "M": True}
                 for key, group in sorted(groups.items())
-                if start <= group[0]["time"] <= end]
+                if start <= group[0]["time"] <= end and key >= from_id]
+        if not {"fromId", "startTime", "endTime"} & set(query):
+            return web.json_response(aggs[-limit:])  # the most recent ones
         return web.json_response(aggs[:limit])
 
     async def _klines(self, request: web.Request) -> web.Response:
@@ -255,6 +259,24 @@ class FakeBinance:
             "u": update_id, "s": symbol.upper(), "b": _num(bid), "B": _num(bid_qty),
             "a": _num(ask), "A": _num(ask_qty),
         })
+
+    async def send_agg_trade(self, symbol: str, agg_id: int, price: float, qty: float,
+                             time_ms: int) -> None:
+        """Send a futures ``<symbol>@aggTrade`` event holding one trade whose id is `agg_id`
+        (with ``agg_size`` 1, REST numbers that aggregate `agg_id` too)."""
+        self.record_trade(symbol, agg_id, price, qty, time_ms)
+        await self.send_event(f"{symbol.lower()}@aggTrade", {
+            "e": "aggTrade", "E": time_ms + 2, "s": symbol.upper(), "a": agg_id,
+            "p": _num(price), "q": _num(qty), "f": agg_id, "l": agg_id, "T": time_ms,
+            "m": False})
+
+    async def send_futures_book(self, symbol: str, bid: float, ask: float,
+                                time_ms: int = 1704067200000) -> None:
+        """Send a futures ``<symbol>@bookTicker`` event (with ``e``, ``E``, ``T``, ``ps``)."""
+        await self.send_event(f"{symbol.lower()}@bookTicker", {
+            "e": "bookTicker", "u": 400900217, "E": time_ms + 1, "T": time_ms,
+            "s": symbol.upper(), "ps": symbol.upper().split("_")[0], "b": _num(bid),
+            "B": "10", "a": _num(ask), "A": "12"})
 
     async def send_server_shutdown(self, time_ms: int = 1704153600000) -> None:
         await self.send_raw(orjson.dumps({"e": "serverShutdown", "E": time_ms}).decode())

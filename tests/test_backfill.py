@@ -14,8 +14,8 @@ from fake_binance import FakeBinance
 from test_alerts import Trader, create, fetch
 from test_feeds import SYMBOLS, T0, Sink, running
 
+from pricewatch.binance import BinanceFeed
 from pricewatch.binance_rest import BinanceRest
-from pricewatch.feeds import BinanceFeed
 
 
 @pytest.fixture

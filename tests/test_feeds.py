@@ -27,8 +27,9 @@ from pricewatch.alphavantage import (
     UpstreamRateLimited,
     fetch_rate,
 )
+from pricewatch.binance import BinanceFeed
+from pricewatch.feed_factory import make_feed
 from pricewatch.feeds import (
-    BinanceFeed,
     Book,
     Feed,
     FeedConfigError,
@@ -37,7 +38,6 @@ from pricewatch.feeds import (
     ServerShutdown,
     Tick,
     decode_event,
-    make_feed,
 )
 from pricewatch.offline_feeds import DemoFeed, ReplayFeed
 

@@ -1,10 +1,16 @@
-"""The hub's slow-client policy, against a stand-in transport whose buffer the test sets."""
+"""The hub's per-client limits, against a stand-in transport whose buffer the test sets.
+
+Nothing here runs the hub's background tasks: the tests call `flush` and `sweep` themselves,
+so every step is deterministic.
+"""
 
 from __future__ import annotations
 
 import asyncio
 
-from pricewatch.hub import Hub, frame
+import pytest
+
+from pricewatch.hub import MAX_SUBSCRIPTIONS, QUEUE_FULL, SLOW, WS_BURST, Hub, frame
 
 
 class Transport:
@@ -28,6 +34,7 @@ class Transport:
 
 class Socket:
     closed = False
+    code: int | None = None
 
     async def close(self, code: int, message: bytes) -> bool:
         self.closed = True
@@ -42,51 +49,130 @@ class Request:
         self.transport = transport
 
 
-async def until(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.001)
-
-
-async def overflowed_client(hub: Hub):
+def attach(hub: Hub, endpoint: str = "ohlc"):
     transport = Transport()
-    client = hub.attach(Socket(), Request(transport), "ohlc")
-    transport.buffered = hub.write_limit  # the socket is full: frames queue up...
-    for i in range(hub.queue_size + 1):  # ...until the queue overflows
-        hub.send(client, b'{"n": %d}' % i)
-    assert client.full_since is not None and client.queue.full()
-    return client, transport
+    return hub.attach(Socket(), Request(transport), endpoint), transport
 
 
-async def test_a_client_that_caught_up_is_not_dropped_for_an_old_overflow():
-    hub = Hub(queue_size=4, slow_timeout=0.0, send_timeout=60.0)
-    client, transport = await overflowed_client(hub)
-    transport.buffered = 0  # it reads again: the sender drains the queue, in order
-    await until(lambda: not client.queue.qsize() and not client.pending)
-    assert transport.written == [frame(b'{"n": %d}' % i) for i in range(4)]
-    hub.sweep()
-    assert not client.closed and hub.dropped == 0
-    await hub.detach(client)
-
-
-async def test_a_client_still_behind_after_overflowing_is_dropped():
-    hub = Hub(queue_size=4, slow_timeout=0.0, send_timeout=60.0)
-    client, transport = await overflowed_client(hub)
-    hub.sweep()
-    assert client.closed and hub.dropped == 1
-    await until(lambda: client.ws.closed)
-    assert client.ws.code == 1008
+async def closed_with(hub: Hub, client, code: int) -> None:
+    """Wait for the hub's background close of `client` to reach its socket."""
+    await asyncio.wait_for(hub.settled(), 5)
+    assert client.ws.code == code
 
 
 async def test_frames_go_straight_out_in_order_when_the_socket_has_room():
     hub = Hub()
-    transport = Transport()
-    client = hub.attach(Socket(), Request(transport), "live")
+    client, transport = attach(hub, "live")
     for i in range(3):
         hub.send(client, b"%d" % i)
     assert transport.written == [frame(b"0"), frame(b"1"), frame(b"2")]
-    assert client.queue.qsize() == 0
-    await hub.detach(client)
+    assert not client.writer.events and not hub.backlog
+
+
+async def test_queued_frames_go_out_in_order_in_one_write_once_the_socket_drains():
+    hub = Hub(write_limit=1024)
+    client, transport = attach(hub)
+    transport.buffered = 1024  # the socket is full: frames queue up
+    for i in range(3):
+        hub.send(client, b'{"n": %d}' % i)
+    assert transport.written == [] and client in hub.backlog
+    assert client.writer.queued == sum(len(frame(b'{"n": %d}' % i)) for i in range(3))
+    hub.send(client, b"late")  # even with room now, nothing overtakes the queue
+    transport.buffered = 0
+    hub.flush(client)
+    assert transport.written == [b"".join(frame(b'{"n": %d}' % i) for i in range(3))
+                                 + frame(b"late")]
+    assert client.writer.queued == 0 and not client.writer.events and client not in hub.backlog
+
+
+async def test_a_client_past_the_byte_bound_is_closed_at_once_and_nothing_is_skipped():
+    hub = Hub(max_queue_bytes=4096, write_limit=1024)
+    client, transport = attach(hub)
+    transport.buffered = 1024  # the socket buffer counts: 3072 bytes left for the queue
+    message = b"x" * 100  # 102 bytes framed
+    fits = (4096 - 1024) // 102
+    for _ in range(fits):
+        hub.send(client, message)
+    assert len(client.writer.events) == fits and not client.closed
+    hub.send(client, message)  # one more would pass the bound: closed, not skipped
+    assert client.closed and hub.drops == {QUEUE_FULL.reason: 1} and hub.dropped == 1
+    assert client.writer.peak <= 4096
+    assert not client.writer.events and client.writer.queued == 0  # its memory is freed at once
+    assert client not in hub.clients and client not in hub.backlog
+    await closed_with(hub, client, 1008)
+    hub.send(client, message)  # nothing more for a closed client
+    assert transport.written == []
+
+
+async def test_undelivered_bytes_in_the_socket_buffer_alone_close_the_client():
+    hub = Hub(max_queue_bytes=4096, write_limit=1024)
+    client, transport = attach(hub)
+    transport.buffered = 5000  # e.g. aiohttp's pongs to a peer that sends pings, never reads
+    hub.sweep()
+    assert client.closed and hub.drops[QUEUE_FULL.reason] == 1
+
+
+async def test_a_client_that_caught_up_is_not_dropped_for_an_old_backlog():
+    hub = Hub(slow_timeout=0.0, send_timeout=60.0, write_limit=1024)
+    client, transport = attach(hub)
+    transport.buffered = 1024
+    hub.send(client, b"1")
+    transport.buffered = 0  # it reads again: the flusher empties its queue
+    hub.flush(client)
+    hub.sweep()
+    assert not client.closed and hub.dropped == 0
+
+
+async def test_a_client_whose_message_waited_too_long_is_dropped_as_slow():
+    hub = Hub(slow_timeout=0.0, send_timeout=60.0, write_limit=1024)
+    client, transport = attach(hub)
+    transport.buffered = 1024
+    hub.send(client, b"1")
+    hub.sweep()
+    assert client.closed and hub.drops == {SLOW.reason: 1}
+    await closed_with(hub, client, 1008)
+
+
+async def test_a_client_whose_socket_stays_full_is_dropped_as_slow():
+    hub = Hub(slow_timeout=60.0, send_timeout=0.0, write_limit=1024)
+    client, transport = attach(hub)
+    transport.buffered = 1024  # full, though nothing is queued
+    hub.sweep()  # first seen full...
+    assert not client.closed
+    hub.sweep()  # ...and still full past send_timeout
+    assert client.closed and hub.drops == {SLOW.reason: 1}
+
+
+def test_subscriptions_stop_at_the_cap_and_resubscribing_is_free():
+    hub = Hub()
+    client, _ = attach(hub)
+    assert all(hub.subscribe(client, n) for n in range(MAX_SUBSCRIPTIONS))
+    assert not hub.subscribe(client, "one too many")
+    assert "one too many" not in client.topics and not hub.has_topic("one too many")
+    assert hub.subscribe(client, 0)  # already held
+    hub.unsubscribe(client, 0)
+    assert hub.subscribe(client, "now it fits")
+
+
+def test_admission_per_address_is_counted_and_released():
+    hub = Hub(max_per_address=2)
+    assert hub.admit("a") and hub.admit("a") and not hub.admit("a")
+    assert hub.admit("b")
+    hub.release("a")
+    assert hub.admit("a") and not hub.admit("a")
+    for _ in range(3):
+        hub.release("a")
+        hub.release("b")
+    assert hub.by_address == {}
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+async def test_a_burst_over_the_message_rate_closes_the_client(extra):
+    hub = Hub()
+    client, _ = attach(hub)
+    results = [hub.received(client) for _ in range(WS_BURST + extra)]
+    assert results == [True] * WS_BURST + [False] * extra
+    assert client.closed == bool(extra)
 
 
 def test_frame_length_encodings():

@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 
 from pricewatch import server as server_mod
 from pricewatch.feeds import Tick
+from pricewatch.hub import frame
 from pricewatch.market import HUB, MARKET
 
 DATA = Path(__file__).parent / "data"
@@ -460,8 +461,8 @@ class SlowClientRig:
         self.dropped, self.slow_detached = asyncio.Event(), asyncio.Event()
         drop, detach = hub.drop, hub.detach
 
-        def spy_drop(client, why):
-            drop(client, why)
+        def spy_drop(client, reason, why=""):
+            drop(client, reason, why)
             self.dropped.set()
 
         async def spy_detach(client):
@@ -482,7 +483,7 @@ class SlowClientRig:
         await self.reader.send_json({"action": "unsubscribe", "symbols": ["ETHUSDT"]})
         assert (await recv_json(self.reader))["type"] == "unsubscribed"
 
-        self.hub.queue_size = 400  # applies to clients attached from now on
+        self.hub.max_queue_bytes = 64 * 1024  # about 400 candle messages
         self.sock = sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)
@@ -544,16 +545,17 @@ async def test_client_that_never_reads_is_dropped_and_others_get_every_tick(
     rig = SlowClientRig(live, upstream, http, monkeypatch)
     try:
         await rig.start()
-        # Push until the slow client's queue is full although the loop had every chance to
-        # drain it (the reader caught up): its sender is stuck on a socket nobody reads.
-        # On a busy machine the drop may even come first.
+        # Push until the slow client is behind although the loop had every chance to drain
+        # it (the reader caught up): its frames queue up on a socket nobody reads, until
+        # they pass the byte bound (or one waited too long) and it is closed.
         for _ in range(200):
             await rig.push()
-            if rig.slow_client.queue.full() or rig.dropped.is_set():
+            if rig.slow_client.writer.events or rig.dropped.is_set():
                 break
-        assert rig.slow_client.queue.full() or rig.dropped.is_set(), \
+        assert rig.slow_client.writer.events or rig.dropped.is_set(), \
             "the slow client never filled its buffers"
         await asyncio.wait_for(rig.dropped.wait(), 5)
+        assert rig.slow_client.writer.peak <= rig.hub.max_queue_bytes
         await rig.finish()
     finally:
         rig.close()
@@ -565,10 +567,10 @@ async def test_client_that_reads_too_slowly_is_dropped(
     rig = SlowClientRig(live, upstream, http, monkeypatch)
     try:
         await rig.start()
-        # The slow client reads after every batch, so its sender never stalls for send_timeout;
-        # but it takes 100 of the 350 messages each batch brings and falls further behind for
-        # good. Its queue never drains: it is dropped within slow_timeout, not left to lose
-        # most of its messages forever.
+        # The slow client reads after every batch, so its socket never stays full for
+        # send_timeout; but it takes 100 of the 350 messages each batch brings and falls
+        # further behind for good. Its queue never drains: it is dropped (a message waited
+        # slow_timeout, or the byte bound), not left to lose most of its messages forever.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5
         while not rig.dropped.is_set():
@@ -648,3 +650,17 @@ async def test_snapshots_of_every_size_arrive_intact(server, http, candles):
         for ws in (a, b):  # small frames after a big one: the stream stays in step
             update = await ws.receive_json(timeout=5)
             assert update["type"] == "candle" and update["candle"]["close"] == 5.0
+
+
+async def test_snapshots_are_built_once_per_change_of_the_candles(server) -> None:
+    """Repeated snapshot requests (the abuse benchmark sends hundreds a second) reuse one
+    framed message until a trade changes the symbol's candles."""
+    market = server.app[MARKET]
+    market.on_tick(Tick("BTCUSDT", 100.0, 0.5, T0, 1))
+    first = market.snapshot("BTCUSDT", "1s", 1000)
+    assert market.snapshot("BTCUSDT", "1s", 1000) is first
+    market.on_tick(Tick("BTCUSDT", 101.0, 0.5, T0 + 1000, 2))
+    second = market.snapshot("BTCUSDT", "1s", 1000)
+    assert second is not first
+    assert second.endswith(b'"close":101.0,"volume":0.5,"trades":1}]}')
+    assert second.startswith(frame(second[4:])[:4])  # one whole frame (126..65535 bytes)

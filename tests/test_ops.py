@@ -57,6 +57,8 @@ async def test_metrics_count_ticks_requests_clients_and_alerts(make_settings, ht
                       symbol="BTCUSDT") == 6
         assert sample(text, "pricewatch_websocket_clients", endpoint="ohlc") == 1
         assert sample(text, "pricewatch_websocket_clients", endpoint="live") == 0
+        for reason in ("queue_full", "slow", "too_many_messages", "session_ended"):
+            assert sample(text, "pricewatch_websocket_dropped_total", reason=reason) == 0
         assert sample(text, "pricewatch_alerts_active") == 2
         assert sample(text, "pricewatch_emails", state="pending") == 0
         assert sample(text, "pricewatch_http_requests_total", method="POST",
