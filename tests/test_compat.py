@@ -268,6 +268,19 @@ async def test_seed_002_create_names_the_bad_field_as_the_seed_does(server, http
     assert (status, answer["error"], set(answer["fields"])) == (400, "validation", fields)
 
 
+@pytest.mark.parametrize("path, method, body, fields", [
+    ("fetch/", "POST", {"username": "alice", "alert_status": "DONE"}, {"alert_status"}),
+    ("fetch/", "POST", {"alert_status": 1}, {"username", "alert_status"}),
+    ("delete/", "DELETE", {"username": "alice"}, {"alert_purpose"}),
+    ("delete/", "DELETE", {"alert_purpose": 7}, {"username", "alert_purpose"}),
+])
+async def test_seed_002_fetch_and_delete_name_the_bad_field(server, http, path, method, body,
+                                                            fields):
+    token = (await register(http, server))["access"]
+    status, answer = await post(http, server.url + "/alerts/" + path, body, token, method)
+    assert (status, answer["error"], set(answer["fields"])) == (400, "validation", fields)
+
+
 # -- seed 003 --------------------------------------------------------------------------------
 
 async def test_seed_003_ohlc_snapshot_data_is_a_list_of_candles(make_settings, http, fake):
