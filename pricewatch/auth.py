@@ -1,24 +1,29 @@
 """Users and JWT auth, simplejwt style: register, token pair, rotation, logout, me.
 
-Passwords are bcrypt hashes computed in a thread (never on the event loop). Tokens are
-HS256 JWTs verified with a fixed algorithm list. Every login starts a token *family*;
-refreshing spends the old refresh token, and presenting a spent one revokes the family,
-which also kills that login's access tokens (checked against an in-memory set).
+Passwords are bcrypt hashes computed in a thread (never on the event loop; passwords.py).
+Tokens are HS256 JWTs verified with a fixed algorithm list. Every login starts a token
+*family*; refreshing spends the old refresh token, and presenting a spent one revokes the
+family, which also kills that login's access tokens (checked against an in-memory set).
+A token speaks only for a user that still exists (`identity_middleware`).
+
+Usernames are unique by `schema.username_key` (NFKC + case folding) and stored as
+registered; login accepts any form with the same key.
 """
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import logging
+import math
 import re
 import secrets
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import bcrypt
 import jwt
 from aiohttp import web
 
@@ -26,7 +31,10 @@ from . import clock
 from .addresses import client_address
 from .api import REQUIRED, ApiError, invalid, json_response, not_authenticated, read_json
 from .config import Settings
-from .store import Conflict, Store
+from .limits import SlidingWindow
+from .passwords import MAX_PASSWORD_BYTES, Passwords
+from .schema import username_key
+from .store import Conflict, Store, UnknownUser, User
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +44,10 @@ USERNAME_RE = re.compile(r"[\w.@+-]{3,150}")
 # usual characters, a dotted domain. No quotes, brackets, commas or comments.
 EMAIL_RE = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}")
-MAX_PASSWORD_BYTES = 72  # bcrypt's limit
+MAX_USER_ID = 2**63 - 1  # SQLite's INTEGER
+KNOWN_ADDRESS_TTL = 30 * 86400  # a successful login makes its address known for 30 days
+MAX_KNOWN_ADDRESSES = 64  # per user: the most recent ones
+REGISTER_WINDOW = 3600.0  # PRICEWATCH_REGISTER_LIMIT counts per hour
 
 
 class TokenInvalid(Exception):
@@ -81,11 +92,21 @@ class LoginLimiter:
             return None
         return fails
 
-    def retry_after(self, user_key: str, addr_key: str) -> int | None:
-        """Seconds until this attempt may be made, or None when it may be made now."""
+    def retry_after(self, user_key: str, addr_key: str, user_limit: bool = True
+                    ) -> int | None:
+        """Seconds until this attempt may be made, or None when it may be made now.
+
+        With `user_limit` False only the address's own limits apply (an address the account
+        owner logged in from: see `token`), counted as strictly as a username's: its
+        attempts in flight count as failures, so it too sees at most `max_failures`.
+        """
         now = time.monotonic()
         wait = 0.0
-        for key, in_flight in ((user_key, self._inflight.get(user_key, 0)), (addr_key, 0)):
+        if user_limit:
+            checks = [(user_key, self._inflight.get(user_key, 0)), (addr_key, 0)]
+        else:
+            checks = [(addr_key, self._inflight.get(addr_key, 0))]
+        for key, in_flight in checks:
             fails = self._recent(key, now)
             count = (len(fails) if fails else 0) + in_flight
             if count >= self.max_failures:
@@ -101,7 +122,9 @@ class LoginLimiter:
         for key in keys:
             self._inflight[key] = self._inflight.get(key, 0) + 1
 
-    def end(self, keys: tuple[str, str], failed: bool) -> None:
+    def end(self, keys: tuple[str, str], failed: bool, clear_user: bool = True) -> None:
+        """The attempt `begin` announced is over. A success clears the username's failures
+        unless `clear_user` is False (it got past them, so they were someone else's)."""
         now = time.monotonic()
         for key in keys:
             left = self._inflight[key] - 1
@@ -110,7 +133,8 @@ class LoginLimiter:
             else:
                 del self._inflight[key]
         if not failed:
-            self._fails.pop(keys[0], None)  # the username starts afresh
+            if clear_user:
+                self._fails.pop(keys[0], None)  # the username starts afresh
             return
         size = len(self._fails)
         if size > 50_000 and (now >= self._next_prune or size > 100_000):  # a spray of names
@@ -128,17 +152,22 @@ class LoginLimiter:
 
 
 class Auth:
-    """Password hashing, token issue/verification and the login limiter."""
+    """Password hashing, token issue/verification, the login and registration limits."""
 
     def __init__(self, settings: Settings, store: Store, secret: str,
-                 revoked: dict[str, float]):
+                 revoked: dict[str, float], costs: dict[int, int] | None = None):
         self.settings = settings
         self.store = store
         self._secret = secret
         self._revoked = revoked  # family -> when; pruned once no access token can be alive
         self.limiter = LoginLimiter(settings.login_max_failures, settings.login_window)
-        self._dummy_hash: bytes | None = None
-        self._verified: dict[str, tuple[int, str, int]] = {}  # access token -> claims used
+        # Registrations per client address (see `register` for what counts).
+        self.registrations = SlidingWindow(settings.register_limit, REGISTER_WINDOW)
+        # The dummy-cost key derives from the JWT secret: stable across restarts, so an
+        # unknown name keeps costing the same (passwords.py).
+        self.passwords = Passwords(settings.bcrypt_rounds, costs or {}, hashlib.sha256(
+            b"pricewatch dummy cost\0" + secret.encode()).digest())
+        self._verified: dict[str, tuple[int, str, int | float]] = {}  # access token -> claims
 
     @classmethod
     async def create(cls, settings: Settings, store: Store) -> Auth:
@@ -149,8 +178,9 @@ class Auth:
         purged = await store.purge_refresh_tokens(now - 86400)  # a day of grace for logs
         if purged:
             log.info("purged %d expired refresh tokens", purged)
+        await store.purge_login_addresses(now - KNOWN_ADDRESS_TTL)
         revoked = await store.revoked_families(now - settings.access_ttl)
-        return cls(settings, store, secret, revoked)
+        return cls(settings, store, secret, revoked, await store.password_costs())
 
     def _revoke(self, family: str) -> None:
         now = clock.now()
@@ -166,24 +196,17 @@ class Auth:
     # passwords ------------------------------------------------------------------------
 
     async def hash_password(self, password: str) -> str:
-        salt = bcrypt.gensalt(self.settings.bcrypt_rounds)
-        loop = asyncio.get_running_loop()
-        hashed = await loop.run_in_executor(None, bcrypt.hashpw, password.encode(), salt)
-        return hashed.decode()
+        """A bcrypt hash of `password` at the configured cost (computed in a thread)."""
+        return await self.passwords.hash(password)
 
-    async def check_password(self, password: str, hashed: str | None) -> bool:
-        """Compare in a thread. With no hash (unknown user) a dummy is checked, same cost."""
-        loop = asyncio.get_running_loop()
-        if hashed is None:
-            if self._dummy_hash is None:
-                self._dummy_hash = (await self.hash_password(secrets.token_hex(8))).encode()
-            await loop.run_in_executor(None, bcrypt.checkpw, b"x", self._dummy_hash)
-            return False
-        raw = password.encode()
-        if len(raw) > MAX_PASSWORD_BYTES or "\x00" in password:
-            # Cannot match; still spend a check, so timing tells nothing about the user.
-            return await self.check_password(password, None)
-        return await loop.run_in_executor(None, bcrypt.checkpw, raw, hashed.encode())
+    async def rehash_if_needed(self, user: User, password: str) -> None:
+        """After `password` matched: if `user`'s hash has another cost than the configured
+        one, store a new hash at the configured cost (so old-cost hashes die out)."""
+        if not self.passwords.needs_rehash(user.password_hash):
+            return
+        new_hash = await self.passwords.hash(password)
+        if await self.store.set_password_hash(user.id, user.password_hash, new_hash):
+            self.passwords.counted(user.password_hash, new_hash)
 
     # tokens ---------------------------------------------------------------------------
 
@@ -194,26 +217,34 @@ class Auth:
                   "exp": int(now) + ttl, "jti": jti, "fam": family}
         return jwt.encode(claims, self._secret, algorithm="HS256"), jti
 
-    async def issue_pair(self, user_id: int) -> dict[str, str]:
-        """A new login: fresh family, access + refresh token, refresh recorded in the DB."""
+    async def issue_pair(self, user_id: int, address: str | None = None) -> dict[str, str]:
+        """A new login: fresh family, access + refresh token, refresh recorded in the DB.
+
+        With `address` (the client's), the login also makes that address known for the
+        user (see `token`). Raises UnknownUser when the user no longer exists.
+        """
         now = clock.now()
         family = uuid.uuid4().hex
         access, _ = self._encode(user_id, "access", family, self.settings.access_ttl, now)
         refresh, jti = self._encode(user_id, "refresh", family, self.settings.refresh_ttl, now)
-        await self.store.add_refresh_token(jti, user_id, family, now,
-                                           now + self.settings.refresh_ttl)
+        await self.store.add_refresh_token(
+            jti, user_id, family, now, now + self.settings.refresh_ttl, address=address,
+            forget_before=now - KNOWN_ADDRESS_TTL, max_addresses=MAX_KNOWN_ADDRESSES)
         return {"access": access, "refresh": refresh}
 
     def decode(self, token: str, token_type: str) -> dict[str, Any]:
-        """Verified claims of `token`. Raises TokenInvalid for anything not perfect."""
+        """Verified claims of `token`. Raises TokenInvalid for anything not perfect: a bad
+        signature, expiry, another type, a revoked login, or claims of the wrong shape."""
         try:
-            claims = jwt.decode(token, self._secret, algorithms=ALGORITHMS,
-                                options={"require": ["exp", "iat", "jti", "token_type"]})
+            claims = jwt.decode(token, self._secret, algorithms=ALGORITHMS, options={
+                "require": ["exp", "iat", "jti", "token_type", "user_id", "fam"]})
         except jwt.PyJWTError as exc:
             raise TokenInvalid(str(exc)) from None
+        except (TypeError, ValueError, OverflowError):  # PyJWT's int() of an odd exp/iat
+            raise TokenInvalid("malformed claims") from None
         if claims.get("token_type") != token_type:
             raise TokenInvalid("wrong token type")
-        if not isinstance(claims.get("user_id"), int) or not isinstance(claims.get("fam"), str):
+        if not _well_formed(claims):
             raise TokenInvalid("malformed claims")
         if claims["fam"] in self._revoked:
             raise TokenInvalid("token revoked")
@@ -224,7 +255,8 @@ class Auth:
 
         A token verified once is remembered (bounded) with its expiry: clients present the
         same token on every request, and a full decode costs ~70 us. Expiry and revocation
-        are still checked on every use.
+        are still checked on every use. Whether the user still exists is not checked here
+        (that needs the DB): `identity_middleware` does it for every request.
         """
         hit = self._verified.get(token)
         if hit is None:
@@ -236,10 +268,11 @@ class Auth:
         if exp <= time.time() or family in self._revoked:  # PyJWT's rule: valid while now < exp
             del self._verified[token]
             raise TokenInvalid("token expired or revoked")
-        return Identity(user_id, family, exp)
+        return Identity(user_id, family, int(exp))
 
     async def rotate(self, refresh: str) -> dict[str, str]:
-        """Spend `refresh`, return a new pair of the same login. Raises TokenInvalid."""
+        """Spend `refresh`, return a new pair of the same login. Raises TokenInvalid (also
+        when the user no longer exists)."""
         claims = self.decode(refresh, "refresh")
         now = clock.now()
         user_id, family = claims["user_id"], claims["fam"]
@@ -255,7 +288,8 @@ class Auth:
         return {"access": access, "refresh": new_refresh}
 
     async def logout(self, refresh: str) -> None:
-        """End the login `refresh` belongs to. Raises TokenInvalid."""
+        """End the login `refresh` belongs to. Raises TokenInvalid (also when the user no
+        longer exists)."""
         claims = self.decode(refresh, "refresh")
         result = await self.store.revoke_token_family(claims["jti"])
         if result.status != "ok":
@@ -263,8 +297,30 @@ class Auth:
         self._revoke(result.family)  # type: ignore[arg-type]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _well_formed(claims: dict[str, Any]) -> bool:
+    """Whether a verified token's claims have the shapes this server writes: a signature
+    proves who wrote them, not that every field is usable (`"user_id": true` is 1 to
+    Python, 2**70 overflows SQLite, a string `exp` cannot be compared with a time)."""
+    user_id = claims.get("user_id")
+    return (_is_int(user_id) and 1 <= user_id <= MAX_USER_ID
+            and _is_number(claims.get("exp")) and _is_number(claims.get("iat"))
+            and isinstance(claims.get("jti"), str) and isinstance(claims.get("fam"), str))
+
+
 AUTH = web.AppKey("auth", Auth)
-IDENTITY_KEY = "pricewatch.identity"
+# Request state set by identity_middleware: access token -> its identity, for the tokens the
+# request carries whose user exists.
+LIVE_IDENTITIES = web.RequestKey("live_identities", dict)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Set by compat.py for seed 000's register, whose users may give no email: then "" is
 # stored, and nothing is ever mailed to it (store.trigger_alerts queues no email for "").
 EMAIL_OPTIONAL = web.RequestKey("email_optional", bool)
@@ -280,15 +336,47 @@ def bearer_token(request: web.Request, allow_query: bool = False) -> str | None:
     return None
 
 
+@web.middleware
+async def identity_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Before any handler: check that the user of each valid access token the request
+    carries (header, `?token=`) still exists, for `require_identity`, which is synchronous;
+    and answer 401 when a write finds its user gone meanwhile (store.UnknownUser).
+
+    The check is one primary-key probe on the reader connection (~30 us), made only for a
+    token that verified (a forged or expired one costs no query). Tokens are cached, users
+    are not: a user deleted from the database is refused from the next request on.
+    """
+    auth = request.app.get(AUTH)
+    if auth is not None:
+        live: dict[str, Identity] = {}
+        for token in {bearer_token(request), request.query.get("token")} - {None, ""}:
+            try:
+                identity = auth.identity(token)
+            except TokenInvalid:
+                continue
+            if await auth.store.user_exists(identity.user_id):
+                live[token] = identity
+        request[LIVE_IDENTITIES] = live
+    try:
+        return await handler(request)
+    except UnknownUser:
+        raise not_authenticated() from None
+
+
 def require_identity(request: web.Request, allow_query: bool = False) -> Identity:
-    """The caller's identity from its access token. Raises ApiError 401."""
+    """The caller's identity from its access token. Raises ApiError 401 for a missing,
+    invalid, expired or revoked token, or one whose user no longer exists."""
     token = bearer_token(request, allow_query)
     if token is None:
         raise not_authenticated()
     try:
-        return request.app[AUTH].identity(token)
+        identity = request.app[AUTH].identity(token)
     except TokenInvalid:
         raise not_authenticated() from None
+    # Absent when identity_middleware did not run: refused, never served unchecked.
+    if token not in request.get(LIVE_IDENTITIES, {}):
+        raise not_authenticated()
+    return identity
 
 
 def _text_fields(data: dict[str, Any], names: tuple[str, ...]) -> tuple[dict, dict[str, str]]:
@@ -304,7 +392,20 @@ def _text_fields(data: dict[str, Any], names: tuple[str, ...]) -> tuple[dict, di
     return values, errors
 
 
+def _register_limited(wait: int) -> ApiError:
+    return ApiError(429, "rate_limited", "Too many registrations from this address; try "
+                    "again later.", headers={"Retry-After": str(wait)})
+
+
 async def register(request: web.Request) -> web.Response:
+    """Create a user and log in.
+
+    At most PRICEWATCH_REGISTER_LIMIT registrations per client address per hour count: an
+    attempt counts when it reaches the bcrypt hash, before hashing, whether it then succeeds
+    or not (a name taken by a racing registration). Invalid bodies (400) and names already
+    taken (409) never reach the hash and do not count; an address past its limit is
+    answered 429 either way.
+    """
     auth = request.app[AUTH]
     data = await read_json(request)
     names = ("username", "password", "email")
@@ -326,43 +427,73 @@ async def register(request: web.Request) -> web.Response:
         errors["email"] = "Enter a valid email address."
     if errors:
         raise invalid(errors)
+    address = client_address(request)
+    wait = auth.registrations.check(address)
+    if wait is not None:
+        raise _register_limited(wait)
     if await auth.store.user_by_name(username) is not None:  # skip the bcrypt cost
         raise ApiError(409, "conflict", "A user with that username already exists.")
+    # Counted here, right before the hash: take() checks and counts in one step, so parallel
+    # registrations cannot all pass one check (the check above only spares a limited
+    # address the lookup, and its answer may be stale after the await).
+    wait = auth.registrations.take(address)
+    if wait is not None:
+        raise _register_limited(wait)
     hashed = await auth.hash_password(password)
     try:
         user = await auth.store.create_user(username, email or "", hashed)
     except Conflict:
         raise ApiError(409, "conflict", "A user with that username already exists.") from None
-    tokens = await auth.issue_pair(user.id)
+    auth.passwords.counted(None, hashed)
+    tokens = await auth.issue_pair(user.id, address)
     return json_response({"id": user.id, "username": user.username, "email": user.email,
                           **tokens}, status=201)
 
 
 async def token(request: web.Request) -> web.Response:
+    """Log in. Failures are limited per username (all its forms: one key) and per client
+    address (LoginLimiter). An address that logged into the account within
+    KNOWN_ADDRESS_TTL is exempt from the username's limit, so guesses made elsewhere never
+    lock the owner out; it stays bound by its own address limit, and its attempts still
+    cost a full bcrypt check. An unknown address learns nothing new: it is refused as
+    before, without a check."""
     auth = request.app[AUTH]
     data = await read_json(request)
     values, errors = _text_fields(data, ("username", "password"))
     if errors:
         raise invalid(errors)
     username, password = values["username"], values["password"]
+    address = client_address(request)
     # No real username is longer than 150: such a name cannot log in, and is not kept as a
     # limiter key (it still counts against the address).
-    keys = ("user:" + username[:151], "addr:" + client_address(request))
+    name_key = username_key(username[:151])
+    keys = ("user:" + name_key, "addr:" + address)
+    user, known = None, False
+    if len(username) <= 150:
+        user, known = await auth.store.user_for_login(username, address,
+                                                      clock.now() - KNOWN_ADDRESS_TTL)
+    # From here to begin() nothing awaits: parallel attempts see each other's in-flight count.
     wait = auth.limiter.retry_after(*keys)
+    exempt = False
+    if wait is not None and known:
+        wait = auth.limiter.retry_after(*keys, user_limit=False)
+        exempt = wait is None
     if wait is not None:
         raise ApiError(429, "rate_limited", "Too many failed logins; try again later.",
                        headers={"Retry-After": str(wait)})
     auth.limiter.begin(keys)
     ok = False
     try:
-        user = await auth.store.user_by_name(username) if len(username) <= 150 else None
-        ok = await auth.check_password(password, user.password_hash if user else None)
+        ok = await auth.passwords.check(password, user, name_key)
     finally:
-        auth.limiter.end(keys, failed=not ok)
+        # A success past the username's limit does not clear it: those failures were
+        # someone else's guesses.
+        auth.limiter.end(keys, failed=not ok, clear_user=not exempt)
     if not ok:
         raise ApiError(401, "bad_credentials",
                        "No active account found with the given credentials.")
-    return json_response(await auth.issue_pair(user.id))
+    await auth.rehash_if_needed(user, password)
+    return json_response(await auth.issue_pair(user.id, address))
 
 
 async def _refresh_field(request: web.Request) -> str:

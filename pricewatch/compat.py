@@ -20,7 +20,6 @@ re-implements what the handler does (validation, limits, direction, the engine).
 from __future__ import annotations
 
 import math
-import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +39,7 @@ from .api import (
     read_json,
 )
 from .market import MARKET, Latest
+from .schema import username_key
 from .store import Alert
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -88,11 +88,6 @@ def _renamed_fields(error: ApiError, names: dict[str, str]) -> ApiError:
     return error
 
 
-def _name_key(name: str) -> str:
-    # The contract's rule for one username: equal after NFKC and case folding.
-    return unicodedata.normalize("NFKC", name).casefold()
-
-
 def _text(data: dict[str, Any], name: str, errors: dict[str, str], most: int | None = None
           ) -> str:
     """The string field `name` of a body ("" when it is invalid: then named in `errors`)."""
@@ -114,7 +109,8 @@ async def _check_user(request: web.Request, identity: auth.Identity, name: str) 
     user = await request.app[ENGINE].store.user_by_id(identity.user_id)
     if user is None:  # deleted since the token was issued
         raise not_authenticated()
-    if _name_key(name) != _name_key(user.username):
+    # One user, as logins see it: the exact name, or any form with the same key.
+    if name != user.username and username_key(name) != username_key(user.username):
         raise ApiError(403, "forbidden", "username must be the user the token was issued to.")
     return user.username
 

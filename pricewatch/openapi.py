@@ -269,7 +269,9 @@ OPERATIONS: dict[tuple[str, str], dict] = {
                                {200: media_ok("text/html", "Page")}),
     ("POST", "/auth/register"): op(
         "auth", "Create a user and log in", {201: json_ok("Registered", "Created")},
-        "Conflict", request="Register", text="409 when the username is taken."),
+        "Conflict", "RateLimited", request="Register",
+        text="409 when the username is taken (after NFKC normalisation and case folding); "
+        "429 past PRICEWATCH_REGISTER_LIMIT registrations per client address per hour."),
     ("POST", "/auth/token"): op(
         "auth", "Log in: a token pair", {200: json_ok("TokenPair")}, "BadCredentials",
         "RateLimited", request="Login",

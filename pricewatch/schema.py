@@ -1,10 +1,33 @@
-"""The database schema, as ordered migrations (applied by store.py at startup).
+"""The database schema, as ordered migrations, and `migrate()`, which store.py runs at startup.
 
 Index + 1 is the schema version recorded in `schema_version`. Append only: never edit a
 migration that has shipped; add a new one.
 """
 
 from __future__ import annotations
+
+import logging
+import unicodedata
+
+import aiosqlite
+
+log = logging.getLogger(__name__)
+
+
+class SchemaError(Exception):
+    """The database cannot be brought to this pricewatch's schema."""
+
+
+def username_key(username: str) -> str:
+    """The form under which usernames are unique: NFKC, case folded, NFKC again.
+
+    `Alice`, `ALICE` and `ａｌｉｃｅ` share the key `alice`. The second NFKC is needed
+    because case folding can leave a string that is no longer normalised. Keys are stored
+    (users.username_key); the exact registered spelling always finds its user, even if a
+    later Python's Unicode tables would compute another key for it.
+    """
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", username).casefold())
+
 
 MIGRATIONS: list[str] = [
     """
@@ -72,7 +95,25 @@ MIGRATIONS: list[str] = [
         created_at REAL NOT NULL
     );
     """,
-    # 2: closed (and open) candles of every timeframe, so charts survive restarts.
+    # 2: usernames unique after normalisation, and where each user logged in from.
+    # Existing names that collide after normalisation: the oldest row (lowest id) owns the
+    # key; later ones keep a NULL key (SQLite's UNIQUE admits any number of NULLs, so it can
+    # never collide) and log in by their exact name only. MIGRATION_WARNINGS names them.
+    """
+    ALTER TABLE users ADD COLUMN username_key TEXT;
+    UPDATE users SET username_key = pw_username_key(username);
+    UPDATE users SET username_key = NULL
+        WHERE id NOT IN (SELECT MIN(id) FROM users GROUP BY username_key);
+    CREATE UNIQUE INDEX users_username_key ON users(username_key);
+    CREATE TABLE login_addresses (
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        address TEXT NOT NULL,
+        last_login REAL NOT NULL,
+        PRIMARY KEY (user_id, address)
+    ) WITHOUT ROWID;
+    CREATE INDEX login_addresses_last_login ON login_addresses(last_login);
+    """,
+    # 3: closed (and open) candles of every timeframe, so charts survive restarts.
     """
     CREATE TABLE candles (
         symbol TEXT NOT NULL,
@@ -89,11 +130,53 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (symbol, timeframe, start)
     ) WITHOUT ROWID;
     """,
-    # 3 (compat.py, issue 15): seed 002's alerts are named by their purpose; kept in `note`.
-    # Nullable: alerts made through /api/v1/alerts have none. (Appended by the seed-compat
-    # work while the schema is being changed elsewhere too: renumber at merge if needed.)
+    # 4: seed 002's alerts are named by their purpose (compat.py), kept in `note`.
+    # Nullable: alerts made through /api/v1/alerts have none.
     """
     ALTER TABLE alerts ADD COLUMN note TEXT;
     CREATE INDEX alerts_user_note ON alerts(user_id, note) WHERE note IS NOT NULL;
     """,
 ]
+
+# Version -> (query, message): after that migration is applied, each row of the query is
+# logged as a warning with the message (%-style, one argument per column).
+MIGRATION_WARNINGS: dict[int, tuple[str, str]] = {
+    2: ("SELECT d.username, d.id, o.username, o.id FROM users d JOIN users o"
+        " ON o.username_key = pw_username_key(d.username) WHERE d.username_key IS NULL"
+        " ORDER BY d.id",
+        "user %r (id %d) has the same normalised name as the older %r (id %d), which owns "
+        "that name from now on; the newer user logs in by its exact name only"),
+}
+
+
+async def migrate(db: aiosqlite.Connection) -> None:
+    """Apply the migrations `db` lacks, each in its own transaction. Raises SchemaError for a
+    database newer than this code."""
+    # Migrations may call username_key() as pw_username_key().
+    await db.create_function("pw_username_key", 1, username_key, deterministic=True)
+    await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    async with db.execute("SELECT MAX(version) FROM schema_version") as cur:
+        current = (await cur.fetchone())[0] or 0
+    if current > len(MIGRATIONS):
+        raise SchemaError(f"database schema version {current} is newer than this pricewatch "
+                          f"({len(MIGRATIONS)})")
+    for version in range(current + 1, len(MIGRATIONS) + 1):
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(MIGRATIONS[version - 1]):
+                await db.execute(statement)
+            await db.execute("INSERT INTO schema_version(version) VALUES (?)", (version,))
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        await db.execute("COMMIT")
+        log.info("database migrated to schema version %d", version)
+        if version in MIGRATION_WARNINGS:
+            query, message = MIGRATION_WARNINGS[version]
+            for row in await db.execute_fetchall(query):
+                log.warning(message, *row)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script on `;` (migrations hold no semicolons inside literals)."""
+    return [s.strip() for s in script.split(";") if s.strip()]

@@ -392,7 +392,8 @@ async def extra_feeds_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     """Build the whole application; nothing starts until the app runs."""
     app = web.Application(client_max_size=MAX_BODY,
-                          middlewares=[metrics_middleware, error_middleware])
+                          middlewares=[metrics_middleware, error_middleware,
+                                       auth.identity_middleware])
     app[HTTP_METRICS] = HttpMetrics()
     app[SETTINGS] = settings
     app[CLIENT_ADDRESSES] = ClientAddresses(settings.trusted_proxies)

@@ -10,17 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Collection, Iterable
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
 
 import aiosqlite
 
 from . import clock
-from .schema import MIGRATIONS
+from .records import Alert, OutboxItem, Quote, RotateResult, User
+from .schema import SchemaError, migrate, username_key
+
+__all__ = ["Alert", "Conflict", "NotFound", "OutboxItem", "Quote", "RotateResult", "Store",
+           "StoreError", "UnknownUser", "User", "bcrypt_cost"]
 
 log = logging.getLogger(__name__)
+
+# aiosqlite logs every call at DEBUG with its parameters: the JWT secret, password hashes and
+# refresh-token ids would reach the log at PRICEWATCH_LOG_LEVEL=DEBUG. Nothing it says below
+# INFO is worth that, so its logger never goes below INFO (a level set higher is kept).
+_AIOSQLITE_LOG = logging.getLogger("aiosqlite")
 
 
 class StoreError(Exception):
@@ -35,93 +44,21 @@ class Conflict(StoreError):
     """The write conflicts with existing state (duplicate, wrong status, cap reached)."""
 
 
-@dataclass(frozen=True, slots=True)
-class User:
-    id: int
-    username: str
-    email: str
-    password_hash: str
-    is_admin: bool
-
-    def public(self) -> dict:
-        return {"id": self.id, "username": self.username, "email": self.email,
-                "is_admin": self.is_admin}
-
-
-@dataclass(frozen=True, slots=True)
-class Alert:
-    id: int
-    user_id: int
-    asset: str
-    price: float
-    direction: str
-    status: str
-    created_at: float
-    triggered_at: float | None
-    triggered_price: float | None
-    notified: str | None
-    note: str | None = None  # seed 002's alert purpose (compat.py); not in public() yet
-
-    def public(self) -> dict:
-        return {
-            "id": self.id,
-            "asset": self.asset,
-            "price": self.price,
-            "direction": self.direction,
-            "status": self.status,
-            "created": clock.iso(self.created_at),
-            "triggered_at": clock.iso(self.triggered_at),
-            "triggered_price": self.triggered_price,
-            "notified": self.notified,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Quote:
-    id: int
-    from_currency: str
-    to_currency: str
-    rate: float
-    bid: float | None
-    ask: float | None
-    source_time: str
-    fetched_at: float
-
-    def public(self) -> dict:
-        return {
-            "id": self.id,
-            "from_currency": self.from_currency,
-            "to_currency": self.to_currency,
-            "rate": self.rate,
-            "bid": self.bid,
-            "ask": self.ask,
-            "source_time": self.source_time,
-            "fetched_at": clock.iso(self.fetched_at),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxItem:
-    """A queued email with the alert it is about."""
-
-    id: int
-    recipient: str
-    attempts: int
-    alert: Alert
-
-
-@dataclass(frozen=True, slots=True)
-class RotateResult:
-    """Outcome of presenting a refresh token: status is ok, unknown, revoked or reused."""
-
-    status: str
-    user_id: int | None = None
-    family: str | None = None
+class UnknownUser(StoreError):
+    """The user a write is made for no longer exists (deleted while a token of theirs lives)."""
 
 
 _ALERT_COLS = ("id, user_id, asset, price, direction, status, created_at, triggered_at, "
                "triggered_price, notified, note")
 _QUOTE_COLS = "id, from_currency, to_currency, rate, bid, ask, source_time, fetched_at"
+_USER_COLS = "id, username, email, password_hash, is_admin"
+_BCRYPT_PREFIX = re.compile(r"\$2[aby]\$(\d\d)\$")
+
+
+def bcrypt_cost(password_hash: str) -> int | None:
+    """The cost of a bcrypt hash (`$2b$12$...` -> 12), None when it is not one."""
+    match = _BCRYPT_PREFIX.match(password_hash)
+    return int(match.group(1)) if match else None
 
 
 def _alert(row) -> Alert:
@@ -148,13 +85,18 @@ class Store:
     @classmethod
     async def open(cls, path: str) -> Store:
         """Open (creating if needed) and migrate the database file at `path`."""
+        if _AIOSQLITE_LOG.level < logging.INFO:  # its own level: the root's may change later
+            _AIOSQLITE_LOG.setLevel(logging.INFO)
         writer = await aiosqlite.connect(path, isolation_level=None)
         try:
             await writer.execute("PRAGMA journal_mode=WAL")
             await _configure(writer)
-            await _migrate(writer)
+            await migrate(writer)
             reader = await aiosqlite.connect(path, isolation_level=None)
             await _configure(reader)
+        except SchemaError as exc:
+            await writer.close()
+            raise StoreError(str(exc)) from None
         except BaseException:
             await writer.close()
             raise
@@ -214,13 +156,15 @@ class Store:
 
     async def create_user(self, username: str, email: str, password_hash: str,
                           is_admin: bool = False) -> User:
-        """Insert a user. Raises Conflict when the username is taken."""
+        """Insert a user (the name stored as given). Raises Conflict when the name, or any
+        name with the same `username_key` (`Alice` for `alice`), is taken."""
         try:
             async with self._tx() as db:
                 cur = await db.execute(
-                    "INSERT INTO users(username, email, password_hash, is_admin, created_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (username, email, password_hash, int(is_admin), clock.now()),
+                    "INSERT INTO users(username, username_key, email, password_hash, is_admin,"
+                    " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (username, username_key(username), email, password_hash, int(is_admin),
+                     clock.now()),
                 )
                 user_id = cur.lastrowid
         except sqlite3.IntegrityError:
@@ -228,25 +172,89 @@ class Store:
         return User(user_id, username, email, password_hash, is_admin)
 
     async def user_by_name(self, username: str) -> User | None:
+        """The user `username` names: the one registered exactly so, else the one whose name
+        has the same `username_key` (names that collided before keys existed keep their
+        exact spelling; see schema.py)."""
         row = await self._one(
-            "SELECT id, username, email, password_hash, is_admin FROM users WHERE username = ?",
-            (username,))
+            f"SELECT {_USER_COLS} FROM users WHERE username = ? OR username_key = ?"
+            " ORDER BY username = ? DESC LIMIT 1",
+            (username, username_key(username), username))
         return _user(row) if row else None
 
-    async def user_by_id(self, user_id: int) -> User | None:
+    async def user_for_login(self, username: str, address: str, since: float
+                             ) -> tuple[User | None, bool]:
+        """(`user_by_name(username)`, whether `address` logged into that user at or after
+        `since`), in one query: the answer takes the same path whichever it is."""
         row = await self._one(
-            "SELECT id, username, email, password_hash, is_admin FROM users WHERE id = ?",
-            (user_id,))
+            f"SELECT {_USER_COLS}, EXISTS(SELECT 1 FROM login_addresses a"
+            "  WHERE a.user_id = users.id AND a.address = ? AND a.last_login >= ?)"
+            " FROM users WHERE username = ? OR username_key = ?"
+            " ORDER BY username = ? DESC LIMIT 1",
+            (address, since, username, username_key(username), username))
+        return (_user(row), bool(row[5])) if row else (None, False)
+
+    async def user_by_id(self, user_id: int) -> User | None:
+        row = await self._one(f"SELECT {_USER_COLS} FROM users WHERE id = ?", (user_id,))
         return _user(row) if row else None
+
+    async def user_exists(self, user_id: int) -> bool:
+        """Whether user `user_id` exists (a primary-key probe: no row is read)."""
+        return await self._one("SELECT 1 FROM users WHERE id = ?", (user_id,)) is not None
+
+    async def set_password_hash(self, user_id: int, old_hash: str, new_hash: str) -> bool:
+        """Replace the user's hash if it is still `old_hash`; whether it was replaced."""
+        async with self._tx() as db:
+            cur = await db.execute(
+                "UPDATE users SET password_hash = ? WHERE id = ? AND password_hash = ?",
+                (new_hash, user_id, old_hash))
+            return cur.rowcount == 1
+
+    async def password_costs(self) -> dict[int, int]:
+        """bcrypt cost -> number of users whose hash has it (unparsable hashes left out)."""
+        rows = await self._all(
+            "SELECT substr(password_hash, 1, 7), COUNT(*) FROM users GROUP BY 1")
+        costs: dict[int, int] = {}
+        for prefix, count in rows:
+            cost = bcrypt_cost(prefix)
+            if cost is not None:
+                costs[cost] = costs.get(cost, 0) + count
+        return costs
+
+    async def purge_login_addresses(self, before: float) -> int:
+        """Forget logins made before `before` (see `add_refresh_token`); returns how many."""
+        async with self._tx() as db:
+            cur = await db.execute("DELETE FROM login_addresses WHERE last_login < ?",
+                                   (before,))
+            return cur.rowcount
 
     # refresh tokens -------------------------------------------------------------------
 
     async def add_refresh_token(self, jti: str, user_id: int, family: str,
-                                issued_at: float, expires_at: float) -> None:
-        async with self._tx() as db:
-            await db.execute(
-                "INSERT INTO refresh_tokens(jti, user_id, family, issued_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?)", (jti, user_id, family, issued_at, expires_at))
+                                issued_at: float, expires_at: float,
+                                address: str | None = None, forget_before: float = 0.0,
+                                max_addresses: int = 64) -> None:
+        """Record the refresh token of a new login. With `address`, also record that the
+        user logged in from it (in the same commit), forgetting the user's logins from
+        before `forget_before` and all but their `max_addresses` most recent addresses.
+        Raises UnknownUser when the user does not exist (any more)."""
+        try:
+            async with self._tx() as db:
+                await db.execute(
+                    "INSERT INTO refresh_tokens(jti, user_id, family, issued_at, expires_at)"
+                    " VALUES (?, ?, ?, ?, ?)", (jti, user_id, family, issued_at, expires_at))
+                if address is not None:
+                    await db.execute(
+                        "INSERT INTO login_addresses(user_id, address, last_login)"
+                        " VALUES (?, ?, ?) ON CONFLICT(user_id, address)"
+                        " DO UPDATE SET last_login = excluded.last_login",
+                        (user_id, address, issued_at))
+                    await db.execute(
+                        "DELETE FROM login_addresses WHERE user_id = ? AND (last_login < ?"
+                        " OR address NOT IN (SELECT address FROM login_addresses"
+                        "  WHERE user_id = ? ORDER BY last_login DESC LIMIT ?))",
+                        (user_id, forget_before, user_id, max_addresses))
+        except sqlite3.IntegrityError:  # the only constraint a fresh uuid can fail: the FK
+            raise UnknownUser(f"user {user_id} does not exist") from None
 
     async def rotate_refresh_token(self, jti: str, new_jti: str, issued_at: float,
                                    expires_at: float) -> RotateResult:
@@ -256,10 +264,10 @@ class Store:
         """
         async with self._tx() as db:
             async with db.execute(
-                "SELECT user_id, family, spent_at, revoked_at FROM refresh_tokens"
-                " WHERE jti = ?", (jti,)) as cur:
+                "SELECT t.user_id, t.family, t.spent_at, t.revoked_at FROM refresh_tokens t"
+                " JOIN users u ON u.id = t.user_id WHERE t.jti = ?", (jti,)) as cur:
                 row = await cur.fetchone()
-            if row is None:
+            if row is None:  # no such token, or its user is gone (deleted without cascade)
                 return RotateResult("unknown")
             user_id, family, spent_at, revoked_at = row
             if revoked_at is not None:
@@ -278,9 +286,10 @@ class Store:
         """Revoke every token of the login that refresh token `jti` belongs to."""
         async with self._tx() as db:
             async with db.execute(
-                "SELECT user_id, family FROM refresh_tokens WHERE jti = ?", (jti,)) as cur:
+                "SELECT t.user_id, t.family FROM refresh_tokens t"
+                " JOIN users u ON u.id = t.user_id WHERE t.jti = ?", (jti,)) as cur:
                 row = await cur.fetchone()
-            if row is None:
+            if row is None:  # as in rotate_refresh_token
                 return RotateResult("unknown")
             await _revoke_family(db, row[1], clock.now())
             return RotateResult("ok", row[0], row[1])
@@ -303,13 +312,16 @@ class Store:
 
     async def create_alert(self, user_id: int, asset: str, price: float, direction: str,
                            max_active: int) -> Alert:
-        """Insert a CREATED alert. Raises Conflict when the user has `max_active` already."""
+        """Insert a CREATED alert. Raises Conflict when the user has `max_active` already,
+        UnknownUser when the user does not exist (any more)."""
         now = clock.now()
         async with self._tx() as db:
             async with db.execute(
-                "SELECT COUNT(*) FROM alerts WHERE user_id = ? AND status = 'CREATED'",
-                (user_id,)) as cur:
-                (active,) = await cur.fetchone()
+                "SELECT EXISTS(SELECT 1 FROM users WHERE id = ?), COUNT(*) FROM alerts"
+                " WHERE user_id = ? AND status = 'CREATED'", (user_id, user_id)) as cur:
+                exists, active = await cur.fetchone()
+            if not exists:
+                raise UnknownUser(f"user {user_id} does not exist")
             if active >= max_active:
                 raise Conflict(f"at most {max_active} active alerts per user")
             cur = await db.execute(
@@ -619,29 +631,3 @@ async def _revoke_family(db: aiosqlite.Connection, family: str, at: float) -> No
     await db.execute(
         "UPDATE refresh_tokens SET revoked_at = ? WHERE family = ? AND revoked_at IS NULL",
         (at, family))
-
-
-async def _migrate(db: aiosqlite.Connection) -> None:
-    """Apply the migrations this file is newer than, each in its own transaction."""
-    await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    async with db.execute("SELECT MAX(version) FROM schema_version") as cur:
-        current = (await cur.fetchone())[0] or 0
-    if current > len(MIGRATIONS):
-        raise StoreError(f"database schema version {current} is newer than this pricewatch "
-                         f"({len(MIGRATIONS)})")
-    for version in range(current + 1, len(MIGRATIONS) + 1):
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _statements(MIGRATIONS[version - 1]):
-                await db.execute(statement)
-            await db.execute("INSERT INTO schema_version(version) VALUES (?)", (version,))
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
-        await db.execute("COMMIT")
-        log.info("database migrated to schema version %d", version)
-
-
-def _statements(script: str) -> list[str]:
-    """Split a migration script on `;` (migrations hold no semicolons inside literals)."""
-    return [s.strip() for s in script.split(";") if s.strip()]

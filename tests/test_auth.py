@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import threading
 import time
 from http.client import HTTPConnection
@@ -13,7 +14,9 @@ import jwt
 import orjson
 import pytest
 from conftest import LiveServer, bearer, register
+from test_config import run_cli
 
+from pricewatch.auth import AUTH
 from pricewatch.server import STORE
 
 INVALID = {"error": "not_authenticated", "detail": "Invalid Authentication Credentials"}
@@ -329,3 +332,81 @@ async def test_odd_email_addresses_are_refused(server, http):
         status, err, _ = await post(http, server, "/auth/register", {
             "username": "jojo", "password": "long enough", "email": email})
         assert status == 400 and "email" in err["fields"], email
+
+
+async def test_look_alike_usernames_are_one_account(server, http):
+    reg = await register(http, server, "Alice")
+    for twin in ("alice", "ALICE", "\uff41\uff4c\uff49\uff43\uff45"):  # the last: fullwidth
+        status, err, _ = await post(http, server, "/auth/register", {
+            "username": twin, "password": "another pass", "email": "t@example.com"})
+        assert status == 409 and err["error"] == "conflict", twin
+        status, pair, _ = await post(http, server, "/auth/token",
+                                     {"username": twin, "password": "correct horse"})
+        assert status == 200, twin
+        status, me = await get(http, server, "/auth/me", pair["access"])
+        assert me["id"] == reg["id"] and me["username"] == "Alice"  # shown as registered
+
+
+def cost_of(password_hash: str) -> int:
+    return int(password_hash.split("$")[2])
+
+
+async def test_login_rehashes_at_the_configured_cost(make_settings, http):
+    settings = make_settings(bcrypt_rounds=4)
+    async with LiveServer(settings) as server:
+        reg = await register(http, server)
+    async with LiveServer(dataclasses.replace(settings, bcrypt_rounds=5)) as server:
+        store = server.app[STORE]
+        assert cost_of((await store.user_by_id(reg["id"])).password_hash) == 4
+        status, _, _ = await post(http, server, "/auth/token",
+                                  {"username": "alice", "password": "wrong password"})
+        assert status == 401
+        assert cost_of((await store.user_by_id(reg["id"])).password_hash) == 4
+        status, _, _ = await post(http, server, "/auth/token",
+                                  {"username": "alice", "password": "correct horse"})
+        assert status == 200
+        user = await store.user_by_id(reg["id"])
+        assert cost_of(user.password_hash) == 5
+        assert bcrypt.checkpw(b"correct horse", user.password_hash.encode())
+        status, _, _ = await post(http, server, "/auth/token",  # the new hash works
+                                  {"username": "alice", "password": "correct horse"})
+        assert status == 200
+
+
+async def test_unknown_names_cost_what_stored_users_cost(make_settings, http, monkeypatch):
+    """After a cost change, an unknown name is checked against a dummy at the cost stored
+    users have (not the new configured one), chosen per name in proportion to the users."""
+    settings = make_settings(bcrypt_rounds=4)
+    async with LiveServer(settings) as server:
+        await register(http, server)
+    checked: list[int] = []
+    real_checkpw = bcrypt.checkpw
+
+    def checkpw(password: bytes, hashed: bytes) -> bool:
+        checked.append(cost_of(hashed.decode()))
+        return real_checkpw(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", checkpw)
+    async with LiveServer(dataclasses.replace(settings, bcrypt_rounds=6)) as server:
+        for name in ("nobody", "ghost", "alice2"):
+            status, _, _ = await post(http, server, "/auth/token",
+                                      {"username": name, "password": "whatever1"})
+            assert status == 401
+        assert checked == [4, 4, 4]  # the only stored cost; the configured 6 would tell
+        passwords = server.app[AUTH].passwords
+        # Three users at 6, one at 4: unknown names spread 3:1, each name always the same.
+        for old in (None, None, None):
+            passwords.counted(old, "$2b$06$" + "x" * 53)
+        costs = [passwords.dummy_cost(f"name{i}") for i in range(400)]
+        assert costs == [passwords.dummy_cost(f"name{i}") for i in range(400)]
+        assert set(costs) == {4, 6} and 60 <= costs.count(4) <= 140, costs.count(4)
+
+
+def test_createuser_refuses_a_look_alike_name(tmp_path):
+    env = {"PRICEWATCH_DB": str(tmp_path / "pw.db"), "PRICEWATCH_PASSWORD": "admin pass 1",
+           "PRICEWATCH_BCRYPT_ROUNDS": "4"}
+    first = run_cli("createuser", "Root", "--email", "r@example.com", env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    twin = run_cli("createuser", "\uff32\uff2f\uff2f\uff34", "--email", "r2@example.com",
+                   env=env, cwd=tmp_path)  # fullwidth ROOT
+    assert twin.returncode == 1 and "exists" in twin.stderr
