@@ -27,7 +27,7 @@ def parse_time_ms(raw: str) -> int | None:
     """Milliseconds since the epoch from `raw`: an integer of ms, or ISO-8601 (`Z`, an offset,
     or none for UTC). None when it is neither, or outside years 1970-9999."""
     raw = raw.strip()
-    if raw.isdigit() and len(raw) <= 15:
+    if raw.isascii() and raw.isdigit() and len(raw) <= 15:  # str.isdigit() takes "³" too
         return int(raw)
     try:
         when = datetime.fromisoformat(raw)

@@ -63,6 +63,14 @@ class Latest:
         return out
 
 
+def price_message(latest: Latest) -> bytes:
+    """The live feed's own price message, `{"type": "price", symbol, price, bid, ask, time}`."""
+    return orjson.dumps({"type": "price", **latest.public()})
+
+
+PriceFormat = Callable[[Latest], bytes]
+
+
 class Market:
     """Latest prices, candles and the fan-out of both, for the watched symbols."""
 
@@ -80,6 +88,22 @@ class Market:
         # Topic keys built once, so the tick path allocates no tuples.
         self._price_topic = {s: ("price", s) for s in symbols}
         self._candle_topics = {s: [(tf, ("ohlc", s, tf)) for tf in TIMEFRAMES] for s in symbols}
+        # Other price message formats a live-feed client may ask for (`?format=NAME`), added
+        # by compat.py (seed 000's "binance"). Each has its own topic per symbol, so a message
+        # is rendered once per trade, not once per client.
+        self.price_formats: dict[str, PriceFormat] = {}
+        self._format_topics: dict[str, list[tuple[tuple, PriceFormat]]] = {
+            s: [] for s in symbols}
+
+    def add_price_format(self, name: str, render: PriceFormat) -> None:
+        """Offer `?format=name` on the live feed: each price message is `render(latest)`."""
+        self.price_formats[name] = render
+        for symbol, topics in self._format_topics.items():
+            topics.append((self.price_topic(symbol, name), render))
+
+    def price_topic(self, symbol: str, fmt: str | None) -> tuple:
+        """The hub topic of `symbol`'s price messages in format `fmt` (None: the default)."""
+        return self._price_topic[symbol] if fmt is None else ("price", symbol, fmt)
 
     def on_tick(self, tick: Tick) -> None:
         symbol = tick.symbol
@@ -97,7 +121,10 @@ class Market:
             return
         topic = self._price_topic[symbol]
         if topic in hub.topics:
-            hub.publish(topic, orjson.dumps({"type": "price", **latest.public()}))
+            hub.publish(topic, price_message(latest))
+        for topic, render in self._format_topics[symbol]:  # `?format=` clients
+            if topic in hub.topics:
+                hub.publish(topic, render(latest))
         for tf, topic in self._candle_topics[symbol]:
             if topic in hub.topics:
                 candle = self.candles.candle_at(symbol, tf, tick.time)
@@ -295,17 +322,21 @@ async def live_feed(request: web.Request) -> web.StreamResponse:
     """`/live-feed/subscribe/`: prices of subscribed symbols and the user's alert events."""
     identity = auth.require_identity(request, allow_query=True)  # 401 before the upgrade
     market, hub = request.app[MARKET], request.app[HUB]
+    fmt = request.query.get("format")  # None: this server's own messages
+    if fmt is not None and fmt not in market.price_formats:
+        raise invalid({"format": "Must be one of: " + ", ".join(market.price_formats) + "."})
+    render = price_message if fmt is None else market.price_formats[fmt]
 
     def send_prices(client: Client, symbols) -> None:
         for symbol in symbols:
             latest = market.latest[symbol]
             if latest.price is not None:
-                hub.send(client, orjson.dumps({"type": "price", **latest.public()}))
+                hub.send(client, render(latest))
 
     def on_open(client: Client) -> None:
         default = market.symbols[:MAX_SUBSCRIPTIONS]  # every watched symbol, up to the cap
         for symbol in default:
-            hub.subscribe(client, ("price", symbol))
+            hub.subscribe(client, market.price_topic(symbol, fmt))
         send_prices(client, default)
 
     def on_message(client: Client, data: dict) -> None:
@@ -323,7 +354,7 @@ async def live_feed(request: web.Request) -> web.StreamResponse:
             hub.send(client, _error("Unknown symbols: " + _named(unknown)
                                     + ". Watched: " + ", ".join(market.symbols)))
             return
-        topics = {("price", symbol) for symbol in symbols}
+        topics = {market.price_topic(symbol, fmt) for symbol in symbols}
         if action == "subscribe":
             if len(client.topics | topics) > MAX_SUBSCRIPTIONS:  # all or nothing
                 hub.send(client, _error(TOO_MANY_TOPICS))
@@ -342,7 +373,10 @@ async def live_feed(request: web.Request) -> web.StreamResponse:
         client.expires, client.family = identity.expires, identity.family
         on_open(client)
 
-    return await serve_ws(request, "live", identity.user_id, on_open_session, on_message)
+    # Another format serves clients that expect nothing but price messages (seed 000's):
+    # they get no alert events.
+    user_id = identity.user_id if fmt is None else None
+    return await serve_ws(request, "live", user_id, on_open_session, on_message)
 
 
 async def ws_ohlc(request: web.Request) -> web.StreamResponse:

@@ -17,6 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
+from . import compat
+from .alerts_api import STATUSES
 from .api import json_response
 from .market import MARKET
 from .ohlc import TIMEFRAMES
@@ -66,18 +68,28 @@ def _schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
     symbol = enum(*symbols) if symbols else {"type": "string", "pattern": "^[A-Z0-9]{2,20}$"}
     currency = {"type": "string", "pattern": "^[A-Za-z0-9]{2,10}$", "examples": ["BTC"]}
     page_link = nullable({"type": "string", "format": "uri"})
+    register = obj({
+        "username": {"type": "string", "pattern": "^[A-Za-z0-9@.+_-]{3,150}$"},
+        "password": {"type": "string", "minLength": 8, "maxLength": 72,
+                     "description": "8 characters to 72 bytes, no NUL."},
+        "email": {"type": "string", "maxLength": 254,
+                  "pattern": r"^[^@\s]+@[^@\s]+\.[^@\s.]+$"},
+    }, closed=False)
+    alert = obj({
+        "id": INT, "asset": STR, "price": NUM, "direction": enum("above", "below"),
+        "status": enum(*STATUSES), "created": TIME,
+        "triggered_at": nullable(TIME), "triggered_price": nullable(NUM),
+        "notified": nullable(enum("pending", "sent", "failed"))})
+    seed_alert = {**alert["properties"], "alert_purpose": nullable(STR), "alert_price": NUM,
+                  "alert_status": enum(*STATUSES)}
+    seed_user = {"type": "string", "minLength": 1, "description": "Must be the token's user."}
+    purpose = {"type": "string", "minLength": 1, "maxLength": compat.MAX_PURPOSE}
     return {
         "Error": obj({"error": STR, "detail": STR},
                      {"fields": {"type": "object", "additionalProperties": STR,
                                  "description": "Only for `validation`: field -> message."}}),
         "Symbol": {**symbol, "description": "A watched market (Binance symbol); any case."},
-        "Register": obj({
-            "username": {"type": "string", "pattern": "^[A-Za-z0-9@.+_-]{3,150}$"},
-            "password": {"type": "string", "minLength": 8, "maxLength": 72,
-                         "description": "8 characters to 72 bytes, no NUL."},
-            "email": {"type": "string", "maxLength": 254,
-                      "pattern": r"^[^@\s]+@[^@\s]+\.[^@\s.]+$"},
-        }, closed=False),
+        "Register": register,
         "Registered": obj({"id": INT, "username": STR, "email": STR, "access": STR,
                            "refresh": STR}),
         "Login": obj({"username": {"type": "string", "minLength": 1},
@@ -115,11 +127,7 @@ def _schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
         "AlertPatch": obj({}, {"asset": ref("Symbol"),
                                "price": {"type": "number", "exclusiveMinimum": 0},
                                "direction": enum("above", "below")}, closed=False),
-        "Alert": obj({
-            "id": INT, "asset": STR, "price": NUM, "direction": enum("above", "below"),
-            "status": enum("CREATED", "TRIGGERED", "DELETED"), "created": TIME,
-            "triggered_at": nullable(TIME), "triggered_price": nullable(NUM),
-            "notified": nullable(enum("pending", "sent", "failed"))}),
+        "Alert": alert,
         "AlertPage": obj({"count": INT, "next": page_link, "previous": page_link,
                           "results": array(ref("Alert"))}),
         "Health": obj({"status": enum("ok", "stale", "error"), "db": STR,
@@ -134,6 +142,25 @@ def _schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
                                  obj({"url": STR}, closed=False)]},
         "Feed": obj({"id": INT, "url": STR, "name": STR, "health": {"type": "object"}}),
         "FeedList": obj({"results": array(ref("Feed"))}),
+        # seed-compatible routes (compat.py)
+        "SeedRegister": {**register, "required": ["username", "password"],
+                         "description": "The email may be left out."},
+        "SeedAccessToken": obj({"access_token": STR}, description="An access token."),
+        "SeedAlertIn": obj({"username": seed_user, "alert_purpose": purpose,
+                            "alert_price": {"anyOf": [
+                                {"type": "number", "exclusiveMinimum": 0},
+                                {"type": "string", "pattern": r"^[0-9]{1,15}(\.[0-9]{1,8})?$",
+                                 "description": "A decimal, as the seed took it."}]}},
+                           {"asset": ref("Symbol")}, closed=False,
+                           description="asset defaults to the first watched symbol."),
+        "SeedAlertDelete": obj({"username": seed_user, "alert_purpose": purpose},
+                               closed=False),
+        "SeedAlertFetch": obj({"username": seed_user}, {"alert_status": enum(*STATUSES)},
+                              closed=False),
+        "SeedAlert": obj(seed_alert, description="An alert in seed 002's names (alert_purpose"
+                         " is the alert's note) and pricewatch's."),
+        "SeedAlertCreated": obj({"username": STR, **seed_alert}),
+        "SeedAlertList": obj({"username": STR, "alert details": array(ref("SeedAlert"))}),
     }
 
 
@@ -152,6 +179,8 @@ ERRORS: dict[str, tuple[int, tuple[str, ...], str, dict]] = {
                          {"WWW-Authenticate": {"schema": STR}}),
     "BadCredentials": (401, ("bad_credentials",), "Wrong username or password.", {}),
     "Forbidden": (403, ("forbidden",), "The caller is not an admin.", {}),
+    "NotYourUser": (403, ("forbidden",), "`username` is not the user the token was issued to.",
+                    {}),
     "NotFound": (404, ("not_found",), "No such resource (or it belongs to someone else).", {}),
     "Conflict": (409, ("conflict",), "Conflicts with the current state.", {}),
     "TooLarge": (413, ("payload_too_large",), "The body is over 64 KiB.", {}),
@@ -273,7 +302,10 @@ OPERATIONS: dict[tuple[str, str], dict] = {
                   "ms); page back with the oldest start seen minus one."))),
     ("GET", "/live-feed/subscribe"): op(
         "websockets", "Websocket: live prices and the caller's alert events",
-        {101: SWITCHING}, "NotAnUpgrade", "RateLimited", auth="user+query",
+        {101: SWITCHING}, "NotAnUpgrade", "BadQuery", "RateLimited", auth="user+query",
+        params=(query("format", enum(*compat.PRICE_FORMATS),
+                      'Seed 000\'s messages: each price as `{"message": "<Binance trade '
+                      'event JSON as a string>"}`, and no alert events.'),),
         text=WS_NOTE + "Needs an access token (header, or `?token=` for browsers); "
         "without one the upgrade is refused with 401.\n\nClient sends "
         '`{"action": "subscribe"|"unsubscribe", "symbols": [...]}` (default: all watched). '
@@ -347,6 +379,53 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         "feeds", "Add an extra feed (seed-style alias)", {201: json_ok("Feed", "Created")},
         "Conflict", auth="admin", request="SaveQuotesIn"),
 }
+
+
+# -- seed-compatible routes (compat.py): aliases copy their operation, adapters are below ---
+
+SEED = "seed-compat"
+# Adapter -> (its entry, the operation whose errors it also answers with, as it calls it).
+SEED_ADAPTERS: dict[tuple[str, str], tuple[dict, tuple[str, str] | None]] = {
+    ("POST", "/feed/user/register"): (op(
+        SEED, "Seed 000: register (email optional) and get an access token",
+        {201: json_ok("SeedAccessToken", "Created")}, request="SeedRegister",
+        text="As POST /auth/register; without an email none is ever sent."),
+        ("POST", "/auth/register")),
+    ("POST", "/alerts/create"): (op(
+        SEED, "Seed 002: create a price alert named by its purpose",
+        {201: json_ok("SeedAlertCreated", "Created")}, "NotYourUser", auth="user",
+        request="SeedAlertIn", text="As POST /api/v1/alerts with price = alert_price, the "
+        "direction derived from the latest price; 403 when username is not the caller."),
+        ("POST", "/api/v1/alerts")),
+    ("DELETE", "/alerts/delete"): (op(
+        SEED, "Seed 002: delete the caller's active alerts with this purpose",
+        {200: json_ok("SeedAlertList")}, "NotYourUser", "NotFound", auth="user",
+        request="SeedAlertDelete", text="Every CREATED alert with that alert_purpose becomes "
+        "DELETED; 404 when there is none."), None),
+    ("POST", "/alerts/fetch"): (op(
+        SEED, "Seed 002: the caller's alerts, newest first", {200: json_ok("SeedAlertList")},
+        "NotYourUser", auth="user", request="SeedAlertFetch",
+        text=f"At most {compat.FETCH_LIMIT}; GET /api/v1/alerts pages through all."), None),
+}
+
+
+def _seed_operations() -> dict[tuple[str, str], dict]:
+    out = {}
+    for route in compat.ROUTES:
+        if route.same_as is not None:
+            entry = OPERATIONS[route.same_as]
+            out[(route.method, route.path)] = {
+                **entry, "tag": SEED,
+                "summary": f"{entry['summary']} (as {' '.join(route.same_as)})"}
+            continue
+        entry, calls = SEED_ADAPTERS[(route.method, route.path)]
+        inherited = OPERATIONS[calls]["errors"] if calls is not None else ()
+        out[(route.method, route.path)] = {
+            **entry, "errors": tuple(dict.fromkeys(entry["errors"] + inherited))}
+    return out
+
+
+OPERATIONS.update(_seed_operations())
 
 SECURITY = {None: [], "user": [{"bearerAuth": []}], "admin": [{"bearerAuth": []}],
             "user+query": [{"bearerAuth": []}, {"tokenQuery": []}]}

@@ -35,6 +35,7 @@ class Alert:
     triggered_at: float | None
     triggered_price: float | None
     notified: str | None
+    note: str | None = None  # seed 002's alert purpose (compat.py); not in public() yet
 
     def public(self) -> dict:
         return {

@@ -130,6 +130,12 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (symbol, timeframe, start)
     ) WITHOUT ROWID;
     """,
+    # 4: seed 002's alerts are named by their purpose (compat.py), kept in `note`.
+    # Nullable: alerts made through /api/v1/alerts have none.
+    """
+    ALTER TABLE alerts ADD COLUMN note TEXT;
+    CREATE INDEX alerts_user_note ON alerts(user_id, note) WHERE note IS NOT NULL;
+    """,
 ]
 
 # Version -> (query, message): after that migration is applied, each row of the query is

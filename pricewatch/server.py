@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestPayloadError
 
-from . import alerts_api, auth, feed_admin, market, openapi, quotes_api, startup
+from . import alerts_api, auth, compat, feed_admin, market, openapi, quotes_api, startup
 from .addresses import CLIENT_ADDRESSES, ClientAddresses, client_address
 from .alerts import AlertEngine, Notifier
 from .alerts_api import ENGINE
@@ -447,6 +447,7 @@ def create_app(settings: Settings) -> web.Application:
     alerts_api.add_routes(app, add_route)
     quotes_api.add_routes(app, add_route)
     feed_admin.add_routes(app, add_route)
+    compat.add_routes(app, add_route)
     return app
 
 

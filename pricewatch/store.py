@@ -49,7 +49,7 @@ class UnknownUser(StoreError):
 
 
 _ALERT_COLS = ("id, user_id, asset, price, direction, status, created_at, triggered_at, "
-               "triggered_price, notified")
+               "triggered_price, notified, note")
 _QUOTE_COLS = "id, from_currency, to_currency, rate, bid, ask, source_time, fetched_at"
 _USER_COLS = "id, username, email, password_hash, is_admin"
 _BCRYPT_PREFIX = re.compile(r"\$2[aby]\$(\d\d)\$")
@@ -62,7 +62,7 @@ def bcrypt_cost(password_hash: str) -> int | None:
 
 
 def _alert(row) -> Alert:
-    return Alert(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9])
+    return Alert(*row[:11])
 
 
 def _quote(row) -> Quote:
@@ -387,6 +387,34 @@ class Store:
                                   (alert_id,)) as cur:
                 return _alert(await cur.fetchone())
 
+    async def set_alert_note(self, user_id: int, alert_id: int, note: str) -> Alert:
+        """Name the user's alert `alert_id` (seed 002's purpose). NotFound if not the user's."""
+        async with self._tx() as db:
+            cur = await db.execute("UPDATE alerts SET note = ? WHERE id = ? AND user_id = ?",
+                                   (note, alert_id, user_id))
+            if cur.rowcount == 0:
+                raise NotFound("alert not found")
+            async with db.execute(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ?",
+                                  (alert_id,)) as cur:
+                return _alert(await cur.fetchone())
+
+    async def delete_alerts_by_note(self, user_id: int, note: str) -> list[Alert]:
+        """Soft-delete every CREATED alert of the user with this note, in one transaction;
+        returns them (newest first, possibly none)."""
+        async with self._tx() as db:
+            async with db.execute(
+                    "SELECT id FROM alerts WHERE user_id = ? AND note = ? AND status = 'CREATED'"
+                    " ORDER BY id DESC", (user_id, note)) as cur:
+                ids = [row[0] for row in await cur.fetchall()]
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            await db.execute(f"UPDATE alerts SET status = 'DELETED', updated_at = ?"
+                             f" WHERE id IN ({marks})", (clock.now(), *ids))
+            async with db.execute(f"SELECT {_ALERT_COLS} FROM alerts WHERE id IN ({marks})"
+                                  " ORDER BY id DESC", ids) as cur:
+                return [_alert(row) for row in await cur.fetchall()]
+
     async def active_alerts(self) -> list[tuple[int, str, float, str]]:
         """(id, asset, price, direction) of every CREATED alert."""
         return [tuple(r) for r in await self._all(
@@ -410,9 +438,12 @@ class Store:
         now = clock.now()
         async with self._tx() as db:
             for alert_id, asset, target, direction, price, at in hits:
+                # A user without an email (seed 000's register, compat.py) gets no email:
+                # no outbox row, and `notified` stays null.
                 cur = await db.execute(
                     "UPDATE alerts SET status = 'TRIGGERED', triggered_at = ?,"
-                    " triggered_price = ?, notified = 'pending', updated_at = ?"
+                    " triggered_price = ?, updated_at = ?, notified = CASE WHEN (SELECT email"
+                    " FROM users WHERE id = alerts.user_id) = '' THEN NULL ELSE 'pending' END"
                     " WHERE id = ? AND status = 'CREATED' AND asset = ? AND price = ?"
                     " AND direction = ?", (at, price, now, alert_id, asset, target, direction))
                 if cur.rowcount == 0:
@@ -420,7 +451,7 @@ class Store:
                 await db.execute(
                     "INSERT INTO outbox(alert_id, recipient, next_attempt_at, created_at)"
                     " SELECT a.id, u.email, ?, ? FROM alerts a JOIN users u ON u.id = a.user_id"
-                    " WHERE a.id = ?", (now, now, alert_id))
+                    " WHERE a.id = ? AND u.email <> ''", (now, now, alert_id))
                 async with db.execute(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ?",
                                       (alert_id,)) as c:
                     done.append(_alert(await c.fetchone()))

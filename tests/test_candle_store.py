@@ -73,7 +73,7 @@ async def test_stored_history_beyond_the_ring_is_paged_with_start_and_end(make_s
 
 @pytest.mark.parametrize("params, field", [
     ({"start": "yesterday"}, "start"), ({"end": "2024-13-01T00:00:00Z"}, "end"),
-    ({"start": "-5"}, "start")])
+    ({"start": "-5"}, "start"), ({"start": "\u00b3"}, "start"), ({"end": "\u0661"}, "end")])
 async def test_bad_start_or_end_is_a_400_naming_the_field(server, http, params, field):
     status, body = await ohlc(http, server, symbol="BTCUSDT", timeframe="1h", **params)
     assert status == 400 and body["error"] == "validation" and field in body["fields"]
