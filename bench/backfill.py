@@ -77,11 +77,11 @@ async def backfill(args) -> dict:
     import aiohttp
 
     from pricewatch.alerts import AlertEngine
-    from pricewatch.backfill import Sequencer
-    from pricewatch.binance_rest import BinanceRest
     from pricewatch.feeds import FeedStats, Tick
     from pricewatch.hub import Hub
     from pricewatch.market import Market
+    from pricewatch.upstream.backfill import Sequencer
+    from pricewatch.upstream.binance_rest import BinanceRest
 
     def pipeline() -> Market:
         market = Market(("BTCUSDT",), Hub())

@@ -83,11 +83,11 @@ async def pipeline(args) -> dict:
     from aiohttp import web
 
     from pricewatch.alerts_api import ENGINE
-    from pricewatch.binance import BinanceFeed
     from pricewatch.config import Settings
     from pricewatch.feeds import Tick, decode_event
     from pricewatch.market import MARKET
     from pricewatch.server import create_app
+    from pricewatch.upstream.binance import BinanceFeed
 
     logging.getLogger("pricewatch").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="pricewatch-bench-") as tmp:

@@ -21,9 +21,9 @@ from aiohttp import web
 from .addresses import is_public_address
 from .api import ApiError, invalid, json_response, not_found, read_json
 from .auth import AUTH, require_identity
-from .binance import BinanceFeed
 from .feeds import Feed, FeedConfigError, FeedRefused, redact_url
 from .store import NotFound, Store
+from .upstream.binance import BinanceFeed
 
 log = logging.getLogger(__name__)
 

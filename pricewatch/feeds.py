@@ -1,9 +1,9 @@
 """Upstream market data: the Feed base, its health counters, and Binance's wire format.
 
-The feeds build on this module and nothing here imports them: the Binance websocket feed is
-in binance.py (its REST client in binance_rest.py, gap filling in backfill.py, candle history
-in history.py), the offline demo and replay feeds in offline_feeds.py, the AlphaVantage quote
-client in alphavantage.py; feed_factory.make_feed builds whichever PRICEWATCH_FEED names.
+The feeds build on this module and nothing here imports them: they live in the
+`pricewatch.upstream` package (the Binance websocket feed, its REST client, gap filling,
+candle history, the offline demo and replay feeds, the AlphaVantage quote client, and
+`upstream.factory.make_feed`, which builds whichever PRICEWATCH_FEED names).
 
 Each feed parses upstream JSON/CSV at the edge into small frozen dataclasses and hands them to
 the synchronous callbacks it was given (``on_tick(Tick)``, ``on_book(Book)``). It knows nothing

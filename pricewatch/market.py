@@ -19,9 +19,9 @@ from .addresses import client_address
 from .api import ApiError, invalid, json_response, not_found
 from .candle_writer import CANDLE_WRITER
 from .feeds import Book, Tick
-from .history import KlineFill
 from .hub import MAX_SUBSCRIPTIONS, Client, Hub, frame
 from .ohlc import DAY_OF_MINUTES, TIMEFRAMES, CandleBook, candle_dict
+from .upstream.history import KlineFill
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from .alphavantage import Quote, QuotePoller, UpstreamError, UpstreamRateLimited, fetch_rate
 from .api import ApiError, invalid, json_response, query_int, read_json
 from .auth import require_identity
 from .config import Settings
@@ -20,6 +19,13 @@ from .limits import SlidingWindow
 from .links import base_url, page_url
 from .market import HUB, serve_ws
 from .store import Store
+from .upstream.alphavantage import (
+    Quote,
+    QuotePoller,
+    UpstreamError,
+    UpstreamRateLimited,
+    fetch_rate,
+)
 
 log = logging.getLogger(__name__)
 

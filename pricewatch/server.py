@@ -25,19 +25,19 @@ from . import alerts_api, auth, compat, feed_admin, market, openapi, quotes_api,
 from .addresses import CLIENT_ADDRESSES, ClientAddresses, client_address
 from .alerts import AlertEngine, Notifier
 from .alerts_api import ENGINE
-from .alphavantage import QuotePoller
 from .api import ApiError, json_response
-from .binance_rest import MARKETS, BinanceRest
 from .candle_writer import CANDLE_WRITER, CandleWriter
 from .config import Settings
 from .feed_admin import EXTRA_FEEDS, HEALTH, ExtraFeeds, FeedRunner, binance_factory
-from .feed_factory import make_feed
 from .httpd import make_runner
 from .hub import DROP_REASONS, Hub
 from .links import PUBLIC_URL
 from .market import HUB, MARKET, Market
 from .metrics import HTTP_METRICS, Exposition, HttpMetrics, metrics_middleware, render_http
 from .store import Conflict, NotFound, Store
+from .upstream.alphavantage import QuotePoller
+from .upstream.binance_rest import MARKETS, BinanceRest
+from .upstream.factory import make_feed
 
 log = logging.getLogger(__name__)
 

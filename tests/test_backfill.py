@@ -15,8 +15,8 @@ from test_alerts import Trader, create, fetch
 from test_feeds import SYMBOLS, T0, Sink, running
 
 from pricewatch.alerts_api import ENGINE
-from pricewatch.binance import BinanceFeed
-from pricewatch.binance_rest import BinanceRest
+from pricewatch.upstream.binance import BinanceFeed
+from pricewatch.upstream.binance_rest import BinanceRest
 
 
 @pytest.fixture

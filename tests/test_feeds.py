@@ -21,15 +21,6 @@ from conftest import LiveServer, bearer, register
 from fake_alphavantage import FakeAlphaVantage
 from fake_binance import FakeBinance, free_port
 
-from pricewatch.alphavantage import (
-    Quote,
-    QuotePoller,
-    UpstreamError,
-    UpstreamRateLimited,
-    fetch_rate,
-)
-from pricewatch.binance import BinanceFeed
-from pricewatch.feed_factory import make_feed
 from pricewatch.feeds import (
     Book,
     Feed,
@@ -40,7 +31,16 @@ from pricewatch.feeds import (
     Tick,
     decode_event,
 )
-from pricewatch.offline_feeds import DemoFeed, ReplayFeed
+from pricewatch.upstream.alphavantage import (
+    Quote,
+    QuotePoller,
+    UpstreamError,
+    UpstreamRateLimited,
+    fetch_rate,
+)
+from pricewatch.upstream.binance import BinanceFeed
+from pricewatch.upstream.factory import make_feed
+from pricewatch.upstream.offline import DemoFeed, ReplayFeed
 
 DATA = Path(__file__).parent / "data"
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
+from ..feeds import BookCallback, Feed, FeedConfigError, TickCallback
 from .binance import BinanceFeed
 from .binance_rest import BinanceRest
-from .feeds import BookCallback, Feed, FeedConfigError, TickCallback
 from .history import KlineFill
-from .offline_feeds import DemoFeed, ReplayFeed
+from .offline import DemoFeed, ReplayFeed
 
 
 def make_feed(spec: str, *, symbols: Iterable[str], binance_url: str, on_tick: TickCallback,

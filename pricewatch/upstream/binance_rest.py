@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from .feeds import ParseError, Tick, parse_number, parse_trade_time
+from ..feeds import ParseError, Tick, parse_number, parse_trade_time
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import aiohttp
 import orjson
 
-from .feeds import FeedConfigError, ParseError, parse_price
+from ..feeds import FeedConfigError, ParseError, parse_price
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,7 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from .backfill import Sequencer
-from .binance_rest import MARKETS, BinanceMarket, BinanceRest, RestError
-from .feeds import (
+from ..feeds import (
     Book,
     BookCallback,
     Feed,
@@ -35,6 +33,8 @@ from .feeds import (
     decode_event,
     redact_url,
 )
+from .backfill import Sequencer
+from .binance_rest import MARKETS, BinanceMarket, BinanceRest, RestError
 from .history import KlineFill, fetch_history, last_id_before
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ..feeds import FeedStats, Tick
 from .binance_rest import BinanceRest, RestError, RestLimited
-from .feeds import FeedStats, Tick
 
 log = logging.getLogger(__name__)
 

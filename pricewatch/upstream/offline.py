@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from .feeds import (
+from ..feeds import (
     Book,
     BookCallback,
     Feed,
