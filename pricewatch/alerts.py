@@ -28,15 +28,14 @@ import orjson
 from . import clock
 from .alert_index import AlertIndex, CreationLog
 from .config import Settings
-from .feeds import Tick
+from .feeds import Bar, Tick
 from .hub import Hub
 from .limits import SlidingWindow
+from .records import Hit
 from .store import Alert, OutboxItem, Store
 
 log = logging.getLogger(__name__)
 
-# A hit: (alert id, asset, target, direction, trade price, trade time in epoch seconds).
-Hit = tuple[int, str, float, str, float, float]
 
 KEEP_DELETED = 30 * 86400.0  # seconds a DELETED alert stays listable before it is purged
 PURGE_EVERY = 3600.0  # seconds between purges
@@ -80,29 +79,44 @@ class AlertEngine:
     def on_tick(self, tick: Tick) -> None:
         hits = self.index.match_targets(tick.symbol, tick.price)
         if hits and tick.backfill and tick.time < self.created.newest:
-            hits = self._existing_at(tick, hits)
+            hits = self._existing_at(tick.symbol, tick.time, hits)
         if hits:
             # Each hit keeps the asset and target it matched: the writer triggers an alert only
             # if it still has them, so an alert changed meanwhile never fires at the old ones.
             symbol, price, at = tick.symbol, tick.price, tick.time / 1000.0
-            self._hits.extend((aid, symbol, target, direction, price, at)
+            self._hits.extend(Hit(aid, symbol, target, direction, price, at, tick.backfill)
                               for aid, target, direction in hits)
             self._idle.clear()
             self._wake.set()
 
-    def _existing_at(self, tick: Tick, hits: list[tuple[int, float, str]]
+    def on_bar(self, bar: Bar) -> None:
+        """A kline filling a gap: every alert whose target lies within its range was crossed
+        by a trade inside it (one outside the range would have been crossed by a trade seen,
+        and triggered then). It triggers at its target, at the kline's open time."""
+        hits = (self.index.match_targets(bar.symbol, bar.high)
+                + self.index.match_targets(bar.symbol, bar.low))
+        if hits and bar.end < self.created.newest:
+            hits = self._existing_at(bar.symbol, bar.end, hits)
+        if hits:
+            at = bar.start / 1000.0
+            self._hits.extend(Hit(aid, bar.symbol, target, direction, target, at, "kline")
+                              for aid, target, direction in hits)
+            self._idle.clear()
+            self._wake.set()
+
+    def _existing_at(self, symbol: str, t_ms: float, hits: list[tuple[int, float, str]]
                      ) -> list[tuple[int, float, str]]:
         """The hits on alerts that existed at a backfilled trade's time. Alerts created after
         it (a trade recovered from before their creation is history, not news) go back into
         the index untouched. Streamed trades are news by definition and never filtered: the
         exchange's clock and ours may differ by a little."""
-        last = self.created.last_id_at(tick.time)
+        last = self.created.last_id_at(t_ms)
         kept = []
         for hit in hits:
             if hit[0] <= last:
                 kept.append(hit)
             else:
-                self.index.add(hit[0], tick.symbol, hit[1], hit[2])
+                self.index.add(hit[0], symbol, hit[1], hit[2])
         return kept
 
     # keeping memory in step -----------------------------------------------------------

@@ -32,6 +32,7 @@ import orjson
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "Bar",
     "Book",
     "Feed",
     "FeedConfigError",
@@ -60,6 +61,23 @@ class Tick:
     trade_id: int | None
     count: int = 1  # trades it stands for: an aggregate trade from REST backfill holds several
     backfill: str | None = None  # "trade" when recovered over REST after a gap, not streamed
+
+
+@dataclass(slots=True, frozen=True)
+class Bar:
+    """A stretch of trades known only in summary: one 1m kline standing in for trades a gap
+    was too large to fetch one by one. `volume` and `trades` are what it adds to what was
+    already delivered of [start, end]; `open` counts only when nothing of it was."""
+
+    symbol: str
+    start: int  # ms, the kline's open time
+    end: int  # ms, its close time
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    trades: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -98,6 +116,7 @@ class ParseError(ValueError):
 
 
 TickCallback = Callable[[Tick], object]
+BarCallback = Callable[[Bar], object]
 BookCallback = Callable[[Book], object]
 
 

@@ -18,7 +18,7 @@ from . import auth, clock
 from .addresses import client_address
 from .api import ApiError, invalid, json_response, not_found
 from .candle_writer import CANDLE_WRITER
-from .feeds import Book, Tick
+from .feeds import Bar, Book, Tick
 from .hub import MAX_SUBSCRIPTIONS, Client, Hub, frame
 from .ohlc import DAY_OF_MINUTES, TIMEFRAMES, CandleBook, candle_dict
 from .upstream.history import KlineFill
@@ -84,6 +84,7 @@ class Market:
         self.ticks = dict.fromkeys(symbols, 0)
         self._snapshots: dict[tuple[str, str, int], tuple[int, bytes]] = {}
         self.trade_hooks: list[Callable[[Tick], None]] = []
+        self.bar_hooks: list[Callable[[Bar], None]] = []
         self.closed = False  # set at shutdown: ticks still arriving are ignored
         # Topic keys built once, so the tick path allocates no tuples.
         self._price_topic = {s: ("price", s) for s in symbols}
@@ -151,6 +152,17 @@ class Market:
         if len(self._snapshots) > SNAPSHOT_CACHE:
             del self._snapshots[next(iter(self._snapshots))]
         return cached[1]
+
+    def on_bar(self, bar: Bar) -> None:
+        """A kline filling a gap too large for trades: into the candles (1m and longer) and
+        the bar hooks (the alert engine)."""
+        if bar.symbol not in self.latest or self.closed:
+            return
+        self.candles.merge_bar(bar.symbol, bar.start, bar.end, bar.open, bar.high, bar.low,
+                               bar.close, bar.volume, bar.trades)
+        self._snapshots.clear()
+        for hook in self.bar_hooks:
+            hook(bar)
 
     def on_history(self, fill: KlineFill) -> None:
         """History from REST klines replaces the ring's part it covers (and is stored)."""

@@ -158,6 +158,18 @@ class _Ring:
         self.touched.add(candle)
         return True
 
+    def insert(self, candle: _Candle) -> None:
+        """Put a candle older than the newest one in its place (the oldest goes if full)."""
+        candles = self.candles
+        i = bisect_left(candles, candle.start, key=_START)
+        if len(candles) == candles.maxlen:
+            if i == 0:
+                self.dropped += 1
+                return
+            candles.popleft()
+            i -= 1
+        candles.insert(i, candle)
+
     def find(self, start: int) -> _Candle | None:
         if self.last.start == start:
             return self.last
@@ -245,6 +257,40 @@ class CandleBook:
                 dropped = True
         if dropped:
             self._dropped[symbol] += 1
+
+    def merge_bar(self, symbol: str, start: int, end: int, open_: float, high: float,
+                  low: float, close: float, volume: float, trades: int) -> None:
+        """Fold a summary of trades in [start, end] (a 1m kline filling a gap) into every
+        timeframe at least as long as the bar; shorter ones (1s) cannot be known from it and
+        are left alone. A candle the bar opens starts at `open_`; one it extends takes its
+        high/low, adds its volume and trades, and closes at `close` if the bar is its newest."""
+        rings = self._rings.get(symbol)
+        if rings is None:
+            rings = self._new_symbol(symbol)
+        for ring in rings:
+            if ring.tf < end - start + 1:
+                continue
+            cstart = start - start % ring.tf
+            candle = ring.find(cstart)
+            if candle is None:
+                candle = _Candle(cstart, open_, volume, start, trades)
+                candle.high, candle.low, candle.close, candle.last_ts = high, low, close, end
+                if cstart > ring.last.start:
+                    ring.candles.append(candle)
+                    ring.last = candle
+                else:
+                    ring.insert(candle)
+            else:
+                candle.high = max(candle.high, high)
+                candle.low = min(candle.low, low)
+                candle.volume += volume
+                candle.trades += trades
+                if end >= candle.last_ts:
+                    candle.close, candle.last_ts = close, end
+                if start < candle.first_ts:
+                    candle.open, candle.first_ts = open_, start
+            ring.touched.add(candle)
+        self._rolling.clear()
 
     def candles(self, symbol: str, timeframe: str, limit: int = 100) -> list[dict]:
         """The newest `limit` candles, oldest first (the last may still be open).

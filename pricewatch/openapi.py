@@ -79,7 +79,8 @@ def _schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
         "id": INT, "asset": STR, "price": NUM, "direction": enum("above", "below"),
         "status": enum(*STATUSES), "created": TIME,
         "triggered_at": nullable(TIME), "triggered_price": nullable(NUM),
-        "notified": nullable(enum("pending", "sent", "failed"))})
+        "notified": nullable(enum("pending", "sent", "failed")),
+        "backfill": nullable(enum("trade", "kline"))})
     seed_alert = {**alert["properties"], "alert_purpose": nullable(STR), "alert_price": NUM,
                   "alert_status": enum(*STATUSES)}
     seed_user = {"type": "string", "minLength": 1, "description": "Must be the token's user."}

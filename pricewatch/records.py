@@ -6,6 +6,7 @@ Each has `public()`, its shape on the wire (store.py re-exports them all).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import clock
 
@@ -23,6 +24,18 @@ class User:
                 "is_admin": self.is_admin}
 
 
+class Hit(NamedTuple):
+    """An alert the tick path found crossed, for the trigger writer (see alerts.py)."""
+
+    alert_id: int
+    asset: str
+    target: float  # the alert's target and direction when it matched: a change since skips it
+    direction: str
+    price: float  # the triggering trade's price (the target for a kline)
+    at: float  # the triggering trade's time, epoch seconds (a kline's open time)
+    backfill: str | None = None  # "trade" or "kline" when found in recovered data
+
+
 @dataclass(frozen=True, slots=True)
 class Alert:
     id: int
@@ -36,6 +49,7 @@ class Alert:
     triggered_price: float | None
     notified: str | None
     note: str | None = None  # seed 002's alert purpose (compat.py); not in public() yet
+    backfill: str | None = None  # set when triggered by recovered data: "trade" or "kline"
 
     def public(self) -> dict:
         return {
@@ -48,6 +62,7 @@ class Alert:
             "triggered_at": clock.iso(self.triggered_at),
             "triggered_price": self.triggered_price,
             "notified": self.notified,
+            "backfill": self.backfill,
         }
 
 

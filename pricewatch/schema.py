@@ -136,6 +136,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE alerts ADD COLUMN note TEXT;
     CREATE INDEX alerts_user_note ON alerts(user_id, note) WHERE note IS NOT NULL;
     """,
+    # 5: which recovered data triggered an alert ("trade" or "kline"), if any.
+    """
+    ALTER TABLE alerts ADD COLUMN triggered_backfill TEXT
+        CHECK (triggered_backfill IN ('trade', 'kline'));
+    """,
 ]
 
 # Version -> (query, message): after that migration is applied, each row of the query is

@@ -186,7 +186,9 @@ async def metrics(request: web.Request) -> web.Response:
                 out.sample(name, health[key] or 0, feed=feed)
     for key, text in [("gaps", "Trade-id gaps seen, per symbol."),
                       ("missed_trades", "Trades missed and not recovered, per symbol."),
-                      ("backfilled_trades", "Missed trades recovered over REST, per symbol.")]:
+                      ("backfilled_trades", "Missed trades recovered over REST, per symbol."),
+                      ("kline_filled_trades",
+                       "Missed trades accounted for by 1m klines (gaps too large to fetch).")]:
         name = f"pricewatch_feed_{key}_total"
         out.metric(name, "counter", text)
         for feed, health in healths.items():
@@ -306,11 +308,13 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
     log.info("alert engine loaded %d active alerts in %.2fs", count, time.monotonic() - began)
     engine.notify_hook = app[NOTIFIER].wake
     app[MARKET].trade_hooks.append(engine.on_tick)
+    app[MARKET].bar_hooks.append(engine.on_bar)
     await engine.start()
     try:
         yield
     finally:
         app[MARKET].trade_hooks.remove(engine.on_tick)
+        app[MARKET].bar_hooks.remove(engine.on_bar)
         await engine.stop()
 
 
@@ -415,7 +419,7 @@ def create_app(settings: Settings) -> web.Application:
                           on_book=mkt.on_book, replay_speed=settings.replay_speed, rest=rest,
                           backfill_max_trades=settings.backfill_max_trades,
                           history=mkt.candles.rings() if settings.candle_history else None,
-                          on_history=mkt.on_history)
+                          on_history=mkt.on_history, on_bar=mkt.on_bar)
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(candles_ctx)
     app.cleanup_ctx.append(auth_ctx)

@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager, suppress
 import aiosqlite
 
 from . import clock
-from .records import Alert, OutboxItem, Quote, RotateResult, User
+from .records import Alert, Hit, OutboxItem, Quote, RotateResult, User
 from .schema import SchemaError, migrate, username_key
 
 __all__ = ["Alert", "Conflict", "NotFound", "OutboxItem", "Quote", "RotateResult", "Store",
@@ -49,7 +49,7 @@ class UnknownUser(StoreError):
 
 
 _ALERT_COLS = ("id, user_id, asset, price, direction, status, created_at, triggered_at, "
-               "triggered_price, notified, note")
+               "triggered_price, notified, note, triggered_backfill")
 _QUOTE_COLS = "id, from_currency, to_currency, rate, bid, ask, source_time, fetched_at"
 _USER_COLS = "id, username, email, password_hash, is_admin"
 _BCRYPT_PREFIX = re.compile(r"\$2[aby]\$(\d\d)\$")
@@ -62,7 +62,7 @@ def bcrypt_cost(password_hash: str) -> int | None:
 
 
 def _alert(row) -> Alert:
-    return Alert(*row[:11])
+    return Alert(*row[:12])
 
 
 def _quote(row) -> Quote:
@@ -426,8 +426,7 @@ class Store:
             "SELECT id, created_at FROM alerts WHERE status = 'CREATED' AND created_at > ? "
             "ORDER BY id", (since,))]
 
-    async def trigger_alerts(self, hits: Iterable[tuple[int, str, float, str, float, float]]
-                             ) -> list[Alert]:
+    async def trigger_alerts(self, hits: Iterable[Hit | tuple]) -> list[Alert]:
         """Mark alerts TRIGGERED and queue their emails, all in ONE transaction.
 
         `hits` holds (alert_id, asset, target, direction, trade price, trade time). An alert
@@ -437,15 +436,18 @@ class Store:
         done: list[Alert] = []
         now = clock.now()
         async with self._tx() as db:
-            for alert_id, asset, target, direction, price, at in hits:
+            for alert_id, asset, target, direction, price, at, backfill in (Hit(*h)
+                                                                             for h in hits):
                 # A user without an email (seed 000's register, compat.py) gets no email:
                 # no outbox row, and `notified` stays null.
                 cur = await db.execute(
                     "UPDATE alerts SET status = 'TRIGGERED', triggered_at = ?,"
-                    " triggered_price = ?, updated_at = ?, notified = CASE WHEN (SELECT email"
+                    " triggered_price = ?, triggered_backfill = ?, updated_at = ?,"
+                    " notified = CASE WHEN (SELECT email"
                     " FROM users WHERE id = alerts.user_id) = '' THEN NULL ELSE 'pending' END"
                     " WHERE id = ? AND status = 'CREATED' AND asset = ? AND price = ?"
-                    " AND direction = ?", (at, price, now, alert_id, asset, target, direction))
+                    " AND direction = ?",
+                    (at, price, backfill, now, alert_id, asset, target, direction))
                 if cur.rowcount == 0:
                     continue
                 await db.execute(

@@ -236,7 +236,7 @@ async def test_alert_crossed_only_inside_a_gap_triggers_at_that_trade(make_setti
             event = await market.alert_event(alert["id"])
             assert event["status"] == "TRIGGERED"
             _, stored = await fetch(http, server, tok, alert["id"])
-            assert stored["triggered_price"] == 155.5
+            assert stored["triggered_price"] == 155.5 and stored["backfill"] == "trade"
             assert stored["triggered_at"] == time.strftime(
                 "%Y-%m-%dT%H:%M:%S.003Z", time.gmtime(t0 // 1000))
             async with http.get(server.url + "/api/v1/ohlc",
@@ -276,3 +276,53 @@ async def test_an_alert_never_triggers_on_a_backfilled_trade_older_than_itself(
             await fake.send_trade("BTCUSDT", 4, 151.0, 1, now + 6_000)  # after it: news
             event = await market.alert_event(alert["id"])
             assert event["status"] == "TRIGGERED" and event["triggered_price"] == 151.0
+
+
+async def test_a_gap_too_large_for_trades_is_filled_from_one_minute_klines(make_settings,
+                                                                            http, fake):
+    """Whole minutes inside the gap come from 1m klines: candles exact for them, an alert
+    crossed inside one triggers at its target and the kline's open time, marked "kline"; the
+    trades of the held trade's own minute before it cannot be known and count as missed."""
+    settings = make_settings(feed="binance", binance_ws_url=fake.url,
+                             binance_rest_url=fake.rest_url, backfill_max_trades=10)
+    async with LiveServer(settings) as server:
+        tok = (await register(http, server))["access"]
+        async with Trader(fake, server, http, tok) as market:
+            now = int(time.time() * 1000)
+            m0 = now - now % 60_000 + 60_000  # the next minute, after the alert's creation
+            await fake.send_trade("BTCUSDT", 1, 100.0, 1, m0 + 1_000)
+            await market.next_of("price", price=100.0)
+            status, alert = await create(http, server, tok, asset="BTCUSDT", price=150.0,
+                                         direction="above")
+            assert status == 201
+            trade_id, expected = 1, {m0: [(100.0, 1.0)]}
+            for minute, prices in ((0, [101.0, 99.0, 102.0]), (1, [110.0, 151.0, 120.0]),
+                                   (2, [121.0] * 5), (3, [130.0, 131.0])):
+                for i, price in enumerate(prices):
+                    trade_id += 1
+                    start = m0 + minute * 60_000
+                    fake.record_trade("BTCUSDT", trade_id, price, 0.5, start + 2_000 + i)
+                    expected.setdefault(start, []).append((price, 0.5))
+            held_minute = m0 + 3 * 60_000
+            missed_before_live = len(expected.pop(held_minute))  # its kline: not usable
+            await fake.send_trade("BTCUSDT", trade_id + 1, 140.0, 2, held_minute + 30_000)
+            expected[held_minute] = [(140.0, 2.0)]
+            event = await market.alert_event(alert["id"])
+            assert event["status"] == "TRIGGERED"
+            _, stored = await fetch(http, server, tok, alert["id"])
+            assert stored["triggered_price"] == 150.0 and stored["backfill"] == "kline"
+            assert stored["triggered_at"] == time.strftime(
+                "%Y-%m-%dT%H:%M:%S.000Z", time.gmtime((m0 + 60_000) // 1000))
+            async with http.get(server.url + "/api/v1/ohlc", params={
+                    "symbol": "BTCUSDT", "timeframe": "1m", "start": str(m0)}) as resp:
+                candles = {c["timestamp"]: c for c in (await resp.json())["data"]}
+            for start, trades in expected.items():
+                c = candles[time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start // 1000))]
+                prices = [p for p, _ in trades]
+                assert (c["open"], c["high"], c["low"], c["close"], c["volume"],
+                        c["trades"]) == (prices[0], max(prices), min(prices), prices[-1],
+                                         sum(q for _, q in trades), len(trades)), start
+            async with http.get(server.url + "/healthz") as resp:
+                feed = (await resp.json())["feeds"]["binance"]
+            assert feed["missed_trades"]["BTCUSDT"] == missed_before_live
+            assert feed["kline_filled_trades"]["BTCUSDT"] == 3 + 3 + 5

@@ -11,7 +11,8 @@ trades. The callback sees every trade exactly once, in id order, as if nothing h
 Bounds: live trades are held at most `hold_limit` seconds (and `max_held` trades); a gap REST
 cannot fill in that time (trades no longer served, errors, a long Retry-After) is given up,
 its remaining ids are counted in `missed_trades`, and the held trades go on. A gap of more than
-`max_trades` ids is not fetched trade by trade (see the README: counted as missed for now).
+`max_trades` ids is not fetched trade by trade: its whole minutes come from 1m klines, handed
+on as `Bar`s (see `_fetch_bars`), and the trades no kline covers count as missed.
 Duplicates (an id at or below the last delivered one, e.g. replayed after a reconnect) are
 dropped and counted as `out_of_order`.
 """
@@ -22,21 +23,30 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..feeds import FeedStats, Tick
+from ..feeds import Bar, FeedStats, Tick
 from .binance_rest import BinanceRest, RestError, RestLimited
 
 log = logging.getLogger(__name__)
 
+MINUTE = 60_000
+MAX_BAR_MINUTES = 1440  # a gap filled from klines spans at most a day of them
+
 
 class _Symbol:
-    __slots__ = ("last_id", "last_time", "held", "task", "state")
+    __slots__ = ("last_id", "last_time", "held", "task", "state", "minute", "minute_volume",
+                 "minute_trades")
 
     def __init__(self) -> None:
         self.last_id: int | None = None
         self.last_time: int | None = None
+        # What was delivered of the last trade's minute: a kline filling a gap from that
+        # minute on adds only the rest.
+        self.minute = -1
+        self.minute_volume = 0.0
+        self.minute_trades = 0
         self.held: deque[Tick] = deque()
         self.task: asyncio.Task | None = None
         self.state = "idle"  # idle | filling | gave_up (the last gap could not be filled)
@@ -47,8 +57,10 @@ class Sequencer:
 
     def __init__(self, deliver: Callable[[Tick], Any], stats: FeedStats,
                  rest: BinanceRest | None, *, max_trades: int = 100_000,
-                 hold_limit: float = 5.0, max_held: int = 200_000):
+                 hold_limit: float = 5.0, max_held: int = 200_000,
+                 deliver_bar: Callable[[Bar], Any] | None = None):
         self._deliver = deliver
+        self._deliver_bar = deliver_bar  # gaps past max_trades are filled from klines
         self.stats = stats
         self.rest = rest
         self.max_trades = max_trades
@@ -56,6 +68,7 @@ class Sequencer:
         self.max_held = max_held
         self._symbols: dict[str, _Symbol] = {}
         self.backfilled: dict[str, int] = {s: 0 for s in stats.symbols}
+        self.kline_filled: dict[str, int] = {s: 0 for s in stats.symbols}
         self._agg_only = False  # historicalTrades was refused: use aggTrades from now on
         self._stopping = False
         self.changed = asyncio.Event()  # set whenever a gap is closed or given up (tests)
@@ -85,22 +98,30 @@ class Sequencer:
             return True
         self.stats.gaps[symbol] = self.stats.gaps.get(symbol, 0) + 1
         missing = trade_id - last - 1
-        if self.rest is None or missing > self.max_trades:
-            # Not fetched trade by trade: counted as missed at once, nothing is held.
+        too_many = missing > self.max_trades
+        if self.rest is None or (too_many and (self._deliver_bar is None
+                                               or sym.last_time is None)):
+            # Not fetched at all: counted as missed at once, nothing is held.
             self._missed(symbol, missing)
             sym.state = "gave_up" if self.rest is not None else "idle"
             self._emit(sym, tick)
             return True
         sym.held.appendleft(tick)
         sym.state = "filling"
+        fetch = self._fetch_bars if too_many else self._fetch
         sym.task = asyncio.get_running_loop().create_task(
-            self._fill(symbol, sym, last + 1, trade_id - 1), name=f"backfill-{symbol}")
+            self._fill(symbol, sym, last + 1, trade_id - 1, fetch), name=f"backfill-{symbol}")
         return False
 
     def _emit(self, sym: _Symbol, tick: Tick) -> None:
         if tick.trade_id is not None:
             sym.last_id = tick.trade_id
         sym.last_time = tick.time
+        minute = tick.time - tick.time % MINUTE
+        if minute != sym.minute:
+            sym.minute, sym.minute_volume, sym.minute_trades = minute, 0.0, 0
+        sym.minute_volume += tick.qty
+        sym.minute_trades += tick.count
         try:
             self._deliver(tick)
         except Exception as exc:  # a downstream bug must not stop market data
@@ -115,11 +136,12 @@ class Sequencer:
 
     # ---- filling a gap
 
-    async def _fill(self, symbol: str, sym: _Symbol, first: int, last: int) -> None:
+    async def _fill(self, symbol: str, sym: _Symbol, first: int, last: int,
+                    fetch: Callable[[str, _Symbol, int], Awaitable[None]]) -> None:
         began = time.monotonic()
         try:
             async with asyncio.timeout(self.hold_limit):
-                await self._fetch(symbol, sym, last)
+                await fetch(symbol, sym, last)
         except TimeoutError:
             log.warning("%s: backfill of trades %d..%d not done within %.1f s; giving up",
                         symbol, sym.last_id + 1 if sym.last_id is not None else first, last,
@@ -198,6 +220,55 @@ class Sequencer:
             if not progressed:
                 return  # REST has nothing more for this gap (no longer served)
 
+    async def _fetch_bars(self, symbol: str, sym: _Symbol, last: int) -> None:
+        """A gap too large for trades: the whole minutes it spans come from 1m klines.
+
+        The minute of the last delivered trade gets what its kline adds to what was
+        delivered of it; every later minute before the first held trade's minute gets its
+        kline whole. The held trade's own minute cannot be: its kline, fetched now, already
+        counts trades that are still to be delivered live. The trades no kline covers are
+        counted as missed."""
+        rest = self.rest
+        assert rest is not None and sym.last_id is not None and sym.last_time is not None
+        first_minute = sym.last_time - sym.last_time % MINUTE
+        held_minute = sym.held[0].time - sym.held[0].time % MINUTE if sym.held else first_minute
+        missing = last - sym.last_id
+        covered = 0
+        bars: list[Bar] = []
+        start = first_minute
+        while start < held_minute and len(bars) < MAX_BAR_MINUTES:
+            try:
+                page = await rest.klines(symbol, "1m", limit=1000, start_ms=start,
+                                         end_ms=held_minute - 1)
+            except RestLimited as exc:
+                await asyncio.sleep(exc.retry_after)  # bounded by the fill's timeout
+                continue
+            page = [k for k in page if start <= k.open_time < held_minute]
+            if not page:
+                break
+            for k in page:
+                volume, trades, open_ = k.volume, k.trades, k.open
+                if k.open_time == sym.minute:  # partly delivered already
+                    volume = max(0.0, volume - sym.minute_volume)
+                    trades = max(0, trades - sym.minute_trades)
+                if trades:
+                    bars.append(Bar(symbol, k.open_time, k.close_time, open_, k.high, k.low,
+                                    k.close, volume, trades))
+                    covered += trades
+            start = page[-1].open_time + MINUTE
+        for bar in bars:
+            try:
+                self._deliver_bar(bar)  # type: ignore[misc]
+            except Exception as exc:  # a downstream bug must not stop market data
+                self.stats.callback_error(self.stats.kind, exc)
+        self.kline_filled[symbol] = self.kline_filled.get(symbol, 0) + covered
+        self._missed(symbol, max(0, missing - covered))
+        log.info("%s: a gap of %d trades filled from %d one-minute klines (%d trades), %d "
+                 "missed", symbol, missing, len(bars), covered, max(0, missing - covered))
+        sym.last_id = last
+        sym.last_time = max(sym.last_time, held_minute - 1)
+        sym.minute = -1  # what was delivered of a minute is no longer known
+
     def _missed(self, symbol: str, count: int) -> None:
         if count > 0:
             self.stats.missed_trades[symbol] = self.stats.missed_trades.get(symbol, 0) + count
@@ -212,6 +283,7 @@ class Sequencer:
 
     def health(self) -> dict[str, Any]:
         return {"backfilled_trades": dict(self.backfilled),
+                "kline_filled_trades": dict(self.kline_filled),
                 "backfill_state": {s: sym.state for s, sym in self._symbols.items()}}
 
     async def stop(self) -> None:

@@ -21,6 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from ..feeds import (
+    BarCallback,
     Book,
     BookCallback,
     Feed,
@@ -66,13 +67,14 @@ class BinanceFeed(Feed):
                  backfill_max_trades: int = 100_000, backfill_hold: float = 5.0,
                  history: Mapping[str, tuple[int, int]] | None = None,
                  on_history: Callable[[KlineFill], object] | None = None,
-                 market: BinanceMarket | None = None) -> None:
+                 market: BinanceMarket | None = None,
+                 on_bar: BarCallback | None = None) -> None:
         super().__init__(name, symbols, on_tick, on_book)
         self.market = market or (rest.market if rest is not None else MARKETS["spot"])
         # Every streamed trade passes the sequencer: ids in order, gaps filled over REST
         # (`rest`), or counted as missed without it.
         self.sequencer = Sequencer(on_tick, self.stats, rest, max_trades=backfill_max_trades,
-                                   hold_limit=backfill_hold)
+                                   hold_limit=backfill_hold, deliver_bar=on_bar)
         self.rest = rest
         # Candle history from REST klines before the first connection (`history`: timeframe
         # -> (ms, ring size)), handed to `on_history`.

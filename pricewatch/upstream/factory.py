@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
-from ..feeds import BookCallback, Feed, FeedConfigError, TickCallback
+from ..feeds import BarCallback, BookCallback, Feed, FeedConfigError, TickCallback
 from .binance import BinanceFeed
 from .binance_rest import BinanceRest
 from .history import KlineFill
@@ -15,7 +15,8 @@ def make_feed(spec: str, *, symbols: Iterable[str], binance_url: str, on_tick: T
               on_book: BookCallback, replay_speed: float = 0.0,
               rest: BinanceRest | None = None, backfill_max_trades: int = 100_000,
               history: Mapping[str, tuple[int, int]] | None = None,
-              on_history: Callable[[KlineFill], object] | None = None) -> Feed | None:
+              on_history: Callable[[KlineFill], object] | None = None,
+              on_bar: BarCallback | None = None) -> Feed | None:
     """Build the feed named by PRICEWATCH_FEED: ``binance``, ``demo``, ``replay:PATH`` or ``off``.
 
     Returns None for ``off``. Raises FeedConfigError (a ValueError) for anything else.
@@ -25,7 +26,7 @@ def make_feed(spec: str, *, symbols: Iterable[str], binance_url: str, on_tick: T
     if kind == "binance" and not sep:
         return BinanceFeed(binance_url, symbols, on_tick, on_book, rest=rest,
                            backfill_max_trades=backfill_max_trades, history=history,
-                           on_history=on_history)
+                           on_history=on_history, on_bar=on_bar)
     if kind == "demo" and not sep:
         return DemoFeed(symbols, on_tick, on_book)
     if kind == "replay" and sep and arg.strip():
