@@ -11,10 +11,12 @@ import aiohttp
 import pytest
 from conftest import LiveServer, register
 from fake_binance import FakeBinance
+from smtp_sink import SmtpSink
 from test_alerts import Trader, create, fetch
 from test_feeds import SYMBOLS, T0, Sink, running
 
 from pricewatch.alerts_api import ENGINE
+from pricewatch.server import NOTIFIER
 from pricewatch.upstream.binance import BinanceFeed
 from pricewatch.upstream.binance_rest import BinanceRest
 
@@ -326,3 +328,47 @@ async def test_a_gap_too_large_for_trades_is_filled_from_one_minute_klines(make_
                 feed = (await resp.json())["feeds"]["binance"]
             assert feed["missed_trades"]["BTCUSDT"] == missed_before_live
             assert feed["kline_filled_trades"]["BTCUSDT"] == 3 + 3 + 5
+
+
+async def test_stream_dropped_trades_meanwhile_candles_exact_and_one_email(make_settings,
+                                                                          http, fake):
+    """The daily close: the stream drops, trades happen meanwhile (only REST knows them), the
+    feed reconnects; every candle comes out exact and the alert crossed only in the gap
+    triggers with that trade's price and time, with exactly one email."""
+    async with SmtpSink() as smtp:
+        settings = make_settings(feed="binance", binance_ws_url=fake.url,
+                                 binance_rest_url=fake.rest_url, smtp_host="127.0.0.1",
+                                 smtp_port=smtp.port, smtp_retry_base=0.05)
+        async with LiveServer(settings) as server:
+            tok = (await register(http, server))["access"]
+            async with Trader(fake, server, http, tok) as market:
+                now = int(time.time() * 1000)
+                t0 = now - now % 60_000 + 60_000
+                await fake.send_trade("BTCUSDT", 1, 100.0, 1, t0 + 1)
+                await market.next_of("price", price=100.0)
+                status, alert = await create(http, server, tok, asset="BTCUSDT", price=150.0,
+                                             direction="above")
+                assert status == 201
+                await fake.drop_all()  # the 24 h close
+                gap = [(2, 130.0, t0 + 2), (3, 160.5, t0 + 3), (4, 125.0, t0 + 4)]
+                for trade_id, price, t in gap:
+                    fake.record_trade("BTCUSDT", trade_id, price, 1, t)
+                await fake.wait_connections(2)
+                await fake.wait_open(1)
+                await fake.send_trade("BTCUSDT", 5, 110.0, 1, t0 + 5)
+                event = await market.alert_event(alert["id"])
+                assert event["status"] == "TRIGGERED"
+                _, stored = await fetch(http, server, tok, alert["id"])
+                assert (stored["triggered_price"], stored["backfill"]) == (160.5, "trade")
+                assert stored["triggered_at"].endswith(".003Z")
+                async with http.get(server.url + "/api/v1/ohlc", params={
+                        "symbol": "BTCUSDT", "timeframe": "1m"}) as resp:
+                    candle = (await resp.json())["data"][-1]
+                assert (candle["open"], candle["high"], candle["low"], candle["close"],
+                        candle["volume"], candle["trades"]) == (100.0, 160.5, 100.0, 110.0,
+                                                                5.0, 5)
+                (mail,) = await smtp.wait_messages(1)
+                assert "160.5" in mail.get_body().get_content()
+                notifier = server.app[NOTIFIER]
+                await notifier.wait_until(lambda: notifier.sent >= 1, 10)
+            assert len(smtp.messages) == 1

@@ -141,3 +141,21 @@ async def test_prices_carry_the_24_hour_figures(make_settings, http):
     assert body["volume_24h"] == round(sum(c["volume"] for c in data), 8)
     assert body["change_24h"] == round((body["price"] - data[0]["open"]) / data[0]["open"]
                                        * 100, 4)
+
+
+async def test_a_restart_with_the_demo_feed_keeps_the_closed_candles(make_settings, http):
+    settings = make_settings(feed="demo", symbols=("BTCUSDT",))
+    async with LiveServer(settings) as server, \
+            http.ws_connect(server.ws_url("/ws/ohlc/")) as ws:
+        await ws.send_json({"symbol": "BTCUSDT", "timeframe": "1s"})
+        seen = set()
+        while len(seen) < 3:  # three different seconds: at least two closed candles
+            msg = await ws.receive_json(timeout=5)
+            if msg["type"] == "candle":
+                seen.add(msg["candle"]["timestamp"])
+        status, before = await ohlc(http, server, symbol="BTCUSDT", timeframe="1s", limit=1000)
+        assert status == 200 and len(before["data"]) >= 3
+    async with LiveServer(dataclasses.replace(settings, feed="off")) as server:
+        status, after = await ohlc(http, server, symbol="BTCUSDT", timeframe="1s", limit=1000)
+    closed = before["data"][:-1]  # the last one was still open when read
+    assert after["data"][:len(closed)] == closed

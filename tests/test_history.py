@@ -74,6 +74,12 @@ async def test_history_and_live_stream_meet_without_double_counting(make_setting
                     "symbol": "BTCUSDT", "timeframe": tf, "limit": 1000}) as resp:
                 data = (await resp.json())["data"]
             assert data == reference(trades, tf_ms, 1000), tf
+        async with http.get(server.url + "/api/v1/prices/BTCUSDT") as resp:
+            day = await resp.json()
+        prices = [p for _, p, _ in trades]  # in time order; all within the last 24 h
+        assert (day["open_24h"], day["high_24h"], day["low_24h"], day["volume_24h"]) == (
+            prices[0], max(prices), min(prices), round(sum(q for _, _, q in trades), 8))
+        assert day["change_24h"] == round((prices[-1] - prices[0]) / prices[0] * 100, 4)
         async with http.get(server.url + "/healthz") as resp:
             feed = (await resp.json())["feeds"]["binance"]
         assert feed["missed_trades"]["BTCUSDT"] == 0
