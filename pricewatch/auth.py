@@ -19,7 +19,6 @@ import re
 import secrets
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -77,20 +76,10 @@ class LoginLimiter:
         self.max_failures = max_failures
         self.window = window
         self.max_in_flight = max_in_flight
-        self._fails: dict[str, deque[float]] = {}
+        # Failures per key; a spray of names is bounded (the keys quiet longest go first,
+        # never an active attacker's).
+        self._fails = SlidingWindow(max_failures, window, max_keys=50_000)
         self._inflight: dict[str, int] = {}
-        self._next_prune = 0.0
-
-    def _recent(self, key: str, now: float) -> deque[float] | None:
-        fails = self._fails.get(key)
-        if fails is None:
-            return None
-        while fails and fails[0] <= now - self.window:
-            fails.popleft()
-        if not fails:
-            del self._fails[key]
-            return None
-        return fails
 
     def retry_after(self, user_key: str, addr_key: str, user_limit: bool = True
                     ) -> int | None:
@@ -101,22 +90,19 @@ class LoginLimiter:
         attempts in flight count as failures, so it too sees at most `max_failures`.
         """
         now = time.monotonic()
-        wait = 0.0
+        wait = 0
         if user_limit:
             checks = [(user_key, self._inflight.get(user_key, 0)), (addr_key, 0)]
         else:
             checks = [(addr_key, self._inflight.get(addr_key, 0))]
         for key, in_flight in checks:
-            fails = self._recent(key, now)
-            count = (len(fails) if fails else 0) + in_flight
-            if count >= self.max_failures:
-                if fails and len(fails) >= self.max_failures:
-                    wait = max(wait, fails[-self.max_failures] + self.window - now)
-                else:
-                    wait = max(wait, 1.0)  # blocked by attempts still being checked
+            if self._fails.count(key, now) + in_flight >= self.max_failures:
+                # Blocked by failures (until the oldest counted one leaves the window), or
+                # by attempts still being checked (try again in a second).
+                wait = max(wait, self._fails.check(key, now) or 1)
         if self._inflight.get(addr_key, 0) >= self.max_in_flight:
-            wait = max(wait, 1.0)
-        return max(1, int(wait + 0.999)) if wait > 0 else None
+            wait = max(wait, 1)
+        return wait or None
 
     def begin(self, keys: tuple[str, str]) -> None:
         for key in keys:
@@ -134,21 +120,10 @@ class LoginLimiter:
                 del self._inflight[key]
         if not failed:
             if clear_user:
-                self._fails.pop(keys[0], None)  # the username starts afresh
+                self._fails.forget(keys[0])  # the username starts afresh
             return
-        size = len(self._fails)
-        if size > 50_000 and (now >= self._next_prune or size > 100_000):  # a spray of names
-            self._next_prune = now + self.window / 10
-            for key in list(self._fails):
-                self._recent(key, now)
-            while len(self._fails) > 50_000:  # still too many: forget the least recent keys
-                del self._fails[next(iter(self._fails))]
         for key in keys:
-            # Re-inserted at the end: the dict stays ordered by last failure, so eviction
-            # above forgets the keys that have been quiet longest, never an active attacker.
-            fails = self._fails.pop(key, None) or deque()
-            fails.append(now)
-            self._fails[key] = fails
+            self._fails.hit(key, now)
 
 
 class Auth:

@@ -64,6 +64,14 @@ class SlidingWindow:
         wait = hits[-self.limit] + self.window - now
         return max(1, int(wait + 0.999))
 
+    def count(self, key: str, now: float | None = None) -> int:
+        """Hits of `key` inside the window."""
+        hits = self._recent(key, time.monotonic() if now is None else now)
+        return len(hits) if hits else 0
+
+    def forget(self, key: str) -> None:
+        self._hits.pop(key, None)
+
     def hit(self, key: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         hits = self._hits.pop(key, None) or deque()

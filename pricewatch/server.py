@@ -12,9 +12,10 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -244,6 +245,18 @@ def add_route(app: web.Application, method: str, path: str, handler: Handler) ->
         app.router.add_route(method, base + "/", handler)
 
 
+@asynccontextmanager
+async def background(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    """Run `coro` as a task for the body's duration; cancelled and awaited at the end."""
+    task = asyncio.create_task(coro, name=name)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store = await Store.open(settings.db)
@@ -265,13 +278,10 @@ async def candles_ctx(app: web.Application) -> AsyncIterator[None]:
     began = time.monotonic()
     count = await writer.load()
     log.info("loaded %d stored candles in %.2fs", count, time.monotonic() - began)
-    task = asyncio.create_task(writer.run(), name="candle-writer")
     try:
-        yield
+        async with background(writer.run(), "candle-writer"):
+            yield
     finally:
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
         try:
             await writer.flush()
         except Exception:
@@ -350,13 +360,8 @@ async def quotes_ctx(app: web.Application) -> AsyncIterator[None]:
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     """The hub's flusher (writes queued frames as sockets drain) and watchdog (closes
     clients that fall behind, sessions that ended)."""
-    task = asyncio.create_task(app[HUB].run(), name="hub")
-    try:
+    async with background(app[HUB].run(), "hub"):
         yield
-    finally:
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
 
 
 async def close_websockets(app: web.Application) -> None:

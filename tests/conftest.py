@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
+from fake_binance import FakeBinance
 
 from pricewatch.config import Settings
 from pricewatch.httpd import make_runner
@@ -63,6 +64,13 @@ def make_settings(tmp_path):
 async def server(make_settings) -> AsyncIterator[LiveServer]:
     async with LiveServer(make_settings()) as live:
         yield live
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeBinance]:
+    """A fake Binance (websocket streams and REST market data) on a free loopback port."""
+    async with FakeBinance() as server:
+        yield server
 
 
 @pytest.fixture

@@ -22,12 +22,6 @@ from pricewatch.upstream.binance_rest import BinanceRest
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeBinance]:
-    async with FakeBinance() as server:
-        yield server
-
-
-@pytest.fixture
 def sink() -> Sink:
     return Sink()
 

@@ -100,12 +100,6 @@ async def running(feed: Feed) -> AsyncIterator[asyncio.Task[None]]:
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeBinance]:
-    async with FakeBinance() as server:
-        yield server
-
-
-@pytest.fixture
 def sink() -> Sink:
     return Sink()
 

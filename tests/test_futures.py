@@ -7,19 +7,12 @@ import time
 
 import pytest
 from conftest import LiveServer, bearer, register
-from fake_binance import FakeBinance
 from test_alerts import create, fetch
 
 from pricewatch.config import ConfigError, Settings
 from pricewatch.feeds import decode_event
 
 PERP = "BTCUSD_PERP"
-
-
-@pytest.fixture
-async def fake():
-    async with FakeBinance() as server:
-        yield server
 
 
 def test_market_picks_hosts_and_explicit_urls_win():

@@ -5,17 +5,9 @@ from __future__ import annotations
 import time
 
 import orjson
-import pytest
 from conftest import LiveServer
-from fake_binance import FakeBinance
 
 from pricewatch.ohlc import TIMEFRAMES
-
-
-@pytest.fixture
-async def fake():
-    async with FakeBinance() as server:
-        yield server
 
 
 def reference(trades: list[tuple[int, float, float]], tf_ms: int, limit: int) -> list[dict]:
