@@ -364,3 +364,14 @@ async def test_page_is_served_at_both_paths(server: LiveServer) -> None:
                 assert resp.status == 200
                 assert resp.content_type == "text/html"
                 assert 'id="chart"' in await resp.text()
+
+
+async def test_favicon_and_the_vendored_chart_library_are_served(server: LiveServer) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(server.url + "/favicon.ico") as resp:
+            assert resp.status == 200 and resp.content_type == "image/svg+xml"
+            assert (await resp.read()).startswith(b"<svg")
+        async with http.get(server.url + "/static/vendor/"
+                            "lightweight-charts.standalone.production.js") as resp:
+            assert resp.status == 200 and resp.content_type == "text/javascript"
+            assert "Lightweight Charts" in (await resp.text())[:300]
