@@ -634,3 +634,52 @@ async def test_live_page_fits_a_phone_and_shows_demo_quotes(
         await chromium.check("document.querySelector('#chart').clientWidth > 300",
                              "the chart spans the width")
         await chromium.assert_no_console_errors()
+
+
+async def drag(chromium: Chromium, start: tuple[float, float], end: tuple[float, float],
+               steps: int = 10) -> None:
+    """A left-button drag from `start` to `end`, in `steps` moves."""
+    await chromium.send("Input.dispatchMouseEvent", {
+        "type": "mousePressed", "x": start[0], "y": start[1], "button": "left",
+        "clickCount": 1})
+    for i in range(1, steps + 1):
+        x = start[0] + (end[0] - start[0]) * i / steps
+        y = start[1] + (end[1] - start[1]) * i / steps
+        await chromium.send("Input.dispatchMouseEvent", {
+            "type": "mouseMoved", "x": x, "y": y, "button": "left", "buttons": 1})
+    await chromium.send("Input.dispatchMouseEvent", {
+        "type": "mouseReleased", "x": end[0], "y": end[1], "button": "left", "clickCount": 1})
+
+
+async def test_live_page_loads_older_candles_when_zoomed_out_to_the_start(
+        make_settings, chromium: Chromium) -> None:
+    """1100 one-minute candles: the page loads the newest 1000, and zooming out (mouse wheel)
+    to the oldest one fetches the page before it (`end` = its start − 1 ms)."""
+    count = 1100
+    first = (int(time.time()) // 60 - count) * 60_000
+    async with FakeBinance() as fake, \
+            LiveServer(make_settings(feed="binance", binance_ws_url=fake.url)) as server, \
+            aiohttp.ClientSession() as http:
+        await fake.wait_connections(1)
+        async with http.ws_connect(server.ws_url("/ws/ohlc/")) as probe:
+            await probe.send_json({"symbol": "BTCUSDT", "timeframe": "1m"})
+            assert (await probe.receive_json(timeout=5))["type"] == "snapshot"
+            for i in range(count):
+                await fake.send_trade("BTCUSDT", i + 1, 42000 + i % 50, 0.25,
+                                      first + 60_000 * i + 1000)
+            async with asyncio.timeout(10):
+                while (await probe.receive_json())["candle"]["close"] != 42000 + (count - 1) % 50:
+                    pass
+        await chromium.send("Page.navigate", {"url": server.url + "/"})
+        await chromium.wait_for("document.body.dataset.series === 'BTCUSDT 1m'")
+        await chromium.check("document.body.dataset.candles === '1000'", "the newest 1000")
+        box = await chromium.evaluate(
+            "(r => [r.x + r.width / 2, r.y + r.height / 2])"
+            "(document.querySelector('#chart').getBoundingClientRect())")
+        for _ in range(12):  # wheel down: zoom out as far as the chart goes
+            await chromium.send("Input.dispatchMouseEvent", {
+                "type": "mouseWheel", "x": box[0], "y": box[1], "deltaX": 0, "deltaY": 600})
+        for _ in range(3):  # then drag the chart to the right: back in time
+            await drag(chromium, (100, box[1]), (1100, box[1]))
+        await chromium.wait_for(f"document.body.dataset.candles === '{count}'", timeout=10)
+        await chromium.assert_no_console_errors()
