@@ -260,6 +260,11 @@ class Settings:
                                        "seconds per AlphaVantage call")
     quote_pairs: tuple[tuple[str, str], ...] = _var(
         "QUOTE_PAIRS", _pairs, (("BTC", "USD"),), "AlphaVantage FROM/TO pairs polled")
+    quotes: str = _var(
+        "QUOTES", _choice("auto", "alphavantage", "demo", "off"), "auto",
+        "quote source: alphavantage (needs the key), demo (every ALPHAVANTAGE_INTERVAL s from "
+        "the latest USDT price, offline), off; auto: alphavantage with a key, demo with the "
+        "demo feed, else off")
     # -- mail
     smtp_host: str | None = _var("SMTP_HOST", _opt(_str), None,
                                  "SMTP server; unset: alert mail stays queued (pending)")
@@ -277,6 +282,17 @@ class Settings:
     smtp_retry_base: float = _var("SMTP_RETRY_BASE", _float(0.01, 3600), 2.0,
                                   "first email retry delay (s), doubling")
     mail_from: str = _var("MAIL_FROM", _str, "pricewatch@localhost", "sender of alert mail")
+
+    @property
+    def quote_source(self) -> str | None:
+        """Where stored quotes come from: "alphavantage", "demo", or None (no quotes)."""
+        if self.quotes == "off":
+            return None
+        if self.quotes == "demo":
+            return "demo"
+        if self.alphavantage_api_key is not None:
+            return "alphavantage"
+        return "demo" if self.quotes == "auto" and self.feed == "demo" else None
 
     @classmethod
     def from_env(

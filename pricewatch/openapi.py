@@ -270,6 +270,11 @@ OPERATIONS: dict[tuple[str, str], dict] = {
     ("GET", "/"): op("pages", "The live page", {200: media_ok("text/html", "Page")}),
     ("GET", "/rates/live"): op("pages", "The live page (same as /)",
                                {200: media_ok("text/html", "Page")}),
+    ("GET", "/favicon.ico"): op("pages", "The page icon (SVG)",
+                                {200: media_ok("image/svg+xml", "Icon")}),
+    ("GET", "/static/vendor/lightweight-charts.standalone.production.js"): op(
+        "pages", "The charting library the live page loads (TradingView Lightweight Charts, "
+        "Apache-2.0; vendored, no CDN)", {200: media_ok("text/javascript", "Script")}),
     ("POST", "/auth/register"): op(
         "auth", "Create a user and log in", {201: json_ok("Registered", "Created")},
         "Conflict", "RateLimited", request="Register",

@@ -38,6 +38,7 @@ from .metrics import HTTP_METRICS, Exposition, HttpMetrics, metrics_middleware, 
 from .store import Conflict, NotFound, Store
 from .upstream.alphavantage import QuotePoller
 from .upstream.binance_rest import MARKETS, BinanceRest
+from .upstream.demo_quotes import DemoQuotes
 from .upstream.factory import make_feed
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,29 @@ async def live_page(request: web.Request) -> web.FileResponse:
                                      "Cache-Control": "no-cache"})
 
 
+# The browser asks for /favicon.ico on every page: a tiny inline SVG (a candle) instead of 404.
+FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">'
+           b'<rect width="32" height="32" rx="6" fill="#161b22"/>'
+           b'<rect x="8" y="4" width="2" height="24" fill="#ef5350"/>'
+           b'<rect x="5" y="9" width="8" height="12" fill="#ef5350"/>'
+           b'<rect x="21" y="3" width="2" height="26" fill="#26a69a"/>'
+           b'<rect x="18" y="7" width="8" height="16" fill="#26a69a"/></svg>')
+VENDOR_CHART = "lightweight-charts.standalone.production.js"
+
+
+async def favicon(request: web.Request) -> web.Response:
+    """`/favicon.ico`: an SVG icon (browsers take SVG at this path by its content type)."""
+    return web.Response(body=FAVICON, content_type="image/svg+xml",
+                        headers={"Cache-Control": "public, max-age=86400"})
+
+
+async def vendor_chart(request: web.Request) -> web.FileResponse:
+    """The vendored charting library the live page loads (served locally: no CDN)."""
+    return web.FileResponse(STATIC / "vendor" / VENDOR_CHART,
+                            headers={"Content-Type": "text/javascript; charset=utf-8",
+                                     "Cache-Control": "public, max-age=86400"})
+
+
 def add_route(app: web.Application, method: str, path: str, handler: Handler) -> None:
     """Register `path` with and without its trailing slash (the contract treats both alike)."""
     base = path.rstrip("/") or "/"
@@ -340,13 +364,27 @@ async def http_session_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def quotes_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The quotes service, and the AlphaVantage poller when a key is set."""
+    """The quotes service, and its source (PRICEWATCH_QUOTES): the AlphaVantage poller, the
+    offline demo quotes from the latest market price, or none."""
     settings = app[SETTINGS]
     session = app[HTTP_SESSION]
     quotes = app[quotes_api.QUOTES] = quotes_api.Quotes(settings, app[STORE], app[HUB],
                                                         session)
-    if settings.alphavantage_api_key is None:
-        log.info("PRICEWATCH_ALPHAVANTAGE_API_KEY is not set: no quote polling")
+    source = settings.quote_source
+    if source == "demo":
+        mkt = app[MARKET]
+
+        def latest(symbol: str) -> tuple[float, float | None, float | None] | None:
+            row = mkt.latest.get(symbol)
+            return None if row is None or row.price is None else (row.price, row.bid, row.ask)
+
+        async with FeedRunner(app, DemoQuotes(latest, list(settings.quote_pairs),
+                                              settings.alphavantage_interval, quotes.save)):
+            yield
+        return
+    if source is None:
+        log.info("quotes are off (PRICEWATCH_QUOTES=%s, no PRICEWATCH_ALPHAVANTAGE_API_KEY)",
+                 settings.quotes)
         yield
         return
     quotes.poller = QuotePoller(session, settings.alphavantage_url,
@@ -443,6 +481,8 @@ def create_app(settings: Settings) -> web.Application:
     add_route(app, "GET", "/docs", openapi.docs_handler)
     add_route(app, "GET", "/", live_page)
     add_route(app, "GET", "/rates/live", live_page)
+    add_route(app, "GET", "/favicon.ico", favicon)
+    add_route(app, "GET", "/static/vendor/" + VENDOR_CHART, vendor_chart)
     add_route(app, "POST", "/auth/register", auth.register)
     add_route(app, "POST", "/auth/token", auth.token)
     add_route(app, "POST", "/auth/token/refresh", auth.refresh)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import orjson
 import pytest
 from conftest import LiveServer, bearer, register
@@ -48,8 +49,10 @@ class Chromium:
     CDP command on the page's session. Leaving the context kills the whole process group.
     """
 
-    def __init__(self, binary: str, profile: Path):
+    def __init__(self, binary: str, profile: Path, artefacts: Path | None = None):
         self.binary, self.profile = binary, profile
+        self.artefacts = artefacts or profile.parent / "artefacts"
+        self.console_errors: list[str] = []  # console.error, error log entries, exceptions
         self.log_path = profile.parent / "chromium.log"
         self.proc: asyncio.subprocess.Process | None = None
         self.http: aiohttp.ClientSession | None = None
@@ -81,6 +84,8 @@ class Chromium:
                                        {"targetId": target["targetId"], "flatten": True},
                                        page=False)
             self.session_id = attached["sessionId"]
+            await self.send("Runtime.enable")
+            await self.send("Log.enable")
             await self.send("Emulation.setDeviceMetricsOverride", {
                 "width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False})
         except BaseException:
@@ -105,12 +110,31 @@ class Chromium:
             raise RuntimeError("chromium did not open DevTools: " + self.log_tail()) from None
         raise RuntimeError(f"chromium exited with {self.proc.returncode}: " + self.log_tail())
 
+    def _event(self, method: str, params: dict) -> None:
+        """Keep every error the page reports: console.error/assert, an error-level log entry
+        (a failed request, a 404, a refused websocket), an uncaught exception."""
+        if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
+            args = params.get("args", [])
+            self.console_errors.append("console: " + " ".join(
+                str(a.get("value", a.get("description", ""))) for a in args))
+        elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
+            entry = params["entry"]
+            self.console_errors.append(f"log ({entry.get('source')}): {entry.get('text')} "
+                                       f"{entry.get('url', '')}".rstrip())
+        elif method == "Runtime.exceptionThrown":
+            details = params["exceptionDetails"]
+            self.console_errors.append("exception: " + details.get("exception", {}).get(
+                "description", details.get("text", "")))
+
     async def _read(self) -> None:
-        """Resolve each command's future by id; events are not needed here."""
+        """Resolve each command's future by id; collect the page's errors from events."""
         async for msg in self.ws:
             if msg.type != aiohttp.WSMsgType.TEXT:
                 continue
             data = orjson.loads(msg.data)
+            if "method" in data:
+                self._event(data["method"], data.get("params", {}))
+                continue
             future = self.pending.pop(data.get("id"), None)
             if future is None or future.done():
                 continue
@@ -156,8 +180,41 @@ class Chromium:
                     await asyncio.sleep(0.05)
         except TimeoutError:
             page = await self.evaluate("document.body ? document.body.innerText : ''")
+            shot = await self.screenshot("timeout")
             raise AssertionError(f"timed out waiting for {expression!r} (last: {last!r})\n"
-                                 f"page text:\n{page}") from None
+                                 f"screenshot: {shot}\nconsole errors: {self.console_errors}"
+                                 f"\npage text:\n{page}") from None
+
+    async def screenshot(self, name: str) -> Path | str:
+        """Save the page as `<artefacts>/<name>-N.png` (a test artefact); its path, or why
+        there is none."""
+        try:
+            shot = await self.send("Page.captureScreenshot", {"format": "png"})
+        except (CDPError, TimeoutError) as exc:
+            return f"(no screenshot: {exc})"
+        self.artefacts.mkdir(parents=True, exist_ok=True)
+        path = self.artefacts / f"{name}-{len(list(self.artefacts.iterdir()))}.png"
+        path.write_bytes(base64.b64decode(shot["data"]))
+        return path
+
+    async def check(self, expression: str, what: str) -> None:
+        """Assert that `expression` is truthy in the page now; on failure a screenshot."""
+        value = await self.evaluate(expression)
+        if not value:
+            shot = await self.screenshot("check")
+            raise AssertionError(f"{what}: {expression!r} is {value!r}; screenshot: {shot}")
+
+    async def assert_no_console_errors(self, *expected: str) -> None:
+        """No error reported by the page but those containing one of `expected` (each of
+        which must have been reported: a test that provokes an error sees it)."""
+        for text in expected:
+            assert any(text in error for error in self.console_errors), (text,
+                                                                         self.console_errors)
+        errors = [e for e in self.console_errors if not any(t in e for t in expected)]
+        if errors:
+            shot = await self.screenshot("console")
+            raise AssertionError(f"the page reported errors (screenshot: {shot}):\n"
+                                 + "\n".join(errors))
 
     def log_tail(self) -> str:
         with suppress(OSError):
@@ -206,12 +263,14 @@ ROW = ("JSON.stringify(Object.fromEntries(['price', 'bid', 'ask', 'time'].map("
 
 # Pixels of the chart in the up-candle colour (#26a69a), give or take anti-aliasing.
 UP_PIXELS = """(() => {
-  const c = document.querySelector('#chart');
-  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
   let n = 0;
-  for (let i = 0; i < d.length; i += 4) {
-    if (Math.abs(d[i] - 0x26) < 24 && Math.abs(d[i + 1] - 0xa6) < 24
-        && Math.abs(d[i + 2] - 0x9a) < 24) n++;
+  for (const c of document.querySelectorAll('#chart canvas')) {
+    if (!c.width || !c.height) continue;
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    for (let i = 0; i < d.length; i += 4) {
+      if (d[i + 3] > 200 && Math.abs(d[i] - 0x26) < 24 && Math.abs(d[i + 1] - 0xa6) < 24
+          && Math.abs(d[i + 2] - 0x9a) < 24) n++;
+    }
   }
   return n;
 })()"""
@@ -244,10 +303,17 @@ async def test_live_page_shows_prices_quote_and_candles_and_updates_live(
         await chromium.wait_for(f"{cell('BTCUSDT', 'price')} === '42,000.50'")
         row = orjson.loads(await chromium.evaluate(ROW))
         assert row["bid"] == "42,000.25" and row["ask"] == "42,000.75"
-        assert row["time"].startswith(time.strftime("%Y-%m-%d", time.gmtime(now / 1000)))
+        assert row["time"] == time.strftime("%H:%M:%S", time.gmtime(now / 1000))
         await chromium.wait_for("Number(document.body.dataset.candles) >= 1")
         assert await chromium.evaluate("document.querySelector('#quote-rate').textContent") \
             == "no quote yet"  # no AlphaVantage key: nothing stored, nothing pushed
+        # ... and the panel says so, with no green dot for a socket that will never carry one.
+        await chromium.wait_for("document.querySelector('#quote-source').dataset.source "
+                                "=== 'off'")
+        assert "Quotes are off" in await chromium.evaluate(
+            "document.querySelector('#quote-source').textContent")
+        await chromium.wait_for(
+            "document.querySelector('#status [data-socket=rates]').dataset.state === 'off'")
         await chromium.wait_for("document.querySelector('#status').dataset.state === 'live'")
 
         # A trade after the page loaded shows up without a reload: price and candle.
@@ -262,6 +328,7 @@ async def test_live_page_shows_prices_quote_and_candles_and_updates_live(
         png = base64.b64decode(shot["data"])
         (tmp_path / "live.png").write_bytes(png)
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+        await chromium.assert_no_console_errors()
 
 
 async def test_live_page_reconnects_when_the_server_restarts(
@@ -364,3 +431,255 @@ async def test_page_is_served_at_both_paths(server: LiveServer) -> None:
                 assert resp.status == 200
                 assert resp.content_type == "text/html"
                 assert 'id="chart"' in await resp.text()
+
+
+async def test_favicon_and_the_vendored_chart_library_are_served(server: LiveServer) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(server.url + "/favicon.ico") as resp:
+            assert resp.status == 200 and resp.content_type == "image/svg+xml"
+            assert (await resp.read()).startswith(b"<svg")
+        async with http.get(server.url + "/static/vendor/"
+                            "lightweight-charts.standalone.production.js") as resp:
+            assert resp.status == 200 and resp.content_type == "text/javascript"
+            assert "Lightweight Charts" in (await resp.text())[:300]
+
+
+def js_str(value: str) -> str:
+    """`value` as a JS string literal."""
+    return orjson.dumps(value).decode()
+
+
+async def fill(chromium: Chromium, values: dict[str, str]) -> None:
+    """Type into inputs/selects by selector, as a user would (input and change events)."""
+    for selector, value in values.items():
+        await chromium.evaluate(f"""(() => {{
+            const el = document.querySelector({js_str(selector)});
+            el.value = {js_str(value)};
+            el.dispatchEvent(new Event('input', {{ bubbles: true }}));
+            el.dispatchEvent(new Event('change', {{ bubbles: true }}));
+        }})()""")
+
+
+async def click(chromium: Chromium, selector: str) -> None:
+    await chromium.evaluate(f"document.querySelector({js_str(selector)}).click()")
+
+
+def visible(selector: str) -> str:
+    return f"(() => {{ const e = document.querySelector({js_str(selector)}); " \
+           "return !!e && e.offsetParent !== null; })()"
+
+
+async def test_live_page_signs_up_signs_in_sets_an_alert_and_sees_it_fire(
+        make_settings, chromium: Chromium) -> None:
+    """The issue's "done when": no curl. Sign up on the page, sign out, sign in again, set
+    an alert; a trade crosses it; the toast and the row's new status appear by themselves."""
+    now = int(time.time() * 1000)
+    async with FakeBinance() as fake, \
+            LiveServer(make_settings(feed="binance", binance_ws_url=fake.url)) as server, \
+            aiohttp.ClientSession() as http:
+        await fake.wait_connections(1)
+        await book_and_trade(http, server, fake, now)
+        await chromium.send("Page.navigate", {"url": server.url + "/"})
+        await chromium.wait_for(f"{cell('BTCUSDT', 'price')} === '42,000.50'")
+        await chromium.check(visible("#alerts-signed-out"), "signed out: alerts need a login")
+
+        await click(chromium, "#auth-mode")
+        await fill(chromium, {"#auth-username": "carol", "#auth-password": "correct horse",
+                              "#auth-email": "carol@example.com"})
+        await click(chromium, "#auth-submit")
+        await chromium.wait_for("document.querySelector('#account-name').textContent "
+                                "=== 'carol'")
+        await click(chromium, "#sign-out")
+        await chromium.wait_for(visible("#auth-form"))
+        await chromium.check("sessionStorage.length === 0", "signing out forgets the tokens")
+
+        await click(chromium, "#auth-mode")  # back to "sign in"
+        await fill(chromium, {"#auth-username": "carol", "#auth-password": "wrong password"})
+        await click(chromium, "#auth-submit")
+        await chromium.wait_for("document.querySelector('#auth-error').textContent.length > 0")
+        await fill(chromium, {"#auth-password": "correct horse"})
+        await click(chromium, "#auth-submit")
+        await chromium.wait_for(visible("#alert-form"))
+        await chromium.wait_for(
+            "document.querySelector('#status [data-socket=live]').dataset.state === 'open'")
+        await chromium.check("document.querySelector('#auth-error').textContent === ''",
+                             "the error of the failed attempt is gone")
+
+        await fill(chromium, {"#alert-asset": "BTCUSDT", "#alert-direction": "above",
+                              "#alert-price": "42050"})
+        await click(chromium, "#alert-submit")
+        row = "#alerts tr[data-alert-id]"
+        await chromium.wait_for(f"document.querySelector('{row} [data-field=status]')"
+                                "?.textContent === 'CREATED'")
+        alert_id = int(await chromium.evaluate(f"document.querySelector('{row}')"
+                                               ".dataset.alertId"))
+        assert await chromium.evaluate(
+            f"[...document.querySelector('{row}').cells].slice(0, 3).map(c => c.textContent)"
+        ) == ["BTCUSDT", "above", "42,050.00"]
+
+        await fake.send_trade("BTCUSDT", 2, 42100.25, 0.5, now + 1)
+        await chromium.wait_for(f"document.querySelector('.toast[data-alert-id=\"{alert_id}\"]')"
+                                "?.textContent.includes('42,100.25')", timeout=5)
+        await chromium.wait_for(f"document.querySelector('{row} [data-field=status]')"
+                                ".textContent === 'TRIGGERED at 42,100.25'", timeout=5)
+        # What the page shows is what the server holds.
+        access = await chromium.evaluate(
+            "JSON.parse(sessionStorage.getItem('pricewatch.session')).access")
+        async with http.get(f"{server.url}/api/v1/alerts/{alert_id}",
+                            headers=bearer(access)) as resp:
+            assert (await resp.json())["status"] == "TRIGGERED"
+
+        # Delete from the page: the row goes, the server keeps it as DELETED.
+        await click(chromium, f"{row} button")
+        await chromium.wait_for(f"!document.querySelector('{row}')")
+        async with http.get(f"{server.url}/api/v1/alerts/{alert_id}",
+                            headers=bearer(access)) as resp:
+            assert (await resp.json())["status"] == "DELETED"
+        # The one error: the wrong password's 401, which the browser logs by itself.
+        await chromium.assert_no_console_errors(f"status of 401 (Unauthorized) {server.url}"
+                                                "/auth/token")
+
+
+async def test_live_page_refreshes_its_tokens_before_they_expire(
+        make_settings, chromium: Chromium) -> None:
+    async with LiveServer(make_settings(access_ttl=3)) as server, \
+            aiohttp.ClientSession() as http:
+        await register(http, server, "dave")
+        await chromium.send("Page.navigate", {"url": server.url + "/"})
+        await chromium.wait_for(visible("#auth-form"))
+        await fill(chromium, {"#auth-username": "dave", "#auth-password": "correct horse"})
+        await click(chromium, "#auth-submit")
+        await chromium.wait_for(visible("#alert-form"))
+        first = await chromium.evaluate("sessionStorage.getItem('pricewatch.session')")
+        await chromium.wait_for(
+            f"sessionStorage.getItem('pricewatch.session') !== {js_str(first)}", timeout=10)
+        fresh = orjson.loads(await chromium.evaluate(
+            "sessionStorage.getItem('pricewatch.session')"))
+        async with http.get(server.url + "/auth/me", headers=bearer(fresh["access"])) as resp:
+            assert resp.status == 200 and (await resp.json())["username"] == "dave"
+        # Past the first token's lifetime (the server ends sockets opened with it), the page
+        # is still signed in and its live feed is open again, with a newer token.
+        expired = jwt.decode(orjson.loads(first)["access"],
+                             options={"verify_signature": False})["exp"]
+        await chromium.wait_for(
+            f"Date.now() / 1000 > {expired + 1} && document.querySelector("
+            "'#status [data-socket=live]').dataset.state === 'open'", timeout=15)
+        await chromium.check(visible("#alert-form"), "still signed in")
+        async with http.get(server.url + "/metrics") as resp:
+            assert 'pricewatch_websocket_clients{endpoint="live"} 1' in await resp.text()
+        await chromium.assert_no_console_errors()
+
+
+async def test_live_page_switches_timeframe_and_the_chart_follows(
+        make_settings, chromium: Chromium) -> None:
+    """Three trades one second apart: one 1m candle, three 1s candles; a live trade adds a
+    fourth 1s candle without a reload."""
+    minute = int(time.time()) // 60 * 60 * 1000
+    async with FakeBinance() as fake, \
+            LiveServer(make_settings(feed="binance", binance_ws_url=fake.url)) as server, \
+            aiohttp.ClientSession() as http:
+        await fake.wait_connections(1)
+        async with http.ws_connect(server.ws_url("/ws/ohlc/")) as probe:
+            await probe.send_json({"symbol": "BTCUSDT", "timeframe": "1m"})
+            assert (await probe.receive_json(timeout=5))["type"] == "snapshot"
+            for i, price in enumerate((42000.5, 42010.5, 42005.5)):
+                await fake.send_trade("BTCUSDT", i + 1, price, 0.25, minute + 1000 * (i + 1))
+                assert (await probe.receive_json(timeout=5))["candle"]["close"] == price
+        await chromium.send("Page.navigate", {"url": server.url + "/"})
+        await chromium.wait_for("document.body.dataset.series === 'BTCUSDT 1m'")
+        await chromium.check("document.body.dataset.candles === '1'", "one 1m candle")
+        await chromium.check("document.querySelector('#chart-legend').textContent"
+                             ".includes('V 0.75')", "the 1m candle holds all three trades")
+
+        await click(chromium, "#timeframes button[data-tf='1s']")
+        await chromium.wait_for("document.body.dataset.series === 'BTCUSDT 1s'")
+        await chromium.check("document.body.dataset.candles === '3'", "three 1s candles")
+        await chromium.check(
+            "document.querySelector('#timeframes [aria-pressed=true]').dataset.tf === '1s'",
+            "the selector shows the timeframe")
+        legend = await chromium.evaluate("document.querySelector('#chart-legend').textContent")
+        assert "C 42,005.50" in legend and "V 0.25" in legend, legend
+
+        await fake.send_trade("BTCUSDT", 4, 42020.25, 0.5, minute + 4000)
+        await chromium.wait_for("document.body.dataset.candles === '4'", timeout=5)
+        await chromium.wait_for("document.querySelector('#chart-legend').textContent"
+                                ".includes('C 42,020.25')", timeout=5)
+        await click(chromium, "#timeframes button[data-tf='1m']")
+        await chromium.wait_for("document.body.dataset.series === 'BTCUSDT 1m'"
+                                " && document.body.dataset.candles === '1'")
+        await chromium.wait_for("document.querySelector('#chart-legend').textContent"
+                                ".includes('V 1.25')")
+        await chromium.assert_no_console_errors()
+
+
+async def test_live_page_fits_a_phone_and_shows_demo_quotes(
+        make_settings, chromium: Chromium) -> None:
+    now = int(time.time() * 1000)
+    await chromium.send("Emulation.setDeviceMetricsOverride", {
+        "width": 375, "height": 740, "deviceScaleFactor": 2, "mobile": True})
+    async with FakeBinance() as fake, \
+            LiveServer(make_settings(feed="binance", binance_ws_url=fake.url, quotes="demo",
+                                     alphavantage_interval=0.2)) as server, \
+            aiohttp.ClientSession() as http:
+        await fake.wait_connections(1)
+        await book_and_trade(http, server, fake, now)
+        await chromium.send("Page.navigate", {"url": server.url + "/"})
+        await chromium.wait_for("document.querySelector('#quote-source').dataset.source "
+                                "=== 'demo'")
+        await chromium.wait_for(
+            "document.querySelector('#quote-rate').textContent === '42,000.50'")
+        await chromium.wait_for("Number(document.body.dataset.candles) >= 1")
+        await chromium.check("document.documentElement.scrollWidth <= 375",
+                             "nothing wider than the phone")
+        await chromium.check("document.querySelector('#chart').clientWidth > 300",
+                             "the chart spans the width")
+        await chromium.assert_no_console_errors()
+
+
+async def drag(chromium: Chromium, start: tuple[float, float], end: tuple[float, float],
+               steps: int = 10) -> None:
+    """A left-button drag from `start` to `end`, in `steps` moves."""
+    await chromium.send("Input.dispatchMouseEvent", {
+        "type": "mousePressed", "x": start[0], "y": start[1], "button": "left",
+        "clickCount": 1})
+    for i in range(1, steps + 1):
+        x = start[0] + (end[0] - start[0]) * i / steps
+        y = start[1] + (end[1] - start[1]) * i / steps
+        await chromium.send("Input.dispatchMouseEvent", {
+            "type": "mouseMoved", "x": x, "y": y, "button": "left", "buttons": 1})
+    await chromium.send("Input.dispatchMouseEvent", {
+        "type": "mouseReleased", "x": end[0], "y": end[1], "button": "left", "clickCount": 1})
+
+
+async def test_live_page_loads_older_candles_when_zoomed_out_to_the_start(
+        make_settings, chromium: Chromium) -> None:
+    """1100 one-minute candles: the page loads the newest 1000, and zooming out (mouse wheel)
+    to the oldest one fetches the page before it (`end` = its start − 1 ms)."""
+    count = 1100
+    first = (int(time.time()) // 60 - count) * 60_000
+    async with FakeBinance() as fake, \
+            LiveServer(make_settings(feed="binance", binance_ws_url=fake.url)) as server, \
+            aiohttp.ClientSession() as http:
+        await fake.wait_connections(1)
+        async with http.ws_connect(server.ws_url("/ws/ohlc/")) as probe:
+            await probe.send_json({"symbol": "BTCUSDT", "timeframe": "1m"})
+            assert (await probe.receive_json(timeout=5))["type"] == "snapshot"
+            for i in range(count):
+                await fake.send_trade("BTCUSDT", i + 1, 42000 + i % 50, 0.25,
+                                      first + 60_000 * i + 1000)
+            async with asyncio.timeout(10):
+                while (await probe.receive_json())["candle"]["close"] != 42000 + (count - 1) % 50:
+                    pass
+        await chromium.send("Page.navigate", {"url": server.url + "/"})
+        await chromium.wait_for("document.body.dataset.series === 'BTCUSDT 1m'")
+        await chromium.check("document.body.dataset.candles === '1000'", "the newest 1000")
+        box = await chromium.evaluate(
+            "(r => [r.x + r.width / 2, r.y + r.height / 2])"
+            "(document.querySelector('#chart').getBoundingClientRect())")
+        for _ in range(12):  # wheel down: zoom out as far as the chart goes
+            await chromium.send("Input.dispatchMouseEvent", {
+                "type": "mouseWheel", "x": box[0], "y": box[1], "deltaX": 0, "deltaY": 600})
+        for _ in range(3):  # then drag the chart to the right: back in time
+            await drag(chromium, (100, box[1]), (1100, box[1]))
+        await chromium.wait_for(f"document.body.dataset.candles === '{count}'", timeout=10)
+        await chromium.assert_no_console_errors()

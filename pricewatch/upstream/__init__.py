@@ -10,5 +10,6 @@ base, health counters, Binance's wire format); nothing in it imports this packag
 - `history`: candle history from REST klines at start.
 - `offline`: the demo random walk and the replay of recorded files.
 - `alphavantage`: the AlphaVantage quote client and poller.
+- `demo_quotes`: offline quotes from the latest market price (PRICEWATCH_QUOTES=demo).
 - `factory`: `make_feed`, the feed PRICEWATCH_FEED names.
 """
