@@ -62,6 +62,7 @@ class FakeBinance:
     async def start(self) -> FakeBinance:
         app = web.Application()
         app.router.add_get("/stream", self._handle)
+        app.on_response_prepare.append(self._weight)
         for prefix in ("/api/v3", "/fapi/v1", "/dapi/v1"):  # spot, USD-M, COIN-M
             app.router.add_get(prefix + "/historicalTrades", self._historical)
             app.router.add_get(prefix + "/aggTrades", self._agg_trades)
@@ -125,6 +126,10 @@ class FakeBinance:
         return ws
 
     # ---- REST side
+
+    async def _weight(self, request: web.Request, response: web.StreamResponse) -> None:
+        if request.path.startswith(("/api/", "/fapi/", "/dapi/")):  # like Binance: 2 a call
+            response.headers["X-MBX-USED-WEIGHT-1M"] = str(2 * len(self.rest_calls))
 
     def _rest_gate(self, request: web.Request) -> web.Response | None:
         self.rest_calls.append((request.path, dict(request.query)))

@@ -143,6 +143,7 @@ async def test_rate_limit_retry_after_is_obeyed(fake, sink):
             await sink.wait(lambda: ids(sink)[-1:] == [3])
         assert ids(sink) == [1, 2, 3]
         assert len(stamps) == 2 and stamps[1] - stamps[0] >= 0.99  # waited out Retry-After
+        assert feed.health()["rest"] == {"calls": 2, "used_weight": 4, "blocked_for": 0}
 
 
 async def test_gap_rest_cannot_fill_is_given_up_and_counted(fake, sink):

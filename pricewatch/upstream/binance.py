@@ -159,7 +159,11 @@ class BinanceFeed(Feed):
             raise
 
     def health(self) -> dict[str, Any]:
-        return {**self.stats.health(), **self.sequencer.health()}
+        out = {**self.stats.health(), **self.sequencer.health()}
+        if self.rest is not None:  # the REST budget: Binance bans clients that overrun it
+            out["rest"] = {"calls": self.rest.calls, "used_weight": self.rest.used_weight,
+                           "blocked_for": round(self.rest.blocked_for(), 1)}
+        return out
 
     async def _load_history(self, budget: float = 30.0) -> None:
         """Fill every symbol's candle rings from REST klines and tell the sequencer where the
