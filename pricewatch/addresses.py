@@ -1,6 +1,7 @@
 """Who is asking: the client address of a request, behind trusted reverse proxies or not.
 
-Every per-address limit (logins, registrations, websockets) keys on `client_address()`.
+Every per-address limit (logins, registrations, websockets) keys on `client_address()`,
+grouped by `limit_key` (an IPv6 client counts by its /64).
 Only a peer listed in `PRICEWATCH_TRUSTED_PROXIES` may name the client through
 `X-Forwarded-For`; the right-most entry that is not itself a trusted proxy counts (entries to
 its left were written by whoever talked to that proxy, so anyone could have forged them).
@@ -10,7 +11,7 @@ Like uvicorn's `proxy_headers._TrustedHosts`.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from ipaddress import IPv4Network, IPv6Network, ip_address
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 
 from aiohttp import web
 
@@ -52,8 +53,25 @@ CLIENT_ADDRESSES = web.AppKey("client_addresses", ClientAddresses)
 
 def client_address(request: web.BaseRequest) -> str:
     """The client address of `request` (the app's trusted proxies applied)."""
-    resolve = request.app.get(CLIENT_ADDRESSES) if isinstance(request, web.Request) else None
+    try:
+        resolve = request.app.get(CLIENT_ADDRESSES) if isinstance(request, web.Request) else None
+    except AssertionError:  # a request the parser refused never reached the app
+        resolve = None
     return resolve(request) if resolve is not None else (request.remote or "?")
+
+
+def limit_key(address: str) -> str:
+    """The key per-address limits count under: the address itself, but for IPv6 its /64
+    (one subscriber usually holds a whole /64, so 2**64 addresses would be 2**64 budgets)."""
+    try:
+        ip = ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip_network(f"{ip}/64", strict=False))
 
 
 def is_public_address(address: str) -> bool:

@@ -70,7 +70,9 @@ class AlertEngine:
     async def load(self) -> int:
         rows = await self.store.active_alerts()
         self.index.load(rows)
-        for alert_id, created in await self.store.alert_creations(clock.now() - CREATION_HORIZON):
+        floor, recent = await self.store.alert_creations(clock.now() - CREATION_HORIZON)
+        self.created.floor_id = floor  # every alert up to it existed before the horizon
+        for alert_id, created in recent:
             self.created.add(alert_id, created * 1000)
         return len(rows)
 

@@ -116,15 +116,23 @@ def positive_number(value: Any) -> float | str:
     return number
 
 
+def strict_int(raw: str) -> int | None:
+    """An integer written in ASCII digits with an optional minus sign, at most 18 of them;
+    None otherwise (Python's int() also takes "1_0", " 5", full-width and Arabic digits)."""
+    digits = raw[1:] if raw.startswith("-") else raw
+    if not (0 < len(digits) <= 18 and digits.isascii() and digits.isdigit()):
+        return None
+    return int(raw)
+
+
 def query_int(request: web.Request, name: str, default: int | None, lo: int, hi: int | None,
               errors: dict[str, str]) -> int | None:
     """Parse an integer query parameter, recording a message in `errors` when it is bad."""
     raw = request.query.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
+    value = strict_int(raw)
+    if value is None:
         errors[name] = "A valid integer is required."
         return default
     if value < lo or (hi is not None and value > hi):

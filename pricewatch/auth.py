@@ -27,7 +27,7 @@ import jwt
 from aiohttp import web
 
 from . import clock
-from .addresses import client_address
+from .addresses import client_address, limit_key
 from .api import REQUIRED, ApiError, invalid, json_response, not_authenticated, read_json
 from .config import Settings
 from .limits import SlidingWindow
@@ -277,7 +277,12 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    if not (_is_int(value) or isinstance(value, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (exp = 10**400)
+        return False
 
 
 def _well_formed(claims: dict[str, Any]) -> bool:
@@ -402,7 +407,7 @@ async def register(request: web.Request) -> web.Response:
         errors["email"] = "Enter a valid email address."
     if errors:
         raise invalid(errors)
-    address = client_address(request)
+    address = limit_key(client_address(request))
     wait = auth.registrations.check(address)
     if wait is not None:
         raise _register_limited(wait)
@@ -438,7 +443,7 @@ async def token(request: web.Request) -> web.Response:
     if errors:
         raise invalid(errors)
     username, password = values["username"], values["password"]
-    address = client_address(request)
+    address = limit_key(client_address(request))
     # No real username is longer than 150: such a name cannot log in, and is not kept as a
     # limiter key (it still counts against the address).
     name_key = username_key(username[:151])

@@ -9,6 +9,9 @@ aiohttp's per-connection protocol (`web.RequestHandler`) is used with three chan
   connection is never idle, or half-way through a head, for longer than that. An upgraded
   websocket is not subject to either: its head is complete.
 - The body deadline (30 s) is enforced where bodies are read, `api.read_json`.
+- A client that does not read its answers (the socket's buffer stays full, say with
+  pipelined requests piling up behind an unread answer) is cut off after `HEAD_TIMEOUT`
+  seconds too. Websockets are left to the hub's own slow-client policy.
 - An HTTP parser error (garbage, a bad method, a request line or header over 8190 bytes, too
   many headers) is answered in the contract's JSON error shape, `invalid_request` with 400 or
   431, and never echoes the request bytes back (aiohttp's own answer is text/plain with them).
@@ -47,6 +50,7 @@ class EdgeProtocol(web.RequestHandler):
                          lingering_time=head_timeout, **kwargs)
         self.head_timeout = head_timeout
         self.head_timer: asyncio.TimerHandle | None = None
+        self.write_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -61,7 +65,33 @@ class EdgeProtocol(web.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.head_received()
+        self._writing_resumed()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The socket's buffer is full: the client is not reading its answers. It has
+        `head_timeout` seconds to take them (pipelined requests piled up behind an unread
+        answer would otherwise hold memory for ever). Websockets have their own policy."""
+        super().pause_writing()
+        if not self._upgraded and self.write_timer is None:
+            self.write_timer = asyncio.get_running_loop().call_later(
+                self.head_timeout, self._write_overdue)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._writing_resumed()
+
+    def _writing_resumed(self) -> None:
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
+
+    def _write_overdue(self) -> None:
+        self.write_timer = None
+        log.debug("answers not read within %.1fs by %s: disconnected", self.head_timeout,
+                  self.peername)
+        if self.transport is not None:
+            self.transport.abort()  # a graceful close would wait to flush to that client
 
     def _head_overdue(self) -> None:
         self.head_timer = None

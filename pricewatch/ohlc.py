@@ -232,7 +232,7 @@ class CandleBook:
         rings = self._rings.get(symbol)
         if rings is None:
             rings = self._new_symbol(symbol)
-        dropped = False
+        dropped = late = False
         for ring in rings:
             start = ts_ms - ts_ms % ring.tf
             c = ring.last
@@ -255,8 +255,12 @@ class CandleBook:
                 ring.candles.append(c)  # the bounded deque evicts the oldest itself
             elif not ring.add_late(start, price, qty, ts_ms, count):
                 dropped = True
+            else:
+                late = True
         if dropped:
             self._dropped[symbol] += 1
+        if late and self._rolling:
+            self._rolling.pop((symbol, "1m"), None)  # a closed minute of the day changed
 
     def merge_bar(self, symbol: str, start: int, end: int, open_: float, high: float,
                   low: float, close: float, volume: float, trades: int) -> None:

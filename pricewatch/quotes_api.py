@@ -92,7 +92,14 @@ def _pair(data: dict, settings: Settings) -> tuple[str, str]:
             values[name] = raw.strip().upper()
     if errors:
         raise invalid(errors)
-    return values["from_currency"], values["to_currency"]
+    pair = (values["from_currency"], values["to_currency"])
+    if pair not in settings.quote_pairs:
+        # Each pair has its own gap, so an open list of pairs would let anyone spend the
+        # key's daily calls by naming new ones: only the operator's pairs are fetched.
+        allowed = ", ".join("/".join(p) for p in settings.quote_pairs)
+        message = f"Not a configured pair (PRICEWATCH_QUOTE_PAIRS: {allowed})."
+        raise invalid({"from_currency": message, "to_currency": message})
+    return pair
 
 
 async def create_quote(request: web.Request) -> web.Response:

@@ -420,11 +420,14 @@ class Store:
         return [tuple(r) for r in await self._all(
             "SELECT id, asset, price, direction FROM alerts WHERE status = 'CREATED'")]
 
-    async def alert_creations(self, since: float) -> list[tuple[int, float]]:
-        """(id, created_at) of the CREATED alerts created after `since`, by id."""
-        return [tuple(r) for r in await self._all(
+    async def alert_creations(self, since: float) -> tuple[int, list[tuple[int, float]]]:
+        """The highest alert id created at or before `since` (0: none), and (id, created_at)
+        of the CREATED alerts created after it, by id."""
+        before = await self._one("SELECT MAX(id) FROM alerts WHERE created_at <= ?", (since,))
+        after = await self._all(
             "SELECT id, created_at FROM alerts WHERE status = 'CREATED' AND created_at > ? "
-            "ORDER BY id", (since,))]
+            "ORDER BY id", (since,))
+        return before[0] or 0, [tuple(r) for r in after]
 
     async def trigger_alerts(self, hits: Iterable[Hit | tuple]) -> list[Alert]:
         """Mark alerts TRIGGERED and queue their emails, all in ONE transaction.

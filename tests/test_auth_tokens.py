@@ -55,8 +55,8 @@ def forge(token: str, **changes) -> str:
 @pytest.mark.parametrize("changes", [
     {"user_id": 2**70}, {"user_id": True}, {"user_id": "1"}, {"user_id": 0},
     {"user_id": 1.0}, {"exp": "9999999999"}, {"exp": float("inf")}, {"iat": "1"},
-    {"fam": 5}, {"jti": ["x"]},
-], ids=repr)
+    {"fam": 5}, {"jti": ["x"]}, {"exp": 10**400}, {"iat": -(10**400)},
+], ids=lambda changes: repr(changes)[:40])
 async def test_signed_tokens_with_malformed_claims_are_401_everywhere(make_settings, http,
                                                                       changes):
     async with LiveServer(make_settings(jwt_secret=SECRET)) as server:

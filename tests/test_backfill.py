@@ -367,3 +367,34 @@ async def test_stream_dropped_trades_meanwhile_candles_exact_and_one_email(make_
                 notifier = server.app[NOTIFIER]
                 await notifier.wait_until(lambda: notifier.sent >= 1, 10)
             assert len(smtp.messages) == 1
+
+
+async def test_after_a_restart_older_alerts_still_trigger_on_backfilled_trades(tmp_path):
+    """The creation log is rebuilt at start: alerts from before its horizon count as always
+    there, so a backfilled trade crossing one of them triggers it even when a newer alert
+    exists (which that trade predates)."""
+    from pricewatch import clock
+    from pricewatch.alerts import CREATION_HORIZON, AlertEngine
+    from pricewatch.feeds import Tick
+    from pricewatch.hub import Hub
+    from pricewatch.store import Store
+
+    store = await Store.open(str(tmp_path / "pw.db"))
+    try:
+        user = await store.create_user("alice", "a@example.com", "$2b$hash")
+        old = await store.create_alert(user.id, "BTCUSDT", 100.0, "above", max_active=10)
+        new = await store.create_alert(user.id, "BTCUSDT", 200.0, "above", max_active=10)
+        now = clock.now()
+        async with store._tx() as db:  # the old one from two days ago, the new one 10 s ago
+            await db.execute("UPDATE alerts SET created_at = ? WHERE id = ?",
+                             (now - 2 * CREATION_HORIZON, old.id))
+            await db.execute("UPDATE alerts SET created_at = ? WHERE id = ?",
+                             (now - 10, new.id))
+        engine = AlertEngine(store, Hub())
+        await engine.load()
+        engine.on_tick(Tick("BTCUSDT", 250.0, 1.0, int((now - 30) * 1000), 7,
+                            backfill="trade"))
+        assert [hit.alert_id for hit in engine._hits] == [old.id]  # not the newer one
+        assert new.id in engine.index
+    finally:
+        await store.close()

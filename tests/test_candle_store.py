@@ -159,3 +159,12 @@ async def test_a_restart_with_the_demo_feed_keeps_the_closed_candles(make_settin
         status, after = await ohlc(http, server, symbol="BTCUSDT", timeframe="1s", limit=1000)
     closed = before["data"][:-1]  # the last one was still open when read
     assert after["data"][:len(closed)] == closed
+
+
+def test_a_late_trade_into_a_closed_minute_updates_the_24_hour_figures():
+    book = CandleBook(timeframes={"1m": 60_000}, size=1440)
+    book.add("X", 100.0, 1.0, T0)
+    book.add("X", 101.0, 1.0, T0 + 60_000)
+    assert book.rolling("X") == (100.0, 101.0, 100.0, 2.0)
+    book.add("X", 500.0, 1.0, T0 + 5)  # late, into the closed first minute
+    assert book.rolling("X") == (100.0, 500.0, 100.0, 3.0)

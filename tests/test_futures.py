@@ -83,3 +83,19 @@ async def test_coinm_perpetual_drives_prices_candles_and_alerts_with_backfill(
         async with http.get(server.url + "/healthz") as resp:
             feed = (await resp.json())["feeds"]["binance"]
         assert feed["backfilled_trades"][PERP] == 1 and feed["missed_trades"][PERP] == 0
+
+
+async def test_futures_history_skips_the_1s_ring_it_has_no_klines_for(make_settings, http,
+                                                                      fake):
+    now = int(time.time() * 1000)
+    for i in range(1, 4):
+        fake.record_trade(PERP, i, 100.0 + i, 1, now - 3_600_000 + i * 60_000)
+    settings = make_settings(feed="binance", binance_market="coinm", symbols=(PERP,),
+                             binance_ws_url=fake.url, binance_rest_url=fake.rest_url)
+    async with LiveServer(settings) as server:
+        await fake.wait_open(1)  # after the history
+        async with http.get(server.url + "/api/v1/ohlc",
+                            params={"symbol": PERP, "timeframe": "1h"}) as resp:
+            assert (await resp.json())["data"]  # history loaded for the other rings
+    intervals = {q.get("interval") for path, q in fake.rest_calls if path.endswith("/klines")}
+    assert "1s" not in intervals and {"1m", "1h", "1d"} <= intervals

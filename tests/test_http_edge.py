@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
+import socket
 import time
 
 import orjson
@@ -250,3 +252,25 @@ async def test_an_integer_price_past_1e308_is_a_validation_error(server, http):
         body = await resp.json()
         assert resp.status == 400, body
     assert body["error"] == "validation" and "price" in body["fields"]
+
+
+async def test_a_client_that_never_reads_its_answers_is_cut_off(make_settings, fast_limits):
+    """Pipelined requests behind answers nobody reads would hold the server's memory for
+    ever: once the socket's buffer stays full for the head deadline, the connection goes."""
+    async with LiveServer(make_settings()) as server:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.connect(("127.0.0.1", port_of(server.url)))
+        sock.setblocking(False)
+        request = b"GET /openapi.json HTTP/1.1\r\nHost: t\r\n\r\n"
+        with contextlib.suppress(BlockingIOError):
+            sock.send(request * 200)  # and never read a byte
+        edge = server._runner.server
+        async with asyncio.timeout(5):
+            while not any(p.writing_paused for p in edge.connections):
+                await asyncio.sleep(0.01)  # until its answers fill the socket
+            began = time.monotonic()
+            while edge.connections:
+                await asyncio.sleep(0.01)  # until the server lets it go
+        assert time.monotonic() - began >= 0.3  # after the deadline, not before
+        sock.close()

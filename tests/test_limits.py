@@ -58,3 +58,33 @@ def test_forwarded_for_rightmost_untrusted_entry_counts():
     assert resolve(_request("::1", "198.51.100.8")) == "198.51.100.8"
     assert resolve(_request("10.0.0.2")) == "10.0.0.2"  # no header: the proxy itself
     assert resolve(_request("::ffff:10.0.0.2", "198.51.100.9")) == "198.51.100.9"
+
+
+def test_a_request_the_parser_refused_is_still_given_an_address():
+    """The access log asks for the address of every request, also of one aiohttp refused
+    before routing (it has no app): that must not raise (a traceback per bad request)."""
+    from pricewatch.addresses import client_address
+
+    req = _request("203.0.113.9")
+    req._match_info = None  # what aiohttp leaves on a request that never reached the router
+    assert client_address(req) == "203.0.113.9"
+
+
+def test_query_integers_are_plain_ascii_digits():
+    from pricewatch.api import strict_int
+
+    assert [strict_int(v) for v in ("5", "-3", "0", "123456789012345678")] == [5, -3, 0,
+                                                                             123456789012345678]
+    for bad in ("1_0", " 5", "5 ", "+5", "\uff15", "\u0665", "", "-", "1e3", "1" * 19):
+        assert strict_int(bad) is None, bad
+
+
+def test_ipv6_clients_count_by_their_64():
+    from pricewatch.addresses import limit_key
+
+    assert limit_key("2001:db8:1:2:aaaa::1") == limit_key("2001:db8:1:2:bbbb::9") == (
+        "2001:db8:1:2::/64")
+    assert limit_key("2001:db8:1:3::1") != limit_key("2001:db8:1:2::1")
+    assert limit_key("203.0.113.9") == "203.0.113.9"
+    assert limit_key("::ffff:203.0.113.9") == "203.0.113.9"
+    assert limit_key("not-an-ip") == "not-an-ip"

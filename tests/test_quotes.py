@@ -170,8 +170,10 @@ async def test_listing_without_per_page_streams_every_row(server, http):
 
 async def test_quote_min_gap_lets_one_of_many_concurrent_posts_reach_upstream(
         make_settings, http, upstream):
-    async with LiveServer(quote_settings(make_settings, upstream, quote_min_gap=60)) as server:
-        await upstream.wait_requests(1)  # the poller's own fetch does not count
+    async with LiveServer(quote_settings(make_settings, upstream, quote_min_gap=60,
+                                         quote_pairs=(("BTC", "USD"), ("ETH", "USD")))
+                          ) as server:
+        await upstream.wait_requests(2)  # the poller's own fetches do not count
         tok = (await register(http, server))["access"]
         before = len(upstream.requests)
         results = await asyncio.gather(*(post_quote(http, server, tok) for _ in range(20)))
@@ -218,3 +220,17 @@ async def test_a_key_straddling_the_message_cut_is_still_redacted(make_settings,
     shown = [err["detail"], health["feeds"]["alphavantage"]["last_error"],
              *(r.getMessage() for r in caplog.records)]
     assert all(key[:40] not in text for text in shown)
+
+
+async def test_only_configured_pairs_are_fetched_on_demand(make_settings, http, upstream):
+    """One gap per pair: with any pair allowed, naming new ones would spend the key's calls."""
+    async with LiveServer(quote_settings(make_settings, upstream)) as server:
+        await upstream.wait_requests(1)
+        tok = (await register(http, server))["access"]
+        before = len(upstream.requests)
+        for code in ("AAA", "AAB", "AAC"):
+            status, err, _ = await post_quote(http, server, tok,
+                                              {"from_currency": code, "to_currency": "USD"})
+            assert status == 400 and err["error"] == "validation"
+            assert "BTC/USD" in err["fields"]["from_currency"]
+        assert len(upstream.requests) == before

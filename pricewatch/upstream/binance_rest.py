@@ -74,6 +74,11 @@ class BinanceMarket:
     trade_stream: str  # "trade" or "aggTrade"
 
     @property
+    def kline_intervals(self) -> frozenset[str]:
+        """The candle timeframes this market serves as klines (futures have no 1s)."""
+        return _INTERVALS if self.trade_stream == "trade" else _INTERVALS - {"1s"}
+
+    @property
     def by_aggregate(self) -> bool:
         return self.trade_stream == "aggTrade"
 
@@ -82,6 +87,8 @@ class BinanceMarket:
         return {"trades": f"{p}/historicalTrades", "agg_trades": f"{p}/aggTrades",
                 "klines": f"{p}/klines", "recent": f"{p}/trades"}
 
+
+_INTERVALS = frozenset({"1s", "1m", "5m", "15m", "1h", "4h", "1d"})
 
 MARKETS = {
     "spot": BinanceMarket("wss://stream.binance.com:9443", "https://api.binance.com",

@@ -65,6 +65,8 @@ async def fetch_history(rest: BinanceRest, symbol: str, rings: Mapping[str, tupl
     minutes = await _klines(rest, symbol, "1m", max(rings.get("1m", (0, 0))[1], 1440), cut)
     fills = []
     for timeframe, (size_ms, size) in rings.items():
+        if timeframe not in rest.market.kline_intervals:
+            continue  # futures have no 1s klines: that ring starts with the stream
         klines = minutes if timeframe == "1m" else await _klines(rest, symbol, timeframe,
                                                                  size, cut)
         rows = [_row(symbol, timeframe, k, k.open_time + size_ms - 1) for k in klines
