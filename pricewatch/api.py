@@ -100,6 +100,22 @@ async def read_json(request: web.Request, *, optional: bool = False) -> dict[str
     return data
 
 
+def text_field(data: dict[str, Any], name: str, errors: dict[str, str],
+               most: int | None = None) -> str:
+    """The non-empty string field `name` of a body; "" when it is missing or invalid, and
+    then the reason is recorded in `errors` under its name."""
+    raw = data.get(name)
+    if raw is None or raw == "":
+        errors[name] = REQUIRED
+    elif not isinstance(raw, str):
+        errors[name] = "Not a valid string."
+    elif most is not None and len(raw) > most:
+        errors[name] = f"Ensure this field has at most {most} characters."
+    else:
+        return raw
+    return ""
+
+
 def positive_number(value: Any) -> float | str:
     """A finite number > 0 as float, or the error message for the field."""
     # bool is an int subclass: True must not become a price of 1.

@@ -28,7 +28,14 @@ from aiohttp import web
 
 from . import clock
 from .addresses import client_address, limit_key
-from .api import REQUIRED, ApiError, invalid, json_response, not_authenticated, read_json
+from .api import (
+    ApiError,
+    invalid,
+    json_response,
+    not_authenticated,
+    read_json,
+    text_field,
+)
 from .config import Settings
 from .limits import SlidingWindow
 from .passwords import MAX_PASSWORD_BYTES, Passwords
@@ -360,15 +367,8 @@ def require_identity(request: web.Request, allow_query: bool = False) -> Identit
 
 
 def _text_fields(data: dict[str, Any], names: tuple[str, ...]) -> tuple[dict, dict[str, str]]:
-    values, errors = {}, {}
-    for name in names:
-        value = data.get(name)
-        if value is None or value == "":
-            errors[name] = REQUIRED
-        elif not isinstance(value, str):
-            errors[name] = "Not a valid string."
-        else:
-            values[name] = value
+    errors: dict[str, str] = {}
+    values = {name: text_field(data, name, errors) for name in names}
     return values, errors
 
 

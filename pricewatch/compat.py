@@ -37,6 +37,7 @@ from .api import (
     not_authenticated,
     not_found,
     read_json,
+    text_field,
 )
 from .market import MARKET, Latest
 from .schema import username_key
@@ -86,21 +87,6 @@ def _renamed_fields(error: ApiError, names: dict[str, str]) -> ApiError:
     if error.fields:
         error.fields = {names.get(k, k): v for k, v in error.fields.items()}
     return error
-
-
-def _text(data: dict[str, Any], name: str, errors: dict[str, str], most: int | None = None
-          ) -> str:
-    """The string field `name` of a body ("" when it is invalid: then named in `errors`)."""
-    raw = data.get(name)
-    if raw is None or raw == "":
-        errors[name] = REQUIRED
-    elif not isinstance(raw, str):
-        errors[name] = "Not a valid string."
-    elif most is not None and len(raw) > most:
-        errors[name] = f"Ensure this field has at most {most} characters."
-    else:
-        return raw
-    return ""
 
 
 async def _check_user(request: web.Request, identity: auth.Identity, name: str) -> str:
@@ -168,8 +154,8 @@ async def create_by_purpose(request: web.Request) -> web.Response:
     copy = _copy(request)
     data = await read_json(request)
     errors: dict[str, str] = {}
-    name = _text(data, "username", errors)
-    purpose = _text(data, "alert_purpose", errors, MAX_PURPOSE)
+    name = text_field(data, "username", errors)
+    purpose = text_field(data, "alert_purpose", errors, MAX_PURPOSE)
     if data.get("alert_price") is None:
         errors["alert_price"] = REQUIRED
     if errors:
@@ -195,8 +181,8 @@ async def delete_by_purpose(request: web.Request) -> web.Response:
     identity = auth.require_identity(request)
     data = await read_json(request)
     errors: dict[str, str] = {}
-    name = _text(data, "username", errors)
-    purpose = _text(data, "alert_purpose", errors, MAX_PURPOSE)
+    name = text_field(data, "username", errors)
+    purpose = text_field(data, "alert_purpose", errors, MAX_PURPOSE)
     if errors:
         raise invalid(errors)
     username = await _check_user(request, identity, name)
@@ -217,7 +203,7 @@ async def fetch_by_user(request: web.Request) -> web.Response:
     identity = auth.require_identity(request)
     data = await read_json(request)
     errors: dict[str, str] = {}
-    name = _text(data, "username", errors)
+    name = text_field(data, "username", errors)
     status = data.get("alert_status")
     if status is not None and (not isinstance(status, str) or status.upper() not in STATUSES):
         errors["alert_status"] = "Must be one of " + ", ".join(STATUSES) + "."
