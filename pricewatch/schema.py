@@ -177,7 +177,8 @@ MIGRATIONS: list[str] = [
         SELECT id, user_id, asset, price, direction, status, created_at, updated_at,
             triggered_at, triggered_price, notified, note, triggered_backfill,
             triggered_at IS NOT NULL FROM alerts;
-    INSERT OR REPLACE INTO sqlite_sequence(name, seq)
+    DELETE FROM sqlite_sequence WHERE name = 'alerts_new';
+    INSERT INTO sqlite_sequence(name, seq)
         SELECT 'alerts_new', seq FROM sqlite_sequence WHERE name = 'alerts';
     CREATE TABLE outbox_old AS SELECT * FROM outbox;
     DROP TABLE outbox;

@@ -8,17 +8,23 @@ trade time, so cooldowns and expiries are driven by the trades' timestamps: no s
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from datetime import UTC, datetime
 
+import aiohttp
 import orjson
 import pytest
 from conftest import LiveServer, bearer, register
+from fake_binance import FakeBinance, free_port
 from smtp_sink import SmtpSink
 from test_alerts import Trader, create, fake, fetch, market_settings  # noqa: F401 (fixture)
+from test_crash import ServerProcess
+from test_crash import register as crash_register
 
-from pricewatch import clock
+from pricewatch import clock, schema
 from pricewatch.alerts_api import ENGINE
 from pricewatch.server import NOTIFIER
+from pricewatch.store import Store
 
 NOW_MS = int(clock.now() * 1000) // 1000 * 1000  # trades in these tests start around now
 
@@ -392,3 +398,100 @@ async def test_note_is_in_the_email(make_settings, http, fake):  # noqa: F811
             _, events = await get_json(http, server, m.token, "/api/v1/events")
             assert events["results"][0]["deliveries"] == [{"channel": "email",
                                                            "state": "sent"}]
+
+
+async def test_sigkill_keeps_a_repeating_alerts_cooldown_and_trigger_count(tmp_path):
+    """Killed during the cooldown, the restarted server still holds the alert back until
+    the cooldown is over and the price has been back below the target."""
+    async with FakeBinance() as fake, aiohttp.ClientSession() as http:  # noqa: F811
+        servers = [ServerProcess(tmp_path, name, fake.url, free_port())
+                   for name in ("first", "second")]
+        for server in servers:  # no test reaches the internet: REST goes to the fake
+            server.env["PRICEWATCH_BINANCE_REST_URL"] = fake.rest_url
+        first, second = servers
+        trade_ids = iter(range(1, 100))
+
+        async def trade(ws, seconds: float, price: float) -> None:
+            await fake.send_trade("BTCUSDT", next(trade_ids), price, 1,
+                                  NOW_MS + int(seconds * 1000))
+            while True:
+                msg = await next_of(ws, "price")
+                if msg["price"] == price:
+                    return
+
+        try:
+            await first.start(http, fake, connections=1)
+            user = await crash_register(http, first.url)
+            headers = bearer(user["access"])
+            ws = await http.ws_connect(first.ws_url("/live-feed/subscribe/"), headers=headers)
+            await trade(ws, 0, 100.0)
+            async with http.post(first.url + "/api/v1/alerts", headers=headers, json={
+                    "asset": "BTCUSDT", "price": 101.0, "direction": "above",
+                    "repeat": True, "cooldown": 60}) as resp:
+                alert = await resp.json()
+                assert resp.status == 201, alert
+            await trade(ws, 1, 102.0)
+            assert (await next_alert(ws))["event"]["price"] == 102.0
+            await first.kill()
+            await ws.close()
+
+            await second.start(http, fake, connections=2)
+            async with http.get(second.url + f"/api/v1/alerts/{alert['id']}",
+                                headers=headers) as resp:
+                stored = await resp.json()
+            assert (stored["status"], stored["trigger_count"]) == ("TRIGGERED", 1)
+            ws = await http.ws_connect(second.ws_url("/live-feed/subscribe/"),
+                                       headers=headers)
+            await trade(ws, 30, 100.5)  # back below, but inside the cooldown: not armed
+            await trade(ws, 31, 102.0)  # a forgotten cooldown would trigger here
+            await trade(ws, 70, 102.5)  # cooldown over; still above: waits for the far side
+            await trade(ws, 71, 100.5)  # armed
+            await trade(ws, 72, 101.5)  # triggers
+            again = await next_alert(ws)  # the first alert message since the restart
+            assert again["event"]["price"] == 101.5
+            assert again["alert"]["trigger_count"] == 2
+            async with http.get(second.url + "/api/v1/events", headers=headers) as resp:
+                events = (await resp.json())["results"]
+            assert [e["price"] for e in events] == [101.5, 102.0]
+            await ws.close()
+        finally:
+            for server in servers:
+                await server.cleanup()
+
+
+async def test_migration_6_keeps_alerts_and_gives_each_trigger_its_event(tmp_path, monkeypatch):
+    """A database from before events: ids, emails and the id high-water mark survive."""
+    path = str(tmp_path / "pw.db")
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:5])
+    store = await Store.open(path)
+    user = await store.create_user("alice", "a@example.com", "$2b$hash")
+    await store.close()
+    with sqlite3.connect(path) as db:  # as the version-5 writer left it
+        rows = [(user.id, 100.0, "above", "TRIGGERED", 1.7e9, 101.0, "sent"),
+                (user.id, 50.0, "below", "CREATED", None, None, None),
+                (user.id, 60.0, "below", "CREATED", None, None, None)]
+        fired, waiting, gone = (db.execute(
+            "INSERT INTO alerts(user_id, asset, price, direction, status, created_at,"
+            " updated_at, triggered_at, triggered_price, notified)"
+            " VALUES (?, 'BTCUSDT', ?, ?, ?, 0, 0, ?, ?, ?)", row).lastrowid for row in rows)
+        db.execute("INSERT INTO outbox(alert_id, recipient, status, next_attempt_at,"
+                   " created_at) VALUES (?, 'a@example.com', 'sent', 0, 0)", (fired,))
+        db.execute("DELETE FROM alerts WHERE id = ?", (gone,))  # purged
+    monkeypatch.undo()
+    store = await Store.open(path)
+    try:
+        assert await store.schema_version() == len(schema.MIGRATIONS)
+        count, events = await store.list_events(user.id, None, 0, 10)
+        assert count == 1
+        (event,) = events
+        assert (event.alert_id, event.time, event.price, event.deliveries) == (
+            fired, 1.7e9, 101.0, (("email", "sent"),))
+        old = await store.get_alert(user.id, fired)
+        assert (old.status, old.trigger_count, old.kind, old.repeat) == (
+            "TRIGGERED", 1, "price", False)
+        assert (await store.get_alert(user.id, waiting)).trigger_count == 0
+        new = await store.create_alert(user.id, "BTCUSDT", 1.0, "below", max_active=10)
+        assert new.id == gone + 1  # a purged id is never handed out again
+        assert await store.outbox_counts() == {"pending": 0, "sent": 1, "failed": 0}
+    finally:
+        await store.close()
