@@ -343,7 +343,10 @@ class AlertEngine:
         if not self._expiry or min(self._expiry.values()) > now * 1000:
             return 0  # nothing the engine watches expires yet: no query
         ids = await self.store.expire_alerts(now)
-        for alert_id in ids:
+        # Every alert due by now is done with: expired just now, or no longer one that can
+        # expire (triggered for good, deleted): none needs another sweep.
+        due = now * 1000
+        for alert_id in [a for a, when in self._expiry.items() if when <= due]:
             self.untrack(alert_id)
         self.expired += len(ids)
         return len(ids)

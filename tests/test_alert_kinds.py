@@ -188,6 +188,7 @@ async def test_expiry_never_triggers_after_its_time_even_before_the_sweep(live):
     assert len(m.events_of(other["id"])) == 1
     engine = m.server.app[ENGINE]
     assert await engine.expire(clock.now() + 61) == 1
+    assert list(engine._expiry) == [other["id"]]  # the next sweep has nothing to ask about
     _, now = await fetch(m.http, m.server, m.token, soon["id"])
     assert now["status"] == "EXPIRED"
     _, listed = await get_json(m.http, m.server, m.token, "/api/v1/alerts?status=expired")
