@@ -154,7 +154,7 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
             out["percent"] = current.percent
         if "window" in data or not same_kind:
             raw = data.get("window")
-            if raw not in WINDOWS:
+            if not isinstance(raw, str) or raw not in WINDOWS:
                 errors["window"] = (REQUIRED if raw is None
                                     else "One of " + ", ".join(WINDOWS) + ".")
             else:

@@ -289,31 +289,57 @@ async def next_alert(ws) -> dict:
     return msg
 
 
-async def test_resume_racing_new_triggers_has_no_gap_and_no_duplicate(live):
-    """Events committed while the replay is read from the database come after it."""
+async def test_resume_racing_a_commit_replays_first_then_the_live_event(live, monkeypatch):
+    """A resume that arrives while a trigger batch is being committed: the replay (what was
+    announced before) goes out first, then the batch, with nothing twice."""
     m = live
     url = m.server.ws_url("/live-feed/subscribe/")
     await m.at(0, 100.0)
-    targets = [100.0 + i / 10 for i in range(1, 31)]
+    targets = [100.0 + i / 10 for i in range(1, 12)]
     for target in targets:
         await create(m.http, m.server, m.token, asset="BTCUSDT", price=target,
                      direction="above")
     for i, target in enumerate(targets[:10]):
-        await m.at(1 + i, target)
+        await m.at(1 + i, target)  # 10 events, announced while the browser is away
+    engine = m.server.app[ENGINE]
+    store = engine.store
+    committing, release = asyncio.Event(), asyncio.Event()
+    trigger = store.trigger_alerts
+
+    async def held_trigger(items):
+        committing.set()
+        await release.wait()
+        return await trigger(items)
+
+    monkeypatch.setattr(store, "trigger_alerts", held_trigger)
+    registered = asyncio.Event()
+    resume = engine.resume
+
+    def resume_and_tell(*args):
+        resume(*args)
+        registered.set()
+
+    monkeypatch.setattr(engine, "resume", resume_and_tell)
+    await m.fake.send_trade("BTCUSDT", next(m.ids), targets[10], 1, NOW_MS + 20_000)
+    await asyncio.wait_for(committing.wait(), 10)  # the 11th event is being committed
     browser = await m.http.ws_connect(url, headers=bearer(m.token))
     await browser.send_json({"action": "resume", "since": 0})
-    trades = asyncio.create_task(burst(m, targets[10:]))  # triggers during the replay
-    got = []
-    while len(got) < 30:
-        got.append((await next_alert(browser))["event"]["id"])
-    await trades
-    assert got == sorted(got) and len(set(got)) == 30
+    await asyncio.wait_for(registered.wait(), 10)
+    release.set()
+    seen = []
+    while len(seen) < 12:
+        msg = await next_of_any(browser, ("alert", "resumed"))
+        seen.append(msg["event"]["id"] if msg["type"] == "alert" else "resumed")
+    ids = [x for x in seen if x != "resumed"]
+    assert seen.index("resumed") == 10 and ids == sorted(ids) and len(set(ids)) == 11
     await browser.close()
 
 
-async def burst(m: Market, prices) -> None:
-    for i, price in enumerate(prices):
-        await m.at(20 + i, price)
+async def next_of_any(ws, kinds) -> dict:
+    while True:
+        msg = orjson.loads((await asyncio.wait_for(ws.receive(), 10)).data)
+        if msg["type"] in kinds:
+            return msg
 
 
 @pytest.mark.parametrize(("body", "field"), [
@@ -324,6 +350,8 @@ async def burst(m: Market, prices) -> None:
     ({"kind": "percent", "percent": True, "window": "1m"}, "percent"),
     ({"kind": "percent", "percent": 5}, "window"),
     ({"kind": "percent", "percent": 5, "window": "2m"}, "window"),
+    ({"kind": "percent", "percent": 5, "window": ["1m"]}, "window"),
+    ({"kind": ["percent"], "percent": 5, "window": "1m"}, "kind"),
     ({"kind": "percent", "percent": 5, "window": "1m", "direction": "above"}, "direction"),
     ({"kind": "percent", "percent": 5, "window": "1m", "price": 3}, "price"),
     ({"price": 5, "percent": 5}, "percent"),
