@@ -21,6 +21,7 @@ from test_alerts import Trader, create, fake, fetch, market_settings  # noqa: F4
 from test_crash import ServerProcess
 from test_crash import register as crash_register
 
+import pricewatch.alerts as alerts_mod
 from pricewatch import clock, schema
 from pricewatch.alerts_api import ENGINE
 from pricewatch.server import NOTIFIER
@@ -524,3 +525,26 @@ async def test_migration_6_keeps_alerts_and_gives_each_trigger_its_event(tmp_pat
         assert await store.outbox_counts() == {"pending": 0, "sent": 1, "failed": 0}
     finally:
         await store.close()
+
+
+async def test_the_sweep_task_marks_expired_alerts_on_its_own(
+        make_settings, http, fake, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(alerts_mod, "EXPIRE_EVERY", 0.05)
+    async with LiveServer(market_settings(make_settings, fake)) as server:
+        tok = (await register(http, server))["access"]
+        engine = server.app[ENGINE]
+        swept = asyncio.Event()
+        expire = engine.expire
+
+        async def expire_and_tell(now=None):
+            count = await expire(now)
+            if count:
+                swept.set()
+            return count
+
+        engine.expire = expire_and_tell
+        status, alert = await create(http, server, tok, asset="BTCUSDT", price=5.0,
+                                     direction="above", expires_at=iso_in(0.3))
+        assert status == 201, alert
+        await asyncio.wait_for(swept.wait(), 10)
+        assert (await fetch(http, server, tok, alert["id"]))[1]["status"] == "EXPIRED"
