@@ -122,7 +122,12 @@ class AlertEngine:
             self._hits.extend(Hit(aid, symbol, target, direction, price, at, tick.backfill)
                               for aid, target, direction in hits)
             self._cool([hit[0] for hit in hits], tick.time)
-        moves = self.percent.on_trade(symbol, tick.time, price)
+        percent = self.percent
+        if symbol in percent.groups:
+            moves = percent.on_trade(symbol, tick.time, price)
+        else:  # no percent alert on this symbol: only remember where a window would start
+            percent.last[symbol] = tick
+            moves = None
         if moves and tick.backfill and tick.time < self.created.newest:
             last = self.created.last_id_at(tick.time)
             for aid, pct, direction, window in moves:

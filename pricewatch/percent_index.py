@@ -145,22 +145,26 @@ class _Group:
 class PercentIndex:
     """Live percent alerts, grouped per (symbol, window); see the module docstring."""
 
-    __slots__ = ("_groups", "_where", "_last")
+    __slots__ = ("groups", "_where", "last", "_recent")
 
     def __init__(self) -> None:
-        self._groups: dict[str, list[tuple[str, _Group]]] = {}  # symbol -> [(window, group)]
+        self.groups: dict[str, list[tuple[str, _Group]]] = {}  # symbol -> [(window, group)]
         self._where: dict[int, _Group] = {}  # alert id -> its group
-        self._last: dict[str, tuple[int, float]] = {}  # symbol -> its last (second, price)
+        # symbol -> its last trade (anything with `time` in ms and `price`), from which a new
+        # window starts. The caller keeps it for symbols without a group (see on_trade).
+        self.last: dict[str, object] = {}
+        self._recent: dict[str, tuple[int, float]] = {}  # the same, once it has a group
 
     def on_trade(self, symbol: str, time_ms: float, price: float
                  ) -> list[tuple[int, float, str, str]]:
         """Feed a trade to the symbol's windows; return ``(id, percent, direction, window)``
-        of every alert it triggers (removed from the index)."""
-        second = int(time_ms // 1000)
-        self._last[symbol] = (second, price)  # a new window starts from it
-        groups = self._groups.get(symbol)
+        of every alert it triggers (removed from the index). For a symbol not in `groups`
+        the caller may skip this and only set ``last[symbol]`` (the tick path does)."""
+        groups = self.groups.get(symbol)
         if groups is None:
             return []
+        second = int(time_ms // 1000)
+        self._recent[symbol] = (second, price)
         hits = []
         for window, group in groups:
             group.feed(second, price)
@@ -182,16 +186,19 @@ class PercentIndex:
         if not 0.0 < percent <= 100.0:
             raise ValueError(f"percent must be in (0, 100], not {percent!r}")
         self.remove(alert_id)
-        groups = self._groups.setdefault(symbol, [])
+        groups = self.groups.setdefault(symbol, [])
         for name, group in groups:
             if name == window:
                 break
         else:
             group = _Group(seconds)
             groups.append((window, group))
-            last = self._last.get(symbol)
-            if last is not None:
-                group.feed(*last)
+            recent = self._recent.get(symbol)
+            last = self.last.get(symbol)
+            if recent is not None:
+                group.feed(*recent)
+            elif last is not None:
+                group.feed(int(last.time // 1000), last.price)
         group.add(alert_id, float(percent), direction)
         self._where[alert_id] = group
 
@@ -201,7 +208,7 @@ class PercentIndex:
 
     def window_range(self, symbol: str, window: str) -> tuple[float, float] | None:
         """(lowest, highest) trade price in the window now, None before any trade."""
-        for name, group in self._groups.get(symbol, ()):
+        for name, group in self.groups.get(symbol, ()):
             if name == window and group.lows:
                 return group.lows[0][1], group.highs[0][1]
         return None

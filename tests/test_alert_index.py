@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -324,7 +325,7 @@ def test_percent_any_leaves_both_sides_when_it_fires():
     index.on_trade("BTC", 0, 100.0)
     assert index.on_trade("BTC", 1000, 97.0) == [(1, 2.0, "any", "5m")]
     assert index.on_trade("BTC", 2000, 110.0) == [(2, 2.0, "up", "5m")]  # 1 is gone
-    group = index._groups["BTC"][0][1]
+    group = index.groups["BTC"][0][1]
     assert len(group.up_ids) == len(group.down_ids) == 0
 
 
@@ -369,3 +370,13 @@ def test_percent_index_matches_a_brute_force_model(steps, alerts):
         assert got == expected
         for alert_id in got:
             del live[alert_id]
+
+
+def test_a_new_window_starts_from_the_symbols_last_trade():
+    index = PercentIndex()
+    index.last["BTC"] = SimpleNamespace(time=5_000, price=100.0)  # as the tick path keeps it
+    index.add(1, "BTC", "1m", 5.0, "up")
+    assert index.window_range("BTC", "1m") == (100.0, 100.0)
+    index.on_trade("BTC", 6_000, 90.0)
+    index.add(2, "BTC", "5m", 5.0, "down")  # the symbol has a group: its newest trade counts
+    assert index.window_range("BTC", "5m") == (90.0, 90.0)
