@@ -41,6 +41,20 @@ EXPIRE_EVERY = 5.0  # seconds between expiry sweeps (the tick path never waits f
 REPLAY_MAX = 1000  # events re-sent at most per resume (older ones: GET /api/v1/events)
 
 
+def _push(heap: list[tuple[float, int]], live: dict[int, float], when: float, alert_id: int
+          ) -> list[tuple[float, int]]:
+    """Push onto a heap whose entries are valid only while `live` still maps the id to that
+    time (stale ones are skipped when popped); rebuilt from `live` once stale entries would
+    be most of it, so that creating and deleting alerts cannot grow it without end."""
+    if len(heap) > 2 * len(live) + 1024:
+        heap = [(t, i) for i, t in live.items()]
+        heapq.heapify(heap)
+        if live.get(alert_id) == when:
+            return heap  # the new entry is in `live` already
+    heapq.heappush(heap, (when, alert_id))
+    return heap
+
+
 def alert_message(alert: Alert, event: Event | None) -> bytes:
     """The `{"type": "alert"}` live message for one trigger."""
     return orjson.dumps({"type": "alert", "alert": alert.public(),
@@ -206,7 +220,7 @@ class AlertEngine:
 
     def _start_cooldown(self, alert_id: int, until_ms: float) -> None:
         self._cooling[alert_id] = until_ms
-        heapq.heappush(self._cool_heap, (until_ms, alert_id))
+        self._cool_heap = _push(self._cool_heap, self._cooling, until_ms, alert_id)
         self._next_due = min(self._next_due, until_ms)
 
     def _due(self, t_ms: float) -> None:
@@ -267,7 +281,7 @@ class AlertEngine:
         if alert.expires_at is not None and alert.status in ("CREATED", "TRIGGERED"):
             when = alert.expires_at * 1000
             self._expiry[alert.id] = when
-            heapq.heappush(self._exp_heap, (when, alert.id))
+            self._exp_heap = _push(self._exp_heap, self._expiry, when, alert.id)
             self._next_due = min(self._next_due, when)
         if alert.status == "TRIGGERED":  # a repeating alert cooling down
             if alert.repeat and alert.rearm_at is not None:

@@ -24,6 +24,9 @@ from test_crash import register as crash_register
 import pricewatch.alerts as alerts_mod
 from pricewatch import clock, schema
 from pricewatch.alerts_api import ENGINE
+from pricewatch.feeds import Tick
+from pricewatch.hub import Hub
+from pricewatch.records import Alert
 from pricewatch.server import NOTIFIER
 from pricewatch.store import Store
 
@@ -548,3 +551,16 @@ async def test_the_sweep_task_marks_expired_alerts_on_its_own(
         assert status == 201, alert
         await asyncio.wait_for(swept.wait(), 10)
         assert (await fetch(http, server, tok, alert["id"]))[1]["status"] == "EXPIRED"
+
+
+def test_creating_and_deleting_alerts_with_expiries_keeps_the_heap_bounded():
+    engine = alerts_mod.AlertEngine(None, Hub())  # type: ignore[arg-type]
+    for alert_id in range(1, 10_001):
+        engine.track(Alert(alert_id, 1, "BTCUSDT", 5.0, "above", "CREATED", 0.0, None, None,
+                           None, expires_at=4e9, repeat=True))
+        engine.untrack(alert_id)
+    assert len(engine._exp_heap) <= 1024 + 1 and not engine._expiry
+    engine.track(Alert(10_001, 1, "BTCUSDT", 5.0, "above", "CREATED", 0.0, None, None, None,
+                       expires_at=4e9))
+    engine.on_tick(Tick("BTCUSDT", 6.0, 1.0, 4 * 10**12, 1))  # past it: never triggers
+    assert 10_001 not in engine.index and engine._hits == []
