@@ -208,8 +208,9 @@ async def metrics(request: web.Request) -> web.Response:
     for reason in DROP_REASONS:
         out.sample("pricewatch_websocket_dropped_total", hub.drops[reason.reason],
                    reason=reason.reason)
-    out.metric("pricewatch_alerts_active", "gauge", "CREATED alerts held by the engine.")
-    out.sample("pricewatch_alerts_active", len(engine.index))
+    out.metric("pricewatch_alerts_active", "gauge",
+               "CREATED alerts held by the engine (price and percent).")
+    out.sample("pricewatch_alerts_active", len(engine.index) + len(engine.percent))
     out.metric("pricewatch_alerts_triggered_total", "counter",
                "Alerts triggered by this process.")
     out.sample("pricewatch_alerts_triggered_total", engine.triggered)
