@@ -399,7 +399,7 @@ def create_app(settings: Settings) -> web.Application:
     app[CLIENT_ADDRESSES] = ClientAddresses(settings.trusted_proxies)
     app[HEALTH] = {}
     hub = Hub(max_queue_bytes=settings.ws_max_queue_bytes,
-              max_per_address=settings.max_ws_per_address)
+              max_per_address=settings.max_ws_per_address, max_rate=settings.ws_max_rate)
     app[HUB] = hub
     mkt = app[MARKET] = Market(settings.symbols, hub)
     rest = app[BINANCE_REST] = BinanceRest(settings.binance_rest_url, settings.binance_api_key,
