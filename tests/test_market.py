@@ -454,9 +454,9 @@ class SlowClientRig:
     The slow client has a tiny kernel receive buffer, a client library that stops reading
     the socket once one message waits unread, and subscribes to every timeframe with
     `max_rate: 0` (up to 7 candle messages per trade: state is still conflated, but flushed
-    as often as the loop allows). The server side of its socket gets a small send buffer too: loopback
-    buffers autotune up to megabytes, and a test must fill them within a bounded number of
-    trades. The hub's `drop` and `detach` are wrapped to signal events.
+    as often as the loop allows). The server side of its socket gets a small send buffer
+    too: loopback buffers autotune up to megabytes, and a test must fill them within a
+    bounded number of trades. The hub's `drop` and `detach` are wrapped to signal events.
     """
 
     def __init__(self, server: LiveServer, upstream: Upstream, http: aiohttp.ClientSession,
@@ -578,8 +578,9 @@ async def test_client_that_reads_too_slowly_is_dropped(
         await rig.start()
         # The slow client reads after every batch, so its socket never stays full for
         # send_timeout; but it takes one of the several messages each batch brings (at least
-        # one candle per timeframe) and what waits for it gets older for good: it is dropped once the oldest byte or state held for
-        # it waited slow_timeout (the lag), not left to read ever older prices.
+        # one candle per timeframe) and what waits for it gets older for good: it is dropped
+        # once the oldest byte or state held for it waited slow_timeout (the lag), not left
+        # to read ever older prices.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5
         while not rig.dropped.is_set():
