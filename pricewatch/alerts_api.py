@@ -119,9 +119,10 @@ async def list_alerts(request: web.Request) -> web.Response:
     page_size = query_int(request, "page_size", 10, 1, 100, errors)
     if errors:
         raise invalid(errors)
-    count, alerts = await request.app[ENGINE].store.list_alerts(
+    page_read = await request.app[ENGINE].store.list_alerts(
         identity.user_id, status.upper() if status else None, (page - 1) * page_size,
         page_size)
+    count, alerts = page_read
     if page > 1 and not alerts:
         raise ApiError(404, "not_found", "Invalid page.")
     last_page = max(1, -(-count // page_size))
@@ -129,8 +130,24 @@ async def list_alerts(request: web.Request) -> web.Response:
         "count": count,
         "next": _page_url(request, page + 1 if page < last_page else None),
         "previous": _page_url(request, page - 1 if page > 1 else None),
-        "results": [a.public() for a in alerts],
+        "results": _public_page(page_read),
     })
+
+
+# The store hands back the same page object until a commit changes the database: its wire
+# form is made once per such page, not per request (polling clients; see bench/http.py).
+_PUBLIC_PAGES: dict[int, tuple[tuple, list[dict]]] = {}  # id(page) -> (page, public form)
+
+
+def _public_page(page_read: tuple[int, list[Alert]]) -> list[dict]:
+    cached = _PUBLIC_PAGES.get(id(page_read))
+    if cached is not None and cached[0] is page_read:  # held, so its id is not reused
+        return cached[1]
+    if len(_PUBLIC_PAGES) >= 1024:
+        _PUBLIC_PAGES.clear()
+    public = [a.public() for a in page_read[1]]
+    _PUBLIC_PAGES[id(page_read)] = (page_read, public)
+    return public
 
 
 async def get_alert(request: web.Request) -> web.Response:
