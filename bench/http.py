@@ -163,7 +163,8 @@ def _r(x: float | None) -> float | None:
 
 
 async def run(args) -> dict:
-    server = ServerProcess({"PRICEWATCH_FEED": "off"})  # bcrypt: the default cost
+    server = ServerProcess({"PRICEWATCH_FEED": "off"},  # bcrypt: the default cost
+                           root=args.server_root)
     await asyncio.to_thread(server.start)
     try:
         connector = aiohttp.TCPConnector(limit=max(args.concurrency, args.login_concurrency))
@@ -234,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--login-seconds", type=float, default=5.0)
     parser.add_argument("--alerts", type=int, default=50)
     parser.add_argument("--no-wrk", action="store_true", help="use the Python client only")
+    parser.add_argument("--server-root", type=Path, default=None,
+                        help="run the server from this checkout instead (old figures)")
     parser.add_argument("--wrk-threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3,
                         help="wrk: alternating list/prices runs (the median is reported)")
