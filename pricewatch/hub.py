@@ -458,9 +458,24 @@ class Hub:
         if client.closed or writer.transport is None or writer.transport.is_closing():
             self.backlog.discard(client)
             return
+        if writer.state and not writer.events:
+            self._refresh(writer)
         writer.flush()
         if not writer.events and not writer.state:
             self.backlog.discard(client)
+
+    def _refresh(self, writer: ClientWriter) -> None:
+        """Bring held state up to date before it is written: what a client that was behind
+        gets is the newest value of each topic and key, not the one current when it fell
+        behind (events sent meanwhile may carry newer values)."""
+        size = 0
+        for topic, frames in writer.state.items():
+            if topic in self.topics:  # the cache is only kept fresh for subscribed topics
+                rendered = self._render(topic, set(frames))
+                if rendered is not None:
+                    frames.update(rendered[1])
+            size += sum(map(len, frames.values()))
+        writer.state_bytes = size
 
     # -- state (conflated) -------------------------------------------------------------
 

@@ -315,3 +315,20 @@ async def test_the_group_timer_flushes_at_the_rate():
     assert loop.time() - start <= 0.02 + 0.05
     await hub.close_all()
     assert all(g.timer is None for g in hub.groups.values())
+
+
+async def test_held_state_is_brought_up_to_date_before_it_is_written():
+    hub, values = state_hub(write_limit=1024)
+    client, transport = attach(hub)
+    topic = ("s", "A")
+    hub.subscribe(client, topic, 0)
+    transport.buffered = 1024
+    values[(topic, None)] = b"old"
+    hub.mark_dirty(topic)
+    hub.flush_state(0)
+    assert client.writer.state == {topic: {None: frame(b"old")}}
+    values[(topic, None)] = b"new"
+    hub.mark_dirty(topic)  # changed while the client is behind, not flushed to it yet
+    transport.buffered = 0
+    hub.flush(client)
+    assert transport.written == [frame(b"new")]
