@@ -1,11 +1,12 @@
 """Benchmark websocket fan-out at market rates: N live-feed subscribers, R trades/s.
 
     python bench/fanout.py --rate 500 --clients 2000 [--max-rate M] [--procs P]
-                           [--duration 15] [--server-root PATH]
+                           [--duration 15] [--server-root PATH] [--compare-root PATH]
 
 ``python -m pricewatch`` runs as a subprocess (PRICEWATCH_FEED=binance pointed at a fake
 Binance served by this process over raw asyncio sockets; ``--server-root`` runs another
-checkout's server, e.g. a worktree of the old design, for figures measured side by side).
+checkout's server, e.g. an export of the old design; ``--compare-root`` runs the same load
+against this checkout and then that one, in the same invocation, and prints both).
 One user is registered (PRICEWATCH_BCRYPT_ROUNDS=4) and its access token opens ``--clients``
 websockets spread over ``--procs`` client processes (aiohttp), each subscribed to both
 symbols (with ``"max_rate": M`` when given). The fake then sends ``--rate`` trades/s,
@@ -332,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--server-root", type=Path, default=None,
                         help="run the server from this checkout instead (old design)")
+    parser.add_argument("--compare-root", type=Path, default=None,
+                        help="then run the same load against this checkout's server")
     args = parser.parse_args(argv)
     setup_logging()
     nofile = raise_nofile()
@@ -340,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = loadavg()
     began = time.monotonic()
     out = asyncio.run(run(args))
+    if args.compare_root is not None:
+        other = argparse.Namespace(**{**vars(args), "server_root": args.compare_root})
+        out = {"this": out, "compared": asyncio.run(run(other))}
     out["cores"] = os.cpu_count()
     out["loadavg_1m_before"] = load_before
     out["elapsed_s"] = round(time.monotonic() - began, 1)

@@ -79,6 +79,9 @@ SHUTDOWN = Disconnect(GOING_AWAY, "shutdown", b"server shutdown")
 DROP_REASONS = (QUEUE_FULL, SLOW, TOO_MANY_MESSAGES, SESSION_ENDED)  # counted in Hub.drops
 
 
+_NONE = ()  # an empty queue that allocates nothing (see ClientWriter.__init__)
+
+
 class ClientWriter:
     """One client's outgoing frames (the shape of centrifuge's writer.go).
 
@@ -99,7 +102,9 @@ class ClientWriter:
         self.transport = transport
         self.max_bytes = max_bytes
         self.write_limit = write_limit
-        self.events: deque[tuple[bytes, float]] = deque()
+        # Both queues start as the shared empty tuple and become deques when first needed:
+        # most clients never queue anything (an empty deque costs ~760 bytes each).
+        self.events: deque[tuple[bytes, float]] = _NONE  # type: ignore[assignment]
         self.queued = 0  # bytes in `events`
         self.peak = 0  # most bytes ever held (socket buffer + queue), for tests and benches
         self.full_since: float | None = None  # when the socket buffer was seen full
@@ -110,13 +115,15 @@ class ClientWriter:
         # write that left bytes unsent; the first mark past what the socket has sent
         # dates the oldest byte still waiting. A client that keeps up records nothing.
         self.written = 0
-        self.marks: deque[tuple[int, float]] = deque()
+        self.marks: deque[tuple[int, float]] = _NONE  # type: ignore[assignment]
 
     def _write(self, data: bytes) -> None:
         transport = self.transport
         transport.write(data)
         self.written += len(data)
         if transport.get_write_buffer_size():
+            if self.marks is _NONE:
+                self.marks = deque()
             self.marks.append((self.written, time.monotonic()))
 
     def lag(self, now: float) -> float:
@@ -143,6 +150,8 @@ class ClientWriter:
             # (aiohttp's own frames, pings and close, are whole writes too.)
             self._write(framed)
         else:
+            if self.events is _NONE:
+                self.events = deque()
             self.events.append((framed, time.monotonic()))
             self.queued += len(framed)
         return None
@@ -235,12 +244,12 @@ class ClientWriter:
 
     def clear(self) -> None:
         """Forget every queued frame (the client is gone: its memory goes now)."""
-        self.events.clear()
+        self.events = _NONE  # type: ignore[assignment]
         self.queued = 0
         self.state = {}
         self.state_bytes = 0
         self.state_since = None
-        self.marks.clear()
+        self.marks = _NONE  # type: ignore[assignment]
 
 
 class Client:
