@@ -19,8 +19,9 @@ Figures (one JSON line on stdout; logs on stderr):
 - ``latency_ms`` p50/p99/max: trade sent -> client parsed it (from the message's ``time``,
   ms resolution, the clocks are the same machine's).
 - ``last_value``: after the burst (and ``--grace`` s), how many clients' last price per
-  symbol equals that symbol's last trade (``equal_last``/``clients``), and ``age_ms``
-  p50/p99/max: when that last message arrived, counted from the last trade's send.
+  symbol equals that symbol's last trade (``equal_last``/``clients``: both symbols), and
+  ``age_ms`` p50/p99/max over the (client, symbol) pairs that got it: when that last
+  message arrived, counted from the last trade's send.
 - ``server_cpu_pct`` over the trade window (100 = one core), ``server_rss_mb`` at its end,
   ``idle_kb_per_client`` (RSS growth from connecting the clients / clients),
   ``client_cpu_pct`` (all client processes together): on a small machine the client
