@@ -27,6 +27,9 @@ Figures (one JSON line on stdout; logs on stderr):
   ``client_cpu_pct`` (all client processes together): on a small machine the client
   load competes with the server for the same cores, so both are reported.
 - ``drops``: clients closed with 1008 during the window.
+- ``server_flush_ms``: from the server's /metrics (where it has them), the mean and longest
+  conflation flush during the window (render + one write per due client): the server's own
+  share of the latency, apart from the client processes' backlog.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
+
+import urllib.request  # noqa: E402  (after the path fix: bench/http.py is not `http`)
 
 import aiohttp  # noqa: E402
 import orjson  # noqa: E402
@@ -253,6 +258,7 @@ async def run(args) -> dict:
         for pipe in pipes:
             pipe.send("record")
         await asyncio.sleep(0.2)
+        flushes0 = await asyncio.to_thread(flush_figures, server.url)
         server_cpu = CpuMeter(server.pid)
         server_cpu.start()
         window = time.monotonic()
@@ -260,6 +266,7 @@ async def run(args) -> dict:
         window = time.monotonic() - window
         cpu = server_cpu.stop()
         rss = status_mb(server.pid, "VmRSS")
+        flushes1 = await asyncio.to_thread(flush_figures, server.url)
         log.info("burst over; waiting %.1fs for the last values", args.grace)
         await asyncio.sleep(args.grace)  # the newest values must arrive within this
         hist: Counter[int] = Counter()
@@ -316,7 +323,32 @@ async def run(args) -> dict:
         "server_rss_mb": round(rss, 1), "server_hwm_mb": round(hwm, 1),
         "idle_kb_per_client": round((rss_idle - rss_before) * 1024 / max(1, connected), 1),
         "drops": drops, "closed_during_window": closed, "connect_s": round(connect_s, 1),
+        "server_flush_ms": _flush_ms(flushes0, flushes1),
     }
+
+
+def flush_figures(url: str) -> dict[str, float]:
+    """The conflation flush samples of the server's /metrics (none on the old design)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("pricewatch_websocket_state_flush"):
+            name, value = line.rsplit(" ", 1)
+            found[name] = float(value)
+    return found
+
+
+def _flush_ms(before: dict[str, float], after: dict[str, float]) -> dict | None:
+    count = "pricewatch_websocket_state_flushes_total"
+    seconds = "pricewatch_websocket_state_flush_seconds_total"
+    if count not in after:
+        return None
+    flushes = after[count] - before.get(count, 0)
+    return {"flushes": int(flushes),
+            "mean": round(1000 * (after[seconds] - before.get(seconds, 0)) / max(1, flushes), 2),
+            "max_since_start": round(1000 * after["pricewatch_websocket_state_flush_max_seconds"],
+                                     2)}
 
 
 def main(argv: list[str] | None = None) -> int:

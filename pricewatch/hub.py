@@ -314,7 +314,11 @@ class Hub:
         self.renderers: dict[str, Render] = {}  # state topic kind -> its renderer
         self.groups: dict[int, RateGroup] = {}  # max_rate -> group, while it has subscribers
         self._frames: dict[Topic, dict] = {}  # topic -> {key: frame}, valid until marked dirty
-        self.state_flushes = 0  # group flushes that sent something (for tests and benches)
+        # Group flushes that sent something, their total and longest time (for /metrics:
+        # the server's own share of tick -> client latency, apart from the clients').
+        self.state_flushes = 0
+        self.flush_seconds = 0.0
+        self.flush_max = 0.0
 
     @property
     def dropped(self) -> int:
@@ -591,6 +595,7 @@ class Hub:
         dirty = group.dirty
         if not dirty:
             return
+        began = time.perf_counter()
         group.dirty = {}
         due: dict[Client, list[tuple[Topic, Rendered]]] = {}
         for topic, keys in dirty.items():
@@ -607,8 +612,6 @@ class Hub:
                     due[client] = [entry]
                 else:
                     entries.append(entry)
-        if due:
-            self.state_flushes += 1
         for client, entries in due.items():
             if client.closed:
                 continue
@@ -621,6 +624,12 @@ class Hub:
             elif writer.state and client not in self.backlog:
                 self.backlog.add(client)
                 self._behind.set()
+        if due:
+            took = time.perf_counter() - began
+            self.state_flushes += 1
+            self.flush_seconds += took
+            if took > self.flush_max:
+                self.flush_max = took
 
     async def flusher(self) -> None:
         """Run until cancelled: flush every client that is behind, every FLUSH_INTERVAL

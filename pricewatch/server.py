@@ -203,6 +203,15 @@ async def metrics(request: web.Request) -> web.Response:
     for reason in DROP_REASONS:
         out.sample("pricewatch_websocket_dropped_total", hub.drops[reason.reason],
                    reason=reason.reason)
+    out.metric("pricewatch_websocket_state_flushes_total", "counter",
+               "Flushes of conflated prices/candles that sent something.")
+    out.sample("pricewatch_websocket_state_flushes_total", hub.state_flushes)
+    out.metric("pricewatch_websocket_state_flush_seconds_total", "counter",
+               "Time spent in those flushes (rendering and writing to every due client).")
+    out.sample("pricewatch_websocket_state_flush_seconds_total", round(hub.flush_seconds, 6))
+    out.metric("pricewatch_websocket_state_flush_max_seconds", "gauge",
+               "The longest of those flushes since start.")
+    out.sample("pricewatch_websocket_state_flush_max_seconds", round(hub.flush_max, 6))
     out.metric("pricewatch_alerts_active", "gauge", "CREATED alerts held by the engine.")
     out.sample("pricewatch_alerts_active", len(engine.index))
     out.metric("pricewatch_alerts_triggered_total", "counter",

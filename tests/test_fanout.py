@@ -23,6 +23,7 @@ from conftest import LiveServer, bearer, register
 from fake_binance import FakeBinance
 from raw_ws import RawWebSocket
 from test_alerts import Trader, create
+from test_ops import sample, scrape
 
 from pricewatch.hub import SLOW
 from pricewatch.market import HUB, MARKET
@@ -168,6 +169,12 @@ async def test_a_burst_arrives_conflated_at_max_rate_with_the_exact_last_price(
     # max_rate 0: as often as the loop allows; still conflated (fewer than the trades).
     got = every.since(start)
     assert got[-1][1]["price"] == last and len(default.since(start)) <= len(got) < BURST
+    # /metrics tells the server's own share of the latency: its flushes and their time.
+    text = await scrape(http, live)
+    flushes = sample(text, "pricewatch_websocket_state_flushes_total")
+    assert len(got) <= flushes and len(default.since(start)) + len(two.since(start)) <= flushes
+    assert 0 < sample(text, "pricewatch_websocket_state_flush_max_seconds") <= sample(
+        text, "pricewatch_websocket_state_flush_seconds_total")
     for sub in (default, two, every):
         await sub.close()
 
