@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from pricewatch.hub import MAX_SUBSCRIPTIONS, QUEUE_FULL, SLOW, WS_BURST, Hub, frame
+from pricewatch.hub import MAX_SUBSCRIPTIONS, PHASES, QUEUE_FULL, SLOW, WS_BURST, Hub, frame
 
 
 class Transport:
@@ -288,9 +288,9 @@ async def test_rates_group_subscriptions_and_resubscribing_moves_them():
     client, transport = attach(hub)
     topic = ("s", "A")
     hub.subscribe(client, topic, 2)
-    assert set(hub.groups) == {2}
+    assert set(hub.groups) == {(2, client.phase)}
     hub.subscribe(client, topic, 0)
-    assert set(hub.groups) == {0} and client.rates == {topic: 0}
+    assert set(hub.groups) == {(0, 0)} and client.rates == {topic: 0}
     values[(topic, None)] = b"now"
     hub.mark_dirty(topic)  # rate 0: flushed as soon as the loop is free
     assert transport.written == []
@@ -332,3 +332,22 @@ async def test_held_state_is_brought_up_to_date_before_it_is_written():
     transport.buffered = 0
     hub.flush(client)
     assert transport.written == [frame(b"new")]
+
+
+async def test_clients_of_one_rate_are_flushed_in_staggered_phases():
+    hub, values = state_hub()
+    topic = ("s", "A")
+    clients = [attach(hub, "live") for _ in range(2 * PHASES)]
+    for client, _ in clients:
+        hub.subscribe(client, topic)
+    assert sorted(hub.groups) == [(hub.max_rate, p) for p in range(PHASES)]
+    assert all(len(g.subs[topic]) == 2 for g in hub.groups.values())
+    dues = sorted(g.due for g in hub.groups.values())
+    interval = 1 / hub.max_rate
+    assert all(abs(b - a - interval / PHASES) < 0.01 for a, b in zip(dues, dues[1:]))
+    values[(topic, None)] = b"1"
+    hub.mark_dirty(topic)
+    first = hub.groups[hub.max_rate, 0]
+    hub._flush_group(first)  # one phase: only its clients are written to
+    assert [bool(t.written) for c, t in clients] == [c.phase == 0 for c, _ in clients]
+    await hub.close_all()
