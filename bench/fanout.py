@@ -266,7 +266,7 @@ async def run(args) -> dict:
         window = time.monotonic() - window
         cpu = server_cpu.stop()
         rss = status_mb(server.pid, "VmRSS")
-        flushes1 = await asyncio.to_thread(flush_figures, server.url)
+        flushes1 = (await asyncio.to_thread(flush_figures, server.url)) if flushes0 else {}
         log.info("burst over; waiting %.1fs for the last values", args.grace)
         await asyncio.sleep(args.grace)  # the newest values must arrive within this
         hist: Counter[int] = Counter()
@@ -328,9 +328,13 @@ async def run(args) -> dict:
 
 
 def flush_figures(url: str) -> dict[str, float]:
-    """The conflation flush samples of the server's /metrics (none on the old design)."""
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
+    """The conflation flush samples of the server's /metrics (none on the old design, or
+    when a saturated server does not answer in time)."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
     found = {}
     for line in text.splitlines():
         if line.startswith("pricewatch_websocket_state_flush"):
