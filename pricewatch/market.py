@@ -80,7 +80,7 @@ class Market:
         self.trade_hooks: list[Callable[[Tick], None]] = []
         self.closed = False  # set at shutdown: ticks still arriving are ignored
         # Topic keys built once, so the tick path allocates no tuples.
-        self._price_topic = {s: ("price", s) for s in symbols}
+        self.price_topic = {s: ("price", s) for s in symbols}  # shared by every subscriber
         self._candle_topics = {s: [(ms, ("ohlc", s, tf)) for tf, ms in TIMEFRAMES.items()]
                                for s in symbols}
         hub.register_state("price", self._render_price)
@@ -101,7 +101,7 @@ class Market:
         topics = hub.topics
         if not topics:
             return
-        topic = self._price_topic[symbol]
+        topic = self.price_topic[symbol]
         if topic in topics:
             hub.mark_dirty(topic)
         at = tick.time
@@ -331,7 +331,7 @@ async def live_feed(request: web.Request) -> web.StreamResponse:
     def on_open(client: Client) -> None:
         default = market.symbols[:MAX_SUBSCRIPTIONS]  # every watched symbol, up to the cap
         for symbol in default:
-            hub.subscribe(client, ("price", symbol))
+            hub.subscribe(client, market.price_topic[symbol])
         send_prices(client, default)
 
     def on_message(client: Client, data: dict) -> None:
@@ -349,7 +349,7 @@ async def live_feed(request: web.Request) -> web.StreamResponse:
             hub.send(client, _error("Unknown symbols: " + _named(unknown)
                                     + ". Watched: " + ", ".join(market.symbols)))
             return
-        topics = {("price", symbol) for symbol in symbols}
+        topics = {market.price_topic[symbol] for symbol in symbols}
         if action == "subscribe":
             max_rate, errors = _max_rate(hub, data)
             if errors:

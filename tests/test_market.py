@@ -547,7 +547,7 @@ class SlowClientRig:
         await self.reader.close()
 
 
-async def test_client_that_never_reads_is_dropped_and_others_get_every_tick(
+async def test_client_that_never_reads_is_dropped_and_others_keep_the_newest_price(
         live: LiveServer, upstream: Upstream, http: aiohttp.ClientSession,
         monkeypatch: pytest.MonkeyPatch) -> None:
     rig = SlowClientRig(live, upstream, http, monkeypatch)
