@@ -91,15 +91,22 @@ class AlertsMixin:
         if status is not None:
             where += " AND status = ?"
             params.append(status)
-        # The total rides along each row (a window count): one query for page and count.
-        rows = await self._all(
-            f"SELECT {_ALERT_COLS}, COUNT(*) OVER () FROM alerts WHERE {where}"
-            " ORDER BY id DESC LIMIT ? OFFSET ?", [*params, limit, offset])
-        if rows:
-            count = rows[0][-1]
-        else:  # past the last page: no row carries the count
-            (count,) = await self._one(f"SELECT COUNT(*) FROM alerts WHERE {where}", params)
+        count, rows = await self._counted_page(_ALERT_COLS, "alerts", where, params, "id",
+                                               limit, offset)
         return count, [_alert(r) for r in rows]
+
+    async def _counted_page(self, columns: str, table: str, where: str, params: list,
+                            order: str, limit: int, offset: int) -> tuple[int, list]:
+        """(total count, one page of rows newest first by `order`). The total rides along
+        each row (a window count): one query for page and count."""
+        rows = await self._all(
+            f"SELECT {columns}, COUNT(*) OVER () FROM {table} WHERE {where}"
+            f" ORDER BY {order} DESC LIMIT ? OFFSET ?", [*params, limit, offset])
+        if rows:
+            return rows[0][-1], rows
+        # past the last page: no row carries the count
+        (count,) = await self._one(f"SELECT COUNT(*) FROM {table} WHERE {where}", params)
+        return count, rows
 
     async def update_alert(self, user_id: int, alert_id: int, asset: str, price: float | None,
                            direction: str, **fields) -> Alert:
@@ -191,13 +198,8 @@ class AlertsMixin:
         if alert_id is not None:
             where += " AND e.alert_id = ?"
             params.append(alert_id)
-        rows = await self._all(
-            f"SELECT {_EVENT_COLS}, COUNT(*) OVER () FROM events e WHERE {where}"
-            " ORDER BY e.id DESC LIMIT ? OFFSET ?", [*params, limit, offset])
-        if rows:
-            count = rows[0][-1]
-        else:
-            (count,) = await self._one(f"SELECT COUNT(*) FROM events e WHERE {where}", params)
+        count, rows = await self._counted_page(_EVENT_COLS, "events e", where, params, "e.id",
+                                               limit, offset)
         return count, [_event(r) for r in rows]
 
     async def events_between(self, user_id: int, after: int, upto: int, limit: int
