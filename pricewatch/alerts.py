@@ -14,6 +14,7 @@ import asyncio
 import heapq
 import logging
 import math
+import time
 from collections.abc import Callable
 from contextlib import suppress
 
@@ -39,6 +40,7 @@ PURGE_EVERY = 3600.0  # seconds between purges
 CREATION_HORIZON = 86400.0
 EXPIRE_EVERY = 5.0  # seconds between expiry sweeps (the tick path never waits for one)
 REPLAY_MAX = 1000  # events re-sent at most per resume (older ones: GET /api/v1/events)
+RESUME_EVERY = 5.0  # seconds between two resumes of one live-feed connection
 
 
 def _push(heap: list[tuple[float, int]], live: dict[int, float], when: float, alert_id: int
@@ -98,6 +100,8 @@ class AlertEngine:
         self._next_due = math.inf  # the earliest time either heap needs a look
         self._hits: list[Hit | Arm] = []
         self._resumes: list[tuple[int, int, int, Callable[[bytes], None]]] = []
+        # When each connection last asked to resume (closed ones are dropped as it grows).
+        self._resumed_at: dict[object, float] = {}
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -329,14 +333,29 @@ class AlertEngine:
         self._wake.set()
 
     def resume_client(self, hub: Hub, client, data: dict) -> None:
-        """A live-feed client's `{"action": "resume", "since": EVENT_ID}` (see `resume`)."""
+        """A live-feed client's `{"action": "resume", "since": EVENT_ID}` (see `resume`).
+
+        A replay costs the trigger writer a read and a render per event: one connection may
+        ask once per RESUME_EVERY seconds (a client resumes once per reconnect), and a
+        replay for a connection that has closed meanwhile is skipped."""
         since = data.get("since")
+        now = time.monotonic()
         if client.user_id is None:
             detail = "This format carries no alert events."
         elif isinstance(since, bool) or not isinstance(since, int) or not 0 <= since < 2**63:
             detail = "since must be an event id (an integer >= 0)."
+        elif now < self._resumed_at.get(client, 0.0) + RESUME_EVERY:
+            detail = f"At most one resume per {RESUME_EVERY:g} s on a connection."
         else:
-            self.resume(client.user_id, since, lambda data: hub.send(client, data))
+            if len(self._resumed_at) >= 4096:
+                self._resumed_at = {c: t for c, t in self._resumed_at.items() if not c.closed}
+            self._resumed_at[client] = now
+
+            def send(data: bytes) -> None:
+                if not client.closed:
+                    hub.send(client, data)
+
+            self.resume(client.user_id, since, send)
             return
         hub.send(client, orjson.dumps({"type": "error", "detail": detail}))
 
@@ -349,11 +368,14 @@ class AlertEngine:
                 log.exception("could not read events to resume user %d", user_id)
                 send(orjson.dumps({"type": "error", "detail": "Could not resume; try again."}))
                 continue
-            for event, alert in rows:
-                send(alert_message(alert, event))
-            send(orjson.dumps({"type": "resumed", "since": since,
-                               "last": rows[-1][0].id if rows else since,
-                               "complete": len(rows) < REPLAY_MAX}))
+            try:
+                for event, alert in rows:
+                    send(alert_message(alert, event))
+                send(orjson.dumps({"type": "resumed", "since": since,
+                                   "last": rows[-1][0].id if rows else since,
+                                   "complete": len(rows) < REPLAY_MAX}))
+            except Exception:  # one client's replay must never stop the trigger writer
+                log.exception("could not replay events to user %d", user_id)
 
     # expiry ---------------------------------------------------------------------------
 

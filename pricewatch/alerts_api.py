@@ -53,6 +53,9 @@ def _alert_id(request: web.Request) -> int:
     return value
 
 
+MAX_EXPIRY = 221_845_392_000.0  # 9000-01-01T00:00:00Z
+
+
 def _expiry(raw: Any) -> float | str:
     """An ISO-8601 time in the future as epoch seconds, or the error message."""
     if not isinstance(raw, str):
@@ -69,11 +72,18 @@ def _expiry(raw: Any) -> float | str:
         return "An ISO-8601 UTC time, e.g. 2030-01-01T00:00:00Z."
     if at <= clock.now():
         return "Must be in the future."
+    if at >= MAX_EXPIRY:  # beyond it a time cannot be written back as ISO-8601
+        return "Must be before the year 9000."
     return at
 
 
 def _number(raw: Any, lo: float, hi: float, lo_open: bool, text: str) -> float | str:
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        return text
+    try:
+        if not math.isfinite(raw):
+            return text
+    except OverflowError:  # an integer too large for a float (10**400)
         return text
     if raw < lo or (lo_open and raw == lo) or raw > hi:
         return text
@@ -247,13 +257,16 @@ _PAGE_URLS: dict[tuple, str] = {}  # (base, path and query, page) -> its URL
 
 def _link(base: str, request: web.Request, page: int) -> str:
     # Made once per distinct request (yarl's URL building is a tenth of a list request).
+    # Bounded in bytes too: only ordinary query strings are kept (a client could send
+    # kilobytes of junk parameters per request), at most 1024 of them.
     key = (base, request.path_qs, page)
     url = _PAGE_URLS.get(key)
     if url is None:
         url = page_url(base, request, page)
-        if len(_PAGE_URLS) >= 4096:
-            _PAGE_URLS.clear()
-        _PAGE_URLS[key] = url
+        if len(request.path_qs) <= 256:
+            if len(_PAGE_URLS) >= 1024:
+                _PAGE_URLS.clear()
+            _PAGE_URLS[key] = url
     return url
 
 
@@ -315,7 +328,7 @@ def _public_page(page_read: tuple[int, list[Alert]]) -> list[dict]:
     cached = _PUBLIC_PAGES.get(id(page_read))
     if cached is not None and cached[0] is page_read:  # held, so its id is not reused
         return cached[1]
-    if len(_PUBLIC_PAGES) >= 1024:
+    if len(_PUBLIC_PAGES) >= 256:  # up to 100 alerts each
         _PUBLIC_PAGES.clear()
     public = [a.public() for a in page_read[1]]
     _PUBLIC_PAGES[id(page_read)] = (page_read, public)

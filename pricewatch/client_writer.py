@@ -76,6 +76,14 @@ class ClientWriter:
         self.written = 0
         self.marks: deque[tuple[int, float]] = _NONE  # type: ignore[assignment]
 
+    def forget(self, topic: Topic) -> None:
+        """Drop the state held for `topic` (unsubscribed: none of it may follow the ack)."""
+        held = self.state.pop(topic, None)
+        if held:
+            self.state_bytes -= sum(len(frame) for frame in held.values())
+            if not self.state:
+                self.state_since = None
+
     def _write(self, data: bytes) -> None:
         transport = self.transport
         transport.write(data)

@@ -240,6 +240,7 @@ class Hub:
         rate = client.rates.pop(topic, None)
         if rate is not None:
             self._leave(rate, topic, client)
+        client.writer.forget(topic)
         client.topics.discard(topic)
         members = self.topics.get(topic)
         if members is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from datetime import UTC, datetime
 
 import aiohttp
@@ -277,7 +278,30 @@ async def test_resume_after_a_disconnect_sends_exactly_the_missed_events_in_orde
     assert live_one["event"]["id"] > replayed[1]["event"]["id"]
     await browser.send_json({"action": "resume", "since": "x"})
     assert (await next_of(browser, "error"))["detail"].startswith("since must be")
+    # A replay costs the trigger writer a read per event: once per 5 s per connection.
+    await browser.send_json({"action": "resume", "since": 0})
+    assert (await next_of(browser, "error"))["detail"].startswith("At most one resume")
     await browser.close()
+
+
+async def test_repeating_alerts_in_their_cooldown_count_towards_the_active_cap(
+        make_settings, http, fake):  # noqa: F811
+    """A repeating alert that fired is still active (it re-arms by itself): otherwise one
+    user could hold any number of alerts firing every cooldown."""
+    async with LiveServer(make_settings(feed="binance", binance_ws_url=fake.url,
+                                        max_alerts_per_user=2)) as server:
+        tok = (await register(http, server))["access"]
+        async with Trader(fake, server, http, tok) as market:
+            await market.trade(100.0)
+            status, alert = await create(http, server, tok, asset="BTCUSDT", price=101.0,
+                                         direction="above", repeat=True, cooldown=60)
+            assert status == 201
+            await market.trade(102.0)
+            assert (await market.alert_event(alert["id"]))["status"] == "TRIGGERED"
+            status, _ = await create(http, server, tok, asset="BTCUSDT", price=500.0)
+            assert status == 201
+            status, answer = await create(http, server, tok, asset="BTCUSDT", price=600.0)
+            assert status == 409, answer
 
 
 async def next_of(ws, kind: str) -> dict:
@@ -368,6 +392,9 @@ async def next_of_any(ws, kinds) -> dict:
     ({"price": 5, "expires_at": "tomorrow"}, "expires_at"),
     ({"price": 5, "expires_at": "2001-01-01T00:00:00Z"}, "expires_at"),
     ({"price": 5, "expires_at": 1893456000}, "expires_at"),
+    ({"price": 5, "expires_at": "9999-12-31T23:59:59-14:00"}, "expires_at"),  # year 10000
+    ({"kind": "percent", "percent": 10**400, "window": "1m"}, "percent"),
+    ({"price": 5, "cooldown": 10**400}, "cooldown"),
     ({"price": 5, "note": "x" * 201}, "note"),
     ({"price": 5, "note": 7}, "note"),
     ({"price": 5, "channels": ["telegram"]}, "channels"),
@@ -571,3 +598,31 @@ def test_creating_and_deleting_alerts_with_expiries_keeps_the_heap_bounded():
                        expires_at=4e9))
     engine.on_tick(Tick("BTCUSDT", 6.0, 1.0, 4 * 10**12, 1))  # past it: never triggers
     assert 10_001 not in engine.index and engine._hits == []
+
+
+async def test_a_replay_that_fails_never_stops_the_trigger_writer(tmp_path):
+    """Whatever one resuming client does, the writer that commits everyone's triggers goes on."""
+    from pricewatch.alerts import AlertEngine
+    from pricewatch.feeds import Tick
+    from pricewatch.hub import Hub
+    from pricewatch.store import Store
+
+    store = await Store.open(str(tmp_path / "pw.db"))
+    engine = AlertEngine(store, Hub())
+    try:
+        user = await store.create_user("alice", "a@example.com", "$2b$hash")
+        alert = await store.create_alert(user.id, "BTCUSDT", 100.0, "above", max_active=10)
+        await engine.load()
+        await engine.start()
+
+        def broken(data: bytes) -> None:
+            raise RuntimeError("this client's send fails")
+
+        engine.resume(user.id, 0, broken)
+        await asyncio.wait_for(engine.drained(), 5)
+        engine.on_tick(Tick("BTCUSDT", 150.0, 1.0, int(time.time() * 1000), 1))
+        await asyncio.wait_for(engine.drained(), 5)
+        assert (await store.get_alert(user.id, alert.id)).status == "TRIGGERED"
+    finally:
+        await engine.stop()
+        await store.close()

@@ -260,6 +260,9 @@ async def test_seed_002_username_in_the_body_must_be_the_tokens_user(make_settin
     ({"username": "alice", "alert_purpose": "p" * 201, "alert_price": 1}, {"alert_purpose"}),
     ({"username": "alice", "alert_purpose": "p", "alert_price": 1, "asset": "DOGE"},
      {"asset"}),
+    ({"username": "alice", "alert_purpose": "p", "alert_price": 10**400}, {"alert_price"}),
+    ({"username": "alice", "alert_purpose": "p", "alert_price": 1, "asset": 10**400},
+     {"asset"}),
 ])
 async def test_seed_002_create_names_the_bad_field_as_the_seed_does(server, http, body,
                                                                     fields):

@@ -351,3 +351,22 @@ async def test_clients_of_one_rate_are_flushed_in_staggered_phases():
     hub._flush_group(first)  # one phase: only its clients are written to
     assert [bool(t.written) for c, t in clients] == [c.phase == 0 for c, _ in clients]
     await hub.close_all()
+
+
+async def test_unsubscribing_drops_the_state_held_for_that_topic():
+    """Nothing of a topic may follow its `unsubscribed` answer."""
+    hub, values = state_hub(write_limit=1024)
+    client, transport = attach(hub)
+    topic = ("s", "A")
+    hub.subscribe(client, topic)
+    transport.buffered = 1024  # full: the price is held
+    values[(topic, None)] = b"1"
+    hub.mark_dirty(topic)
+    hub.flush_state(hub.max_rate)
+    assert client.writer.state
+    hub.unsubscribe(client, topic)
+    hub.send(client, b"unsubscribed")
+    transport.buffered = 0
+    hub.flush(client)
+    assert transport.written == [frame(b"unsubscribed")]
+    assert client.writer.state_bytes == 0

@@ -43,7 +43,8 @@ class AlertsMixin:
         async with self._tx() as db:
             async with db.execute(
                 "SELECT EXISTS(SELECT 1 FROM users WHERE id = ?), COUNT(*) FROM alerts"
-                " WHERE user_id = ? AND status = 'CREATED'", (user_id, user_id)) as cur:
+                " WHERE user_id = ? AND (status = 'CREATED' OR (status = 'TRIGGERED'"
+                " AND repeat = 1))", (user_id, user_id)) as cur:
                 exists, active = await cur.fetchone()
             if not exists:
                 raise UnknownUser(f"user {user_id} does not exist")
@@ -80,7 +81,7 @@ class AlertsMixin:
             return cached[1]
         result = await self._list_alerts(user_id, status, offset, limit)
         if version is not None:
-            if len(self._pages) >= 4096:
+            if len(self._pages) >= 256:  # pages of up to 1000 alerts (seed 002's fetch)
                 self._pages.clear()
             self._pages[key] = (version, result)
         return result
