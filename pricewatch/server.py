@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestPayloadError
@@ -165,6 +166,10 @@ async def healthz(request: web.Request) -> web.Response:
     body = {"status": status, "db": db, "feeds": feeds}
     if stale:
         body["stale_feeds"] = stale
+    if PUBLISHER in app:  # a cluster's core: edges see nothing new while Redis is away
+        body["redis"] = redis = app[PUBLISHER].bus.health()  # type: ignore[attr-defined]
+        if not redis["connected"] and status == "ok":
+            body["status"] = status = "stale"
     return json_response(body, status=200 if status == "ok" else 503)
 
 
@@ -439,8 +444,70 @@ async def extra_feeds_ctx(app: web.Application) -> AsyncIterator[None]:
         await feeds.stop_all()
 
 
+EDGE_START_WAIT = 5.0  # seconds an edge waits for its first snapshot before serving
+PUBLISHER = web.AppKey("publisher", object)  # cluster.core.Publisher, with a Redis URL
+
+
+async def cluster_core_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With PRICEWATCH_REDIS_URL: publish prices, candles, quotes, alert events and
+    revocations for the cluster's edges (cluster/core.py). Without it: nothing."""
+    settings = app[SETTINGS]
+    if settings.redis_url is None:
+        yield
+        return
+    from .cluster.core import Publisher
+
+    mkt, hub, auth_ = app[MARKET], app[HUB], app[auth.AUTH]
+    publisher = app[PUBLISHER] = Publisher(settings.redis_url, mkt, settings.access_ttl)
+    publisher.revoked = auth_.revocations()
+    quote = await app[STORE].latest_quote()
+    if quote is not None:
+        publisher.quote = orjson.dumps({"type": "quote", **quote.public()})
+    hub.relay = publisher  # type: ignore[attr-defined]  (a RelayHub: see create_app)
+    mkt.trade_hooks.append(publisher.on_tick)
+    mkt.bar_hooks.append(publisher.on_bar)
+    auth_.revoke_hooks.append(publisher.on_revoke)
+    try:
+        async with background(publisher.run(), "cluster-core"):
+            yield
+    finally:
+        hub.relay = None  # type: ignore[attr-defined]
+        mkt.trade_hooks.remove(publisher.on_tick)
+        mkt.bar_hooks.remove(publisher.on_bar)
+        auth_.revoke_hooks.remove(publisher.on_revoke)
+
+
+async def edge_ctx(app: web.Application) -> AsyncIterator[None]:
+    """A cluster edge: tokens checked with the shared secret and the revocations heard;
+    market state and events from Redis (cluster/edge.py). Serving starts once the snapshot
+    is read (or after EDGE_START_WAIT seconds without Redis: then /healthz says so)."""
+    from .cluster.edge import EDGE, Edge
+
+    settings = app[SETTINGS]
+    assert settings.jwt_secret is not None  # Settings.from_env requires it for an edge
+    auth_ = app[auth.AUTH] = auth.Auth(settings, None, settings.jwt_secret, {})  # type: ignore[arg-type]
+    app[HUB].revoked = auth_.revoked
+    edge = app[EDGE] = Edge(settings, app[MARKET], app[HUB], auth_)
+    async with background(edge.bus.run(), "redis-bus"):
+        try:
+            await asyncio.wait_for(edge.bus.ready(), EDGE_START_WAIT)
+        except TimeoutError:
+            log.warning("no Redis at %s yet: serving without market data until it answers",
+                        edge.bus.health().get("error", "start"))
+        yield
+
+
+# Each role's cleanup contexts, in startup order (DESIGN.md); shutdown is the reverse.
+ROLES: dict[str, list[Callable[[web.Application], AsyncIterator[None]]]] = {
+    "all": [store_ctx, candles_ctx, auth_ctx, hub_ctx, notifier_ctx, engine_ctx,
+            http_session_ctx, quotes_ctx, cluster_core_ctx, feed_ctx, extra_feeds_ctx],
+    "edge": [edge_ctx, hub_ctx],
+}
+ROLES["core"] = ROLES["all"]  # the core also serves websockets, as `all` does
+
+
 def create_app(settings: Settings) -> web.Application:
-    """Build the whole application; nothing starts until the app runs."""
+    """Build the whole application for PRICEWATCH_ROLE; nothing starts until the app runs."""
     app = web.Application(client_max_size=MAX_BODY,
                           middlewares=[metrics_middleware, error_middleware,
                                        auth.identity_middleware])
@@ -450,10 +517,26 @@ def create_app(settings: Settings) -> web.Application:
     if settings.public_url is not None:
         app[PUBLIC_URL] = settings.public_url
     app[HEALTH] = {}
-    hub = Hub(max_queue_bytes=settings.ws_max_queue_bytes,
-              max_per_address=settings.max_ws_per_address)
+    hub_class = Hub
+    if settings.redis_url is not None and settings.role != "edge":
+        from .cluster.core import RelayHub
+
+        hub_class = RelayHub
+    hub = hub_class(max_queue_bytes=settings.ws_max_queue_bytes,
+                    max_per_address=settings.max_ws_per_address)
     app[HUB] = hub
     mkt = app[MARKET] = Market(settings.symbols, hub)
+    app.cleanup_ctx.extend(ROLES[settings.role])
+    app.on_shutdown.append(close_websockets)
+    if settings.role == "edge":
+        from .cluster import edge
+
+        for method, path, handler in edge.routes():
+            add_route(app, method, path, handler)
+        for name, render in compat.PRICE_FORMATS.items():
+            mkt.add_price_format(name, render)
+        add_route(app, "GET", "/openapi.json", openapi.spec_handler)
+        return app
     rest = app[BINANCE_REST] = BinanceRest(settings.binance_rest_url, settings.binance_api_key,
                                            market=MARKETS[settings.binance_market])
     # Built now so that a bad PRICEWATCH_FEED (missing replay file...) fails before any I/O.
@@ -463,17 +546,6 @@ def create_app(settings: Settings) -> web.Application:
                           backfill_max_trades=settings.backfill_max_trades,
                           history=mkt.candles.rings() if settings.candle_history else None,
                           on_history=mkt.on_history, on_bar=mkt.on_bar)
-    app.cleanup_ctx.append(store_ctx)
-    app.cleanup_ctx.append(candles_ctx)
-    app.cleanup_ctx.append(auth_ctx)
-    app.cleanup_ctx.append(hub_ctx)
-    app.cleanup_ctx.append(notifier_ctx)
-    app.cleanup_ctx.append(engine_ctx)
-    app.cleanup_ctx.append(http_session_ctx)
-    app.cleanup_ctx.append(quotes_ctx)
-    app.cleanup_ctx.append(feed_ctx)
-    app.cleanup_ctx.append(extra_feeds_ctx)
-    app.on_shutdown.append(close_websockets)
 
     add_route(app, "GET", "/healthz", healthz)
     add_route(app, "GET", "/metrics", metrics)
@@ -519,7 +591,8 @@ def run(settings: Settings) -> None:
     pricewatch, and the port is bound. Each failure raises `startup.StartupError` (one line
     for `main()`); "pricewatch serving on ..." is logged only once the port is listening.
     """
-    lock = startup.lock_database(settings.db)
+    # An edge has no database to lock.
+    lock = startup.lock_database(settings.db) if settings.role != "edge" else None
     try:
         sockets = startup.bind(settings.host, settings.port)
         try:
