@@ -623,8 +623,10 @@ async def _serve(settings: Settings, sockets: list[socket.socket]) -> None:
         for sock in sockets:
             await web.SockSite(runner, sock, shutdown_timeout=1.0).start()
         port = sockets[0].getsockname()[1]
-        log.info("pricewatch serving on http://%s:%d (feed %s, symbols %s) after %.2fs",
-                 settings.host, port, settings.feed, ",".join(settings.symbols),
+        role = ("cluster edge" if settings.role == "edge"
+                else f"feed {settings.feed}" + (", cluster core" if settings.redis_url else ""))
+        log.info("pricewatch serving on http://%s:%d (%s, symbols %s) after %.2fs",
+                 settings.host, port, role, ",".join(settings.symbols),
                  time.monotonic() - started)
         await stop.wait()
         log.info("pricewatch shutting down")
