@@ -225,6 +225,15 @@ async def metrics(request: web.Request) -> web.Response:
     out.sample("pricewatch_emails_sent_total", notifier.sent)
     out.metric("pricewatch_emails_failed_total", "counter", "Emails given up by this process.")
     out.sample("pricewatch_emails_failed_total", notifier.failed)
+    if PUBLISHER in app:
+        bus = app[PUBLISHER].bus  # type: ignore[attr-defined]
+        out.metric("pricewatch_redis_connected", "gauge", "1 while connected to Redis.")
+        out.sample("pricewatch_redis_connected", int(bus.client is not None))
+        out.metric("pricewatch_redis_reconnects_total", "counter", "Redis reconnect attempts.")
+        out.sample("pricewatch_redis_reconnects_total", bus.reconnects)
+        out.metric("pricewatch_redis_published_total", "counter",
+                   "Messages and snapshot writes executed by Redis.")
+        out.sample("pricewatch_redis_published_total", bus.published)
     render_http(out, app[HTTP_METRICS])
     return web.Response(body=out.text().encode(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

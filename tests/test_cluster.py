@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -21,8 +22,11 @@ import pytest
 from conftest import LiveServer, bearer, register
 from fake_binance import free_port
 
+from pricewatch import server as server_module
 from pricewatch.alerts_api import ENGINE
+from pricewatch.cluster.bus import BACKOFF_FIRST, BACKOFF_MAX, backoff
 from pricewatch.config import ConfigError, Settings
+from pricewatch.ohlc import DAY_OF_MINUTES, TIMEFRAMES, CandleBook
 from pricewatch.server import PUBLISHER
 
 SECRET = "cluster-test-secret-of-at-least-32-bytes"
@@ -163,6 +167,35 @@ def test_redis_is_not_imported_without_a_redis_url(tmp_path):
             f"create_app(Settings(db={str(tmp_path / 'x.db')!r}, feed='off'))\n"
             "assert 'redis' not in sys.modules, 'redis imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30, env=clean_env())
+
+
+def test_candle_states_put_one_by_one_rebuild_the_rings_exactly():
+    """What an edge does with each candle it hears (CandleBook.put) keeps the same rings,
+    and the same 24 h figures, as the trades themselves built on the core, late trades
+    included."""
+    source, edge = CandleBook(sizes=DAY_OF_MINUTES), CandleBook(sizes=DAY_OF_MINUTES)
+    rng = random.Random(7)
+    for i in range(5000):
+        late = rng.randint(-90_000, 0) if rng.random() < 0.05 else 0
+        t = T0 + i * 700 + late
+        source.add("BTCUSDT", 100 + rng.random(), rng.random(), t)
+        for tf, ms in TIMEFRAMES.items():
+            for row in source.between("BTCUSDT", tf, t - t % ms, t - t % ms):
+                edge.put("BTCUSDT", tf, row)
+        if i % 500 == 0:
+            assert edge.rolling("BTCUSDT") == source.rolling("BTCUSDT")
+    for tf in TIMEFRAMES:
+        assert edge.between("BTCUSDT", tf, 0, 2**62) == source.between("BTCUSDT", tf, 0, 2**62)
+        assert edge.candles("BTCUSDT", tf, 1000) == source.candles("BTCUSDT", tf, 1000)
+    assert edge.rolling("BTCUSDT") == source.rolling("BTCUSDT")
+
+
+def test_reconnect_backoff_is_jittered_and_capped():
+    for attempt in range(12):
+        delays = [backoff(attempt) for _ in range(200)]
+        cap = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** attempt)
+        assert all(cap / 2 <= d <= cap for d in delays)
+        assert len(set(delays)) > 100  # processes restarting together do not retry in step
 
 
 # -- a core and two edges -------------------------------------------------------------------
@@ -339,3 +372,29 @@ async def test_an_edge_started_late_shows_prices_and_candles_at_once(make_settin
             snapshot = await receive(ws, "snapshot")
             assert [c["close"] for c in snapshot["data"]] == [100.0, 102.0, 101.0]
             await ws.close()
+
+
+@needs_redis
+async def test_an_edge_started_without_redis_serves_and_catches_up(make_settings, fake, redis,
+                                                                     http, monkeypatch):
+    monkeypatch.setattr(server_module, "EDGE_START_WAIT", 0.2)
+    redis.stop()
+    async with LiveServer(edge_settings(make_settings, redis)) as edge:
+        status, body = await get_json(http, edge.url + "/healthz")
+        assert status == 503 and body["status"] == "stale"
+        assert body["redis"]["connected"] is False and "error" in body["redis"]
+        assert (await get_json(http, edge.url + "/api/v1/prices")) == (200, {"results": []})
+        ws = await http.ws_connect(edge.ws_url("/ws/ohlc/"))
+        await ws.send_json({"symbol": "BTCUSDT", "timeframe": "1m"})
+        assert (await receive(ws, "snapshot"))["data"] == []
+        await redis.start()
+        async with LiveServer(core_settings(make_settings, fake, redis)) as core:
+            await fake.wait_open(1)
+            await fake.send_trade("BTCUSDT", 1, 100.0, 1, T0)
+            candle = await receive(ws, "candle", close=100.0, timeout=10)
+            assert candle["candle"]["trades"] == 1
+            status, body = await get_json(http, edge.url + "/healthz")
+            assert status == 200 and body["redis"]["connected"] is True
+            assert (await get_json(http, edge.url + "/api/v1/prices")) == (
+                await get_json(http, core.url + "/api/v1/prices"))
+        await ws.close()

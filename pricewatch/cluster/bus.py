@@ -80,6 +80,7 @@ class RedisBus:
         self.down_since: float | None = time.time()
         self.reconnects = 0  # connection attempts after the first
         self.received = 0  # bus messages handed to on_message
+        self.bad_messages = 0  # ... that it could not apply
         self.queued = 0  # sends accepted...
         self.published = 0  # ... and executed by Redis
         self.publish_errors = 0
@@ -219,6 +220,8 @@ class RedisBus:
         raise ConnectionError(self.last_error or "connection lost")
 
     async def _listen(self, pubsub) -> None:
+        from redis.exceptions import RedisError
+
         handle = self.on_message
         assert handle is not None
         heard = time.monotonic()
@@ -237,9 +240,15 @@ class RedisBus:
             if msg["type"] != "message":
                 continue
             self.received += 1
-            result = handle(msg["data"])
-            if result is not None:
-                await result
+            try:
+                result = handle(msg["data"])
+                if result is not None:
+                    await result
+            except (RedisError, ConnectionError, TimeoutError, OSError):
+                raise  # Redis itself (a resync's reads): reconnect
+            except Exception:  # one bad message must not stop the ones after it
+                self.bad_messages += 1
+                log.exception("redis: could not apply a bus message")
         raise ConnectionError(self.last_error or "connection lost")
 
 

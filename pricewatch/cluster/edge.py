@@ -133,7 +133,7 @@ class Edge:
         changed: dict[str, dict[str, list[int]]] = {}
         for symbol, tf, wire in candles:
             if symbol in self.market.latest:
-                book.seed(symbol, tf, [(symbol, tf, *wire)])
+                book.put(symbol, tf, (symbol, tf, *wire))
                 changed.setdefault(symbol, {}).setdefault(tf, []).append(wire[0])
         for symbol in set(prices) | set(changed):
             price = symbol in prices and self._set_latest(symbol, prices[symbol])
