@@ -468,7 +468,7 @@ async def cluster_core_ctx(app: web.Application) -> AsyncIterator[None]:
 
     mkt, hub, auth_ = app[MARKET], app[HUB], app[auth.AUTH]
     publisher = app[PUBLISHER] = Publisher(settings.redis_url, mkt, settings.access_ttl)
-    publisher.revoked = auth_.revocations()
+    publisher.revocations = auth_.revocations
     quote = await app[STORE].latest_quote()
     if quote is not None:
         publisher.quote = orjson.dumps({"type": "quote", **quote.public()})

@@ -304,6 +304,15 @@ async def test_logout_on_the_core_closes_that_logins_sockets_on_every_edge_withi
                 assert resp.status == 401
         assert not keep.closed
         await keep.close()
+        # An edge started later knows the revocation from the snapshot.
+        async with LiveServer(edge_settings(make_settings, redis)) as late:
+            async with http.get(late.ws_url("/live-feed/subscribe/"),
+                                headers=bearer(user["access"])) as resp:
+                assert resp.status == 401
+            async with http.ws_connect(late.ws_url("/live-feed/subscribe/"),
+                                       headers=bearer(other["access"])) as ws:
+                await ws.send_json({"action": "subscribe"})
+                assert (await receive(ws, "subscribed"))["symbols"] == ["BTCUSDT", "ETHUSDT"]
 
 
 @needs_redis

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -83,7 +84,8 @@ class Publisher:
         self.sent_latest: dict[str, tuple] = {}
         self.sent_rows: dict[tuple[str, str], dict[int, list]] = {}
         self.quote: bytes | None = None  # the latest quote message
-        self.revoked: dict[str, float] = {}  # family -> when (set by the app at start)
+        # Every revoked family still remembered -> when (Auth.revocations, set by the app).
+        self.revocations: Callable[[], dict[str, float]] = dict
         self.seq = 0
         self.published_states = 0
 
@@ -122,7 +124,6 @@ class Publisher:
         self.bus.send(fill)
 
     def on_revoke(self, family: str, at: float) -> None:
-        self.revoked[family] = at
         seq = self.next_seq()
         data = message({"k": "revoke", "seq": seq, "f": family, "at": at})
         horizon = time.time() - self.access_ttl
@@ -258,7 +259,7 @@ class Publisher:
         if self.quote is not None:
             pipe.set(QUOTE, self.quote)
         horizon = time.time() - self.access_ttl
-        live = {f: at for f, at in self.revoked.items() if at >= horizon}
+        live = {f: at for f, at in self.revocations().items() if at >= horizon}
         if live:
             pipe.zadd(REVOKED, live)
         pipe.set(SEQ, seq)
