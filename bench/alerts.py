@@ -16,6 +16,13 @@ price, so nothing fires at load. Then measures:
   symbol in a list of tuples, on the same no-trigger trades, cut off after a few seconds;
   ``speedup_vs_naive`` compares it with the no-trigger engine figure.
 
+Percent alerts (``--percent-alerts``, default 100000, over both symbols, every window,
+percents 2..50, directions up/down/any), each trade 10 ms after the last:
+
+* ``percent_add_s``: adding them one by one (as the API does);
+* ``percent_trades_per_s_no_trigger``: the quiet walk (moves stay under 2 %);
+* ``percent_trades_per_s_trigger`` / ``percent_triggered``: the trending walk.
+
 Prints one JSON line. The whole run stays well under 60 s for the defaults.
 """
 
@@ -35,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pricewatch.alert_index import ABOVE, BELOW, AlertIndex  # noqa: E402
+from pricewatch.percent_index import WINDOWS, PercentIndex  # noqa: E402
 
 START = {"BTCUSDT": 60000.0, "ETHUSDT": 3000.0}
 GAP = 0.01  # no target within +-1% of the start price
@@ -106,6 +114,28 @@ def time_engine(index: AlertIndex, trades: list[tuple[str, float]]) -> tuple[flo
     return len(trades) / (time.perf_counter() - start), fired
 
 
+def percent_index(n: int, rng: random.Random) -> tuple[PercentIndex, float]:
+    index = PercentIndex()
+    symbols, windows = list(START), list(WINDOWS)
+    start = time.perf_counter()
+    for alert_id in range(1, n + 1):
+        index.add(alert_id, symbols[alert_id % 2], windows[alert_id % len(windows)],
+                  round(rng.uniform(2.0, 50.0), 2), ("up", "down", "any")[alert_id % 3])
+    return index, time.perf_counter() - start
+
+
+def time_percent(index: PercentIndex, trades: list[tuple[str, float]], t0: int
+                 ) -> tuple[float, int]:
+    on_trade = index.on_trade
+    fired = 0
+    start = time.perf_counter()
+    for i, (symbol, price) in enumerate(trades):
+        hits = on_trade(symbol, t0 + i * 10, price)
+        if hits:
+            fired += len(hits)
+    return len(trades) / (time.perf_counter() - start), fired
+
+
 def time_naive(
     rows: Iterable[tuple[int, str, float, str]],
     trades: list[tuple[str, float]],
@@ -141,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive-seconds", type=float, default=3.0)
     parser.add_argument("--naive-trades", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--percent-alerts", type=int, default=100_000)
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
 
@@ -162,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     assert quiet_fired == 0, "the quiet walk must stay inside the empty band"
     trigger_tps, triggered = time_engine(index, trending)
 
+    percents, percent_add_s = percent_index(args.percent_alerts, rng)
+    p_quiet_tps, p_quiet_fired = time_percent(percents, quiet, 0)
+    assert p_quiet_fired == 0, "the quiet walk moves less than the smallest percent"
+    p_trigger_tps, p_triggered = time_percent(percents, trending, len(quiet) * 10)
+    del percents
+
     # The naive baseline gets the same alerts (same seed) and the first quiet trades; the
     # engine's data goes first so the process as a whole stays small.
     naive_trades = quiet[: args.naive_trades]
@@ -182,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
                 "naive_trades_per_s": round(naive_tps, 1),
                 "speedup_vs_naive": round(quiet_tps / naive_tps),
                 "rss_peak_load_mb": round(rss_peak_mb, 1),
+                "percent_alerts": args.percent_alerts,
+                "percent_add_s": round(percent_add_s, 3),
+                "percent_trades_per_s_no_trigger": round(p_quiet_tps),
+                "percent_trades_per_s_trigger": round(p_trigger_tps),
+                "percent_triggered": p_triggered,
             }
         )
     )

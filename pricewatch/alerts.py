@@ -1,38 +1,33 @@
-"""Price alerts: the in-memory engine on the tick path, the trigger writer and the notifier.
+"""Alerts: the in-memory engine on the tick path and the trigger writer.
 
-Flow: `AlertEngine.on_tick` (synchronous, per trade) matches the trade against every CREATED
-alert of its symbol in O(log n + k) and only *enqueues* the hits. The writer task commits
-each batch of hits in ONE transaction (status TRIGGERED + outbox row), then pushes
-`{"type": "alert"}` to the owner's live sockets and wakes the notifier. The notifier sends
-outbox rows over SMTP with bounded concurrency, retrying with exponential backoff.
-
-Exactly once: an outbox row is marked `sent` only after the SMTP server accepted the
-message, and once accepted the record is finished even during a shutdown. The one window for
-a duplicate is a crash (power loss, SIGKILL) between that acceptance and the single local
-commit that records it, or a shutdown cutting off a send whose answer to DATA had not come
-within the grace period; a restart then sends that one email again.
+Flow: `AlertEngine.on_tick` (synchronous, per trade) matches the trade against every watched
+price alert of its symbol in O(log n + k) (alert_index.py) and every percent alert of its
+windows (percent_index.py), and only *enqueues* the hits. The writer task commits each
+batch of hits in ONE transaction (status TRIGGERED + event + outbox row), then pushes
+`{"type": "alert", "alert", "event"}` to the owner's live sockets and wakes the notifier
+(notifier.py: the email side, with its exactly-once rules).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
-import time
+import math
+from collections.abc import Callable
 from contextlib import suppress
-from email.message import EmailMessage
-from email.utils import formatdate, parseaddr
 
-import aiosmtplib
 import orjson
 
 from . import clock
 from .alert_index import AlertIndex, CreationLog
-from .config import Settings
 from .feeds import Bar, Tick
 from .hub import Hub
 from .limits import SlidingWindow
-from .records import Hit
-from .store import Alert, OutboxItem, Store
+from .notifier import Notifier, compose, message_id, plain  # noqa: F401 (re-exported)
+from .percent_index import PercentIndex
+from .records import Arm, Event, Hit
+from .store import Alert, Store
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +37,37 @@ PURGE_EVERY = 3600.0  # seconds between purges
 # How far back alert creation times are kept to judge backfilled trades (older trades are
 # judged as if every alert then active had always existed).
 CREATION_HORIZON = 86400.0
+EXPIRE_EVERY = 5.0  # seconds between expiry sweeps (the tick path never waits for one)
+REPLAY_MAX = 1000  # events re-sent at most per resume (older ones: GET /api/v1/events)
+
+
+def _push(heap: list[tuple[float, int]], live: dict[int, float], when: float, alert_id: int
+          ) -> list[tuple[float, int]]:
+    """Push onto a heap whose entries are valid only while `live` still maps the id to that
+    time (stale ones are skipped when popped); rebuilt from `live` once stale entries would
+    be most of it, so that creating and deleting alerts cannot grow it without end."""
+    if len(heap) > 2 * len(live) + 1024:
+        heap = [(t, i) for i, t in live.items()]
+        heapq.heapify(heap)
+        if live.get(alert_id) == when:
+            return heap  # the new entry is in `live` already
+    heapq.heappush(heap, (when, alert_id))
+    return heap
+
+
+def alert_message(alert: Alert, event: Event | None) -> bytes:
+    """The `{"type": "alert"}` live message for one trigger."""
+    return orjson.dumps({"type": "alert", "alert": alert.public(),
+                         "event": event.brief() if event is not None else None})
 
 
 class AlertEngine:
-    """CREATED alerts in memory, kept in step with the database (DB first, then memory)."""
+    """Watched alerts in memory, kept in step with the database (DB first, then memory).
+
+    Price alerts live in `index`, percent alerts in `percent`. Time on the tick path is trade
+    time: a repeating alert's cooldown ends, and an alert's expiry passes, at the first trade
+    at or after that time (the expiry sweep task marks EXPIRED on disk by the wall clock).
+    """
 
     def __init__(self, store: Store, hub: Hub, max_active: int = 1000,
                  create_rate: int = 60):
@@ -56,53 +78,105 @@ class AlertEngine:
         # alone lets a client create and delete rows without end.
         self.creations = SlidingWindow(create_rate, 60.0)
         self.purged = 0  # DELETED alerts purged by this process
+        self.expired = 0  # alerts marked EXPIRED by this process
         self.index = AlertIndex()
+        self.percent = PercentIndex()
         self.created = CreationLog()  # which alerts existed at a (backfilled) trade's time
-        self.triggered = 0  # alerts committed as TRIGGERED by this process
-        self._hits: list[Hit] = []
+        self.triggered = 0  # triggers committed by this process
+        self.announced = 0  # the highest event id pushed to live sockets (see `resume`)
+        # Repeating alerts: id -> how to arm them again (kind, asset, target, direction,
+        # window, cooldown); those cooling down, as a heap of (rearm time ms, id) plus
+        # id -> rearm time ms; price alerts back from their cooldown and waiting for the
+        # price to be on the far side of their target (the index holds that far side).
+        self._repeat: dict[int, tuple[str, str, float, str, str | None, float]] = {}
+        self._cool_heap: list[tuple[float, int]] = []
+        self._cooling: dict[int, float] = {}
+        self._rearming: set[int] = set()
+        # Alerts with an expiry only: heap of (expires ms, id) plus id -> expires ms.
+        self._exp_heap: list[tuple[float, int]] = []
+        self._expiry: dict[int, float] = {}
+        self._next_due = math.inf  # the earliest time either heap needs a look
+        self._hits: list[Hit | Arm] = []
+        self._resumes: list[tuple[int, int, int, Callable[[bytes], None]]] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task | None = None
         self._purger: asyncio.Task | None = None
+        self._expirer: asyncio.Task | None = None
         self.notify_hook = None  # called after each committed batch (wakes the notifier)
 
     async def load(self) -> int:
         rows = await self.store.active_alerts()
-        self.index.load(rows)
+        price_rows = []
+        for alert in rows:
+            entry = self._watch(alert)
+            if entry is not None:
+                price_rows.append(entry)
+        self.index.load(price_rows)
         floor, recent = await self.store.alert_creations(clock.now() - CREATION_HORIZON)
         self.created.floor_id = floor  # every alert up to it existed before the horizon
         for alert_id, created in recent:
             self.created.add(alert_id, created * 1000)
+        self.announced = await self.store.last_event_id()
         return len(rows)
 
     # the tick path --------------------------------------------------------------------
 
     def on_tick(self, tick: Tick) -> None:
+        if tick.time >= self._next_due:
+            self._due(tick.time)
         hits = self.index.match_targets(tick.symbol, tick.price)
+        if hits and self._rearming:
+            hits = self._far_side(hits)
         if hits and tick.backfill and tick.time < self.created.newest:
             hits = self._existing_at(tick.symbol, tick.time, hits)
+        symbol, price, at = tick.symbol, tick.price, tick.time / 1000.0
         if hits:
             # Each hit keeps the asset and target it matched: the writer triggers an alert only
             # if it still has them, so an alert changed meanwhile never fires at the old ones.
-            symbol, price, at = tick.symbol, tick.price, tick.time / 1000.0
             self._hits.extend(Hit(aid, symbol, target, direction, price, at, tick.backfill)
                               for aid, target, direction in hits)
+            self._cool([hit[0] for hit in hits], tick.time)
+        percent = self.percent
+        if symbol in percent.groups:
+            moves = percent.on_trade(symbol, tick.time, price)
+        else:  # no percent alert on this symbol: only remember where a window would start
+            percent.last[symbol] = tick
+            moves = None
+        if moves and tick.backfill and tick.time < self.created.newest:
+            last = self.created.last_id_at(tick.time)
+            for aid, pct, direction, window in moves:
+                if aid > last:
+                    self.percent.add(aid, symbol, window, pct, direction)
+            moves = [move for move in moves if move[0] <= last]
+        if moves:
+            self._hits.extend(Hit(aid, symbol, pct, direction, price, at, tick.backfill, window)
+                              for aid, pct, direction, window in moves)
+            self._cool([move[0] for move in moves], tick.time)
+        if self._hits:
             self._idle.clear()
             self._wake.set()
 
     def on_bar(self, bar: Bar) -> None:
         """A kline filling a gap: every alert whose target lies within its range was crossed
         by a trade inside it (one outside the range would have been crossed by a trade seen,
-        and triggered then). It triggers at its target, at the kline's open time."""
+        and triggered then). It triggers at its target, at the kline's open time. Percent
+        alerts are not judged on klines."""
+        if bar.end >= self._next_due:
+            self._due(bar.end)
         hits = (self.index.match_targets(bar.symbol, bar.high)
                 + self.index.match_targets(bar.symbol, bar.low))
+        if hits and self._rearming:
+            hits = self._far_side(hits)
         if hits and bar.end < self.created.newest:
             hits = self._existing_at(bar.symbol, bar.end, hits)
         if hits:
             at = bar.start / 1000.0
             self._hits.extend(Hit(aid, bar.symbol, target, direction, target, at, "kline")
                               for aid, target, direction in hits)
+            self._cool([hit[0] for hit in hits], bar.start)
+        if self._hits:
             self._idle.clear()
             self._wake.set()
 
@@ -121,39 +195,205 @@ class AlertEngine:
                 self.index.add(hit[0], symbol, hit[1], hit[2])
         return kept
 
+    def _far_side(self, hits: list[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
+        """Split off the re-arming price alerts whose far side this trade reached: they are
+        armed again at their target (no trigger); the rest are triggers."""
+        kept = []
+        for hit in hits:
+            alert_id = hit[0]
+            if alert_id not in self._rearming:
+                kept.append(hit)
+                continue
+            self._rearming.discard(alert_id)
+            _, asset, target, direction, _, _ = self._repeat[alert_id]
+            self.index.add(alert_id, asset, target, direction)
+            self._hits.append(Arm(alert_id, True))
+        return kept
+
+    def _cool(self, alert_ids: list[int], at_ms: float) -> None:
+        """Triggered alerts that repeat start their cooldown, from the trigger's time (the
+        writer stores the same end as `rearm_at`)."""
+        if not self._repeat:
+            return
+        for alert_id in alert_ids:
+            spec = self._repeat.get(alert_id)
+            if spec is not None:
+                self._start_cooldown(alert_id, at_ms + spec[5] * 1000)
+
+    def _start_cooldown(self, alert_id: int, until_ms: float) -> None:
+        self._cooling[alert_id] = until_ms
+        self._cool_heap = _push(self._cool_heap, self._cooling, until_ms, alert_id)
+        self._next_due = min(self._next_due, until_ms)
+
+    def _due(self, t_ms: float) -> None:
+        """Expire alerts whose time has come, and end the cooldowns that are over."""
+        heap = self._exp_heap
+        while heap and heap[0][0] <= t_ms:
+            when, alert_id = heapq.heappop(heap)
+            if self._expiry.get(alert_id) == when:
+                self.untrack(alert_id)  # never triggers from now; the sweep marks it EXPIRED
+                self._expiry[alert_id] = when  # (and it is still one for the sweep)
+        heap = self._cool_heap
+        while heap and heap[0][0] <= t_ms:
+            when, alert_id = heapq.heappop(heap)
+            if self._cooling.get(alert_id) != when:
+                continue
+            del self._cooling[alert_id]
+            kind, asset, target, direction, window, _ = self._repeat[alert_id]
+            if kind == "percent":
+                self.percent.add(alert_id, asset, window, target, direction)
+                self._hits.append(Arm(alert_id, True))
+            else:
+                self._wait_far_side(alert_id, asset, target, direction)
+                self._hits.append(Arm(alert_id, False))
+            self._idle.clear()
+            self._wake.set()
+        self._next_due = min(self._exp_heap[0][0] if self._exp_heap else math.inf,
+                             self._cool_heap[0][0] if self._cool_heap else math.inf)
+
+    def _wait_far_side(self, alert_id: int, asset: str, target: float, direction: str
+                       ) -> None:
+        """Hysteresis: index the far side of the target (strictly below it for an "above"
+        alert, strictly above for "below"); reaching it arms the alert again."""
+        self._rearming.add(alert_id)
+        if direction == "above":
+            self.index.add(alert_id, asset, math.nextafter(target, 0.0), "below")
+        else:
+            self.index.add(alert_id, asset, math.nextafter(target, math.inf), "above")
+
     # keeping memory in step -----------------------------------------------------------
 
     def _announce(self, alerts: list[Alert]) -> None:
         """Log each committed trigger and push it to its owner's live sockets."""
         for alert in alerts:
             log.info("alert %d triggered: %s %s %s at %s", alert.id, alert.asset,
-                     alert.direction, alert.price, alert.triggered_price)
-            self.hub.send_user(alert.user_id,
-                               orjson.dumps({"type": "alert", "alert": alert.public()}))
+                     alert.direction, alert.price if alert.kind == "price" else alert.percent,
+                     alert.triggered_price)
+            if alert.event is not None:
+                self.announced = max(self.announced, alert.event.id)
+            self.hub.send_user(alert.user_id, alert_message(alert, alert.event))
+
+    def _watch(self, alert: Alert) -> tuple[int, str, float, str] | None:
+        """Start watching `alert` as the database has it. Returns the (id, asset, target,
+        direction) row for the price index, which the caller adds (one by one or in bulk)."""
+        if alert.repeat:
+            target = alert.price if alert.kind == "price" else alert.percent
+            self._repeat[alert.id] = (alert.kind, alert.asset, target, alert.direction,
+                                      alert.window, alert.cooldown)
+        if alert.expires_at is not None and alert.status in ("CREATED", "TRIGGERED"):
+            when = alert.expires_at * 1000
+            self._expiry[alert.id] = when
+            self._exp_heap = _push(self._exp_heap, self._expiry, when, alert.id)
+            self._next_due = min(self._next_due, when)
+        if alert.status == "TRIGGERED":  # a repeating alert cooling down
+            if alert.repeat and alert.rearm_at is not None:
+                self._start_cooldown(alert.id, alert.rearm_at * 1000)
+            return None
+        if alert.status != "CREATED":
+            return None
+        self.created.add(alert.id, alert.created_at * 1000)
+        if alert.kind == "percent":
+            self.percent.add(alert.id, alert.asset, alert.window, alert.percent,
+                             alert.direction)
+            return None
+        if not alert.armed and alert.repeat:
+            self._wait_far_side(alert.id, alert.asset, alert.price, alert.direction)
+            return None
+        return alert.id, alert.asset, alert.price, alert.direction
 
     def track(self, alert: Alert) -> None:
-        """An alert was created or changed in the DB: (re)index it while CREATED."""
-        if alert.status == "CREATED":
-            self.created.add(alert.id, alert.created_at * 1000)
-            self.index.add(alert.id, alert.asset, alert.price, alert.direction)
-        else:
-            self.index.remove(alert.id)
+        """An alert was created or changed in the DB: watch it as it is now."""
+        self.untrack(alert.id)
+        row = self._watch(alert)
+        if row is not None:
+            self.index.add(*row)
 
     def untrack(self, alert_id: int) -> None:
         self.index.remove(alert_id)
+        self.percent.remove(alert_id)
+        self._rearming.discard(alert_id)
+        self._repeat.pop(alert_id, None)
+        self._cooling.pop(alert_id, None)  # heap entries left behind are skipped
+        self._expiry.pop(alert_id, None)
+
+    # resume ---------------------------------------------------------------------------
+
+    def resume(self, user_id: int, since: int, send: Callable[[bytes], None]) -> None:
+        """Re-send, in order, the user's events after `since` through `send`, then let the
+        live ones follow with no gap and no duplicate: everything announced so far is
+        replayed (from the database) by the writer before it announces anything newer.
+        Events pushed live to this socket before it asked to resume may come again: a client
+        resumes with its first message."""
+        self._resumes.append((user_id, since, self.announced, send))
+        self._idle.clear()
+        self._wake.set()
+
+    def resume_client(self, hub: Hub, client, data: dict) -> None:
+        """A live-feed client's `{"action": "resume", "since": EVENT_ID}` (see `resume`)."""
+        since = data.get("since")
+        if client.user_id is None:
+            detail = "This format carries no alert events."
+        elif isinstance(since, bool) or not isinstance(since, int) or not 0 <= since < 2**63:
+            detail = "since must be an event id (an integer >= 0)."
+        else:
+            self.resume(client.user_id, since, lambda data: hub.send(client, data))
+            return
+        hub.send(client, orjson.dumps({"type": "error", "detail": detail}))
+
+    async def _replay(self) -> None:
+        resumes, self._resumes = self._resumes, []
+        for user_id, since, upto, send in resumes:
+            try:
+                rows = await self.store.events_between(user_id, since, upto, REPLAY_MAX)
+            except Exception:
+                log.exception("could not read events to resume user %d", user_id)
+                send(orjson.dumps({"type": "error", "detail": "Could not resume; try again."}))
+                continue
+            for event, alert in rows:
+                send(alert_message(alert, event))
+            send(orjson.dumps({"type": "resumed", "since": since,
+                               "last": rows[-1][0].id if rows else since,
+                               "complete": len(rows) < REPLAY_MAX}))
+
+    # expiry ---------------------------------------------------------------------------
+
+    async def expire(self, now: float | None = None) -> int:
+        """One sweep: mark EXPIRED every watched alert whose expires_at <= `now` (default:
+        the wall clock); returns how many."""
+        now = clock.now() if now is None else now
+        if not self._expiry or min(self._expiry.values()) > now * 1000:
+            return 0  # nothing the engine watches expires yet: no query
+        ids = await self.store.expire_alerts(now)
+        # Every alert due by now is done with: expired just now, or no longer one that can
+        # expire (triggered for good, deleted): none needs another sweep.
+        due = now * 1000
+        for alert_id in [a for a, when in self._expiry.items() if when <= due]:
+            self.untrack(alert_id)
+        self.expired += len(ids)
+        return len(ids)
+
+    async def _expire_loop(self) -> None:
+        while True:
+            try:
+                await self.expire()
+            except Exception:  # a database hiccup: the next sweep tries again
+                log.exception("could not expire alerts")
+            await asyncio.sleep(EXPIRE_EVERY)
 
     # the writer -----------------------------------------------------------------------
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._writer(), name="alert-writer")
         self._purger = asyncio.create_task(self._purge_loop(), name="alert-purger")
+        self._expirer = asyncio.create_task(self._expire_loop(), name="alert-expirer")
 
     async def stop(self, timeout: float = 2.0) -> None:
-        """Commit what is queued (bounded by `timeout`), then stop the writer and purger."""
-        if self._purger is not None:
-            self._purger.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._purger
+        """Commit what is queued (bounded by `timeout`), then stop the writer and sweeps."""
+        for sweep in (self._purger, self._expirer):
+            if sweep is not None:
+                sweep.cancel()
+                with suppress(asyncio.CancelledError):
+                    await sweep
         if self._task is None:
             return
         with suppress(TimeoutError):
@@ -193,8 +433,11 @@ class AlertEngine:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self._resumes:
+                await self._replay()
             if not self._hits:
-                self._idle.set()
+                if not self._resumes:
+                    self._idle.set()
                 continue
             # Group commit: everything matched since the last commit goes in one transaction.
             batch, self._hits = self._hits, []
@@ -213,242 +456,16 @@ class AlertEngine:
                 continue
             backoff = 0.1
             self.triggered += len(alerts)
+            if self._resumes:  # replay what was announced before announcing anything newer
+                await self._replay()
             try:
                 self._announce(alerts)
             except Exception:  # they are committed; a push failing must not stop the writer
                 log.exception("could not announce %d triggered alerts", len(alerts))
             if alerts and self.notify_hook is not None:
                 self.notify_hook()
-            if not self._hits:
+            if not self._hits and not self._resumes:
                 self._idle.set()
             else:
                 self._wake.set()
 
-
-def plain(value: float) -> str:
-    """A price in full, as a person writes it: 60018.26, 1250000, 0.00000123 (never 6e+04)."""
-    text = f"{value:.10f}".rstrip("0").rstrip(".")
-    return text if text not in ("", "-0") else "0"
-
-
-def message_id(item: OutboxItem, sender: str) -> str:
-    """The Message-ID of the email for `item`: the same on every attempt, so that the one
-    duplicate a crash can cause (see the module docstring) can be recognised as such. The
-    domain is the sender's (never the local host name: looking that up could block)."""
-    domain = parseaddr(sender)[1].rpartition("@")[2] or "localhost"
-    stamp = int(item.alert.created_at * 1_000_000)  # keeps ids of other installs apart
-    return f"<pricewatch.{item.id}.{item.alert.id}.{stamp}@{domain}>"
-
-
-def compose(item: OutboxItem, sender: str, public_url: str | None = None) -> EmailMessage:
-    """The plain-text email for one triggered alert, with `Date` and `Message-ID` (some
-    providers reject mail without them); with `public_url`, a link to the live page."""
-    alert = item.alert
-    sign = ">=" if alert.direction == "above" else "<="
-    msg = EmailMessage()
-    msg["From"] = sender
-    msg["To"] = item.recipient
-    msg["Date"] = formatdate(usegmt=True)
-    msg["Message-ID"] = message_id(item, sender)
-    msg["Subject"] = (f"pricewatch: {alert.asset} {alert.direction} {plain(alert.price)}"
-                      " reached")
-    link = f"Live prices:   {public_url}/\n" if public_url else ""
-    msg.set_content(
-        f"Your price alert #{alert.id} has triggered.\n\n"
-        f"Asset:         {alert.asset}\n"
-        f"Target:        {plain(alert.price)} ({alert.direction}: price {sign} target)\n"
-        f"Trigger price: {plain(alert.triggered_price)}\n"
-        f"Time (UTC):    {clock.iso(alert.triggered_at)}\n" + link
-    )
-    return msg
-
-
-class Notifier:
-    """Sends pending outbox rows over SMTP: bounded concurrency, retries, resumes on start."""
-
-    def __init__(self, settings: Settings, store: Store):
-        self.settings = settings
-        self.store = store
-        self.sent = 0
-        self.failed = 0
-        self.attempts = 0  # SMTP attempts that failed (and were retried or given up)
-        self.progress = asyncio.Condition()  # notified after every recorded outcome
-        self._wake = asyncio.Event()
-        self._inflight: set[int] = set()
-        self._sending: set[asyncio.Task] = set()
-        self._records: set[asyncio.Future] = set()
-        self._batch = settings.smtp_concurrency * 4  # rows claimed at most at once
-        self._slots = asyncio.Semaphore(settings.smtp_concurrency)
-        self._task: asyncio.Task | None = None
-
-    @property
-    def configured(self) -> bool:
-        return self.settings.smtp_host is not None
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    async def start(self) -> None:
-        if not self.configured:
-            log.warning("PRICEWATCH_SMTP_HOST is not set: alert emails stay queued (pending)")
-            return
-        self._task = asyncio.create_task(self._scheduler(), name="notifier")
-
-    async def stop(self, timeout: float = 1.5) -> None:
-        """Give sends in flight `timeout` seconds to finish, then cancel everything."""
-        if self._task is None:
-            return
-        self._task.cancel()
-        with suppress(asyncio.CancelledError):
-            await self._task
-        if self._sending:
-            _, pending = await asyncio.wait(self._sending, timeout=timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        if self._records:  # acceptances being recorded finish (unless the DB is gone)
-            _, stuck = await asyncio.wait(self._records, timeout=5.0)
-            for task in stuck:
-                task.cancel()
-            await asyncio.gather(*stuck, return_exceptions=True)
-
-    async def _scheduler(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                await self._dispatch_due()
-                # Rows being sent (or being recorded as sent) are not "due": their outcome
-                # wakes this loop. With every slot busy there is nothing to do but wait.
-                if len(self._inflight) >= self._batch:
-                    next_due = None
-                else:
-                    next_due = await self.store.next_outbox_due(exclude=self._inflight)
-            except Exception:  # a database hiccup must not end email delivery for good
-                log.exception("notifier could not read the outbox; retrying in 5 s")
-                next_due = clock.now() + 5.0
-            timeout = 60.0 if next_due is None else max(0.05, next_due - clock.now())
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(timeout, 60.0))
-
-    async def _dispatch_due(self) -> None:
-        """Start a send task for every due row not already being sent."""
-        room = self._batch - len(self._inflight)
-        if room <= 0:
-            return
-        due = await self.store.due_outbox(clock.now(), limit=room, exclude=self._inflight)
-        for item in due:
-            if item.id in self._inflight:
-                continue
-            self._inflight.add(item.id)
-            task = asyncio.create_task(self._send(item), name=f"email-{item.id}")
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-
-    async def _send(self, item: OutboxItem) -> None:
-        s = self.settings
-        smtp: aiosmtplib.SMTP | None = None
-        accepted = False
-        try:
-            async with self._slots:
-                # The scheduler's read may predate the outcome of an earlier send of this
-                # very row; a fresh read after claiming it rules a second send out.
-                if not await self.store.outbox_current(item.id, item.attempts):
-                    return
-                began = time.monotonic()
-                smtp = aiosmtplib.SMTP(hostname=s.smtp_host, port=s.smtp_port,
-                                       username=s.smtp_user, password=s.smtp_password,
-                                       start_tls=s.smtp_starttls, timeout=s.smtp_timeout)
-                try:
-                    await smtp.connect()
-                    await smtp.send_message(compose(item, s.mail_from, s.public_url))
-                except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                    self.attempts += 1
-                    await self._failed_attempt(item, exc)
-                    return
-                except Exception as exc:  # e.g. an address the library cannot use: no retry
-                    self.attempts += 1
-                    await self._failed_attempt(item, exc, permanent=True)
-                    return
-                # Accepted. From here nothing may stop the record, not even a shutdown
-                # cancelling this task; until it lands the row stays claimed (in flight).
-                accepted = True
-                record = asyncio.ensure_future(self._accepted(item, began))
-                self._records.add(record)
-                record.add_done_callback(self._records.discard)
-                await asyncio.shield(record)
-            # The slot is free again; a polite goodbye, bounded.
-            with suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-                await asyncio.wait_for(smtp.quit(), 2.0)
-        except Exception:  # e.g. the DB refused to record a failed attempt: retried later
-            log.exception("email %d: could not finish this attempt", item.id)
-        finally:
-            if smtp is not None:
-                smtp.close()
-            if not accepted:  # an accepted row stays claimed until `_accepted` records it
-                self._inflight.discard(item.id)
-            self._wake.set()
-            async with self.progress:
-                self.progress.notify_all()
-
-    async def _accepted(self, item: OutboxItem, began: float) -> None:
-        """Record an accepted email as sent, retrying until it lands: giving up would leave
-        the row pending and send it again. The row stays claimed meanwhile."""
-        delay = 0.1
-        try:
-            while True:
-                try:
-                    await self.store.outbox_sent(item.id)
-                    break
-                except Exception:
-                    log.exception("could not record email %d as sent; retrying in %.1fs",
-                                  item.id, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 10.0)
-        finally:
-            self._inflight.discard(item.id)
-            self._wake.set()
-        self.sent += 1
-        log.info("alert %d email sent to %s in %.2fs", item.alert.id, item.recipient,
-                 time.monotonic() - began)
-        async with self.progress:
-            self.progress.notify_all()
-
-    async def wait_until(self, predicate, timeout: float) -> None:
-        """Wait (at most `timeout` s) until `predicate()` is true after some outcome."""
-        async with self.progress:
-            await asyncio.wait_for(self.progress.wait_for(predicate), timeout)
-
-    async def _failed_attempt(self, item: OutboxItem, exc: BaseException,
-                              permanent: bool = False) -> None:
-        error = f"{type(exc).__name__}: {exc}"[:500]
-        attempts = item.attempts + 1
-        if permanent or _permanent(exc) or attempts >= self.settings.smtp_max_attempts:
-            self.failed += 1
-            log.error("alert %d email to %s failed after %d attempts: %s", item.alert.id,
-                      item.recipient, attempts, error)
-            await self._record(self.store.outbox_failed, item.id, error)
-            return
-        delay = min(self.settings.smtp_retry_base * 2 ** (attempts - 1), 3600.0)
-        log.warning("alert %d email attempt %d failed (%s); retrying in %.1fs",
-                    item.alert.id, attempts, error, delay)
-        await self._record(self.store.outbox_retry, item.id, clock.now() + delay, error)
-
-    async def _record(self, method, *args) -> None:
-        """Commit an outbox state change, retrying briefly: losing `sent` means a resend."""
-        for attempt in range(5):
-            try:
-                await method(*args)
-                return
-            except Exception:
-                if attempt == 4:
-                    raise
-                log.exception("could not record outbox state; retrying")
-                await asyncio.sleep(0.1 * 2 ** attempt)
-
-
-def _permanent(exc: BaseException) -> bool:
-    """5xx answers are permanent; 4xx, timeouts and connection errors are worth a retry."""
-    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
-        return all(r.code >= 500 for r in exc.recipients)
-    code = getattr(exc, "code", None)
-    return isinstance(code, int) and 500 <= code < 600

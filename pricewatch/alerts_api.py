@@ -6,10 +6,13 @@ user's alert answers 404, never 403.
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
+from . import clock
 from .alerts import AlertEngine
 from .api import (
     REQUIRED,
@@ -25,11 +28,19 @@ from .api import (
 from .auth import require_identity
 from .links import base_url, page_url
 from .market import MARKET
+from .percent_index import PERCENT_DIRECTIONS, WINDOWS
 from .store import Alert
 
 ENGINE = web.AppKey("engine", AlertEngine)
-STATUSES = ("CREATED", "TRIGGERED", "DELETED")
+STATUSES = ("CREATED", "TRIGGERED", "DELETED", "EXPIRED")
+KINDS = ("price", "percent")
 DIRECTIONS = ("above", "below")
+MIN_COOLDOWN = 60
+MAX_COOLDOWN = 30 * 86400
+DEFAULT_COOLDOWN = 3600
+MAX_NOTE = 200
+CHANNELS = ("email",)  # notification channels are a later issue; email is every user's
+MAX_EVENT_PAGE = 100
 
 
 def _alert_id(request: web.Request) -> int:
@@ -42,16 +53,51 @@ def _alert_id(request: web.Request) -> int:
     return value
 
 
-def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
-              ) -> tuple[str, float, str]:
-    """(asset, price, direction) from a POST/PUT body, or a PATCH over `current`.
+def _expiry(raw: Any) -> float | str:
+    """An ISO-8601 time in the future as epoch seconds, or the error message."""
+    if not isinstance(raw, str):
+        return "An ISO-8601 UTC time, e.g. 2030-01-01T00:00:00Z."
+    try:
+        when = datetime.fromisoformat(raw.strip())
+    except ValueError:
+        return "An ISO-8601 UTC time, e.g. 2030-01-01T00:00:00Z."
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    try:
+        at = when.timestamp()
+    except (OverflowError, OSError, ValueError):
+        return "An ISO-8601 UTC time, e.g. 2030-01-01T00:00:00Z."
+    if at <= clock.now():
+        return "Must be in the future."
+    return at
 
-    Raises ApiError 400 naming each bad field, 409 when the direction must be derived
-    from a price that is not known yet.
+
+def _number(raw: Any, lo: float, hi: float, lo_open: bool, text: str) -> float | str:
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+        return text
+    if raw < lo or (lo_open and raw == lo) or raw > hi:
+        return text
+    return float(raw)
+
+
+def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
+              ) -> dict[str, Any]:
+    """The alert's fields (asset, price, direction, kind, percent, window, repeat,
+    cooldown, expires_at, note) from a POST/PUT body, or a PATCH over `current`.
+
+    Raises ApiError 400 naming each bad field, 409 when a price alert's direction must be
+    derived from a price that is not known yet.
     """
     market = request.app[MARKET]
     errors: dict[str, str] = {}
-    asset = price = direction = None
+    out: dict[str, Any] = {}
+
+    def given(name: str) -> bool:
+        return data.get(name) is not None
+
+    def keep(name: str, default: Any) -> Any:  # PATCH keeps what it does not name
+        return getattr(current, name) if current is not None else default
+
     if "asset" in data or current is None:
         raw = data.get("asset")
         if raw is None or raw == "":
@@ -59,35 +105,115 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
         elif not isinstance(raw, str) or raw.strip().upper() not in market.latest:
             errors["asset"] = "Not a watched symbol; one of: " + ", ".join(market.symbols)
         else:
-            asset = raw.strip().upper()
+            out["asset"] = raw.strip().upper()
     else:
-        asset = current.asset
-    if "price" in data or current is None:
-        raw = data.get("price")
-        checked = REQUIRED if raw is None else positive_number(raw)
+        out["asset"] = current.asset
+    kind = keep("kind", "price")
+    if given("kind"):
+        if data["kind"] not in KINDS:
+            errors["kind"] = 'Must be "price" or "percent".'
+            kind = None
+        else:
+            kind = data["kind"]
+    out["kind"] = kind
+    same_kind = current is not None and current.kind == kind
+    if kind == "price":
+        if "price" in data or not same_kind:
+            raw = data.get("price")
+            checked = REQUIRED if raw is None else positive_number(raw)
+            if isinstance(checked, str):
+                errors["price"] = checked
+            else:
+                out["price"] = checked
+        else:
+            out["price"] = current.price
+        for name in ("percent", "window"):
+            if given(name):
+                errors[name] = "Only for percent alerts."
+        out["percent"] = out["window"] = None
+        if given("direction"):
+            raw = data["direction"]
+            if not isinstance(raw, str) or raw.lower() not in DIRECTIONS:
+                errors["direction"] = 'Must be "above" or "below".'
+            else:
+                out["direction"] = raw.lower()
+        elif same_kind:
+            out["direction"] = current.direction
+    elif kind == "percent":
+        if given("price"):
+            errors["price"] = "Only for price alerts."
+        out["price"] = None
+        if "percent" in data or not same_kind:
+            checked = _number(data.get("percent"), 0, 100, True,
+                              "A number above 0 and at most 100.")
+            if isinstance(checked, str):
+                errors["percent"] = REQUIRED if data.get("percent") is None else checked
+            else:
+                out["percent"] = checked
+        else:
+            out["percent"] = current.percent
+        if "window" in data or not same_kind:
+            raw = data.get("window")
+            if not isinstance(raw, str) or raw not in WINDOWS:
+                errors["window"] = (REQUIRED if raw is None
+                                    else "One of " + ", ".join(WINDOWS) + ".")
+            else:
+                out["window"] = raw
+        else:
+            out["window"] = current.window
+        raw = data.get("direction")
+        if raw is None:
+            out["direction"] = current.direction if same_kind else "any"
+        elif not isinstance(raw, str) or raw.lower() not in PERCENT_DIRECTIONS:
+            errors["direction"] = 'Must be "up", "down" or "any".'
+        else:
+            out["direction"] = raw.lower()
+    out["repeat"] = keep("repeat", False)
+    if "repeat" in data:
+        if not isinstance(data["repeat"], bool):
+            errors["repeat"] = "true or false."
+        else:
+            out["repeat"] = data["repeat"]
+    out["cooldown"] = keep("cooldown", DEFAULT_COOLDOWN)
+    if "cooldown" in data:
+        checked = _number(data["cooldown"], MIN_COOLDOWN, MAX_COOLDOWN, False,
+                          f"Seconds, at least {MIN_COOLDOWN} and at most {MAX_COOLDOWN}.")
         if isinstance(checked, str):
-            errors["price"] = checked
+            errors["cooldown"] = checked
         else:
-            price = checked
-    else:
-        price = current.price
-    if data.get("direction") is not None:
-        raw = data["direction"]
-        if not isinstance(raw, str) or raw.lower() not in DIRECTIONS:
-            errors["direction"] = 'Must be "above" or "below".'
+            out["cooldown"] = checked
+    out["expires_at"] = keep("expires_at", None)
+    if "expires_at" in data:
+        checked = None if data["expires_at"] is None else _expiry(data["expires_at"])
+        if isinstance(checked, str):
+            errors["expires_at"] = checked
         else:
-            direction = raw.lower()
+            out["expires_at"] = checked
+    out["note"] = keep("note", None)
+    if "note" in data:
+        raw = data["note"]
+        if raw is not None and (not isinstance(raw, str) or len(raw) > MAX_NOTE):
+            errors["note"] = f"Text of at most {MAX_NOTE} characters."
+        else:
+            out["note"] = raw
+    if "channels" in data:
+        raw = data["channels"]
+        if (not isinstance(raw, list) or not raw
+                or any(not isinstance(c, str) or c not in CHANNELS for c in raw)):
+            errors["channels"] = 'A list of channel ids; the only channel yet is "email".'
     if errors:
         raise invalid(errors)
-    if direction is None:
-        if current is not None:  # PATCH keeps what it does not name
-            direction = current.direction
-        else:
-            latest = market.price(asset)
-            if latest is None:
-                raise conflict(f"No price known yet for {asset}; give a direction.")
-            direction = "above" if price > latest else "below"
-    return asset, price, direction  # type: ignore[return-value]
+    if "direction" not in out:  # a price alert without one: from the latest price
+        latest = market.price(out["asset"])
+        if latest is None:
+            raise conflict(f"No price known yet for {out['asset']}; give a direction.")
+        out["direction"] = "above" if out["price"] > latest else "below"
+    return out
+
+
+def _store_fields(fields: dict[str, Any]) -> tuple[str, float | None, str, dict[str, Any]]:
+    extra = {k: v for k, v in fields.items() if k not in ("asset", "price", "direction")}
+    return fields["asset"], fields["price"], fields["direction"], extra
 
 
 async def create_alert(request: web.Request) -> web.Response:
@@ -95,7 +221,7 @@ async def create_alert(request: web.Request) -> web.Response:
     (counted when a valid creation reaches the database, checked with no await between)."""
     identity = require_identity(request)
     data = await read_json(request)
-    asset, price, direction = _validate(request, data, None)
+    asset, price, direction, extra = _store_fields(_validate(request, data, None))
     app = request.app
     engine = app[ENGINE]
     creations = request.app[ENGINE].creations
@@ -105,9 +231,29 @@ async def create_alert(request: web.Request) -> web.Response:
                        f"At most {creations.limit} alerts may be created per minute.",
                        headers={"Retry-After": str(wait)})
     alert = await engine.store.create_alert(identity.user_id, asset, price, direction,
-                                            max_active=engine.max_active)
+                                            max_active=engine.max_active, **extra)
     engine.track(alert)
     return json_response(alert.public(), status=201)
+
+
+def _page_params(request: web.Request, errors: dict[str, str]) -> tuple[int, int]:
+    page = query_int(request, "page", 1, 1, 2**31 - 1, errors)  # offset fits SQLite
+    page_size = query_int(request, "page_size", 10, 1, 100, errors)
+    return page or 1, page_size or 10
+
+
+def _page(request: web.Request, base: str, page: int, page_size: int, count: int,
+          rows: list) -> web.Response:
+    """`{count, next, previous, results}`; 404 for a page past the last."""
+    if page > 1 and not rows:
+        raise ApiError(404, "not_found", "Invalid page.")
+    last_page = max(1, -(-count // page_size))
+    return json_response({
+        "count": count,
+        "next": page_url(base, request, page + 1) if page < last_page else None,
+        "previous": page_url(base, request, page - 1) if page > 1 else None,
+        "results": [row.public() for row in rows],
+    })
 
 
 async def list_alerts(request: web.Request) -> web.Response:
@@ -116,23 +262,32 @@ async def list_alerts(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status.upper() not in STATUSES:
         errors["status"] = "Must be one of " + ", ".join(STATUSES) + "."
-    page = query_int(request, "page", 1, 1, 2**31 - 1, errors)  # offset fits SQLite
-    page_size = query_int(request, "page_size", 10, 1, 100, errors)
+    page, page_size = _page_params(request, errors)
     if errors:
         raise invalid(errors)
     base = base_url(request)  # 400 for a malformed Host
     count, alerts = await request.app[ENGINE].store.list_alerts(
         identity.user_id, status.upper() if status else None, (page - 1) * page_size,
         page_size)
-    if page > 1 and not alerts:
-        raise ApiError(404, "not_found", "Invalid page.")
-    last_page = max(1, -(-count // page_size))
-    return json_response({
-        "count": count,
-        "next": page_url(base, request, page + 1) if page < last_page else None,
-        "previous": page_url(base, request, page - 1) if page > 1 else None,
-        "results": [a.public() for a in alerts],
-    })
+    return _page(request, base, page, page_size, count, alerts)
+
+
+async def list_events(request: web.Request) -> web.Response:
+    """`GET /api/v1/events` and `GET /api/v1/alerts/{id}/events`: triggers, newest first."""
+    identity = require_identity(request)
+    store = request.app[ENGINE].store
+    alert_id = None
+    if "alert_id" in request.match_info:
+        alert_id = _alert_id(request)
+        await store.get_alert(identity.user_id, alert_id)  # 404 unless the user's
+    errors: dict[str, str] = {}
+    page, page_size = _page_params(request, errors)
+    if errors:
+        raise invalid(errors)
+    base = base_url(request)
+    count, events = await store.list_events(identity.user_id, alert_id,
+                                            (page - 1) * page_size, page_size)
+    return _page(request, base, page, page_size, count, events)
 
 
 async def get_alert(request: web.Request) -> web.Response:
@@ -149,10 +304,10 @@ async def update_alert(request: web.Request) -> web.Response:
     current = await engine.store.get_alert(identity.user_id, alert_id)
     if current.status != "CREATED":
         raise conflict(f"Alert is {current.status}; only CREATED alerts can change.")
-    asset, price, direction = _validate(
-        request, data, current if request.method == "PATCH" else None)
+    asset, price, direction, extra = _store_fields(_validate(
+        request, data, current if request.method == "PATCH" else None))
     alert = await engine.store.update_alert(identity.user_id, alert_id, asset, price,
-                                            direction)
+                                            direction, **extra)
     engine.track(alert)
     return json_response(alert.public())
 
@@ -172,4 +327,6 @@ def add_routes(app: web.Application, add_route) -> None:
     add_route(app, "PUT", "/api/v1/alerts/{alert_id}", update_alert)
     add_route(app, "PATCH", "/api/v1/alerts/{alert_id}", update_alert)
     add_route(app, "DELETE", "/api/v1/alerts/{alert_id}", delete_alert)
+    add_route(app, "GET", "/api/v1/alerts/{alert_id}/events", list_events)
+    add_route(app, "GET", "/api/v1/events", list_events)
 

@@ -353,6 +353,10 @@ async def live_feed(request: web.Request) -> web.StreamResponse:
 
     def on_message(client: Client, data: dict) -> None:
         action = data.get("action")
+        if action == "resume":  # alert events missed meanwhile (alerts.py)
+            from .alerts_api import ENGINE  # alerts_api imports this module
+            request.app[ENGINE].resume_client(hub, client, data)
+            return
         if action not in ("subscribe", "unsubscribe"):
             hub.send(client, _error("action must be subscribe or unsubscribe."))
             return

@@ -18,10 +18,20 @@ from typing import Any
 from aiohttp import web
 
 from . import compat
-from .alerts_api import STATUSES
+from .alerts_api import (
+    CHANNELS,
+    DEFAULT_COOLDOWN,
+    DIRECTIONS,
+    KINDS,
+    MAX_COOLDOWN,
+    MAX_NOTE,
+    MIN_COOLDOWN,
+    STATUSES,
+)
 from .api import json_response
 from .market import MARKET
 from .ohlc import TIMEFRAMES
+from .percent_index import PERCENT_DIRECTIONS, WINDOWS
 
 JSON = "application/json"
 Schema = dict[str, Any]
@@ -76,11 +86,37 @@ def _schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
                   "pattern": r"^[^@\s]+@[^@\s]+\.[^@\s.]+$"},
     }, closed=False)
     alert = obj({
-        "id": INT, "asset": STR, "price": NUM, "direction": enum("above", "below"),
+        "id": INT, "kind": enum(*KINDS), "asset": STR, "price": nullable(NUM),
+        "percent": nullable(NUM), "window": nullable(enum(*WINDOWS)),
+        "direction": enum(*DIRECTIONS, *PERCENT_DIRECTIONS),
         "status": enum(*STATUSES), "created": TIME,
         "triggered_at": nullable(TIME), "triggered_price": nullable(NUM),
         "notified": nullable(enum("pending", "sent", "failed")),
-        "backfill": nullable(enum("trade", "kline"))})
+        "backfill": nullable(enum("trade", "kline")), "repeat": BOOL, "cooldown": NUM,
+        "expires_at": nullable(TIME), "note": nullable(STR), "channels": array(STR),
+        "trigger_count": INT})
+    alert_fields = {
+        "kind": {**enum(*KINDS), "default": "price"},
+        "price": {"type": "number", "exclusiveMinimum": 0,
+                  "description": "Price alerts: the target (required)."},
+        "percent": {"type": "number", "exclusiveMinimum": 0, "maximum": 100,
+                    "description": "Percent alerts: the move (required)."},
+        "window": {**enum(*WINDOWS), "description": "Percent alerts: the trailing window "
+                   "(required)."},
+        "direction": {**enum(*DIRECTIONS, *PERCENT_DIRECTIONS),
+                      "description": "above/below (price; derived from the latest price "
+                      "when omitted), up/down/any (percent; default any)."},
+        "repeat": BOOL,
+        "cooldown": {"type": "number", "minimum": MIN_COOLDOWN, "maximum": MAX_COOLDOWN,
+                     "default": DEFAULT_COOLDOWN},
+        "expires_at": nullable({**TIME, "description": "ISO-8601 UTC, in the future."}),
+        "note": nullable({"type": "string", "maxLength": MAX_NOTE}),
+        "channels": {**array(enum(*CHANNELS)), "minItems": 1},
+    }
+    event = obj({"id": INT, "alert_id": INT, "time": TIME, "price": NUM,
+                 "backfill": nullable(enum("trade", "kline")),
+                 "deliveries": array(obj({"channel": STR,
+                                          "state": enum("pending", "sent", "failed")}))})
     seed_alert = {**alert["properties"], "alert_purpose": nullable(STR), "alert_price": NUM,
                   "alert_status": enum(*STATUSES)}
     seed_user = {"type": "string", "minLength": 1, "description": "Must be the token's user."}
@@ -121,16 +157,16 @@ def _schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
                           "next": page_link, "previous": page_link,
                           "results": array(ref("Quote"))}),
         "QuoteAll": obj({"count": INT, "results": array(ref("Quote"))}),
-        "AlertIn": obj({"asset": ref("Symbol"),
-                        "price": {"type": "number", "exclusiveMinimum": 0}},
-                       {"direction": enum("above", "below")}, closed=False,
-                       description="Without direction it is derived from the latest price."),
-        "AlertPatch": obj({}, {"asset": ref("Symbol"),
-                               "price": {"type": "number", "exclusiveMinimum": 0},
-                               "direction": enum("above", "below")}, closed=False),
+        "AlertIn": obj({"asset": ref("Symbol")}, alert_fields, closed=False,
+                       description="A price alert needs price; a percent alert percent "
+                       "and window (and no price)."),
+        "AlertPatch": obj({}, {"asset": ref("Symbol"), **alert_fields}, closed=False),
         "Alert": alert,
         "AlertPage": obj({"count": INT, "next": page_link, "previous": page_link,
                           "results": array(ref("Alert"))}),
+        "Event": event,
+        "EventPage": obj({"count": INT, "next": page_link, "previous": page_link,
+                          "results": array(ref("Event"))}),
         "Health": obj({"status": enum("ok", "stale", "error"), "db": STR,
                        "feeds": {"type": "object", "additionalProperties": {"type": "object"},
                                  "description": "Feed name -> its state and counters."}},
@@ -257,6 +293,10 @@ HOST_NOTE = ("`next`/`previous` start with PRICEWATCH_PUBLIC_URL when it is set,
 PAGE_PARAMS = (query("page", {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
                      "Page number, from 1."),)
 
+EVENT_PAGE_PARAMS = (*PAGE_PARAMS, query("page_size", {"type": "integer", "minimum": 1,
+                                                      "maximum": 100, "default": 10},
+                                          "Events per page."))
+
 OPERATIONS: dict[tuple[str, str], dict] = {
     ("GET", "/healthz"): op(
         "ops", "Health of the database and the feeds", {200: json_ok("Health"),
@@ -317,8 +357,11 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         '`{"action": "subscribe"|"unsubscribe", "symbols": [...]}` (default: all watched). '
         'Server sends `{"type": "price", symbol, price, bid, ask, time}`, '
         '`{"type": "subscribed"|"unsubscribed", "symbols": [...]}`, '
-        '`{"type": "alert", "alert": Alert}` for the caller\'s alerts and '
-        '`{"type": "error", "detail"}` for a bad message.'),
+        '`{"type": "alert", "alert": Alert, "event": {id, time, price}}` for the caller\'s '
+        'alerts and `{"type": "error", "detail"}` for a bad message. '
+        '`{"action": "resume", "since": EVENT_ID}` re-sends every later event of the '
+        'caller\'s alerts in order, then `{"type": "resumed", since, last, complete}`, then '
+        'live ones.'),
     ("GET", "/ws/ohlc"): op(
         "websockets", "Websocket: candles of one symbol and timeframe", {101: SWITCHING},
         "NotAnUpgrade", "RateLimited",
@@ -340,7 +383,7 @@ OPERATIONS: dict[tuple[str, str], dict] = {
     ("GET", "/api/v1/alerts"): op(
         "alerts", "The caller's alerts, newest first", {200: json_ok("AlertPage")},
         "BadQuery", "NotFound", auth="user", params=(
-            query("status", enum("CREATED", "TRIGGERED", "DELETED"),
+            query("status", enum(*STATUSES),
                   "Only alerts with this status (any case)."),
             *PAGE_PARAMS,
             query("page_size", {"type": "integer", "minimum": 1, "maximum": 100,
@@ -354,6 +397,14 @@ OPERATIONS: dict[tuple[str, str], dict] = {
     ("PATCH", "/api/v1/alerts/{alert_id}"): op(
         "alerts", "Change some fields of an alert", {200: json_ok("Alert")}, "NotFound",
         "Conflict", auth="user", request="AlertPatch", text="409 unless the alert is CREATED."),
+    ("GET", "/api/v1/alerts/{alert_id}/events"): op(
+        "alerts", "One alert's triggers, newest first", {200: json_ok("EventPage")},
+        "NotFound", "BadQuery", auth="user", params=EVENT_PAGE_PARAMS,
+        text="404 for a page past the last. " + HOST_NOTE),
+    ("GET", "/api/v1/events"): op(
+        "alerts", "The triggers of all the caller's alerts, newest first",
+        {200: json_ok("EventPage")}, "NotFound", "BadQuery", auth="user",
+        params=EVENT_PAGE_PARAMS, text="404 for a page past the last. " + HOST_NOTE),
     ("DELETE", "/api/v1/alerts/{alert_id}"): op(
         "alerts", "Delete an alert (kept with status DELETED)", {200: json_ok("Alert")},
         "NotFound", auth="user"),

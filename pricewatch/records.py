@@ -29,11 +29,43 @@ class Hit(NamedTuple):
 
     alert_id: int
     asset: str
-    target: float  # the alert's target and direction when it matched: a change since skips it
-    direction: str
+    target: float  # price (price alerts) or percent (percent alerts) and direction when it
+    direction: str  # matched: an alert changed since is skipped
     price: float  # the triggering trade's price (the target for a kline)
     at: float  # the triggering trade's time, epoch seconds (a kline's open time)
     backfill: str | None = None  # "trade" or "kline" when found in recovered data
+    window: str | None = None  # a percent alert's window when it matched
+
+
+class Arm(NamedTuple):
+    """A repeating alert's step back towards CREATED, for the trigger writer: `armed` False
+    when its cooldown has passed (a price alert then waits for the price to go back across
+    its target), True when it may trigger again."""
+
+    alert_id: int
+    armed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One trigger of an alert, with its deliveries as ((channel, state), ...)."""
+
+    id: int
+    alert_id: int
+    user_id: int
+    time: float
+    price: float
+    backfill: str | None = None
+    deliveries: tuple[tuple[str, str], ...] = ()
+
+    def public(self) -> dict:
+        return {"id": self.id, "alert_id": self.alert_id, "time": clock.iso(self.time),
+                "price": self.price, "backfill": self.backfill,
+                "deliveries": [{"channel": c, "state": s} for c, s in self.deliveries]}
+
+    def brief(self) -> dict:
+        """The shape carried by `{"type": "alert"}` live messages."""
+        return {"id": self.id, "time": clock.iso(self.time), "price": self.price}
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,21 +73,34 @@ class Alert:
     id: int
     user_id: int
     asset: str
-    price: float
-    direction: str
+    price: float | None  # None for percent alerts
+    direction: str  # above/below (price), up/down/any (percent)
     status: str
     created_at: float
     triggered_at: float | None
     triggered_price: float | None
     notified: str | None
-    note: str | None = None  # seed 002's alert purpose (compat.py); not in public() yet
+    note: str | None = None
     backfill: str | None = None  # set when triggered by recovered data: "trade" or "kline"
+    kind: str = "price"
+    percent: float | None = None
+    window: str | None = None
+    repeat: bool = False
+    cooldown: float = 3600.0
+    expires_at: float | None = None
+    trigger_count: int = 0
+    rearm_at: float | None = None  # a repeating alert in its cooldown: when it ends
+    armed: bool = True  # False: a re-armed price alert waiting for the far side
+    event: Event | None = None  # the event just recorded (store.trigger_alerts only)
 
     def public(self) -> dict:
         return {
             "id": self.id,
+            "kind": self.kind,
             "asset": self.asset,
             "price": self.price,
+            "percent": self.percent,
+            "window": self.window,
             "direction": self.direction,
             "status": self.status,
             "created": clock.iso(self.created_at),
@@ -63,6 +108,12 @@ class Alert:
             "triggered_price": self.triggered_price,
             "notified": self.notified,
             "backfill": self.backfill,
+            "repeat": self.repeat,
+            "cooldown": self.cooldown,
+            "expires_at": clock.iso(self.expires_at),
+            "note": self.note,
+            "channels": ["email"],
+            "trigger_count": self.trigger_count,
         }
 
 

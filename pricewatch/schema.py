@@ -141,6 +141,87 @@ MIGRATIONS: list[str] = [
     ALTER TABLE alerts ADD COLUMN triggered_backfill TEXT
         CHECK (triggered_backfill IN ('trade', 'kline'));
     """,
+    # 6: alert kinds (price, percent), repeat with cooldown, expiry (status EXPIRED), and an
+    # event per trigger. SQLite cannot change a CHECK in place, so `alerts` is rebuilt (ids,
+    # and the AUTOINCREMENT high-water mark, kept); `outbox` gets one row per event instead
+    # of one per alert. Every alert triggered so far gets its one event.
+    """
+    CREATE TABLE alerts_new (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        asset TEXT NOT NULL,
+        price REAL,
+        direction TEXT NOT NULL CHECK (direction IN ('above', 'below', 'up', 'down', 'any')),
+        status TEXT NOT NULL DEFAULT 'CREATED'
+            CHECK (status IN ('CREATED', 'TRIGGERED', 'DELETED', 'EXPIRED')),
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        triggered_at REAL,
+        triggered_price REAL,
+        notified TEXT CHECK (notified IN ('pending', 'sent', 'failed')),
+        note TEXT,
+        triggered_backfill TEXT CHECK (triggered_backfill IN ('trade', 'kline')),
+        kind TEXT NOT NULL DEFAULT 'price' CHECK (kind IN ('price', 'percent')),
+        percent REAL,
+        win TEXT,
+        repeat INTEGER NOT NULL DEFAULT 0,
+        cooldown REAL NOT NULL DEFAULT 3600,
+        expires_at REAL,
+        trigger_count INTEGER NOT NULL DEFAULT 0,
+        rearm_at REAL,
+        armed INTEGER NOT NULL DEFAULT 1
+    );
+    INSERT INTO alerts_new(id, user_id, asset, price, direction, status, created_at,
+        updated_at, triggered_at, triggered_price, notified, note, triggered_backfill,
+        trigger_count)
+        SELECT id, user_id, asset, price, direction, status, created_at, updated_at,
+            triggered_at, triggered_price, notified, note, triggered_backfill,
+            triggered_at IS NOT NULL FROM alerts;
+    DELETE FROM sqlite_sequence WHERE name = 'alerts_new';
+    INSERT INTO sqlite_sequence(name, seq)
+        SELECT 'alerts_new', seq FROM sqlite_sequence WHERE name = 'alerts';
+    CREATE TABLE outbox_old AS SELECT * FROM outbox;
+    DROP TABLE outbox;
+    DROP TABLE alerts;
+    ALTER TABLE alerts_new RENAME TO alerts;
+    CREATE INDEX alerts_user_status ON alerts(user_id, status, id);
+    CREATE INDEX alerts_status ON alerts(status);
+    CREATE INDEX alerts_user_note ON alerts(user_id, note) WHERE note IS NOT NULL;
+    CREATE INDEX alerts_expiring ON alerts(expires_at) WHERE expires_at IS NOT NULL;
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        alert_id INTEGER NOT NULL REFERENCES alerts(id) ON DELETE CASCADE,
+        user_id INTEGER NOT NULL,
+        time REAL NOT NULL,
+        price REAL NOT NULL,
+        backfill TEXT CHECK (backfill IN ('trade', 'kline'))
+    );
+    CREATE INDEX events_alert ON events(alert_id, id);
+    CREATE INDEX events_user ON events(user_id, id);
+    INSERT INTO events(alert_id, user_id, time, price, backfill)
+        SELECT id, user_id, triggered_at, triggered_price, triggered_backfill FROM alerts
+        WHERE triggered_at IS NOT NULL ORDER BY triggered_at, id;
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        alert_id INTEGER NOT NULL REFERENCES alerts(id) ON DELETE CASCADE,
+        event_id INTEGER UNIQUE REFERENCES events(id) ON DELETE CASCADE,
+        recipient TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        sent_at REAL
+    );
+    CREATE INDEX outbox_due ON outbox(status, next_attempt_at);
+    CREATE INDEX outbox_alert ON outbox(alert_id);
+    INSERT INTO outbox(id, alert_id, event_id, recipient, status, attempts, next_attempt_at,
+        last_error, created_at, sent_at)
+        SELECT o.id, o.alert_id, (SELECT e.id FROM events e WHERE e.alert_id = o.alert_id),
+            o.recipient, o.status, o.attempts, o.next_attempt_at, o.last_error, o.created_at,
+            o.sent_at FROM outbox_old o WHERE o.alert_id IN (SELECT id FROM alerts);
+    DROP TABLE outbox_old;
+    """,
 ]
 
 # Version -> (query, message): after that migration is applied, each row of the query is

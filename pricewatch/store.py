@@ -14,15 +14,16 @@ import re
 import sqlite3
 from collections.abc import AsyncIterator, Collection, Iterable
 from contextlib import asynccontextmanager, suppress
+from dataclasses import replace
 
 import aiosqlite
 
 from . import clock
-from .records import Alert, Hit, OutboxItem, Quote, RotateResult, User
+from .records import Alert, Arm, Event, Hit, OutboxItem, Quote, RotateResult, User
 from .schema import SchemaError, migrate, username_key
 
-__all__ = ["Alert", "Conflict", "NotFound", "OutboxItem", "Quote", "RotateResult", "Store",
-           "StoreError", "UnknownUser", "User", "bcrypt_cost"]
+__all__ = ["Alert", "Conflict", "Event", "NotFound", "OutboxItem", "Quote", "RotateResult",
+           "Store", "StoreError", "UnknownUser", "User", "bcrypt_cost"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,12 @@ class UnknownUser(StoreError):
 
 
 _ALERT_COLS = ("id, user_id, asset, price, direction, status, created_at, triggered_at, "
-               "triggered_price, notified, note, triggered_backfill")
+               "triggered_price, notified, note, triggered_backfill, kind, percent, win, "
+               "repeat, cooldown, expires_at, trigger_count, rearm_at, armed")
+# What a create or an update may set besides asset, price and direction (column names).
+ALERT_FIELDS = ("kind", "percent", "win", "repeat", "cooldown", "expires_at", "note")
+_EVENT_COLS = ("e.id, e.alert_id, e.user_id, e.time, e.price, e.backfill,"
+               " (SELECT o.status FROM outbox o WHERE o.event_id = e.id)")
 _QUOTE_COLS = "id, from_currency, to_currency, rate, bid, ask, source_time, fetched_at"
 _USER_COLS = "id, username, email, password_hash, is_admin"
 _BCRYPT_PREFIX = re.compile(r"\$2[aby]\$(\d\d)\$")
@@ -62,7 +68,11 @@ def bcrypt_cost(password_hash: str) -> int | None:
 
 
 def _alert(row) -> Alert:
-    return Alert(*row[:12])
+    return Alert(*row[:15], bool(row[15]), *row[16:20], bool(row[20]))
+
+
+def _event(row) -> Event:
+    return Event(*row[:6], (("email", row[6]),) if row[6] is not None else ())
 
 
 def _quote(row) -> Quote:
@@ -310,10 +320,12 @@ class Store:
 
     # alerts ---------------------------------------------------------------------------
 
-    async def create_alert(self, user_id: int, asset: str, price: float, direction: str,
-                           max_active: int) -> Alert:
-        """Insert a CREATED alert. Raises Conflict when the user has `max_active` already,
-        UnknownUser when the user does not exist (any more)."""
+    async def create_alert(self, user_id: int, asset: str, price: float | None,
+                           direction: str, max_active: int, **fields) -> Alert:
+        """Insert a CREATED alert; `fields` may set any of ALERT_FIELDS. Raises Conflict
+        when the user has `max_active` already, UnknownUser when the user does not exist
+        (any more)."""
+        extra = _fields(fields)
         now = clock.now()
         async with self._tx() as db:
             async with db.execute(
@@ -324,12 +336,14 @@ class Store:
                 raise UnknownUser(f"user {user_id} does not exist")
             if active >= max_active:
                 raise Conflict(f"at most {max_active} active alerts per user")
+            names = "".join(", " + name for name in extra)
             cur = await db.execute(
-                "INSERT INTO alerts(user_id, asset, price, direction, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)", (user_id, asset, price, direction, now, now))
-            alert_id = cur.lastrowid
-        return Alert(alert_id, user_id, asset, price, direction, "CREATED", now, None, None,
-                     None)
+                f"INSERT INTO alerts(user_id, asset, price, direction, created_at, updated_at"
+                f"{names}) VALUES (?, ?, ?, ?, ?, ?{', ?' * len(extra)})",
+                (user_id, asset, price, direction, now, now, *extra.values()))
+            async with db.execute(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ?",
+                                  (cur.lastrowid,)) as cur:
+                return _alert(await cur.fetchone())
 
     async def get_alert(self, user_id: int, alert_id: int) -> Alert:
         """The user's alert `alert_id`. Raises NotFound for a missing or foreign alert."""
@@ -356,9 +370,11 @@ class Store:
             (count,) = await self._one(f"SELECT COUNT(*) FROM alerts WHERE {where}", params)
         return count, [_alert(r) for r in rows]
 
-    async def update_alert(self, user_id: int, alert_id: int, asset: str, price: float,
-                           direction: str) -> Alert:
-        """Change a CREATED alert. NotFound if not the user's; Conflict if not CREATED."""
+    async def update_alert(self, user_id: int, alert_id: int, asset: str, price: float | None,
+                           direction: str, **fields) -> Alert:
+        """Change a CREATED alert (`fields`: any of ALERT_FIELDS); it is armed afresh.
+        NotFound if not the user's; Conflict if not CREATED."""
+        extra = _fields(fields)
         async with self._tx() as db:
             async with db.execute(
                 "SELECT status FROM alerts WHERE id = ? AND user_id = ?",
@@ -368,9 +384,11 @@ class Store:
                 raise NotFound("alert not found")
             if row[0] != "CREATED":
                 raise Conflict(f"alert is {row[0]}; only CREATED alerts can change")
+            sets = "".join(f", {name} = ?" for name in extra)
             await db.execute(
-                "UPDATE alerts SET asset = ?, price = ?, direction = ?, updated_at = ?"
-                " WHERE id = ?", (asset, price, direction, clock.now(), alert_id))
+                f"UPDATE alerts SET asset = ?, price = ?, direction = ?, updated_at = ?,"
+                f" armed = 1{sets} WHERE id = ?",
+                (asset, price, direction, clock.now(), *extra.values(), alert_id))
             async with db.execute(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ?",
                                   (alert_id,)) as cur:
                 return _alert(await cur.fetchone())
@@ -415,10 +433,55 @@ class Store:
                                   " ORDER BY id DESC", ids) as cur:
                 return [_alert(row) for row in await cur.fetchall()]
 
-    async def active_alerts(self) -> list[tuple[int, str, float, str]]:
-        """(id, asset, price, direction) of every CREATED alert."""
-        return [tuple(r) for r in await self._all(
-            "SELECT id, asset, price, direction FROM alerts WHERE status = 'CREATED'")]
+    async def active_alerts(self) -> list[Alert]:
+        """Every alert the engine watches: CREATED, and repeating ones in their cooldown."""
+        return [_alert(r) for r in await self._all(
+            f"SELECT {_ALERT_COLS} FROM alerts WHERE status = 'CREATED'"
+            " OR (status = 'TRIGGERED' AND repeat = 1)")]
+
+    async def expire_alerts(self, now: float) -> list[int]:
+        """Mark EXPIRED every watched alert (see `active_alerts`) whose expires_at <= `now`;
+        returns their ids."""
+        async with self._tx() as db:
+            async with db.execute(
+                    "SELECT id FROM alerts WHERE expires_at <= ? AND (status = 'CREATED'"
+                    " OR (status = 'TRIGGERED' AND repeat = 1))", (now,)) as cur:
+                ids = [r[0] for r in await cur.fetchall()]
+            if ids:
+                await db.executemany(
+                    "UPDATE alerts SET status = 'EXPIRED', updated_at = ?, rearm_at = NULL"
+                    " WHERE id = ?", [(now, i) for i in ids])
+            return ids
+
+    async def list_events(self, user_id: int, alert_id: int | None, offset: int,
+                          limit: int) -> tuple[int, list[Event]]:
+        """(total count, one page newest first) of the user's events, of one alert or all."""
+        where, params = "e.user_id = ?", [user_id]
+        if alert_id is not None:
+            where += " AND e.alert_id = ?"
+            params.append(alert_id)
+        rows = await self._all(
+            f"SELECT {_EVENT_COLS}, COUNT(*) OVER () FROM events e WHERE {where}"
+            " ORDER BY e.id DESC LIMIT ? OFFSET ?", [*params, limit, offset])
+        if rows:
+            count = rows[0][-1]
+        else:
+            (count,) = await self._one(f"SELECT COUNT(*) FROM events e WHERE {where}", params)
+        return count, [_event(r) for r in rows]
+
+    async def events_between(self, user_id: int, after: int, upto: int, limit: int
+                             ) -> list[tuple[Event, Alert]]:
+        """The user's events with `after` < id <= `upto`, oldest first (at most `limit`),
+        each with its alert as it is now."""
+        cols = ", ".join("a." + c.strip() for c in _ALERT_COLS.split(","))
+        rows = await self._all(
+            f"SELECT {_EVENT_COLS}, {cols} FROM events e JOIN alerts a ON a.id = e.alert_id"
+            " WHERE e.user_id = ? AND e.id > ? AND e.id <= ? ORDER BY e.id LIMIT ?",
+            (user_id, after, upto, limit))
+        return [(_event(r), _alert(r[7:])) for r in rows]
+
+    async def last_event_id(self) -> int:
+        return (await self._one("SELECT COALESCE(MAX(id), 0) FROM events"))[0]
 
     async def alert_creations(self, since: float) -> tuple[int, list[tuple[int, float]]]:
         """The highest alert id created at or before `since` (0: none), and (id, created_at)
@@ -429,37 +492,28 @@ class Store:
             "ORDER BY id", (since,))
         return before[0] or 0, [tuple(r) for r in after]
 
-    async def trigger_alerts(self, hits: Iterable[Hit | tuple]) -> list[Alert]:
-        """Mark alerts TRIGGERED and queue their emails, all in ONE transaction.
+    async def trigger_alerts(self, items: Iterable[Hit | Arm | tuple]) -> list[Alert]:
+        """Record triggers (Hit: status TRIGGERED, an event, its outbox row) and re-arms
+        (Arm), in order, all in ONE transaction.
 
-        `hits` holds (alert_id, asset, target, direction, trade price, trade time). An alert
-        that is no longer CREATED with that asset, target and direction (deleted or changed
-        meanwhile) is skipped. Returns the alerts that were triggered.
+        A Hit on an alert that is no longer CREATED and armed with that asset, target,
+        direction (and window) -- deleted, changed or expired meanwhile -- is skipped; tuples
+        are read as Hits. Returns the alerts triggered, each with its new `event`.
         """
         done: list[Alert] = []
         now = clock.now()
         async with self._tx() as db:
-            for alert_id, asset, target, direction, price, at, backfill in (Hit(*h)
-                                                                             for h in hits):
-                # A user without an email (seed 000's register, compat.py) gets no email:
-                # no outbox row, and `notified` stays null.
-                cur = await db.execute(
-                    "UPDATE alerts SET status = 'TRIGGERED', triggered_at = ?,"
-                    " triggered_price = ?, triggered_backfill = ?, updated_at = ?,"
-                    " notified = CASE WHEN (SELECT email"
-                    " FROM users WHERE id = alerts.user_id) = '' THEN NULL ELSE 'pending' END"
-                    " WHERE id = ? AND status = 'CREATED' AND asset = ? AND price = ?"
-                    " AND direction = ?",
-                    (at, price, backfill, now, alert_id, asset, target, direction))
-                if cur.rowcount == 0:
+            for item in items:
+                if isinstance(item, Arm):
+                    await db.execute(
+                        "UPDATE alerts SET status = 'CREATED', armed = ?, rearm_at = NULL,"
+                        " updated_at = ? WHERE id = ? AND ((status = 'TRIGGERED' AND repeat = 1)"
+                        " OR (status = 'CREATED' AND armed = 0))",
+                        (int(item.armed), now, item.alert_id))
                     continue
-                await db.execute(
-                    "INSERT INTO outbox(alert_id, recipient, next_attempt_at, created_at)"
-                    " SELECT a.id, u.email, ?, ? FROM alerts a JOIN users u ON u.id = a.user_id"
-                    " WHERE a.id = ? AND u.email <> ''", (now, now, alert_id))
-                async with db.execute(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ?",
-                                      (alert_id,)) as c:
-                    done.append(_alert(await c.fetchone()))
+                alert = await _trigger(db, Hit(*item), now)
+                if alert is not None:
+                    done.append(alert)
         return done
 
     async def purge_deleted_alerts(self, older_than: float) -> int:
@@ -484,13 +538,21 @@ class Store:
         """Pending emails whose next attempt is due, oldest first, except `exclude`."""
         ids = tuple(exclude)
         rows = await self._all(
-            "SELECT o.id, o.recipient, o.attempts, "
+            "SELECT o.id, o.recipient, o.attempts, e.time, e.price, e.backfill, "
             + ", ".join("a." + c.strip() for c in _ALERT_COLS.split(","))
             + " FROM outbox o JOIN alerts a ON a.id = o.alert_id"
+            " LEFT JOIN events e ON e.id = o.event_id"
             " WHERE o.status = 'pending' AND o.next_attempt_at <= ?"
             f" AND o.id NOT IN ({','.join('?' * len(ids))})"
             " ORDER BY o.next_attempt_at, o.id LIMIT ?", (now, *ids, limit))
-        return [OutboxItem(r[0], r[1], r[2], _alert(r[3:])) for r in rows]
+        items = []
+        for r in rows:
+            alert = _alert(r[6:])
+            if r[3] is not None:  # a repeating alert: the email is about this trigger
+                alert = replace(alert, triggered_at=r[3], triggered_price=r[4],
+                                backfill=r[5])
+            items.append(OutboxItem(r[0], r[1], r[2], alert))
+        return items
 
     async def outbox_current(self, outbox_id: int, attempts: int) -> bool:
         """Whether the email is still pending after exactly `attempts` attempts.
@@ -651,6 +713,51 @@ async def _configure(db: aiosqlite.Connection) -> None:
     await db.execute("PRAGMA foreign_keys=ON")
     await db.execute("PRAGMA synchronous=FULL")
     await db.execute("PRAGMA busy_timeout=5000")
+
+
+def _fields(fields: dict) -> dict:
+    """`fields` checked against ALERT_FIELDS (`window` may be named so), in column names."""
+    fields = dict(fields)
+    if "window" in fields:
+        fields["win"] = fields.pop("window")
+    unknown = set(fields) - set(ALERT_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown alert fields: {sorted(unknown)}")
+    if "repeat" in fields:
+        fields["repeat"] = int(bool(fields["repeat"]))
+    return fields
+
+
+async def _trigger(db: aiosqlite.Connection, hit: Hit, now: float) -> Alert | None:
+    """One Hit inside trigger_alerts' transaction: the alert, with its event, or None."""
+    alert_id, asset, target, direction, price, at, backfill, window = hit
+    # A user without an email (seed 000's register, compat.py) gets no email: no outbox
+    # row, and `notified` stays null.
+    cur = await db.execute(
+        "UPDATE alerts SET status = 'TRIGGERED', triggered_at = ?, triggered_price = ?,"
+        " triggered_backfill = ?, updated_at = ?, trigger_count = trigger_count + 1,"
+        " rearm_at = CASE WHEN repeat = 1 THEN ? + cooldown END,"
+        " notified = CASE WHEN (SELECT email"
+        " FROM users WHERE id = alerts.user_id) = '' THEN NULL ELSE 'pending' END"
+        " WHERE id = ? AND status = 'CREATED' AND armed = 1 AND asset = ?"
+        " AND COALESCE(price, percent) = ? AND direction = ? AND COALESCE(win, '') = ?"
+        " AND (expires_at IS NULL OR expires_at > ?)",
+        (at, price, backfill, now, at, alert_id, asset, target, direction, window or "", at))
+    if cur.rowcount == 0:
+        return None
+    cur = await db.execute(
+        "INSERT INTO events(alert_id, user_id, time, price, backfill)"
+        " SELECT id, user_id, ?, ?, ? FROM alerts WHERE id = ?", (at, price, backfill, alert_id))
+    event_id = cur.lastrowid
+    cur = await db.execute(
+        "INSERT INTO outbox(alert_id, event_id, recipient, next_attempt_at, created_at)"
+        " SELECT a.id, ?, u.email, ?, ? FROM alerts a JOIN users u ON u.id = a.user_id"
+        " WHERE a.id = ? AND u.email <> ''", (event_id, now, now, alert_id))
+    deliveries = (("email", "pending"),) if cur.rowcount == 1 else ()
+    async with db.execute(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ?", (alert_id,)) as c:
+        alert = _alert(await c.fetchone())
+    event = Event(event_id, alert_id, alert.user_id, at, price, backfill, deliveries)
+    return replace(alert, event=event)
 
 
 async def _revoke_family(db: aiosqlite.Connection, family: str, at: float) -> None:

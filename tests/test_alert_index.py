@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pricewatch.alert_index import ABOVE, BELOW, AlertIndex
+from pricewatch.percent_index import PercentIndex
 
 
 def index_with(*alerts: tuple[int, str, float, str]) -> AlertIndex:
@@ -290,3 +292,91 @@ def test_creation_log_answers_which_alerts_existed_at_a_time():
     assert log.last_id_at(1000) == 9  # pruned: judged as if they had always existed
     log.add(4, 5000.0)  # below the floor: ignored
     assert log.last_id_at(10**9) == 12
+
+
+# -- percent alerts (pricewatch.percent_index) ------------------------------------------------
+
+def test_percent_window_holds_exactly_the_last_w_seconds():
+    index = PercentIndex()
+    index.add(1, "BTC", "1m", 5.0, "up")
+    index.on_trade("BTC", 0, 100.0)  # second 0
+    index.on_trade("BTC", 59_999, 101.0)  # second 59: 0 is still inside (59..0)
+    assert index.window_range("BTC", "1m") == (100.0, 101.0)
+    index.on_trade("BTC", 60_000, 102.0)  # second 60: the window is seconds 1..60
+    assert index.window_range("BTC", "1m") == (101.0, 102.0)
+    assert index.on_trade("BTC", 60_500, 105.0) == []  # 3.96 % above 101
+    assert index.on_trade("BTC", 60_600, 106.05) == [(1, 5.0, "up", "1m")]
+    assert len(index) == 0
+
+
+def test_percent_deques_keep_at_most_one_entry_per_second():
+    index = PercentIndex()
+    index.add(1, "BTC", "1m", 50.0, "any")
+    for i in range(20_000):  # falling prices: the worst case for the highs deque
+        index.on_trade("BTC", i * 10, 1000.0 - i * 0.01)
+    group = index._where[1]
+    assert len(group.highs) <= 60 and len(group.lows) <= 60
+
+
+def test_percent_any_leaves_both_sides_when_it_fires():
+    index = PercentIndex()
+    index.add(1, "BTC", "5m", 2.0, "any")
+    index.add(2, "BTC", "5m", 2.0, "up")
+    index.on_trade("BTC", 0, 100.0)
+    assert index.on_trade("BTC", 1000, 97.0) == [(1, 2.0, "any", "5m")]
+    assert index.on_trade("BTC", 2000, 110.0) == [(2, 2.0, "up", "5m")]  # 1 is gone
+    group = index.groups["BTC"][0][1]
+    assert len(group.up_ids) == len(group.down_ids) == 0
+
+
+def test_percent_add_rejects_bad_values_and_remove_forgets():
+    index = PercentIndex()
+    for window, percent, direction in [("2m", 1.0, "up"), ("1m", 0.0, "up"),
+                                       ("1m", 101.0, "up"), ("1m", 1.0, "above")]:
+        with pytest.raises(ValueError):
+            index.add(1, "BTC", window, percent, direction)
+    index.add(1, "BTC", "1m", 1.0, "down")
+    assert index.remove(1) and not index.remove(1)
+    index.on_trade("BTC", 0, 100.0)
+    assert index.on_trade("BTC", 1000, 50.0) == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(90, 110)), min_size=1,
+                max_size=60),
+       st.lists(st.tuples(st.sampled_from([1, 2, 5, 10]), st.sampled_from(["up", "down",
+                                                                          "any"])),
+                min_size=1, max_size=12))
+def test_percent_index_matches_a_brute_force_model(steps, alerts):
+    """Random trades (second steps, prices) against the definition, trade by trade."""
+    index = PercentIndex()
+    for alert_id, (percent, direction) in enumerate(alerts):
+        index.add(alert_id, "BTC", "1m", float(percent), direction)
+    live = dict(enumerate(alerts))
+    seen: list[tuple[int, float]] = []
+    second = 0
+    for step, price in steps:
+        second += step
+        seen.append((second, float(price)))
+        window = [p for s, p in seen if s > second - 60]
+        low, high = min(window), max(window)
+        expected = set()
+        for alert_id, (percent, direction) in live.items():
+            up = (price / low - 1) * 100 >= percent - 1e-9
+            down = (1 - price / high) * 100 >= percent - 1e-9
+            if (direction in ("up", "any") and up) or (direction in ("down", "any") and down):
+                expected.add(alert_id)
+        got = {hit[0] for hit in index.on_trade("BTC", second * 1000 + 1, float(price))}
+        assert got == expected
+        for alert_id in got:
+            del live[alert_id]
+
+
+def test_a_new_window_starts_from_the_symbols_last_trade():
+    index = PercentIndex()
+    index.last["BTC"] = SimpleNamespace(time=5_000, price=100.0)  # as the tick path keeps it
+    index.add(1, "BTC", "1m", 5.0, "up")
+    assert index.window_range("BTC", "1m") == (100.0, 100.0)
+    index.on_trade("BTC", 6_000, 90.0)
+    index.add(2, "BTC", "5m", 5.0, "down")  # the symbol has a group: its newest trade counts
+    assert index.window_range("BTC", "5m") == (90.0, 90.0)

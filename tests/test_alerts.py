@@ -492,12 +492,12 @@ def test_email_prices_are_written_in_full(value, text):
 async def test_an_email_the_library_cannot_send_fails_once_not_forever(make_settings, http,
                                                                        fake, smtp,
                                                                        monkeypatch):
-    import pricewatch.alerts as alerts_mod
+    import pricewatch.notifier as notifier_mod
 
     def broken(item, sender):
         raise ValueError("No recipient headers")  # what aiosmtplib raises for odd addresses
 
-    monkeypatch.setattr(alerts_mod, "compose", broken)
+    monkeypatch.setattr(notifier_mod, "compose", broken)
     async with LiveServer(market_settings(make_settings, fake, smtp.port)) as server:
         tok = (await register(http, server))["access"]
         notifier = server.app[NOTIFIER]

@@ -75,6 +75,8 @@ class ServerProcess:
             "PRICEWATCH_DB": str(tmp_path / "pricewatch.db"),
             "PRICEWATCH_FEED": "binance",
             "PRICEWATCH_BINANCE_WS_URL": fake_url,
+            # The fake answers Binance's REST too: no test may reach the internet.
+            "PRICEWATCH_BINANCE_REST_URL": "http" + fake_url[len("ws"):],
             "PRICEWATCH_SMTP_HOST": "127.0.0.1",
             "PRICEWATCH_SMTP_PORT": str(smtp_port),
             "PRICEWATCH_SMTP_RETRY_BASE": "0.05",
