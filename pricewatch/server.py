@@ -469,6 +469,8 @@ async def cluster_core_ctx(app: web.Application) -> AsyncIterator[None]:
     mkt, hub, auth_ = app[MARKET], app[HUB], app[auth.AUTH]
     publisher = app[PUBLISHER] = Publisher(settings.redis_url, mkt, settings.access_ttl)
     publisher.revocations = auth_.revocations
+    engine = app[ENGINE]
+    publisher.announced = lambda: engine.announced
     quote = await app[STORE].latest_quote()
     if quote is not None:
         publisher.quote = orjson.dumps({"type": "quote", **quote.public()})
@@ -497,6 +499,8 @@ async def edge_ctx(app: web.Application) -> AsyncIterator[None]:
     auth_ = app[auth.AUTH] = auth.Auth(settings, None, settings.jwt_secret, {})  # type: ignore[arg-type]
     app[HUB].revoked = auth_.revoked
     edge = app[EDGE] = Edge(settings, app[MARKET], app[HUB], auth_)
+    # The live feed's `resume` asks app[ENGINE]; on an edge the Edge answers it from Redis.
+    app[ENGINE] = edge  # type: ignore[assignment]
     async with background(edge.bus.run(), "redis-bus"):
         try:
             await asyncio.wait_for(edge.bus.ready(), EDGE_START_WAIT)

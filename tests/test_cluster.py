@@ -276,6 +276,39 @@ async def test_a_users_alert_event_reaches_their_socket_on_an_edge(make_settings
 
 
 @needs_redis
+async def test_resume_on_an_edge_replays_missed_alert_events_in_order(make_settings, fake,
+                                                                      redis, http):
+    async with cluster(make_settings, fake, redis) as (core, edges):
+        alice = await register(http, core, "alice")
+        first = await http.ws_connect(edges[0].ws_url("/live-feed/subscribe/"),
+                                      headers=bearer(alice["access"]))
+        await fake.send_trade("BTCUSDT", 1, 100.0, 1, T0)
+        await receive(first, "price", price=100.0)
+        for target in (101.0, 102.0, 103.0, 104.0):
+            async with http.post(core.url + "/api/v1/alerts", headers=bearer(alice["access"]),
+                                 json={"asset": "BTCUSDT", "price": target}) as resp:
+                assert resp.status == 201
+        events = []
+        for i, price in enumerate((101.5, 102.5, 103.5), 2):
+            await fake.send_trade("BTCUSDT", i, price, 1, T0 + i)
+            events.append((await receive(first, "alert"))["event"]["id"])
+        await first.close()
+        # Reconnected to the other edge: what came after the first event, then live ones.
+        ws = await http.ws_connect(edges[1].ws_url("/live-feed/subscribe/"),
+                                   headers=bearer(alice["access"]))
+        await ws.send_json({"action": "resume", "since": events[0]})
+        replayed = [(await receive(ws, "alert"))["event"]["id"] for _ in range(2)]
+        assert replayed == events[1:]
+        assert await receive(ws, "resumed") == {"type": "resumed", "since": events[0],
+                                                "last": events[2], "complete": True}
+        await fake.send_trade("BTCUSDT", 9, 104.5, 1, T0 + 9)
+        assert (await receive(ws, "alert"))["event"]["id"] > events[2]
+        await ws.send_json({"action": "resume", "since": -1})
+        assert (await receive(ws, "error"))["detail"].startswith("since must be")
+        await ws.close()
+
+
+@needs_redis
 async def test_logout_on_the_core_closes_that_logins_sockets_on_every_edge_within_1s(
         make_settings, fake, redis, http):
     async with cluster(make_settings, fake, redis) as (core, edges):

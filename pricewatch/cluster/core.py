@@ -15,7 +15,9 @@ them, with `pricewatch:seq`: an edge that reads them with the seq knows which me
 already has. Keys: `pricewatch:latest` (hash symbol -> [price, time, bid, ask]),
 `pricewatch:candles:SYMBOL:TF` (hash start -> [start, open, high, low, close, volume,
 trades, first_ts, last_ts], the whole ring), `pricewatch:quote` (the latest quote message),
-`pricewatch:revoked` (sorted set family -> revocation time, the last access_ttl).
+`pricewatch:revoked` (sorted set family -> revocation time, the last access_ttl),
+`pricewatch:events:USER_ID` (a stream of the user's last EVENTS_KEPT alert messages, for
+`resume` on an edge) and `pricewatch:events:floor` (see `_on_connect`).
 """
 
 from __future__ import annotations
@@ -40,11 +42,27 @@ LATEST = "pricewatch:latest"
 QUOTE = "pricewatch:quote"
 REVOKED = "pricewatch:revoked"
 SEQ = "pricewatch:seq"
+EVENTS_FLOOR = "pricewatch:events:floor"  # events up to this id may be missing from streams
+EVENTS_KEPT = 1000  # alert events kept per user for resume on edges (alerts.REPLAY_MAX)
 RATES_TOPIC = "rates"  # quotes_api.RATES_TOPIC: its latest message is kept for new edges
 
 
 def candles_key(symbol: str, timeframe: str) -> str:
     return f"pricewatch:candles:{symbol}:{timeframe}"
+
+
+def events_key(user_id: int) -> str:
+    return f"pricewatch:events:{user_id}"
+
+
+def _event_id(payload: bytes) -> int | None:
+    """The event id an `{"type": "alert"}` message carries (None for other messages)."""
+    try:
+        event = orjson.loads(payload).get("event")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    event_id = event.get("id") if isinstance(event, dict) else None
+    return event_id if isinstance(event_id, int) else None
 
 
 def message(header: dict[str, Any], payload: bytes = b"") -> bytes:
@@ -84,6 +102,8 @@ class Publisher:
         self.sent_latest: dict[str, tuple] = {}
         self.sent_rows: dict[tuple[str, str], dict[int, list]] = {}
         self.quote: bytes | None = None  # the latest quote message
+        # The highest alert event id announced so far (AlertEngine.announced, set by the app).
+        self.announced: Callable[[], int] = int
         # Every revoked family still remembered -> when (Auth.revocations, set by the app).
         self.revocations: Callable[[], dict[str, float]] = dict
         self.seq = 0
@@ -112,12 +132,18 @@ class Publisher:
 
     def event(self, header: dict[str, Any], payload: bytes) -> None:
         header["seq"] = self.next_seq()
+        event_id = _event_id(payload) if header["k"] == "user" else None
+        if event_id is not None:
+            header["e"] = event_id  # edges resume from the user's stream (edge.py)
         data = message(header, payload)
         quote = payload if header.get("t") == RATES_TOPIC else None
 
         def fill(pipe) -> None:
             if quote is not None:
                 pipe.set(QUOTE, quote)
+            if event_id is not None:
+                pipe.xadd(events_key(header["u"]), {"e": event_id, "d": payload},
+                          maxlen=EVENTS_KEPT, approximate=False)
             pipe.set(SEQ, header["seq"])
             pipe.publish(CHANNEL, data)
 
@@ -262,6 +288,9 @@ class Publisher:
         live = {f: at for f, at in self.revocations().items() if at >= horizon}
         if live:
             pipe.zadd(REVOKED, live)
+        # Events announced until now may be missing from the users' streams (a restarted
+        # Redis has none): a resume from before them is reported incomplete.
+        pipe.set(EVENTS_FLOOR, self.announced())
         pipe.set(SEQ, seq)
         pipe.publish(CHANNEL, message({"k": "resync", "seq": seq}))
         await asyncio.wait_for(pipe.execute(), 10.0)
