@@ -7,13 +7,14 @@ sockets, bench/_common.FakeUpstream) and one core (``PRICEWATCH_ROLE=core``, the
 for each K of ``--edges`` in turn, K edges (``python -m pricewatch edge``), ``--clients``
 websockets on ``/live-feed/subscribe/`` spread round-robin over them (one user, one token,
 every symbol at the default max_rate), ``--rate`` trades/s for ``--duration`` s, and the
-edges are stopped again. Every trade has a unique price and the fake records when it wrote
+edges are stopped again. The clients run in ``--procs`` processes of their own (this one
+sends the trades and measures). Every trade has a unique price and the fake records when it wrote
 it: a client's price message gives the latency upstream write -> client parsed (prices are
 conflated state: a client gets at most max_rate per symbol, so not every trade).
 
 Figures per K: ``delivered_per_s`` (price messages received by all clients per second of the
 window), ``latency_ms`` p50/p99, ``core_cpu_pct`` and ``edges_cpu_pct`` (sum over the edges;
-100 = one core), ``client_cpu_pct`` (this process, the load generator), the run-queue wait
+100 = one core), ``clients_cpu_pct`` (the client processes, the load generator), the run-queue wait
 of each (CPU contention: the figures are skewed when it is high), drops (1008 closes).
 One JSON line on stdout; logs on stderr.
 """
@@ -81,20 +82,25 @@ class Redis:
 
 
 class Clients:
-    def __init__(self, sent: dict[float, float]):
-        self.sent = sent
-        self.latencies: list[float] = []
+    """Websocket clients in this process: price messages counted, every `sample`-th one's
+    (price, arrival time) kept (perf_counter is CLOCK_MONOTONIC: comparable between the
+    processes of one machine)."""
+
+    def __init__(self, sample: int = 1):
+        self.sample = sample
+        self.samples: list[tuple[float, float]] = []
         self.recording = False
         self.messages = 0
         self.drops = 0
         self.sockets: list[aiohttp.ClientWebSocketResponse] = []
         self.tasks: list[asyncio.Task] = []
 
-    async def connect(self, session, urls: list[str], token: str, n: int, batch: int) -> None:
+    async def connect(self, session, urls: list[str], token: str, n: int, batch: int,
+                      offset: int = 0) -> None:
         headers = {"Authorization": f"Bearer {token}"}
         for start in range(0, n, batch):
             opened = await asyncio.gather(*(session.ws_connect(
-                urls[i % len(urls)], headers=headers, heartbeat=None, compress=0)
+                urls[(offset + i) % len(urls)], headers=headers, heartbeat=None, compress=0)
                 for i in range(start, min(n, start + batch))))
             for ws in opened:
                 self.sockets.append(ws)
@@ -109,9 +115,8 @@ class Clients:
             data = orjson.loads(msg.data)
             if data.get("type") == "price":
                 self.messages += 1
-                t = self.sent.get(data["price"])
-                if t is not None:
-                    self.latencies.append((now - t) * 1000.0)
+                if self.messages % self.sample == 0:
+                    self.samples.append((data["price"], now))
         if self.recording and ws.close_code == 1008:
             self.drops += 1
 
@@ -120,6 +125,26 @@ class Clients:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def worker(args) -> None:
+    """`--worker N`: N clients; "ready" on stdout once connected; records from "go" on
+    stdin until "stop"; then one JSON line (messages, drops, samples)."""
+    clients = Clients(args.sample)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        await clients.connect(session, args.urls.split(","), args.token, args.worker,
+                              args.batch, args.offset)
+        print("ready", flush=True)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        await reader.readline()
+        clients.recording = True
+        await reader.readline()
+        clients.recording = False
+        print(orjson.dumps({"messages": clients.messages, "drops": clients.drops,
+                            "samples": clients.samples}).decode(), flush=True)
+        await clients.close()
 
 
 async def ticks(fake: FakeUpstream, sent: dict[float, float], rate: float,
@@ -150,36 +175,53 @@ async def one_run(args, k: int, core: ServerProcess, redis: Redis, fake: FakeUps
     await asyncio.gather(*(asyncio.to_thread(edge.start) for edge in edges))
     try:
         sent: dict[float, float] = {}
-        clients = Clients(sent)
-        await clients.connect(session, [e.ws_url + "/live-feed/subscribe/" for e in edges],
-                              token, args.clients, args.batch)
-        log.info("K=%d: %d clients connected", k, len(clients.sockets))
+        urls = ",".join(e.ws_url + "/live-feed/subscribe/" for e in edges)
+        shares = [args.clients // args.procs + (i < args.clients % args.procs)
+                  for i in range(args.procs)]
+        procs = []
+        for i, n in enumerate(shares):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--worker", str(n), "--urls", urls, "--token", token,
+                "--batch", str(args.batch), "--offset", str(sum(shares[:i])),
+                "--sample", str(args.sample), stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE)
+            procs.append(proc)
+        for proc in procs:
+            assert (await proc.stdout.readline()).strip() == b"ready"
+        log.info("K=%d: %d clients connected in %d processes", k, args.clients, args.procs)
         await asyncio.sleep(0.5)
-        meters = {"core": CpuMeter(core.pid), "client": CpuMeter()}
+        meters = {"core": CpuMeter(core.pid)}
         edge_meters = [CpuMeter(e.pid) for e in edges]
-        for meter in [*meters.values(), *edge_meters]:
+        client_meters = [CpuMeter(p.pid) for p in procs]
+        for meter in [*meters.values(), *edge_meters, *client_meters]:
             meter.start()
-        clients.recording = True
+        for proc in procs:
+            proc.stdin.write(b"go\n")
         began = time.monotonic()
         trades = await ticks(fake, sent, args.rate, args.duration, first_id)
         await asyncio.sleep(0.5)  # the last conflated flush
+        for proc in procs:
+            proc.stdin.write(b"stop\n")
         window = time.monotonic() - began
-        clients.recording = False
         cpu = {name: round(m.stop(), 1) for name, m in meters.items()}
         edge_cpu = [m.stop() for m in edge_meters]
-        lat = sorted(clients.latencies)
+        client_cpu = [m.stop() for m in client_meters]
+        reports = [orjson.loads(await proc.stdout.readline()) for proc in procs]
+        await asyncio.gather(*(proc.wait() for proc in procs))
+        lat = sorted((at - sent[price]) * 1000.0 for r in reports
+                     for price, at in r["samples"] if price in sent)
+        messages = sum(r["messages"] for r in reports)
         result = {
-            "edges": k, "clients": len(clients.sockets), "trades": trades,
-            "delivered_per_s": round(clients.messages / window),
+            "edges": k, "clients": args.clients, "trades": trades,
+            "delivered_per_s": round(messages / window),
             "latency_ms": {"p50": _r(percentile(lat, 50)), "p99": _r(percentile(lat, 99))},
             "core_cpu_pct": cpu["core"], "core_wait_pct": meters["core"].wait_pct,
             "edges_cpu_pct": round(sum(edge_cpu), 1),
             "edges_wait_pct": [m.wait_pct for m in edge_meters],
-            "client_cpu_pct": cpu["client"], "client_wait_pct": meters["client"].wait_pct,
-            "drops": clients.drops,
+            "clients_cpu_pct": round(sum(client_cpu), 1),
+            "drops": sum(r["drops"] for r in reports),
         }
         log.info("K=%d: %s", k, result)
-        await clients.close()
         return result
     finally:
         await asyncio.gather(*(asyncio.to_thread(edge.stop) for edge in edges))
@@ -228,9 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="trades per second (total)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of trades")
     parser.add_argument("--batch", type=int, default=100, help="clients connecting at once")
+    parser.add_argument("--procs", type=int, default=2, help="client processes")
+    parser.add_argument("--sample", type=int, default=10,
+                        help="keep every Nth message's arrival time for the latency")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--urls", help=argparse.SUPPRESS)
+    parser.add_argument("--token", help=argparse.SUPPRESS)
+    parser.add_argument("--offset", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    setup_logging()
     raise_nofile()
+    if args.worker is not None:
+        asyncio.run(worker(args))
+        return 0
+    setup_logging()
     emit(asyncio.run(run(args)))
     return 0
 
