@@ -130,7 +130,8 @@ def percentile(sorted_values: list[float], p: float) -> float | None:
 class ServerProcess:
     """``python -m pricewatch`` on 127.0.0.1:<free port>; stop() sends SIGTERM (then kills)."""
 
-    def __init__(self, env: dict[str, str] | None = None, *, tmpdir: str | None = None):
+    def __init__(self, env: dict[str, str] | None = None, *, tmpdir: str | None = None,
+                 root: Path | str | None = None):
         self._tmp = None
         if tmpdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="pricewatch-bench-")
@@ -140,7 +141,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         base = {k: v for k, v in os.environ.items() if not k.startswith("PRICEWATCH_")}
-        base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
+        # `root`: the checkout whose server runs (another worktree: the old design's figures)
+        base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root or ROOT),
                                                           base.get("PYTHONPATH")]))
         base.update({
             "PRICEWATCH_HOST": "127.0.0.1",

@@ -1,6 +1,6 @@
 """Benchmark the HTTP API: authenticated alert listing and password logins.
 
-    python bench/http.py [--concurrency 50] [--seconds 10] [--login-seconds 5]
+    python bench/http.py [--concurrency 50] [--seconds 10] [--login-seconds 5] [--no-wrk]
 
 ``python -m pricewatch`` runs as a subprocess with PRICEWATCH_FEED=off and the default bcrypt
 cost (PRICEWATCH_BCRYPT_ROUNDS unset: 12, reported as ``bcrypt_rounds``). One user is
@@ -14,6 +14,12 @@ keep-alive aiohttp ClientSession in this process:
   aiohttp + middleware alone) for ``--baseline-seconds`` s (0 skips it);
 * ``login``: ``--login-concurrency`` workers loop ``POST /auth/token`` for ``--login-seconds``.
 
+With ``wrk`` installed (Debian's package, /usr/bin/wrk) and without ``--no-wrk``, the alerts
+and baseline phases are run by wrk (``--wrk-threads`` threads, ``--concurrency``
+connections), alternating ``--rounds`` times in the same run; ``list_vs_prices`` is the
+ratio of the two medians (the read-path goal: >= 0.6). wrk is much cheaper per request than
+the Python client, so on a small machine it leaves the server more of the cores.
+
 Each phase reports errors (non-2xx or exceptions) and the server's CPU% (100 = one core);
 ``client_cpu_pct`` is this process's, to tell when the load generator is the limit, and
 ``server_runqueue_wait_pct`` how long the server was starved of CPU by other processes.
@@ -25,6 +31,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,6 +56,7 @@ from bench._common import (  # noqa: E402
 )
 
 USERNAME, PASSWORD = "httpbench", "http-bench-password"
+WRK = shutil.which("wrk")
 
 
 async def setup(session: aiohttp.ClientSession, base: str, n_alerts: int) -> str:
@@ -113,12 +122,49 @@ async def load(session: aiohttp.ClientSession, concurrency: int, seconds: float,
     }
 
 
+async def wrk_load(url: str, connections: int, threads: int, seconds: float, pid: int,
+                   headers: dict[str, str] | None = None) -> dict:
+    """One wrk run against `url`: requests/s, latency, non-2xx count, server CPU."""
+    cmd = [WRK, f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
+    for name, value in (headers or {}).items():
+        cmd += ["-H", f"{name}: {value}"]
+    server_cpu = CpuMeter(pid)
+    server_cpu.start()
+    proc = await asyncio.create_subprocess_exec(*cmd, url, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    out = (await proc.communicate())[0].decode()
+    cpu = server_cpu.stop()
+    found = {"rps": re.search(r"Requests/sec:\s+([\d.]+)", out),
+             "p50_ms": re.search(r"\s50%\s+([\d.]+\w+)", out),
+             "p99_ms": re.search(r"\s99%\s+([\d.]+\w+)", out),
+             "non2xx": re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)}
+    if found["rps"] is None:
+        raise RuntimeError("wrk failed:\n" + out)
+    return {"rps": float(found["rps"].group(1)),
+            "p50_ms": _ms(found["p50_ms"]), "p99_ms": _ms(found["p99_ms"]),
+            "errors": int(found["non2xx"].group(1)) if found["non2xx"] else 0,
+            "server_cpu_pct": round(cpu, 1),
+            "server_runqueue_wait_pct": server_cpu.wait_pct}
+
+
+def _ms(match: re.Match | None) -> float | None:
+    """wrk's "1.23ms" / "850.00us" / "1.02s" in ms."""
+    if match is None:
+        return None
+    text = match.group(1)
+    for unit, scale in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if text.endswith(unit):
+            return round(float(text[:-len(unit)]) * scale, 3)
+    return None
+
+
 def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
 
 
 async def run(args) -> dict:
-    server = ServerProcess({"PRICEWATCH_FEED": "off"})  # bcrypt: the default cost
+    server = ServerProcess({"PRICEWATCH_FEED": "off"},  # bcrypt: the default cost
+                           root=args.server_root)
     await asyncio.to_thread(server.start)
     try:
         connector = aiohttp.TCPConnector(limit=max(args.concurrency, args.login_concurrency))
@@ -130,22 +176,47 @@ async def run(args) -> dict:
             log.info("server pid %d: user and %d alerts created in %.1fs", server.pid,
                      args.alerts, setup_s)
             headers = {"Authorization": f"Bearer {token}"}
-            # Warm up: open the keep-alive connections first.
-            await load(session, args.concurrency, 0.5, server.pid, "GET",
-                       server.url + "/api/v1/alerts", headers=headers)
-            alerts = await load(session, args.concurrency, args.seconds, server.pid, "GET",
-                                server.url + "/api/v1/alerts", headers=headers)
-            log.info("alerts: %s", alerts)
-            out = {"alerts": alerts}
-            if args.baseline_seconds > 0:
+            out: dict = {}
+            if WRK and not args.no_wrk:
+                list_url = server.url + "/api/v1/alerts"
+                prices_url = server.url + "/api/v1/prices"
+                rounds: dict[str, list[dict]] = {"alerts": [], "baseline_prices": []}
+                for _ in range(args.rounds):  # alternating: both see the same machine
+                    for name, url, hdrs in (("alerts", list_url, headers),
+                                            ("baseline_prices", prices_url, None)):
+                        got = await wrk_load(url, args.concurrency, args.wrk_threads,
+                                             args.seconds, server.pid, hdrs)
+                        log.info("wrk %s: %s", name, got)
+                        rounds[name].append(got)
+                for name, runs in rounds.items():
+                    runs.sort(key=lambda r: r["rps"])
+                    out[name] = {**runs[len(runs) // 2], "rps_runs": [r["rps"] for r in runs]}
+                out["client"] = "wrk"
+                out["list_vs_prices"] = round(
+                    out["alerts"]["rps"] / out["baseline_prices"]["rps"], 3)
+                log.info("list vs prices: %.3f", out["list_vs_prices"])
+            else:
+                # Warm up: open the keep-alive connections first.
+                await load(session, args.concurrency, 0.5, server.pid, "GET",
+                           server.url + "/api/v1/alerts", headers=headers)
+                out["alerts"] = await load(session, args.concurrency, args.seconds,
+                                           server.pid, "GET", server.url + "/api/v1/alerts",
+                                           headers=headers)
+                log.info("alerts: %s", out["alerts"])
+                out["client"] = "aiohttp"
+            if "baseline_prices" not in out and args.baseline_seconds > 0:
                 out["baseline_prices"] = await load(
                     session, args.concurrency, args.baseline_seconds, server.pid, "GET",
                     server.url + "/api/v1/prices")
                 log.info("baseline: %s", out["baseline_prices"])
-            out["login"] = await load(session, args.login_concurrency, args.login_seconds,
-                                      server.pid, "POST", server.url + "/auth/token",
-                                      json={"username": USERNAME, "password": PASSWORD})
-            log.info("login: %s", out["login"])
+                out["list_vs_prices"] = round(
+                    out["alerts"]["rps"] / out["baseline_prices"]["rps"], 3)
+            if args.login_seconds > 0:
+                out["login"] = await load(
+                    session, args.login_concurrency, args.login_seconds, server.pid, "POST",
+                    server.url + "/auth/token",
+                    json={"username": USERNAME, "password": PASSWORD})
+                log.info("login: %s", out["login"])
     finally:
         rc = await asyncio.to_thread(server.stop)
         if rc not in (0, None):
@@ -163,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--login-concurrency", type=int, default=8)
     parser.add_argument("--login-seconds", type=float, default=5.0)
     parser.add_argument("--alerts", type=int, default=50)
+    parser.add_argument("--no-wrk", action="store_true", help="use the Python client only")
+    parser.add_argument("--server-root", type=Path, default=None,
+                        help="run the server from this checkout instead (old figures)")
+    parser.add_argument("--wrk-threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="wrk: alternating list/prices runs (the median is reported)")
     args = parser.parse_args(argv)
     setup_logging()
     load_before = loadavg()

@@ -242,17 +242,32 @@ def _page_params(request: web.Request, errors: dict[str, str]) -> tuple[int, int
     return page or 1, page_size or 10
 
 
+_PAGE_URLS: dict[tuple, str] = {}  # (base, path and query, page) -> its URL
+
+
+def _link(base: str, request: web.Request, page: int) -> str:
+    # Made once per distinct request (yarl's URL building is a tenth of a list request).
+    key = (base, request.path_qs, page)
+    url = _PAGE_URLS.get(key)
+    if url is None:
+        url = page_url(base, request, page)
+        if len(_PAGE_URLS) >= 4096:
+            _PAGE_URLS.clear()
+        _PAGE_URLS[key] = url
+    return url
+
+
 def _page(request: web.Request, base: str, page: int, page_size: int, count: int,
-          rows: list) -> web.Response:
+          rows: list, results: list[dict] | None = None) -> web.Response:
     """`{count, next, previous, results}`; 404 for a page past the last."""
     if page > 1 and not rows:
         raise ApiError(404, "not_found", "Invalid page.")
     last_page = max(1, -(-count // page_size))
     return json_response({
         "count": count,
-        "next": page_url(base, request, page + 1) if page < last_page else None,
-        "previous": page_url(base, request, page - 1) if page > 1 else None,
-        "results": [row.public() for row in rows],
+        "next": _link(base, request, page + 1) if page < last_page else None,
+        "previous": _link(base, request, page - 1) if page > 1 else None,
+        "results": results if results is not None else [row.public() for row in rows],
     })
 
 
@@ -266,10 +281,11 @@ async def list_alerts(request: web.Request) -> web.Response:
     if errors:
         raise invalid(errors)
     base = base_url(request)  # 400 for a malformed Host
-    count, alerts = await request.app[ENGINE].store.list_alerts(
+    page_read = await request.app[ENGINE].store.list_alerts(
         identity.user_id, status.upper() if status else None, (page - 1) * page_size,
         page_size)
-    return _page(request, base, page, page_size, count, alerts)
+    count, alerts = page_read
+    return _page(request, base, page, page_size, count, alerts, _public_page(page_read))
 
 
 async def list_events(request: web.Request) -> web.Response:
@@ -288,6 +304,22 @@ async def list_events(request: web.Request) -> web.Response:
     count, events = await store.list_events(identity.user_id, alert_id,
                                             (page - 1) * page_size, page_size)
     return _page(request, base, page, page_size, count, events)
+
+
+# The store hands back the same page object until a commit changes the database: its wire
+# form is made once per such page, not per request (polling clients; see bench/http.py).
+_PUBLIC_PAGES: dict[int, tuple[tuple, list[dict]]] = {}  # id(page) -> (page, public form)
+
+
+def _public_page(page_read: tuple[int, list[Alert]]) -> list[dict]:
+    cached = _PUBLIC_PAGES.get(id(page_read))
+    if cached is not None and cached[0] is page_read:  # held, so its id is not reused
+        return cached[1]
+    if len(_PUBLIC_PAGES) >= 1024:
+        _PUBLIC_PAGES.clear()
+    public = [a.public() for a in page_read[1]]
+    _PUBLIC_PAGES[id(page_read)] = (page_read, public)
+    return public
 
 
 async def get_alert(request: web.Request) -> web.Response:

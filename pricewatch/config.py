@@ -214,6 +214,10 @@ class Settings:
     ws_max_queue_bytes: int = _var(
         "WS_MAX_QUEUE_BYTES", _int(1024, 2**31), 1048576,
         "bytes of undelivered messages a websocket client may hold before 1008")
+    ws_max_rate: int = _var(
+        "WS_MAX_RATE", _int(1, 1000), 10,
+        "price/candle messages per symbol (and timeframe) per second to a websocket client: "
+        "newer values replace unsent ones; a subscription may ask for fewer (max_rate)")
     register_limit: int = _var("REGISTER_LIMIT", _int(1, 10**6), 10,
                                "registrations per client address per hour")
     quote_min_gap: float = _var(

@@ -1,18 +1,32 @@
 """The hub: owns every websocket client and fans messages out without blocking the caller.
 
-`publish()`/`send()` are synchronous and never wait. A message is serialised once and framed
-once (server frames are unmasked, so one websocket frame serves every receiver); for a
-client that keeps up it is written straight to its socket. Only a client whose socket
-buffer is full gets its frames queued (its `ClientWriter`), and the hub's flusher writes them,
-in order and several frames per socket write, as the buffer drains (one task for all
-clients, which polls only while someone is behind).
+Two kinds of message (CONTRACT "Websocket fan-out at market rates"):
+
+- **Events** (alerts, quotes, errors, acks, snapshots): `publish_event()`/`send()`/
+  `send_user()` are synchronous and never wait. A message is serialised once and framed once
+  (server frames are unmasked, so one frame serves every receiver); for a client that keeps
+  up it is written straight to its socket, else queued in order in its `ClientWriter`.
+  Never conflated, reordered or skipped.
+- **State** (prices, candles): the tick path only calls `mark_dirty(topic, key)`, which
+  serialises nothing. Subscriptions are grouped by their `max_rate` (and dealt to PHASES
+  groups per rate, their timers staggered over the interval); each group's timer (every
+  1/max_rate s; rate 0: as soon as the loop is free) renders each dirty topic once, through
+  the renderer the market registered for its kind, and hands every due client all its
+  frames in one socket write. A client that cannot take them now keeps only the newest
+  frame per topic and key (`ClientWriter.state`) until its socket drains. The key tells
+  states of one topic apart that must each arrive (a candle topic's key is the candle's
+  start: a flush that crosses a boundary carries the closed candle's last state too).
+
+The hub's flusher (one task for all clients, polling only while someone is behind) writes
+queued events, then held state, several frames per socket write, as buffers drain.
 
 Every client has a bounded cost (CONTRACT "Limits"):
 - the bytes the server holds for it (socket buffer + queue) never pass `max_queue_bytes`:
   a message that would pass it closes the client with 1008 at once (QUEUE_FULL); a
   message is never skipped while the client stays open;
-- a queued message that waited `slow_timeout` seconds, or a socket buffer full for longer
-  than `send_timeout`, closes it with 1008 (SLOW);
+- a queued event that waited `slow_timeout` seconds, state held back that long (lag, not
+  only buffer fullness), or a socket buffer full for longer than `send_timeout`, closes it
+  with 1008 (SLOW);
 - it may send WS_RATE messages per second (bursts of WS_BURST), else 1008
   (TOO_MANY_MESSAGES), and hold MAX_SUBSCRIPTIONS topics;
 - one client address holds at most `max_per_address` open websockets (`admit`/`release`).
@@ -24,18 +38,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
-from typing import NamedTuple
 
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
+from .client_writer import (  # the reasons and frame() are part of the hub's interface
+    DROP_REASONS,
+    QUEUE_FULL,
+    SESSION_ENDED,
+    SHUTDOWN,
+    SLOW,
+    TOO_MANY_MESSAGES,
+    ClientWriter,
+    Disconnect,
+    Rendered,
+    Topic,
+    frame,
+)
 from .limits import TokenBucket
+
+__all__ = ["DROP_REASONS", "MAX_SUBSCRIPTIONS", "PHASES", "QUEUE_FULL", "SESSION_ENDED",
+           "SHUTDOWN", "SLOW", "TOO_MANY_MESSAGES", "WS_BURST", "WS_RATE", "Client",
+           "ClientWriter", "Disconnect", "Hub", "frame"]
 
 log = logging.getLogger(__name__)
 
-POLICY_VIOLATION = WSCloseCode.POLICY_VIOLATION  # 1008
-GOING_AWAY = WSCloseCode.GOING_AWAY  # 1001
 
 # Contract constants (CONTRACT "Limits"): what one websocket connection may ask of us.
 WS_RATE = 20.0  # client messages per second...
@@ -43,109 +71,20 @@ WS_BURST = 40  # ...with bursts of this many
 MAX_SUBSCRIPTIONS = 64  # topics per connection (live: symbols; ohlc: symbol x timeframe)
 
 FLUSH_INTERVAL = 0.005  # seconds between flusher passes while some client is behind
+MAX_RATE = 10  # state messages per topic per second unless PRICEWATCH_WS_MAX_RATE says
+# The clients of one max_rate are flushed in this many phases spread over its interval: one
+# flush writes to a quarter of them, so the loop never stalls for all of them at once and
+# the last one written waits a quarter as long (10,000 clients: ~40 ms instead of ~170 ms).
+PHASES = 4
 
-
-class Disconnect(NamedTuple):
-    """Why the server closed a websocket: close code, metrics label, close message."""
-
-    code: int
-    reason: str
-    message: bytes
-
-
-QUEUE_FULL = Disconnect(POLICY_VIOLATION, "queue_full", b"send queue full")
-SLOW = Disconnect(POLICY_VIOLATION, "slow", b"slow consumer")
-TOO_MANY_MESSAGES = Disconnect(POLICY_VIOLATION, "too_many_messages", b"too many messages")
-SESSION_ENDED = Disconnect(POLICY_VIOLATION, "session_ended", b"token expired or revoked")
-SHUTDOWN = Disconnect(GOING_AWAY, "shutdown", b"server shutdown")
-DROP_REASONS = (QUEUE_FULL, SLOW, TOO_MANY_MESSAGES, SESSION_ENDED)  # counted in Hub.drops
-
-
-class ClientWriter:
-    """One client's outgoing frames (the shape of centrifuge's writer.go).
-
-    A frame goes straight to the transport while nothing waits and the socket buffer is
-    under `write_limit`; otherwise it is queued, in order, in `events` (each with the
-    monotonic time it was queued; `queued` is their size in bytes) until `flush` can hand it
-    over. `push` and `check` *return* the Disconnect the hub then carries out: the bytes held
-    for the client (socket buffer + queue) never pass `max_bytes`. (The conflation issue
-    adds the newest frame per state topic beside `events`.)
-    """
-
-    __slots__ = ("transport", "max_bytes", "write_limit", "events", "queued", "peak",
-                 "full_since")
-
-    def __init__(self, transport, max_bytes: int, write_limit: int):
-        self.transport = transport
-        self.max_bytes = max_bytes
-        self.write_limit = write_limit
-        self.events: deque[tuple[bytes, float]] = deque()
-        self.queued = 0  # bytes in `events`
-        self.peak = 0  # most bytes ever held (socket buffer + queue), for tests and benches
-        self.full_since: float | None = None  # when the socket buffer was seen full
-
-    def push(self, framed: bytes) -> Disconnect | None:
-        """Write or queue `framed`; QUEUE_FULL (and nothing done) past `max_bytes`."""
-        transport = self.transport
-        buffered = transport.get_write_buffer_size()
-        held = buffered + self.queued + len(framed)
-        if held > self.max_bytes:
-            return QUEUE_FULL
-        if held > self.peak:
-            self.peak = held
-        if not self.events and buffered < self.write_limit:
-            # Nothing waits ahead of it and the socket has room: straight out, in order.
-            # (aiohttp's own frames, pings and close, are whole writes too.)
-            transport.write(framed)
-        else:
-            self.events.append((framed, time.monotonic()))
-            self.queued += len(framed)
-        return None
-
-    def flush(self) -> None:
-        """Hand queued frames to the socket while its buffer is under `write_limit`, in
-        order, joined into one write."""
-        events, transport = self.events, self.transport
-        room = self.write_limit - transport.get_write_buffer_size()
-        if room <= 0 or not events:
-            return
-        chunk: list[bytes] = []
-        size = 0
-        while events and size < room:
-            framed = events.popleft()[0]
-            chunk.append(framed)
-            size += len(framed)
-        self.queued -= size
-        transport.write(chunk[0] if len(chunk) == 1 else b"".join(chunk))
-
-    def check(self, now: float, slow_timeout: float, send_timeout: float) -> Disconnect | None:
-        """SLOW when a queued frame waited over `slow_timeout` or the socket buffer has been
-        full for over `send_timeout` (seen by successive checks); QUEUE_FULL when the socket
-        buffer alone passes the bound (aiohttp's pongs to a peer that never reads)."""
-        if self.events and now - self.events[0][1] > slow_timeout:
-            return SLOW
-        buffered = self.transport.get_write_buffer_size()
-        if buffered + self.queued > self.max_bytes:
-            return QUEUE_FULL
-        if buffered < self.write_limit:
-            self.full_since = None
-        elif self.full_since is None:
-            self.full_since = now
-        elif now - self.full_since > send_timeout:
-            return SLOW
-        return None
-
-    def clear(self) -> None:
-        """Forget every queued frame (the client is gone: its memory goes now)."""
-        self.events.clear()
-        self.queued = 0
+Render = Callable[[tuple, object], "bytes | None"]  # (topic, key) -> JSON, None: nothing
 
 
 class Client:
     """One websocket connection: its socket, its writer, what it listens to."""
 
     __slots__ = ("ws", "request", "transport", "writer", "endpoint", "user_id", "expires",
-                 "family", "closed", "topics", "inbound")
+                 "family", "closed", "topics", "rates", "inbound", "phase")
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, endpoint: str,
                  user_id: int | None, writer: ClientWriter):
@@ -159,7 +98,25 @@ class Client:
         self.family: str | None = None  # ... and the login it belongs to
         self.closed = False
         self.topics: set = set()  # what this client subscribed to (endpoint-specific keys)
+        self.rates: dict[Topic, int] = {}  # state topics among them -> their max_rate
         self.inbound = TokenBucket(WS_RATE, WS_BURST)
+        self.phase = 0  # which of its rate groups' PHASES flushes this client (set by attach)
+
+
+class RateGroup:
+    """The state subscriptions flushed at one max_rate in one phase: who holds which topic,
+    and the keys of each topic changed since this group's last flush."""
+
+    __slots__ = ("rate", "phase", "interval", "subs", "dirty", "timer", "due")
+
+    def __init__(self, rate: int, phase: int):
+        self.rate = rate
+        self.phase = phase
+        self.interval = 1.0 / rate if rate else 0.0
+        self.subs: dict[Topic, set[Client]] = {}
+        self.dirty: dict[Topic, set] = {}
+        self.timer: asyncio.Handle | None = None
+        self.due = 0.0  # loop time of the next flush (rate > 0)
 
 
 class Hub:
@@ -167,8 +124,9 @@ class Hub:
 
     def __init__(self, max_queue_bytes: int = 1 << 20, slow_timeout: float = 5.0,
                  send_timeout: float = 5.0, write_limit: int = 64 * 1024,
-                 max_per_address: int = 64):
+                 max_per_address: int = 64, max_rate: int = MAX_RATE):
         self.max_queue_bytes = max_queue_bytes
+        self.max_rate = max_rate  # the default and the highest a subscription may ask
         self.write_limit = write_limit  # socket buffer bytes past which frames are queued
         self.slow_timeout = slow_timeout
         self.send_timeout = send_timeout
@@ -183,6 +141,16 @@ class Hub:
         self._closing: set[asyncio.Task] = set()
         self._behind = asyncio.Event()  # set when `backlog` gains a client
         self._dropped = asyncio.Event()  # set (and replaced) at every drop
+        self.renderers: dict[str, Render] = {}  # state topic kind -> its renderer
+        # (max_rate, phase) -> group, while it has subscribers
+        self.groups: dict[tuple[int, int], RateGroup] = {}
+        self._phases = 0  # attach counter: clients are dealt to phases in turn
+        self._frames: dict[Topic, dict] = {}  # topic -> {key: frame}, valid until marked dirty
+        # Group flushes that sent something, their total and longest time (for /metrics:
+        # the server's own share of tick -> client latency, apart from the clients').
+        self.state_flushes = 0
+        self.flush_seconds = 0.0
+        self.flush_max = 0.0
 
     @property
     def dropped(self) -> int:
@@ -213,6 +181,8 @@ class Hub:
                user_id: int | None = None) -> Client:
         writer = ClientWriter(request.transport, self.max_queue_bytes, self.write_limit)
         client = Client(ws, request, endpoint, user_id, writer)
+        client.phase = self._phases % PHASES
+        self._phases += 1
         self.clients.add(client)
         if user_id is not None:
             self.by_user.setdefault(user_id, set()).add(client)
@@ -227,12 +197,16 @@ class Hub:
         self.clients.discard(client)
         self.backlog.discard(client)
         client.writer.clear()  # its memory goes now, not when the socket is finally gone
+        for topic, rate in client.rates.items():
+            self._leave(rate, topic, client)
+        client.rates.clear()
         for topic in client.topics:
             members = self.topics.get(topic)
             if members is not None:
                 members.discard(client)
                 if not members:
                     del self.topics[topic]
+                    self._frames.pop(topic, None)  # not kept fresh without subscribers
         client.topics.clear()
         if client.user_id is not None:
             mine = self.by_user.get(client.user_id)
@@ -241,23 +215,38 @@ class Hub:
                 if not mine:
                     del self.by_user[client.user_id]
 
-    def subscribe(self, client: Client, topic: object) -> bool:
+    def subscribe(self, client: Client, topic: Topic, max_rate: int | None = None) -> bool:
         """Add `topic` to the client's subscriptions; False (nothing changed) when it
-        already holds MAX_SUBSCRIPTIONS others."""
+        already holds MAX_SUBSCRIPTIONS others. A state topic is flushed to it at
+        `max_rate` per second (default `self.max_rate`; 0: as often as the loop allows);
+        subscribing again changes the rate."""
         if topic not in client.topics:
             if len(client.topics) >= MAX_SUBSCRIPTIONS:
                 return False
             client.topics.add(topic)
             self.topics.setdefault(topic, set()).add(client)
+        if self.is_state(topic):
+            rate = self.max_rate if max_rate is None else max_rate
+            old = client.rates.get(topic)
+            if old != rate:
+                if old is not None:
+                    self._leave(old, topic, client)
+                client.rates[topic] = rate
+                self._group(rate, client.phase if rate else 0).subs.setdefault(
+                    topic, set()).add(client)
         return True
 
-    def unsubscribe(self, client: Client, topic: object) -> None:
+    def unsubscribe(self, client: Client, topic: Topic) -> None:
+        rate = client.rates.pop(topic, None)
+        if rate is not None:
+            self._leave(rate, topic, client)
         client.topics.discard(topic)
         members = self.topics.get(topic)
         if members is not None:
             members.discard(client)
             if not members:
                 del self.topics[topic]
+                self._frames.pop(topic, None)  # not kept fresh without subscribers
 
     def has_topic(self, topic: object) -> bool:
         return topic in self.topics
@@ -272,8 +261,8 @@ class Hub:
 
     # -- sending -----------------------------------------------------------------------
 
-    def publish(self, topic: object, data: bytes) -> None:
-        """Send `data` to every subscriber of `topic` (no-op without subscribers)."""
+    def publish_event(self, topic: Topic, data: bytes) -> None:
+        """Send the event `data` to every subscriber of `topic` (no-op without any)."""
         members = self.topics.get(topic)
         if members:
             framed = frame(data)
@@ -317,9 +306,166 @@ class Hub:
         if client.closed or writer.transport is None or writer.transport.is_closing():
             self.backlog.discard(client)
             return
+        if writer.state and not writer.events:
+            self._refresh(writer)
         writer.flush()
-        if not writer.events:
+        if not writer.events and not writer.state:
             self.backlog.discard(client)
+
+    def _refresh(self, writer: ClientWriter) -> None:
+        """Bring held state up to date before it is written: what a client that was behind
+        gets is the newest value of each topic and key, not the one current when it fell
+        behind (events sent meanwhile may carry newer values)."""
+        size = 0
+        for topic, frames in writer.state.items():
+            if topic in self.topics:  # the cache is only kept fresh for subscribed topics
+                rendered = self._render(topic, set(frames))
+                if rendered is not None:
+                    frames.update(rendered[1])
+            size += sum(map(len, frames.values()))
+        writer.state_bytes = size
+
+    # -- state (conflated) -------------------------------------------------------------
+
+    def register_state(self, kind: str, render: Render) -> None:
+        """Topics `(kind, ...)` are state; `render(topic, key)` makes the JSON of one."""
+        self.renderers[kind] = render
+
+    def is_state(self, topic: Topic) -> bool:
+        return type(topic) is tuple and topic[0] in self.renderers
+
+    def mark_dirty(self, topic: Topic, key: object = None) -> None:
+        """The state `key` of `topic` changed (the tick path: serialises nothing; a topic
+        nobody is subscribed to costs a lookup per group)."""
+        frames = self._frames.get(topic)
+        if frames:
+            frames.pop(key, None)
+        for group in self.groups.values():
+            if topic in group.subs:
+                keys = group.dirty.get(topic)
+                if keys is None:
+                    group.dirty[topic] = {key}
+                    if group.timer is None:  # rate 0: flush once the loop is free
+                        group.timer = asyncio.get_running_loop().call_soon(
+                            self._flush_soon, group)
+                else:
+                    keys.add(key)
+
+    def flush_state(self, rate: int) -> None:
+        """Flush every phase of `rate` now (what their timers do; for tests)."""
+        for group in [g for g in self.groups.values() if g.rate == rate]:
+            self._flush_group(group)
+
+    def _group(self, rate: int, phase: int) -> RateGroup:
+        group = self.groups.get((rate, phase))
+        if group is None:
+            group = self.groups[rate, phase] = RateGroup(rate, phase)
+            if rate:
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:  # no loop (unit tests): flushed by hand
+                    return group
+                # Phases are staggered over the interval from the first one's start.
+                group.due = loop.time() + group.interval * (phase + 1) / PHASES
+                group.timer = loop.call_at(group.due, self._tick, group)
+        return group
+
+    def _leave(self, rate: int, topic: Topic, client: Client) -> None:
+        key = (rate, client.phase if rate else 0)
+        group = self.groups.get(key)
+        if group is None:
+            return
+        members = group.subs.get(topic)
+        if members is not None:
+            members.discard(client)
+            if not members:
+                del group.subs[topic]
+                group.dirty.pop(topic, None)
+                if not group.subs:  # nobody left at this rate: its timer stops
+                    if group.timer is not None:
+                        group.timer.cancel()
+                    del self.groups[key]
+
+    def _tick(self, group: RateGroup) -> None:
+        """A rate group's timer: flush, then run again 1/rate s after the last due time
+        (skipping what an overloaded loop missed rather than flushing in a burst)."""
+        if self.groups.get((group.rate, group.phase)) is not group:
+            return
+        self._flush_group(group)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        group.due += group.interval
+        if group.due <= now:
+            group.due = now + group.interval
+        group.timer = loop.call_at(group.due, self._tick, group)
+
+    def _flush_soon(self, group: RateGroup) -> None:
+        group.timer = None
+        if self.groups.get((group.rate, group.phase)) is group:
+            self._flush_group(group)
+
+    def _render(self, topic: Topic, keys: set) -> Rendered | None:
+        """The frames of `topic`'s changed `keys`, each made once until marked dirty."""
+        cache = self._frames.get(topic)
+        if cache is None or len(cache) > 16:  # a few keys of a topic stay useful
+            cache = self._frames[topic] = {}
+        render = self.renderers[topic[0]]  # type: ignore[index]
+        frames = {}
+        for key in (sorted(keys) if len(keys) > 1 else keys):
+            framed = cache.get(key)
+            if framed is None:
+                data = render(topic, key)  # type: ignore[arg-type]
+                if data is None:  # e.g. a late trade's candle already gone from the ring
+                    continue
+                framed = cache[key] = frame(data)
+            frames[key] = framed
+        if not frames:
+            return None
+        joined = next(iter(frames.values())) if len(frames) == 1 else b"".join(
+            frames.values())
+        return joined, frames
+
+    def _flush_group(self, group: RateGroup) -> None:
+        """Render each dirty topic once; hand each subscriber all of its due frames at
+        once (one socket write for a client that keeps up)."""
+        dirty = group.dirty
+        if not dirty:
+            return
+        began = time.perf_counter()
+        group.dirty = {}
+        due: dict[Client, list[tuple[Topic, Rendered]]] = {}
+        for topic, keys in dirty.items():
+            members = group.subs.get(topic)
+            if not members:
+                continue
+            rendered = self._render(topic, keys)
+            if rendered is None:
+                continue
+            entry = (topic, rendered)
+            for client in members:
+                entries = due.get(client)
+                if entries is None:
+                    due[client] = [entry]
+                else:
+                    entries.append(entry)
+        for client, entries in due.items():
+            if client.closed:
+                continue
+            writer = client.writer
+            if writer.transport is None or writer.transport.is_closing():
+                continue
+            reason = writer.offer(entries)
+            if reason is not None:
+                self.drop(client, reason, f"over {self.max_queue_bytes} bytes undelivered")
+            elif writer.state and client not in self.backlog:
+                self.backlog.add(client)
+                self._behind.set()
+        if due:
+            took = time.perf_counter() - began
+            self.state_flushes += 1
+            self.flush_seconds += took
+            if took > self.flush_max:
+                self.flush_max = took
 
     async def flusher(self) -> None:
         """Run until cancelled: flush every client that is behind, every FLUSH_INTERVAL
@@ -395,8 +541,18 @@ class Hub:
             self.sweep()
 
     async def run(self) -> None:
-        """The hub's background work (flusher and watchdog) until cancelled."""
-        await asyncio.gather(self.flusher(), self.watchdog())
+        """The hub's background work (flusher, watchdog; the rate groups' timers run
+        meanwhile) until cancelled."""
+        try:
+            await asyncio.gather(self.flusher(), self.watchdog())
+        finally:
+            self._stop_timers()
+
+    def _stop_timers(self) -> None:
+        for group in self.groups.values():
+            if group.timer is not None:
+                group.timer.cancel()
+                group.timer = None
 
     def sweep(self) -> None:
         """Close clients whose writer reports them too slow or over the byte bound (see
@@ -422,6 +578,7 @@ class Hub:
         for client in clients:
             client.closed = True
             self._forget(client)
+        self._stop_timers()
         # Half a second for each peer's closing handshake (all at once), then cut it off:
         # shutdown must stay under 5 s even with thousands of busy clients.
         await asyncio.gather(*(self._close(c, SHUTDOWN, 0.5) for c in clients),
@@ -431,15 +588,3 @@ class Hub:
 
     def counts(self) -> Counter:
         return Counter(c.endpoint for c in self.clients)
-
-
-def frame(data: bytes) -> bytes:
-    """`data` as one unmasked, final websocket text frame (RFC 6455 section 5.2)."""
-    size = len(data)
-    if size < 126:
-        header = bytes((0x81, size))
-    elif size < 1 << 16:
-        header = bytes((0x81, 126)) + size.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 127)) + size.to_bytes(8, "big")
-    return header + data

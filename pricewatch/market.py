@@ -1,8 +1,10 @@
 """Market data: the tick pipeline and its public face (prices, candles, market websockets).
 
 `Market.on_tick` is THE tick path: one synchronous call per trade that updates the latest
-price, adds the trade to the candles, runs the trade hooks (the alert engine) and queues
-fan-out messages, serialised once, on the hub. It never awaits and never touches SQLite.
+price, adds the trade to the candles, runs the trade hooks (the alert engine) and marks the
+price and candle topics dirty on the hub (state: the hub's rate groups render and send them,
+conflated, at each subscription's max_rate). It never awaits, never serialises and never
+touches SQLite.
 """
 
 from __future__ import annotations
@@ -87,22 +89,24 @@ class Market:
         self.bar_hooks: list[Callable[[Bar], None]] = []
         self.closed = False  # set at shutdown: ticks still arriving are ignored
         # Topic keys built once, so the tick path allocates no tuples.
-        self._price_topic = {s: ("price", s) for s in symbols}
-        self._candle_topics = {s: [(tf, ("ohlc", s, tf)) for tf in TIMEFRAMES] for s in symbols}
+        self._price_topic = {s: ("price", s) for s in symbols}  # shared by every subscriber
+        self._candle_topics = {s: [(ms, ("ohlc", s, tf)) for tf, ms in TIMEFRAMES.items()]
+                               for s in symbols}
         # Other price message formats a live-feed client may ask for (`?format=NAME`), added
-        # by compat.py (seed 000's "binance"). Each has its own topic per symbol, so a message
-        # is rendered once per trade, not once per client.
+        # by compat.py (seed 000's "binance"). Each has its own state topic per symbol, so a
+        # message is rendered once per flush, not once per client.
         self.price_formats: dict[str, PriceFormat] = {}
-        self._format_topics: dict[str, list[tuple[tuple, PriceFormat]]] = {
-            s: [] for s in symbols}
+        self._format_topics: dict[str, list[tuple]] = {s: [] for s in symbols}
+        hub.register_state("price", self._render_price)
+        hub.register_state("ohlc", self._render_candle)
 
     def add_price_format(self, name: str, render: PriceFormat) -> None:
         """Offer `?format=name` on the live feed: each price message is `render(latest)`."""
         self.price_formats[name] = render
         for symbol, topics in self._format_topics.items():
-            topics.append((self.price_topic(symbol, name), render))
+            topics.append(self.price_topic(symbol, name))
 
-    def price_topic(self, symbol: str, fmt: str | None) -> tuple:
+    def price_topic(self, symbol: str, fmt: str | None = None) -> tuple:
         """The hub topic of `symbol`'s price messages in format `fmt` (None: the default)."""
         return self._price_topic[symbol] if fmt is None else ("price", symbol, fmt)
 
@@ -118,21 +122,31 @@ class Market:
         for hook in self.trade_hooks:
             hook(tick)
         hub = self.hub
-        if not hub.topics:
+        topics = hub.topics
+        if not topics:
             return
         topic = self._price_topic[symbol]
-        if topic in hub.topics:
-            hub.publish(topic, price_message(latest))
-        for topic, render in self._format_topics[symbol]:  # `?format=` clients
-            if topic in hub.topics:
-                hub.publish(topic, render(latest))
-        for tf, topic in self._candle_topics[symbol]:
-            if topic in hub.topics:
-                candle = self.candles.candle_at(symbol, tf, tick.time)
-                if candle is None:  # a late trade older than the ring: dropped, no change
-                    continue
-                hub.publish(topic, orjson.dumps(
-                    {"type": "candle", "symbol": symbol, "timeframe": tf, "candle": candle}))
+        if topic in topics:
+            hub.mark_dirty(topic)
+        for topic in self._format_topics[symbol]:  # `?format=` clients
+            if topic in topics:
+                hub.mark_dirty(topic)
+        at = tick.time
+        for ms, topic in self._candle_topics[symbol]:
+            if topic in topics:  # keyed by the candle's start: each touched candle is sent
+                hub.mark_dirty(topic, at - at % ms)
+
+    def _render_price(self, topic: tuple, key: object) -> bytes:
+        latest = self.latest[topic[1]]
+        return price_message(latest) if len(topic) == 2 else self.price_formats[topic[2]](latest)
+
+    def _render_candle(self, topic: tuple, start: object) -> bytes | None:
+        _, symbol, tf = topic
+        candle = self.candles.candle_at(symbol, tf, start)  # type: ignore[arg-type]
+        if candle is None:  # a late trade older than the ring: dropped, no change
+            return None
+        return orjson.dumps({"type": "candle", "symbol": symbol, "timeframe": tf,
+                             "candle": candle})
 
     def snapshot(self, symbol: str, timeframe: str, limit: int) -> bytes:
         """The framed `/ws/ohlc/` snapshot message of the newest `limit` candles.
@@ -277,6 +291,17 @@ def _ws_message(msg) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _max_rate(hub: Hub, data: dict) -> tuple[int | None, dict[str, str]]:
+    """A subscribe message's `max_rate` (None: the default) and field errors."""
+    raw = data.get("max_rate")
+    if raw is None:
+        return None, {}
+    if type(raw) is int and (raw == 0 or 1 <= raw <= hub.max_rate):
+        return raw, {}
+    return None, {"max_rate": f"Ensure this value is an integer between 1 and {hub.max_rate}, "
+                              "or 0 for every update."}
+
+
 def _named(values: list, most: int = 5) -> str:
     """A few client-sent values for an error text: strings (shortened) as they are, anything
     else only by its JSON type. (str() of a deeply nested list raises RecursionError.)"""
@@ -331,7 +356,8 @@ async def serve_ws(request: web.Request, endpoint: str, user_id: int | None,
 
 
 async def live_feed(request: web.Request) -> web.StreamResponse:
-    """`/live-feed/subscribe/`: prices of subscribed symbols and the user's alert events."""
+    """`/live-feed/subscribe/`: prices of subscribed symbols (state, at most `max_rate` a
+    second per symbol) and the user's alert events (every one, in order)."""
     identity = auth.require_identity(request, allow_query=True)  # 401 before the upgrade
     market, hub = request.app[MARKET], request.app[HUB]
     fmt = request.query.get("format")  # None: this server's own messages
@@ -372,11 +398,16 @@ async def live_feed(request: web.Request) -> web.StreamResponse:
             return
         topics = {market.price_topic(symbol, fmt) for symbol in symbols}
         if action == "subscribe":
+            max_rate, errors = _max_rate(hub, data)
+            if errors:
+                hub.send(client, orjson.dumps({"type": "error", "detail": "Invalid max_rate.",
+                                               "fields": errors}))
+                return
             if len(client.topics | topics) > MAX_SUBSCRIPTIONS:  # all or nothing
                 hub.send(client, _error(TOO_MANY_TOPICS))
                 return
             for topic in topics:
-                hub.subscribe(client, topic)
+                hub.subscribe(client, topic, max_rate)
         else:
             for topic in topics:
                 hub.unsubscribe(client, topic)
@@ -396,22 +427,26 @@ async def live_feed(request: web.Request) -> web.StreamResponse:
 
 
 async def ws_ohlc(request: web.Request) -> web.StreamResponse:
-    """`/ws/ohlc/`: a snapshot of a symbol's candles, then every change of its candle."""
+    """`/ws/ohlc/`: a snapshot of a symbol's candles, then its candle's changes (state, at
+    most `max_rate` a second: each message holds the newest state of a candle)."""
     market, hub = request.app[MARKET], request.app[HUB]
 
     def on_message(client: Client, data: dict) -> None:
+        max_rate, errors = _max_rate(hub, data)
         try:
             symbol, timeframe, limit = _ohlc_params(request, data)
-        except ApiError as exc:  # answer on the socket, keep it open
+        except ApiError as exc:
+            errors = {**(exc.fields or {}), **errors}
+        if errors:  # answer on the socket, keep it open
             hub.send(client, orjson.dumps({"type": "error", "detail": "Invalid subscription.",
-                                           "fields": exc.fields or {}}))
+                                           "fields": errors}))
             return
         topic = ("ohlc", symbol, timeframe)
         if data.get("action") == "unsubscribe":
             hub.unsubscribe(client, topic)
             return
         # Subscription and snapshot in one synchronous step: no update can slip between.
-        if not hub.subscribe(client, topic):
+        if not hub.subscribe(client, topic, max_rate):
             hub.send(client, _error(TOO_MANY_TOPICS))
             return
         hub.send_framed(client, market.snapshot(symbol, timeframe, limit))

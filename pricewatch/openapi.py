@@ -354,8 +354,11 @@ OPERATIONS: dict[tuple[str, str], dict] = {
                       'event JSON as a string>"}`, and no alert events.'),),
         text=WS_NOTE + "Needs an access token (header, or `?token=` for browsers); "
         "without one the upgrade is refused with 401.\n\nClient sends "
-        '`{"action": "subscribe"|"unsubscribe", "symbols": [...]}` (default: all watched). '
-        'Server sends `{"type": "price", symbol, price, bid, ask, time}`, '
+        '`{"action": "subscribe"|"unsubscribe", "symbols": [...], "max_rate"?: N}` '
+        '(default: all watched; `max_rate` 1..PRICEWATCH_WS_MAX_RATE price messages per '
+        'symbol per second, 0 = every update, default PRICEWATCH_WS_MAX_RATE). '
+        'Server sends `{"type": "price", symbol, price, bid, ask, time}` (conflated: '
+        'the newest price, at most `max_rate` a second), '
         '`{"type": "subscribed"|"unsubscribed", "symbols": [...]}`, '
         '`{"type": "alert", "alert": Alert, "event": {id, time, price}}` for the caller\'s '
         'alerts and `{"type": "error", "detail"}` for a bad message. '
@@ -366,10 +369,11 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         "websockets", "Websocket: candles of one symbol and timeframe", {101: SWITCHING},
         "NotAnUpgrade", "RateLimited",
         text=WS_NOTE + 'Client sends `{"symbol": "BTCUSDT", "timeframe": "1m", "limit"?, '
-        '"action"?: "unsubscribe"}`. Server answers `{"type": "snapshot", symbol, '
-        'timeframe, data: [Candle]}`, then `{"type": "candle", symbol, timeframe, candle}` '
-        'on every change of the open candle; a bad message gets `{"type": "error", '
-        '"detail", "fields"}`.'),
+        '"max_rate"?, "action"?: "unsubscribe"}`. Server answers `{"type": "snapshot", '
+        'symbol, timeframe, data: [Candle]}`, then `{"type": "candle", symbol, timeframe, '
+        'candle}` with the newest state of each changed candle, at most `max_rate` a '
+        'second (as on the live feed); a bad message gets `{"type": "error", "detail", '
+        '"fields"}`.'),
     ("GET", "/ws/rates"): op(
         "websockets", "Websocket: AlphaVantage quotes", {101: SWITCHING}, "NotAnUpgrade",
         "RateLimited",

@@ -69,7 +69,7 @@ class Quotes:
         """Store a fully parsed quote, then push it to `/ws/rates/` subscribers."""
         stored = await self.store.add_quote(quote.from_currency, quote.to_currency, quote.rate,
                                             quote.bid, quote.ask, quote.source_time)
-        self.hub.publish(RATES_TOPIC, orjson.dumps({"type": "quote", **stored.public()}))
+        self.hub.publish_event(RATES_TOPIC, orjson.dumps({"type": "quote", **stored.public()}))
         return stored
 
     async def fetch(self, from_currency: str, to_currency: str) -> Quote:

@@ -213,8 +213,18 @@ async def metrics(request: web.Request) -> web.Response:
     for reason in DROP_REASONS:
         out.sample("pricewatch_websocket_dropped_total", hub.drops[reason.reason],
                    reason=reason.reason)
-    out.metric("pricewatch_alerts_active", "gauge", "CREATED alerts held by the engine.")
-    out.sample("pricewatch_alerts_active", len(engine.index))
+    out.metric("pricewatch_websocket_state_flushes_total", "counter",
+               "Flushes of conflated prices/candles that sent something.")
+    out.sample("pricewatch_websocket_state_flushes_total", hub.state_flushes)
+    out.metric("pricewatch_websocket_state_flush_seconds_total", "counter",
+               "Time spent in those flushes (rendering and writing to every due client).")
+    out.sample("pricewatch_websocket_state_flush_seconds_total", round(hub.flush_seconds, 6))
+    out.metric("pricewatch_websocket_state_flush_max_seconds", "gauge",
+               "The longest of those flushes since start.")
+    out.sample("pricewatch_websocket_state_flush_max_seconds", round(hub.flush_max, 6))
+    out.metric("pricewatch_alerts_active", "gauge",
+               "CREATED alerts held by the engine (price and percent).")
+    out.sample("pricewatch_alerts_active", len(engine.index) + len(engine.percent))
     out.metric("pricewatch_alerts_triggered_total", "counter",
                "Alerts triggered by this process.")
     out.sample("pricewatch_alerts_triggered_total", engine.triggered)
@@ -536,7 +546,7 @@ def create_app(settings: Settings) -> web.Application:
 
         hub_class = RelayHub
     hub = hub_class(max_queue_bytes=settings.ws_max_queue_bytes,
-                    max_per_address=settings.max_ws_per_address)
+                    max_per_address=settings.max_ws_per_address, max_rate=settings.ws_max_rate)
     app[HUB] = hub
     mkt = app[MARKET] = Market(settings.symbols, hub)
     app.cleanup_ctx.extend(ROLES[settings.role])

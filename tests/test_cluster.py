@@ -27,7 +27,9 @@ from pricewatch.alerts_api import ENGINE
 from pricewatch.cluster.bus import BACKOFF_FIRST, BACKOFF_MAX, backoff
 from pricewatch.config import ConfigError, Settings
 from pricewatch.ohlc import DAY_OF_MINUTES, TIMEFRAMES, CandleBook
+from pricewatch.quotes_api import QUOTES
 from pricewatch.server import PUBLISHER
+from pricewatch.upstream.alphavantage import Quote
 
 SECRET = "cluster-test-secret-of-at-least-32-bytes"
 T0 = 1704067200000  # 2024-01-01T00:00:00Z
@@ -306,6 +308,28 @@ async def test_resume_on_an_edge_replays_missed_alert_events_in_order(make_setti
         await ws.send_json({"action": "resume", "since": -1})
         assert (await receive(ws, "error"))["detail"].startswith("since must be")
         await ws.close()
+
+
+@needs_redis
+async def test_quotes_reach_ws_rates_on_edges_and_a_new_socket_gets_the_latest(
+        make_settings, fake, redis, http):
+    async with cluster(make_settings, fake, redis) as (core, edges):
+        on_core = await http.ws_connect(core.ws_url("/ws/rates/"))
+        sockets = [await http.ws_connect(edge.ws_url("/ws/rates/")) for edge in edges]
+        quotes = core.app[QUOTES]
+        await quotes.save(Quote("BTC", "USD", 65000.5, 65000.0, 65001.0, "2024-01-01T00:00:00Z"))
+        expected = await receive(on_core, "quote")
+        assert expected["rate"] == 65000.5
+        for ws in sockets:  # the same message, byte for byte
+            assert await receive(ws, "quote") == expected
+        await quotes.save(Quote("BTC", "USD", 65010.0, None, None, "2024-01-01T00:01:00Z"))
+        newest = await receive(on_core, "quote")
+        for ws in sockets:
+            assert await receive(ws, "quote") == newest
+        late = await http.ws_connect(edges[1].ws_url("/ws/rates/"))
+        assert await receive(late, "quote") == newest
+        for ws in [on_core, late, *sockets]:
+            await ws.close()
 
 
 @needs_redis

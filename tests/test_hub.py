@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from pricewatch.hub import MAX_SUBSCRIPTIONS, QUEUE_FULL, SLOW, WS_BURST, Hub, frame
+from pricewatch.hub import MAX_SUBSCRIPTIONS, PHASES, QUEUE_FULL, SLOW, WS_BURST, Hub, frame
 
 
 class Transport:
@@ -179,3 +179,175 @@ def test_frame_length_encodings():
     assert frame(b"x" * 125)[:2] == b"\x81\x7d"
     assert frame(b"x" * 126)[:4] == b"\x81\x7e\x00\x7e"
     assert frame(b"x" * 65536)[:10] == b"\x81\x7f" + (65536).to_bytes(8, "big")
+
+
+# -- state (conflation) -------------------------------------------------------------------
+
+
+def state_hub(**kw) -> tuple[Hub, dict]:
+    """A hub with one state kind "s" whose renderer serves `values[(topic, key)]`."""
+    hub = Hub(**kw)
+    values: dict = {}
+    hub.register_state("s", lambda topic, key: values.get((topic, key)))
+    return hub, values
+
+
+async def test_state_is_conflated_rendered_once_and_sent_in_one_write_per_client():
+    hub, values = state_hub()
+    calls = []
+    hub.register_state("s", lambda topic, key: calls.append(topic) or values[(topic, key)])
+    a, b = ("s", "A"), ("s", "B")
+    clients = [attach(hub, "live") for _ in range(3)]
+    for client, _ in clients:
+        hub.subscribe(client, a)
+        hub.subscribe(client, b)
+    for i in range(100):  # a burst: only the newest value of each topic is sent
+        values[(a, None)] = b'{"a":%d}' % i
+        hub.mark_dirty(a)
+    values[(b, None)] = b'{"b":1}'
+    hub.mark_dirty(b)
+    hub.flush_state(hub.max_rate)
+    assert sorted(calls) == [a, b]  # once per topic, not once per client or per change
+    for _, transport in clients:
+        assert transport.written == [frame(b'{"a":99}') + frame(b'{"b":1}')]
+    hub.flush_state(hub.max_rate)  # nothing changed: nothing sent
+    assert all(len(t.written) == 1 for _, t in clients)
+
+
+async def test_every_changed_key_of_a_topic_is_sent_in_key_order():
+    hub, values = state_hub()
+    client, transport = attach(hub)
+    topic = ("s", "candles")
+    hub.subscribe(client, topic)
+    values[(topic, 60)] = b"second"
+    values[(topic, 0)] = b"first"
+    hub.mark_dirty(topic, 60)
+    hub.mark_dirty(topic, 0)  # a late trade into the older candle
+    hub.mark_dirty(topic, 120)  # renders None (e.g. gone from the ring): nothing for it
+    hub.flush_state(hub.max_rate)
+    assert transport.written == [frame(b"first") + frame(b"second")]
+
+
+async def test_a_client_behind_holds_only_the_newest_state_after_its_events():
+    hub, values = state_hub(write_limit=1024)
+    client, transport = attach(hub)
+    topic = ("s", "A")
+    hub.subscribe(client, topic)
+    transport.buffered = 1024  # full: nothing goes out
+    hub.send(client, b"event")
+    for i in range(50):
+        values[(topic, None)] = b"%d" % i
+        hub.mark_dirty(topic)
+        hub.flush_state(hub.max_rate)
+    assert client.writer.state == {topic: {None: frame(b"49")}}
+    assert client.writer.state_bytes == len(frame(b"49")) and client in hub.backlog
+    transport.buffered = 0
+    hub.flush(client)
+    assert transport.written == [frame(b"event") + frame(b"49")]
+    assert not client.writer.state and client not in hub.backlog
+
+
+async def test_state_held_back_past_the_slow_timeout_closes_the_client():
+    hub, values = state_hub(slow_timeout=0.0, send_timeout=60.0, write_limit=1024)
+    client, transport = attach(hub)
+    topic = ("s", "A")
+    hub.subscribe(client, topic)
+    transport.buffered = 1024
+    values[(topic, None)] = b"1"
+    hub.mark_dirty(topic)
+    hub.flush_state(hub.max_rate)
+    assert client.writer.state and not client.writer.events
+    hub.sweep()
+    assert client.closed and hub.drops == {SLOW.reason: 1}
+
+
+async def test_bytes_waiting_in_the_socket_buffer_past_the_slow_timeout_are_lag():
+    """A client whose socket buffer never stays full (it reads a little now and then) but
+    whose oldest written byte is not taken for slow_timeout is slow."""
+    hub = Hub(slow_timeout=0.0, send_timeout=60.0, write_limit=1024)
+    client, transport = attach(hub)
+    transport.buffered = 10  # the write below stays partly unsent
+    hub.send(client, b"x" * 20)
+    assert client.writer.marks
+    hub.sweep()
+    assert client.closed and hub.drops == {SLOW.reason: 1}
+
+
+async def test_a_client_that_took_every_byte_has_no_lag():
+    hub = Hub(slow_timeout=0.0, send_timeout=60.0, write_limit=1024)
+    client, transport = attach(hub)
+    transport.buffered = 10
+    hub.send(client, b"x" * 20)
+    transport.buffered = 0  # the peer read it all
+    hub.sweep()
+    assert not client.closed and not client.writer.marks
+
+
+async def test_rates_group_subscriptions_and_resubscribing_moves_them():
+    hub, values = state_hub()
+    client, transport = attach(hub)
+    topic = ("s", "A")
+    hub.subscribe(client, topic, 2)
+    assert set(hub.groups) == {(2, client.phase)}
+    hub.subscribe(client, topic, 0)
+    assert set(hub.groups) == {(0, 0)} and client.rates == {topic: 0}
+    values[(topic, None)] = b"now"
+    hub.mark_dirty(topic)  # rate 0: flushed as soon as the loop is free
+    assert transport.written == []
+    await asyncio.sleep(0)
+    assert transport.written == [frame(b"now")]
+    hub.unsubscribe(client, topic)
+    assert hub.groups == {} and not hub.has_topic(topic)
+
+
+async def test_the_group_timer_flushes_at_the_rate():
+    hub, values = state_hub(max_rate=50)
+    client, transport = attach(hub)
+    topic = ("s", "A")
+    hub.subscribe(client, topic)  # the default rate: 50/s
+    values[(topic, None)] = b"1"
+    hub.mark_dirty(topic)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    async with asyncio.timeout(2):
+        while not transport.written:
+            await asyncio.sleep(0.001)
+    assert loop.time() - start <= 0.02 + 0.05
+    await hub.close_all()
+    assert all(g.timer is None for g in hub.groups.values())
+
+
+async def test_held_state_is_brought_up_to_date_before_it_is_written():
+    hub, values = state_hub(write_limit=1024)
+    client, transport = attach(hub)
+    topic = ("s", "A")
+    hub.subscribe(client, topic, 0)
+    transport.buffered = 1024
+    values[(topic, None)] = b"old"
+    hub.mark_dirty(topic)
+    hub.flush_state(0)
+    assert client.writer.state == {topic: {None: frame(b"old")}}
+    values[(topic, None)] = b"new"
+    hub.mark_dirty(topic)  # changed while the client is behind, not flushed to it yet
+    transport.buffered = 0
+    hub.flush(client)
+    assert transport.written == [frame(b"new")]
+
+
+async def test_clients_of_one_rate_are_flushed_in_staggered_phases():
+    hub, values = state_hub()
+    topic = ("s", "A")
+    clients = [attach(hub, "live") for _ in range(2 * PHASES)]
+    for client, _ in clients:
+        hub.subscribe(client, topic)
+    assert sorted(hub.groups) == [(hub.max_rate, p) for p in range(PHASES)]
+    assert all(len(g.subs[topic]) == 2 for g in hub.groups.values())
+    dues = sorted(g.due for g in hub.groups.values())
+    interval = 1 / hub.max_rate
+    assert all(abs(b - a - interval / PHASES) < 0.01 for a, b in zip(dues, dues[1:]))
+    values[(topic, None)] = b"1"
+    hub.mark_dirty(topic)
+    first = hub.groups[hub.max_rate, 0]
+    hub._flush_group(first)  # one phase: only its clients are written to
+    assert [bool(t.written) for c, t in clients] == [c.phase == 0 for c, _ in clients]
+    await hub.close_all()

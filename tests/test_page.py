@@ -26,6 +26,8 @@ from conftest import LiveServer, bearer, register
 from fake_alphavantage import FakeAlphaVantage
 from fake_binance import FakeBinance, free_port
 
+from pricewatch.alerts_api import ENGINE
+
 BROWSERS = ("/usr/bin/chromium", "chromium", "chromium-browser")
 WIDTH, HEIGHT = 1200, 860
 
@@ -682,4 +684,44 @@ async def test_live_page_loads_older_candles_when_zoomed_out_to_the_start(
         for _ in range(3):  # then drag the chart to the right: back in time
             await drag(chromium, (100, box[1]), (1100, box[1]))
         await chromium.wait_for(f"document.body.dataset.candles === '{count}'", timeout=10)
+        await chromium.assert_no_console_errors()
+
+
+async def test_live_page_resumes_the_alert_events_it_missed_while_offline(
+        make_settings, chromium: Chromium) -> None:
+    """An alert that fires while the page's live feed is closed still shows up: after the
+    reconnect the page asks for what it missed (resume from the last event it saw)."""
+    now = int(time.time() * 1000)
+    async with FakeBinance() as fake, \
+            LiveServer(make_settings(feed="binance", binance_ws_url=fake.url)) as server, \
+            aiohttp.ClientSession() as http:
+        await fake.wait_connections(1)
+        await book_and_trade(http, server, fake, now)
+        await register(http, server, "erin")
+        await chromium.send("Page.navigate", {"url": server.url + "/"})
+        await chromium.wait_for(visible("#auth-form"))
+        await fill(chromium, {"#auth-username": "erin", "#auth-password": "correct horse"})
+        await click(chromium, "#auth-submit")
+        await chromium.wait_for(
+            "document.querySelector('#status [data-socket=live]').dataset.state === 'open'")
+        access = await chromium.evaluate(
+            "JSON.parse(sessionStorage.getItem('pricewatch.session')).access")
+
+        async def cross(target: float, trade_id: int) -> int:
+            async with http.post(server.url + "/api/v1/alerts", headers=bearer(access),
+                                 json={"asset": "BTCUSDT", "price": target,
+                                       "direction": "above"}) as resp:
+                alert = await resp.json()
+            await fake.send_trade("BTCUSDT", trade_id, target + 1, 0.5, now + trade_id)
+            return alert["id"]
+
+        first = await cross(42100.0, 2)  # seen live: the page learns the event id
+        await chromium.wait_for(f"!!document.querySelector('.toast[data-alert-id=\"{first}\"]')",
+                                timeout=5)
+        await chromium.evaluate("liveFeed.stop(); true")  # offline...
+        missed = await cross(42200.0, 3)  # ...while this one fires
+        await server.app[ENGINE].drained()
+        await chromium.evaluate("startLiveFeed(() => session.access); true")  # back online
+        await chromium.wait_for(f"!!document.querySelector('.toast[data-alert-id=\"{missed}\"]')",
+                                timeout=5)
         await chromium.assert_no_console_errors()

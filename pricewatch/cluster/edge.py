@@ -122,8 +122,7 @@ class Edge:
                 topic = tuple(topic)
             if topic == "rates":
                 self.quote = payload
-            getattr(self.hub, "publish_event", getattr(self.hub, "publish", None))(
-                topic, payload)  # TEMPORARY: publish before the fan-out merge
+            self.hub.publish_event(topic, payload)
         elif kind == "revoke":
             self._revoke(header["f"], header["at"])
         elif kind == "resync":  # the core wrote a new snapshot (it reconnected)
@@ -232,8 +231,6 @@ class Edge:
         market.ticks[symbol] = market.ticks.get(symbol, 0) + 1  # snapshot cache version
         if not hub.topics:
             return
-        if not hasattr(hub, "mark_dirty"):  # TEMPORARY: the hub before conflated state
-            return self._old_touch(symbol, price, candles)
         if price:
             for fmt in (None, *market.price_formats):
                 topic = market.price_topic(symbol, fmt)
@@ -244,24 +241,6 @@ class Edge:
             if topic in hub.topics:
                 for start in starts:
                     hub.mark_dirty(topic, start)
-
-    def _old_touch(self, symbol, price, candles) -> None:  # TEMPORARY
-        from ..market import price_message
-        market, hub = self.market, self.hub
-        latest = market.latest[symbol]
-        if price:
-            for fmt in (None, *market.price_formats):
-                topic = market.price_topic(symbol, fmt)
-                render = price_message if fmt is None else market.price_formats[fmt]
-                if topic in hub.topics:
-                    hub.publish(topic, render(latest))
-        for tf, starts in candles.items():
-            topic = ("ohlc", symbol, tf)
-            if topic in hub.topics:
-                for start in starts:
-                    candle = market.candles.candle_at(symbol, tf, start)
-                    hub.publish(topic, orjson.dumps({"type": "candle", "symbol": symbol,
-                                                     "timeframe": tf, "candle": candle}))
 
     def _revoke(self, family: str, at: float) -> None:
         """A login ended on the core: its sockets here close now (1008)."""
