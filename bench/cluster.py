@@ -149,14 +149,17 @@ async def worker(args) -> None:
 
 async def ticks(fake: FakeUpstream, sent: dict[float, float], rate: float,
                 duration: float, first_id: int) -> int:
+    """`rate` trades/s, alternating symbols, each symbol's trade ids consecutive (a gap
+    would start a backfill), every price unique in the whole benchmark."""
     loop = asyncio.get_running_loop()
     n = round(rate * duration)
     next_at = loop.time()
     for i in range(n):
         symbol = SYMBOLS[i % 2]
-        price = round((60000.0 if i % 2 == 0 else 3000.0) + (first_id + i) * 0.01, 2)
+        trade_id = first_id + i // 2
+        price = round((60000.0 if i % 2 == 0 else 3000.0) + trade_id * 0.01, 2)
         sent[price] = time.perf_counter()
-        fake.write(trade_frame(symbol, first_id + i, f"{price:.2f}", "0.01000000",
+        fake.write(trade_frame(symbol, trade_id, f"{price:.2f}", "0.01000000",
                                int(time.time() * 1000)))
         next_at += 1.0 / rate
         await asyncio.sleep(max(0.0, next_at - loop.time()))
@@ -184,7 +187,7 @@ async def one_run(args, k: int, core: ServerProcess, redis: Redis, fake: FakeUps
                 sys.executable, __file__, "--worker", str(n), "--urls", urls, "--token", token,
                 "--batch", str(args.batch), "--offset", str(sum(shares[:i])),
                 "--sample", str(args.sample), stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE)
+                stdout=asyncio.subprocess.PIPE, limit=1 << 26)
             procs.append(proc)
         for proc in procs:
             assert (await proc.stdout.readline()).strip() == b"ready"
@@ -235,6 +238,8 @@ async def run(args) -> dict:
     core = ServerProcess({"PRICEWATCH_ROLE": "core", "PRICEWATCH_REDIS_URL": redis.url,
                           "PRICEWATCH_FEED": "binance", "PRICEWATCH_BINANCE_WS_URL": fake.url,
                           "PRICEWATCH_CANDLE_HISTORY": "false",
+                          # never the real Binance (no gap should need it anyway)
+                          "PRICEWATCH_BINANCE_REST_URL": "http://127.0.0.1:9",
                           "PRICEWATCH_BCRYPT_ROUNDS": "4"})
     runs = []
     try:
@@ -249,7 +254,7 @@ async def run(args) -> dict:
             for k in args.edges:
                 runs.append(await one_run(args, k, core, redis, fake, session, token,
                                           first_id))
-                first_id += 1_000_000
+                first_id += round(args.rate * args.duration) // 2
     finally:
         await asyncio.to_thread(core.stop)
         await fake.close()

@@ -238,6 +238,11 @@ async def test_prices_and_candles_reach_clients_on_both_edges(make_settings, fak
                                                                           core.url + query)
             status, body = await get_json(http, edge.url + query + "&start=0")
             assert status == 503 and body["error"] == "unavailable"
+            async with http.get(edge.url + "/metrics") as resp:
+                text = await resp.text()
+            assert "pricewatch_redis_connected 1" in text
+            assert 'pricewatch_websocket_clients{endpoint="live"} 1' in text
+            assert 'pricewatch_websocket_clients{endpoint="ohlc"} 1' in text
         for ws in lives + ohlcs:
             await ws.close()
 
