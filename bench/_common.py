@@ -151,6 +151,10 @@ class ServerProcess:
             "PRICEWATCH_JWT_SECRET": "bench-secret-" + "x" * 40,
             "PRICEWATCH_LOG_LEVEL": "WARNING",
             "PRICEWATCH_FEED": "off",
+            # Loopback only: no candle history from Binance, and REST (a backfill) goes to a
+            # closed local port.
+            "PRICEWATCH_CANDLE_HISTORY": "false",
+            "PRICEWATCH_BINANCE_REST_URL": "http://127.0.0.1:9",
         })
         base.update(env or {})
         self.env = base

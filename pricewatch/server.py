@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestPayloadError
 
-from . import alerts_api, auth, compat, feed_admin, market, openapi, quotes_api, startup
+from . import alerts_api, auth, compat, docs_page, feed_admin, market, openapi, quotes_api, startup
 from .addresses import CLIENT_ADDRESSES, ClientAddresses, client_address
 from .alerts import AlertEngine, Notifier
 from .alerts_api import ENGINE
@@ -573,7 +573,7 @@ def create_app(settings: Settings) -> web.Application:
     add_route(app, "GET", "/healthz", healthz)
     add_route(app, "GET", "/metrics", metrics)
     add_route(app, "GET", "/openapi.json", openapi.spec_handler)
-    add_route(app, "GET", "/docs", openapi.docs_handler)
+    add_route(app, "GET", "/docs", docs_page.docs_handler)
     add_route(app, "GET", "/", live_page)
     add_route(app, "GET", "/rates/live", live_page)
     add_route(app, "GET", "/favicon.ico", favicon)

@@ -27,6 +27,7 @@ from fake_alphavantage import FakeAlphaVantage
 from fake_binance import FakeBinance, free_port
 
 from pricewatch.alerts_api import ENGINE
+from pricewatch.market import HUB
 
 BROWSERS = ("/usr/bin/chromium", "chromium", "chromium-browser")
 WIDTH, HEIGHT = 1200, 860
@@ -724,4 +725,12 @@ async def test_live_page_resumes_the_alert_events_it_missed_while_offline(
         await chromium.evaluate("startLiveFeed(() => session.access); true")  # back online
         await chromium.wait_for(f"!!document.querySelector('.toast[data-alert-id=\"{missed}\"]')",
                                 timeout=5)
+        # The page asks for the rate it needs (conflated prices), not every trade.
+        def asked_rate() -> bool:
+            live = [c for c in server.app[HUB].clients if c.endpoint == "live"]
+            return bool(live) and all(set(c.rates.values()) == {4} for c in live)
+
+        async with asyncio.timeout(5):
+            while not asked_rate():
+                await asyncio.sleep(0.01)  # its subscribe follows the resume
         await chromium.assert_no_console_errors()

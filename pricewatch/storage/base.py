@@ -1,0 +1,146 @@
+"""Connections and transactions: one writer (serialised, explicit `BEGIN IMMEDIATE`), one
+reader (WAL: committed data while a write runs), a probe for `PRAGMA data_version`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager, suppress
+from typing import Self
+
+import aiosqlite
+
+from ..records import Alert
+from ..schema import SchemaError, migrate
+
+log = logging.getLogger("pricewatch.store")
+
+# aiosqlite logs every call at DEBUG with its parameters: the JWT secret, password hashes and
+# refresh-token ids would reach the log at PRICEWATCH_LOG_LEVEL=DEBUG. Nothing it says below
+# INFO is worth that, so its logger never goes below INFO (a level set higher is kept).
+_AIOSQLITE_LOG = logging.getLogger("aiosqlite")
+
+
+class StoreError(Exception):
+    """Base class of store errors."""
+
+
+class NotFound(StoreError):
+    """The row does not exist (or belongs to someone else)."""
+
+
+class Conflict(StoreError):
+    """The write conflicts with existing state (duplicate, wrong status, cap reached)."""
+
+
+class UnknownUser(StoreError):
+    """The user a write is made for no longer exists (deleted while a token of theirs lives)."""
+
+
+class Database:
+    """The connections. Open with `await Store.open(path)`, close with `await store.close()`."""
+
+    def __init__(self, path: str, writer: aiosqlite.Connection, reader: aiosqlite.Connection,
+                 probe: sqlite3.Connection | None = None):
+        self.path = path
+        self._w = writer
+        self._r = reader
+        self._lock = asyncio.Lock()
+        # `version()`'s own connection (read-only, never waits), used on the loop thread.
+        self._probe = probe
+        # Alert pages read at a data version: (user, status, offset, limit) -> (version,
+        # result). Any commit by any connection changes the version, so an entry is never
+        # served after a change, whoever made it.
+        self._pages: dict[tuple, tuple[int, tuple[int, list[Alert]]]] = {}
+        self._users: dict[int, int] = {}  # user id -> the version it was seen existing at
+
+    @classmethod
+    async def open(cls, path: str) -> Self:
+        """Open (creating if needed) and migrate the database file at `path`."""
+        if _AIOSQLITE_LOG.level < logging.INFO:  # its own level: the root's may change later
+            _AIOSQLITE_LOG.setLevel(logging.INFO)
+        writer = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await writer.execute("PRAGMA journal_mode=WAL")
+            await _configure(writer)
+            await migrate(writer)
+            reader = await aiosqlite.connect(path, isolation_level=None)
+            await _configure(reader)
+            # PRAGMAs only (no table read): a few microseconds, fine on the loop thread.
+            probe = sqlite3.connect(path, isolation_level=None)
+            probe.execute("PRAGMA query_only=1")
+            probe.execute("PRAGMA busy_timeout=0")  # busy: version() says None at once
+        except SchemaError as exc:
+            await writer.close()
+            raise StoreError(str(exc)) from None
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(path, writer, reader, probe)
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._probe is not None:
+                self._probe.close()
+                self._probe = None
+            await self._r.close()
+            await self._w.close()
+
+    def version(self) -> int | None:
+        """SQLite's `PRAGMA data_version` on a connection of its own: it changes whenever
+        any other connection commits (this store's writer, an operator's sqlite3 shell), so
+        a result read at one version still holds while the version is unchanged. Synchronous
+        (~2 us: it reads the WAL index in shared memory, no table); None when it cannot be
+        read at once (the database is busy or closed): then nothing may be reused."""
+        probe = self._probe
+        if probe is None:
+            return None
+        try:
+            return probe.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error:
+            return None
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction; commits on success, rolls back on any exception."""
+        async with self._lock:
+            try:
+                # Inside the try: a cancel landing on BEGIN must still roll back, or the
+                # connection would stay in a transaction and every later write would fail.
+                await self._w.execute("BEGIN IMMEDIATE")
+                yield self._w
+            except BaseException:
+                with suppress(sqlite3.OperationalError):  # "no transaction is active"
+                    await asyncio.shield(self._w.execute("ROLLBACK"))
+                raise
+            try:
+                await asyncio.shield(self._w.execute("COMMIT"))
+            except BaseException:  # a failed COMMIT must not leave the transaction open
+                with suppress(sqlite3.OperationalError):
+                    await asyncio.shield(self._w.execute("ROLLBACK"))
+                raise
+
+    async def _one(self, sql: str, params: Iterable = ()):
+        rows = await self._r.execute_fetchall(sql, tuple(params))
+        return rows[0] if rows else None
+
+    async def _all(self, sql: str, params: Iterable = ()) -> list:
+        # One round trip to the connection's thread (execute + fetch + close in one call).
+        return list(await self._r.execute_fetchall(sql, tuple(params)))
+
+    async def schema_version(self) -> int:
+        return (await self._one("SELECT MAX(version) FROM schema_version"))[0] or 0
+
+    async def ping(self) -> None:
+        """Raise if the database cannot answer a query."""
+        await self._one("SELECT 1 FROM schema_version LIMIT 1")
+
+
+async def _configure(db: aiosqlite.Connection) -> None:
+    await db.execute("PRAGMA foreign_keys=ON")
+    await db.execute("PRAGMA synchronous=FULL")
+    await db.execute("PRAGMA busy_timeout=5000")
+
+
