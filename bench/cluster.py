@@ -237,9 +237,6 @@ async def run(args) -> dict:
     fake = await FakeUpstream().start()
     core = ServerProcess({"PRICEWATCH_ROLE": "core", "PRICEWATCH_REDIS_URL": redis.url,
                           "PRICEWATCH_FEED": "binance", "PRICEWATCH_BINANCE_WS_URL": fake.url,
-                          "PRICEWATCH_CANDLE_HISTORY": "false",
-                          # never the real Binance (no gap should need it anyway)
-                          "PRICEWATCH_BINANCE_REST_URL": "http://127.0.0.1:9",
                           "PRICEWATCH_BCRYPT_ROUNDS": "4"})
     runs = []
     try:

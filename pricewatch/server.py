@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestPayloadError
@@ -29,6 +28,8 @@ from .alerts import AlertEngine, Notifier
 from .alerts_api import ENGINE
 from .api import ApiError, json_response
 from .candle_writer import CANDLE_WRITER, CandleWriter
+from .cluster.core import PUBLISHER, RelayHub, core_ctx
+from .cluster.edge import edge_ctx
 from .config import Settings
 from .feed_admin import EXTRA_FEEDS, HEALTH, ExtraFeeds, FeedRunner, binance_factory
 from .httpd import make_runner
@@ -167,7 +168,7 @@ async def healthz(request: web.Request) -> web.Response:
     if stale:
         body["stale_feeds"] = stale
     if PUBLISHER in app:  # a cluster's core: edges see nothing new while Redis is away
-        body["redis"] = redis = app[PUBLISHER].bus.health()  # type: ignore[attr-defined]
+        body["redis"] = redis = app[PUBLISHER].bus.health()
         if not redis["connected"] and status == "ok":
             body["status"] = status = "stale"
     return json_response(body, status=200 if status == "ok" else 503)
@@ -236,7 +237,7 @@ async def metrics(request: web.Request) -> web.Response:
     out.metric("pricewatch_emails_failed_total", "counter", "Emails given up by this process.")
     out.sample("pricewatch_emails_failed_total", notifier.failed)
     if PUBLISHER in app:
-        bus = app[PUBLISHER].bus  # type: ignore[attr-defined]
+        bus = app[PUBLISHER].bus
         out.metric("pricewatch_redis_connected", "gauge", "1 while connected to Redis.")
         out.sample("pricewatch_redis_connected", int(bus.client is not None))
         out.metric("pricewatch_redis_reconnects_total", "counter", "Redis reconnect attempts.")
@@ -463,67 +464,10 @@ async def extra_feeds_ctx(app: web.Application) -> AsyncIterator[None]:
         await feeds.stop_all()
 
 
-EDGE_START_WAIT = 5.0  # seconds an edge waits for its first snapshot before serving
-PUBLISHER = web.AppKey("publisher", object)  # cluster.core.Publisher, with a Redis URL
-
-
-async def cluster_core_ctx(app: web.Application) -> AsyncIterator[None]:
-    """With PRICEWATCH_REDIS_URL: publish prices, candles, quotes, alert events and
-    revocations for the cluster's edges (cluster/core.py). Without it: nothing."""
-    settings = app[SETTINGS]
-    if settings.redis_url is None:
-        yield
-        return
-    from .cluster.core import Publisher
-
-    mkt, hub, auth_ = app[MARKET], app[HUB], app[auth.AUTH]
-    publisher = app[PUBLISHER] = Publisher(settings.redis_url, mkt, settings.access_ttl)
-    publisher.revocations = auth_.revocations
-    engine = app[ENGINE]
-    publisher.announced = lambda: engine.announced
-    quote = await app[STORE].latest_quote()
-    if quote is not None:
-        publisher.quote = orjson.dumps({"type": "quote", **quote.public()})
-    hub.relay = publisher  # type: ignore[attr-defined]  (a RelayHub: see create_app)
-    mkt.trade_hooks.append(publisher.on_tick)
-    mkt.bar_hooks.append(publisher.on_bar)
-    auth_.revoke_hooks.append(publisher.on_revoke)
-    try:
-        async with background(publisher.run(), "cluster-core"):
-            yield
-    finally:
-        hub.relay = None  # type: ignore[attr-defined]
-        mkt.trade_hooks.remove(publisher.on_tick)
-        mkt.bar_hooks.remove(publisher.on_bar)
-        auth_.revoke_hooks.remove(publisher.on_revoke)
-
-
-async def edge_ctx(app: web.Application) -> AsyncIterator[None]:
-    """A cluster edge: tokens checked with the shared secret and the revocations heard;
-    market state and events from Redis (cluster/edge.py). Serving starts once the snapshot
-    is read (or after EDGE_START_WAIT seconds without Redis: then /healthz says so)."""
-    from .cluster.edge import EDGE, Edge
-
-    settings = app[SETTINGS]
-    assert settings.jwt_secret is not None  # Settings.from_env requires it for an edge
-    auth_ = app[auth.AUTH] = auth.Auth(settings, None, settings.jwt_secret, {})  # type: ignore[arg-type]
-    app[HUB].revoked = auth_.revoked
-    edge = app[EDGE] = Edge(settings, app[MARKET], app[HUB], auth_)
-    # The live feed's `resume` asks app[ENGINE]; on an edge the Edge answers it from Redis.
-    app[ENGINE] = edge  # type: ignore[assignment]
-    async with background(edge.bus.run(), "redis-bus"):
-        try:
-            await asyncio.wait_for(edge.bus.ready(), EDGE_START_WAIT)
-        except TimeoutError:
-            log.warning("no Redis at %s yet: serving without market data until it answers",
-                        edge.bus.health().get("error", "start"))
-        yield
-
-
 # Each role's cleanup contexts, in startup order (DESIGN.md); shutdown is the reverse.
 ROLES: dict[str, list[Callable[[web.Application], AsyncIterator[None]]]] = {
     "all": [store_ctx, candles_ctx, auth_ctx, hub_ctx, notifier_ctx, engine_ctx,
-            http_session_ctx, quotes_ctx, cluster_core_ctx, feed_ctx, extra_feeds_ctx],
+            http_session_ctx, quotes_ctx, core_ctx, feed_ctx, extra_feeds_ctx],
     "edge": [edge_ctx, hub_ctx],
 }
 ROLES["core"] = ROLES["all"]  # the core also serves websockets, as `all` does
@@ -540,11 +484,8 @@ def create_app(settings: Settings) -> web.Application:
     if settings.public_url is not None:
         app[PUBLIC_URL] = settings.public_url
     app[HEALTH] = {}
-    hub_class = Hub
-    if settings.redis_url is not None and settings.role != "edge":
-        from .cluster.core import RelayHub
-
-        hub_class = RelayHub
+    # A cluster's core hands every event its hub sends to the edges too (cluster/core.py).
+    hub_class = RelayHub if settings.redis_url is not None and settings.role != "edge" else Hub
     hub = hub_class(max_queue_bytes=settings.ws_max_queue_bytes,
                     max_per_address=settings.max_ws_per_address, max_rate=settings.ws_max_rate)
     app[HUB] = hub

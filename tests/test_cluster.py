@@ -22,13 +22,13 @@ import pytest
 from conftest import LiveServer, bearer, register
 from fake_binance import free_port
 
-from pricewatch import server as server_module
 from pricewatch.alerts_api import ENGINE
+from pricewatch.cluster import edge as edge_module
 from pricewatch.cluster.bus import BACKOFF_FIRST, BACKOFF_MAX, backoff
+from pricewatch.cluster.core import PUBLISHER
 from pricewatch.config import ConfigError, Settings
 from pricewatch.ohlc import DAY_OF_MINUTES, TIMEFRAMES, CandleBook
 from pricewatch.quotes_api import QUOTES
-from pricewatch.server import PUBLISHER
 from pricewatch.upstream.alphavantage import Quote
 
 SECRET = "cluster-test-secret-of-at-least-32-bytes"
@@ -448,7 +448,7 @@ async def test_an_edge_started_late_shows_prices_and_candles_at_once(make_settin
 @needs_redis
 async def test_an_edge_started_without_redis_serves_and_catches_up(make_settings, fake, redis,
                                                                      http, monkeypatch):
-    monkeypatch.setattr(server_module, "EDGE_START_WAIT", 0.2)
+    monkeypatch.setattr(edge_module, "START_WAIT", 0.2)
     redis.stop()
     async with LiveServer(edge_settings(make_settings, redis)) as edge:
         status, body = await get_json(http, edge.url + "/healthz")

@@ -25,10 +25,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from ..hub import Hub
 from ..market import Market
@@ -295,3 +296,41 @@ class Publisher:
         pipe.publish(CHANNEL, message({"k": "resync", "seq": seq}))
         await asyncio.wait_for(pipe.execute(), 10.0)
         log.info("cluster snapshot written: %d prices, %d candles", len(prices), len(candles))
+
+
+PUBLISHER = web.AppKey("publisher", Publisher)
+
+
+async def core_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With PRICEWATCH_REDIS_URL (role core, or all): publish prices, candles, quotes, alert
+    events and revocations for the cluster's edges. Without it: nothing. Runs after the
+    engine and quotes contexts (their hooks) and before the feeds (no trade is missed)."""
+    from .. import auth
+    from ..alerts_api import ENGINE
+    from ..market import HUB, MARKET
+    from ..server import SETTINGS, STORE, background
+
+    settings = app[SETTINGS]
+    if settings.redis_url is None:
+        yield
+        return
+    mkt, hub, auth_, engine = app[MARKET], app[HUB], app[auth.AUTH], app[ENGINE]
+    assert isinstance(hub, RelayHub)  # create_app makes it so with a Redis URL
+    publisher = app[PUBLISHER] = Publisher(settings.redis_url, mkt, settings.access_ttl)
+    publisher.revocations = auth_.revocations
+    publisher.announced = lambda: engine.announced
+    quote = await app[STORE].latest_quote()
+    if quote is not None:
+        publisher.quote = orjson.dumps({"type": "quote", **quote.public()})
+    hub.relay = publisher
+    mkt.trade_hooks.append(publisher.on_tick)
+    mkt.bar_hooks.append(publisher.on_bar)
+    auth_.revoke_hooks.append(publisher.on_revoke)
+    try:
+        async with background(publisher.run(), "cluster-core"):
+            yield
+    finally:
+        hub.relay = None
+        mkt.trade_hooks.remove(publisher.on_tick)
+        mkt.bar_hooks.remove(publisher.on_bar)
+        auth_.revoke_hooks.remove(publisher.on_revoke)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -251,6 +252,32 @@ class Edge:
 
 
 EDGE = web.AppKey("edge", Edge)
+START_WAIT = 5.0  # seconds an edge waits for its first snapshot before serving
+
+
+async def edge_ctx(app: web.Application) -> AsyncIterator[None]:
+    """A cluster edge: tokens checked with the shared secret and the revocations heard;
+    market state and events from Redis. Serving starts once the snapshot is read (or after
+    START_WAIT seconds without Redis: then /healthz says so)."""
+    from ..alerts_api import ENGINE
+    from ..market import MARKET
+    from ..server import SETTINGS, background
+
+    settings = app[SETTINGS]
+    assert settings.jwt_secret is not None  # Settings.from_env requires it for an edge
+    auth_ = app[auth.AUTH] = auth.Auth(settings, None, settings.jwt_secret,  # type: ignore
+                                       {})  # no database: no user check (see the docstring)
+    app[HUB].revoked = auth_.revoked
+    edge = app[EDGE] = Edge(settings, app[MARKET], app[HUB], auth_)
+    # The live feed's `resume` asks app[ENGINE]; on an edge the Edge answers it from Redis.
+    app[ENGINE] = edge  # type: ignore[assignment]
+    async with background(edge.bus.run(), "redis-bus"):
+        try:
+            await asyncio.wait_for(edge.bus.ready(), START_WAIT)
+        except TimeoutError:
+            log.warning("no Redis yet (%s): serving without market data until it answers",
+                        edge.bus.health().get("error", "connecting"))
+        yield
 
 
 # -- routes that differ from the single process's ---------------------------------------
