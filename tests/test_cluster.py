@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import random
 import shutil
@@ -34,8 +35,11 @@ from pricewatch.upstream.alphavantage import Quote
 SECRET = "cluster-test-secret-of-at-least-32-bytes"
 T0 = 1704067200000  # 2024-01-01T00:00:00Z
 REDIS = shutil.which("redis-server")
-needs_redis = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed "
-                                 "(Debian package redis-server; .ci/run installs it)")
+HAS_CLIENT = importlib.util.find_spec("redis") is not None
+needs_redis = pytest.mark.skipif(
+    REDIS is None or not HAS_CLIENT,
+    reason="redis-server is not installed (Debian package redis-server; .ci/run installs it)"
+    if REDIS is None else "the redis client is not installed (pip install -e '.[test]')")
 
 
 class RedisServer:

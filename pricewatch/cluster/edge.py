@@ -222,7 +222,8 @@ class Edge:
             if symbol in self.market.latest:
                 book.put(symbol, tf, (symbol, tf, *wire))
                 changed.setdefault(symbol, {}).setdefault(tf, []).append(wire[0])
-        for symbol in set(prices) | set(changed):
+        for symbol in (set(prices) & self.market.latest.keys()) | set(changed):
+            # (a symbol this edge does not watch: PRICEWATCH_SYMBOLS differs from the core's)
             price = symbol in prices and self._set_latest(symbol, prices[symbol])
             self._touch(symbol, price, changed.get(symbol, {}))
 
