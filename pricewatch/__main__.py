@@ -1,4 +1,5 @@
-"""Command line: `python -m pricewatch [options]` serves; `createuser` adds a user."""
+"""Command line: `python -m pricewatch [options]` serves; `edge` serves as a cluster edge
+(PRICEWATCH_ROLE=edge); `createuser` adds a user."""
 
 from __future__ import annotations
 
@@ -60,10 +61,14 @@ def _parser() -> argparse.ArgumentParser:
                     "environment\nvariable shown, or in ./.env (the environment wins; an "
                     "option wins over both).",
         epilog=_secrets_text())
-    sub = parser.add_subparsers(dest="command", metavar="{serve,createuser}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,edge,createuser}")
     sub.add_parser("serve", parents=[options], help="serve (the default)",
                    description="Serve HTTP and websockets; the same options as without "
                                "`serve`.")
+    sub.add_parser("edge", parents=[options], help="serve as a cluster edge (ROLE=edge)",
+                   description="Serve websockets and market REST from a cluster's Redis: "
+                               "PRICEWATCH_ROLE=edge. Needs PRICEWATCH_REDIS_URL and the "
+                               "core's PRICEWATCH_JWT_SECRET; no database, no feeds.")
     create = sub.add_parser(
         "createuser", help="create a user",
         description="Create a user. The password comes from PRICEWATCH_PASSWORD, else the "
@@ -104,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         environ = dict(os.environ)
         environ.update(_option_values(args))
+        if args.command == "edge":
+            environ["PRICEWATCH_ROLE"] = "edge"
         settings = Settings.from_env(environ)
     except ConfigError as exc:
         print(f"pricewatch: configuration error: {exc}", file=sys.stderr)

@@ -150,6 +150,8 @@ class Auth:
         self.passwords = Passwords(settings.bcrypt_rounds, costs or {}, hashlib.sha256(
             b"pricewatch dummy cost\0" + secret.encode()).digest())
         self._verified: dict[str, tuple[int, str, int | float]] = {}  # access token -> claims
+        # Called with (family, when) at each revocation (a cluster's core publishes them).
+        self.revoke_hooks: list[Callable[[str, float], None]] = []
 
     @classmethod
     async def create(cls, settings: Settings, store: Store) -> Auth:
@@ -165,12 +167,21 @@ class Auth:
         return cls(settings, store, secret, revoked, await store.password_costs())
 
     def _revoke(self, family: str) -> None:
-        now = clock.now()
-        self._revoked[family] = now
+        self.note_revoked(family, clock.now())
+        for hook in self.revoke_hooks:
+            hook(family, self._revoked[family])
+
+    def note_revoked(self, family: str, at: float) -> None:
+        """Revoke `family` as of `at` (a cluster edge: a revocation heard from the core)."""
+        self._revoked[family] = at
         if len(self._revoked) > 1000:  # forget families whose access tokens all expired
-            horizon = now - self.settings.access_ttl
-            for fam in [f for f, at in self._revoked.items() if at < horizon]:
+            horizon = clock.now() - self.settings.access_ttl
+            for fam in [f for f, when in self._revoked.items() if when < horizon]:
                 del self._revoked[fam]
+
+    def revocations(self) -> dict[str, float]:
+        """Every revoked family still remembered -> when."""
+        return dict(self._revoked)
 
     def revoked(self, family: str) -> bool:
         return family in self._revoked
@@ -331,7 +342,8 @@ async def identity_middleware(request: web.Request, handler: Handler) -> web.Str
 
     The check is one primary-key probe on the reader connection (~30 us), made only for a
     token that verified (a forged or expired one costs no query). Tokens are cached, users
-    are not: a user deleted from the database is refused from the next request on.
+    are not: a user deleted from the database is refused from the next request on. A cluster
+    edge has no database (`store` None): it trusts a verified, unrevoked token.
     """
     auth = request.app.get(AUTH)
     if auth is not None:
@@ -341,7 +353,7 @@ async def identity_middleware(request: web.Request, handler: Handler) -> web.Str
                 identity = auth.identity(token)
             except TokenInvalid:
                 continue
-            if await auth.store.user_exists(identity.user_id):
+            if auth.store is None or await auth.store.user_exists(identity.user_id):
                 live[token] = identity
         request[LIVE_IDENTITIES] = live
     try:

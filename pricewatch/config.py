@@ -161,6 +161,14 @@ def _public_url(name: str, raw: str) -> str:
     return value
 
 
+def _redis_url(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"(rediss?|unix)://\S+", value):
+        raise ConfigError(f"{name} must be a redis://, rediss:// or unix:// URL, got a "
+                          f"{value.partition(':')[0] or 'blank'} value")
+    return value
+
+
 def _var(env: str, parse, default, help: str, secret: bool = False):
     """A settings field read from PRICEWATCH_<env> with `parse(name, raw)`; `help` feeds
     `--help` and the README table."""
@@ -286,6 +294,15 @@ class Settings:
     smtp_retry_base: float = _var("SMTP_RETRY_BASE", _float(0.01, 3600), 2.0,
                                   "first email retry delay (s), doubling")
     mail_from: str = _var("MAIL_FROM", _str, "pricewatch@localhost", "sender of alert mail")
+    # -- several machines (pricewatch/cluster)
+    redis_url: str | None = _var(
+        "REDIS_URL", _opt(_redis_url), None,
+        "Redis of a cluster (redis://host:6379/0): prices, candles, quotes, alert events and "
+        "token revocations travel between the core and the edges over it; unset: one process",
+        secret=True)
+    role: str = _var("ROLE", _choice("all", "core", "edge"), "all",
+                     "all (one process does everything), core (feeds, alerts, store, auth, "
+                     "REST) or edge (websockets and market REST only, no database)")
 
     @property
     def quote_source(self) -> str | None:
@@ -326,6 +343,12 @@ class Settings:
             settings = replace(settings, **{
                 key: url for key, url in hosts.items()
                 if PREFIX + key.upper() not in merged})
+        if settings.role != "all" and settings.redis_url is None:
+            raise ConfigError(f"{PREFIX}ROLE={settings.role} needs {PREFIX}REDIS_URL")
+        if settings.redis_url is not None and settings.jwt_secret is None:
+            # Edges verify the core's tokens: a secret kept in one core's DB would not do.
+            raise ConfigError(f"{PREFIX}REDIS_URL (a cluster) needs {PREFIX}JWT_SECRET, the "
+                              "same on every process")
         if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"{PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
         return settings

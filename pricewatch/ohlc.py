@@ -407,6 +407,24 @@ class CandleBook:
             ring.touched.update(c for c in fresh if c in kept)
         self._rolling.pop((symbol, timeframe), None)
 
+    def put(self, symbol: str, timeframe: str, row: tuple) -> None:
+        """One candle's state (a storage row) made the ring's: the newest candle is updated in
+        place or a newer one appended (a cluster edge, many times a second: O(1)); an older
+        one goes through `seed`."""
+        ring = self._ring(symbol, timeframe)
+        if ring is None or row[2] < ring.last.start:
+            self.seed(symbol, timeframe, [row])
+            return
+        candle = ring.last
+        if row[2] > candle.start:
+            candle = _Candle(row[2], row[3], 0.0, row[9])
+            ring.candles.append(candle)  # the bounded deque evicts the oldest itself
+            ring.last = candle
+        candle.open, candle.high, candle.low, candle.close = row[3], row[4], row[5], row[6]
+        candle.volume, candle.trades = row[7], row[8]
+        candle.first_ts, candle.last_ts = row[9], row[10]
+        # The rolling 24 h cache holds only closed candles, keyed by the newest's start.
+
     def mark_flushed(self) -> None:
         """Forget pending changes (after seeding from storage: nothing new to write)."""
         for rings in self._rings.values():

@@ -28,6 +28,8 @@ from .alerts import AlertEngine, Notifier
 from .alerts_api import ENGINE
 from .api import ApiError, json_response
 from .candle_writer import CANDLE_WRITER, CandleWriter
+from .cluster.core import PUBLISHER, RelayHub, core_ctx
+from .cluster.edge import edge_ctx
 from .config import Settings
 from .feed_admin import EXTRA_FEEDS, HEALTH, ExtraFeeds, FeedRunner, binance_factory
 from .httpd import make_runner
@@ -165,6 +167,10 @@ async def healthz(request: web.Request) -> web.Response:
     body = {"status": status, "db": db, "feeds": feeds}
     if stale:
         body["stale_feeds"] = stale
+    if PUBLISHER in app:  # a cluster's core: edges see nothing new while Redis is away
+        body["redis"] = redis = app[PUBLISHER].bus.health()
+        if not redis["connected"] and status == "ok":
+            body["status"] = status = "stale"
     return json_response(body, status=200 if status == "ok" else 503)
 
 
@@ -230,6 +236,15 @@ async def metrics(request: web.Request) -> web.Response:
     out.sample("pricewatch_emails_sent_total", notifier.sent)
     out.metric("pricewatch_emails_failed_total", "counter", "Emails given up by this process.")
     out.sample("pricewatch_emails_failed_total", notifier.failed)
+    if PUBLISHER in app:
+        bus = app[PUBLISHER].bus
+        out.metric("pricewatch_redis_connected", "gauge", "1 while connected to Redis.")
+        out.sample("pricewatch_redis_connected", int(bus.client is not None))
+        out.metric("pricewatch_redis_reconnects_total", "counter", "Redis reconnect attempts.")
+        out.sample("pricewatch_redis_reconnects_total", bus.reconnects)
+        out.metric("pricewatch_redis_published_total", "counter",
+                   "Messages and snapshot writes executed by Redis.")
+        out.sample("pricewatch_redis_published_total", bus.published)
     render_http(out, app[HTTP_METRICS])
     return web.Response(body=out.text().encode(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
@@ -449,8 +464,17 @@ async def extra_feeds_ctx(app: web.Application) -> AsyncIterator[None]:
         await feeds.stop_all()
 
 
+# Each role's cleanup contexts, in startup order (DESIGN.md); shutdown is the reverse.
+ROLES: dict[str, list[Callable[[web.Application], AsyncIterator[None]]]] = {
+    "all": [store_ctx, candles_ctx, auth_ctx, hub_ctx, notifier_ctx, engine_ctx,
+            http_session_ctx, quotes_ctx, core_ctx, feed_ctx, extra_feeds_ctx],
+    "edge": [edge_ctx, hub_ctx],
+}
+ROLES["core"] = ROLES["all"]  # the core also serves websockets, as `all` does
+
+
 def create_app(settings: Settings) -> web.Application:
-    """Build the whole application; nothing starts until the app runs."""
+    """Build the whole application for PRICEWATCH_ROLE; nothing starts until the app runs."""
     app = web.Application(client_max_size=MAX_BODY,
                           middlewares=[metrics_middleware, error_middleware,
                                        auth.identity_middleware])
@@ -460,10 +484,23 @@ def create_app(settings: Settings) -> web.Application:
     if settings.public_url is not None:
         app[PUBLIC_URL] = settings.public_url
     app[HEALTH] = {}
-    hub = Hub(max_queue_bytes=settings.ws_max_queue_bytes,
-              max_per_address=settings.max_ws_per_address, max_rate=settings.ws_max_rate)
+    # A cluster's core hands every event its hub sends to the edges too (cluster/core.py).
+    hub_class = RelayHub if settings.redis_url is not None and settings.role != "edge" else Hub
+    hub = hub_class(max_queue_bytes=settings.ws_max_queue_bytes,
+                    max_per_address=settings.max_ws_per_address, max_rate=settings.ws_max_rate)
     app[HUB] = hub
     mkt = app[MARKET] = Market(settings.symbols, hub)
+    app.cleanup_ctx.extend(ROLES[settings.role])
+    app.on_shutdown.append(close_websockets)
+    if settings.role == "edge":
+        from .cluster import edge
+
+        for method, path, handler in edge.routes():
+            add_route(app, method, path, handler)
+        for name, render in compat.PRICE_FORMATS.items():
+            mkt.add_price_format(name, render)
+        add_route(app, "GET", "/openapi.json", openapi.spec_handler)
+        return app
     rest = app[BINANCE_REST] = BinanceRest(settings.binance_rest_url, settings.binance_api_key,
                                            market=MARKETS[settings.binance_market])
     # Built now so that a bad PRICEWATCH_FEED (missing replay file...) fails before any I/O.
@@ -473,17 +510,6 @@ def create_app(settings: Settings) -> web.Application:
                           backfill_max_trades=settings.backfill_max_trades,
                           history=mkt.candles.rings() if settings.candle_history else None,
                           on_history=mkt.on_history, on_bar=mkt.on_bar)
-    app.cleanup_ctx.append(store_ctx)
-    app.cleanup_ctx.append(candles_ctx)
-    app.cleanup_ctx.append(auth_ctx)
-    app.cleanup_ctx.append(hub_ctx)
-    app.cleanup_ctx.append(notifier_ctx)
-    app.cleanup_ctx.append(engine_ctx)
-    app.cleanup_ctx.append(http_session_ctx)
-    app.cleanup_ctx.append(quotes_ctx)
-    app.cleanup_ctx.append(feed_ctx)
-    app.cleanup_ctx.append(extra_feeds_ctx)
-    app.on_shutdown.append(close_websockets)
 
     add_route(app, "GET", "/healthz", healthz)
     add_route(app, "GET", "/metrics", metrics)
@@ -529,7 +555,8 @@ def run(settings: Settings) -> None:
     pricewatch, and the port is bound. Each failure raises `startup.StartupError` (one line
     for `main()`); "pricewatch serving on ..." is logged only once the port is listening.
     """
-    lock = startup.lock_database(settings.db)
+    # An edge has no database to lock.
+    lock = startup.lock_database(settings.db) if settings.role != "edge" else None
     try:
         sockets = startup.bind(settings.host, settings.port)
         try:
@@ -560,8 +587,10 @@ async def _serve(settings: Settings, sockets: list[socket.socket]) -> None:
         for sock in sockets:
             await web.SockSite(runner, sock, shutdown_timeout=1.0).start()
         port = sockets[0].getsockname()[1]
-        log.info("pricewatch serving on http://%s:%d (feed %s, symbols %s) after %.2fs",
-                 settings.host, port, settings.feed, ",".join(settings.symbols),
+        role = ("cluster edge" if settings.role == "edge"
+                else f"feed {settings.feed}" + (", cluster core" if settings.redis_url else ""))
+        log.info("pricewatch serving on http://%s:%d (%s, symbols %s) after %.2fs",
+                 settings.host, port, role, ",".join(settings.symbols),
                  time.monotonic() - started)
         await stop.wait()
         log.info("pricewatch shutting down")
