@@ -296,10 +296,12 @@ async def test_healthz_answers_quickly_while_twenty_logins_hash(make_settings, h
         done.set()
         await prober
         assert statuses == [200] * 20
-        # 20 hashes take >= 10 hash-times on 2 cores. On the loop, some probe would wait
-        # for many hashes in a row; off the loop, no probe waits as long as one hash.
+        # 20 hashes take >= 10 hash-times on 2 cores. On the loop, a probe waits for them
+        # all in a row (~20 hash-times: measured 5.4 s against a 0.26 s hash); off the loop
+        # no probe waits longer than about one hash. The margin of 3 keeps a machine busy
+        # with other work from failing the test, and still catches a blocking hash.
         assert len(latencies) >= 10
-        assert max(latencies) < one_hash, (one_hash, sorted(latencies)[-5:])
+        assert max(latencies) < 3 * one_hash, (one_hash, sorted(latencies)[-5:])
 
 
 async def test_live_socket_ends_when_its_login_is_revoked(server, http):
