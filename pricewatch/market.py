@@ -17,7 +17,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from . import auth, clock
-from .addresses import client_address
+from .addresses import client_address, limit_key
 from .api import ApiError, invalid, json_response, not_found
 from .candle_writer import CANDLE_WRITER
 from .feeds import Bar, Book, Tick
@@ -321,7 +321,7 @@ async def serve_ws(request: web.Request, endpoint: str, user_id: int | None,
     whose handler fails is answered `{"type": "error"}` and the connection stays open.
     """
     hub = request.app[HUB]
-    address = client_address(request)
+    address = limit_key(client_address(request))  # an IPv6 client counts by its /64
     if not hub.admit(address):
         raise ApiError(429, "rate_limited",
                        f"At most {hub.max_per_address} open websockets per client address.",

@@ -229,6 +229,24 @@ async def test_behind_a_trusted_proxy_the_cap_counts_each_forwarded_address(
             ws.abort()
 
 
+async def test_ipv6_clients_share_the_cap_of_their_64(make_settings, http) -> None:
+    """One subscriber holds a whole /64: 2**64 addresses must not be 2**64 caps."""
+    settings = make_settings(max_ws_per_address=2,
+                             trusted_proxies=(ip_network("127.0.0.1/32"),))
+    async with LiveServer(settings) as server:
+        def via(address: str):
+            return RawWebSocket.connect(server.url, "/ws/ohlc/",
+                                        headers={"X-Forwarded-For": address})
+        held = [await via("2001:db8:1:2::1"), await via("2001:db8:1:2::ffff")]
+        with pytest.raises(Refused) as refused:
+            await via("2001:db8:1:2:aaaa:bbbb:cccc:dddd")
+        refused_429(refused.value)
+        held.append(await via("2001:db8:1:3::1"))  # another /64
+        assert server.app[HUB].by_address == {"2001:db8:1:2::/64": 2, "2001:db8:1:3::/64": 1}
+        for ws in held:
+            ws.abort()
+
+
 # --------------------------------------------------------------------------- any JSON
 
 
