@@ -137,6 +137,7 @@ class Hub:
         self.by_address: dict[str, int] = {}  # open (or opening) websockets per address
         self.backlog: set[Client] = set()  # clients with queued frames
         self.drops: Counter[str] = Counter()  # 1008 closes by Disconnect.reason
+        self._logged_drop: dict[str, float] = {}  # reason -> when last logged
         self.revoked: Callable[[str], bool] = lambda family: False  # set by the app
         self._closing: set[asyncio.Task] = set()
         self._behind = asyncio.Event()  # set when `backlog` gains a client
@@ -495,8 +496,14 @@ class Hub:
         signal, self._dropped = self._dropped, asyncio.Event()
         signal.set()
         if reason is not SESSION_ENDED:
-            log.warning("closing %s client %s (%s): %s", client.endpoint,
-                        client.request.remote, reason.reason, why)
+            # At most one line per reason a minute: a client that gets itself closed on
+            # purpose, again and again, must not flood the log (/metrics counts them all).
+            now = time.monotonic()
+            if now >= self._logged_drop.get(reason.reason, 0.0) + 60.0:
+                self._logged_drop[reason.reason] = now
+                log.warning("closing %s client %s (%s): %s (further %s closes are counted "
+                            "in /metrics, logged once a minute)", client.endpoint,
+                            client.request.remote, reason.reason, why, reason.reason)
         self._forget(client)
         task = asyncio.create_task(self._close(client, reason))
         self._closing.add(task)

@@ -370,3 +370,16 @@ async def test_unsubscribing_drops_the_state_held_for_that_topic():
     hub.flush(client)
     assert transport.written == [frame(b"unsubscribed")]
     assert client.writer.state_bytes == 0
+
+
+async def test_repeated_closes_for_one_reason_log_one_line_a_minute(caplog):
+    hub = Hub()
+    clients = [attach(hub)[0] for _ in range(5)]
+    with caplog.at_level("WARNING", logger="pricewatch.hub"):
+        for client in clients[:4]:
+            hub.drop(client, QUEUE_FULL, "test")
+        hub.drop(clients[4], SLOW, "test")  # another reason has its own line
+    lines = [r.getMessage() for r in caplog.records if r.name == "pricewatch.hub"]
+    assert len(lines) == 2 and "queue_full" in lines[0] and "slow" in lines[1]
+    assert hub.drops[QUEUE_FULL.reason] == 4  # every close is still counted
+    await asyncio.gather(*hub._closing, return_exceptions=True)
