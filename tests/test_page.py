@@ -700,9 +700,15 @@ async def test_live_page_resumes_the_alert_events_it_missed_while_offline(
         await book_and_trade(http, server, fake, now)
         await register(http, server, "erin")
         await chromium.send("Page.navigate", {"url": server.url + "/"})
+        # This server's page, loaded (not the previous test's page, still on screen).
+        await chromium.wait_for(f"location.origin === {js_str(server.url)} "
+                                "&& document.readyState === 'complete'")
+        await chromium.wait_for(f"{cell('BTCUSDT', 'price')} === '42,000.50'")
         await chromium.wait_for(visible("#auth-form"))
         await fill(chromium, {"#auth-username": "erin", "#auth-password": "correct horse"})
         await click(chromium, "#auth-submit")
+        await chromium.wait_for("document.querySelector('#account-name').textContent "
+                                "=== 'erin'")
         await chromium.wait_for(
             "document.querySelector('#status [data-socket=live]').dataset.state === 'open'")
         access = await chromium.evaluate(
