@@ -115,3 +115,18 @@ def render_http(out: Exposition, http: HttpMetrics) -> None:
             out.sample(name + "_bucket", running, route=route, le=le)
         out.sample(name + "_sum", http.sums[route], route=route)
         out.sample(name + "_count", running, route=route)
+
+
+def render_websockets(out: Exposition, hub) -> None:
+    """Open websockets by endpoint and 1008 closes by reason (a core's and an edge's)."""
+    from .hub import DROP_REASONS
+
+    out.metric("pricewatch_websocket_clients", "gauge", "Open websocket clients by endpoint.")
+    counts = hub.counts()
+    for endpoint in sorted({"live", "ohlc", "rates", *counts}):
+        out.sample("pricewatch_websocket_clients", counts.get(endpoint, 0), endpoint=endpoint)
+    out.metric("pricewatch_websocket_dropped_total", "counter",
+               "Websocket clients closed with 1008, by reason.")
+    for reason in DROP_REASONS:
+        out.sample("pricewatch_websocket_dropped_total", hub.drops[reason.reason],
+                   reason=reason.reason)

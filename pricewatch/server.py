@@ -33,10 +33,17 @@ from .cluster.edge import edge_ctx
 from .config import Settings
 from .feed_admin import EXTRA_FEEDS, HEALTH, ExtraFeeds, FeedRunner, binance_factory
 from .httpd import make_runner
-from .hub import DROP_REASONS, Hub
+from .hub import Hub
 from .links import PUBLIC_URL
 from .market import HUB, MARKET, Market
-from .metrics import HTTP_METRICS, Exposition, HttpMetrics, metrics_middleware, render_http
+from .metrics import (
+    HTTP_METRICS,
+    Exposition,
+    HttpMetrics,
+    metrics_middleware,
+    render_http,
+    render_websockets,
+)
 from .store import Conflict, NotFound, Store
 from .upstream.alphavantage import QuotePoller
 from .upstream.binance_rest import MARKETS, BinanceRest
@@ -202,18 +209,10 @@ async def metrics(request: web.Request) -> web.Response:
         for feed, health in healths.items():
             for symbol, count in (health.get(key) or {}).items():
                 out.sample(name, count, feed=feed, symbol=symbol)
-    out.metric("pricewatch_websocket_clients", "gauge", "Open websocket clients by endpoint.")
-    counts = hub.counts()
-    for endpoint in sorted({"live", "ohlc", "rates", *counts}):
-        out.sample("pricewatch_websocket_clients", counts.get(endpoint, 0), endpoint=endpoint)
+    render_websockets(out, hub)
     out.metric("pricewatch_websocket_slow_dropped_total", "counter",
                "Websocket clients closed with 1008 for reading too slowly.")
     out.sample("pricewatch_websocket_slow_dropped_total", hub.dropped)
-    out.metric("pricewatch_websocket_dropped_total", "counter",
-               "Websocket clients closed with 1008, by reason.")
-    for reason in DROP_REASONS:
-        out.sample("pricewatch_websocket_dropped_total", hub.drops[reason.reason],
-                   reason=reason.reason)
     out.metric("pricewatch_websocket_state_flushes_total", "counter",
                "Flushes of conflated prices/candles that sent something.")
     out.sample("pricewatch_websocket_state_flushes_total", hub.state_flushes)

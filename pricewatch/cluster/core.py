@@ -226,13 +226,7 @@ class Publisher:
         self.published_states += 1
 
         def fill(pipe) -> None:
-            if prices:
-                pipe.hset(LATEST, mapping={s: orjson.dumps(r) for s, r in prices.items()})
-            by_key: dict[str, dict] = {}
-            for symbol, tf, wire in candles:
-                by_key.setdefault(candles_key(symbol, tf), {})[wire[0]] = orjson.dumps(wire)
-            for key, mapping in by_key.items():
-                pipe.hset(key, mapping=mapping)
+            _write_state(pipe, prices, candles)
             for key, starts in (gone or {}).items():
                 pipe.hdel(key, *starts)
             pipe.set(SEQ, seq)
@@ -276,13 +270,7 @@ class Publisher:
         for symbol in self.market.symbols:
             for tf in self.timeframes:
                 pipe.delete(candles_key(symbol, tf))
-        if prices:
-            pipe.hset(LATEST, mapping={s: orjson.dumps(r) for s, r in prices.items()})
-        by_key: dict[str, dict] = {}
-        for symbol, tf, wire in candles:
-            by_key.setdefault(candles_key(symbol, tf), {})[wire[0]] = orjson.dumps(wire)
-        for key, mapping in by_key.items():
-            pipe.hset(key, mapping=mapping)
+        _write_state(pipe, prices, candles)
         if self.quote is not None:
             pipe.set(QUOTE, self.quote)
         horizon = time.time() - self.access_ttl
@@ -334,3 +322,14 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         mkt.trade_hooks.remove(publisher.on_tick)
         mkt.bar_hooks.remove(publisher.on_bar)
         auth_.revoke_hooks.remove(publisher.on_revoke)
+
+
+def _write_state(pipe, prices: dict, candles: list) -> None:
+    """Latest prices and candle states into the snapshot keys (one pipeline)."""
+    if prices:
+        pipe.hset(LATEST, mapping={s: orjson.dumps(r) for s, r in prices.items()})
+    by_key: dict[str, dict] = {}
+    for symbol, tf, wire in candles:
+        by_key.setdefault(candles_key(symbol, tf), {})[wire[0]] = orjson.dumps(wire)
+    for key, mapping in by_key.items():
+        pipe.hset(key, mapping=mapping)

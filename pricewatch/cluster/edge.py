@@ -33,7 +33,7 @@ from ..api import ApiError, json_response
 from ..config import Settings
 from ..hub import Hub
 from ..market import HUB, Market, ohlc, serve_ws
-from ..metrics import HTTP_METRICS, Exposition, render_http
+from ..metrics import HTTP_METRICS, Exposition, render_http, render_websockets
 from .bus import RedisBus
 from .core import (
     EVENTS_FLOOR,
@@ -297,14 +297,7 @@ async def metrics(request: web.Request) -> web.Response:
     app = request.app
     edge, hub = app[EDGE], app[HUB]
     out = Exposition()
-    out.metric("pricewatch_websocket_clients", "gauge", "Open websocket clients by endpoint.")
-    counts = hub.counts()
-    for endpoint in sorted({"live", "ohlc", "rates", *counts}):
-        out.sample("pricewatch_websocket_clients", counts.get(endpoint, 0), endpoint=endpoint)
-    out.metric("pricewatch_websocket_dropped_total", "counter",
-               "Websocket clients closed with 1008, by reason.")
-    for reason, count in sorted(hub.drops.items()):
-        out.sample("pricewatch_websocket_dropped_total", count, reason=reason)
+    render_websockets(out, hub)
     bus = edge.bus
     for name, kind, text, value in [
             ("pricewatch_redis_connected", "gauge", "1 while connected to Redis.",
