@@ -53,6 +53,15 @@ def emit(figures: dict) -> None:
     print(json.dumps(figures), flush=True)
 
 
+def emit_run(figures: dict, load_before: float, began: float) -> None:
+    """`figures` with the machine's cores, its load before the run and the run's duration
+    (from `began`, a time.monotonic()), as the one JSON line on stdout."""
+    figures["cores"] = os.cpu_count()
+    figures["loadavg_1m_before"] = load_before
+    figures["elapsed_s"] = round(time.monotonic() - began, 1)
+    emit(figures)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import sys
 import time
@@ -47,7 +46,7 @@ from bench._common import (  # noqa: E402
     Refused,
     ServerProcess,
     client_frame,
-    emit,
+    emit_run,
     loadavg,
     log,
     percentile,
@@ -261,10 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = loadavg()
     began = time.monotonic()
     out = asyncio.run(run(args))
-    out["cores"] = os.cpu_count()
-    out["loadavg_1m_before"] = load_before
-    out["elapsed_s"] = round(time.monotonic() - began, 1)
-    emit(out)
+    emit_run(out, load_before, began)
     return 0
 
 

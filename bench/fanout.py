@@ -58,7 +58,7 @@ from bench._common import (  # noqa: E402
     CpuMeter,
     FakeUpstream,
     ServerProcess,
-    emit,
+    emit_run,
     loadavg,
     log,
     raise_nofile,
@@ -383,10 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_root is not None:
         other = argparse.Namespace(**{**vars(args), "server_root": args.compare_root})
         out = {"this": out, "compared": asyncio.run(run(other))}
-    out["cores"] = os.cpu_count()
-    out["loadavg_1m_before"] = load_before
-    out["elapsed_s"] = round(time.monotonic() - began, 1)
-    emit(out)
+    emit_run(out, load_before, began)
     return 0
 
 

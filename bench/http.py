@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import shutil
 import sys
@@ -48,7 +47,7 @@ import aiohttp  # noqa: E402
 from bench._common import (  # noqa: E402
     CpuMeter,
     ServerProcess,
-    emit,
+    emit_run,
     loadavg,
     log,
     percentile,
@@ -245,10 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = loadavg()
     began = time.monotonic()
     out = asyncio.run(run(args))
-    out["cores"] = os.cpu_count()
-    out["loadavg_1m_before"] = load_before
-    out["elapsed_s"] = round(time.monotonic() - began, 1)
-    emit(out)
+    emit_run(out, load_before, began)
     return 0
 
 

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import gc
 import multiprocessing as mp
-import os
 import random
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from bench._common import (  # noqa: E402
     CpuMeter,
     FakeUpstream,
     ServerProcess,
-    emit,
+    emit_run,
     loadavg,
     log,
     setup_logging,
@@ -259,10 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_e2e:
         out.update(e2e(args))
     out["alerts"] = args.alerts
-    out["cores"] = os.cpu_count()
-    out["loadavg_1m_before"] = load_before
-    out["elapsed_s"] = round(time.monotonic() - began, 1)
-    emit(out)
+    emit_run(out, load_before, began)
     return 0
 
 
