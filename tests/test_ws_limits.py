@@ -211,19 +211,21 @@ async def test_concurrent_upgrades_cannot_pass_the_cap_together(make_settings, h
             ws.abort()
 
 
+def via(server: LiveServer, address: str):
+    """A raw websocket to /ws/ohlc/ through the (trusted) proxy at 127.0.0.1 for `address`."""
+    return RawWebSocket.connect(server.url, "/ws/ohlc/", headers={"X-Forwarded-For": address})
+
+
 async def test_behind_a_trusted_proxy_the_cap_counts_each_forwarded_address(
         make_settings, http) -> None:
     settings = make_settings(max_ws_per_address=2,
                              trusted_proxies=(ip_network("127.0.0.1/32"),))
     async with LiveServer(settings) as server:
-        def via(address: str):
-            return RawWebSocket.connect(server.url, "/ws/ohlc/",
-                                        headers={"X-Forwarded-For": address})
-        held = [await via("203.0.113.5"), await via("198.51.100.7, 203.0.113.5")]
+        held = [await via(server, "203.0.113.5"), await via(server, "198.51.100.7, 203.0.113.5")]
         with pytest.raises(Refused) as refused:
-            await via("203.0.113.5")
+            await via(server, "203.0.113.5")
         refused_429(refused.value)
-        held.append(await via("203.0.113.6"))  # another client behind the same proxy
+        held.append(await via(server, "203.0.113.6"))  # another client behind the same proxy
         assert server.app[HUB].by_address == {"203.0.113.5": 2, "203.0.113.6": 1}
         for ws in held:
             ws.abort()
@@ -234,14 +236,11 @@ async def test_ipv6_clients_share_the_cap_of_their_64(make_settings, http) -> No
     settings = make_settings(max_ws_per_address=2,
                              trusted_proxies=(ip_network("127.0.0.1/32"),))
     async with LiveServer(settings) as server:
-        def via(address: str):
-            return RawWebSocket.connect(server.url, "/ws/ohlc/",
-                                        headers={"X-Forwarded-For": address})
-        held = [await via("2001:db8:1:2::1"), await via("2001:db8:1:2::ffff")]
+        held = [await via(server, "2001:db8:1:2::1"), await via(server, "2001:db8:1:2::ffff")]
         with pytest.raises(Refused) as refused:
-            await via("2001:db8:1:2:aaaa:bbbb:cccc:dddd")
+            await via(server, "2001:db8:1:2:aaaa:bbbb:cccc:dddd")
         refused_429(refused.value)
-        held.append(await via("2001:db8:1:3::1"))  # another /64
+        held.append(await via(server, "2001:db8:1:3::1"))  # another /64
         assert server.app[HUB].by_address == {"2001:db8:1:2::/64": 2, "2001:db8:1:3::/64": 1}
         for ws in held:
             ws.abort()
