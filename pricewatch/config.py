@@ -291,9 +291,30 @@ class Settings:
                                  "parallel SMTP connections")
     smtp_max_attempts: int = _var("SMTP_MAX_ATTEMPTS", _int(1, 1000), 8,
                                   "attempts before an email is marked failed")
-    smtp_retry_base: float = _var("SMTP_RETRY_BASE", _float(0.01, 3600), 2.0,
-                                  "first email retry delay (s), doubling")
+    smtp_retry_base: float | None = _var(
+        "SMTP_RETRY_BASE", _opt(_float(0.01, 3600)), None,
+        "first email retry delay (s), doubling; unset: PRICEWATCH_DELIVERY_RETRY_BASE")
     mail_from: str = _var("MAIL_FROM", _str, "pricewatch@localhost", "sender of alert mail")
+    # -- notification channels (pricewatch/delivery)
+    delivery_retry_base: float = _var(
+        "DELIVERY_RETRY_BASE", _float(0.01, 3600), 2.0,
+        "first retry delay (s) of a failed delivery, doubling, capped at 1 h")
+    delivery_max_attempts: int = _var(
+        "DELIVERY_MAX_ATTEMPTS", _int(1, 1000), 8,
+        "attempts before a webhook or Telegram delivery is marked failed")
+    delivery_timeout: float = _var("DELIVERY_TIMEOUT", _float(0.1, 600), 10.0,
+                                   "seconds per webhook or Telegram request")
+    notify_per_hour: int = _var(
+        "NOTIFY_PER_HOUR", _int(1, 10**6), 30,
+        "deliveries per user and channel per hour; the rest of the hour's go out as one digest")
+    telegram_bot_token: str | None = _var(
+        "TELEGRAM_BOT_TOKEN", _opt(_str), None,
+        "Telegram bot token; unset: telegram channels cannot be added", secret=True)
+    telegram_api_url: str = _var("TELEGRAM_API_URL", _http_url, "https://api.telegram.org",
+                                 "Telegram Bot API base")
+    allow_private_webhooks: bool = _var(
+        "ALLOW_PRIVATE_WEBHOOKS", _bool, False,
+        "let webhooks point at loopback/private addresses (tests)")
     # -- several machines (pricewatch/cluster)
     redis_url: str | None = _var(
         "REDIS_URL", _opt(_redis_url), None,

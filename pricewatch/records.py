@@ -48,7 +48,7 @@ class Arm(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One trigger of an alert, with its deliveries as ((channel, state), ...)."""
+    """One trigger of an alert, with its deliveries as ((channel id, type, state), ...)."""
 
     id: int
     alert_id: int
@@ -56,12 +56,13 @@ class Event:
     time: float
     price: float
     backfill: str | None = None
-    deliveries: tuple[tuple[str, str], ...] = ()
+    deliveries: tuple[tuple[int | str, str, str], ...] = ()
 
     def public(self) -> dict:
         return {"id": self.id, "alert_id": self.alert_id, "time": clock.iso(self.time),
                 "price": self.price, "backfill": self.backfill,
-                "deliveries": [{"channel": c, "state": s} for c, s in self.deliveries]}
+                "deliveries": [{"channel": c, "type": t, "state": s}
+                               for c, t, s in self.deliveries]}
 
     def brief(self) -> dict:
         """The shape carried by `{"type": "alert"}` live messages."""
@@ -91,6 +92,7 @@ class Alert:
     trigger_count: int = 0
     rearm_at: float | None = None  # a repeating alert in its cooldown: when it ends
     armed: bool = True  # False: a re-armed price alert waiting for the far side
+    channels: tuple[int | str, ...] = ("email",)  # where its events are delivered
     event: Event | None = None  # the event just recorded (store.trigger_alerts only)
 
     def public(self) -> dict:
@@ -112,7 +114,7 @@ class Alert:
             "cooldown": self.cooldown,
             "expires_at": clock.iso(self.expires_at),
             "note": self.note,
-            "channels": ["email"],
+            "channels": list(self.channels),
             "trigger_count": self.trigger_count,
         }
 
@@ -141,14 +143,62 @@ class Quote:
         }
 
 
+EMAIL = "email"  # the id of every user's email channel (other channels have integer ids)
+
+
 @dataclass(frozen=True, slots=True)
-class OutboxItem:
-    """A queued email with the alert it is about."""
+class Channel:
+    """Where a user's notifications go: their email (id "email"), a webhook or a Telegram
+    chat (integer ids, rows of `channels`)."""
+
+    id: int | str
+    user_id: int
+    type: str  # "email", "webhook" or "telegram"
+    url: str | None = None  # webhook
+    format: str | None = None  # webhook: json, discord or slack
+    secret: str | None = None  # webhook: the HMAC key (shown once, at creation)
+    chat_id: str | None = None  # telegram
+    address: str | None = None  # email: the user's address now
+    verified: bool = True  # email: whether that address is verified
+    created_at: float | None = None
+
+    def public(self, with_secret: bool = False) -> dict:
+        body: dict = {"id": self.id, "type": self.type}
+        if self.type == "email":
+            body.update(email=self.address, verified=self.verified)
+        elif self.type == "webhook":
+            body.update(url=self.url, format=self.format)
+            if with_secret:
+                body["secret"] = self.secret
+        else:
+            body["chat_id"] = self.chat_id
+        body["created"] = clock.iso(self.created_at)
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One pending delivery of an event to a channel, with what its message needs: the alert
+    as it was triggered by this event (`triggered_at`, `triggered_price`, `backfill` are the
+    event's) and the channel as it is now (an email goes to the user's current address)."""
 
     id: int
-    recipient: str
     attempts: int
     alert: Alert
+    event: Event
+    channel: Channel
+    held: bool = False  # over the hourly budget: goes out in a digest
+    created_at: float = 0.0  # when the trigger queued it
+
+    @property
+    def recipient(self) -> str:
+        """Where it goes, for logs and the record: an address, a URL's host, a chat id."""
+        ch = self.channel
+        if ch.type == "email":
+            return ch.address or ""
+        if ch.type == "telegram":
+            return f"telegram chat {ch.chat_id}"
+        return f"webhook {ch.id}"
 
 
 @dataclass(frozen=True, slots=True)

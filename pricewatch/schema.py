@@ -222,6 +222,64 @@ MIGRATIONS: list[str] = [
             o.sent_at FROM outbox_old o WHERE o.alert_id IN (SELECT id FROM alerts);
     DROP TABLE outbox_old;
     """,
+    # 7: notification channels (webhook, telegram) beside the user's email; one delivery row
+    # per (event, channel) instead of one outbox row per event; verified email addresses.
+    # Users who registered before verification existed keep receiving mail (verified = 1).
+    """
+    ALTER TABLE users ADD COLUMN email_verified INTEGER NOT NULL DEFAULT 0;
+    UPDATE users SET email_verified = 1;
+    CREATE TABLE email_codes (
+        user_id INTEGER PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+        email TEXT NOT NULL,
+        code_hash TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        tries_left INTEGER NOT NULL,
+        sent_at REAL NOT NULL
+    );
+    CREATE TABLE channels (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        type TEXT NOT NULL CHECK (type IN ('webhook', 'telegram')),
+        url TEXT,
+        format TEXT CHECK (format IN ('json', 'discord', 'slack')),
+        secret TEXT,
+        chat_id TEXT,
+        created_at REAL NOT NULL,
+        deleted_at REAL
+    );
+    CREATE INDEX channels_user ON channels(user_id, id) WHERE deleted_at IS NULL;
+    ALTER TABLE alerts ADD COLUMN channels TEXT;
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id INTEGER NOT NULL REFERENCES events(id) ON DELETE CASCADE,
+        alert_id INTEGER NOT NULL REFERENCES alerts(id) ON DELETE CASCADE,
+        user_id INTEGER NOT NULL,
+        channel TEXT NOT NULL CHECK (channel IN ('email', 'webhook', 'telegram')),
+        channel_id INTEGER REFERENCES channels(id),
+        status TEXT NOT NULL DEFAULT 'pending'
+            CHECK (status IN ('pending', 'sent', 'failed', 'skipped')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        held INTEGER NOT NULL DEFAULT 0,
+        digest INTEGER,
+        last_error TEXT,
+        recipient TEXT,
+        created_at REAL NOT NULL,
+        sent_at REAL
+    );
+    CREATE UNIQUE INDEX deliveries_event_channel
+        ON deliveries(event_id, channel, COALESCE(channel_id, 0));
+    CREATE INDEX deliveries_due ON deliveries(next_attempt_at, id) WHERE status = 'pending';
+    CREATE INDEX deliveries_budget ON deliveries(user_id, channel, channel_id, sent_at)
+        WHERE status = 'sent';
+    CREATE INDEX deliveries_alert ON deliveries(alert_id);
+    INSERT INTO deliveries(id, event_id, alert_id, user_id, channel, status, attempts,
+        next_attempt_at, last_error, recipient, created_at, sent_at)
+        SELECT o.id, o.event_id, o.alert_id, a.user_id, 'email', o.status, o.attempts,
+            o.next_attempt_at, o.last_error, o.recipient, o.created_at, o.sent_at
+        FROM outbox o JOIN alerts a ON a.id = o.alert_id WHERE o.event_id IS NOT NULL;
+    DROP TABLE outbox;
+    """,
 ]
 
 # Version -> (query, message): after that migration is applied, each row of the query is

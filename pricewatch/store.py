@@ -9,15 +9,16 @@ Rows come back as dataclasses, never as sqlite rows.
 
 from __future__ import annotations
 
-from .records import Alert, Event, OutboxItem, Quote, RotateResult, User
+from .records import Alert, Channel, Delivery, Event, Quote, RotateResult, User
 from .storage.accounts import AccountsMixin, bcrypt_cost
 from .storage.alerts import AlertsMixin
 from .storage.base import Conflict, Database, NotFound, StoreError, UnknownUser
+from .storage.deliveries import DeliveriesMixin
 from .storage.market import MarketMixin
 
-__all__ = ["Alert", "Conflict", "Event", "NotFound", "OutboxItem", "Quote", "RotateResult",
-           "Store", "StoreError", "UnknownUser", "User", "bcrypt_cost"]
+__all__ = ["Alert", "Channel", "Conflict", "Delivery", "Event", "NotFound", "Quote",
+           "RotateResult", "Store", "StoreError", "UnknownUser", "User", "bcrypt_cost"]
 
 
-class Store(AccountsMixin, AlertsMixin, MarketMixin, Database):
+class Store(AccountsMixin, AlertsMixin, DeliveriesMixin, MarketMixin, Database):
     """The database. Open with `await Store.open(path)`, close with `await store.close()`."""

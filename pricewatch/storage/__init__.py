@@ -1,6 +1,7 @@
 """The rooms of `pricewatch.store` (the entry point: `Store` composes these).
 
 `base` the connections, transactions and errors · `accounts` settings, users, login
-addresses and refresh tokens · `alerts` alerts, events, triggers and the email outbox ·
-`market` quotes, admin feeds and candles. Only these modules hold SQL (DDL: schema.py).
+addresses and refresh tokens · `alerts` alerts, events and triggers · `deliveries`
+notification channels and the delivery outbox · `market` quotes, admin feeds and candles.
+Only these modules hold SQL (DDL: schema.py).
 """

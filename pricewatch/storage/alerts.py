@@ -1,35 +1,39 @@
-"""Alerts, their events and triggers, and the email outbox."""
+"""Alerts, their events and triggers (each trigger queues its deliveries: deliveries.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from dataclasses import replace
 
 import aiosqlite
+import orjson
 
 from .. import clock
-from ..records import Alert, Arm, Event, Hit, OutboxItem
+from ..records import EMAIL, Alert, Arm, Event, Hit
 from .base import Conflict, NotFound, UnknownUser
+from .deliveries import EVENT_DELIVERIES, insert_deliveries
 
-_ALERT_COLS = ("id, user_id, asset, price, direction, status, created_at, triggered_at, "
-               "triggered_price, notified, note, triggered_backfill, kind, percent, win, "
-               "repeat, cooldown, expires_at, trigger_count, rearm_at, armed")
+ALERT_COLS = ("id, user_id, asset, price, direction, status, created_at, triggered_at, "
+              "triggered_price, notified, note, triggered_backfill, kind, percent, win, "
+              "repeat, cooldown, expires_at, trigger_count, rearm_at, armed, channels")
 # What a create or an update may set besides asset, price and direction (column names).
-ALERT_FIELDS = ("kind", "percent", "win", "repeat", "cooldown", "expires_at", "note")
-_EVENT_COLS = ("e.id, e.alert_id, e.user_id, e.time, e.price, e.backfill,"
-               " (SELECT o.status FROM outbox o WHERE o.event_id = e.id)")
+ALERT_FIELDS = ("kind", "percent", "win", "repeat", "cooldown", "expires_at", "note",
+                "channels")
+_EVENT_COLS = "e.id, e.alert_id, e.user_id, e.time, e.price, e.backfill, " + EVENT_DELIVERIES
 
 
-def _alert(row) -> Alert:
-    return Alert(*row[:15], bool(row[15]), *row[16:20], bool(row[20]))
+def parse_alert(row) -> Alert:
+    # channels NULL: an alert from before channels existed, which only ever mailed.
+    channels = tuple(orjson.loads(row[21])) if row[21] is not None else (EMAIL,)
+    return Alert(*row[:15], bool(row[15]), *row[16:20], bool(row[20]), channels=channels)
 
 
 def _event(row) -> Event:
-    return Event(*row[:6], (("email", row[6]),) if row[6] is not None else ())
+    return Event(*row[:6], tuple(tuple(d) for d in orjson.loads(row[6])))
 
 
 class AlertsMixin:
-    """Store methods for alerts, events, triggers and the email outbox."""
+    """Store methods for alerts, events and triggers."""
 
     # alerts ---------------------------------------------------------------------------
 
@@ -50,22 +54,24 @@ class AlertsMixin:
                 raise UnknownUser(f"user {user_id} does not exist")
             if active >= max_active:
                 raise Conflict(f"at most {max_active} active alerts per user")
+            if extra.get("channels") is None:  # default: every channel the user has now
+                extra["channels"] = orjson.dumps(await _channel_ids(db, user_id)).decode()
             names = "".join(", " + name for name in extra)
             cur = await db.execute(
                 f"INSERT INTO alerts(user_id, asset, price, direction, created_at, updated_at"
                 f"{names}) VALUES (?, ?, ?, ?, ?, ?{', ?' * len(extra)})",
                 (user_id, asset, price, direction, now, now, *extra.values()))
-            async with db.execute(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ?",
+            async with db.execute(f"SELECT {ALERT_COLS} FROM alerts WHERE id = ?",
                                   (cur.lastrowid,)) as cur:
-                return _alert(await cur.fetchone())
+                return parse_alert(await cur.fetchone())
 
     async def get_alert(self, user_id: int, alert_id: int) -> Alert:
         """The user's alert `alert_id`. Raises NotFound for a missing or foreign alert."""
-        row = await self._one(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ? AND user_id = ?",
+        row = await self._one(f"SELECT {ALERT_COLS} FROM alerts WHERE id = ? AND user_id = ?",
                               (alert_id, user_id))
         if row is None:
             raise NotFound("alert not found")
-        return _alert(row)
+        return parse_alert(row)
 
     async def list_alerts(self, user_id: int, status: str | None, offset: int,
                           limit: int) -> tuple[int, list[Alert]]:
@@ -92,9 +98,9 @@ class AlertsMixin:
         if status is not None:
             where += " AND status = ?"
             params.append(status)
-        count, rows = await self._counted_page(_ALERT_COLS, "alerts", where, params, "id",
+        count, rows = await self._counted_page(ALERT_COLS, "alerts", where, params, "id",
                                                limit, offset)
-        return count, [_alert(r) for r in rows]
+        return count, [parse_alert(r) for r in rows]
 
     async def _counted_page(self, columns: str, table: str, where: str, params: list,
                             order: str, limit: int, offset: int) -> tuple[int, list]:
@@ -128,9 +134,9 @@ class AlertsMixin:
                 f"UPDATE alerts SET asset = ?, price = ?, direction = ?, updated_at = ?,"
                 f" armed = 1{sets} WHERE id = ?",
                 (asset, price, direction, clock.now(), *extra.values(), alert_id))
-            async with db.execute(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ?",
+            async with db.execute(f"SELECT {ALERT_COLS} FROM alerts WHERE id = ?",
                                   (alert_id,)) as cur:
-                return _alert(await cur.fetchone())
+                return parse_alert(await cur.fetchone())
 
     async def delete_alert(self, user_id: int, alert_id: int) -> Alert:
         """Soft-delete the user's alert (status DELETED). NotFound if not the user's."""
@@ -140,9 +146,9 @@ class AlertsMixin:
                 " WHERE id = ? AND user_id = ?", (clock.now(), alert_id, user_id))
             if cur.rowcount == 0:
                 raise NotFound("alert not found")
-            async with db.execute(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ?",
+            async with db.execute(f"SELECT {ALERT_COLS} FROM alerts WHERE id = ?",
                                   (alert_id,)) as cur:
-                return _alert(await cur.fetchone())
+                return parse_alert(await cur.fetchone())
 
     async def set_alert_note(self, user_id: int, alert_id: int, note: str) -> Alert:
         """Name the user's alert `alert_id` (seed 002's purpose). NotFound if not the user's."""
@@ -151,9 +157,9 @@ class AlertsMixin:
                                    (note, alert_id, user_id))
             if cur.rowcount == 0:
                 raise NotFound("alert not found")
-            async with db.execute(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ?",
+            async with db.execute(f"SELECT {ALERT_COLS} FROM alerts WHERE id = ?",
                                   (alert_id,)) as cur:
-                return _alert(await cur.fetchone())
+                return parse_alert(await cur.fetchone())
 
     async def delete_alerts_by_note(self, user_id: int, note: str) -> list[Alert]:
         """Soft-delete every CREATED alert of the user with this note, in one transaction;
@@ -168,14 +174,14 @@ class AlertsMixin:
             marks = ",".join("?" * len(ids))
             await db.execute(f"UPDATE alerts SET status = 'DELETED', updated_at = ?"
                              f" WHERE id IN ({marks})", (clock.now(), *ids))
-            async with db.execute(f"SELECT {_ALERT_COLS} FROM alerts WHERE id IN ({marks})"
+            async with db.execute(f"SELECT {ALERT_COLS} FROM alerts WHERE id IN ({marks})"
                                   " ORDER BY id DESC", ids) as cur:
-                return [_alert(row) for row in await cur.fetchall()]
+                return [parse_alert(row) for row in await cur.fetchall()]
 
     async def active_alerts(self) -> list[Alert]:
         """Every alert the engine watches: CREATED, and repeating ones in their cooldown."""
-        return [_alert(r) for r in await self._all(
-            f"SELECT {_ALERT_COLS} FROM alerts WHERE status = 'CREATED'"
+        return [parse_alert(r) for r in await self._all(
+            f"SELECT {ALERT_COLS} FROM alerts WHERE status = 'CREATED'"
             " OR (status = 'TRIGGERED' AND repeat = 1)")]
 
     async def expire_alerts(self, now: float) -> list[int]:
@@ -207,12 +213,12 @@ class AlertsMixin:
                              ) -> list[tuple[Event, Alert]]:
         """The user's events with `after` < id <= `upto`, oldest first (at most `limit`),
         each with its alert as it is now."""
-        cols = ", ".join("a." + c.strip() for c in _ALERT_COLS.split(","))
+        cols = ", ".join("a." + c.strip() for c in ALERT_COLS.split(","))
         rows = await self._all(
             f"SELECT {_EVENT_COLS}, {cols} FROM events e JOIN alerts a ON a.id = e.alert_id"
             " WHERE e.user_id = ? AND e.id > ? AND e.id <= ? ORDER BY e.id LIMIT ?",
             (user_id, after, upto, limit))
-        return [(_event(r), _alert(r[7:])) for r in rows]
+        return [(_event(r), parse_alert(r[7:])) for r in rows]
 
     async def last_event_id(self) -> int:
         return (await self._one("SELECT COALESCE(MAX(id), 0) FROM events"))[0]
@@ -227,7 +233,7 @@ class AlertsMixin:
         return before[0] or 0, [tuple(r) for r in after]
 
     async def trigger_alerts(self, items: Iterable[Hit | Arm | tuple]) -> list[Alert]:
-        """Record triggers (Hit: status TRIGGERED, an event, its outbox row) and re-arms
+        """Record triggers (Hit: status TRIGGERED, an event, its deliveries) and re-arms
         (Arm), in order, all in ONE transaction.
 
         A Hit on an alert that is no longer CREATED and armed with that asset, target,
@@ -252,7 +258,7 @@ class AlertsMixin:
 
     async def purge_deleted_alerts(self, older_than: float) -> int:
         """Remove for good the DELETED alerts deleted before `older_than` (epoch s), with
-        their outbox rows; returns how many. Small transactions, so that other writes (a
+        their events and deliveries; returns how many. Small transactions, so that other writes (a
         trigger batch) never wait behind one long purge."""
         total = 0
         while True:
@@ -265,75 +271,6 @@ class AlertsMixin:
             if removed < 1000:
                 return total
 
-    # outbox ---------------------------------------------------------------------------
-
-    async def due_outbox(self, now: float, limit: int, exclude: Collection[int] = ()
-                         ) -> list[OutboxItem]:
-        """Pending emails whose next attempt is due, oldest first, except `exclude`."""
-        ids = tuple(exclude)
-        rows = await self._all(
-            "SELECT o.id, o.recipient, o.attempts, e.time, e.price, e.backfill, "
-            + ", ".join("a." + c.strip() for c in _ALERT_COLS.split(","))
-            + " FROM outbox o JOIN alerts a ON a.id = o.alert_id"
-            " LEFT JOIN events e ON e.id = o.event_id"
-            " WHERE o.status = 'pending' AND o.next_attempt_at <= ?"
-            f" AND o.id NOT IN ({','.join('?' * len(ids))})"
-            " ORDER BY o.next_attempt_at, o.id LIMIT ?", (now, *ids, limit))
-        items = []
-        for r in rows:
-            alert = _alert(r[6:])
-            if r[3] is not None:  # a repeating alert: the email is about this trigger
-                alert = replace(alert, triggered_at=r[3], triggered_price=r[4],
-                                backfill=r[5])
-            items.append(OutboxItem(r[0], r[1], r[2], alert))
-        return items
-
-    async def outbox_current(self, outbox_id: int, attempts: int) -> bool:
-        """Whether the email is still pending after exactly `attempts` attempts.
-
-        The sender asks right before sending: a row read before another send finished
-        (stale) must not be sent twice.
-        """
-        row = await self._one("SELECT status, attempts FROM outbox WHERE id = ?",
-                              (outbox_id,))
-        return row is not None and row[0] == "pending" and row[1] == attempts
-
-    async def next_outbox_due(self, exclude: Collection[int] = ()) -> float | None:
-        """When the earliest pending email not in `exclude` is due, or None."""
-        ids = tuple(exclude)
-        row = await self._one(
-            "SELECT MIN(next_attempt_at) FROM outbox WHERE status = 'pending'"
-            f" AND id NOT IN ({','.join('?' * len(ids))})", ids)
-        return row[0]
-
-    async def outbox_counts(self) -> dict[str, int]:
-        rows = await self._all("SELECT status, COUNT(*) FROM outbox GROUP BY status")
-        counts = {"pending": 0, "sent": 0, "failed": 0}
-        counts.update({r[0]: r[1] for r in rows})
-        return counts
-
-    async def outbox_sent(self, outbox_id: int) -> None:
-        """Record that the SMTP server accepted the email (one small commit)."""
-        await self._outbox_set(outbox_id, "sent", None, None, sent_at=clock.now())
-
-    async def outbox_retry(self, outbox_id: int, next_attempt_at: float, error: str) -> None:
-        await self._outbox_set(outbox_id, "pending", next_attempt_at, error)
-
-    async def outbox_failed(self, outbox_id: int, error: str) -> None:
-        await self._outbox_set(outbox_id, "failed", None, error)
-
-    async def _outbox_set(self, outbox_id: int, status: str, next_attempt_at: float | None,
-                          error: str | None, sent_at: float | None = None) -> None:
-        async with self._tx() as db:
-            await db.execute(
-                "UPDATE outbox SET status = ?, attempts = attempts + 1,"
-                " next_attempt_at = COALESCE(?, next_attempt_at), last_error = ?,"
-                " sent_at = ? WHERE id = ?",
-                (status, next_attempt_at, error, sent_at, outbox_id))
-            await db.execute(
-                "UPDATE alerts SET notified = ? WHERE id = (SELECT alert_id FROM outbox"
-                " WHERE id = ?)", (status, outbox_id))
-
 
 def _fields(fields: dict) -> dict:
     """`fields` checked against ALERT_FIELDS (`window` may be named so), in column names."""
@@ -345,20 +282,27 @@ def _fields(fields: dict) -> dict:
         raise TypeError(f"unknown alert fields: {sorted(unknown)}")
     if "repeat" in fields:
         fields["repeat"] = int(bool(fields["repeat"]))
+    if fields.get("channels") is not None:
+        fields["channels"] = orjson.dumps(list(fields["channels"])).decode()
     return fields
+
+
+async def _channel_ids(db: aiosqlite.Connection, user_id: int) -> list[int | str]:
+    """The user's channel ids inside a transaction: "email" (with an address), then the rest."""
+    async with db.execute(
+            "SELECT 'email' FROM users WHERE id = ? AND email <> '' UNION ALL"
+            " SELECT * FROM (SELECT id FROM channels WHERE user_id = ? AND deleted_at IS NULL"
+            " ORDER BY id)", (user_id, user_id)) as cur:
+        return [r[0] for r in await cur.fetchall()]
 
 
 async def _trigger(db: aiosqlite.Connection, hit: Hit, now: float) -> Alert | None:
     """One Hit inside trigger_alerts' transaction: the alert, with its event, or None."""
     alert_id, asset, target, direction, price, at, backfill, window = hit
-    # A user without an email (seed 000's register, compat.py) gets no email: no outbox
-    # row, and `notified` stays null.
     cur = await db.execute(
         "UPDATE alerts SET status = 'TRIGGERED', triggered_at = ?, triggered_price = ?,"
         " triggered_backfill = ?, updated_at = ?, trigger_count = trigger_count + 1,"
-        " rearm_at = CASE WHEN repeat = 1 THEN ? + cooldown END,"
-        " notified = CASE WHEN (SELECT email"
-        " FROM users WHERE id = alerts.user_id) = '' THEN NULL ELSE 'pending' END"
+        " rearm_at = CASE WHEN repeat = 1 THEN ? + cooldown END"
         " WHERE id = ? AND status = 'CREATED' AND armed = 1 AND asset = ?"
         " AND COALESCE(price, percent) = ? AND direction = ? AND COALESCE(win, '') = ?"
         " AND (expires_at IS NULL OR expires_at > ?)",
@@ -369,14 +313,12 @@ async def _trigger(db: aiosqlite.Connection, hit: Hit, now: float) -> Alert | No
         "INSERT INTO events(alert_id, user_id, time, price, backfill)"
         " SELECT id, user_id, ?, ?, ? FROM alerts WHERE id = ?", (at, price, backfill, alert_id))
     event_id = cur.lastrowid
-    cur = await db.execute(
-        "INSERT INTO outbox(alert_id, event_id, recipient, next_attempt_at, created_at)"
-        " SELECT a.id, ?, u.email, ?, ? FROM alerts a JOIN users u ON u.id = a.user_id"
-        " WHERE a.id = ? AND u.email <> ''", (event_id, now, now, alert_id))
-    deliveries = (("email", "pending"),) if cur.rowcount == 1 else ()
-    async with db.execute(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ?", (alert_id,)) as c:
-        alert = _alert(await c.fetchone())
+    # A user without an email (seed 000's register, compat.py) gets no email delivery; with
+    # no delivery at all `notified` is null.
+    deliveries = await insert_deliveries(db, event_id, alert_id, now)
+    await db.execute("UPDATE alerts SET notified = ? WHERE id = ?",
+                     ("pending" if deliveries else None, alert_id))
+    async with db.execute(f"SELECT {ALERT_COLS} FROM alerts WHERE id = ?", (alert_id,)) as c:
+        alert = parse_alert(await c.fetchone())
     event = Event(event_id, alert_id, alert.user_id, at, price, backfill, deliveries)
     return replace(alert, event=event)
-
-

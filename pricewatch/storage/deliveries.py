@@ -1,0 +1,243 @@
+"""Notification channels and the delivery outbox: one row per (event, channel)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import replace
+
+import aiosqlite
+
+from .. import clock
+from ..records import EMAIL, Channel, Delivery, Event
+from .base import Conflict, NotFound
+
+_CHANNEL_COLS = "id, user_id, type, url, format, secret, chat_id, created_at"
+DELIVERY_STATES = ("pending", "sent", "failed", "skipped")
+CHANNEL_TYPES = ("email", "webhook", "telegram")
+
+
+def _channel(row) -> Channel:
+    return Channel(row[0], row[1], row[2], url=row[3], format=row[4], secret=row[5],
+                   chat_id=row[6], created_at=row[7])
+
+
+# The event's deliveries as JSON [[channel id or "email", type, state], ...], by delivery id.
+EVENT_DELIVERIES = (
+    "(SELECT json_group_array(json_array(COALESCE(x.channel_id, 'email'), x.channel,"
+    " x.status)) FROM (SELECT * FROM deliveries d WHERE d.event_id = e.id ORDER BY d.id) x)")
+
+
+async def insert_deliveries(db: aiosqlite.Connection, event_id: int, alert_id: int,
+                            now: float) -> tuple[tuple[int | str, str, str], ...]:
+    """Inside a trigger's transaction: one pending delivery per channel the alert chose
+    (the email only while the user has an address; deleted channels never). Returns the
+    event's deliveries as ((channel id, type, state), ...)."""
+    await db.execute(
+        "INSERT INTO deliveries(event_id, alert_id, user_id, channel, channel_id,"
+        " next_attempt_at, created_at)"
+        " SELECT ?, a.id, a.user_id, 'email', NULL, ?, ? FROM alerts a"
+        " JOIN users u ON u.id = a.user_id WHERE a.id = ? AND u.email <> ''"
+        " AND (a.channels IS NULL"
+        " OR EXISTS (SELECT 1 FROM json_each(a.channels) j WHERE j.value = 'email'))",
+        (event_id, now, now, alert_id))
+    await db.execute(
+        "INSERT INTO deliveries(event_id, alert_id, user_id, channel, channel_id,"
+        " next_attempt_at, created_at)"
+        " SELECT ?, a.id, a.user_id, c.type, c.id, ?, ? FROM alerts a"
+        " JOIN channels c ON c.user_id = a.user_id AND c.deleted_at IS NULL"
+        " WHERE a.id = ?"
+        " AND EXISTS (SELECT 1 FROM json_each(a.channels) j WHERE j.value = c.id)"
+        " ORDER BY c.id", (event_id, now, now, alert_id))
+    async with db.execute(
+            "SELECT COALESCE(channel_id, 'email'), channel, status FROM deliveries"
+            " WHERE event_id = ? ORDER BY id", (event_id,)) as cur:
+        return tuple(tuple(r) for r in await cur.fetchall())
+
+
+class DeliveriesMixin:
+    """Store methods for channels and deliveries."""
+
+    # channels -------------------------------------------------------------------------
+
+    async def list_channels(self, user_id: int) -> list[Channel]:
+        """The user's channels: their email first (if they have one), then the others by id.
+        Secrets are not included."""
+        rows = await self._all(
+            "SELECT id, user_id, type, url, format, NULL, chat_id, created_at FROM channels"
+            " WHERE user_id = ? AND deleted_at IS NULL ORDER BY id", (user_id,))
+        user = await self._one("SELECT email, email_verified, created_at FROM users"
+                               " WHERE id = ?", (user_id,))
+        channels = [_channel(r) for r in rows]
+        if user is not None and user[0]:
+            channels.insert(0, Channel(EMAIL, user_id, "email", address=user[0],
+                                       verified=bool(user[1]), created_at=user[2]))
+        return channels
+
+    async def add_channel(self, user_id: int, type: str, max_channels: int, *,
+                          url: str | None = None, format: str | None = None,
+                          secret: str | None = None, chat_id: str | None = None) -> Channel:
+        """Add a webhook or telegram channel. Conflict when the user has `max_channels`
+        channels already (their email counts as one)."""
+        now = clock.now()
+        async with self._tx() as db:
+            async with db.execute(
+                    "SELECT (SELECT COUNT(*) FROM channels WHERE user_id = ?"
+                    " AND deleted_at IS NULL) + (SELECT COUNT(*) FROM users WHERE id = ?"
+                    " AND email <> '')", (user_id, user_id)) as cur:
+                (count,) = await cur.fetchone()
+            if count >= max_channels:
+                raise Conflict(f"at most {max_channels} channels per user")
+            cur = await db.execute(
+                "INSERT INTO channels(user_id, type, url, format, secret, chat_id, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (user_id, type, url, format, secret, chat_id, now))
+            return Channel(cur.lastrowid, user_id, type, url=url, format=format,
+                           secret=secret, chat_id=chat_id, created_at=now)
+
+    async def delete_channel(self, user_id: int, channel_id: int) -> None:
+        """Delete the user's channel: its pending deliveries become `skipped`, and alerts
+        stop naming it. NotFound if it is not the user's (or already deleted)."""
+        now = clock.now()
+        async with self._tx() as db:
+            cur = await db.execute(
+                "UPDATE channels SET deleted_at = ?, secret = NULL WHERE id = ? AND user_id = ?"
+                " AND deleted_at IS NULL", (now, channel_id, user_id))
+            if cur.rowcount == 0:
+                raise NotFound("channel not found")
+            await db.execute(
+                "UPDATE deliveries SET status = 'skipped', last_error = 'channel deleted'"
+                " WHERE channel_id = ? AND status = 'pending'", (channel_id,))
+            await db.execute(
+                "UPDATE alerts SET channels = (SELECT json_group_array(j.value)"
+                " FROM json_each(alerts.channels) j WHERE j.value IS NOT ?)"
+                " WHERE user_id = ? AND EXISTS (SELECT 1 FROM json_each(alerts.channels) j"
+                " WHERE j.value = ?)", (channel_id, user_id, channel_id))
+
+    async def channel_ids(self, user_id: int) -> list[int | str]:
+        """The ids of the user's channels ("email" first when they have an address)."""
+        return [c.id for c in await self.list_channels(user_id)]
+
+    # deliveries -----------------------------------------------------------------------
+
+    async def due_deliveries(self, now: float, types: Collection[str], limit: int,
+                             exclude: Collection[int] = ()) -> list[Delivery]:
+        """Pending deliveries of the channel `types` due at `now`, oldest first, except
+        `exclude` (being sent), each with its event, alert and channel as they are now."""
+        from .alerts import ALERT_COLS, parse_alert  # one module each, no import cycle
+
+        if not types:
+            return []
+        ids, kinds = tuple(exclude), tuple(types)
+        alert_cols = ", ".join("a." + c.strip() for c in ALERT_COLS.split(","))
+        rows = await self._all(
+            "SELECT d.id, d.attempts, d.held, d.channel, d.channel_id, d.created_at,"
+            " e.id, e.time, e.price, e.backfill, u.email, u.email_verified,"
+            " c.url, c.format, c.secret, c.chat_id, c.created_at, " + alert_cols +
+            " FROM deliveries d JOIN events e ON e.id = d.event_id"
+            " JOIN alerts a ON a.id = d.alert_id JOIN users u ON u.id = d.user_id"
+            " LEFT JOIN channels c ON c.id = d.channel_id"
+            " WHERE d.status = 'pending' AND d.next_attempt_at <= ?"
+            f" AND d.channel IN ({','.join('?' * len(kinds))})"
+            f" AND d.id NOT IN ({','.join('?' * len(ids))})"
+            " ORDER BY d.next_attempt_at, d.id LIMIT ?", (now, *kinds, *ids, limit))
+        items = []
+        for r in rows:
+            alert = parse_alert(r[17:])
+            event = Event(r[6], alert.id, alert.user_id, r[7], r[8], r[9])
+            # The message is about this trigger (a repeating alert has had others since).
+            alert = replace(alert, triggered_at=event.time, triggered_price=event.price,
+                            backfill=event.backfill)
+            if r[3] == "email":
+                channel = Channel(EMAIL, alert.user_id, "email", address=r[10],
+                                  verified=bool(r[11]), created_at=r[5])
+            else:
+                channel = Channel(r[4], alert.user_id, r[3], url=r[12], format=r[13],
+                                  secret=r[14], chat_id=r[15], created_at=r[16])
+            items.append(Delivery(r[0], r[1], alert, event, channel, bool(r[2]),
+                                  created_at=r[5]))
+        return items
+
+    async def next_delivery_due(self, types: Collection[str],
+                                exclude: Collection[int] = ()) -> float | None:
+        """When the earliest pending delivery of `types` not in `exclude` is due, or None."""
+        if not types:
+            return None
+        ids, kinds = tuple(exclude), tuple(types)
+        row = await self._one(
+            "SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending'"
+            f" AND channel IN ({','.join('?' * len(kinds))})"
+            f" AND id NOT IN ({','.join('?' * len(ids))})", (*kinds, *ids))
+        return row[0]
+
+    async def delivery_pending(self, delivery_id: int, attempts: int) -> bool:
+        """Whether the delivery is still pending after exactly `attempts` attempts."""
+        row = await self._one("SELECT status, attempts FROM deliveries WHERE id = ?",
+                              (delivery_id,))
+        return row is not None and row[0] == "pending" and row[1] == attempts
+
+    async def defer_deliveries(self, ids: Sequence[int], until: float, held: bool) -> None:
+        """Move pending deliveries to `until` without an attempt: over the hourly budget
+        (`held`: they will go out as a digest), or waiting for a verified address."""
+        if not ids:
+            return
+        async with self._tx() as db:
+            await db.executemany(
+                "UPDATE deliveries SET next_attempt_at = ?, held = MAX(held, ?)"
+                " WHERE id = ? AND status = 'pending'",
+                [(until, int(held), i) for i in ids])
+
+    async def record_deliveries(self, outcomes: Iterable[tuple]) -> None:
+        """Record attempts, all in ONE transaction: each outcome is (id, status,
+        next_attempt_at or None, error or None, recipient or None, digest lead id or None);
+        `sent` stamps sent_at. Each alert's `notified` then summarises its latest event."""
+        now = clock.now()
+        rows = [(status, next_at, error, now if status == "sent" else None, recipient,
+                 digest, delivery_id)
+                for delivery_id, status, next_at, error, recipient, digest in outcomes]
+        if not rows:
+            return
+        async with self._tx() as db:
+            await db.executemany(
+                "UPDATE deliveries SET status = ?, attempts = attempts + 1,"
+                " next_attempt_at = COALESCE(?, next_attempt_at), last_error = ?,"
+                " sent_at = ?, recipient = COALESCE(?, recipient), digest = ?"
+                " WHERE id = ? AND status = 'pending'", rows)
+            marks = ",".join("?" * len(rows))
+            await db.execute(
+                "UPDATE alerts SET notified = (SELECT CASE WHEN COUNT(*) = 0 THEN NULL"
+                " WHEN SUM(d.status = 'pending') > 0 THEN 'pending'"
+                " WHEN SUM(d.status = 'sent') > 0 THEN 'sent' ELSE 'failed' END"
+                " FROM deliveries d WHERE d.event_id = (SELECT MAX(e.id) FROM events e"
+                " WHERE e.alert_id = alerts.id))"
+                f" WHERE id IN (SELECT alert_id FROM deliveries WHERE id IN ({marks}))",
+                [r[-1] for r in rows])
+
+    async def skip_deliveries(self, ids: Sequence[int], reason: str) -> None:
+        await self.record_deliveries((i, "skipped", None, reason, None, None) for i in ids)
+
+    async def recent_sends(self, user_id: int, channel: str, channel_id: int | None,
+                           since: float) -> list[float]:
+        """When each message (a digest counts once) went to this channel of the user after
+        `since`, oldest first: what the hourly budget counts."""
+        rows = await self._all(
+            "SELECT MIN(sent_at) FROM deliveries WHERE user_id = ? AND channel = ?"
+            " AND channel_id IS ? AND status = 'sent' AND sent_at > ?"
+            " GROUP BY COALESCE(digest, id) ORDER BY 1", (user_id, channel, channel_id, since))
+        return [r[0] for r in rows]
+
+    async def release_email_deliveries(self, user_id: int) -> int:
+        """The user's address is verified: their waiting email deliveries are due now."""
+        async with self._tx() as db:
+            cur = await db.execute(
+                "UPDATE deliveries SET next_attempt_at = ? WHERE user_id = ?"
+                " AND channel = 'email' AND status = 'pending'", (clock.now(), user_id))
+            return cur.rowcount
+
+    async def delivery_counts(self) -> dict[str, dict[str, int]]:
+        """{channel type: {state: count}} over every delivery, zeros included."""
+        rows = await self._all(
+            "SELECT channel, status, COUNT(*) FROM deliveries GROUP BY channel, status")
+        counts = {t: dict.fromkeys(DELIVERY_STATES, 0) for t in CHANNEL_TYPES}
+        for channel, status, count in rows:
+            counts[channel][status] = count
+        return counts
