@@ -183,7 +183,7 @@ def _createuser(settings: Settings, username: str, email: str, admin: bool) -> i
         try:
             auth = await Auth.create(settings, store)
             user = await store.create_user(username, email, await auth.hash_password(password),
-                                           is_admin=admin)
+                                           is_admin=admin, email_verified=True)
         except Conflict:
             print(f"pricewatch: user {username!r} exists", file=sys.stderr)
             return 1

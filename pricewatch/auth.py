@@ -152,6 +152,10 @@ class Auth:
         self._verified: dict[str, tuple[int, str, int | float]] = {}  # access token -> claims
         # Called with (family, when) at each revocation (a cluster's core publishes them).
         self.revoke_hooks: list[Callable[[str, float], None]] = []
+        # Keys the hashes of emailed verification codes (verify_api.py); from the secret too.
+        self.code_key = hashlib.sha256(b"pricewatch email code\0" + secret.encode()).digest()
+        # Awaited with each newly registered user (verify_api: mails a verification code).
+        self.register_hooks: list[Callable[[User], Awaitable[None]]] = []
 
     @classmethod
     async def create(cls, settings: Settings, store: Store) -> Auth:
@@ -438,6 +442,8 @@ async def register(request: web.Request) -> web.Response:
         raise ApiError(409, "conflict", "A user with that username already exists.") from None
     auth.passwords.counted(None, hashed)
     tokens = await auth.issue_pair(user.id, address)
+    for hook in auth.register_hooks:
+        await hook(user)
     return json_response({"id": user.id, "username": user.username, "email": user.email,
                           **tokens}, status=201)
 

@@ -132,7 +132,12 @@ def _schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
         "Refresh": obj({"refresh": {"type": "string", "minLength": 1}}, closed=False),
         "TokenPair": obj({"access": STR, "refresh": STR},
                          description="HS256 JWTs; claims token_type, user_id, exp, iat, jti."),
-        "User": obj({"id": INT, "username": STR, "email": STR, "is_admin": BOOL}),
+        "User": obj({"id": INT, "username": STR, "email": STR, "is_admin": BOOL,
+                     "email_verified": BOOL}),
+        "EmailIn": obj({"email": register["properties"]["email"]}, closed=False),
+        "VerifyIn": obj({"code": {"type": "string", "pattern": "^[0-9]{6}$"}}, closed=False),
+        "Verified": obj({"email_verified": {"const": True}}),
+        "CodeSent": obj({"email": STR, "expires_at": TIME}),
         "Price": obj({"symbol": STR, "price": NUM, "bid": nullable(NUM),
                       "ask": nullable(NUM), "time": TIME, "open_24h": nullable(NUM),
                       "high_24h": nullable(NUM), "low_24h": nullable(NUM),
@@ -329,6 +334,24 @@ OPERATIONS: dict[tuple[str, str], dict] = {
     ("POST", "/auth/logout"): op("auth", "Revoke a login", {204: NO_CONTENT},
                                  "NotAuthenticated", request="Refresh"),
     ("GET", "/auth/me"): op("auth", "The caller", {200: json_ok("User")}, auth="user"),
+    ("PATCH", "/auth/me"): op(
+        "auth", "Change the caller's email", {200: json_ok("User")}, "RateLimited",
+        auth="user", request="EmailIn",
+        text="The new address is unverified; with SMTP configured a 6-digit code is mailed "
+        "to it (429 within a minute of the last code). The same address changes nothing."),
+    ("POST", "/auth/verify-email"): op(
+        "auth", "Verify the caller's email with the mailed code", {200: json_ok("Verified")},
+        "Conflict", auth="user", request="VerifyIn",
+        text="200 also when already verified. A wrong code is a 400 whose `fields.code` says "
+        "how many tries are left; after 5 wrong tries or 24 h the code is refused until a "
+        "new one is sent. 409 when the user has no email."),
+    ("POST", "/auth/verify-email/resend"): op(
+        "auth", "Mail a new verification code", {202: json_ok("CodeSent", "Accepted: the "
+                                                               "mail is on its way")},
+        "Conflict", "RateLimited", "Unavailable", auth="user",
+        text="The previous code stops working. At most one code a minute (429 with "
+        "Retry-After); 409 when the address is verified or there is none; 503 when the "
+        "server sends no mail (PRICEWATCH_SMTP_HOST unset)."),
     ("GET", "/api/v1/prices"): op("market", "Latest price of every symbol seen",
                                   {200: json_ok("PriceList")}),
     ("GET", "/api/v1/prices/{symbol}"): op("market", "Latest price of one symbol",

@@ -18,10 +18,11 @@ class User:
     email: str
     password_hash: str
     is_admin: bool
+    email_verified: bool = True  # False until the address is confirmed with a mailed code
 
     def public(self) -> dict:
         return {"id": self.id, "username": self.username, "email": self.email,
-                "is_admin": self.is_admin}
+                "is_admin": self.is_admin, "email_verified": self.email_verified}
 
 
 class Hit(NamedTuple):

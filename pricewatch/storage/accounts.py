@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hmac
 import re
 import sqlite3
+from typing import NamedTuple
 
 import aiosqlite
 
@@ -12,7 +14,7 @@ from ..records import RotateResult, User
 from ..schema import username_key
 from .base import Conflict, UnknownUser
 
-_USER_COLS = "id, username, email, password_hash, is_admin"
+_USER_COLS = "id, username, email, password_hash, is_admin, email_verified"
 _BCRYPT_PREFIX = re.compile(r"\$2[aby]\$(\d\d)\$")
 
 
@@ -23,7 +25,25 @@ def bcrypt_cost(password_hash: str) -> int | None:
 
 
 def _user(row) -> User:
-    return User(row[0], row[1], row[2], row[3], bool(row[4]))
+    return User(row[0], row[1], row[2], row[3], bool(row[4]), bool(row[5]))
+
+
+class CodeCheck(NamedTuple):
+    """The outcome of `check_email_code`. status: "verified" (just now), "already" (it was),
+    "wrong" (`tries_left` more may be made), "spent" (no tries left, or expired: a new code
+    is needed), "none" (no code was issued for the current address), "no_email"."""
+
+    status: str
+    tries_left: int = 0
+
+
+class IssueResult(NamedTuple):
+    """What `issue_email_code` / `change_email` did: the user as it is now, whether a code
+    was `issued`, and when none was for being too soon, `wait` seconds until one may be."""
+
+    user: User
+    issued: bool
+    wait: float | None = None
 
 
 class AccountsMixin:
@@ -42,21 +62,22 @@ class AccountsMixin:
     # users ----------------------------------------------------------------------------
 
     async def create_user(self, username: str, email: str, password_hash: str,
-                          is_admin: bool = False) -> User:
+                          is_admin: bool = False, email_verified: bool = False) -> User:
         """Insert a user (the name stored as given). Raises Conflict when the name, or any
-        name with the same `username_key` (`Alice` for `alice`), is taken."""
+        name with the same `username_key` (`Alice` for `alice`), is taken. The address is
+        unverified unless `email_verified` (`createuser`: the operator vouches for it)."""
         try:
             async with self._tx() as db:
                 cur = await db.execute(
                     "INSERT INTO users(username, username_key, email, password_hash, is_admin,"
-                    " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    " email_verified, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (username, username_key(username), email, password_hash, int(is_admin),
-                     clock.now()),
+                     int(email_verified), clock.now()),
                 )
                 user_id = cur.lastrowid
         except sqlite3.IntegrityError:
             raise Conflict(f"username {username!r} is taken") from None
-        return User(user_id, username, email, password_hash, is_admin)
+        return User(user_id, username, email, password_hash, is_admin, email_verified)
 
     async def user_by_name(self, username: str) -> User | None:
         """The user `username` names: the one registered exactly so, else the one whose name
@@ -78,7 +99,7 @@ class AccountsMixin:
             " FROM users WHERE username = ? OR username_key = ?"
             " ORDER BY username = ? DESC LIMIT 1",
             (address, since, username, username_key(username), username))
-        return (_user(row), bool(row[5])) if row else (None, False)
+        return (_user(row), bool(row[6])) if row else (None, False)
 
     async def user_by_id(self, user_id: int) -> User | None:
         row = await self._one(f"SELECT {_USER_COLS} FROM users WHERE id = ?", (user_id,))
@@ -123,6 +144,81 @@ class AccountsMixin:
             cur = await db.execute("DELETE FROM login_addresses WHERE last_login < ?",
                                    (before,))
             return cur.rowcount
+
+    # email verification ---------------------------------------------------------------
+    # One code per user (email_codes), stored only as a keyed hash of it (the API computes
+    # it: the key is a server secret). `sent_at` paces how often codes are issued.
+
+    async def issue_email_code(self, user_id: int, code_hash: str, now: float, ttl: float,
+                               tries: int, min_interval: float) -> IssueResult:
+        """Replace the user's code with `code_hash` for their current address, valid `ttl`
+        seconds for `tries` attempts, unless one was issued less than `min_interval` ago
+        (then `wait` says how long until one may be). Nothing is issued for an address that
+        is verified or empty (`issued` False, `wait` None). Raises UnknownUser."""
+        async with self._tx() as db:
+            user = await _locked_user(db, user_id)
+            if user.email_verified or not user.email:
+                return IssueResult(user, False)
+            wait = await _code_wait(db, user_id, now, min_interval)
+            if wait is not None:
+                return IssueResult(user, False, wait)
+            await _put_code(db, user, code_hash, now, ttl, tries)
+            return IssueResult(user, True)
+
+    async def change_email(self, user_id: int, email: str, code_hash: str | None, now: float,
+                           ttl: float, tries: int, min_interval: float) -> IssueResult:
+        """Set the user's address to `email`, unverified, dropping their code; with
+        `code_hash`, a code for the new address is issued in the same commit, and the change
+        is refused (`wait` seconds) when a code was issued less than `min_interval` ago.
+        The same address again changes nothing (`issued` False). Raises UnknownUser."""
+        async with self._tx() as db:
+            user = await _locked_user(db, user_id)
+            if user.email == email:
+                return IssueResult(user, False)
+            if code_hash is not None:
+                wait = await _code_wait(db, user_id, now, min_interval)
+                if wait is not None:
+                    return IssueResult(user, False, wait)
+            await db.execute("UPDATE users SET email = ?, email_verified = 0 WHERE id = ?",
+                             (email, user_id))
+            await db.execute("DELETE FROM email_codes WHERE user_id = ?", (user_id,))
+            user = User(user.id, user.username, email, user.password_hash, user.is_admin,
+                        False)
+            if code_hash is not None:
+                await _put_code(db, user, code_hash, now, ttl, tries)
+            return IssueResult(user, code_hash is not None)
+
+    async def check_email_code(self, user_id: int, code_hash: str, now: float) -> CodeCheck:
+        """Try `code_hash` against the user's code: a match verifies the address (and makes
+        their waiting email deliveries due now, in the same commit); a miss spends a try.
+        Raises UnknownUser."""
+        async with self._tx() as db:
+            user = await _locked_user(db, user_id)
+            if user.email_verified:
+                return CodeCheck("already")
+            if not user.email:
+                return CodeCheck("no_email")
+            async with db.execute(
+                    "SELECT email, code_hash, expires_at, tries_left FROM email_codes"
+                    " WHERE user_id = ?", (user_id,)) as cur:
+                row = await cur.fetchone()
+            if row is None or row[0] != user.email:
+                return CodeCheck("none")
+            _, stored, expires_at, tries_left = row
+            if tries_left <= 0 or expires_at <= now:
+                return CodeCheck("spent")
+            if hmac.compare_digest(stored, code_hash):
+                await _mark_verified(db, user_id, now)
+                return CodeCheck("verified")
+            await db.execute("UPDATE email_codes SET tries_left = tries_left - 1"
+                             " WHERE user_id = ?", (user_id,))
+            return CodeCheck("wrong", tries_left - 1)
+
+    async def mark_email_verified(self, user_id: int) -> None:
+        """Mark the user's address verified without a code (and release their waiting email
+        deliveries), as `check_email_code` does on a match."""
+        async with self._tx() as db:
+            await _mark_verified(db, user_id, clock.now())
 
     # refresh tokens -------------------------------------------------------------------
 
@@ -211,3 +307,44 @@ async def _revoke_family(db: aiosqlite.Connection, family: str, at: float) -> No
         "UPDATE refresh_tokens SET revoked_at = ? WHERE family = ? AND revoked_at IS NULL",
         (at, family))
 
+
+
+async def _locked_user(db: aiosqlite.Connection, user_id: int) -> User:
+    """The user, read inside a write transaction. Raises UnknownUser."""
+    async with db.execute(f"SELECT {_USER_COLS} FROM users WHERE id = ?", (user_id,)) as cur:
+        row = await cur.fetchone()
+    if row is None:
+        raise UnknownUser(f"user {user_id} does not exist")
+    return _user(row)
+
+
+async def _code_wait(db: aiosqlite.Connection, user_id: int, now: float,
+                     min_interval: float) -> float | None:
+    """Seconds until the user may be issued another code, None when they may now."""
+    async with db.execute("SELECT sent_at FROM email_codes WHERE user_id = ?",
+                          (user_id,)) as cur:
+        row = await cur.fetchone()
+    if row is None:
+        return None
+    # A clock set back since then waits min_interval at most.
+    wait = min(row[0] + min_interval - now, min_interval)
+    return wait if wait > 0 else None
+
+
+async def _put_code(db: aiosqlite.Connection, user: User, code_hash: str, now: float,
+                    ttl: float, tries: int) -> None:
+    await db.execute(
+        "INSERT INTO email_codes(user_id, email, code_hash, expires_at, tries_left, sent_at)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(user_id) DO UPDATE SET email = excluded.email,"
+        " code_hash = excluded.code_hash, expires_at = excluded.expires_at,"
+        " tries_left = excluded.tries_left, sent_at = excluded.sent_at",
+        (user.id, user.email, code_hash, now + ttl, tries, now))
+
+
+async def _mark_verified(db: aiosqlite.Connection, user_id: int, now: float) -> None:
+    await db.execute("UPDATE users SET email_verified = 1 WHERE id = ?", (user_id,))
+    await db.execute("DELETE FROM email_codes WHERE user_id = ?", (user_id,))
+    # Alert mail that waited for the address is due now (the Deliverer is woken by the API).
+    await db.execute(
+        "UPDATE deliveries SET next_attempt_at = ? WHERE user_id = ? AND channel = 'email'"
+        " AND status = 'pending'", (now, user_id))
