@@ -112,7 +112,8 @@ class WebhookSink:
                 status = resp.status
                 if 200 <= status < 300:
                     return Sent()
-                error = f"HTTP {status}: {head[:200].decode(errors='replace')}"
+                snippet = " ".join(head[:200].decode(errors="replace").split())
+                error = f"HTTP {status}: {snippet}"
                 if status == 429 or status >= 500:
                     return Retry(error, retry_after(resp, head))
                 if 300 <= status < 400:
