@@ -17,7 +17,7 @@ from aiohttp import web
 
 from . import compat
 from .alerts_api import (
-    CHANNELS,
+    CHANNELS_TEXT,
     DEFAULT_COOLDOWN,
     DIRECTIONS,
     KINDS,
@@ -42,6 +42,8 @@ NUM: Schema = {"type": "number"}
 INT: Schema = {"type": "integer"}
 BOOL: Schema = {"type": "boolean"}
 TIME: Schema = {"type": "string", "format": "date-time", "description": "ISO-8601 UTC"}
+CHANNEL_ID: Schema = {"oneOf": [{"type": "string", "enum": ["email"]},
+                                {"type": "integer", "minimum": 1}]}
 
 
 def ref(name: str) -> Schema:
@@ -92,7 +94,7 @@ def _schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
         "triggered_at": nullable(TIME), "triggered_price": nullable(NUM),
         "notified": nullable(enum("pending", "sent", "failed")),
         "backfill": nullable(enum("trade", "kline")), "repeat": BOOL, "cooldown": NUM,
-        "expires_at": nullable(TIME), "note": nullable(STR), "channels": array(STR),
+        "expires_at": nullable(TIME), "note": nullable(STR), "channels": array(CHANNEL_ID),
         "trigger_count": INT})
     alert_fields = {
         "kind": {**enum(*KINDS), "default": "price"},
@@ -110,12 +112,14 @@ def _schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
                      "default": DEFAULT_COOLDOWN},
         "expires_at": nullable({**TIME, "description": "ISO-8601 UTC, in the future."}),
         "note": nullable({"type": "string", "maxLength": MAX_NOTE}),
-        "channels": {**array(enum(*CHANNELS)), "minItems": 1},
+        "channels": {**array(CHANNEL_ID), "minItems": 1, "maxItems": 64,
+                     "description": CHANNELS_TEXT},
     }
     event = obj({"id": INT, "alert_id": INT, "time": TIME, "price": NUM,
                  "backfill": nullable(enum("trade", "kline")),
-                 "deliveries": array(obj({"channel": STR,
-                                          "state": enum("pending", "sent", "failed")}))})
+                 "deliveries": array(obj({
+                     "channel": CHANNEL_ID, "type": enum("email", "webhook", "telegram"),
+                     "state": enum("pending", "sent", "failed", "skipped")}))})
     seed_alert = {**alert["properties"], "alert_purpose": nullable(STR), "alert_price": NUM,
                   "alert_status": enum(*STATUSES)}
     seed_user = {"type": "string", "minLength": 1, "description": "Must be the token's user."}

@@ -169,22 +169,16 @@ class DeliveriesMixin:
             f" AND id NOT IN ({','.join('?' * len(ids))})", (*kinds, *ids))
         return row[0]
 
-    async def delivery_pending(self, delivery_id: int, attempts: int) -> bool:
-        """Whether the delivery is still pending after exactly `attempts` attempts."""
-        row = await self._one("SELECT status, attempts FROM deliveries WHERE id = ?",
-                              (delivery_id,))
-        return row is not None and row[0] == "pending" and row[1] == attempts
-
-    async def defer_deliveries(self, ids: Sequence[int], until: float, held: bool) -> None:
-        """Move pending deliveries to `until` without an attempt: over the hourly budget
-        (`held`: they will go out as a digest), or waiting for a verified address."""
-        if not ids:
+    async def defer_deliveries(self, moves: Sequence[tuple[int, float]], held: bool) -> None:
+        """Move pending deliveries, (id, until) each, without an attempt: over the hourly
+        budget (`held`: they will go out as a digest), or waiting for a verified address."""
+        if not moves:
             return
         async with self._tx() as db:
             await db.executemany(
                 "UPDATE deliveries SET next_attempt_at = ?, held = MAX(held, ?)"
                 " WHERE id = ? AND status = 'pending'",
-                [(until, int(held), i) for i in ids])
+                [(until, int(held), i) for i, until in moves])
 
     async def record_deliveries(self, outcomes: Iterable[tuple]) -> None:
         """Record attempts, all in ONE transaction: each outcome is (id, status,
@@ -211,9 +205,6 @@ class DeliveriesMixin:
                 " WHERE e.alert_id = alerts.id))"
                 f" WHERE id IN (SELECT alert_id FROM deliveries WHERE id IN ({marks}))",
                 [r[-1] for r in rows])
-
-    async def skip_deliveries(self, ids: Sequence[int], reason: str) -> None:
-        await self.record_deliveries((i, "skipped", None, reason, None, None) for i in ids)
 
     async def recent_sends(self, user_id: int, channel: str, channel_id: int | None,
                            since: float) -> list[float]:
