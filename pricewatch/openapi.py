@@ -189,7 +189,7 @@ def _schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
             "chat_id": {"anyOf": [INT, {"type": "string", "maxLength": MAX_CHAT_ID}],
                         "description": "telegram: a chat id, or a public channel's @name."}},
             closed=False),
-        "Channel": obj({"id": {"anyOf": [INT, {"const": "email"}]},
+        "Channel": obj({"id": CHANNEL_ID,
                         "type": enum("email", "webhook", "telegram"),
                         "created": nullable(TIME)},
                        {"email": STR, "verified": BOOL, "url": STR, "format": enum(*FORMATS),

@@ -101,12 +101,13 @@ class WebhookReceiver(_Loopback):
 
 
 class FakeTelegram(_Loopback):
-    """`POST /bot<token>/sendMessage`. `calls`: every call (token, JSON body); `messages`: the
-    bodies it answered `{"ok": true}` to."""
+    """`POST /bot<token>/sendMessage`. `calls`: every call (token, JSON body); `times`: when
+    each came (loop time); `messages`: the bodies it answered `{"ok": true}` to."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[str, dict]] = []
+        self.times: list[float] = []
         self.messages: list[dict] = []
         self.app.router.add_post("/bot{token}/sendMessage", self.send_message)
 
@@ -119,6 +120,7 @@ class FakeTelegram(_Loopback):
     async def send_message(self, request: web.Request) -> web.Response:
         data = await request.json()
         self.calls.append((request.match_info["token"], data))
+        self.times.append(asyncio.get_running_loop().time())
         planned = await self._next_answer()
         if planned is None:
             self.messages.append(data)

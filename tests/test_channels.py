@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
 from conftest import LiveServer, bearer, register
+from fake_hooks import FakeTelegram, WebhookReceiver
+from test_alerts import Trader, create
+
+from pricewatch.server import DELIVERER, STORE
 
 TOKEN = "123456:AAF-bot-token-SECRETPART"
 
@@ -175,3 +180,73 @@ async def test_channels_need_authentication(hooks_server, http):
         for token in (None, "not-a-token"):
             status, err = await call(http, hooks_server, method, path, token, **kw)
             assert status == 401 and err["error"] == "not_authenticated", (method, token)
+
+
+# -- end to end: an alert crosses, the channels get it -------------------------------------
+
+def market(make_settings, fake, **overrides):
+    return make_settings(feed="binance", binance_ws_url=fake.url, delivery_retry_base=0.05,
+                         **overrides)
+
+
+async def events_of(http, server, token) -> list[dict]:
+    status, body = await call(http, server, "GET", "/api/v1/events", token)
+    assert status == 200, body
+    return body["results"]
+
+
+async def test_crossed_alert_reaches_the_webhook_once_after_server_errors(make_settings,
+                                                                          http, fake):
+    async with WebhookReceiver() as receiver, LiveServer(market(
+            make_settings, fake, allow_private_webhooks=True)) as server:
+        tok = (await register(http, server, "alice"))["access"]
+        status, made = await add(http, server, tok, type="webhook", url=receiver.url + "/in")
+        assert status == 201, made
+        receiver.secret = made["secret"]
+        receiver.answer(500, times=2)
+        async with Trader(fake, server, http, tok) as trader:
+            alert = await trader.cross_new_alert()  # every channel: email and the webhook
+        deliverer = server.app[DELIVERER]
+        await deliverer.wait_until(lambda: deliverer.by_type["webhook"]["sent"] >= 1, 10)
+        assert receiver.requests == [("/in", 500), ("/in", 500), ("/in", 204)]
+        [got] = receiver.received
+        assert receiver.bad_signatures == 0  # the receiver verified the signature
+        [event] = await events_of(http, server, tok)
+        assert got["json"]["event_id"] == event["id"] and got["json"]["price"] == 102.0
+        assert got["json"]["alert"]["id"] == alert["id"]
+        assert got["headers"]["X-Pricewatch-Event"] == str(event["id"])
+        # SMTP is not configured: the email waits; the webhook is done.
+        assert event["deliveries"] == [
+            {"channel": "email", "type": "email", "state": "pending"},
+            {"channel": made["id"], "type": "webhook", "state": "sent"}]
+        assert await server.app[STORE].due_deliveries(float("inf"), ["webhook"], 10) == []
+        assert deliverer.attempts == 2 and len(receiver.received) == 1
+
+
+async def test_crossed_alert_reaches_telegram_after_its_retry_after(make_settings, http,
+                                                                     fake, caplog):
+    caplog.set_level(logging.DEBUG)
+    async with FakeTelegram() as telegram, LiveServer(market(
+            make_settings, fake, telegram_bot_token=TOKEN,
+            telegram_api_url=telegram.url)) as server:
+        tok = (await register(http, server, "alice"))["access"]
+        status, chat = await add(http, server, tok, type="telegram", chat_id=-100777)
+        assert status == 201, chat
+        telegram.too_many(retry_after=1)
+        async with Trader(fake, server, http, tok) as trader:
+            await trader.trade(100.0)
+            status, alert = await create(http, server, tok, asset="BTCUSDT", price=101.0,
+                                         direction="above", channels=[chat["id"]])
+            assert status == 201, alert
+            await trader.trade(102.0)
+        deliverer = server.app[DELIVERER]
+        await deliverer.wait_until(lambda: deliverer.by_type["telegram"]["sent"] >= 1, 10)
+        assert len(telegram.calls) == 2 and len(telegram.messages) == 1
+        assert telegram.times[1] - telegram.times[0] >= 0.9  # retry_after was obeyed
+        [message] = telegram.messages
+        assert message["chat_id"] == -100777 and "BTCUSDT above 101 reached" in message["text"]
+        [event] = await events_of(http, server, tok)
+        assert event["deliveries"] == [{"channel": chat["id"], "type": "telegram",
+                                        "state": "sent"}]
+    assert any("429" in r.getMessage() for r in caplog.records)  # the retry was logged...
+    assert not any(TOKEN in r.getMessage() for r in caplog.records)  # ...without the token
