@@ -28,6 +28,7 @@ from .alerts import AlertEngine
 from .alerts_api import ENGINE
 from .api import ApiError, json_response
 from .candle_writer import CANDLE_WRITER, CandleWriter
+from .channels_api import add_routes as add_channel_routes
 from .cluster.core import PUBLISHER, RelayHub, core_ctx
 from .cluster.edge import edge_ctx
 from .config import Settings
@@ -526,6 +527,7 @@ def create_app(settings: Settings) -> web.Application:
     add_route(app, "GET", "/live-feed/subscribe", market.live_feed)
     add_route(app, "GET", "/ws/ohlc", market.ws_ohlc)
     alerts_api.add_routes(app, add_route)
+    add_channel_routes(app, add_route)
     quotes_api.add_routes(app, add_route)
     feed_admin.add_routes(app, add_route)
     compat.add_routes(app, add_route)

@@ -356,8 +356,11 @@ DELIVERER = web.AppKey("deliverer", Deliverer)
 def make_sinks(settings: Settings) -> dict[str, Sink]:
     """One sink per channel type."""
     from .email import EmailSink
+    from .telegram import TelegramSink
+    from .webhook import WebhookSink
 
-    return {"email": EmailSink(settings)}
+    return {"email": EmailSink(settings), "webhook": WebhookSink(settings),
+            "telegram": TelegramSink(settings)}
 
 
 async def render_metrics(out, deliverer: Deliverer) -> None:
