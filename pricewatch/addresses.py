@@ -10,10 +10,15 @@ Like uvicorn's `proxy_headers._TrustedHosts`.
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+from urllib.parse import urlsplit
 
 from aiohttp import web
+
+from .api import invalid
 
 Network = IPv4Network | IPv6Network
 
@@ -100,3 +105,45 @@ def is_public_address(address: str) -> bool:
     return all(a.is_global and not (a.is_multicast or a.is_private or a.is_reserved
                                     or a.is_loopback or a.is_link_local or a.is_unspecified)
                for a in candidates)
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+async def check_public_url(url: str, allow_private: bool, *, schemes: tuple[str, ...],
+                           flag: str, field: str = "url") -> dict:
+    """Refuse URLs whose scheme is not one of `schemes` or that have no host, and, unless
+    `allow_private`, hosts with any address that is not globally routable
+    (`is_public_address`): a user or admin must not be able to point the server at its own
+    network or a cloud metadata service. `flag` is the setting that allows it (named in the
+    error). Raises ApiError 400 naming `field`.
+
+    Returns the connection arguments that pin a connection to the address just checked
+    (`host`, `port`, and `server_hostname` for TLS): resolving again when connecting would
+    let a DNS answer change in between. Empty when private addresses are allowed.
+    """
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme, 80)
+    except ValueError:  # "ws://[::1", a port out of range...
+        raise invalid({field: "The URL is not valid."}) from None
+    if parts.scheme not in schemes or not hostname:
+        names = " and ".join(f"{s}://" for s in schemes)
+        raise invalid({field: f"Only {names} URLs with a host are allowed."})
+    if allow_private:
+        return {}
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            hostname, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):  # UnicodeError: "a..b", a label over 63 characters
+        raise invalid({field: f"Cannot resolve host {hostname!r}."}) from None
+    for info in infos:
+        address = info[4][0]
+        if not is_public_address(address):
+            raise invalid({field: f"{hostname} resolves to a non-public address "
+                                  f"({address}); set {flag}=true to allow it."})
+    pinned = {"host": infos[0][4][0], "port": port}
+    if parts.scheme in ("https", "wss"):
+        pinned["server_hostname"] = hostname
+    return pinned

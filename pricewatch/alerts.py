@@ -3,9 +3,9 @@
 Flow: `AlertEngine.on_tick` (synchronous, per trade) matches the trade against every watched
 price alert of its symbol in O(log n + k) (alert_index.py) and every percent alert of its
 windows (percent_index.py), and only *enqueues* the hits. The writer task commits each
-batch of hits in ONE transaction (status TRIGGERED + event + outbox row), then pushes
-`{"type": "alert", "alert", "event"}` to the owner's live sockets and wakes the notifier
-(notifier.py: the email side, with its exactly-once rules).
+batch of hits in ONE transaction (status TRIGGERED + event + one delivery row per channel),
+then pushes `{"type": "alert", "alert", "event"}` to the owner's live sockets and wakes the
+deliverer (pricewatch/delivery: email, webhooks, Telegram, with the exactly-once rules).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from .alert_index import AlertIndex, CreationLog
 from .feeds import Bar, Tick
 from .hub import Hub
 from .limits import SlidingWindow
-from .notifier import Notifier, compose, message_id, plain  # noqa: F401 (re-exported)
 from .percent_index import PercentIndex
 from .records import Arm, Event, Hit
 from .store import Alert, Store
@@ -108,7 +107,7 @@ class AlertEngine:
         self._task: asyncio.Task | None = None
         self._purger: asyncio.Task | None = None
         self._expirer: asyncio.Task | None = None
-        self.notify_hook = None  # called after each committed batch (wakes the notifier)
+        self.notify_hook = None  # called after each committed batch (wakes the deliverer)
 
     async def load(self) -> int:
         rows = await self.store.active_alerts()

@@ -39,7 +39,8 @@ MIN_COOLDOWN = 60
 MAX_COOLDOWN = 30 * 86400
 DEFAULT_COOLDOWN = 3600
 MAX_NOTE = 200
-CHANNELS = ("email",)  # notification channels are a later issue; email is every user's
+CHANNELS_TEXT = ('A non-empty list of channel ids from GET /api/v1/channels: "email" and'
+                 " integers.")
 MAX_EVENT_PAGE = 100
 
 
@@ -88,6 +89,35 @@ def _number(raw: Any, lo: float, hi: float, lo_open: bool, text: str) -> float |
     if raw < lo or (lo_open and raw == lo) or raw > hi:
         return text
     return float(raw)
+
+
+def _channel_list(raw: Any) -> list[int | str] | str:
+    """Channel ids as given ("email", integers, or integers as text), without repeats, or
+    the error message. Whether they are the user's is `_check_channels`' business."""
+    if not isinstance(raw, list) or not raw or len(raw) > 64:
+        return CHANNELS_TEXT
+    ids: list[int | str] = []
+    for item in raw:
+        if isinstance(item, str) and item.strip().isascii() and item.strip().isdigit():
+            item = int(item.strip())
+        if item != "email" and (isinstance(item, bool) or not isinstance(item, int)
+                                or not 0 < item < 2**63):
+            return CHANNELS_TEXT
+        if item not in ids:
+            ids.append(item)
+    return ids
+
+
+async def _check_channels(request: web.Request, user_id: int, fields: dict[str, Any]) -> None:
+    """400 naming the channel ids in `fields` that are not the user's."""
+    wanted = fields.get("channels")
+    if wanted is None:
+        return
+    have = set(await request.app[ENGINE].store.channel_ids(user_id))
+    unknown = [str(c) for c in wanted if c not in have]
+    if unknown:
+        raise invalid({"channels": "Not one of your channels: " + ", ".join(unknown)
+                       + " (GET /api/v1/channels lists them)."})
 
 
 def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
@@ -206,11 +236,13 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
             errors["note"] = f"Text of at most {MAX_NOTE} characters."
         else:
             out["note"] = raw
-    if "channels" in data:
-        raw = data["channels"]
-        if (not isinstance(raw, list) or not raw
-                or any(not isinstance(c, str) or c not in CHANNELS for c in raw)):
-            errors["channels"] = 'A list of channel ids; the only channel yet is "email".'
+    out["channels"] = keep("channels", None)  # None: every channel the user has
+    if "channels" in data and data["channels"] is not None:
+        checked = _channel_list(data["channels"])
+        if isinstance(checked, str):
+            errors["channels"] = checked
+        else:
+            out["channels"] = checked
     if errors:
         raise invalid(errors)
     if "direction" not in out:  # a price alert without one: from the latest price
@@ -232,6 +264,7 @@ async def create_alert(request: web.Request) -> web.Response:
     identity = require_identity(request)
     data = await read_json(request)
     asset, price, direction, extra = _store_fields(_validate(request, data, None))
+    await _check_channels(request, identity.user_id, extra)
     app = request.app
     engine = app[ENGINE]
     creations = request.app[ENGINE].creations
@@ -351,6 +384,7 @@ async def update_alert(request: web.Request) -> web.Response:
         raise conflict(f"Alert is {current.status}; only CREATED alerts can change.")
     asset, price, direction, extra = _store_fields(_validate(
         request, data, current if request.method == "PATCH" else None))
+    await _check_channels(request, identity.user_id, extra)
     alert = await engine.store.update_alert(identity.user_id, alert_id, asset, price,
                                             direction, **extra)
     engine.track(alert)

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from contextlib import suppress
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .addresses import is_public_address
+from .addresses import check_public_url
 from .api import ApiError, invalid, json_response, not_found, read_json
 from .auth import AUTH, require_identity
 from .feeds import Feed, FeedConfigError, FeedRefused, redact_url
@@ -144,39 +142,10 @@ EXTRA_FEEDS = web.AppKey("extra_feeds", ExtraFeeds)
 
 
 async def check_url(url: str, allow_private: bool, field: str = "url") -> dict:
-    """Refuse non-websocket URLs, and hosts with any address that is not globally routable
-    (`addresses.is_public_address`) unless allowed: an admin must not be able to point the
-    server at its own network or a cloud metadata service.
-
-    Returns the connection arguments that pin the connection to the address just checked
-    (`host`, `port`, and `server_hostname` for TLS): resolving again when connecting would
-    let a DNS answer change in between. Empty when private addresses are allowed.
-    """
-    try:
-        parts = urlsplit(url)
-        hostname = parts.hostname
-        port = parts.port or (443 if parts.scheme == "wss" else 80)
-    except ValueError:  # "ws://[::1", a port out of range...
-        raise invalid({field: "The URL is not valid."}) from None
-    if parts.scheme not in ("ws", "wss") or not hostname:
-        raise invalid({field: "Only ws:// and wss:// URLs with a host are allowed."})
-    if allow_private:
-        return {}
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            hostname, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):  # UnicodeError: "a..b", a label over 63 characters
-        raise invalid({field: f"Cannot resolve host {hostname!r}."}) from None
-    for info in infos:
-        address = info[4][0]
-        if not is_public_address(address):
-            raise invalid({field: f"{hostname} resolves to a non-public address "
-                                  f"({address}); set PRICEWATCH_ALLOW_PRIVATE_FEEDS=true "
-                                  "to allow it."})
-    pinned = {"host": infos[0][4][0], "port": port}
-    if parts.scheme == "wss":
-        pinned["server_hostname"] = hostname
-    return pinned
+    """`addresses.check_public_url` for feed URLs: ws:// and wss:// only, public hosts unless
+    PRICEWATCH_ALLOW_PRIVATE_FEEDS (returns the arguments pinning the connection)."""
+    return await check_public_url(url, allow_private, schemes=("ws", "wss"),
+                                  flag="PRICEWATCH_ALLOW_PRIVATE_FEEDS", field=field)
 
 
 async def require_admin(request: web.Request) -> int:

@@ -1,7 +1,7 @@
 """Prometheus text exposition, written by hand (format 0.0.4): no client library needed.
 
 HTTP requests are counted by a middleware; everything else is read from the parts that
-own it (market, feeds, hub, alert engine, notifier, store) when `/metrics` is scraped.
+own it (market, feeds, hub, alert engine, deliverer, store) when `/metrics` is scraped.
 """
 
 from __future__ import annotations

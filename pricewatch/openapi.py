@@ -17,7 +17,7 @@ from aiohttp import web
 
 from . import compat
 from .alerts_api import (
-    CHANNELS,
+    CHANNELS_TEXT,
     DEFAULT_COOLDOWN,
     DIRECTIONS,
     KINDS,
@@ -27,6 +27,7 @@ from .alerts_api import (
     STATUSES,
 )
 from .api import json_response
+from .channels_api import FORMATS, MAX_CHANNELS, MAX_CHAT_ID, MAX_URL
 from .market import MARKET
 from .ohlc import TIMEFRAMES
 from .percent_index import PERCENT_DIRECTIONS, WINDOWS
@@ -41,6 +42,8 @@ NUM: Schema = {"type": "number"}
 INT: Schema = {"type": "integer"}
 BOOL: Schema = {"type": "boolean"}
 TIME: Schema = {"type": "string", "format": "date-time", "description": "ISO-8601 UTC"}
+CHANNEL_ID: Schema = {"oneOf": [{"type": "string", "enum": ["email"]},
+                                {"type": "integer", "minimum": 1}]}
 
 
 def ref(name: str) -> Schema:
@@ -91,7 +94,7 @@ def _schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
         "triggered_at": nullable(TIME), "triggered_price": nullable(NUM),
         "notified": nullable(enum("pending", "sent", "failed")),
         "backfill": nullable(enum("trade", "kline")), "repeat": BOOL, "cooldown": NUM,
-        "expires_at": nullable(TIME), "note": nullable(STR), "channels": array(STR),
+        "expires_at": nullable(TIME), "note": nullable(STR), "channels": array(CHANNEL_ID),
         "trigger_count": INT})
     alert_fields = {
         "kind": {**enum(*KINDS), "default": "price"},
@@ -109,12 +112,14 @@ def _schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
                      "default": DEFAULT_COOLDOWN},
         "expires_at": nullable({**TIME, "description": "ISO-8601 UTC, in the future."}),
         "note": nullable({"type": "string", "maxLength": MAX_NOTE}),
-        "channels": {**array(enum(*CHANNELS)), "minItems": 1},
+        "channels": {**array(CHANNEL_ID), "minItems": 1, "maxItems": 64,
+                     "description": CHANNELS_TEXT},
     }
     event = obj({"id": INT, "alert_id": INT, "time": TIME, "price": NUM,
                  "backfill": nullable(enum("trade", "kline")),
-                 "deliveries": array(obj({"channel": STR,
-                                          "state": enum("pending", "sent", "failed")}))})
+                 "deliveries": array(obj({
+                     "channel": CHANNEL_ID, "type": enum("email", "webhook", "telegram"),
+                     "state": enum("pending", "sent", "failed", "skipped")}))})
     seed_alert = {**alert["properties"], "alert_purpose": nullable(STR), "alert_price": NUM,
                   "alert_status": enum(*STATUSES)}
     seed_user = {"type": "string", "minLength": 1, "description": "Must be the token's user."}
@@ -182,6 +187,21 @@ def _schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
                                  obj({"url": STR}, closed=False)]},
         "Feed": obj({"id": INT, "url": STR, "name": STR, "health": {"type": "object"}}),
         "FeedList": obj({"results": array(ref("Feed"))}),
+        "ChannelIn": obj({"type": enum("webhook", "telegram")}, {
+            "url": {"type": "string", "pattern": "^https?://", "maxLength": MAX_URL,
+                    "description": "webhook: where events are POSTed (public hosts only)."},
+            "format": {**enum(*FORMATS), "default": "json"},
+            "chat_id": {"anyOf": [INT, {"type": "string", "maxLength": MAX_CHAT_ID}],
+                        "description": "telegram: a chat id, or a public channel's @name."}},
+            closed=False),
+        "Channel": obj({"id": CHANNEL_ID,
+                        "type": enum("email", "webhook", "telegram"),
+                        "created": nullable(TIME)},
+                       {"email": STR, "verified": BOOL, "url": STR, "format": enum(*FORMATS),
+                        "chat_id": STR,
+                        "secret": {"type": "string", "description": "webhook: the HMAC "
+                                   "key, in the 201 answer only."}}),
+        "ChannelList": obj({"results": array(ref("Channel"))}),
         # seed-compatible routes (compat.py)
         "SeedRegister": {**register, "required": ["username", "password"],
                          "description": "The email may be left out."},
@@ -248,6 +268,7 @@ def _error_response(status: int, codes: tuple[str, ...], text: str, headers: dic
 PATH_PARAMS: dict[str, Schema] = {
     "alert_id": {"type": "integer", "minimum": 1},
     "feed_id": {"type": "integer", "minimum": 1},
+    "channel_id": {"anyOf": [{"type": "integer", "minimum": 1}, {"const": "email"}]},
     "symbol": ref("Symbol"),
 }
 
@@ -457,6 +478,19 @@ OPERATIONS: dict[tuple[str, str], dict] = {
                                     request="FeedDelete"),
     ("DELETE", "/api/v1/feeds/{feed_id}"): op("feeds", "Stop an extra feed", {204: NO_CONTENT},
                                               "NotFound", auth="admin"),
+    ("GET", "/api/v1/channels"): op(
+        "channels", "The caller's notification channels, email first",
+        {200: json_ok("ChannelList")}, auth="user"),
+    ("POST", "/api/v1/channels"): op(
+        "channels", "Add a webhook or a Telegram chat", {201: json_ok("Channel", "Created")},
+        "Conflict", auth="user", request="ChannelIn",
+        text="A webhook's generated `secret` is in this answer only. Webhook URLs: http(s) "
+        "of public hosts (unless PRICEWATCH_ALLOW_PRIVATE_WEBHOOKS); telegram needs "
+        f"PRICEWATCH_TELEGRAM_BOT_TOKEN (else 400). 409 past {MAX_CHANNELS} channels "
+        "(the email counts as one)."),
+    ("DELETE", "/api/v1/channels/{channel_id}"): op(
+        "channels", "Delete a channel", {204: NO_CONTENT}, "NotFound", "Conflict",
+        auth="user", text="409 for `email` (change the address with PATCH /auth/me)."),
     ("POST", "/save_quotes"): op(
         "feeds", "Add an extra feed (seed-style alias)", {201: json_ok("Feed", "Created")},
         "Conflict", auth="admin", request="SaveQuotesIn"),

@@ -2,7 +2,7 @@
 
 `create_app(settings)` wires every part; `main()` in __main__.py only parses argv,
 configures logging and runs it. Startup order (cleanup contexts) follows DESIGN.md:
-store -> auth -> (engine, hub, writer, notifier, feeds); shutdown is the reverse.
+store -> auth -> (engine, hub, writer, deliveries, feeds); shutdown is the reverse.
 """
 
 from __future__ import annotations
@@ -35,13 +35,17 @@ from . import (
     verify_api,
 )
 from .addresses import CLIENT_ADDRESSES, ClientAddresses, client_address
-from .alerts import AlertEngine, Notifier
+from .alerts import AlertEngine
 from .alerts_api import ENGINE
 from .api import ApiError, json_response
 from .candle_writer import CANDLE_WRITER, CandleWriter
+from .channels_api import add_routes as add_channel_routes
 from .cluster.core import PUBLISHER, RelayHub, core_ctx
 from .cluster.edge import edge_ctx
 from .config import Settings
+from .delivery.email import MAILER
+from .delivery.outbox import DELIVERER, Deliverer, make_sinks
+from .delivery.outbox import render_metrics as render_delivery_metrics
 from .feed_admin import EXTRA_FEEDS, HEALTH, ExtraFeeds, FeedRunner, binance_factory
 from .httpd import make_runner
 from .hub import Hub
@@ -196,7 +200,7 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition of the whole process."""
     app = request.app
     out = Exposition()
-    mkt, hub, engine, notifier = app[MARKET], app[HUB], app[ENGINE], app[NOTIFIER]
+    mkt, hub, engine = app[MARKET], app[HUB], app[ENGINE]
     out.metric("pricewatch_ticks_total", "counter", "Trades ingested, per symbol.")
     for symbol, count in mkt.ticks.items():
         out.sample("pricewatch_ticks_total", count, symbol=symbol)
@@ -239,13 +243,7 @@ async def metrics(request: web.Request) -> web.Response:
     out.metric("pricewatch_alerts_triggered_total", "counter",
                "Alerts triggered by this process.")
     out.sample("pricewatch_alerts_triggered_total", engine.triggered)
-    out.metric("pricewatch_emails", "gauge", "Alert emails in the outbox, by state.")
-    for state, count in (await app[STORE].outbox_counts()).items():
-        out.sample("pricewatch_emails", count, state=state)
-    out.metric("pricewatch_emails_sent_total", "counter", "Emails sent by this process.")
-    out.sample("pricewatch_emails_sent_total", notifier.sent)
-    out.metric("pricewatch_emails_failed_total", "counter", "Emails given up by this process.")
-    out.sample("pricewatch_emails_failed_total", notifier.failed)
+    await render_delivery_metrics(out, app[DELIVERER])
     if PUBLISHER in app:
         bus = app[PUBLISHER].bus
         out.metric("pricewatch_redis_connected", "gauge", "1 while connected to Redis.")
@@ -353,17 +351,17 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-NOTIFIER = web.AppKey("notifier", Notifier)
-
-
-async def notifier_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Send queued alert emails; pending rows from before a restart are resumed."""
-    notifier = app[NOTIFIER] = Notifier(app[SETTINGS], app[STORE])
-    await notifier.start()
+async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Deliver alert events (email, webhooks, Telegram); pending rows from before a restart
+    are resumed. The email sink also sends verification codes (MAILER)."""
+    sinks = make_sinks(app[SETTINGS])
+    app[MAILER] = sinks["email"]
+    deliverer = app[DELIVERER] = Deliverer(app[SETTINGS], app[STORE], sinks)
+    await deliverer.start()
     try:
         yield
     finally:
-        await notifier.stop()
+        await deliverer.stop()
 
 
 async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -375,7 +373,7 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
     began = time.monotonic()
     count = await engine.load()
     log.info("alert engine loaded %d active alerts in %.2fs", count, time.monotonic() - began)
-    engine.notify_hook = app[NOTIFIER].wake
+    engine.notify_hook = app[DELIVERER].wake
     app[MARKET].trade_hooks.append(engine.on_tick)
     app[MARKET].bar_hooks.append(engine.on_bar)
     await engine.start()
@@ -476,7 +474,7 @@ async def extra_feeds_ctx(app: web.Application) -> AsyncIterator[None]:
 
 # Each role's cleanup contexts, in startup order (DESIGN.md); shutdown is the reverse.
 ROLES: dict[str, list[Callable[[web.Application], AsyncIterator[None]]]] = {
-    "all": [store_ctx, candles_ctx, auth_ctx, hub_ctx, notifier_ctx, engine_ctx,
+    "all": [store_ctx, candles_ctx, auth_ctx, hub_ctx, delivery_ctx, engine_ctx,
             http_session_ctx, quotes_ctx, core_ctx, feed_ctx, extra_feeds_ctx],
     "edge": [edge_ctx, hub_ctx],
 }
@@ -541,6 +539,7 @@ def create_app(settings: Settings) -> web.Application:
     add_route(app, "GET", "/live-feed/subscribe", market.live_feed)
     add_route(app, "GET", "/ws/ohlc", market.ws_ohlc)
     alerts_api.add_routes(app, add_route)
+    add_channel_routes(app, add_route)
     quotes_api.add_routes(app, add_route)
     feed_admin.add_routes(app, add_route)
     compat.add_routes(app, add_route)

@@ -28,7 +28,7 @@ from pricewatch.alerts_api import ENGINE
 from pricewatch.feeds import Tick
 from pricewatch.hub import Hub
 from pricewatch.records import Alert
-from pricewatch.server import NOTIFIER
+from pricewatch.server import DELIVERER
 from pricewatch.store import Store
 
 NOW_MS = int(clock.now() * 1000) // 1000 * 1000  # trades in these tests start around now
@@ -222,7 +222,8 @@ async def test_events_are_listed_newest_first_with_deliveries(live):
         (a["id"], 101.25), (b["id"], 98.0), (a["id"], 101.5)]
     assert results[0]["id"] > results[1]["id"] > results[2]["id"]
     # No SMTP configured: every email waits (pending).
-    assert all(e["deliveries"] == [{"channel": "email", "state": "pending"}] for e in results)
+    assert all(e["deliveries"] == [{"channel": "email", "type": "email", "state": "pending"}]
+               for e in results)
     assert results[2]["time"] == clock.iso((NOW_MS + 1000) / 1000)
     assert results[2]["backfill"] is None
     # The live messages carried the same events.
@@ -450,13 +451,13 @@ async def test_note_is_in_the_email(make_settings, http, fake):  # noqa: F811
                                     percent=10, window="1h", direction="down",
                                     note="buy the dip")
             await m.at(1, 89.0)  # 11 % below 100, the last trade before the alert
-            notifier = server.app[NOTIFIER]
+            notifier = server.app[DELIVERER]
             await notifier.wait_until(lambda: notifier.sent >= 1, timeout=10)
             (mail,) = smtp.messages
             assert "moved 10% down within 1h" in mail["Subject"]
             assert "Note:          buy the dip" in mail.get_content()
             _, events = await get_json(http, server, m.token, "/api/v1/events")
-            assert events["results"][0]["deliveries"] == [{"channel": "email",
+            assert events["results"][0]["deliveries"] == [{"channel": "email", "type": "email",
                                                            "state": "sent"}]
 
 
@@ -488,7 +489,7 @@ async def test_sigkill_keeps_a_repeating_alerts_cooldown_and_trigger_count(tmp_p
 
         try:
             await first.start(http, fake, connections=1)
-            user = await crash_register(http, first.url)
+            user = await crash_register(http, first)
             headers = bearer(user["access"])
             ws = await http.ws_connect(first.ws_url("/live-feed/subscribe/"), headers=headers)
             await trade(ws, 0, 100.0)
@@ -552,14 +553,15 @@ async def test_migration_6_keeps_alerts_and_gives_each_trigger_its_event(tmp_pat
         assert count == 1
         (event,) = events
         assert (event.alert_id, event.time, event.price, event.deliveries) == (
-            fired, 1.7e9, 101.0, (("email", "sent"),))
+            fired, 1.7e9, 101.0, (("email", "email", "sent"),))
         old = await store.get_alert(user.id, fired)
         assert (old.status, old.trigger_count, old.kind, old.repeat) == (
             "TRIGGERED", 1, "price", False)
         assert (await store.get_alert(user.id, waiting)).trigger_count == 0
         new = await store.create_alert(user.id, "BTCUSDT", 1.0, "below", max_active=10)
         assert new.id == gone + 1  # a purged id is never handed out again
-        assert await store.outbox_counts() == {"pending": 0, "sent": 1, "failed": 0}
+        assert (await store.delivery_counts())["email"] == {
+            "pending": 0, "sent": 1, "failed": 0, "skipped": 0}
     finally:
         await store.close()
 

@@ -20,7 +20,8 @@ from fake_binance import FakeBinance, free_port
 from smtp_sink import SmtpSink
 
 from pricewatch.alerts_api import ENGINE
-from pricewatch.server import NOTIFIER, STORE
+from pricewatch.records import Alert, Channel, Delivery, Event
+from pricewatch.server import DELIVERER, STORE
 
 T0 = 1704067200000  # 2024-01-01T00:00:00Z
 
@@ -92,6 +93,14 @@ async def smtp():
         yield sink
 
 
+def delivery(delivery_id: int, alert: Alert, attempts: int = 0) -> Delivery:
+    """A delivery of `alert`'s trigger by email, built by hand (message tests)."""
+    event = Event(delivery_id, alert.id, alert.user_id, alert.triggered_at,
+                  alert.triggered_price)
+    return Delivery(delivery_id, attempts, alert, event,
+                    Channel("email", alert.user_id, "email", address="a@example.com"))
+
+
 def market_settings(make_settings, fake, smtp_port=None, **overrides):
     return make_settings(feed="binance", binance_ws_url=fake.url,
                          smtp_host="127.0.0.1" if smtp_port else None,
@@ -144,7 +153,7 @@ async def test_alerts_trigger_on_crossing_with_one_email_each(make_settings, htt
             assert triggered["eq_above"]["triggered_at"] == "2024-01-01T00:00:00.003Z"
 
             await market.trade(110.0)  # crossing again: an alert triggers once only
-            notifier = server.app[NOTIFIER]
+            notifier = server.app[DELIVERER]
             await notifier.wait_until(lambda: notifier.sent >= 3, timeout=10)
             messages = await smtp.wait_messages(3)
             assert len(messages) == 3
@@ -170,7 +179,7 @@ async def test_many_alerts_one_trade_commit_together(make_settings, http, fake, 
                     assert status == 201
             await market.trade(5000.0)
             messages = await smtp.wait_messages(30)
-            notifier = server.app[NOTIFIER]
+            notifier = server.app[DELIVERER]
             await notifier.wait_until(lambda: notifier.sent >= 30, timeout=10)
             assert len(smtp.messages) == 30
             assert sorted(m["To"] for m in messages) == sorted(
@@ -377,7 +386,7 @@ async def test_email_waits_for_smtp_that_is_down_then_arrives_once(make_settings
     port = free_port()  # nothing listens here yet
     async with LiveServer(market_settings(make_settings, fake, port)) as server:
         tok = (await register(http, server))["access"]
-        notifier = server.app[NOTIFIER]
+        notifier = server.app[DELIVERER]
         async with Trader(fake, server, http, tok) as market:
             alert = await market.cross_new_alert()
             await notifier.wait_until(lambda: notifier.attempts >= 2, timeout=10)
@@ -397,7 +406,7 @@ async def test_smtp_rejections(make_settings, http, fake, reply, rejected, outco
     async with SmtpSink(fail_first=2, fail_reply=reply) as smtp:
         async with LiveServer(market_settings(make_settings, fake, smtp.port)) as server:
             tok = (await register(http, server))["access"]
-            notifier = server.app[NOTIFIER]
+            notifier = server.app[DELIVERER]
             async with Trader(fake, server, http, tok) as market:
                 alert = await market.cross_new_alert("below")
                 await notifier.wait_until(lambda: notifier.sent + notifier.failed >= 1,
@@ -414,12 +423,12 @@ async def test_pending_email_is_sent_once_after_a_restart(make_settings, http, f
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
             alert = await market.cross_new_alert()
-            notifier = server.app[NOTIFIER]
+            notifier = server.app[DELIVERER]
             await notifier.wait_until(lambda: notifier.attempts >= 1, timeout=10)
     # Stopped with the email pending (SMTP was down). Start mail, then the server again.
     async with SmtpSink(port=port) as smtp:
         async with LiveServer(settings) as server:
-            notifier = server.app[NOTIFIER]
+            notifier = server.app[DELIVERER]
             await notifier.wait_until(lambda: notifier.sent >= 1, timeout=10)
             assert len(await smtp.wait_messages(1)) == 1
             assert (await fetch(http, server, tok, alert["id"]))[1]["notified"] == "sent"
@@ -447,7 +456,7 @@ async def test_email_fails_after_the_configured_attempts(make_settings, http, fa
     settings = market_settings(make_settings, fake, port, smtp_max_attempts=3)
     async with LiveServer(settings) as server:
         tok = (await register(http, server))["access"]
-        notifier = server.app[NOTIFIER]
+        notifier = server.app[DELIVERER]
         async with Trader(fake, server, http, tok) as market:
             alert = await market.cross_new_alert()
             await notifier.wait_until(lambda: notifier.failed >= 1, timeout=10)
@@ -468,7 +477,7 @@ async def test_shutdown_while_smtp_is_slow_to_say_goodbye_sends_no_duplicate(mak
                 await smtp.wait_messages(1)  # DATA accepted; the client now waits on QUIT
         async with LiveServer(settings) as server:
             assert (await fetch(http, server, tok, alert["id"]))[1]["notified"] == "sent"
-            assert await server.app[STORE].due_outbox(float("inf"), 10) == []
+            assert await server.app[STORE].due_deliveries(float("inf"), ["email"], 10) == []
         assert len(smtp.messages) == 1
 
 
@@ -476,13 +485,13 @@ async def test_shutdown_while_smtp_is_slow_to_say_goodbye_sends_no_duplicate(mak
     (60018.26, "60018.26"), (1_250_000.0, "1250000"), (0.00000123, "0.00000123"),
     (150.0, "150"), (3001.5, "3001.5")])
 def test_email_prices_are_written_in_full(value, text):
-    from pricewatch.alerts import compose, plain
-    from pricewatch.store import Alert, OutboxItem
+    from pricewatch.delivery.email import compose
+    from pricewatch.delivery.message import plain
 
     assert plain(value) == text
     alert = Alert(7, 1, "BTCUSDT", value, "above", "TRIGGERED", 0.0, 1704067200.5,
                   value * 2, "pending")
-    msg = compose(OutboxItem(1, "a@example.com", 0, alert), "pw@localhost")
+    msg = compose([delivery(1, alert)], "pw@localhost")
     assert msg["Subject"] == f"pricewatch: BTCUSDT above {text} reached"
     body = msg.get_content()
     assert f"Target:        {text} (above: price >= target)" in body
@@ -493,15 +502,15 @@ def test_email_prices_are_written_in_full(value, text):
 async def test_an_email_the_library_cannot_send_fails_once_not_forever(make_settings, http,
                                                                        fake, smtp,
                                                                        monkeypatch):
-    import pricewatch.notifier as notifier_mod
+    import pricewatch.delivery.email as email_mod
 
-    def broken(item, sender):
+    def broken(batch, sender, public_url=None):
         raise ValueError("No recipient headers")  # what aiosmtplib raises for odd addresses
 
-    monkeypatch.setattr(notifier_mod, "compose", broken)
+    monkeypatch.setattr(email_mod, "compose", broken)
     async with LiveServer(market_settings(make_settings, fake, smtp.port)) as server:
         tok = (await register(http, server))["access"]
-        notifier = server.app[NOTIFIER]
+        notifier = server.app[DELIVERER]
         async with Trader(fake, server, http, tok) as market:
             alert = await market.cross_new_alert()
             await notifier.wait_until(lambda: notifier.failed >= 1, timeout=10)
@@ -571,12 +580,11 @@ async def test_alert_email_has_date_message_id_and_public_link(make_settings, ht
 
 
 def test_message_id_is_stable_across_attempts_and_unique_per_email():
-    from pricewatch.alerts import message_id
-    from pricewatch.store import Alert, OutboxItem
+    from pricewatch.delivery.email import message_id
 
     alert = Alert(7, 1, "BTCUSDT", 1.0, "above", "TRIGGERED", 1.7e9, 1.7e9, 1.0, "pending")
-    first = message_id(OutboxItem(3, "a@example.com", 0, alert), "pw@localhost")
-    assert first == message_id(OutboxItem(3, "a@example.com", 2, alert), "pw@localhost")
+    first = message_id(delivery(3, alert), "pw@localhost")
+    assert first == message_id(delivery(3, alert, attempts=2), "pw@localhost")
     other = Alert(8, 1, "BTCUSDT", 1.0, "above", "TRIGGERED", 1.7e9, 1.7e9, 1.0, "pending")
-    assert first != message_id(OutboxItem(4, "a@example.com", 0, other), "pw@localhost")
+    assert first != message_id(delivery(4, other), "pw@localhost")
     assert first.endswith("@localhost>")

@@ -16,7 +16,7 @@ from test_alerts import Trader, create, fetch
 from test_feeds import SYMBOLS, T0, Sink, running
 
 from pricewatch.alerts_api import ENGINE
-from pricewatch.server import NOTIFIER
+from pricewatch.server import DELIVERER
 from pricewatch.upstream.binance import BinanceFeed
 from pricewatch.upstream.binance_rest import BinanceRest
 
@@ -364,7 +364,7 @@ async def test_stream_dropped_trades_meanwhile_candles_exact_and_one_email(make_
                                                                 5.0, 5)
                 (mail,) = await smtp.wait_messages(1)
                 assert "160.5" in mail.get_body().get_content()
-                notifier = server.app[NOTIFIER]
+                notifier = server.app[DELIVERER]
                 await notifier.wait_until(lambda: notifier.sent >= 1, 10)
             assert len(smtp.messages) == 1
 

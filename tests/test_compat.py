@@ -16,7 +16,7 @@ from test_alerts import T0, Trader, market_settings
 from pricewatch import compat
 from pricewatch.alerts_api import ENGINE
 from pricewatch.openapi import build_spec
-from pricewatch.server import NOTIFIER, STORE, create_app
+from pricewatch.server import DELIVERER, STORE, create_app
 
 
 async def post(http, url: str, body: dict, token: str | None = None,
@@ -82,12 +82,12 @@ async def test_a_user_without_email_is_never_mailed(make_settings, http, fake):
                                           {"asset": "BTCUSDT", "price": 101.0}, token)
                 assert status == 201, body
             await market.trade(102.0)  # crosses both
-            notifier = server.app[NOTIFIER]
+            notifier = server.app[DELIVERER]
             await notifier.wait_until(lambda: notifier.sent >= 1, timeout=10)
         messages = await smtp.wait_messages(1)
         assert [m["To"] for m in messages] == ["alice@example.com"]
-        counts = await server.app[STORE].outbox_counts()
-        assert counts == {"pending": 0, "sent": 1, "failed": 0}  # no row for satoshi at all
+        counts = (await server.app[STORE].delivery_counts())["email"]
+        assert counts == {"pending": 0, "sent": 1, "failed": 0, "skipped": 0}  # none for satoshi
         async with http.get(server.url + "/alert/", headers=bearer(mailless)) as resp:
             (alert,) = (await resp.json())["results"]
         assert (alert["status"], alert["notified"]) == ("TRIGGERED", None)

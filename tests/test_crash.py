@@ -31,11 +31,11 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import WSMsgType
-from conftest import bearer
+from conftest import bearer, mark_verified
 from fake_binance import FakeBinance, free_port
 from smtp_sink import SmtpSink
 
-from pricewatch.alerts import plain
+from pricewatch.delivery.message import plain
 
 T0 = 1704067200000  # 2024-01-01T00:00:00Z; trade j happens at T0 + 1000 * (j + 1)
 SYMBOL = "BTCUSDT"
@@ -78,6 +78,9 @@ class ServerProcess:
             # The fake answers Binance's REST too: no test may reach the internet.
             "PRICEWATCH_BINANCE_REST_URL": "http" + fake_url[len("ws"):],
             "PRICEWATCH_SMTP_HOST": "127.0.0.1",
+            # One user's load triggers hundreds of alerts: every one is mailed at once here
+            # (the hourly budget and its digest are tests/test_budget.py's business).
+            "PRICEWATCH_NOTIFY_PER_HOUR": "100000",
             "PRICEWATCH_SMTP_PORT": str(smtp_port),
             "PRICEWATCH_SMTP_RETRY_BASE": "0.05",
             # SMTP is down on purpose in test 1: retries must not run out meanwhile.
@@ -137,12 +140,16 @@ class ServerProcess:
             await self.proc.wait()
 
 
-async def register(http: aiohttp.ClientSession, url: str, username: str = "alice") -> dict:
-    async with http.post(url + "/auth/register", json={
+async def register(http: aiohttp.ClientSession, server: ServerProcess,
+                   username: str = "alice") -> dict:
+    """Register a user with a verified address (see conftest.register)."""
+    async with http.post(server.url + "/auth/register", json={
             "username": username, "password": "correct horse",
             "email": f"{username}@example.com"}) as resp:
         assert resp.status == 201, await resp.text()
-        return await resp.json()
+        body = await resp.json()
+    mark_verified(server.env["PRICEWATCH_DB"], body["id"])
+    return body
 
 
 class LiveFeed:
@@ -301,7 +308,7 @@ async def test_sigkill_under_load_loses_nothing_and_emails_each_trigger_once(tmp
         feed = feeds[0]
         try:
             await first.start(http, fake, connections=1)
-            user = await register(http, first.url)
+            user = await register(http, first)
             headers = bearer(user["access"])
             await feed.open(http, first, user["access"])
             load = Load(http, first, fake, feed, user["access"])
@@ -428,7 +435,7 @@ async def test_sigterm_closes_websockets_with_1001_and_exits_cleanly(tmp_path, s
         sockets = []
         try:
             await server.start(http, fake, connections=1)
-            token = (await register(http, server.url))["access"]
+            token = (await register(http, server))["access"]
             ohlc = await http.ws_connect(server.ws_url("/ws/ohlc/"))
             sockets.append(ohlc)
             await ohlc.send_json({"symbol": SYMBOL, "timeframe": "1m"})

@@ -74,7 +74,8 @@ async def test_trigger_skips_an_alert_changed_since_it_matched(tmp_path):
         (done,) = await store.trigger_alerts(fresh)
         assert done.status == "TRIGGERED" and done.triggered_price == 101.0
         assert await store.trigger_alerts(fresh) == []  # once only
-        assert await store.outbox_counts() == {"pending": 1, "sent": 0, "failed": 0}
+        assert (await store.delivery_counts())["email"] == {
+            "pending": 1, "sent": 0, "failed": 0, "skipped": 0}
     finally:
         await store.close()
 

@@ -129,6 +129,8 @@ class AlertsMixin:
                 raise NotFound("alert not found")
             if row[0] != "CREATED":
                 raise Conflict(f"alert is {row[0]}; only CREATED alerts can change")
+            if "channels" in extra and extra["channels"] is None:  # PUT: every channel now
+                extra["channels"] = orjson.dumps(await _channel_ids(db, user_id)).decode()
             sets = "".join(f", {name} = ?" for name in extra)
             await db.execute(
                 f"UPDATE alerts SET asset = ?, price = ?, direction = ?, updated_at = ?,"

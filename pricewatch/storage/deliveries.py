@@ -120,14 +120,22 @@ class DeliveriesMixin:
     # deliveries -----------------------------------------------------------------------
 
     async def due_deliveries(self, now: float, types: Collection[str], limit: int,
-                             exclude: Collection[int] = ()) -> list[Delivery]:
+                             exclude: Collection[int] = (),
+                             channel: tuple[int, str, int | str] | None = None
+                             ) -> list[Delivery]:
         """Pending deliveries of the channel `types` due at `now`, oldest first, except
-        `exclude` (being sent), each with its event, alert and channel as they are now."""
+        `exclude` (being sent), each with its event, alert and channel as they are now;
+        `channel` (user id, type, channel id) keeps those of one user's channel only."""
         from .alerts import ALERT_COLS, parse_alert  # one module each, no import cycle
 
         if not types:
             return []
         ids, kinds = tuple(exclude), tuple(types)
+        only, params = "", ()
+        if channel is not None:
+            user_id, kind, channel_id = channel
+            only = " AND d.user_id = ? AND d.channel = ? AND d.channel_id IS ?"
+            params = (user_id, kind, None if channel_id == EMAIL else channel_id)
         alert_cols = ", ".join("a." + c.strip() for c in ALERT_COLS.split(","))
         rows = await self._all(
             "SELECT d.id, d.attempts, d.held, d.channel, d.channel_id, d.created_at,"
@@ -138,8 +146,8 @@ class DeliveriesMixin:
             " LEFT JOIN channels c ON c.id = d.channel_id"
             " WHERE d.status = 'pending' AND d.next_attempt_at <= ?"
             f" AND d.channel IN ({','.join('?' * len(kinds))})"
-            f" AND d.id NOT IN ({','.join('?' * len(ids))})"
-            " ORDER BY d.next_attempt_at, d.id LIMIT ?", (now, *kinds, *ids, limit))
+            f" AND d.id NOT IN ({','.join('?' * len(ids))}){only}"
+            " ORDER BY d.next_attempt_at, d.id LIMIT ?", (now, *kinds, *ids, *params, limit))
         items = []
         for r in rows:
             alert = parse_alert(r[17:])
@@ -169,22 +177,16 @@ class DeliveriesMixin:
             f" AND id NOT IN ({','.join('?' * len(ids))})", (*kinds, *ids))
         return row[0]
 
-    async def delivery_pending(self, delivery_id: int, attempts: int) -> bool:
-        """Whether the delivery is still pending after exactly `attempts` attempts."""
-        row = await self._one("SELECT status, attempts FROM deliveries WHERE id = ?",
-                              (delivery_id,))
-        return row is not None and row[0] == "pending" and row[1] == attempts
-
-    async def defer_deliveries(self, ids: Sequence[int], until: float, held: bool) -> None:
-        """Move pending deliveries to `until` without an attempt: over the hourly budget
-        (`held`: they will go out as a digest), or waiting for a verified address."""
-        if not ids:
+    async def defer_deliveries(self, moves: Sequence[tuple[int, float]], held: bool) -> None:
+        """Move pending deliveries, (id, until) each, without an attempt: over the hourly
+        budget (`held`: they will go out as a digest), or waiting for a verified address."""
+        if not moves:
             return
         async with self._tx() as db:
             await db.executemany(
                 "UPDATE deliveries SET next_attempt_at = ?, held = MAX(held, ?)"
                 " WHERE id = ? AND status = 'pending'",
-                [(until, int(held), i) for i in ids])
+                [(until, int(held), i) for i, until in moves])
 
     async def record_deliveries(self, outcomes: Iterable[tuple]) -> None:
         """Record attempts, all in ONE transaction: each outcome is (id, status,
@@ -211,9 +213,6 @@ class DeliveriesMixin:
                 " WHERE e.alert_id = alerts.id))"
                 f" WHERE id IN (SELECT alert_id FROM deliveries WHERE id IN ({marks}))",
                 [r[-1] for r in rows])
-
-    async def skip_deliveries(self, ids: Sequence[int], reason: str) -> None:
-        await self.record_deliveries((i, "skipped", None, reason, None, None) for i in ids)
 
     async def recent_sends(self, user_id: int, channel: str, channel_id: int | None,
                            since: float) -> list[float]:
