@@ -321,6 +321,10 @@ EVENT_PAGE_PARAMS = (*PAGE_PARAMS, query("page_size", {"type": "integer", "minim
                                                       "maximum": 100, "default": 10},
                                           "Events per page."))
 
+VERIFY_NOTE = ("With SMTP configured a 6-digit code (24 h, 5 tries; `fields.code` of a 400 "
+               "says how many are left) is mailed at most once a minute (else 429); without "
+               "SMTP, resend is 503. 409: already verified, or no email.")
+
 OPERATIONS: dict[tuple[str, str], dict] = {
     ("GET", "/healthz"): op(
         "ops", "Health of the database and the feeds", {200: json_ok("Health"),
@@ -356,23 +360,14 @@ OPERATIONS: dict[tuple[str, str], dict] = {
                                  "NotAuthenticated", request="Refresh"),
     ("GET", "/auth/me"): op("auth", "The caller", {200: json_ok("User")}, auth="user"),
     ("PATCH", "/auth/me"): op(
-        "auth", "Change the caller's email", {200: json_ok("User")}, "RateLimited",
-        auth="user", request="EmailIn",
-        text="The new address is unverified; with SMTP configured a 6-digit code is mailed "
-        "to it (429 within a minute of the last code). The same address changes nothing."),
+        "auth", "Change the caller's email (unverified; a code is mailed)", {200: json_ok(
+            "User")}, "RateLimited", auth="user", request="EmailIn", text=VERIFY_NOTE),
     ("POST", "/auth/verify-email"): op(
         "auth", "Verify the caller's email with the mailed code", {200: json_ok("Verified")},
-        "Conflict", auth="user", request="VerifyIn",
-        text="200 also when already verified. A wrong code is a 400 whose `fields.code` says "
-        "how many tries are left; after 5 wrong tries or 24 h the code is refused until a "
-        "new one is sent. 409 when the user has no email."),
+        "Conflict", auth="user", request="VerifyIn", text=VERIFY_NOTE),
     ("POST", "/auth/verify-email/resend"): op(
-        "auth", "Mail a new verification code", {202: json_ok("CodeSent", "Accepted: the "
-                                                               "mail is on its way")},
-        "Conflict", "RateLimited", "Unavailable", auth="user",
-        text="The previous code stops working. At most one code a minute (429 with "
-        "Retry-After); 409 when the address is verified or there is none; 503 when the "
-        "server sends no mail (PRICEWATCH_SMTP_HOST unset)."),
+        "auth", "Mail a new verification code", {202: json_ok("CodeSent", "Mail on its way")},
+        "Conflict", "RateLimited", "Unavailable", auth="user", text=VERIFY_NOTE),
     ("GET", "/api/v1/prices"): op("market", "Latest price of every symbol seen",
                                   {200: json_ok("PriceList")}),
     ("GET", "/api/v1/prices/{symbol}"): op("market", "Latest price of one symbol",

@@ -22,18 +22,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestPayloadError
 
-from . import (
-    alerts_api,
-    auth,
-    compat,
-    docs_page,
-    feed_admin,
-    market,
-    openapi,
-    quotes_api,
-    startup,
-    verify_api,
-)
+from . import alerts_api, auth, compat, docs_page, feed_admin, market, openapi, quotes_api, startup
 from .addresses import CLIENT_ADDRESSES, ClientAddresses, client_address
 from .alerts import AlertEngine
 from .alerts_api import ENGINE
@@ -64,6 +53,7 @@ from .upstream.alphavantage import QuotePoller
 from .upstream.binance_rest import MARKETS, BinanceRest
 from .upstream.demo_quotes import DemoQuotes
 from .upstream.factory import make_feed
+from .verify_api import add_routes as add_verify_routes
 
 log = logging.getLogger(__name__)
 
@@ -532,7 +522,7 @@ def create_app(settings: Settings) -> web.Application:
     add_route(app, "POST", "/auth/token/refresh", auth.refresh)
     add_route(app, "POST", "/auth/logout", auth.logout)
     add_route(app, "GET", "/auth/me", auth.me)
-    verify_api.add_routes(app, add_route)
+    add_verify_routes(app, add_route)
     add_route(app, "GET", "/api/v1/prices", market.prices)
     add_route(app, "GET", "/api/v1/prices/{symbol}", market.price)
     add_route(app, "GET", "/api/v1/ohlc", market.ohlc)

@@ -10,10 +10,16 @@ import threading
 from aiosmtpd.controller import Controller
 from fake_binance import free_port
 
+from pricewatch.verify_api import SUBJECT as CODE_SUBJECT
+
 
 class SmtpSink:
     """Runs aiosmtpd on 127.0.0.1:`port` in its own thread; the first `fail_first` DATA
-    commands are answered with `fail_reply` instead of being accepted."""
+    commands are answered with `fail_reply` instead of being accepted.
+
+    Verification-code mails (registering with SMTP configured sends one) are kept apart in
+    `codes`, always accepted: `messages`, `rejected` and `sessions` are about alert mail.
+    """
 
     def __init__(self, port: int = 0, fail_first: int = 0,
                  fail_reply: str = "451 4.3.0 try again later", hold_quit: bool = False):
@@ -23,6 +29,7 @@ class SmtpSink:
         self.fail_first = fail_first
         self.fail_reply = fail_reply
         self.messages: list[email.message.EmailMessage] = []
+        self.codes: list[email.message.EmailMessage] = []  # verification-code mails
         self.rejected = 0
         self.peers: set = set()  # (host, port) of every client that sent DATA
         self._lock = threading.Lock()
@@ -31,13 +38,16 @@ class SmtpSink:
         self._controller: Controller | None = None
 
     async def handle_DATA(self, server, session, envelope):  # aiosmtpd handler hook
+        msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
         with self._lock:
-            if self.rejected < self.fail_first:
+            if msg["Subject"] == CODE_SUBJECT:
+                self.codes.append(msg)
+            elif self.rejected < self.fail_first:
                 self.rejected += 1
                 return self.fail_reply
-            msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
-            self.messages.append(msg)
-            self.peers.add(session.peer)
+            else:
+                self.messages.append(msg)
+                self.peers.add(session.peer)
         self._loop.call_soon_threadsafe(self._arrived.set)
         return "250 OK"
 
@@ -71,13 +81,20 @@ class SmtpSink:
         await self.stop()
 
     async def wait_messages(self, n: int, timeout: float = 10.0) -> list:
+        return await self._wait(self.messages, n, timeout)
+
+    async def wait_codes(self, n: int, timeout: float = 10.0) -> list:
+        """The first `n` verification-code mails, once they arrived."""
+        return await self._wait(self.codes, n, timeout)
+
+    async def _wait(self, arrived: list, n: int, timeout: float) -> list:
         async def reached() -> None:
             while True:
                 with self._lock:
-                    if len(self.messages) >= n:
+                    if len(arrived) >= n:
                         return
                     self._arrived.clear()
                 await self._arrived.wait()
 
         await asyncio.wait_for(reached(), timeout)
-        return list(self.messages)
+        return list(arrived)

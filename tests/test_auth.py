@@ -43,7 +43,7 @@ async def test_register_login_refresh_logout_me(server, http):
     status, me = await get(http, server, "/auth/me", reg["access"])
     assert status == 200
     assert me == {"id": reg["id"], "username": "alice", "email": "alice@example.com",
-                  "is_admin": False}
+                  "is_admin": False, "email_verified": True}  # register() marks it verified
 
     status, pair, _ = await post(http, server, "/auth/token",
                                  {"username": "alice", "password": "correct horse"})

@@ -16,6 +16,7 @@ from fake_alphavantage import FakeAlphaVantage
 from hypothesis import HealthCheck, Phase
 from openapi_spec_validator import OpenAPIV31SpecValidator
 from schemathesis import GenerationMode
+from smtp_sink import SmtpSink
 
 from pricewatch.auth import AUTH
 from pricewatch.market import MARKET
@@ -149,10 +150,12 @@ def fuzz(schema_url: str, base_url: str, user_token: str, admin_token: str
 
 async def test_live_server_conforms_to_its_openapi_document(make_settings, http):
     # Demo feed: prices exist. Fake AlphaVantage on loopback: POST /api/v1/quotes can 201.
-    # The login limiter is lifted so the fuzzer's failed logins stay 401, not 429.
-    async with FakeAlphaVantage() as fake, LiveServer(make_settings(
+    # The login limiter is lifted so the fuzzer's failed logins stay 401, not 429. SMTP on
+    # loopback: without it, the verification-code resend is a 503 (server error) by design.
+    async with FakeAlphaVantage() as fake, SmtpSink() as smtp, LiveServer(make_settings(
             feed="demo", login_max_failures=10**6, max_alerts_per_user=10**6,
-            alphavantage_api_key="KEY", alphavantage_url=fake.url)) as server:
+            alphavantage_api_key="KEY", alphavantage_url=fake.url,
+            smtp_host="127.0.0.1", smtp_port=smtp.port)) as server:
         priced = asyncio.Event()
         server.app[MARKET].trade_hooks.append(lambda tick: priced.set())
         await asyncio.wait_for(priced.wait(), 10)

@@ -5,16 +5,20 @@ Time is moved by editing the stored code (`sent_at`, `expires_at`), never by sle
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import sys
+import time
 
 import pytest
 from conftest import LiveServer, bearer, register
 from fake_binance import free_port
 from smtp_sink import SmtpSink
+from test_alerts import Trader, market_settings
 
-from pricewatch.server import STORE
+from pricewatch.delivery.outbox import WAIT_VERIFIED
+from pricewatch.server import DELIVERER, STORE
 from pricewatch.verify_api import CODE_MAIL, SUBJECT
 
 CODE_RE = re.compile(r"\b(\d{6})\b")
@@ -74,9 +78,9 @@ async def code_row(server, user_id: int):
 
 async def test_register_mails_a_code_that_verifies_the_address(make_settings, http, smtp):
     async with LiveServer(mail_settings(make_settings, smtp.port)) as server:
-        user = await register(http, server, "alice", email="alice@example.com")
+        user = await register(http, server, "alice", email="alice@example.com", verified=False)
         token = user["access"]
-        [message] = await smtp.wait_messages(1)
+        [message] = await smtp.wait_codes(1)
         assert message["To"] == "alice@example.com"
         assert message["Subject"] == SUBJECT
         assert "24 hours" in message.get_content()
@@ -107,14 +111,14 @@ async def test_register_mails_a_code_that_verifies_the_address(make_settings, ht
         status, body, _ = await post(http, server, "/auth/verify-email/resend", token)
         assert status == 409 and body["error"] == "conflict"
         await server.app[CODE_MAIL].drained()
-        assert len(smtp.messages) == 1
+        assert len(smtp.codes) == 1
 
 
 async def test_five_wrong_tries_spend_the_code_until_a_resend(make_settings, http, smtp):
     async with LiveServer(mail_settings(make_settings, smtp.port)) as server:
-        user = await register(http, server, "bob")
+        user = await register(http, server, "bob", verified=False)
         token = user["access"]
-        code = code_of((await smtp.wait_messages(1))[0])
+        code = code_of((await smtp.wait_codes(1))[0])
         for left in (4, 3, 2, 1):
             status, body, _ = await post(http, server, "/auth/verify-email", token,
                                          {"code": other(code)})
@@ -134,7 +138,7 @@ async def test_five_wrong_tries_spend_the_code_until_a_resend(make_settings, htt
         await age_code(server, user["id"], 61)
         status, body, _ = await post(http, server, "/auth/verify-email/resend", token)
         assert status == 202 and body["email"] == "bob@example.com"
-        new = code_of((await smtp.wait_messages(2))[1])
+        new = code_of((await smtp.wait_codes(2))[1])
         if new != code:  # the old code is dead (unless chance drew it again)
             status, body, _ = await post(http, server, "/auth/verify-email", token,
                                          {"code": code})
@@ -145,9 +149,9 @@ async def test_five_wrong_tries_spend_the_code_until_a_resend(make_settings, htt
 
 async def test_resend_twice_within_a_minute_is_rate_limited(make_settings, http, smtp):
     async with LiveServer(mail_settings(make_settings, smtp.port)) as server:
-        user = await register(http, server, "carol")
+        user = await register(http, server, "carol", verified=False)
         token = user["access"]
-        await smtp.wait_messages(1)
+        await smtp.wait_codes(1)
         await age_code(server, user["id"], 61)
         status, _, _ = await post(http, server, "/auth/verify-email/resend", token)
         assert status == 202
@@ -155,15 +159,15 @@ async def test_resend_twice_within_a_minute_is_rate_limited(make_settings, http,
         assert status == 429 and body["error"] == "rate_limited"
         assert 59 <= int(headers["Retry-After"]) <= 60
         await server.app[CODE_MAIL].drained()
-        assert len(smtp.messages) == 2
+        assert len(smtp.codes) == 2
 
 
 async def test_changing_the_email_unverifies_it_and_mails_the_new_address(make_settings, http,
                                                                           smtp):
     async with LiveServer(mail_settings(make_settings, smtp.port)) as server:
-        user = await register(http, server, "dave", email="dave@example.com")
+        user = await register(http, server, "dave", email="dave@example.com", verified=False)
         token = user["access"]
-        code = code_of((await smtp.wait_messages(1))[0])
+        code = code_of((await smtp.wait_codes(1))[0])
         assert (await post(http, server, "/auth/verify-email", token, {"code": code}))[0] == 200
 
         for bad in ("not an email", "a@b", "", None, 5, "x" * 250 + "@example.com"):
@@ -177,7 +181,7 @@ async def test_changing_the_email_unverifies_it_and_mails_the_new_address(make_s
         assert body == {"id": user["id"], "username": "dave", "email": "dave@example.org",
                         "is_admin": False, "email_verified": False}
         assert await me(http, server, token) == body
-        message = (await smtp.wait_messages(2))[1]
+        message = (await smtp.wait_codes(2))[1]
         assert message["To"] == "dave@example.org"
         new = code_of(message)
         # Another change within the minute would mail a third code: refused, nothing changed.
@@ -189,14 +193,14 @@ async def test_changing_the_email_unverifies_it_and_mails_the_new_address(make_s
         assert (status, body) == (200, {"email_verified": True})
         assert (await me(http, server, token))["email_verified"] is True
         await server.app[CODE_MAIL].drained()
-        assert len(smtp.messages) == 2
+        assert len(smtp.codes) == 2
 
 
 async def test_an_expired_code_is_refused(make_settings, http, smtp):
     async with LiveServer(mail_settings(make_settings, smtp.port)) as server:
-        user = await register(http, server, "erin")
+        user = await register(http, server, "erin", verified=False)
         token = user["access"]
-        code = code_of((await smtp.wait_messages(1))[0])
+        code = code_of((await smtp.wait_codes(1))[0])
         await age_code(server, user["id"], 24 * 3600, column="expires_at")
         status, body, _ = await post(http, server, "/auth/verify-email", token, {"code": code})
         assert status == 400 and "new one" in body["fields"]["code"]
@@ -205,7 +209,7 @@ async def test_an_expired_code_is_refused(make_settings, http, smtp):
 
 async def test_without_smtp_no_code_is_sent_and_resend_is_unavailable(make_settings, http):
     async with LiveServer(mail_settings(make_settings, None)) as server:
-        user = await register(http, server, "frank")
+        user = await register(http, server, "frank", verified=False)
         token = user["access"]
         assert (await me(http, server, token))["email_verified"] is False
         assert await code_row(server, user["id"]) is None
@@ -222,7 +226,7 @@ async def test_without_smtp_no_code_is_sent_and_resend_is_unavailable(make_setti
 async def test_register_answers_at_once_when_smtp_is_down(make_settings, http):
     port = free_port()  # nothing listens yet
     async with LiveServer(mail_settings(make_settings, port, smtp_timeout=2.0)) as server:
-        user = await register(http, server, "gina")
+        user = await register(http, server, "gina", verified=False)
         mail = server.app[CODE_MAIL]
         await mail.drained()
         assert (mail.sent, mail.failed) == (0, 1)
@@ -231,7 +235,7 @@ async def test_register_answers_at_once_when_smtp_is_down(make_settings, http):
             status, _, _ = await post(http, server, "/auth/verify-email/resend",
                                       user["access"])
             assert status == 202
-            code = code_of((await smtp.wait_messages(1))[0])
+            code = code_of((await smtp.wait_codes(1))[0])
         status, body, _ = await post(http, server, "/auth/verify-email", user["access"],
                                      {"code": code})
         assert (status, body) == (200, {"email_verified": True})
@@ -243,7 +247,7 @@ async def test_seed_registrations_send_a_code_too(make_settings, http, smtp):
                 "username": "henry", "password": "correct horse",
                 "email": "henry@example.com"}) as resp:
             assert resp.status == 201
-        [message] = await smtp.wait_messages(1)
+        [message] = await smtp.wait_codes(1)
         assert message["To"] == "henry@example.com"
         # Seed 000 may leave the email out: nothing to verify, nothing sent.
         async with http.post(server.url + "/feed/user/register/", json={
@@ -259,7 +263,7 @@ async def test_seed_registrations_send_a_code_too(make_settings, http, smtp):
                                        {"code": "123456"})
         assert status == 409
         await server.app[CODE_MAIL].drained()
-        assert len(smtp.messages) == 1
+        assert len(smtp.codes) == 1
 
 
 async def test_verification_routes_need_a_token(server, http):
@@ -289,4 +293,80 @@ async def test_createuser_users_are_verified(make_settings, tmp_path, http, smtp
         assert (await me(http, server, token))["email_verified"] is True
         status, _, _ = await post(http, server, "/auth/verify-email/resend", token)
         assert status == 409
-    assert smtp.messages == []
+    assert smtp.codes == []
+
+
+# -- alert mail and verification (the Deliverer) ---------------------------------------------
+
+async def email_delivery(server, alert_id: int) -> dict:
+    row = await server.app[STORE]._one(
+        "SELECT id, status, next_attempt_at, created_at, last_error FROM deliveries"
+        " WHERE alert_id = ? AND channel = 'email'", (alert_id,))
+    assert row is not None
+    return dict(zip(("id", "status", "next_attempt_at", "created_at", "last_error"), row))
+
+
+async def set_aside(server, alert_id: int, timeout: float = 10.0) -> dict:
+    """Wait until the Deliverer has looked at the alert's email delivery and set it aside
+    for the unverified address (due again only when its 24 h are up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        row = await email_delivery(server, alert_id)
+        if row["next_attempt_at"] >= row["created_at"] + WAIT_VERIFIED:
+            return row
+        assert time.monotonic() < deadline, row
+        await asyncio.sleep(0.02)
+
+
+async def test_alert_mail_waits_for_verification_then_goes_once(make_settings, http, fake,
+                                                                 smtp):
+    async with LiveServer(market_settings(make_settings, fake, smtp.port)) as server:
+        user = await register(http, server, "kim", verified=False)
+        tok = user["access"]
+        code = code_of((await smtp.wait_codes(1))[0])
+        deliverer = server.app[DELIVERER]
+        async with Trader(fake, server, http, tok) as market:
+            alert = await market.cross_new_alert()
+            assert (await market.alert_event(alert["id"]))["status"] == "TRIGGERED"
+            row = await set_aside(server, alert["id"])
+            assert row["status"] == "pending" and deliverer.sent == 0
+            assert smtp.messages == []  # no alert mail to an unverified address
+
+            status, body, _ = await post(http, server, "/auth/verify-email", tok,
+                                         {"code": code})
+            assert (status, body) == (200, {"email_verified": True})
+            await deliverer.wait_until(lambda: deliverer.sent >= 1, timeout=10)
+            [message] = await smtp.wait_messages(1)
+            assert message["To"] == "kim@example.com"
+            assert (await email_delivery(server, alert["id"]))["status"] == "sent"
+            # A second verification (already verified) sends nothing again.
+            await post(http, server, "/auth/verify-email", tok, {"code": code})
+        await server.app[CODE_MAIL].drained()
+    assert len(smtp.messages) == 1 and deliverer.sent == 1
+
+
+async def test_alert_mail_unverified_for_24_hours_is_skipped(make_settings, http, fake, smtp):
+    async with LiveServer(market_settings(make_settings, fake, smtp.port)) as server:
+        user = await register(http, server, "lea", verified=False)
+        tok = user["access"]
+        code = code_of((await smtp.wait_codes(1))[0])
+        deliverer = server.app[DELIVERER]
+        async with Trader(fake, server, http, tok) as market:
+            alert = await market.cross_new_alert()
+            row = await set_aside(server, alert["id"])
+            async with server.app[STORE]._tx() as db:  # queued 25 h ago, due now
+                await db.execute(
+                    "UPDATE deliveries SET created_at = created_at - ?,"
+                    " next_attempt_at = created_at - ? WHERE id = ?",
+                    (25 * 3600, 25 * 3600, row["id"]))
+            deliverer.wake()
+            await deliverer.wait_until(lambda: deliverer.skipped >= 1, timeout=10)
+            row = await email_delivery(server, alert["id"])
+            assert row["status"] == "skipped" and "24 h" in row["last_error"]
+            # Verifying now does not bring it back.
+            status, _, _ = await post(http, server, "/auth/verify-email", tok, {"code": code})
+            assert status == 200
+            deliverer.wake()
+            assert (await email_delivery(server, alert["id"]))["status"] == "skipped"
+        await server.app[CODE_MAIL].drained()
+    assert smtp.messages == [] and deliverer.sent == 0

@@ -70,11 +70,14 @@ class AccountsMixin:
             async with self._tx() as db:
                 cur = await db.execute(
                     "INSERT INTO users(username, username_key, email, password_hash, is_admin,"
-                    " email_verified, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    " created_at) VALUES (?, ?, ?, ?, ?, ?)",
                     (username, username_key(username), email, password_hash, int(is_admin),
-                     int(email_verified), clock.now()),
+                     clock.now()),
                 )
                 user_id = cur.lastrowid
+                if email_verified:  # a separate statement: the INSERT suits older schemas
+                    await db.execute("UPDATE users SET email_verified = 1 WHERE id = ?",
+                                     (user_id,))
         except sqlite3.IntegrityError:
             raise Conflict(f"username {username!r} is taken") from None
         return User(user_id, username, email, password_hash, is_admin, email_verified)
