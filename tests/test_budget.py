@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import pytest
 from conftest import LiveServer, bearer, register
-from test_alerts import Trader, create, fake, market_settings, smtp  # noqa: F401 (fixtures)
+from smtp_sink import SmtpSink
+from test_alerts import Trader, create, market_settings
 
 from pricewatch import clock
 from pricewatch.server import DELIVERER, STORE
+
+
+@pytest.fixture
+async def smtp():
+    async with SmtpSink() as sink:
+        yield sink
 
 
 @pytest.fixture
