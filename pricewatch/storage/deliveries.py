@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
-
-import aiosqlite
 
 from .. import clock
 from ..records import EMAIL, Channel, Delivery, Event
@@ -27,12 +26,12 @@ EVENT_DELIVERIES = (
     " x.status)) FROM (SELECT * FROM deliveries d WHERE d.event_id = e.id ORDER BY d.id) x)")
 
 
-async def insert_deliveries(db: aiosqlite.Connection, event_id: int, alert_id: int,
-                            now: float) -> tuple[tuple[int | str, str, str], ...]:
-    """Inside a trigger's transaction: one pending delivery per channel the alert chose
-    (the email only while the user has an address; deleted channels never). Returns the
-    event's deliveries as ((channel id, type, state), ...)."""
-    await db.execute(
+def insert_deliveries(db: sqlite3.Connection, event_id: int, alert_id: int,
+                      now: float) -> tuple[tuple[int | str, str, str], ...]:
+    """Inside a trigger's transaction (on the writer's thread): one pending delivery per
+    channel the alert chose (the email only while the user has an address; deleted channels
+    never). Returns the event's deliveries as ((channel id, type, state), ...)."""
+    db.execute(
         "INSERT INTO deliveries(event_id, alert_id, user_id, channel, channel_id,"
         " next_attempt_at, created_at)"
         " SELECT ?, a.id, a.user_id, 'email', NULL, ?, ? FROM alerts a"
@@ -40,7 +39,7 @@ async def insert_deliveries(db: aiosqlite.Connection, event_id: int, alert_id: i
         " AND (a.channels IS NULL"
         " OR EXISTS (SELECT 1 FROM json_each(a.channels) j WHERE j.value = 'email'))",
         (event_id, now, now, alert_id))
-    await db.execute(
+    db.execute(
         "INSERT INTO deliveries(event_id, alert_id, user_id, channel, channel_id,"
         " next_attempt_at, created_at)"
         " SELECT ?, a.id, a.user_id, c.type, c.id, ?, ? FROM alerts a"
@@ -48,10 +47,9 @@ async def insert_deliveries(db: aiosqlite.Connection, event_id: int, alert_id: i
         " WHERE a.id = ?"
         " AND EXISTS (SELECT 1 FROM json_each(a.channels) j WHERE j.value = c.id)"
         " ORDER BY c.id", (event_id, now, now, alert_id))
-    async with db.execute(
-            "SELECT COALESCE(channel_id, 'email'), channel, status FROM deliveries"
-            " WHERE event_id = ? ORDER BY id", (event_id,)) as cur:
-        return tuple(tuple(r) for r in await cur.fetchall())
+    return tuple(tuple(r) for r in db.execute(
+        "SELECT COALESCE(channel_id, 'email'), channel, status FROM deliveries"
+        " WHERE event_id = ? ORDER BY id", (event_id,)))
 
 
 class DeliveriesMixin:
