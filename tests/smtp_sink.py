@@ -24,6 +24,7 @@ class SmtpSink:
         self.fail_reply = fail_reply
         self.messages: list[email.message.EmailMessage] = []
         self.rejected = 0
+        self.peers: set = set()  # (host, port) of every client that sent DATA
         self._lock = threading.Lock()
         self._arrived = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -36,8 +37,14 @@ class SmtpSink:
                 return self.fail_reply
             msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
             self.messages.append(msg)
+            self.peers.add(session.peer)
         self._loop.call_soon_threadsafe(self._arrived.set)
         return "250 OK"
+
+    @property
+    def sessions(self) -> int:
+        """SMTP connections that delivered at least one message."""
+        return len(self.peers)
 
     async def handle_QUIT(self, server, session, envelope):  # aiosmtpd handler hook
         if self.hold_quit:

@@ -146,7 +146,7 @@ class Deliverer:
         if not types:
             return
         # Outcomes committed before this read are in it; later ones may not be (see below).
-        self._recent = {i: s for i, s in self._recent.items() if s > self._seq}
+        self._recent.clear()  # everything committed so far is in the read below
         seq = self._seq
         due = await self.store.due_deliveries(clock.now(), types, sum(room[t] for t in types),
                                               exclude=tuple(self._inflight))
@@ -175,7 +175,7 @@ class Deliverer:
             await self.store.defer_deliveries([(d.id, window[0] + HOUR) for d in rows], True)
             return
         if any(d.held for d in rows):  # the hour allows again: everything due goes together
-            self._start(key, rows[:DIGEST_MAX], window, now)
+            self._start(key, await self._gather(key, rows, now), window, now)
             return
         for d in rows[:room]:
             self._start(key, [d], window, now)
@@ -184,6 +184,16 @@ class Deliverer:
             log.info("user %d %s channel %s: over %d deliveries an hour; %d wait for a digest",
                      key[0], key[1], key[2], self.settings.notify_per_hour, len(rest))
             await self.store.defer_deliveries([(d.id, window[0] + HOUR) for d in rest], True)
+
+    async def _gather(self, key: Key, rows: list[Delivery], now: float) -> list[Delivery]:
+        """`rows` and every other due delivery of the channel (up to DIGEST_MAX): the
+        claim read stops at the type's claim limit, a digest must not."""
+        seq = self._seq
+        more = await self.store.due_deliveries(
+            now, [key[1]], DIGEST_MAX - len(rows),
+            exclude=(*self._inflight, *(d.id for d in rows)), channel=key)
+        return rows + [d for d in more
+                       if d.id not in self._inflight and self._recent.get(d.id, 0) <= seq]
 
     async def _await_verified(self, rows: list[Delivery], now: float) -> list[Delivery]:
         """No alert mail goes to an unverified address: such deliveries wait (verification

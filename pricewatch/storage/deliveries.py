@@ -120,14 +120,22 @@ class DeliveriesMixin:
     # deliveries -----------------------------------------------------------------------
 
     async def due_deliveries(self, now: float, types: Collection[str], limit: int,
-                             exclude: Collection[int] = ()) -> list[Delivery]:
+                             exclude: Collection[int] = (),
+                             channel: tuple[int, str, int | str] | None = None
+                             ) -> list[Delivery]:
         """Pending deliveries of the channel `types` due at `now`, oldest first, except
-        `exclude` (being sent), each with its event, alert and channel as they are now."""
+        `exclude` (being sent), each with its event, alert and channel as they are now;
+        `channel` (user id, type, channel id) keeps those of one user's channel only."""
         from .alerts import ALERT_COLS, parse_alert  # one module each, no import cycle
 
         if not types:
             return []
         ids, kinds = tuple(exclude), tuple(types)
+        only, params = "", ()
+        if channel is not None:
+            user_id, kind, channel_id = channel
+            only = " AND d.user_id = ? AND d.channel = ? AND d.channel_id IS ?"
+            params = (user_id, kind, None if channel_id == EMAIL else channel_id)
         alert_cols = ", ".join("a." + c.strip() for c in ALERT_COLS.split(","))
         rows = await self._all(
             "SELECT d.id, d.attempts, d.held, d.channel, d.channel_id, d.created_at,"
@@ -138,8 +146,8 @@ class DeliveriesMixin:
             " LEFT JOIN channels c ON c.id = d.channel_id"
             " WHERE d.status = 'pending' AND d.next_attempt_at <= ?"
             f" AND d.channel IN ({','.join('?' * len(kinds))})"
-            f" AND d.id NOT IN ({','.join('?' * len(ids))})"
-            " ORDER BY d.next_attempt_at, d.id LIMIT ?", (now, *kinds, *ids, limit))
+            f" AND d.id NOT IN ({','.join('?' * len(ids))}){only}"
+            " ORDER BY d.next_attempt_at, d.id LIMIT ?", (now, *kinds, *ids, *params, limit))
         items = []
         for r in rows:
             alert = parse_alert(r[17:])
