@@ -174,9 +174,10 @@ def test_an_email_carries_any_text_in_its_note_intact():
     import email
     import email.policy
 
+    from test_alerts import delivery
+
     from pricewatch.delivery.email import compose
     from pricewatch.records import Alert
-    from test_alerts import delivery
 
     note = "Café — 🚀 " + "x" * 150 + "\n.dot line=3"
     alert = Alert(7, 1, "BTCUSDT", 100.0, "above", "TRIGGERED", 0.0, 1704067200.5, 101.0,
