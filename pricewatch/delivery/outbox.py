@@ -39,6 +39,7 @@ HOUR = 3600.0
 WAIT_VERIFIED = 86400.0  # an email delivery waits this long for a verified address
 DIGEST_MAX = 1000  # deliveries folded into one digest at most (the rest: the next one)
 MAX_DELAY = 3600.0  # no retry waits longer, whatever the other side asks
+WINDOWS_KEPT = 10_000  # budget windows held before quiet ones are forgotten
 
 Key = tuple[int, str, int | str]  # (user id, channel type, channel id): what a budget counts
 
@@ -69,6 +70,7 @@ class Deliverer:
         self._seq = 0  # commits of outcomes so far
         self._recent: dict[int, int] = {}  # delivery id -> the commit that recorded it
         self._windows: dict[Key, deque[float]] = {}  # send times within the last hour
+        self._forget_at = WINDOWS_KEPT
         self._sending: set[asyncio.Task] = set()
         # Outcomes to commit: (rows, future, the type whose claim they end or None).
         self._queue: list[tuple[list[tuple], asyncio.Future, str | None]] = []
@@ -220,9 +222,14 @@ class Deliverer:
             window = self._windows.setdefault(key, deque(sends))
         while window and window[0] <= now - HOUR:
             window.popleft()
-        if len(self._windows) > 10_000:  # forget quiet channels (read again when needed)
-            for k in [k for k, w in self._windows.items() if not w and k != key]:
+        if len(self._windows) > self._forget_at:
+            # Forget channels quiet for an hour (read from the store again when needed);
+            # amortised: the next sweep waits until the dict has doubled.
+            cutoff = now - HOUR
+            for k in [k for k, w in self._windows.items()
+                      if k != key and (not w or w[-1] <= cutoff)]:
                 del self._windows[k]
+            self._forget_at = max(WINDOWS_KEPT, 2 * len(self._windows))
         return window
 
     def _start(self, key: Key, batch: list[Delivery], window: deque[float], now: float
