@@ -43,6 +43,13 @@ def message_id(delivery: Delivery, sender: str) -> str:
     return f"<pricewatch.{delivery.id}.{delivery.alert.id}.{stamp}@{domain}>"
 
 
+def digest_id(batch: Sequence[Delivery], sender: str) -> str:
+    """A digest's Message-ID: never one of its deliveries' own (the first of them may have
+    gone out alone before, and providers drop a repeated Message-ID)."""
+    lead = message_id(batch[0], sender)
+    return lead.replace("<pricewatch.", f"<pricewatch.digest{len(batch)}.", 1)
+
+
 def _header(value: str) -> str:
     value = " ".join(value.split())  # never a line break inside a header
     return value if value.isascii() else Header(value, "utf-8").encode()
@@ -56,9 +63,10 @@ def compose(batch: Sequence[Delivery], sender: str, public_url: str | None = Non
     message, most of the server's work when a thousand alerts trigger at once. Every header
     value is a configured or validated one (sender, address, symbols, numbers)."""
     text = render(batch, public_url)
+    ident = digest_id(batch, sender) if len(batch) > 1 else message_id(batch[0], sender)
     head = (f"From: {_header(sender)}\r\nTo: {_header(batch[0].channel.address or '')}\r\n"
             f"Date: {formatdate(usegmt=True)}\r\n"
-            f"Message-ID: {message_id(batch[0], sender)}\r\n"
+            f"Message-ID: {ident}\r\n"
             f"Subject: {_header(text.title)}\r\nMIME-Version: 1.0\r\n"
             "Content-Type: text/plain; charset=utf-8\r\n"
             "Content-Transfer-Encoding: quoted-printable\r\n\r\n")

@@ -31,7 +31,7 @@ from .. import clock
 from ..config import Settings
 from ..records import Delivery
 from ..store import Store
-from .base import Failed, Outcome, Sent, Sink
+from .base import Failed, Outcome, Retry, Sent, Sink
 
 log = logging.getLogger("pricewatch.delivery")
 
@@ -46,6 +46,11 @@ Key = tuple[int, str, int | str]  # (user id, channel type, channel id): what a 
 
 def _key(d: Delivery) -> Key:
     return (d.alert.user_id, d.channel.type, d.channel.id)
+
+
+def _channel_id(key: Key) -> int | None:
+    """The `channel_id` column of the channel `key` (None for the email)."""
+    return None if key[1] == "email" else key[2]  # type: ignore[return-value]
 
 
 class Deliverer:
@@ -67,18 +72,29 @@ class Deliverer:
         self._busy: dict[str, int] = dict.fromkeys(self.sinks, 0)  # deliveries claimed per type
         self._slots = {t: asyncio.Semaphore(s.concurrency) for t, s in self.sinks.items()}
         self._claim = {t: s.concurrency * 4 for t, s in self.sinks.items()}
+        # Sends in flight per (type, user), for types whose sink caps them (webhooks: the
+        # receiver is the user's own, and one that hangs must not hold every slot).
+        self._per_user = {t: getattr(s, "per_user", None) for t, s in self.sinks.items()}
+        self._user_sends: dict[tuple[str, int], int] = {}
+        self._deleted: dict[int | str, float] = {}  # channel id -> when it was deleted
+        self._committing = False
         self._seq = 0  # commits of outcomes so far
         self._recent: dict[int, int] = {}  # delivery id -> the commit that recorded it
         self._windows: dict[Key, deque[float]] = {}  # send times within the last hour
         self._forget_at = WINDOWS_KEPT
         self._sending: set[asyncio.Task] = set()
-        # Outcomes to commit: (rows, future, the type whose claim they end or None).
-        self._queue: list[tuple[list[tuple], asyncio.Future, str | None]] = []
+        # Outcomes to commit: (rows, future, the channel whose claim they end or None).
+        self._queue: list[tuple[list[tuple], asyncio.Future, Key | None]] = []
         self._queued = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
     def wake(self) -> None:
         self._wake.set()
+
+    def channel_deleted(self, channel_id: int) -> None:
+        """The channel is gone (its pending rows are `skipped` on disk): deliveries of it
+        already claimed are dropped instead of sent."""
+        self._deleted[channel_id] = time.monotonic()
 
     @property
     def types(self) -> list[str]:
@@ -117,7 +133,7 @@ class Deliverer:
 
     async def _drained(self) -> None:
         async with self.progress:
-            await self.progress.wait_for(lambda: not self._queue)
+            await self.progress.wait_for(lambda: not self._queue and not self._committing)
 
     async def wait_until(self, predicate, timeout: float) -> None:
         """Wait (at most `timeout` s) until `predicate()` is true after some outcome."""
@@ -132,8 +148,10 @@ class Deliverer:
             try:
                 await self._dispatch_due()
                 types = [t for t in self.types if self._busy[t] < self._claim[t]]
-                # Rows being sent are not "due": their outcome wakes this loop.
-                next_due = await self.store.next_delivery_due(types, exclude=self._inflight)
+                # Rows being sent, or of users at their cap, are not "due": an outcome
+                # wakes this loop.
+                next_due = await self.store.next_delivery_due(
+                    types, exclude=self._inflight, exclude_users=self._full_users())
             except Exception:  # a database hiccup must not end delivery for good
                 log.exception("could not read the delivery outbox; retrying in 5 s")
                 next_due = clock.now() + 5.0
@@ -151,7 +169,11 @@ class Deliverer:
         self._recent.clear()  # everything committed so far is in the read below
         seq = self._seq
         due = await self.store.due_deliveries(clock.now(), types, sum(room[t] for t in types),
-                                              exclude=tuple(self._inflight))
+                                              exclude=tuple(self._inflight),
+                                              exclude_users=self._full_users())
+        if len(self._deleted) > 1000:  # a claim never outlives a minute or so of sending
+            cutoff = time.monotonic() - HOUR
+            self._deleted = {c: t for c, t in self._deleted.items() if t > cutoff}
         groups: dict[Key, list[Delivery]] = defaultdict(list)
         for d in due:
             if d.id in self._inflight or self._recent.get(d.id, 0) > seq:
@@ -162,6 +184,16 @@ class Deliverer:
             groups[_key(d)].append(d)
         for key, rows in groups.items():
             await self._plan(key, rows)
+
+    def _full_users(self) -> list[tuple[str, int]]:
+        return [(kind, user) for (kind, user), n in self._user_sends.items()
+                if n >= (self._per_user[kind] or n + 1)]
+
+    def _free(self, key: Key) -> int:
+        """How many more sends the channel's user may start now (types without a cap: as
+        many as there are rows)."""
+        cap = self._per_user[key[1]]
+        return 10**9 if cap is None else cap - self._user_sends.get((key[1], key[0]), 0)
 
     async def _plan(self, key: Key, rows: list[Delivery]) -> None:
         """Send the due `rows` of one user's channel: one by one within the hourly budget;
@@ -176,10 +208,13 @@ class Deliverer:
         if room <= 0:
             await self.store.defer_deliveries([(d.id, window[0] + HOUR) for d in rows], True)
             return
+        free = self._free(key)
+        if free <= 0:
+            return  # the user's sends are at their cap: these stay due for later
         if any(d.held for d in rows):  # the hour allows again: everything due goes together
             self._start(key, await self._gather(key, rows, now), window, now)
             return
-        for d in rows[:room]:
+        for d in rows[:min(room, free)]:
             self._start(key, [d], window, now)
         rest = rows[room:]
         if rest:
@@ -216,9 +251,8 @@ class Deliverer:
         """The send times of the last hour for `key` (read from the store once)."""
         window = self._windows.get(key)
         if window is None:
-            user_id, kind, channel_id = key
-            sends = await self.store.recent_sends(
-                user_id, kind, None if kind == "email" else channel_id, now - HOUR)
+            user_id, kind, _ = key
+            sends = await self.store.recent_sends(user_id, kind, _channel_id(key), now - HOUR)
             window = self._windows.setdefault(key, deque(sends))
         while window and window[0] <= now - HOUR:
             window.popleft()
@@ -238,19 +272,26 @@ class Deliverer:
         for d in batch:
             self._inflight.add(d.id)
         self._busy[kind] += len(batch)
+        user = (kind, key[0])
+        self._user_sends[user] = self._user_sends.get(user, 0) + 1
         window.append(now)
-        task = asyncio.create_task(self._send(kind, batch, window, now),
+        task = asyncio.create_task(self._send(key, batch, window, now),
                                    name=f"delivery-{batch[0].id}")
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
     # sending --------------------------------------------------------------------------
 
-    async def _send(self, kind: str, batch: list[Delivery], window: deque[float],
+    async def _send(self, key: Key, batch: list[Delivery], window: deque[float],
                     stamp: float) -> None:
+        kind = key[1]
         recorded = False
         try:
             async with self._slots[kind]:
+                if key[2] in self._deleted:  # deleted while waiting for a slot
+                    with suppress(ValueError):
+                        window.remove(stamp)
+                    return
                 began = time.monotonic()
                 try:
                     outcome = await self.sinks[kind].send(batch)
@@ -262,14 +303,19 @@ class Deliverer:
                 with suppress(ValueError):
                     window.remove(stamp)  # nothing went out: the budget is not spent
             rows = self._outcome_rows(kind, batch, outcome, time.monotonic() - began)
-            done = self._enqueue(rows, kind)
+            done = self._enqueue(rows, key)
             recorded = True  # from here the recorder owns the claim
+            if isinstance(outcome, Retry) and rows[0][1] == "pending":
+                # The channel is down: its other due rows wait as long, rather than each
+                # trying (and timing out) on its own.
+                await self.store.defer_channel(key[0], kind, _channel_id(key), rows[0][2],
+                                               exclude=tuple(self._inflight))
             await asyncio.shield(done)
         except Exception:
             log.exception("delivery %d: could not finish this attempt", batch[0].id)
         finally:
-            if not recorded:  # cancelled before an outcome: the rows stay pending
-                self._release([d.id for d in batch], kind)
+            if not recorded:  # cancelled or dropped before an outcome: the rows stay as
+                self._release([d.id for d in batch], key)  # they are on disk
 
     def _outcome_rows(self, kind: str, batch: Sequence[Delivery], outcome: Outcome,
                       took: float) -> list[tuple]:
@@ -292,23 +338,33 @@ class Deliverer:
         base = self.settings.delivery_retry_base
         if kind == "email" and self.settings.smtp_retry_base is not None:
             base = self.settings.smtp_retry_base
-        delay = outcome.after if outcome.after is not None else base * 2 ** (attempts - 1)
-        delay = min(max(delay, 0.0), MAX_DELAY)
+        backoff = base * 2 ** (attempts - 1)
+        # A wait the other side asks for is obeyed, but never below the first step: a
+        # `Retry-After: 0` (or a date in the past) must not burn every attempt at once.
+        delay = backoff if outcome.after is None else max(outcome.after, base)
+        delay = min(delay, MAX_DELAY)
         log.warning("%s %s attempt %d failed (%s); retrying in %.1fs", what, kind, attempts,
                     error, delay)
         return [(d.id, "pending", clock.now() + delay, error, None, None) for d in batch]
 
-    def _release(self, ids: Sequence[int], kind: str) -> None:
+    def _release(self, ids: Sequence[int], key: Key) -> None:
         for i in ids:
             self._inflight.discard(i)
+        kind = key[1]
         self._busy[kind] -= len(ids)
+        user = (kind, key[0])
+        left = self._user_sends.get(user, 0) - 1
+        if left > 0:
+            self._user_sends[user] = left
+        else:
+            self._user_sends.pop(user, None)
         self._wake.set()
 
     # recording ------------------------------------------------------------------------
 
-    def _enqueue(self, rows: list[tuple], kind: str | None) -> asyncio.Future:
+    def _enqueue(self, rows: list[tuple], key: Key | None) -> asyncio.Future:
         done = asyncio.get_running_loop().create_future()
-        self._queue.append((rows, done, kind))
+        self._queue.append((rows, done, key))
         self._queued.set()
         return done
 
@@ -325,36 +381,39 @@ class Deliverer:
             self._queued.clear()
             while self._queue:
                 batch, self._queue = self._queue, []
+                self._committing = True  # a graceful stop waits for this commit too
                 try:
                     await self.store.record_deliveries(r for rows, _, _ in batch for r in rows)
                 except Exception:
+                    self._committing = False
                     log.exception("could not record %d delivery outcomes; retrying in %.1fs",
                                   sum(len(rows) for rows, _, _ in batch), delay)
                     self._queue[:0] = batch
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10.0)
                     continue
+                self._committing = False
                 delay = 0.1
                 self._seq += 1
-                for rows, done, kind in batch:
-                    self._committed(rows, kind)
+                for rows, done, key in batch:
+                    self._committed(rows, key)
                     if not done.done():
                         done.set_result(None)
                 self._wake.set()
                 async with self.progress:
                     self.progress.notify_all()
 
-    def _committed(self, rows: list[tuple], kind: str | None) -> None:
+    def _committed(self, rows: list[tuple], key: Key | None) -> None:
         for delivery_id, status, *_ in rows:
             self._recent[delivery_id] = self._seq
             if status in ("sent", "failed"):
                 setattr(self, status, getattr(self, status) + 1)
-                if kind is not None:
-                    self.by_type[kind][status] += 1
+                if key is not None:
+                    self.by_type[key[1]][status] += 1
             elif status == "skipped":
                 self.skipped += 1
-        if kind is not None:
-            self._release([r[0] for r in rows], kind)
+        if key is not None:
+            self._release([r[0] for r in rows], key)
 
 
 DELIVERER = web.AppKey("deliverer", Deliverer)
