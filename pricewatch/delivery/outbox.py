@@ -40,6 +40,8 @@ WAIT_VERIFIED = 86400.0  # an email delivery waits this long for a verified addr
 DIGEST_MAX = 1000  # deliveries folded into one digest at most (the rest: the next one)
 MAX_DELAY = 3600.0  # no retry waits longer, whatever the other side asks
 WINDOWS_KEPT = 10_000  # budget windows held before quiet ones are forgotten
+COALESCE = 0.005  # seconds a read of due rows waits for more sends to finish
+READY_PER_USER = 32  # rows claimed at most per user beyond those being sent
 
 Key = tuple[int, str, int | str]  # (user id, channel type, channel id): what a budget counts
 
@@ -76,6 +78,8 @@ class Deliverer:
         # receiver is the user's own, and one that hangs must not hold every slot).
         self._per_user = {t: getattr(s, "per_user", None) for t, s in self.sinks.items()}
         self._user_sends: dict[tuple[str, int], int] = {}
+        # Rows claimed for users at their cap, started as their sends finish.
+        self._ready: dict[tuple[str, int], deque[tuple[Key, Delivery]]] = {}
         self._deleted: dict[int | str, float] = {}  # channel id -> when it was deleted
         self._committing = False
         self._seq = 0  # commits of outcomes so far
@@ -158,6 +162,10 @@ class Deliverer:
             timeout = 60.0 if next_due is None else max(0.02, next_due - clock.now())
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), min(timeout, 60.0))
+            if self._sending:
+                # Sends are finishing one by one: gather a few before the next read, so
+                # that one read claims several rows rather than one per finished send.
+                await asyncio.sleep(COALESCE)
 
     async def _dispatch_due(self) -> None:
         """Claim the due rows of every type with room, and plan them group by group."""
@@ -204,7 +212,9 @@ class Deliverer:
         if not rows:
             return
         window = await self._window(key, now)
-        room = self.settings.notify_per_hour - len(window)
+        waiting = self._ready.get((key[1], key[0]), ())
+        room = (self.settings.notify_per_hour - len(window)
+                - sum(1 for k, _ in waiting if k == key))
         if room <= 0:
             await self.store.defer_deliveries([(d.id, window[0] + HOUR) for d in rows], True)
             return
@@ -216,6 +226,9 @@ class Deliverer:
             return
         for d in rows[:min(room, free)]:
             self._start(key, [d], window, now)
+        # Within the budget but beyond the user's cap: claimed now, started as their
+        # sends finish (reading them again for every finished send would cost a read each).
+        self._hold_ready(key, rows[min(room, free):room])
         rest = rows[room:]
         if rest:
             log.info("user %d %s channel %s: over %d deliveries an hour; %d wait for a digest",
@@ -266,12 +279,26 @@ class Deliverer:
             self._forget_at = max(WINDOWS_KEPT, 2 * len(self._windows))
         return window
 
-    def _start(self, key: Key, batch: list[Delivery], window: deque[float], now: float
-               ) -> None:
-        kind = key[1]
+    def _claim_rows(self, key: Key, batch: list[Delivery]) -> None:
         for d in batch:
             self._inflight.add(d.id)
-        self._busy[kind] += len(batch)
+        self._busy[key[1]] += len(batch)
+
+    def _hold_ready(self, key: Key, rows: list[Delivery]) -> None:
+        """Claim `rows` (at most READY_PER_USER waiting per user; the rest stay on disk, due)
+        to be started by `_sent_one` as the user's sends finish."""
+        ready = self._ready.setdefault((key[1], key[0]), deque())
+        rows = rows[:max(0, READY_PER_USER - len(ready))]
+        self._claim_rows(key, rows)
+        ready.extend((key, d) for d in rows)
+        if not ready:
+            del self._ready[(key[1], key[0])]
+
+    def _start(self, key: Key, batch: list[Delivery], window: deque[float], now: float,
+               claimed: bool = False) -> None:
+        kind = key[1]
+        if not claimed:
+            self._claim_rows(key, batch)
         user = (kind, key[0])
         self._user_sends[user] = self._user_sends.get(user, 0) + 1
         window.append(now)
@@ -286,6 +313,7 @@ class Deliverer:
                     stamp: float) -> None:
         kind = key[1]
         recorded = False
+        sending = True
         try:
             async with self._slots[kind]:
                 if key[2] in self._deleted:  # deleted while waiting for a slot
@@ -310,10 +338,14 @@ class Deliverer:
                 # trying (and timing out) on its own.
                 await self.store.defer_channel(key[0], kind, _channel_id(key), rows[0][2],
                                                exclude=tuple(self._inflight))
-            await asyncio.shield(done)
+            sending = False
+            self._sent_one(key)  # the receiver is free again; the rows stay claimed
+            await asyncio.shield(done)  # until their outcome is committed
         except Exception:
             log.exception("delivery %d: could not finish this attempt", batch[0].id)
         finally:
+            if sending:
+                self._sent_one(key)
             if not recorded:  # cancelled or dropped before an outcome: the rows stay as
                 self._release([d.id for d in batch], key)  # they are on disk
 
@@ -350,14 +382,25 @@ class Deliverer:
     def _release(self, ids: Sequence[int], key: Key) -> None:
         for i in ids:
             self._inflight.discard(i)
-        kind = key[1]
-        self._busy[kind] -= len(ids)
-        user = (kind, key[0])
+        self._busy[key[1]] -= len(ids)
+        self._wake.set()
+
+    def _sent_one(self, key: Key) -> None:
+        """A send of `key`'s user has its answer: the user may start another, the next of
+        their ready rows if they have one."""
+        user = (key[1], key[0])
         left = self._user_sends.get(user, 0) - 1
         if left > 0:
             self._user_sends[user] = left
         else:
             self._user_sends.pop(user, None)
+        ready = self._ready.get(user)
+        if ready:
+            next_key, d = ready.popleft()
+            if not ready:
+                del self._ready[user]
+            window = self._windows.setdefault(next_key, deque())
+            self._start(next_key, [d], window, clock.now(), claimed=True)
         self._wake.set()
 
     # recording ------------------------------------------------------------------------
