@@ -82,6 +82,7 @@ class Deliverer:
         self._ready: dict[tuple[str, int], deque[tuple[Key, Delivery]]] = {}
         self._deleted: dict[int | str, float] = {}  # channel id -> when it was deleted
         self._committing = False
+        self._stopping = False
         self._seq = 0  # commits of outcomes so far
         self._recent: dict[int, int] = {}  # delivery id -> the commit that recorded it
         self._windows: dict[Key, deque[float]] = {}  # send times within the last hour
@@ -116,6 +117,7 @@ class Deliverer:
     async def stop(self, timeout: float = 1.5) -> None:
         """Give sends in flight `timeout` seconds, commit the outcomes that arrived, stop."""
         scheduler, recorder = self._tasks or (None, None)
+        self._stopping = True  # nothing new starts (ready rows stay pending on disk)
         if scheduler is not None:
             scheduler.cancel()
             with suppress(asyncio.CancelledError):
@@ -395,7 +397,7 @@ class Deliverer:
         else:
             self._user_sends.pop(user, None)
         ready = self._ready.get(user)
-        if ready:
+        if ready and not self._stopping:
             next_key, d = ready.popleft()
             if not ready:
                 del self._ready[user]
