@@ -137,10 +137,12 @@ def percentile(sorted_values: list[float], p: float) -> float | None:
 
 
 class ServerProcess:
-    """``python -m pricewatch`` on 127.0.0.1:<free port>; stop() sends SIGTERM (then kills)."""
+    """``python -m pricewatch`` on 127.0.0.1:<free port>; stop() sends SIGTERM (then kills).
+    `command`: the interpreter's arguments instead of ``-m pricewatch`` (a patched start)."""
 
     def __init__(self, env: dict[str, str] | None = None, *, tmpdir: str | None = None,
-                 root: Path | str | None = None):
+                 root: Path | str | None = None, command: list[str] | None = None):
+        self.command = command or ["-m", "pricewatch"]
         self._tmp = None
         if tmpdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="pricewatch-bench-")
@@ -178,7 +180,7 @@ class ServerProcess:
     def start(self, timeout: float = 20.0) -> ServerProcess:
         # cwd = tmpdir: no stray ./.env of the developer's is read.
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pricewatch"], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, *self.command], env=self.env,
                                      cwd=self.tmpdir, stdout=self._log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

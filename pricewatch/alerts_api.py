@@ -108,10 +108,12 @@ def _channel_list(raw: Any) -> list[int | str] | str:
     return ids
 
 
-async def _check_channels(request: web.Request, user_id: int, fields: dict[str, Any]) -> None:
-    """400 naming the channel ids in `fields` that are not the user's."""
+async def _check_channels(request: web.Request, user_id: int, data: dict[str, Any],
+                          fields: dict[str, Any]) -> None:
+    """400 naming the channel ids the request gave (`data`) that are not the user's (those
+    a PATCH keeps are not judged again: an address removed since must not block it)."""
     wanted = fields.get("channels")
-    if wanted is None:
+    if wanted is None or data.get("channels") is None:
         return
     have = set(await request.app[ENGINE].store.channel_ids(user_id))
     unknown = [str(c) for c in wanted if c not in have]
@@ -264,7 +266,7 @@ async def create_alert(request: web.Request) -> web.Response:
     identity = require_identity(request)
     data = await read_json(request)
     asset, price, direction, extra = _store_fields(_validate(request, data, None))
-    await _check_channels(request, identity.user_id, extra)
+    await _check_channels(request, identity.user_id, data, extra)
     app = request.app
     engine = app[ENGINE]
     creations = request.app[ENGINE].creations
@@ -384,7 +386,7 @@ async def update_alert(request: web.Request) -> web.Response:
         raise conflict(f"Alert is {current.status}; only CREATED alerts can change.")
     asset, price, direction, extra = _store_fields(_validate(
         request, data, current if request.method == "PATCH" else None))
-    await _check_channels(request, identity.user_id, extra)
+    await _check_channels(request, identity.user_id, data, extra)
     alert = await engine.store.update_alert(identity.user_id, alert_id, asset, price,
                                             direction, **extra)
     engine.track(alert)

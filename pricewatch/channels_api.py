@@ -18,10 +18,13 @@ from aiohttp import web
 from .addresses import check_public_url
 from .api import REQUIRED, ApiError, invalid, json_response, not_found, read_json, strict_int
 from .auth import AUTH, require_identity
+from .delivery.outbox import DELIVERER
+from .limits import SlidingWindow
 from .records import EMAIL
 from .store import NotFound
 
 MAX_CHANNELS = 10
+ADDS_PER_HOUR = 30  # channel creations per user an hour (each may cost a DNS lookup)
 MAX_URL = 2048
 MAX_CHAT_ID = 64
 FORMATS = ("json", "discord", "slack")
@@ -77,6 +80,13 @@ async def add_channel(request: web.Request) -> web.Response:
     fields; 409 when the user has MAX_CHANNELS channels already."""
     identity = require_identity(request)
     data = await read_json(request)
+    adds = request.app[CHANNEL_ADDS]
+    wait = adds.check(str(identity.user_id))
+    if wait is not None:
+        raise ApiError(429, "rate_limited",
+                       f"At most {ADDS_PER_HOUR} channels may be added an hour.",
+                       headers={"Retry-After": str(wait)})
+    adds.hit(str(identity.user_id))
     kind = data.get("type")
     if kind not in TYPES:
         hint = (" The email channel is your account's address (PATCH /auth/me)."
@@ -103,10 +113,16 @@ async def delete_channel(request: web.Request) -> web.Response:
         await request.app[AUTH].store.delete_channel(identity.user_id, channel_id)
     except NotFound:
         raise not_found("Channel not found.") from None
+    if DELIVERER in request.app:  # deliveries of it already claimed are dropped
+        request.app[DELIVERER].channel_deleted(channel_id)
     return web.Response(status=204)
 
 
+CHANNEL_ADDS = web.AppKey("channel_adds", SlidingWindow)
+
+
 def add_routes(app: web.Application, add_route) -> None:
+    app[CHANNEL_ADDS] = SlidingWindow(ADDS_PER_HOUR, 3600.0)
     add_route(app, "GET", "/api/v1/channels", list_channels)
     add_route(app, "POST", "/api/v1/channels", add_channel)
     add_route(app, "DELETE", "/api/v1/channels/{channel_id}", delete_channel)

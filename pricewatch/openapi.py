@@ -27,7 +27,7 @@ from .alerts_api import (
     STATUSES,
 )
 from .api import json_response
-from .channels_api import FORMATS, MAX_CHANNELS, MAX_CHAT_ID, MAX_URL
+from .channels_api import ADDS_PER_HOUR, FORMATS, MAX_CHANNELS, MAX_CHAT_ID, MAX_URL
 from .market import MARKET
 from .ohlc import TIMEFRAMES
 from .percent_index import PERCENT_DIRECTIONS, WINDOWS
@@ -478,11 +478,11 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         {200: json_ok("ChannelList")}, auth="user"),
     ("POST", "/api/v1/channels"): op(
         "channels", "Add a webhook or a Telegram chat", {201: json_ok("Channel", "Created")},
-        "Conflict", auth="user", request="ChannelIn",
+        "Conflict", "RateLimited", auth="user", request="ChannelIn",
         text="A webhook's generated `secret` is in this answer only. Webhook URLs: http(s) "
         "of public hosts (unless PRICEWATCH_ALLOW_PRIVATE_WEBHOOKS); telegram needs "
         f"PRICEWATCH_TELEGRAM_BOT_TOKEN (else 400). 409 past {MAX_CHANNELS} channels "
-        "(the email counts as one)."),
+        f"(the email counts as one); 429 past {ADDS_PER_HOUR} attempts an hour."),
     ("DELETE", "/api/v1/channels/{channel_id}"): op(
         "channels", "Delete a channel", {204: NO_CONTENT}, "NotFound", "Conflict",
         auth="user", text="409 for `email` (change the address with PATCH /auth/me)."),

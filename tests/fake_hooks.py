@@ -78,6 +78,7 @@ class WebhookReceiver(_Loopback):
         self.requests: list[tuple[str, int]] = []
         self.bad_signatures = 0
         self.connections: set[tuple] = set()
+        self.arrivals: list[float] = []  # loop time of every request's arrival
         self.app.router.add_route("*", "/{tail:.*}", self.handle)
 
     def verify(self, raw: bytes, header: str) -> bool:
@@ -86,6 +87,8 @@ class WebhookReceiver(_Loopback):
 
     async def handle(self, request: web.Request) -> web.Response:
         self.connections.add(request.transport.get_extra_info("peername")[:2])
+        self.arrivals.append(asyncio.get_running_loop().time())
+        await self._notify()
         raw = await request.read()
         status, headers, body = await self._next_answer() or (204, {}, b"")
         if status < 300 and not self.verify(raw, request.headers.get(

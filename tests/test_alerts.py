@@ -8,6 +8,8 @@ processed (its price message), and the engine's `drained()` when hits are commit
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import email.utils
 import itertools
 import re
@@ -491,7 +493,8 @@ def test_email_prices_are_written_in_full(value, text):
     assert plain(value) == text
     alert = Alert(7, 1, "BTCUSDT", value, "above", "TRIGGERED", 0.0, 1704067200.5,
                   value * 2, "pending")
-    msg = compose([delivery(1, alert)], "pw@localhost")
+    msg = email.message_from_bytes(compose([delivery(1, alert)], "pw@localhost"),
+                                   policy=email.policy.default)
     assert msg["Subject"] == f"pricewatch: BTCUSDT above {text} reached"
     body = msg.get_content()
     assert f"Target:        {text} (above: price >= target)" in body

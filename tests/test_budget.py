@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import pytest
 from conftest import LiveServer, bearer, register
-from test_alerts import Trader, create, fake, market_settings, smtp  # noqa: F401 (fixtures)
+from smtp_sink import SmtpSink
+from test_alerts import Trader, create, market_settings
 
 from pricewatch import clock
 from pricewatch.server import DELIVERER, STORE
+
+
+@pytest.fixture
+async def smtp():
+    async with SmtpSink() as sink:
+        yield sink
 
 
 @pytest.fixture
@@ -161,3 +168,24 @@ async def test_alert_channels_default_to_all_and_unknown_ids_are_400(make_settin
         async with http.get(server.url + f"/api/v1/alerts/{alert['id']}",
                             headers=bearer(tok)) as resp:
             assert (await resp.json())["channels"] == []
+
+
+def test_an_email_carries_any_text_in_its_note_intact():
+    import email
+    import email.policy
+
+    from test_alerts import delivery
+
+    from pricewatch.delivery.email import compose
+    from pricewatch.records import Alert
+
+    note = "Café — 🚀 " + "x" * 150 + "\n.dot line=3"
+    alert = Alert(7, 1, "BTCUSDT", 100.0, "above", "TRIGGERED", 0.0, 1704067200.5, 101.0,
+                  "pending", note=note)
+    raw = compose([delivery(1, alert)], "Price Watch <pw@example.com>", "https://p.example")
+    assert raw.isascii() and all(len(line) <= 78 for line in raw.split(b"\r\n"))
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg["From"] == "Price Watch <pw@example.com>" and msg["To"] == "a@example.com"
+    body = msg.get_content().replace("\r\n", "\n")  # lines end as SMTP sends them
+    assert f"Note:          {note}\n" in body
+    assert "Live prices:   https://p.example/" in body

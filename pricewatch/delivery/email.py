@@ -10,10 +10,12 @@ verification codes (`send_mail`).
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
 import time
 from collections.abc import Sequence
 from contextlib import suppress
+from email.header import Header
 from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
 
@@ -41,19 +43,35 @@ def message_id(delivery: Delivery, sender: str) -> str:
     return f"<pricewatch.{delivery.id}.{delivery.alert.id}.{stamp}@{domain}>"
 
 
-def compose(batch: Sequence[Delivery], sender: str, public_url: str | None = None
-            ) -> EmailMessage:
-    """The plain-text email about `batch` (one delivery or a digest), with `Date` and
-    `Message-ID` (some providers reject mail without them)."""
+def digest_id(batch: Sequence[Delivery], sender: str) -> str:
+    """A digest's Message-ID: never one of its deliveries' own (the first of them may have
+    gone out alone before, and providers drop a repeated Message-ID)."""
+    lead = message_id(batch[0], sender)
+    return lead.replace("<pricewatch.", f"<pricewatch.digest{len(batch)}.", 1)
+
+
+def _header(value: str) -> str:
+    value = " ".join(value.split())  # never a line break inside a header
+    return value if value.isascii() else Header(value, "utf-8").encode()
+
+
+def compose(batch: Sequence[Delivery], sender: str, public_url: str | None = None) -> bytes:
+    """The plain-text email about `batch` (one delivery or a digest) as the bytes SMTP
+    sends, with `Date` and `Message-ID` (some providers reject mail without them).
+
+    Written out directly: the `email` package's EmailMessage costs about a millisecond per
+    message, most of the server's work when a thousand alerts trigger at once. Every header
+    value is a configured or validated one (sender, address, symbols, numbers)."""
     text = render(batch, public_url)
-    msg = EmailMessage()
-    msg["From"] = sender
-    msg["To"] = batch[0].channel.address
-    msg["Date"] = formatdate(usegmt=True)
-    msg["Message-ID"] = message_id(batch[0], sender)
-    msg["Subject"] = text.title
-    msg.set_content(text.body)
-    return msg
+    ident = digest_id(batch, sender) if len(batch) > 1 else message_id(batch[0], sender)
+    head = (f"From: {_header(sender)}\r\nTo: {_header(batch[0].channel.address or '')}\r\n"
+            f"Date: {formatdate(usegmt=True)}\r\n"
+            f"Message-ID: {ident}\r\n"
+            f"Subject: {_header(text.title)}\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            "Content-Transfer-Encoding: quoted-printable\r\n\r\n")
+    body = binascii.b2a_qp(text.body.encode(), istext=True).replace(b"\n", b"\r\n")
+    return head.encode("ascii") + body
 
 
 def classify(exc: BaseException) -> Outcome:
@@ -97,8 +115,9 @@ class SmtpPool:
                                password=s.smtp_password, start_tls=s.smtp_starttls,
                                timeout=s.smtp_timeout)
 
-    async def send(self, msg: EmailMessage) -> None:
-        """Send `msg`; raises what aiosmtplib raises when it is not accepted."""
+    async def send(self, msg: EmailMessage | tuple[str, str, bytes]) -> None:
+        """Send `msg` (a message, or envelope sender, recipient and the message's bytes);
+        raises what aiosmtplib raises when it is not accepted."""
         async with self._slots:
             conn = self._idle.pop() if self._idle else None
             if conn is not None:
@@ -116,9 +135,13 @@ class SmtpPool:
                 raise
             await self._send_on(conn, msg)
 
-    async def _send_on(self, conn: _Conn, msg: EmailMessage) -> None:
+    async def _send_on(self, conn: _Conn, msg: EmailMessage | tuple[str, str, bytes]) -> None:
         try:
-            await conn.smtp.send_message(msg)
+            if isinstance(msg, tuple):
+                sender, recipient, raw = msg
+                await conn.smtp.sendmail(sender, [recipient], raw)
+            else:
+                await conn.smtp.send_message(msg)
         except BaseException:
             conn.smtp.close()  # its state is unknown after any error
             raise
@@ -187,8 +210,9 @@ class EmailSink:
     async def send(self, batch: Sequence[Delivery]) -> Outcome:
         s = self.settings
         try:
-            msg = compose(batch, s.mail_from, s.public_url)
-            await self.pool.send(msg)
+            raw = compose(batch, s.mail_from, s.public_url)
+            sender = parseaddr(s.mail_from)[1] or s.mail_from
+            await self.pool.send((sender, batch[0].channel.address or "", raw))
         except Exception as exc:
             return classify(exc)
         return Sent()

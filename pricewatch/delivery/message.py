@@ -79,20 +79,30 @@ def render(batch: Sequence[Delivery], public_url: str | None = None) -> Message:
         + "".join(digest_line(d) + "\n" for d in batch) + link)
 
 
-def chat(batch: Sequence[Delivery], limit: int, public_url: str | None = None) -> str:
-    """One text for a chat service (title, blank line, body), at most `limit` characters:
-    a digest too long loses its last lines, replaced by how many were left out."""
+def chat(batch: Sequence[Delivery], limit: int, public_url: str | None = None,
+         utf16: bool = False) -> str:
+    """One text for a chat service (title, blank line, body), at most `limit` characters
+    (`utf16`: UTF-16 code units, as Telegram counts them: an emoji is two): a digest too
+    long loses its last lines, replaced by how many were left out."""
+    def size(text: str) -> int:
+        return len(text.encode("utf-16-le")) // 2 if utf16 else len(text)
+
     msg = render(batch, public_url)
     text = f"{msg.title}\n\n{msg.body}".rstrip("\n")
-    if len(text) <= limit:
+    if size(text) <= limit:
         return text
     lines = text.split("\n")
-    for keep in range(len(lines) - 1, 0, -1):
+    keep = len(lines) - 1
+    while keep > 0:  # drop lines from the end until the rest and the summary fit
         more = f"... and {len(lines) - keep} more lines (GET /api/v1/events lists them all)"
         cut = "\n".join(lines[:keep] + [more])
-        if len(cut) <= limit:
+        if size(cut) <= limit:
             return cut
-    return text[:limit]
+        keep -= max(1, (size(cut) - limit) // 200)  # long digests: several lines a step
+    text = text[:limit]
+    while size(text) > limit:
+        text = text[:-1]
+    return text
 
 
 def event_json(delivery: Delivery) -> dict:

@@ -31,7 +31,7 @@ from .. import clock
 from ..config import Settings
 from ..records import Delivery
 from ..store import Store
-from .base import Failed, Outcome, Sent, Sink
+from .base import Failed, Outcome, Retry, Sent, Sink
 
 log = logging.getLogger("pricewatch.delivery")
 
@@ -39,12 +39,20 @@ HOUR = 3600.0
 WAIT_VERIFIED = 86400.0  # an email delivery waits this long for a verified address
 DIGEST_MAX = 1000  # deliveries folded into one digest at most (the rest: the next one)
 MAX_DELAY = 3600.0  # no retry waits longer, whatever the other side asks
+WINDOWS_KEPT = 10_000  # budget windows held before quiet ones are forgotten
+COALESCE = 0.005  # seconds a read of due rows waits for more sends to finish
+READY_PER_USER = 32  # rows claimed at most per user beyond those being sent
 
 Key = tuple[int, str, int | str]  # (user id, channel type, channel id): what a budget counts
 
 
 def _key(d: Delivery) -> Key:
     return (d.alert.user_id, d.channel.type, d.channel.id)
+
+
+def _channel_id(key: Key) -> int | None:
+    """The `channel_id` column of the channel `key` (None for the email)."""
+    return None if key[1] == "email" else key[2]  # type: ignore[return-value]
 
 
 class Deliverer:
@@ -66,17 +74,32 @@ class Deliverer:
         self._busy: dict[str, int] = dict.fromkeys(self.sinks, 0)  # deliveries claimed per type
         self._slots = {t: asyncio.Semaphore(s.concurrency) for t, s in self.sinks.items()}
         self._claim = {t: s.concurrency * 4 for t, s in self.sinks.items()}
+        # Sends in flight per (type, user), for types whose sink caps them (webhooks: the
+        # receiver is the user's own, and one that hangs must not hold every slot).
+        self._per_user = {t: getattr(s, "per_user", None) for t, s in self.sinks.items()}
+        self._user_sends: dict[tuple[str, int], int] = {}
+        # Rows claimed for users at their cap, started as their sends finish.
+        self._ready: dict[tuple[str, int], deque[tuple[Key, Delivery]]] = {}
+        self._deleted: dict[int | str, float] = {}  # channel id -> when it was deleted
+        self._committing = False
+        self._stopping = False
         self._seq = 0  # commits of outcomes so far
         self._recent: dict[int, int] = {}  # delivery id -> the commit that recorded it
         self._windows: dict[Key, deque[float]] = {}  # send times within the last hour
+        self._forget_at = WINDOWS_KEPT
         self._sending: set[asyncio.Task] = set()
-        # Outcomes to commit: (rows, future, the type whose claim they end or None).
-        self._queue: list[tuple[list[tuple], asyncio.Future, str | None]] = []
+        # Outcomes to commit: (rows, future, the channel whose claim they end or None).
+        self._queue: list[tuple[list[tuple], asyncio.Future, Key | None]] = []
         self._queued = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
     def wake(self) -> None:
         self._wake.set()
+
+    def channel_deleted(self, channel_id: int) -> None:
+        """The channel is gone (its pending rows are `skipped` on disk): deliveries of it
+        already claimed are dropped instead of sent."""
+        self._deleted[channel_id] = time.monotonic()
 
     @property
     def types(self) -> list[str]:
@@ -94,6 +117,7 @@ class Deliverer:
     async def stop(self, timeout: float = 1.5) -> None:
         """Give sends in flight `timeout` seconds, commit the outcomes that arrived, stop."""
         scheduler, recorder = self._tasks or (None, None)
+        self._stopping = True  # nothing new starts (ready rows stay pending on disk)
         if scheduler is not None:
             scheduler.cancel()
             with suppress(asyncio.CancelledError):
@@ -115,7 +139,7 @@ class Deliverer:
 
     async def _drained(self) -> None:
         async with self.progress:
-            await self.progress.wait_for(lambda: not self._queue)
+            await self.progress.wait_for(lambda: not self._queue and not self._committing)
 
     async def wait_until(self, predicate, timeout: float) -> None:
         """Wait (at most `timeout` s) until `predicate()` is true after some outcome."""
@@ -130,14 +154,20 @@ class Deliverer:
             try:
                 await self._dispatch_due()
                 types = [t for t in self.types if self._busy[t] < self._claim[t]]
-                # Rows being sent are not "due": their outcome wakes this loop.
-                next_due = await self.store.next_delivery_due(types, exclude=self._inflight)
+                # Rows being sent, or of users at their cap, are not "due": an outcome
+                # wakes this loop.
+                next_due = await self.store.next_delivery_due(
+                    types, exclude=self._inflight, exclude_users=self._full_users())
             except Exception:  # a database hiccup must not end delivery for good
                 log.exception("could not read the delivery outbox; retrying in 5 s")
                 next_due = clock.now() + 5.0
             timeout = 60.0 if next_due is None else max(0.02, next_due - clock.now())
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), min(timeout, 60.0))
+            if self._sending:
+                # Sends are finishing one by one: gather a few before the next read, so
+                # that one read claims several rows rather than one per finished send.
+                await asyncio.sleep(COALESCE)
 
     async def _dispatch_due(self) -> None:
         """Claim the due rows of every type with room, and plan them group by group."""
@@ -149,7 +179,11 @@ class Deliverer:
         self._recent.clear()  # everything committed so far is in the read below
         seq = self._seq
         due = await self.store.due_deliveries(clock.now(), types, sum(room[t] for t in types),
-                                              exclude=tuple(self._inflight))
+                                              exclude=tuple(self._inflight),
+                                              exclude_users=self._full_users())
+        if len(self._deleted) > 1000:  # a claim never outlives a minute or so of sending
+            cutoff = time.monotonic() - HOUR
+            self._deleted = {c: t for c, t in self._deleted.items() if t > cutoff}
         groups: dict[Key, list[Delivery]] = defaultdict(list)
         for d in due:
             if d.id in self._inflight or self._recent.get(d.id, 0) > seq:
@@ -161,6 +195,16 @@ class Deliverer:
         for key, rows in groups.items():
             await self._plan(key, rows)
 
+    def _full_users(self) -> list[tuple[str, int]]:
+        return [(kind, user) for (kind, user), n in self._user_sends.items()
+                if n >= (self._per_user[kind] or n + 1)]
+
+    def _free(self, key: Key) -> int:
+        """How many more sends the channel's user may start now (types without a cap: as
+        many as there are rows)."""
+        cap = self._per_user[key[1]]
+        return 10**9 if cap is None else cap - self._user_sends.get((key[1], key[0]), 0)
+
     async def _plan(self, key: Key, rows: list[Delivery]) -> None:
         """Send the due `rows` of one user's channel: one by one within the hourly budget;
         beyond it they wait (held) until the hour allows, and then go as one digest."""
@@ -170,15 +214,23 @@ class Deliverer:
         if not rows:
             return
         window = await self._window(key, now)
-        room = self.settings.notify_per_hour - len(window)
+        waiting = self._ready.get((key[1], key[0]), ())
+        room = (self.settings.notify_per_hour - len(window)
+                - sum(1 for k, _ in waiting if k == key))
         if room <= 0:
             await self.store.defer_deliveries([(d.id, window[0] + HOUR) for d in rows], True)
             return
+        free = self._free(key)
+        if free <= 0:
+            return  # the user's sends are at their cap: these stay due for later
         if any(d.held for d in rows):  # the hour allows again: everything due goes together
             self._start(key, await self._gather(key, rows, now), window, now)
             return
-        for d in rows[:room]:
+        for d in rows[:min(room, free)]:
             self._start(key, [d], window, now)
+        # Within the budget but beyond the user's cap: claimed now, started as their
+        # sends finish (reading them again for every finished send would cost a read each).
+        self._hold_ready(key, rows[min(room, free):room])
         rest = rows[room:]
         if rest:
             log.info("user %d %s channel %s: over %d deliveries an hour; %d wait for a digest",
@@ -214,36 +266,62 @@ class Deliverer:
         """The send times of the last hour for `key` (read from the store once)."""
         window = self._windows.get(key)
         if window is None:
-            user_id, kind, channel_id = key
-            sends = await self.store.recent_sends(
-                user_id, kind, None if kind == "email" else channel_id, now - HOUR)
+            user_id, kind, _ = key
+            sends = await self.store.recent_sends(user_id, kind, _channel_id(key), now - HOUR)
             window = self._windows.setdefault(key, deque(sends))
         while window and window[0] <= now - HOUR:
             window.popleft()
-        if len(self._windows) > 10_000:  # forget quiet channels (read again when needed)
-            for k in [k for k, w in self._windows.items() if not w and k != key]:
+        if len(self._windows) > self._forget_at:
+            # Forget channels quiet for an hour (read from the store again when needed);
+            # amortised: the next sweep waits until the dict has doubled.
+            cutoff = now - HOUR
+            for k in [k for k, w in self._windows.items()
+                      if k != key and (not w or w[-1] <= cutoff)]:
                 del self._windows[k]
+            self._forget_at = max(WINDOWS_KEPT, 2 * len(self._windows))
         return window
 
-    def _start(self, key: Key, batch: list[Delivery], window: deque[float], now: float
-               ) -> None:
-        kind = key[1]
+    def _claim_rows(self, key: Key, batch: list[Delivery]) -> None:
         for d in batch:
             self._inflight.add(d.id)
-        self._busy[kind] += len(batch)
+        self._busy[key[1]] += len(batch)
+
+    def _hold_ready(self, key: Key, rows: list[Delivery]) -> None:
+        """Claim `rows` (at most READY_PER_USER waiting per user; the rest stay on disk, due)
+        to be started by `_sent_one` as the user's sends finish."""
+        ready = self._ready.setdefault((key[1], key[0]), deque())
+        rows = rows[:max(0, READY_PER_USER - len(ready))]
+        self._claim_rows(key, rows)
+        ready.extend((key, d) for d in rows)
+        if not ready:
+            del self._ready[(key[1], key[0])]
+
+    def _start(self, key: Key, batch: list[Delivery], window: deque[float], now: float,
+               claimed: bool = False) -> None:
+        kind = key[1]
+        if not claimed:
+            self._claim_rows(key, batch)
+        user = (kind, key[0])
+        self._user_sends[user] = self._user_sends.get(user, 0) + 1
         window.append(now)
-        task = asyncio.create_task(self._send(kind, batch, window, now),
+        task = asyncio.create_task(self._send(key, batch, window, now),
                                    name=f"delivery-{batch[0].id}")
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
     # sending --------------------------------------------------------------------------
 
-    async def _send(self, kind: str, batch: list[Delivery], window: deque[float],
+    async def _send(self, key: Key, batch: list[Delivery], window: deque[float],
                     stamp: float) -> None:
+        kind = key[1]
         recorded = False
+        sending = True
         try:
             async with self._slots[kind]:
+                if key[2] in self._deleted:  # deleted while waiting for a slot
+                    with suppress(ValueError):
+                        window.remove(stamp)
+                    return
                 began = time.monotonic()
                 try:
                     outcome = await self.sinks[kind].send(batch)
@@ -255,14 +333,23 @@ class Deliverer:
                 with suppress(ValueError):
                     window.remove(stamp)  # nothing went out: the budget is not spent
             rows = self._outcome_rows(kind, batch, outcome, time.monotonic() - began)
-            done = self._enqueue(rows, kind)
+            done = self._enqueue(rows, key)
             recorded = True  # from here the recorder owns the claim
-            await asyncio.shield(done)
+            if isinstance(outcome, Retry) and rows[0][1] == "pending":
+                # The channel is down: its other due rows wait as long, rather than each
+                # trying (and timing out) on its own.
+                await self.store.defer_channel(key[0], kind, _channel_id(key), rows[0][2],
+                                               exclude=tuple(self._inflight))
+            sending = False
+            self._sent_one(key)  # the receiver is free again; the rows stay claimed
+            await asyncio.shield(done)  # until their outcome is committed
         except Exception:
             log.exception("delivery %d: could not finish this attempt", batch[0].id)
         finally:
-            if not recorded:  # cancelled before an outcome: the rows stay pending
-                self._release([d.id for d in batch], kind)
+            if sending:
+                self._sent_one(key)
+            if not recorded:  # cancelled or dropped before an outcome: the rows stay as
+                self._release([d.id for d in batch], key)  # they are on disk
 
     def _outcome_rows(self, kind: str, batch: Sequence[Delivery], outcome: Outcome,
                       took: float) -> list[tuple]:
@@ -285,23 +372,44 @@ class Deliverer:
         base = self.settings.delivery_retry_base
         if kind == "email" and self.settings.smtp_retry_base is not None:
             base = self.settings.smtp_retry_base
-        delay = outcome.after if outcome.after is not None else base * 2 ** (attempts - 1)
-        delay = min(max(delay, 0.0), MAX_DELAY)
+        backoff = base * 2 ** (attempts - 1)
+        # A wait the other side asks for is obeyed, but never below the first step: a
+        # `Retry-After: 0` (or a date in the past) must not burn every attempt at once.
+        delay = backoff if outcome.after is None else max(outcome.after, base)
+        delay = min(delay, MAX_DELAY)
         log.warning("%s %s attempt %d failed (%s); retrying in %.1fs", what, kind, attempts,
                     error, delay)
         return [(d.id, "pending", clock.now() + delay, error, None, None) for d in batch]
 
-    def _release(self, ids: Sequence[int], kind: str) -> None:
+    def _release(self, ids: Sequence[int], key: Key) -> None:
         for i in ids:
             self._inflight.discard(i)
-        self._busy[kind] -= len(ids)
+        self._busy[key[1]] -= len(ids)
+        self._wake.set()
+
+    def _sent_one(self, key: Key) -> None:
+        """A send of `key`'s user has its answer: the user may start another, the next of
+        their ready rows if they have one."""
+        user = (key[1], key[0])
+        left = self._user_sends.get(user, 0) - 1
+        if left > 0:
+            self._user_sends[user] = left
+        else:
+            self._user_sends.pop(user, None)
+        ready = self._ready.get(user)
+        if ready and not self._stopping:
+            next_key, d = ready.popleft()
+            if not ready:
+                del self._ready[user]
+            window = self._windows.setdefault(next_key, deque())
+            self._start(next_key, [d], window, clock.now(), claimed=True)
         self._wake.set()
 
     # recording ------------------------------------------------------------------------
 
-    def _enqueue(self, rows: list[tuple], kind: str | None) -> asyncio.Future:
+    def _enqueue(self, rows: list[tuple], key: Key | None) -> asyncio.Future:
         done = asyncio.get_running_loop().create_future()
-        self._queue.append((rows, done, kind))
+        self._queue.append((rows, done, key))
         self._queued.set()
         return done
 
@@ -318,36 +426,39 @@ class Deliverer:
             self._queued.clear()
             while self._queue:
                 batch, self._queue = self._queue, []
+                self._committing = True  # a graceful stop waits for this commit too
                 try:
                     await self.store.record_deliveries(r for rows, _, _ in batch for r in rows)
                 except Exception:
+                    self._committing = False
                     log.exception("could not record %d delivery outcomes; retrying in %.1fs",
                                   sum(len(rows) for rows, _, _ in batch), delay)
                     self._queue[:0] = batch
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10.0)
                     continue
+                self._committing = False
                 delay = 0.1
                 self._seq += 1
-                for rows, done, kind in batch:
-                    self._committed(rows, kind)
+                for rows, done, key in batch:
+                    self._committed(rows, key)
                     if not done.done():
                         done.set_result(None)
                 self._wake.set()
                 async with self.progress:
                     self.progress.notify_all()
 
-    def _committed(self, rows: list[tuple], kind: str | None) -> None:
+    def _committed(self, rows: list[tuple], key: Key | None) -> None:
         for delivery_id, status, *_ in rows:
             self._recent[delivery_id] = self._seq
             if status in ("sent", "failed"):
                 setattr(self, status, getattr(self, status) + 1)
-                if kind is not None:
-                    self.by_type[kind][status] += 1
+                if key is not None:
+                    self.by_type[key[1]][status] += 1
             elif status == "skipped":
                 self.skipped += 1
-        if kind is not None:
-            self._release([r[0] for r in rows], kind)
+        if key is not None:
+            self._release([r[0] for r in rows], key)
 
 
 DELIVERER = web.AppKey("deliverer", Deliverer)

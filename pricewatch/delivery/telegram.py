@@ -62,7 +62,7 @@ class TelegramSink:
             return Retry("PRICEWATCH_TELEGRAM_BOT_TOKEN is not set")
         url = f"{s.telegram_api_url.rstrip('/')}/bot{s.telegram_bot_token}/sendMessage"
         raw = orjson.dumps({"chat_id": chat_id(batch[0].channel.chat_id),
-                            "text": chat(batch, TEXT_LIMIT, s.public_url)})
+                            "text": chat(batch, TEXT_LIMIT, s.public_url, utf16=True)})
         try:
             async with self.session.post(url, data=raw, allow_redirects=False,
                                          headers={"Content-Type": "application/json"}

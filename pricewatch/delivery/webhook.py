@@ -69,9 +69,22 @@ def signature(secret: str, raw: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
 
 
+MAX_EVENT_IDS = 100  # a digest's X-Pricewatch-Event lists at most this many ids
+
+
+def event_header(batch: Sequence[Delivery]) -> str:
+    """X-Pricewatch-Event: the event id; a digest's ids comma-separated, or FIRST-LAST
+    beyond MAX_EVENT_IDS (a header line must stay short: proxies refuse ~8 KB ones)."""
+    ids = [d.event.id for d in batch]
+    if len(ids) > MAX_EVENT_IDS:
+        return f"{min(ids)}-{max(ids)}"
+    return ",".join(map(str, ids))
+
+
 class WebhookSink:
     type = "webhook"
-    concurrency = 16
+    concurrency = 32
+    per_user = 8  # sends in flight per user: a receiver that hangs holds a quarter at most
     configured = True
 
     def __init__(self, settings: Settings):
@@ -86,7 +99,8 @@ class WebhookSink:
                                          keepalive_timeout=30)
         self.session = aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=self.settings.delivery_timeout),
+            timeout=aiohttp.ClientTimeout(total=self.settings.delivery_timeout,
+                                          sock_connect=min(5.0, self.settings.delivery_timeout)),
             headers={"User-Agent": "pricewatch"})
 
     async def close(self) -> None:
@@ -100,7 +114,7 @@ class WebhookSink:
         url = channel.url or ""
         raw = body(batch, channel.format or "json", self.settings.public_url)
         headers = {"Content-Type": "application/json",
-                   "X-Pricewatch-Event": ",".join(str(d.event.id) for d in batch),
+                   "X-Pricewatch-Event": event_header(batch),
                    "X-Pricewatch-Signature": signature(channel.secret or "", raw)}
         try:
             host = URL(url).host or ""

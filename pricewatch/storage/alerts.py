@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -242,21 +243,25 @@ class AlertsMixin:
         direction (and window) -- deleted, changed or expired meanwhile -- is skipped; tuples
         are read as Hits. Returns the alerts triggered, each with its new `event`.
         """
-        done: list[Alert] = []
+        batch = [item if isinstance(item, Arm) else Hit(*item) for item in items]
         now = clock.now()
-        async with self._tx() as db:
-            for item in items:
+
+        def run(db: sqlite3.Connection) -> list[Alert]:
+            done: list[Alert] = []
+            for item in batch:
                 if isinstance(item, Arm):
-                    await db.execute(
+                    db.execute(
                         "UPDATE alerts SET status = 'CREATED', armed = ?, rearm_at = NULL,"
                         " updated_at = ? WHERE id = ? AND ((status = 'TRIGGERED' AND repeat = 1)"
                         " OR (status = 'CREATED' AND armed = 0))",
                         (int(item.armed), now, item.alert_id))
                     continue
-                alert = await _trigger(db, Hit(*item), now)
+                alert = _trigger(db, item, now)
                 if alert is not None:
                     done.append(alert)
-        return done
+            return done
+
+        return await self._write(run)
 
     async def purge_deleted_alerts(self, older_than: float) -> int:
         """Remove for good the DELETED alerts deleted before `older_than` (epoch s), with
@@ -298,10 +303,11 @@ async def _channel_ids(db: aiosqlite.Connection, user_id: int) -> list[int | str
         return [r[0] for r in await cur.fetchall()]
 
 
-async def _trigger(db: aiosqlite.Connection, hit: Hit, now: float) -> Alert | None:
-    """One Hit inside trigger_alerts' transaction: the alert, with its event, or None."""
+def _trigger(db: sqlite3.Connection, hit: Hit, now: float) -> Alert | None:
+    """One Hit inside trigger_alerts' transaction (on the writer's thread): the alert, with
+    its event, or None."""
     alert_id, asset, target, direction, price, at, backfill, window = hit
-    cur = await db.execute(
+    cur = db.execute(
         "UPDATE alerts SET status = 'TRIGGERED', triggered_at = ?, triggered_price = ?,"
         " triggered_backfill = ?, updated_at = ?, trigger_count = trigger_count + 1,"
         " rearm_at = CASE WHEN repeat = 1 THEN ? + cooldown END"
@@ -311,16 +317,15 @@ async def _trigger(db: aiosqlite.Connection, hit: Hit, now: float) -> Alert | No
         (at, price, backfill, now, at, alert_id, asset, target, direction, window or "", at))
     if cur.rowcount == 0:
         return None
-    cur = await db.execute(
+    event_id = db.execute(
         "INSERT INTO events(alert_id, user_id, time, price, backfill)"
-        " SELECT id, user_id, ?, ?, ? FROM alerts WHERE id = ?", (at, price, backfill, alert_id))
-    event_id = cur.lastrowid
+        " SELECT id, user_id, ?, ?, ? FROM alerts WHERE id = ?",
+        (at, price, backfill, alert_id)).lastrowid
     # A user without an email (seed 000's register, compat.py) gets no email delivery; with
     # no delivery at all `notified` is null.
-    deliveries = await insert_deliveries(db, event_id, alert_id, now)
-    await db.execute("UPDATE alerts SET notified = ? WHERE id = ?",
-                     ("pending" if deliveries else None, alert_id))
-    async with db.execute(f"SELECT {ALERT_COLS} FROM alerts WHERE id = ?", (alert_id,)) as c:
-        alert = parse_alert(await c.fetchone())
+    deliveries = insert_deliveries(db, event_id, alert_id, now)
+    row = db.execute(f"UPDATE alerts SET notified = ? WHERE id = ? RETURNING {ALERT_COLS}",
+                     ("pending" if deliveries else None, alert_id)).fetchone()
+    alert = parse_alert(row)
     event = Event(event_id, alert_id, alert.user_id, at, price, backfill, deliveries)
     return replace(alert, event=event)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
-from typing import Self
+from typing import Self, TypeVar
 
 import aiosqlite
 
@@ -16,6 +16,7 @@ from ..records import Alert
 from ..schema import SchemaError, migrate
 
 log = logging.getLogger("pricewatch.store")
+T = TypeVar("T")
 
 # aiosqlite logs every call at DEBUG with its parameters: the JWT secret, password hashes and
 # refresh-token ids would reach the log at PRICEWATCH_LOG_LEVEL=DEBUG. Nothing it says below
@@ -121,6 +122,27 @@ class Database:
                 with suppress(sqlite3.OperationalError):
                     await asyncio.shield(self._w.execute("ROLLBACK"))
                 raise
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` in ONE write transaction, in one hop to the writer's thread (as
+        datasette's `execute_write_fn`): a batch of many statements costs one thread switch,
+        not one per statement, and no cancel can land between its statements (a cancelled
+        caller stops waiting; the transaction still commits or rolls back whole)."""
+        def run(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                with suppress(sqlite3.OperationalError):  # "no transaction is active"
+                    conn.execute("ROLLBACK")
+                raise
+            return result
+
+        async with self._lock:
+            # aiosqlite runs every call of this connection on its one thread, in order;
+            # `_execute` queues a function there (the same queue its own methods use).
+            return await asyncio.shield(self._w._execute(run, self._w._conn))
 
     async def _one(self, sql: str, params: Iterable = ()):
         rows = await self._r.execute_fetchall(sql, tuple(params))

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
-
-import aiosqlite
 
 from .. import clock
 from ..records import EMAIL, Channel, Delivery, Event
@@ -27,12 +26,12 @@ EVENT_DELIVERIES = (
     " x.status)) FROM (SELECT * FROM deliveries d WHERE d.event_id = e.id ORDER BY d.id) x)")
 
 
-async def insert_deliveries(db: aiosqlite.Connection, event_id: int, alert_id: int,
-                            now: float) -> tuple[tuple[int | str, str, str], ...]:
-    """Inside a trigger's transaction: one pending delivery per channel the alert chose
-    (the email only while the user has an address; deleted channels never). Returns the
-    event's deliveries as ((channel id, type, state), ...)."""
-    await db.execute(
+def insert_deliveries(db: sqlite3.Connection, event_id: int, alert_id: int,
+                      now: float) -> tuple[tuple[int | str, str, str], ...]:
+    """Inside a trigger's transaction (on the writer's thread): one pending delivery per
+    channel the alert chose (the email only while the user has an address; deleted channels
+    never). Returns the event's deliveries as ((channel id, type, state), ...)."""
+    db.execute(
         "INSERT INTO deliveries(event_id, alert_id, user_id, channel, channel_id,"
         " next_attempt_at, created_at)"
         " SELECT ?, a.id, a.user_id, 'email', NULL, ?, ? FROM alerts a"
@@ -40,7 +39,7 @@ async def insert_deliveries(db: aiosqlite.Connection, event_id: int, alert_id: i
         " AND (a.channels IS NULL"
         " OR EXISTS (SELECT 1 FROM json_each(a.channels) j WHERE j.value = 'email'))",
         (event_id, now, now, alert_id))
-    await db.execute(
+    db.execute(
         "INSERT INTO deliveries(event_id, alert_id, user_id, channel, channel_id,"
         " next_attempt_at, created_at)"
         " SELECT ?, a.id, a.user_id, c.type, c.id, ?, ? FROM alerts a"
@@ -48,10 +47,18 @@ async def insert_deliveries(db: aiosqlite.Connection, event_id: int, alert_id: i
         " WHERE a.id = ?"
         " AND EXISTS (SELECT 1 FROM json_each(a.channels) j WHERE j.value = c.id)"
         " ORDER BY c.id", (event_id, now, now, alert_id))
-    async with db.execute(
-            "SELECT COALESCE(channel_id, 'email'), channel, status FROM deliveries"
-            " WHERE event_id = ? ORDER BY id", (event_id,)) as cur:
-        return tuple(tuple(r) for r in await cur.fetchall())
+    return tuple(tuple(r) for r in db.execute(
+        "SELECT COALESCE(channel_id, 'email'), channel, status FROM deliveries"
+        " WHERE event_id = ? ORDER BY id", (event_id,)))
+
+
+def _pairs(users: Collection[tuple[str, int]]) -> tuple[str, tuple]:
+    """A condition leaving out the deliveries of these (type, user id) pairs."""
+    if not users:
+        return "", ()
+    values = ", ".join("(?, ?)" for _ in users)
+    return (f" AND (d.channel, d.user_id) NOT IN (VALUES {values})",
+            tuple(x for pair in users for x in pair))
 
 
 class DeliveriesMixin:
@@ -121,11 +128,13 @@ class DeliveriesMixin:
 
     async def due_deliveries(self, now: float, types: Collection[str], limit: int,
                              exclude: Collection[int] = (),
-                             channel: tuple[int, str, int | str] | None = None
+                             channel: tuple[int, str, int | str] | None = None,
+                             exclude_users: Collection[tuple[str, int]] = ()
                              ) -> list[Delivery]:
         """Pending deliveries of the channel `types` due at `now`, oldest first, except
-        `exclude` (being sent), each with its event, alert and channel as they are now;
-        `channel` (user id, type, channel id) keeps those of one user's channel only."""
+        `exclude` (being sent) and those of `exclude_users` ((type, user id) pairs), each
+        with its event, alert and channel as they are now; `channel` (user id, type,
+        channel id) keeps those of one user's channel only."""
         from .alerts import ALERT_COLS, parse_alert  # one module each, no import cycle
 
         if not types:
@@ -136,6 +145,7 @@ class DeliveriesMixin:
             user_id, kind, channel_id = channel
             only = " AND d.user_id = ? AND d.channel = ? AND d.channel_id IS ?"
             params = (user_id, kind, None if channel_id == EMAIL else channel_id)
+        users, user_params = _pairs(exclude_users)
         alert_cols = ", ".join("a." + c.strip() for c in ALERT_COLS.split(","))
         rows = await self._all(
             "SELECT d.id, d.attempts, d.held, d.channel, d.channel_id, d.created_at,"
@@ -146,8 +156,9 @@ class DeliveriesMixin:
             " LEFT JOIN channels c ON c.id = d.channel_id"
             " WHERE d.status = 'pending' AND d.next_attempt_at <= ?"
             f" AND d.channel IN ({','.join('?' * len(kinds))})"
-            f" AND d.id NOT IN ({','.join('?' * len(ids))}){only}"
-            " ORDER BY d.next_attempt_at, d.id LIMIT ?", (now, *kinds, *ids, *params, limit))
+            f" AND d.id NOT IN ({','.join('?' * len(ids))}){only}{users}"
+            " ORDER BY d.next_attempt_at, d.id LIMIT ?",
+            (now, *kinds, *ids, *params, *user_params, limit))
         items = []
         for r in rows:
             alert = parse_alert(r[17:])
@@ -165,17 +176,33 @@ class DeliveriesMixin:
                                   created_at=r[5]))
         return items
 
-    async def next_delivery_due(self, types: Collection[str],
-                                exclude: Collection[int] = ()) -> float | None:
-        """When the earliest pending delivery of `types` not in `exclude` is due, or None."""
+    async def next_delivery_due(self, types: Collection[str], exclude: Collection[int] = (),
+                                exclude_users: Collection[tuple[str, int]] = ()
+                                ) -> float | None:
+        """When the earliest pending delivery of `types` not in `exclude` nor of
+        `exclude_users` is due, or None."""
         if not types:
             return None
         ids, kinds = tuple(exclude), tuple(types)
+        users, user_params = _pairs(exclude_users)
         row = await self._one(
-            "SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending'"
+            "SELECT MIN(next_attempt_at) FROM deliveries d WHERE status = 'pending'"
             f" AND channel IN ({','.join('?' * len(kinds))})"
-            f" AND id NOT IN ({','.join('?' * len(ids))})", (*kinds, *ids))
+            f" AND id NOT IN ({','.join('?' * len(ids))}){users}",
+            (*kinds, *ids, *user_params))
         return row[0]
+
+    async def defer_channel(self, user_id: int, channel: str, channel_id: int | None,
+                            until: float, exclude: Collection[int] = ()) -> None:
+        """Move the channel's pending deliveries due before `until` to `until` (no attempt
+        counted), except `exclude`: the channel failed, its other rows wait as long."""
+        ids = tuple(exclude)
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE deliveries SET next_attempt_at = ? WHERE status = 'pending'"
+                " AND user_id = ? AND channel = ? AND channel_id IS ? AND next_attempt_at < ?"
+                f" AND id NOT IN ({','.join('?' * len(ids))})",
+                (until, user_id, channel, channel_id, until, *ids))
 
     async def defer_deliveries(self, moves: Sequence[tuple[int, float]], held: bool) -> None:
         """Move pending deliveries, (id, until) each, without an attempt: over the hourly
