@@ -30,7 +30,7 @@ from aiohttp import web
 from conftest import bearer
 from fake_binance import FakeBinance, free_port
 from fake_hooks import FakeTelegram, WebhookReceiver
-from smtp_sink import SmtpSink
+from smtp_sink import CODE_SUBJECT, SmtpSink
 from test_crash import FORBIDDEN, SYMBOL, ServerProcess, register, trade_time
 
 TARGET, CROSSING = 101.0, 102.5
@@ -86,8 +86,8 @@ class HoldingSmtp(SmtpSink):
         self.url = ""
 
     async def handle_DATA(self, server, session, envelope):  # aiosmtpd handler hook
-        if self.held_id is None:
-            msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        if self.held_id is None and msg["Subject"] != CODE_SUBJECT:  # not a code mail
             self.held_id = msg["Message-ID"]
             self._loop.call_soon_threadsafe(self.held.set)
             await asyncio.to_thread(self.release.wait, 60)  # set by stop()
