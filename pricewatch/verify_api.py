@@ -6,9 +6,11 @@ the HTTP answer never waits for SMTP, and a mail that fails is logged (the user 
 another with `POST /auth/verify-email/resend`). The code is stored only as an HMAC keyed
 with the server's secret (`Auth.code_key`).
 
-Guessing is bounded: a code allows CODE_TRIES attempts, and a new code (resend, change of
-address) is issued at most once per RESEND_INTERVAL per user, so a client gets at most
-CODE_TRIES guesses of 10**6 per minute.
+Guessing is bounded: a code allows CODE_TRIES attempts, a new code (resend, change of
+address) is issued at most once per RESEND_INTERVAL and USER_CODES_PER_DAY times a day per
+user, and wrong codes count against the client address (VERIFY_FAILURES an hour). Nobody can
+use pricewatch to flood an address: at most ADDRESS_CODES code mails go to one address,
+whichever accounts ask for them. These counts live in memory (a restart forgets them).
 
 Without SMTP no code is ever sent, addresses stay unverified (alert mail could not go out
 anyway), and resend answers 503.
@@ -29,10 +31,12 @@ from email.message import EmailMessage
 from aiohttp import web
 
 from . import clock
+from .addresses import client_address, limit_key
 from .api import ApiError, conflict, invalid, json_response, read_json, text_field
 from .auth import AUTH, EMAIL_RE, require_identity
 from .delivery.email import MAILER
 from .delivery.outbox import DELIVERER
+from .limits import SlidingWindow
 from .records import User
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,9 @@ log = logging.getLogger(__name__)
 CODE_TTL = 24 * 3600.0  # seconds a code is valid
 CODE_TRIES = 5  # attempts per code
 RESEND_INTERVAL = 60.0  # seconds between two codes for one user
+USER_CODES_PER_DAY = 10  # codes issued to one account a day
+ADDRESS_CODES = ((3, 3600.0), (10, 86400.0))  # code mails to one address: an hour, a day
+VERIFY_FAILURES = 30  # wrong codes per client address an hour
 MAX_MAILS_IN_FLIGHT = 1000  # code mails waiting for SMTP; past it a mail is dropped (logged)
 SUBJECT = "pricewatch: your verification code"
 CODE_DIGITS = 6
@@ -80,6 +87,21 @@ class CodeMail:
         self._tasks: set[asyncio.Task] = set()
         self.sent = 0  # accepted by the SMTP server (tests)
         self.failed = 0
+        self._to_address = [SlidingWindow(n, window) for n, window in ADDRESS_CODES]
+        self._to_user = SlidingWindow(USER_CODES_PER_DAY, 86400.0)
+        self.failures = SlidingWindow(VERIFY_FAILURES, 3600.0)  # by client address
+
+    @staticmethod
+    def _address_key(address: str) -> str:
+        return hashlib.sha256(address.strip().lower().encode()).hexdigest()
+
+    def wait(self, user_id: int, address: str) -> int | None:
+        """Seconds until a code may be mailed to `address` for this user, None: now."""
+        key = self._address_key(address)
+        waits = [w.check(key) for w in self._to_address]
+        waits.append(self._to_user.check(str(user_id)))
+        waits = [w for w in waits if w is not None]
+        return max(waits) if waits else None
 
     @property
     def configured(self) -> bool:
@@ -91,6 +113,10 @@ class CodeMail:
         if mailer is None:
             log.warning("verification code for user %d not sent: no mailer", user.id)
             return
+        key = self._address_key(user.email)
+        for window in self._to_address:
+            window.hit(key)
+        self._to_user.hit(str(user.id))
         if len(self._tasks) >= MAX_MAILS_IN_FLIGHT:
             self.failed += 1
             log.warning("verification code for user %d not sent: %d mails already waiting",
@@ -129,6 +155,10 @@ class CodeMail:
         SMTP is configured). Never fails the registration: the user can resend."""
         if not self.configured or not user.email:
             return
+        if self.wait(user.id, user.email) is not None:
+            log.warning("no verification code for user %d: the address has had its share of "
+                        "code mails (the user can resend later)", user.id)
+            return
         auth = self.app[AUTH]
         code = new_code()
         try:
@@ -160,6 +190,11 @@ def _rate_limited(wait: float) -> ApiError:
                     "it, or try again later.", headers={"Retry-After": str(math.ceil(wait))})
 
 
+def _too_many(wait: int) -> ApiError:
+    return ApiError(429, "rate_limited", "Too many codes were mailed to this address or "
+                    "account; try again later.", headers={"Retry-After": str(wait)})
+
+
 def _no_email() -> ApiError:
     return conflict("There is no email address to verify; set one with PATCH /auth/me.")
 
@@ -175,9 +210,16 @@ async def verify_email(request: web.Request) -> web.Response:
         errors["code"] = "Enter the 6-digit code from the verification mail."
     if errors:
         raise invalid(errors)
-    auth = request.app[AUTH]
+    auth, failures = request.app[AUTH], request.app[CODE_MAIL].failures
+    client = limit_key(client_address(request))
+    wait = failures.check(client)
+    if wait is not None:
+        raise ApiError(429, "rate_limited", "Too many wrong codes from this address; try "
+                       "again later.", headers={"Retry-After": str(wait)})
     result = await auth.store.check_email_code(
         identity.user_id, code_hash(auth.code_key, identity.user_id, code), clock.now())
+    if result.status in ("wrong", "spent"):
+        failures.hit(client)
     if result.status == "verified":
         if DELIVERER in request.app:  # alert mail that waited for the address goes now
             request.app[DELIVERER].wake()
@@ -203,6 +245,11 @@ async def resend(request: web.Request) -> web.Response:
         raise ApiError(503, "unavailable", "This server sends no mail (PRICEWATCH_SMTP_HOST "
                        "is not set), so addresses cannot be verified.")
     auth = request.app[AUTH]
+    user = await auth.store.user_by_id(identity.user_id)
+    if user is not None and user.email and not user.email_verified:
+        wait = request.app[CODE_MAIL].wait(user.id, user.email)
+        if wait is not None:
+            raise _too_many(wait)
     code, now = new_code(), clock.now()
     result = await auth.store.issue_email_code(
         identity.user_id, code_hash(auth.code_key, identity.user_id, code), now, CODE_TTL,
@@ -231,6 +278,10 @@ async def change_email(request: web.Request) -> web.Response:
     if errors:
         raise invalid(errors)
     auth, mail = request.app[AUTH], request.app[CODE_MAIL]
+    if mail.configured:
+        wait = mail.wait(identity.user_id, email)
+        if wait is not None:
+            raise _too_many(wait)
     code = new_code()
     hashed = code_hash(auth.code_key, identity.user_id, code) if mail.configured else None
     result = await auth.store.change_email(identity.user_id, email, hashed, clock.now(),

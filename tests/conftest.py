@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 from fake_binance import FakeBinance
 
+from pricewatch import clock
 from pricewatch.config import Settings
 from pricewatch.httpd import make_runner
 from pricewatch.server import create_app
@@ -106,3 +107,15 @@ def mark_verified(db_path: str, user_id: int) -> None:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def later(monkeypatch):
+    """Move pricewatch's wall clock forward: `later(3601)` (budgets, digests, expiries)."""
+    offset = [0.0]
+    real = clock.now
+    monkeypatch.setattr(clock, "now", lambda: real() + offset[0])
+
+    def advance(seconds: float) -> None:
+        offset[0] += seconds
+    return advance

@@ -8,7 +8,6 @@ from conftest import LiveServer, bearer, register
 from smtp_sink import SmtpSink
 from test_alerts import Trader, create, market_settings
 
-from pricewatch import clock
 from pricewatch.server import DELIVERER, STORE
 
 
@@ -16,18 +15,6 @@ from pricewatch.server import DELIVERER, STORE
 async def smtp():
     async with SmtpSink() as sink:
         yield sink
-
-
-@pytest.fixture
-def later(monkeypatch):
-    """Move pricewatch's wall clock forward: `later(3601)`."""
-    offset = [0.0]
-    real = clock.now
-    monkeypatch.setattr(clock, "now", lambda: real() + offset[0])
-
-    def advance(seconds: float) -> None:
-        offset[0] += seconds
-    return advance
 
 
 async def events(http, server, token) -> list[dict]:

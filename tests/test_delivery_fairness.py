@@ -10,6 +10,7 @@ from fake_hooks import WebhookReceiver
 from test_alerts import Trader, create
 from test_channels import add, call, market
 
+from pricewatch import clock
 from pricewatch.delivery.message import chat
 from pricewatch.delivery.webhook import WebhookSink, event_header
 from pricewatch.records import Alert, Channel, Delivery, Event
@@ -119,3 +120,70 @@ def test_chat_text_fits_the_limit_as_the_service_counts(utf16, limit):
     size = len(text.encode("utf-16-le")) // 2 if utf16 else len(text)
     assert size <= limit and "more lines (GET /api/v1/events" in text
     assert len(text) > limit // 3  # cut where needed, not to nothing
+
+
+async def test_a_channel_that_asks_to_retry_gets_no_more_until_then(make_settings, http, fake):
+    async with WebhookReceiver() as down, LiveServer(make_settings(
+            feed="binance", binance_ws_url=fake.url, allow_private_webhooks=True,
+            delivery_retry_base=30.0)) as server:
+        tok = await webhook_user(http, server, "alice", down)
+        down.answer(503, times=100)
+        deliverer = server.app[DELIVERER]
+        async with Trader(fake, server, http, tok) as trader:
+            await trader.trade(100.0)
+            await alerts_at(http, server, tok, 30)
+            await trader.trade(110.0)
+            # The first sends (one user: WebhookSink.per_user at once) are answered 503 ...
+            await deliverer.wait_until(lambda: deliverer.attempts >= WebhookSink.per_user
+                                       and not deliverer._inflight, timeout=10)
+        # ... and the 22 others, claimed to go next or not, wait with them (30 s).
+        assert len(down.arrivals) == WebhookSink.per_user
+        due = await server.app[STORE].next_delivery_due(["webhook"])
+        assert due is not None and due - clock.now() > 20
+
+
+async def test_a_digest_takes_one_claim_however_many_triggers_it_carries(make_settings, http,
+                                                                          fake, later):
+    settings = market(make_settings, fake, allow_private_webhooks=True, notify_per_hour=1,
+                      delivery_timeout=30.0)
+    async with WebhookReceiver() as receiver, LiveServer(settings) as server:
+        tok = await webhook_user(http, server, "mallory", receiver)
+        deliverer = server.app[DELIVERER]
+        async with Trader(fake, server, http, tok) as trader:
+            await trader.trade(100.0)
+            await alerts_at(http, server, tok, 40)
+            await trader.trade(110.0)
+            await receiver.wait_for(lambda: len(receiver.received) == 1)  # the hour's one
+            receiver.hold.set()  # the digest will hang
+            later(3601)
+            deliverer.wake()
+            await receiver.wait_for(lambda: len(receiver.arrivals) == 2)
+            assert deliverer._busy["webhook"] == 1  # 39 triggers, one send
+            receiver.release.set()
+            await deliverer.wait_until(lambda: deliverer.sent == 40, timeout=10)
+        assert deliverer._busy["webhook"] == 0
+
+
+async def test_a_verification_between_the_read_and_the_wait_stands(make_settings, http, fake):
+    from smtp_sink import SmtpSink
+    from test_verify import code_of, post
+
+    async with SmtpSink() as smtp, LiveServer(make_settings(
+            feed="binance", binance_ws_url=fake.url, smtp_host="127.0.0.1",
+            smtp_port=smtp.port)) as server:
+        user = await register(http, server, "kim", verified=False)
+        tok = user["access"]
+        code = code_of((await smtp.wait_codes(1))[0])
+        store = server.app[STORE]
+        wait = store.defer_unverified
+
+        async def verified_meanwhile(moves):  # the user verifies right after the due read
+            status, body, _ = await post(http, server, "/auth/verify-email", tok, {"code": code})
+            assert status == 200, body
+            return await wait(moves)
+
+        store.defer_unverified = verified_meanwhile
+        async with Trader(fake, server, http, tok) as trader:
+            await trader.cross_new_alert()
+            [mail] = await smtp.wait_messages(1)  # sent at once, not 24 h later
+        assert "BTCUSDT above 101 reached" in mail["Subject"]

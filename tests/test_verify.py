@@ -370,3 +370,46 @@ async def test_alert_mail_unverified_for_24_hours_is_skipped(make_settings, http
             assert (await email_delivery(server, alert["id"]))["status"] == "skipped"
         await server.app[CODE_MAIL].drained()
     assert smtp.messages == [] and deliverer.sent == 0
+
+
+async def test_no_address_gets_more_than_three_codes_an_hour_whoever_asks(make_settings, http,
+                                                                          smtp):
+    settings = mail_settings(make_settings, smtp.port, register_limit=100)
+    async with LiveServer(settings) as server:
+        victim = "victim@example.com"
+        users = [await register(http, server, f"bomber{i}", email=victim, verified=False)
+                 for i in range(5)]
+        await server.app[CODE_MAIL].drained()
+        assert len(smtp.codes) == 3  # five registrations, three code mails
+        for user in users:
+            if await code_row(server, user["id"]) is not None:
+                await age_code(server, user["id"], 61)  # the per-account minute is over
+            status, body, headers = await post(http, server, "/auth/verify-email/resend",
+                                               user["access"])
+            assert status == 429 and body["error"] == "rate_limited", body
+            assert int(headers["Retry-After"]) > 60
+        status, body, _ = await patch_email(http, server, users[4]["access"], "VICTIM@example.com")
+        assert status == 429, body  # the same address in another case is the same address
+        await server.app[CODE_MAIL].drained()
+        assert len(smtp.codes) == 3
+
+
+async def test_wrong_codes_are_limited_per_client_address(make_settings, http, smtp):
+    settings = mail_settings(make_settings, smtp.port, register_limit=100)
+    async with LiveServer(settings) as server:
+        from pricewatch.verify_api import VERIFY_FAILURES
+
+        tokens = [(await register(http, server, f"guess{i}", verified=False))["access"]
+                  for i in range(VERIFY_FAILURES // 5 + 1)]
+        guesses = 0
+        for token in tokens:  # five wrong tries per account, from one client address
+            for _ in range(5):
+                status, body, headers = await post(http, server, "/auth/verify-email", token,
+                                                   {"code": "000000"})
+                if status == 429:
+                    assert body["error"] == "rate_limited" and int(headers["Retry-After"]) > 0
+                    assert guesses == VERIFY_FAILURES
+                    return
+                assert status == 400
+                guesses += 1
+        raise AssertionError(f"{guesses} wrong codes were judged")

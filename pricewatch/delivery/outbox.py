@@ -41,7 +41,7 @@ DIGEST_MAX = 1000  # deliveries folded into one digest at most (the rest: the ne
 MAX_DELAY = 3600.0  # no retry waits longer, whatever the other side asks
 WINDOWS_KEPT = 10_000  # budget windows held before quiet ones are forgotten
 COALESCE = 0.005  # seconds a read of due rows waits for more sends to finish
-READY_PER_USER = 32  # rows claimed at most per user beyond those being sent
+READY_PER_USER = 16  # rows claimed at most per user beyond those being sent
 
 Key = tuple[int, str, int | str]  # (user id, channel type, channel id): what a budget counts
 
@@ -71,7 +71,7 @@ class Deliverer:
         self.progress = asyncio.Condition()  # notified after every recorded outcome
         self._wake = asyncio.Event()
         self._inflight: set[int] = set()
-        self._busy: dict[str, int] = dict.fromkeys(self.sinks, 0)  # deliveries claimed per type
+        self._busy: dict[str, int] = dict.fromkeys(self.sinks, 0)  # sends claimed per type
         self._slots = {t: asyncio.Semaphore(s.concurrency) for t, s in self.sinks.items()}
         self._claim = {t: s.concurrency * 4 for t, s in self.sinks.items()}
         # Sends in flight per (type, user), for types whose sink caps them (webhooks: the
@@ -253,13 +253,16 @@ class Deliverer:
         waiting = [d for d in rows if not d.channel.verified]
         if not waiting:
             return rows
+        # Both writes hold only while the address is still unverified when they commit: a
+        # verification landing meanwhile made these rows due, and that must stand.
         stale = [d.id for d in waiting if d.created_at + WAIT_VERIFIED <= now]
         if stale:
-            await self._record_now([(i, "skipped", None, "email address not verified within"
-                                     " 24 h", None, None) for i in stale])
-        await self.store.defer_deliveries(
+            self.skipped += await self.store.skip_unverified(stale)
+            async with self.progress:
+                self.progress.notify_all()
+        await self.store.defer_unverified(
             [(d.id, d.created_at + WAIT_VERIFIED) for d in waiting
-             if d.created_at + WAIT_VERIFIED > now], False)
+             if d.created_at + WAIT_VERIFIED > now])
         return [d for d in rows if d.channel.verified]
 
     async def _window(self, key: Key, now: float) -> deque[float]:
@@ -281,17 +284,19 @@ class Deliverer:
             self._forget_at = max(WINDOWS_KEPT, 2 * len(self._windows))
         return window
 
-    def _claim_rows(self, key: Key, batch: list[Delivery]) -> None:
+    def _claim_rows(self, key: Key, batch: list[Delivery], units: int = 1) -> None:
+        """Claim `batch` as `units` sends (a digest is one, however many rows it holds: it
+        takes one sender, and must not use up the type's claims of everybody else)."""
         for d in batch:
             self._inflight.add(d.id)
-        self._busy[key[1]] += len(batch)
+        self._busy[key[1]] += units
 
     def _hold_ready(self, key: Key, rows: list[Delivery]) -> None:
         """Claim `rows` (at most READY_PER_USER waiting per user; the rest stay on disk, due)
         to be started by `_sent_one` as the user's sends finish."""
         ready = self._ready.setdefault((key[1], key[0]), deque())
         rows = rows[:max(0, READY_PER_USER - len(ready))]
-        self._claim_rows(key, rows)
+        self._claim_rows(key, rows, units=len(rows))
         ready.extend((key, d) for d in rows)
         if not ready:
             del self._ready[(key[1], key[0])]
@@ -336,10 +341,9 @@ class Deliverer:
             done = self._enqueue(rows, key)
             recorded = True  # from here the recorder owns the claim
             if isinstance(outcome, Retry) and rows[0][1] == "pending":
-                # The channel is down: its other due rows wait as long, rather than each
-                # trying (and timing out) on its own.
-                await self.store.defer_channel(key[0], kind, _channel_id(key), rows[0][2],
-                                               exclude=tuple(self._inflight))
+                # The channel is down: its other due rows wait as long (the ones claimed
+                # for later included), rather than each trying (and timing out) on its own.
+                await self._defer_channel(key, rows[0][2], {d.id for d in batch})
             sending = False
             self._sent_one(key)  # the receiver is free again; the rows stay claimed
             await asyncio.shield(done)  # until their outcome is committed
@@ -384,8 +388,29 @@ class Deliverer:
     def _release(self, ids: Sequence[int], key: Key) -> None:
         for i in ids:
             self._inflight.discard(i)
-        self._busy[key[1]] -= len(ids)
+        self._busy[key[1]] -= 1  # one claimed send (a single row or a digest)
         self._wake.set()
+
+    async def _defer_channel(self, key: Key, until: float, sending: set[int]) -> None:
+        user = (key[1], key[0])
+        ready = self._ready.get(user, deque())
+        dropped = [d for k, d in ready if k == key]
+        if dropped:
+            kept = deque((k, d) for k, d in ready if k != key)
+            if kept:
+                self._ready[user] = kept
+            else:
+                self._ready.pop(user, None)
+        # Rows of other claims (other sends of this channel) are excluded: their outcome
+        # decides for them. The dropped ready rows stay claimed until the deferral landed,
+        # so that no read picks them up in between.
+        others = self._inflight - sending - {d.id for d in dropped}
+        try:
+            await self.store.defer_channel(key[0], key[1], _channel_id(key), until,
+                                           exclude=tuple(others))
+        finally:
+            for d in dropped:
+                self._release([d.id], key)
 
     def _sent_one(self, key: Key) -> None:
         """A send of `key`'s user has its answer: the user may start another, the next of
@@ -412,10 +437,6 @@ class Deliverer:
         self._queue.append((rows, done, key))
         self._queued.set()
         return done
-
-    async def _record_now(self, rows: list[tuple]) -> None:
-        """Record outcomes decided without a send (skips) through the same queue."""
-        await asyncio.shield(self._enqueue(rows, None))
 
     async def _recorder(self) -> None:
         """Commit queued outcomes, everything queued so far in one transaction; retried

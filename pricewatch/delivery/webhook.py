@@ -83,8 +83,8 @@ def event_header(batch: Sequence[Delivery]) -> str:
 
 class WebhookSink:
     type = "webhook"
-    concurrency = 32
-    per_user = 8  # sends in flight per user: a receiver that hangs holds a quarter at most
+    concurrency = 64
+    per_user = 8  # sends in flight per user: a receiver that hangs holds an eighth at most
     configured = True
 
     def __init__(self, settings: Settings):

@@ -6,6 +6,8 @@ import sqlite3
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
 
+import aiosqlite
+
 from .. import clock
 from ..records import EMAIL, Channel, Delivery, Event
 from .base import Conflict, NotFound
@@ -50,6 +52,23 @@ def insert_deliveries(db: sqlite3.Connection, event_id: int, alert_id: int,
     return tuple(tuple(r) for r in db.execute(
         "SELECT COALESCE(channel_id, 'email'), channel, status FROM deliveries"
         " WHERE event_id = ? ORDER BY id", (event_id,)))
+
+
+_UNVERIFIED = ("EXISTS (SELECT 1 FROM users u WHERE u.id = deliveries.user_id"
+               " AND u.email_verified = 0)")
+
+
+async def _renotify(db: aiosqlite.Connection, delivery_ids: Sequence[int]) -> None:
+    """Each alert of these deliveries: `notified` sums up its latest event's deliveries."""
+    marks = ",".join("?" * len(delivery_ids))
+    await db.execute(
+        "UPDATE alerts SET notified = (SELECT CASE WHEN COUNT(*) = 0 THEN NULL"
+        " WHEN SUM(d.status = 'pending') > 0 THEN 'pending'"
+        " WHEN SUM(d.status = 'sent') > 0 THEN 'sent' ELSE 'failed' END"
+        " FROM deliveries d WHERE d.event_id = (SELECT MAX(e.id) FROM events e"
+        " WHERE e.alert_id = alerts.id))"
+        f" WHERE id IN (SELECT alert_id FROM deliveries WHERE id IN ({marks}))",
+        list(delivery_ids))
 
 
 def _pairs(users: Collection[tuple[str, int]]) -> tuple[str, tuple]:
@@ -192,6 +211,28 @@ class DeliveriesMixin:
             (*kinds, *ids, *user_params))
         return row[0]
 
+    async def defer_unverified(self, moves: Sequence[tuple[int, float]]) -> None:
+        """Move email deliveries, (id, until) each, while their user's address is still
+        unverified when this commits (a verification in between made them due: it stands)."""
+        if not moves:
+            return
+        async with self._tx() as db:
+            await db.executemany(
+                "UPDATE deliveries SET next_attempt_at = ? WHERE id = ? AND status = 'pending'"
+                f" AND {_UNVERIFIED}", [(until, i) for i, until in moves])
+
+    async def skip_unverified(self, ids: Sequence[int]) -> int:
+        """Mark `skipped` the email deliveries whose user's address is still unverified;
+        returns how many."""
+        async with self._tx() as db:
+            cur = await db.executemany(
+                "UPDATE deliveries SET status = 'skipped', attempts = attempts + 1,"
+                " last_error = 'email address not verified within 24 h'"
+                f" WHERE id = ? AND status = 'pending' AND {_UNVERIFIED}",
+                [(i,) for i in ids])
+            await _renotify(db, ids)
+            return cur.rowcount
+
     async def defer_channel(self, user_id: int, channel: str, channel_id: int | None,
                             until: float, exclude: Collection[int] = ()) -> None:
         """Move the channel's pending deliveries due before `until` to `until` (no attempt
@@ -231,15 +272,7 @@ class DeliveriesMixin:
                 " next_attempt_at = COALESCE(?, next_attempt_at), last_error = ?,"
                 " sent_at = ?, recipient = COALESCE(?, recipient), digest = ?"
                 " WHERE id = ? AND status = 'pending'", rows)
-            marks = ",".join("?" * len(rows))
-            await db.execute(
-                "UPDATE alerts SET notified = (SELECT CASE WHEN COUNT(*) = 0 THEN NULL"
-                " WHEN SUM(d.status = 'pending') > 0 THEN 'pending'"
-                " WHEN SUM(d.status = 'sent') > 0 THEN 'sent' ELSE 'failed' END"
-                " FROM deliveries d WHERE d.event_id = (SELECT MAX(e.id) FROM events e"
-                " WHERE e.alert_id = alerts.id))"
-                f" WHERE id IN (SELECT alert_id FROM deliveries WHERE id IN ({marks}))",
-                [r[-1] for r in rows])
+            await _renotify(db, [r[-1] for r in rows])
 
     async def recent_sends(self, user_id: int, channel: str, channel_id: int | None,
                            since: float) -> list[float]:
