@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -33,12 +34,18 @@ MESSAGES_PER_CONNECTION = 100  # then a fresh connection (some servers cap it pe
 IDLE_CLOSE = 30.0  # seconds an unused connection stays open
 
 
+@functools.lru_cache(maxsize=8)
+def envelope_sender(sender: str) -> str:
+    """The bare address of PRICEWATCH_MAIL_FROM (`Name <a@b>` -> `a@b`), parsed once."""
+    return parseaddr(sender)[1] or sender
+
+
 def message_id(delivery: Delivery, sender: str) -> str:
     """The Message-ID of the email for `delivery` (a digest: for its first delivery): the
     same on every attempt, so that the one duplicate a crash can cause can be recognised as
     such. The domain is the sender's (never the local host name: looking that up could
     block)."""
-    domain = parseaddr(sender)[1].rpartition("@")[2] or "localhost"
+    domain = envelope_sender(sender).rpartition("@")[2] or "localhost"
     stamp = int(delivery.alert.created_at * 1_000_000)  # keeps ids of other installs apart
     return f"<pricewatch.{delivery.id}.{delivery.alert.id}.{stamp}@{domain}>"
 
@@ -211,7 +218,7 @@ class EmailSink:
         s = self.settings
         try:
             raw = compose(batch, s.mail_from, s.public_url)
-            sender = parseaddr(s.mail_from)[1] or s.mail_from
+            sender = envelope_sender(s.mail_from)
             await self.pool.send((sender, batch[0].channel.address or "", raw))
         except Exception as exc:
             return classify(exc)

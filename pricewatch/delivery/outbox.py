@@ -41,7 +41,7 @@ DIGEST_MAX = 1000  # deliveries folded into one digest at most (the rest: the ne
 MAX_DELAY = 3600.0  # no retry waits longer, whatever the other side asks
 WINDOWS_KEPT = 10_000  # budget windows held before quiet ones are forgotten
 COALESCE = 0.005  # seconds a read of due rows waits for more sends to finish
-READY_PER_USER = 16  # rows claimed at most per user beyond those being sent
+READY_PER_USER = 32  # rows claimed at most per user beyond those being sent
 
 Key = tuple[int, str, int | str]  # (user id, channel type, channel id): what a budget counts
 
