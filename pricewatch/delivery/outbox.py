@@ -62,10 +62,9 @@ class Deliverer:
         self.settings = settings
         self.store = store
         self.sinks = dict(sinks)
-        self.sent = 0  # deliveries recorded sent by this process (a digest: each of them)
-        self.failed = 0
-        self.skipped = 0
+        self.skipped = 0  # email deliveries skipped (not verified within WAIT_VERIFIED)
         self.attempts = 0  # attempts that did not succeed (retried or given up)
+        # Deliveries recorded sent or failed by this process, per type (a digest: each).
         self.by_type: dict[str, dict[str, int]] = {
             t: {"sent": 0, "failed": 0} for t in self.sinks}
         self.progress = asyncio.Condition()  # notified after every recorded outcome
@@ -88,10 +87,18 @@ class Deliverer:
         self._windows: dict[Key, deque[float]] = {}  # send times within the last hour
         self._forget_at = WINDOWS_KEPT
         self._sending: set[asyncio.Task] = set()
-        # Outcomes to commit: (rows, future, the channel whose claim they end or None).
-        self._queue: list[tuple[list[tuple], asyncio.Future, Key | None]] = []
+        # Outcomes to commit: (rows, future, the channel whose claim they end).
+        self._queue: list[tuple[list[tuple], asyncio.Future, Key]] = []
         self._queued = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+
+    @property
+    def sent(self) -> int:
+        return sum(figures["sent"] for figures in self.by_type.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(figures["failed"] for figures in self.by_type.values())
 
     def wake(self) -> None:
         self._wake.set()
@@ -218,7 +225,7 @@ class Deliverer:
         room = (self.settings.notify_per_hour - len(window)
                 - sum(1 for k, _ in waiting if k == key))
         if room <= 0:
-            await self.store.defer_deliveries([(d.id, window[0] + HOUR) for d in rows], True)
+            await self.store.hold_deliveries([(d.id, window[0] + HOUR) for d in rows])
             return
         free = self._free(key)
         if free <= 0:
@@ -235,7 +242,7 @@ class Deliverer:
         if rest:
             log.info("user %d %s channel %s: over %d deliveries an hour; %d wait for a digest",
                      key[0], key[1], key[2], self.settings.notify_per_hour, len(rest))
-            await self.store.defer_deliveries([(d.id, window[0] + HOUR) for d in rest], True)
+            await self.store.hold_deliveries([(d.id, window[0] + HOUR) for d in rest])
 
     async def _gather(self, key: Key, rows: list[Delivery], now: float) -> list[Delivery]:
         """`rows` and every other due delivery of the channel (up to DIGEST_MAX): the
@@ -432,7 +439,7 @@ class Deliverer:
 
     # recording ------------------------------------------------------------------------
 
-    def _enqueue(self, rows: list[tuple], key: Key | None) -> asyncio.Future:
+    def _enqueue(self, rows: list[tuple], key: Key) -> asyncio.Future:
         done = asyncio.get_running_loop().create_future()
         self._queue.append((rows, done, key))
         self._queued.set()
@@ -469,17 +476,12 @@ class Deliverer:
                 async with self.progress:
                     self.progress.notify_all()
 
-    def _committed(self, rows: list[tuple], key: Key | None) -> None:
+    def _committed(self, rows: list[tuple], key: Key) -> None:
         for delivery_id, status, *_ in rows:
             self._recent[delivery_id] = self._seq
             if status in ("sent", "failed"):
-                setattr(self, status, getattr(self, status) + 1)
-                if key is not None:
-                    self.by_type[key[1]][status] += 1
-            elif status == "skipped":
-                self.skipped += 1
-        if key is not None:
-            self._release([r[0] for r in rows], key)
+                self.by_type[key[1]][status] += 1
+        self._release([r[0] for r in rows], key)
 
 
 DELIVERER = web.AppKey("deliverer", Deliverer)

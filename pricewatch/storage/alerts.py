@@ -12,7 +12,7 @@ import orjson
 from .. import clock
 from ..records import EMAIL, Alert, Arm, Event, Hit
 from .base import Conflict, NotFound, UnknownUser
-from .deliveries import EVENT_DELIVERIES, insert_deliveries
+from .deliveries import CHANNEL_IDS, EVENT_DELIVERIES, insert_deliveries
 
 ALERT_COLS = ("id, user_id, asset, price, direction, status, created_at, triggered_at, "
               "triggered_price, notified, note, triggered_backfill, kind, percent, win, "
@@ -295,11 +295,8 @@ def _fields(fields: dict) -> dict:
 
 
 async def _channel_ids(db: aiosqlite.Connection, user_id: int) -> list[int | str]:
-    """The user's channel ids inside a transaction: "email" (with an address), then the rest."""
-    async with db.execute(
-            "SELECT 'email' FROM users WHERE id = ? AND email <> '' UNION ALL"
-            " SELECT * FROM (SELECT id FROM channels WHERE user_id = ? AND deleted_at IS NULL"
-            " ORDER BY id)", (user_id, user_id)) as cur:
+    """The user's channel ids inside a transaction (see CHANNEL_IDS)."""
+    async with db.execute(CHANNEL_IDS, (user_id, user_id)) as cur:
         return [r[0] for r in await cur.fetchall()]
 
 

@@ -54,6 +54,12 @@ def insert_deliveries(db: sqlite3.Connection, event_id: int, alert_id: int,
         " WHERE event_id = ? ORDER BY id", (event_id,)))
 
 
+# A user's channel ids, params (user id, user id): "email" while they have an address, then
+# the other channels by id.
+CHANNEL_IDS = ("SELECT 'email' FROM users WHERE id = ? AND email <> '' UNION ALL"
+               " SELECT * FROM (SELECT id FROM channels WHERE user_id = ?"
+               " AND deleted_at IS NULL ORDER BY id)")
+
 _UNVERIFIED = ("EXISTS (SELECT 1 FROM users u WHERE u.id = deliveries.user_id"
                " AND u.email_verified = 0)")
 
@@ -141,7 +147,7 @@ class DeliveriesMixin:
 
     async def channel_ids(self, user_id: int) -> list[int | str]:
         """The ids of the user's channels ("email" first when they have an address)."""
-        return [c.id for c in await self.list_channels(user_id)]
+        return [r[0] for r in await self._all(CHANNEL_IDS, (user_id, user_id))]
 
     # deliveries -----------------------------------------------------------------------
 
@@ -245,16 +251,15 @@ class DeliveriesMixin:
                 f" AND id NOT IN ({','.join('?' * len(ids))})",
                 (until, user_id, channel, channel_id, until, *ids))
 
-    async def defer_deliveries(self, moves: Sequence[tuple[int, float]], held: bool) -> None:
-        """Move pending deliveries, (id, until) each, without an attempt: over the hourly
-        budget (`held`: they will go out as a digest), or waiting for a verified address."""
+    async def hold_deliveries(self, moves: Sequence[tuple[int, float]]) -> None:
+        """Move pending deliveries over the hourly budget, (id, until) each, without an
+        attempt; held, they go out as one digest once due."""
         if not moves:
             return
         async with self._tx() as db:
             await db.executemany(
-                "UPDATE deliveries SET next_attempt_at = ?, held = MAX(held, ?)"
-                " WHERE id = ? AND status = 'pending'",
-                [(until, int(held), i) for i, until in moves])
+                "UPDATE deliveries SET next_attempt_at = ?, held = 1"
+                " WHERE id = ? AND status = 'pending'", [(until, i) for i, until in moves])
 
     async def record_deliveries(self, outcomes: Iterable[tuple]) -> None:
         """Record attempts, all in ONE transaction: each outcome is (id, status,
