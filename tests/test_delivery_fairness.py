@@ -9,11 +9,12 @@ from conftest import LiveServer, register
 from fake_hooks import WebhookReceiver
 from test_alerts import Trader, create
 from test_channels import add, call, market
+from test_sinks import delivery
 
 from pricewatch import clock
 from pricewatch.delivery.message import chat
 from pricewatch.delivery.webhook import WebhookSink, event_header
-from pricewatch.records import Alert, Channel, Delivery, Event
+from pricewatch.records import Channel, Delivery
 from pricewatch.server import DELIVERER, STORE
 
 
@@ -102,16 +103,14 @@ async def test_channel_additions_are_limited_per_user(make_settings, http):
 
 
 def deliveries(count: int, note: str | None = None) -> list[Delivery]:
-    alert = Alert(7, 1, "BTCUSDT", 100.0, "above", "TRIGGERED", 0.0, 1.7e9, 101.0,
-                  "pending", note=note)
-    channel = Channel(3, 1, "telegram", chat_id="5")
-    return [Delivery(i, 0, alert, Event(10_000_000 + i, 7, 1, 1.7e9, 101.0), channel)
-            for i in range(count)]
+    """A digest's worth of deliveries to one Telegram chat (events 100, 101, ...)."""
+    chat_channel = Channel(3, 7, "telegram", chat_id="5")
+    return [delivery(i, chat_channel, note) for i in range(count)]
 
 
 def test_a_big_digest_names_its_events_as_a_range_in_the_header():
-    assert event_header(deliveries(3)) == "10000000,10000001,10000002"
-    assert event_header(deliveries(1000)) == "10000000-10000999"
+    assert event_header(deliveries(3)) == "100,101,102"
+    assert event_header(deliveries(1000)) == "100-1099"
 
 
 @pytest.mark.parametrize("utf16, limit", [(False, 4096), (True, 4096)])
