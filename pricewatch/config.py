@@ -260,6 +260,15 @@ class Settings:
     allow_private_feeds: bool = _var(
         "ALLOW_PRIVATE_FEEDS", _bool, False,
         "let admins add feeds on loopback/private addresses (tests)")
+    max_clock_skew: float = _var(
+        "MAX_CLOCK_SKEW", _float(0, 86400), 10.0,
+        "seconds a trade may be stamped ahead of the server clock; later ones are dropped")
+    max_id_jump: int = _var(
+        "MAX_ID_JUMP", _int(1, 10**15), 10_000_000,
+        "a trade id this far past the last one (or far behind it) re-bases the sequence")
+    upstream_max_bytes: int = _var(
+        "UPSTREAM_MAX_BYTES", _int(1024, 1 << 30), 8 << 20,
+        "bytes at most read from one upstream answer (REST, AlphaVantage, Telegram, webhooks)")
     # -- quotes
     alphavantage_url: str = _var("ALPHAVANTAGE_URL", _http_url,
                                  "https://www.alphavantage.co/query", "AlphaVantage quote API")
@@ -307,6 +316,9 @@ class Settings:
     notify_per_hour: int = _var(
         "NOTIFY_PER_HOUR", _int(1, 10**6), 30,
         "deliveries per user and channel per hour; the rest of the hour's go out as one digest")
+    event_retention_days: int = _var(
+        "EVENT_RETENTION_DAYS", _int(1, 100000), 90,
+        "alert events older than this are purged with their finished deliveries")
     telegram_bot_token: str | None = _var(
         "TELEGRAM_BOT_TOKEN", _opt(_str), None,
         "Telegram bot token; unset: telegram channels cannot be added", secret=True)
