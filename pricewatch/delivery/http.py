@@ -12,22 +12,14 @@ from typing import Any
 import aiohttp
 import orjson
 
+from ..upstream_read import read_head
 from .base import Failed, Outcome, Retry
 
-RESPONSE_HEAD = 16 * 1024  # bytes of an answer read at most (the rest is never read)
+__all__ = ["read_head"]  # the one bounded read (upstream_read), as the sinks use it
+
+RESPONSE_HEAD = 16 * 1024  # bytes of an answer read at most (the rest is never read: an
+# answer's status says whether a message was taken, so a larger body is no error)
 MAX_WAIT = 3600.0  # a Retry-After beyond this is taken as this (retries are capped at 1 h)
-
-
-async def read_head(resp: aiohttp.ClientResponse, limit: int = RESPONSE_HEAD) -> bytes:
-    """At most `limit` bytes of the body (all of a small one: the connection can then be
-    reused)."""
-    head = b""
-    while len(head) < limit:
-        part = await resp.content.read(limit - len(head))
-        if not part:
-            break
-        head += part
-    return head
 
 
 def seconds(value: Any) -> float | None:

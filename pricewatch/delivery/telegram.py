@@ -68,7 +68,8 @@ class TelegramSink:
                                          headers={"Content-Type": "application/json"}
                                          ) as resp:
                 # A sent message's answer repeats it (up to 4096 characters and entities).
-                answer = json_head(await read_head(resp, 4 * RESPONSE_HEAD))
+                answer = json_head(await read_head(
+                    resp, min(4 * RESPONSE_HEAD, s.upstream_max_bytes)))
                 status = resp.status
         except Exception as exc:
             return describe(exc, self._secrets)

@@ -25,7 +25,7 @@ from ..addresses import is_public_address
 from ..config import Settings
 from ..records import Delivery
 from .base import Failed, Outcome, Retry, Sent
-from .http import describe, read_head, retry_after
+from .http import RESPONSE_HEAD, describe, read_head, retry_after
 from .message import chat, event_json
 
 LIMITS = {"discord": 2000, "slack": 3000}  # characters of a message's text
@@ -122,7 +122,8 @@ class WebhookSink:
                 return Failed(f"refused: {host} is not a public address")
             async with self.session.post(url, data=raw, headers=headers,
                                          allow_redirects=False) as resp:
-                head = await read_head(resp)
+                head = await read_head(
+                    resp, min(RESPONSE_HEAD, self.settings.upstream_max_bytes))
                 status = resp.status
                 if 200 <= status < 300:
                     return Sent()
