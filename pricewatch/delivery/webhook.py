@@ -55,11 +55,22 @@ class PublicResolver(AbstractResolver):
         await self._inner.close()
 
 
+def slack_escape(text: str) -> str:
+    """Text as Slack takes it literally: `&`, `<` and `>` escaped (Slack's control
+    sequences, `<!channel>`, `<!here>`, `<!everyone>`, `<@U123>`, are written in `<...>`)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def body(batch: Sequence[Delivery], format: str, public_url: str | None) -> bytes:
-    """The raw body of the POST about `batch` in the channel's format."""
-    if format in LIMITS:
-        key = "content" if format == "discord" else "text"
-        return orjson.dumps({key: chat(batch, LIMITS[format], public_url)})
+    """The raw body of the POST about `batch` in the channel's format. A note saying
+    `@everyone`, `<@id>` or `<!channel>` pings nobody: Discord is told to parse no mention
+    (`allowed_mentions`), Slack gets the text escaped."""
+    if format == "discord":
+        return orjson.dumps({"content": chat(batch, LIMITS[format], public_url),
+                             "allowed_mentions": {"parse": []}})
+    if format == "slack":
+        return orjson.dumps({"text": chat(batch, LIMITS[format], public_url,
+                                          escape=slack_escape)})
     if len(batch) == 1:
         return orjson.dumps(event_json(batch[0]))
     return orjson.dumps({"digest": True, "events": [event_json(d) for d in batch]})
