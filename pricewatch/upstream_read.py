@@ -87,9 +87,10 @@ async def parse_json(body: bytes) -> Any:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise BadAnswer(f"not JSON: {exc}") from None
-    # Every value after the first in a container follows a comma (commas in strings only
-    # make this count higher): a cheap upper bound on the work before doing any of it.
-    if body.count(b",") + 1 > MAX_VALUES:
+    # Every value after the first in a container follows a comma, and every container opens
+    # with a bracket (those in strings only make the count higher): a cheap upper bound on
+    # the work, and on the containers held open at once (`[[[[...`), before doing any of it.
+    if body.count(b",") + body.count(b"[") + body.count(b"{") + 1 > MAX_VALUES:
         raise BadAnswer(f"more than {MAX_VALUES} values")
     try:
         text = body.decode()

@@ -123,6 +123,7 @@ BAD = {
     "extra data": b"[" + b"1," * 150_000 + b"1] 2",
     "unclosed": b"[" + b"1," * 150_000 + b"1",
     "too many values": b"[" + b"1," * MAX_VALUES + b"1]",
+    "too deep": b"[" * (MAX_VALUES + 1) + b"]" * (MAX_VALUES + 1),
     "not UTF-8": b"\xff" * (PARSE_INLINE + 1),
 }
 
