@@ -13,8 +13,9 @@ import orjson
 
 from ..config import Settings
 from ..records import Delivery
+from ..upstream_read import read_head
 from .base import Failed, Outcome, Retry, Sent
-from .http import RESPONSE_HEAD, describe, json_head, read_head, redact, seconds
+from .http import RESPONSE_HEAD, describe, json_head, redact, seconds
 from .message import chat
 
 TEXT_LIMIT = 4096  # characters of a Telegram message

@@ -24,8 +24,9 @@ from yarl import URL
 from ..addresses import is_public_address
 from ..config import Settings
 from ..records import Delivery
+from ..upstream_read import read_head
 from .base import Failed, Outcome, Retry, Sent
-from .http import RESPONSE_HEAD, describe, read_head, retry_after
+from .http import RESPONSE_HEAD, describe, retry_after
 from .message import chat, event_json
 
 LIMITS = {"discord": 2000, "slack": 3000}  # characters of a message's text
