@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 
 import aiohttp
 import orjson
@@ -160,6 +161,31 @@ async def test_binance_rest_refuses_a_content_length_past_the_limit(flood):
         rest.paths = {"klines": "/sized"}
         with pytest.raises(RestError, match="Content-Length 104857600"):
             await rest.klines("BTCUSDT", "1m")
+
+
+async def test_binance_rest_counts_the_bytes_a_compressed_answer_expands_to():
+    packer = zlib.compressobj(wbits=31)  # gzip
+    bomb = packer.compress(b"[" + b"0," * (25 << 20)) + packer.flush()  # 50 MB in ~50 KB
+
+    async def klines(request: web.Request) -> web.Response:
+        return web.Response(body=bomb, headers={"Content-Encoding": "gzip",
+                                                "Content-Type": "application/json"})
+
+    app = web.Application()
+    app.router.add_get("/api/v3/klines", klines)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            rest = BinanceRest(f"http://127.0.0.1:{port}", timeout=5.0, max_bytes=LIMIT)
+            rest.session = session
+            assert len(bomb) < LIMIT  # its Content-Length is within the limit
+            with pytest.raises(RestError, match="larger than 262144 bytes"):
+                await rest.klines("BTCUSDT", "1m")
+    finally:
+        await runner.cleanup()
 
 
 async def healthz(http, server) -> int:
