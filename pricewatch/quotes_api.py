@@ -75,7 +75,8 @@ class Quotes:
     async def fetch(self, from_currency: str, to_currency: str) -> Quote:
         s = self.settings
         return await fetch_rate(self.session, s.alphavantage_url, s.alphavantage_api_key,
-                                from_currency, to_currency, timeout=s.alphavantage_timeout)
+                                from_currency, to_currency, timeout=s.alphavantage_timeout,
+                                max_bytes=s.upstream_max_bytes)
 
 
 QUOTES = web.AppKey("quotes", Quotes)

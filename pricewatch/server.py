@@ -413,7 +413,8 @@ async def quotes_ctx(app: web.Application) -> AsyncIterator[None]:
     quotes.poller = QuotePoller(session, settings.alphavantage_url,
                                 settings.alphavantage_api_key, list(settings.quote_pairs),
                                 settings.alphavantage_interval, quotes.save,
-                                timeout=settings.alphavantage_timeout)
+                                timeout=settings.alphavantage_timeout,
+                                max_bytes=settings.upstream_max_bytes)
     async with FeedRunner(app, quotes.poller):
         yield
 
@@ -500,7 +501,8 @@ def create_app(settings: Settings) -> web.Application:
         add_route(app, "GET", "/openapi.json", openapi.spec_handler)
         return app
     rest = app[BINANCE_REST] = BinanceRest(settings.binance_rest_url, settings.binance_api_key,
-                                           market=MARKETS[settings.binance_market])
+                                           market=MARKETS[settings.binance_market],
+                                           max_bytes=settings.upstream_max_bytes)
     # Built now so that a bad PRICEWATCH_FEED (missing replay file...) fails before any I/O.
     app[FEED] = make_feed(settings.feed, symbols=settings.symbols,
                           binance_url=settings.binance_ws_url, on_tick=mkt.on_tick,

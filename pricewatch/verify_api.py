@@ -10,7 +10,8 @@ Guessing is bounded: a code allows CODE_TRIES attempts, a new code (resend, chan
 address) is issued at most once per RESEND_INTERVAL and USER_CODES_PER_DAY times a day per
 user, and wrong codes count against the client address (VERIFY_FAILURES an hour). Nobody can
 use pricewatch to flood an address: at most ADDRESS_CODES code mails go to one address,
-whichever accounts ask for them. These counts live in memory (a restart forgets them).
+whichever accounts ask for them (addresses compared as providers do: `mailbox`). These
+counts live in memory (a restart forgets them).
 
 Without SMTP no code is ever sent, addresses stay unverified (alert mail could not go out
 anyway), and resend answers 503.
@@ -26,7 +27,6 @@ import math
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import suppress
-from email.message import EmailMessage
 
 from aiohttp import web
 
@@ -66,16 +66,22 @@ def code_hash(key: bytes, user_id: int, code: str) -> str:
     return hmac.new(key, f"{user_id}:{code}".encode(), hashlib.sha256).hexdigest()
 
 
-def compose(address: str, code: str) -> EmailMessage:
-    msg = EmailMessage()
-    msg["To"] = address
-    msg["Subject"] = SUBJECT
-    msg.set_content(
-        f"Your pricewatch verification code is {code}\n\n"
-        "Enter it with POST /auth/verify-email {\"code\": \"" + code + "\"}.\n"
-        "It is valid for 24 hours. Until the address is verified, no alert mail is sent "
-        "to it.\n\nIf you did not ask for this, ignore this mail.\n")
-    return msg
+def mailbox(address: str) -> str:
+    """The mailbox `address` reaches, as mail providers compare addresses: lower-case, with
+    a `+tag` taken out of the local part (`Victim+1@Example.com` -> `victim@example.com`).
+    Every cap per address counts by it: `victim+N@` variants are one mailbox."""
+    local, at, domain = address.strip().lower().rpartition("@")
+    if not at:
+        return domain
+    return f"{local.partition('+')[0] or local}@{domain}"
+
+
+def code_text(code: str) -> str:
+    """The body of the verification mail (built and sent by the mailer, as alert mail is)."""
+    return (f"Your pricewatch verification code is {code}\n\n"
+            "Enter it with POST /auth/verify-email {\"code\": \"" + code + "\"}.\n"
+            "It is valid for 24 hours. Until the address is verified, no alert mail is sent "
+            "to it.\n\nIf you did not ask for this, ignore this mail.\n")
 
 
 class CodeMail:
@@ -93,7 +99,7 @@ class CodeMail:
 
     @staticmethod
     def _address_key(address: str) -> str:
-        return hashlib.sha256(address.strip().lower().encode()).hexdigest()
+        return hashlib.sha256(mailbox(address).encode()).hexdigest()
 
     def wait(self, user_id: int, address: str) -> int | None:
         """Seconds until a code may be mailed to `address` for this user, None: now."""
@@ -122,14 +128,13 @@ class CodeMail:
             log.warning("verification code for user %d not sent: %d mails already waiting",
                         user.id, len(self._tasks))
             return
-        task = asyncio.create_task(self._send(mailer, user, compose(user.email, code)),
-                                   name="verification-mail")
+        task = asyncio.create_task(self._send(mailer, user, code), name="verification-mail")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, mailer, user: User, msg: EmailMessage) -> None:
+    async def _send(self, mailer, user: User, code: str) -> None:
         try:
-            await mailer.send_mail(msg)
+            await mailer.send_mail(user.email, SUBJECT, code_text(code))
         except Exception as exc:  # SMTP down, refused: the user can resend
             self.failed += 1
             log.warning("verification code for user %d not sent: %s: %s", user.id,

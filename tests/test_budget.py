@@ -3,11 +3,14 @@ the SMTP connections kept open between messages; alerts choosing their channels.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from conftest import LiveServer, bearer, register
 from smtp_sink import SmtpSink
 from test_alerts import Trader, create, market_settings
 
+from pricewatch import clock
 from pricewatch.server import DELIVERER, STORE
 
 
@@ -37,6 +40,21 @@ async def cross_five(http, server, market, token, count: int = 5) -> list[dict]:
     return alerts
 
 
+async def backlog_held(store, timeout: float = 10.0) -> None:
+    """Wait until every pending email delivery is held for the next hour (due in more than
+    59 minutes): the deliverer has planned the whole backlog. Moving the clock before that
+    lets the rows it has not read yet go out one by one in the new hour (they are due
+    before the held ones) instead of in the digest."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        due = await store.next_delivery_due(["email"])
+        if due is not None and due > clock.now() + 3540:
+            return
+        assert loop.time() < deadline, f"backlog not held after {timeout} s (next due {due})"
+        await asyncio.sleep(0.01)
+
+
 async def test_beyond_the_hourly_budget_triggers_wait_for_one_digest(make_settings, http, fake,
                                                                      smtp, later):
     settings = market_settings(make_settings, fake, smtp.port, notify_per_hour=2)
@@ -55,6 +73,7 @@ async def test_beyond_the_hourly_budget_triggers_wait_for_one_digest(make_settin
             assert len(smtp.messages) == 2
             assert all("digest" not in m["Subject"] for m in smtp.messages)
 
+            await backlog_held(server.app[STORE])
             later(3601)  # the hour has passed: one digest with the three others
             deliverer.wake()
             await deliverer.wait_until(lambda: deliverer.sent >= 5, timeout=10)
@@ -89,6 +108,7 @@ async def test_one_digest_carries_more_than_one_claim_holds(make_settings, http,
         async with Trader(fake, server, http, tok) as market:
             await cross_five(http, server, market, tok, count=12)
             await deliverer.wait_until(lambda: deliverer.sent >= 1, timeout=10)
+            await backlog_held(server.app[STORE])
             later(3601)
             deliverer.wake()
             await deliverer.wait_until(lambda: deliverer.sent >= 12, timeout=10)

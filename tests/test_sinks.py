@@ -19,7 +19,7 @@ from pricewatch.delivery.base import Failed, Retry, Sent
 from pricewatch.delivery.http import describe
 from pricewatch.delivery.message import chat, event_json
 from pricewatch.delivery.telegram import TelegramSink
-from pricewatch.delivery.webhook import WebhookSink, url_secrets
+from pricewatch.delivery.webhook import WebhookSink, slack_escape, url_secrets
 from pricewatch.records import Alert, Channel, Delivery, Event
 
 SECRET = "s3cr3t" * 8
@@ -104,10 +104,39 @@ async def test_chat_formats_carry_the_shared_text(receiver, format, key, limit):
         assert await sink.send(one) == Sent()
         assert await sink.send(many) == Sent()
     first, digest = (r["json"] for r in receiver.received)
-    assert first == {key: chat(one, limit, "https://prices.example")}
+    escape = slack_escape if format == "slack" else None
+    assert first[key] == chat(one, limit, "https://prices.example", escape=escape)
     assert "BTCUSDT above 100000" in first[key] and "100012.5" in first[key]
-    assert digest == {key: chat(many, limit, "https://prices.example")}
+    assert digest[key] == chat(many, limit, "https://prices.example", escape=escape)
     assert len(digest[key]) <= limit and "more lines" in digest[key]
+
+
+NOTE = "@everyone @here <!channel> <!here|here> <!everyone> <@U123> <@&42> & more"
+
+
+async def test_a_note_with_mentions_pings_nobody_on_discord(receiver):
+    async with running(webhooks()) as sink:
+        assert await sink.send([delivery(1, hook(receiver.url + "/hook", "discord"),
+                                         note=NOTE)]) == Sent()
+    [got] = receiver.received
+    assert got["json"]["allowed_mentions"] == {"parse": []}  # no mention is parsed
+    assert NOTE in got["json"]["content"]  # the note itself is shown as written
+
+
+async def test_a_note_with_mentions_pings_nobody_on_slack(receiver):
+    async with running(webhooks()) as sink:
+        assert await sink.send([delivery(1, hook(receiver.url + "/hook", "slack"),
+                                         note=NOTE)]) == Sent()
+    [got] = receiver.received
+    text = got["json"]["text"]
+    assert "<" not in text and ">" not in text  # no Slack control sequence survives
+    assert ("@everyone @here &lt;!channel&gt; &lt;!here|here&gt; &lt;!everyone&gt; "
+            "&lt;@U123&gt; &lt;@&amp;42&gt; &amp; more") in text
+    many = [delivery(i, hook(receiver.url + "/hook", "slack"), note="<>" * 30)
+            for i in range(1, 81)]
+    async with running(webhooks()) as sink:
+        assert await sink.send(many) == Sent()
+    assert len(receiver.received[1]["json"]["text"]) <= 3000  # measured once escaped
 
 
 async def test_wrong_secret_is_refused_by_the_receiver(receiver):

@@ -84,6 +84,11 @@ async def test_register_mails_a_code_that_verifies_the_address(make_settings, ht
         assert message["To"] == "alice@example.com"
         assert message["Subject"] == SUBJECT
         assert "24 hours" in message.get_content()
+        # Built as alert mail is: some providers refuse mail without Message-ID or Date.
+        assert re.fullmatch(r"<pricewatch\.code\.[0-9a-f]{24}@[^<>@\s]+>",
+                            message["Message-ID"]), message["Message-ID"]
+        assert message["Date"].datetime.timestamp() == pytest.approx(time.time(), abs=300)
+        assert message["From"] == server.settings.mail_from
         code = code_of(message)
         assert (await me(http, server, token))["email_verified"] is False
         email, stored, tries = await code_row(server, user["id"])
@@ -413,3 +418,29 @@ async def test_wrong_codes_are_limited_per_client_address(make_settings, http, s
                 assert status == 400
                 guesses += 1
         raise AssertionError(f"{guesses} wrong codes were judged")
+
+
+def test_a_mailbox_is_the_address_without_case_or_plus_tag():
+    from pricewatch.verify_api import mailbox
+
+    assert mailbox("Victim+1@Example.com") == "victim@example.com"
+    assert mailbox(" victim+a+b@example.com ") == "victim@example.com"
+    assert mailbox("victim@example.com") == "victim@example.com"
+    assert mailbox("+only@example.com") == "+only@example.com"  # no local part left: kept
+
+
+async def test_plus_tags_and_case_do_not_make_another_mailbox(make_settings, http, smtp):
+    settings = mail_settings(make_settings, smtp.port, register_limit=100)
+    async with LiveServer(settings) as server:
+        users = [await register(http, server, f"bomber{i}", email=f"Victim+{i}@Example.com",
+                                verified=False) for i in range(5)]
+        await server.app[CODE_MAIL].drained()
+        assert len(smtp.codes) == 3  # five registrations, one mailbox, three code mails
+        status, body, _ = await patch_email(http, server, users[4]["access"],
+                                            "VICTIM+other@example.COM")
+        assert status == 429, body
+        status, body, _ = await patch_email(http, server, users[4]["access"],
+                                            "victim@example.com")
+        assert status == 429, body
+        await server.app[CODE_MAIL].drained()
+        assert len(smtp.codes) == 3

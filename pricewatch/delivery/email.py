@@ -4,7 +4,7 @@ A connection is opened when needed, then reused for up to MESSAGES_PER_CONNECTIO
 (closed after IDLE_CLOSE seconds unused, and at once on any error: its state is then
 unknown). At most `PRICEWATCH_SMTP_CONCURRENCY` connections exist. A reused connection the
 server closed meanwhile is replaced once, at no attempt's cost. The same pool sends the
-verification codes (`send_mail`).
+verification codes (`send_mail`). Every mail is built by `build` (one set of headers).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import asyncio
 import binascii
 import functools
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from contextlib import suppress
 from email.header import Header
-from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
 
 import aiosmtplib
@@ -62,23 +62,35 @@ def _header(value: str) -> str:
     return value if value.isascii() else Header(value, "utf-8").encode()
 
 
-def compose(batch: Sequence[Delivery], sender: str, public_url: str | None = None) -> bytes:
-    """The plain-text email about `batch` (one delivery or a digest) as the bytes SMTP
-    sends, with `Date` and `Message-ID` (some providers reject mail without them).
+def build(sender: str, to: str, subject: str, text: str, ident: str) -> bytes:
+    """Every mail the server sends, as the bytes SMTP sends: From, To, Date, Message-ID
+    (some providers refuse mail without them), Subject, and `text` as quoted-printable
+    UTF-8.
 
     Written out directly: the `email` package's EmailMessage costs about a millisecond per
     message, most of the server's work when a thousand alerts trigger at once. Every header
     value is a configured or validated one (sender, address, symbols, numbers)."""
-    text = render(batch, public_url)
-    ident = digest_id(batch, sender) if len(batch) > 1 else message_id(batch[0], sender)
-    head = (f"From: {_header(sender)}\r\nTo: {_header(batch[0].channel.address or '')}\r\n"
+    head = (f"From: {_header(sender)}\r\nTo: {_header(to)}\r\n"
             f"Date: {formatdate(usegmt=True)}\r\n"
             f"Message-ID: {ident}\r\n"
-            f"Subject: {_header(text.title)}\r\nMIME-Version: 1.0\r\n"
+            f"Subject: {_header(subject)}\r\nMIME-Version: 1.0\r\n"
             "Content-Type: text/plain; charset=utf-8\r\n"
             "Content-Transfer-Encoding: quoted-printable\r\n\r\n")
-    body = binascii.b2a_qp(text.body.encode(), istext=True).replace(b"\n", b"\r\n")
+    body = binascii.b2a_qp(text.encode(), istext=True).replace(b"\n", b"\r\n")
     return head.encode("ascii") + body
+
+
+def compose(batch: Sequence[Delivery], sender: str, public_url: str | None = None) -> bytes:
+    """The plain-text email about `batch` (one delivery or a digest)."""
+    text = render(batch, public_url)
+    ident = digest_id(batch, sender) if len(batch) > 1 else message_id(batch[0], sender)
+    return build(sender, batch[0].channel.address or "", text.title, text.body, ident)
+
+
+def other_id(kind: str, sender: str) -> str:
+    """A fresh Message-ID for a mail that is not about alerts (`kind`: "code")."""
+    domain = envelope_sender(sender).rpartition("@")[2] or "localhost"
+    return f"<pricewatch.{kind}.{secrets.token_hex(12)}@{domain}>"
 
 
 def classify(exc: BaseException) -> Outcome:
@@ -122,9 +134,9 @@ class SmtpPool:
                                password=s.smtp_password, start_tls=s.smtp_starttls,
                                timeout=s.smtp_timeout)
 
-    async def send(self, msg: EmailMessage | tuple[str, str, bytes]) -> None:
-        """Send `msg` (a message, or envelope sender, recipient and the message's bytes);
-        raises what aiosmtplib raises when it is not accepted."""
+    async def send(self, msg: tuple[str, str, bytes]) -> None:
+        """Send `msg` (envelope sender, recipient and the message's bytes); raises what
+        aiosmtplib raises when it is not accepted."""
         async with self._slots:
             conn = self._idle.pop() if self._idle else None
             if conn is not None:
@@ -142,13 +154,10 @@ class SmtpPool:
                 raise
             await self._send_on(conn, msg)
 
-    async def _send_on(self, conn: _Conn, msg: EmailMessage | tuple[str, str, bytes]) -> None:
+    async def _send_on(self, conn: _Conn, msg: tuple[str, str, bytes]) -> None:
         try:
-            if isinstance(msg, tuple):
-                sender, recipient, raw = msg
-                await conn.smtp.sendmail(sender, [recipient], raw)
-            else:
-                await conn.smtp.send_message(msg)
+            sender, recipient, raw = msg
+            await conn.smtp.sendmail(sender, [recipient], raw)
         except BaseException:
             conn.smtp.close()  # its state is unknown after any error
             raise
@@ -206,13 +215,12 @@ class EmailSink:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def send_mail(self, msg: EmailMessage) -> None:
-        """Send any message from PRICEWATCH_MAIL_FROM (raises when it is not accepted)."""
-        if "From" not in msg:
-            msg["From"] = self.settings.mail_from
-        if "Date" not in msg:
-            msg["Date"] = formatdate(usegmt=True)
-        await self.pool.send(msg)
+    async def send_mail(self, to: str, subject: str, text: str, kind: str = "code") -> None:
+        """Send a mail that is not about alerts (verification codes) from
+        PRICEWATCH_MAIL_FROM, built as alert mail is; raises when it is not accepted."""
+        s = self.settings
+        raw = build(s.mail_from, to, subject, text, other_id(kind, s.mail_from))
+        await self.pool.send((envelope_sender(s.mail_from), to, raw))
 
     async def send(self, batch: Sequence[Delivery]) -> Outcome:
         s = self.settings

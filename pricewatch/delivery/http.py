@@ -1,6 +1,7 @@
-"""What the HTTP sinks (webhook, Telegram) share about the other side's answers: a bounded
-read of the body, the wait it asks for, and the error text of a failed request, with the
-secrets of the URL (a Discord webhook's token, the Telegram bot token) taken out."""
+"""What the HTTP sinks (webhook, Telegram) share about the other side's answers: how much of
+the body is read (upstream_read.read_head), the wait it asks for, and the error text of a
+failed request, with the secrets of the URL (a Discord webhook's token, the Telegram bot
+token) taken out."""
 
 from __future__ import annotations
 
@@ -14,20 +15,10 @@ import orjson
 
 from .base import Failed, Outcome, Retry
 
-RESPONSE_HEAD = 16 * 1024  # bytes of an answer read at most (the rest is never read)
+# Bytes of an answer read at most (upstream_read.read_head; the rest is never read): its
+# status says whether the message was taken, so a larger body is no error.
+RESPONSE_HEAD = 16 * 1024
 MAX_WAIT = 3600.0  # a Retry-After beyond this is taken as this (retries are capped at 1 h)
-
-
-async def read_head(resp: aiohttp.ClientResponse, limit: int = RESPONSE_HEAD) -> bytes:
-    """At most `limit` bytes of the body (all of a small one: the connection can then be
-    reused)."""
-    head = b""
-    while len(head) < limit:
-        part = await resp.content.read(limit - len(head))
-        if not part:
-            break
-        head += part
-    return head
 
 
 def seconds(value: Any) -> float | None:

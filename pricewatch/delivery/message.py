@@ -8,7 +8,7 @@ same things (asset, kind, target, trigger price, time in UTC, note) from here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from .. import clock
@@ -80,15 +80,18 @@ def render(batch: Sequence[Delivery], public_url: str | None = None) -> Message:
 
 
 def chat(batch: Sequence[Delivery], limit: int, public_url: str | None = None,
-         utf16: bool = False) -> str:
+         utf16: bool = False, escape: Callable[[str], str] | None = None) -> str:
     """One text for a chat service (title, blank line, body), at most `limit` characters
     (`utf16`: UTF-16 code units, as Telegram counts them: an emoji is two): a digest too
-    long loses its last lines, replaced by how many were left out."""
+    long loses its last lines, replaced by how many were left out. `escape` (the service's
+    markup escaping) is applied before the text is measured."""
     def size(text: str) -> int:
         return len(text.encode("utf-16-le")) // 2 if utf16 else len(text)
 
     msg = render(batch, public_url)
     text = f"{msg.title}\n\n{msg.body}".rstrip("\n")
+    if escape is not None:
+        text = escape(text)
     if size(text) <= limit:
         return text
     lines = text.split("\n")

@@ -13,8 +13,9 @@ import orjson
 
 from ..config import Settings
 from ..records import Delivery
+from ..upstream_read import read_head
 from .base import Failed, Outcome, Retry, Sent
-from .http import RESPONSE_HEAD, describe, json_head, read_head, redact, seconds
+from .http import RESPONSE_HEAD, describe, json_head, redact, seconds
 from .message import chat
 
 TEXT_LIMIT = 4096  # characters of a Telegram message
@@ -68,7 +69,8 @@ class TelegramSink:
                                          headers={"Content-Type": "application/json"}
                                          ) as resp:
                 # A sent message's answer repeats it (up to 4096 characters and entities).
-                answer = json_head(await read_head(resp, 4 * RESPONSE_HEAD))
+                answer = json_head(await read_head(
+                    resp, min(4 * RESPONSE_HEAD, s.upstream_max_bytes)))
                 status = resp.status
         except Exception as exc:
             return describe(exc, self._secrets)

@@ -24,8 +24,9 @@ from yarl import URL
 from ..addresses import is_public_address
 from ..config import Settings
 from ..records import Delivery
+from ..upstream_read import read_head
 from .base import Failed, Outcome, Retry, Sent
-from .http import describe, read_head, retry_after
+from .http import RESPONSE_HEAD, describe, retry_after
 from .message import chat, event_json
 
 LIMITS = {"discord": 2000, "slack": 3000}  # characters of a message's text
@@ -55,11 +56,22 @@ class PublicResolver(AbstractResolver):
         await self._inner.close()
 
 
+def slack_escape(text: str) -> str:
+    """Text as Slack takes it literally: `&`, `<` and `>` escaped (Slack's control
+    sequences, `<!channel>`, `<!here>`, `<!everyone>`, `<@U123>`, are written in `<...>`)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def body(batch: Sequence[Delivery], format: str, public_url: str | None) -> bytes:
-    """The raw body of the POST about `batch` in the channel's format."""
-    if format in LIMITS:
-        key = "content" if format == "discord" else "text"
-        return orjson.dumps({key: chat(batch, LIMITS[format], public_url)})
+    """The raw body of the POST about `batch` in the channel's format. A note saying
+    `@everyone`, `<@id>` or `<!channel>` pings nobody: Discord is told to parse no mention
+    (`allowed_mentions`), Slack gets the text escaped."""
+    if format == "discord":
+        return orjson.dumps({"content": chat(batch, LIMITS[format], public_url),
+                             "allowed_mentions": {"parse": []}})
+    if format == "slack":
+        return orjson.dumps({"text": chat(batch, LIMITS[format], public_url,
+                                          escape=slack_escape)})
     if len(batch) == 1:
         return orjson.dumps(event_json(batch[0]))
     return orjson.dumps({"digest": True, "events": [event_json(d) for d in batch]})
@@ -122,7 +134,8 @@ class WebhookSink:
                 return Failed(f"refused: {host} is not a public address")
             async with self.session.post(url, data=raw, headers=headers,
                                          allow_redirects=False) as resp:
-                head = await read_head(resp)
+                head = await read_head(
+                    resp, min(RESPONSE_HEAD, self.settings.upstream_max_bytes))
                 status = resp.status
                 if 200 <= status < 300:
                     return Sent()

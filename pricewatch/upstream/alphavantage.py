@@ -15,9 +15,9 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
-import orjson
 
 from ..feeds import FeedConfigError, ParseError, parse_price
+from ..upstream_read import AnswerTooLarge, BadAnswer, parse_json, read_body
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,12 @@ def _parse_quote(body: object, from_currency: str, to_currency: str) -> Quote:
 
 
 async def fetch_rate(session: aiohttp.ClientSession, base_url: str, api_key: str,
-                     from_currency: str, to_currency: str, *, timeout: float = 10.0) -> Quote:
+                     from_currency: str, to_currency: str, *, timeout: float = 10.0,
+                     max_bytes: int = 8 << 20) -> Quote:
     """GET one CURRENCY_EXCHANGE_RATE quote.
+
+    An answer larger than `max_bytes` (PRICEWATCH_UPSTREAM_MAX_BYTES) is an UpstreamError,
+    like a 5xx; it is abandoned there, never read whole.
 
     Returns a fully parsed Quote or raises UpstreamRateLimited / UpstreamError. Exceptions carry
     no URL and no API key (aiohttp's own errors embed the URL, so they are replaced, unchained).
@@ -126,8 +130,11 @@ async def fetch_rate(session: aiohttp.ClientSession, base_url: str, api_key: str
     try:
         async with session.get(base_url, params=params,
                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            body = await resp.read()
             status = resp.status
+            # An error answer's body is not used: never read (the connection is closed).
+            body = await read_body(resp, max_bytes) if status < 400 else b""
+    except AnswerTooLarge as exc:
+        error = UpstreamError(f"AlphaVantage {pair}: {exc}")
     except TimeoutError:
         error = UpstreamError(f"AlphaVantage {pair}: no answer within {timeout:g} s")
     except aiohttp.ClientError as exc:
@@ -139,8 +146,8 @@ async def fetch_rate(session: aiohttp.ClientSession, base_url: str, api_key: str
     if status >= 400:
         raise UpstreamError(f"AlphaVantage {pair}: HTTP {status}")
     try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        data = await parse_json(body)
+    except BadAnswer:
         raise UpstreamError(f"AlphaVantage {pair}: answer is not JSON") from None
     return parse_quote(data, from_currency, to_currency, secret=api_key)
 
@@ -157,7 +164,7 @@ class QuotePoller:
     def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str,
                  pairs: list[tuple[str, str]], interval: float,
                  on_quote: Callable[[Quote], Awaitable[object]], *, timeout: float = 10.0,
-                 name: str = "alphavantage") -> None:
+                 name: str = "alphavantage", max_bytes: int = 8 << 20) -> None:
         if interval <= 0 or not pairs:
             raise FeedConfigError("QuotePoller needs pairs and an interval > 0")
         self.name = name
@@ -167,6 +174,7 @@ class QuotePoller:
         self.pairs = [(a.upper(), b.upper()) for a, b in pairs]
         self.interval = interval
         self.timeout = timeout
+        self.max_bytes = max_bytes
         self._on_quote = on_quote
         self.state = "waiting"
         self.quotes = 0
@@ -188,7 +196,7 @@ class QuotePoller:
         for a, b in self.pairs:
             try:
                 quote = await fetch_rate(self._session, self._base_url, self._api_key, a, b,
-                                         timeout=self.timeout)
+                                         timeout=self.timeout, max_bytes=self.max_bytes)
             except UpstreamRateLimited as exc:
                 self.rate_limited += 1
                 self.last_error = str(exc)

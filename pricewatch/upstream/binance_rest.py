@@ -4,7 +4,9 @@ One client per process on the shared aiohttp session. Every call has a timeout; 
 answer (rate limited / IP banned) raises `RestLimited` with the server's `Retry-After`, and
 no call is made again before that time has passed (Binance escalates bans for clients that
 ignore it). The used weight (`X-MBX-USED-WEIGHT-1M`) is kept for `/healthz`. The optional API
-key goes only into the `X-MBX-APIKEY` header and is never logged.
+key goes only into the `X-MBX-APIKEY` header and is never logged. An answer larger than
+`max_bytes` is a RestError like a 5xx (read and parsed by upstream_read: bounded in bytes and
+in event-loop time).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import orjson
 
 from ..feeds import ParseError, Tick, parse_number, parse_trade_time
+from ..upstream_read import AnswerTooLarge, BadAnswer, parse_json, read_body
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +106,9 @@ class BinanceRest:
     """Calls `base_url` (e.g. https://api.binance.com) on a session set by the app."""
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 10.0,
-                 market: BinanceMarket = MARKETS["spot"]):
+                 market: BinanceMarket = MARKETS["spot"], max_bytes: int = 8 << 20):
         self.base_url = base_url.rstrip("/")
+        self.max_bytes = max_bytes  # an answer's size at most (PRICEWATCH_UPSTREAM_MAX_BYTES)
         self._headers = {"X-MBX-APIKEY": api_key} if api_key else {}
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.market = market
@@ -131,20 +134,21 @@ class BinanceRest:
             raise RestLimited(wait, 429)
         self.calls += 1
         url = self.base_url + self.paths[name]
+        status: int | None = None
         try:
             async with self.session.get(url, params=params, headers=self._headers,
                                         timeout=self.timeout, allow_redirects=False) as resp:
+                status = resp.status
                 weight = resp.headers.get("X-MBX-USED-WEIGHT-1M")
                 if weight is not None and weight.isdigit():
                     self.used_weight = int(weight)
-                body = await resp.read()
                 if resp.status in (418, 429):
                     retry = _retry_after(resp.headers.get("Retry-After"))
                     self._blocked_until = time.monotonic() + retry
                     log.warning("Binance REST answered %d: no REST call for %.0f s",
                                 resp.status, retry)
                     raise RestLimited(retry, resp.status)
-                data = _json(body)
+                data = await _json(await read_body(resp, self.max_bytes))
                 if resp.status != 200:
                     code = data.get("code") if isinstance(data, dict) else None
                     msg = data.get("msg") if isinstance(data, dict) else None
@@ -152,6 +156,8 @@ class BinanceRest:
                                     f"{str(msg)[:200] if msg else 'no message'}", resp.status,
                                     code if isinstance(code, int) else None)
                 return data
+        except AnswerTooLarge as exc:  # an upstream error like a 5xx: no weight for it
+            raise RestError(f"{self.paths[name]}: {exc}", status) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise RestError(f"{self.paths[name]}: {type(exc).__name__}") from None
 
@@ -225,10 +231,10 @@ class BinanceRest:
             raise RestError(f"malformed klines answer: {exc}") from None
 
 
-def _json(body: bytes) -> Any:
+async def _json(body: bytes) -> Any:
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
+        return await parse_json(body)
+    except BadAnswer:
         return None
 
 
