@@ -28,6 +28,7 @@ from .alerts_api import ENGINE
 from .api import json_response
 from .candle_writer import CANDLE_WRITER, CandleWriter
 from .channels_api import add_routes as add_channel_routes
+from .cluster.bus import require_redis
 from .cluster.core import PUBLISHER, RelayHub, core_ctx
 from .cluster.edge import edge_ctx
 from .config import Settings
@@ -447,10 +448,13 @@ class AccessLogger(AbstractAccessLogger):
 def run(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully (within ~5 s).
 
-    Before anything starts: the database path is checked and locked against a second
-    pricewatch, and the port is bound. Each failure raises `startup.StartupError` (one line
-    for `main()`); "pricewatch serving on ..." is logged only once the port is listening.
+    Before anything starts: `redis` must import if PRICEWATCH_REDIS_URL is set, the
+    database path is checked and locked against a second pricewatch, and the port is bound.
+    Each failure raises `startup.StartupError` (one line for `main()`); "pricewatch serving
+    on ..." is logged only once the port is listening.
     """
+    if settings.redis_url is not None:
+        require_redis()
     # An edge has no database to lock.
     lock = startup.lock_database(settings.db) if settings.role != "edge" else None
     try:

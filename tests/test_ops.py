@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 from conftest import LiveServer, bearer, register
@@ -246,3 +249,24 @@ async def test_a_full_disk_answers_writes_503_and_recovers_when_space_returns(
         status, body = await healthz(http, server)
         assert status == 200 and body["db"] == "ok"
         assert "takes writes again" in caplog.text
+
+
+# Cluster settings without the cluster extra --------------------------------------------------
+
+@pytest.mark.parametrize("role", ["edge", "core"])
+def test_a_redis_url_without_the_redis_package_refuses_to_start(tmp_path, role):
+    # sys.modules["redis"] = None: `import redis` raises ImportError, as when not installed.
+    code = ("import runpy, sys\n"
+            "sys.modules['redis'] = None\n"
+            f"sys.argv = ['pricewatch'{', ' + repr(role) if role == 'edge' else ''}]\n"
+            "runpy.run_module('pricewatch', run_name='__main__')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRICEWATCH_")}
+    env.update(PYTHONPATH=os.pathsep.join(sys.path), PRICEWATCH_ROLE=role,
+               PRICEWATCH_REDIS_URL="redis://127.0.0.1:9/0", PRICEWATCH_JWT_SECRET="s" * 40,
+               PRICEWATCH_DB=str(tmp_path / "pricewatch.db"), PRICEWATCH_PORT="0")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, env=env, timeout=30)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'pricewatch[cluster]'" in lines[0], result.stderr
+    assert not (tmp_path / "pricewatch.db").exists()  # nothing started
