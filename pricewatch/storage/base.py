@@ -1,5 +1,9 @@
 """Connections and transactions: one writer (serialised, explicit `BEGIN IMMEDIATE`), one
-reader (WAL: committed data while a write runs), a probe for `PRAGMA data_version`."""
+reader (WAL: committed data while a write runs), a probe for `PRAGMA data_version`.
+
+A write refused by the storage itself (disk full, read-only file, I/O error) raises
+`StorageUnavailable`, whatever the statement: the HTTP edge answers 503, `ping` reports the
+database "degraded" until a write succeeds again, and the log gets one line a minute."""
 
 from __future__ import annotations
 
