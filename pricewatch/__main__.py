@@ -1,5 +1,5 @@
 """Command line: `python -m pricewatch [options]` serves; `edge` serves as a cluster edge
-(PRICEWATCH_ROLE=edge); `createuser` adds a user."""
+(PRICEWATCH_ROLE=edge); `createuser` adds a user; `backup PATH` copies the database."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                     "environment\nvariable shown, or in ./.env (the environment wins; an "
                     "option wins over both).",
         epilog=_secrets_text())
-    sub = parser.add_subparsers(dest="command", metavar="{serve,edge,createuser}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,edge,createuser,backup}")
     sub.add_parser("serve", parents=[options], help="serve (the default)",
                    description="Serve HTTP and websockets; the same options as without "
                                "`serve`.")
@@ -76,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("username")
     create.add_argument("--email", required=True)
     create.add_argument("--admin", action="store_true", help="may manage feeds")
+    backup = sub.add_parser(
+        "backup", parents=[options], help="copy the database, while the server runs",
+        description="Write a consistent copy of the database (PRICEWATCH_DB) to PATH while "
+                    "the server keeps serving, check it with PRAGMA integrity_check, and "
+                    "print one line. Restore: stop the server, copy the file back over the "
+                    "database, remove the database's -wal and -shm files, start.")
+    backup.add_argument("path", metavar="PATH")
+    backup.add_argument("--force", action="store_true", help="replace PATH if it exists")
     return parser
 
 
@@ -119,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "createuser":
         return _createuser(settings, args.username, args.email, args.admin)
+    if args.command == "backup":
+        return _backup(settings, args.path, args.force)
     from .feeds import FeedConfigError
     from .server import run
     from .startup import StartupError
@@ -193,6 +203,19 @@ def _createuser(settings: Settings, username: str, email: str, admin: bool) -> i
         return 0
 
     return asyncio.run(create())
+
+
+def _backup(settings: Settings, path: str, force: bool) -> int:
+    from .storage.backup import BackupError, backup_database
+
+    try:
+        result = backup_database(settings.db, path, force=force)
+    except BackupError as exc:
+        print(f"pricewatch: backup: {exc}", file=sys.stderr)
+        return 2
+    print(f"backed up {settings.db} to {result.path}: {result.pages} pages "
+          f"({result.bytes / 2**20:.1f} MiB), integrity ok, in {result.seconds:.2f}s")
+    return 0
 
 
 if __name__ == "__main__":

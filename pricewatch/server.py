@@ -12,7 +12,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -20,21 +20,23 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web_protocol import RequestPayloadError
 
 from . import alerts_api, auth, compat, docs_page, feed_admin, market, openapi, quotes_api, startup
 from .addresses import CLIENT_ADDRESSES, ClientAddresses, client_address
 from .alerts import AlertEngine
 from .alerts_api import ENGINE
-from .api import ApiError, json_response
+from .api import json_response
 from .candle_writer import CANDLE_WRITER, CandleWriter
 from .channels_api import add_routes as add_channel_routes
+from .cluster.bus import require_redis
 from .cluster.core import PUBLISHER, RelayHub, core_ctx
 from .cluster.edge import edge_ctx
 from .config import Settings
 from .delivery.email import MAILER
 from .delivery.outbox import DELIVERER, Deliverer, make_sinks
 from .delivery.outbox import render_metrics as render_delivery_metrics
+from .errors import MAX_BODY, Handler, error_middleware
+from .errors import error_response as error_response  # tests import it from here
 from .feed_admin import EXTRA_FEEDS, HEALTH, ExtraFeeds, FeedRunner, binance_factory
 from .httpd import make_runner
 from .hub import Hub
@@ -48,7 +50,7 @@ from .metrics import (
     render_http,
     render_websockets,
 )
-from .store import Conflict, NotFound, Store
+from .store import Store
 from .upstream.alphavantage import QuotePoller
 from .upstream.binance_rest import MARKETS, BinanceRest
 from .upstream.demo_quotes import DemoQuotes
@@ -57,119 +59,14 @@ from .verify_api import add_routes as add_verify_routes
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 64 * 1024
-
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-# Codes for aiohttp's own HTTP errors. Beyond the contract's list, three are kept because
-# clients and the OpenAPI document already rely on them: `invalid_request` (400: no websocket
-# handshake on a websocket route, a malformed HTTP request or body), `method_not_allowed`
-# (405) and `internal` (500, a bug: never caused by request content).
-_STATUS_CODES = {
-    400: "invalid_request",
-    401: "not_authenticated",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "timeout",
-    409: "conflict",
-    413: "payload_too_large",
-    429: "rate_limited",
-    502: "upstream_error",
-    503: "unavailable",
-}
-
-# Status recorded (access log, /metrics) for a request whose client went away before it could
-# be answered; nginx's "client closed request".
-CLIENT_CLOSED = 499
-
-
-def error_response(status: int, code: str, detail: str, fields: dict | None = None,
-                   headers: dict | None = None) -> web.Response:
-    body = {"error": code, "detail": detail}
-    if fields is not None:
-        body["fields"] = fields
-    response = json_response(body, status=status, headers=headers)
-    if status == 408:  # the body is incomplete: the connection cannot carry another request
-        response.force_close()
-    return response
-
-
-class Unanswered(web.StreamResponse):
-    """Stands for a request that gets no HTTP answer: its client is gone, or its response was
-    already started (an upgraded websocket above all, where HTTP bytes would corrupt the
-    stream). aiohttp writes nothing for it and closes the connection; its status is only
-    what the access log and /metrics record."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status=status)
-        self.force_close()
-
-    async def prepare(self, request: web.BaseRequest) -> None:
-        return None
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        return None
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every error, ours or aiohttp's, in the contract's JSON shape, unless nothing may
-    be written any more (see `Unanswered`)."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        error: Exception = exc
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        error = exc
-    gone = request.transport is None or request.transport.is_closing()
-    if gone or request.writer.output_size > 0:
-        if isinstance(error, (ConnectionError, RequestPayloadError, ApiError,
-                              web.HTTPException)):
-            log.debug("%s %s ended without an answer: %r", request.method, request.path,
-                      error)
-        else:
-            log.error("error in %s %s after its response was started", request.method,
-                      request.path, exc_info=error)
-        return Unanswered(CLIENT_CLOSED if gone else getattr(error, "status", 500))
-    return render_error(request, error)
-
-
-def render_error(request: web.Request, error: Exception) -> web.Response:
-    """The contract's error answer for an exception raised by a handler."""
-    if isinstance(error, ApiError):
-        return error_response(error.status, error.code, error.detail, error.fields,
-                              error.headers)
-    if isinstance(error, NotFound):
-        return error_response(404, "not_found", str(error).capitalize() + ".")
-    if isinstance(error, Conflict):
-        return error_response(409, "conflict", str(error).capitalize() + ".")
-    if isinstance(error, web.HTTPException):
-        headers = {k: v for k, v in error.headers.items() if k.lower() != "content-type"}
-        if error.status == 413:
-            detail = f"Request body is larger than {MAX_BODY // 1024} KiB."
-        else:
-            detail = error.reason + "."
-        return error_response(error.status, _STATUS_CODES.get(error.status, "error"), detail,
-                              headers=headers)
-    if isinstance(error, RequestPayloadError):  # a body aiohttp cannot decode (bad gzip)
-        return error_response(400, "invalid_request", "Malformed request body.")
-    log.error("unhandled error in %s %s", request.method, request.path, exc_info=error)
-    return error_response(500, "internal", "Internal server error.")
 
 
 async def healthz(request: web.Request) -> web.Response:
     app = request.app
-    status, db = "ok", "ok"
-    try:
-        await asyncio.wait_for(app[STORE].ping(), timeout=2.0)
+    try:  # "degraded": writes fail (disk full, read-only file), reads work
+        status = db = await asyncio.wait_for(app[STORE].ping(), timeout=2.0)
     except Exception as exc:  # any failure means "not healthy", reported, not raised
         status, db = "error", f"error: {type(exc).__name__}"
     feeds = {name: health() for name, health in app[HEALTH].items()}
@@ -553,10 +450,13 @@ class AccessLogger(AbstractAccessLogger):
 def run(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully (within ~5 s).
 
-    Before anything starts: the database path is checked and locked against a second
-    pricewatch, and the port is bound. Each failure raises `startup.StartupError` (one line
-    for `main()`); "pricewatch serving on ..." is logged only once the port is listening.
+    Before anything starts: `redis` must import if PRICEWATCH_REDIS_URL is set, the
+    database path is checked and locked against a second pricewatch, and the port is bound.
+    Each failure raises `startup.StartupError` (one line for `main()`); "pricewatch serving
+    on ..." is logged only once the port is listening.
     """
+    if settings.redis_url is not None:
+        require_redis()
     # An edge has no database to lock.
     lock = startup.lock_database(settings.db) if settings.role != "edge" else None
     try:

@@ -12,12 +12,20 @@ from __future__ import annotations
 from .records import Alert, Channel, Delivery, Event, Quote, RotateResult, User
 from .storage.accounts import AccountsMixin, bcrypt_cost
 from .storage.alerts import AlertsMixin
-from .storage.base import Conflict, Database, NotFound, StoreError, UnknownUser
+from .storage.base import (
+    Conflict,
+    Database,
+    NotFound,
+    StorageUnavailable,
+    StoreError,
+    UnknownUser,
+)
 from .storage.deliveries import DeliveriesMixin
 from .storage.market import MarketMixin
 
 __all__ = ["Alert", "Channel", "Conflict", "Delivery", "Event", "NotFound", "Quote",
-           "RotateResult", "Store", "StoreError", "UnknownUser", "User", "bcrypt_cost"]
+           "RotateResult", "StorageUnavailable", "Store", "StoreError", "UnknownUser", "User",
+           "bcrypt_cost"]
 
 
 class Store(AccountsMixin, AlertsMixin, DeliveriesMixin, MarketMixin, Database):

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import re
+import sqlite3
+import subprocess
+import sys
 
+import pytest
 from conftest import LiveServer, bearer, register
 from fake_binance import FakeBinance
 
@@ -117,3 +123,150 @@ async def test_healthz_is_503_when_the_database_is_unreachable(server, http):
         body = await resp.json()
         assert resp.status == 503
     assert body["status"] == "error" and body["db"].startswith("error")
+
+
+# Disk full, read-only file ------------------------------------------------------------------
+
+async def writer_pragma(store, sql: str):
+    """Run a PRAGMA on the server's own writer connection, between two of its writes."""
+    async with store._lock:
+        return await store._w.execute_fetchall(sql)
+
+
+async def fill_the_disk(store) -> None:
+    """SQLite's max_page_count at the file's size, every free page used: a write that needs
+    a new page fails with SQLITE_FULL, exactly as on a full disk."""
+    async with store._lock:
+        (pages,), = await store._w.execute_fetchall("PRAGMA page_count")
+        await store._w.execute(f"PRAGMA max_page_count = {pages}")
+        await store._w.execute("CREATE TABLE ballast (data BLOB)")
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            for _ in range(10_000):
+                await store._w.execute("INSERT INTO ballast VALUES (zeroblob(500))")
+
+
+def store_lines(caplog) -> list[logging.LogRecord]:
+    """What pricewatch logged at WARNING and above (the access log aside)."""
+    return [r for r in caplog.records if r.name.startswith("pricewatch")
+            and r.name != "pricewatch.access" and r.levelno >= logging.WARNING]
+
+
+async def assert_unavailable(resp) -> None:
+    assert resp.status == 503, await resp.text()
+    assert resp.headers["Retry-After"] == "30"
+    body = await resp.json()
+    assert body["error"] == "unavailable" and body["detail"]
+
+
+async def healthz(http, server) -> tuple[int, dict]:
+    async with http.get(server.url + "/healthz") as resp:
+        return resp.status, await resp.json()
+
+
+async def wait_db_ok(http, server) -> None:
+    """Poll /healthz until the database is "ok" again (its probe write runs once a second
+    at most), 5 s at most."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while (status := await healthz(http, server))[0] != 200:
+        assert asyncio.get_running_loop().time() < deadline, status
+        await asyncio.sleep(0.1)
+    assert status[1]["db"] == "ok"
+
+
+async def test_a_read_only_database_answers_writes_503_and_reads_200_until_it_recovers(
+        make_settings, http, caplog):
+    caplog.set_level(logging.INFO)
+    async with LiveServer(make_settings()) as server:
+        store = server.app[STORE]
+        tok = (await register(http, server))["access"]
+        await writer_pragma(store, "PRAGMA query_only = 1")  # SQLITE_READONLY on any write
+        caplog.clear()
+        for i in range(4):
+            async with http.post(server.url + "/auth/register", json={
+                    "username": f"bob{i}", "password": "correct horse",
+                    "email": f"bob{i}@example.com"}) as resp:
+                await assert_unavailable(resp)
+            async with http.post(server.url + "/auth/token", json={  # a refresh-token row
+                    "username": "alice", "password": "correct horse"}) as resp:
+                await assert_unavailable(resp)
+            async with http.post(server.url + "/api/v1/alerts", headers=bearer(tok), json={
+                    "asset": "BTCUSDT", "price": 100.0 + i, "direction": "above"}) as resp:
+                await assert_unavailable(resp)
+        for path in ("/auth/me", "/api/v1/alerts", "/api/v1/prices"):
+            async with http.get(server.url + path, headers=bearer(tok)) as resp:
+                assert resp.status == 200, (path, await resp.text())
+        status, body = await healthz(http, server)
+        assert status == 503 and body["db"] == "degraded" and body["status"] == "degraded"
+        lines = store_lines(caplog)
+        assert len(lines) == 1 and "refuses writes" in lines[0].getMessage(), caplog.text
+        assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+
+        await writer_pragma(store, "PRAGMA query_only = 0")  # writable again, no restart
+        await wait_db_ok(http, server)  # with no write from anyone: its probe write notices
+        async with http.post(server.url + "/auth/token", json={
+                "username": "alice", "password": "correct horse"}) as resp:
+            assert resp.status == 200
+        async with http.post(server.url + "/api/v1/alerts", headers=bearer(tok), json={
+                "asset": "BTCUSDT", "price": 100.0, "direction": "above"}) as resp:
+            assert resp.status == 201
+
+
+async def test_a_full_disk_answers_writes_503_and_recovers_when_space_returns(
+        make_settings, http, caplog):
+    caplog.set_level(logging.INFO)
+    async with LiveServer(make_settings(alert_create_rate=10_000)) as server:
+        store = server.app[STORE]
+        tok = (await register(http, server))["access"]
+        await fill_the_disk(store)
+        caplog.clear()
+        created, refused = 0, 0
+        # Rows fit in the pages the table has until one needs a new page: from then on
+        # every alert is refused, 503 and never 500.
+        for i in range(300):
+            async with http.post(server.url + "/api/v1/alerts", headers=bearer(tok), json={
+                    "asset": "BTCUSDT", "price": 1000.0 + i, "direction": "above"}) as resp:
+                if resp.status == 201:
+                    assert not refused, "a write succeeded after a refusal"
+                    created += 1
+                    continue
+                await assert_unavailable(resp)
+                refused += 1
+                if refused == 20:
+                    break
+        assert refused == 20, f"{created} alerts fit on the full disk"
+        async with http.get(server.url + "/api/v1/alerts", headers=bearer(tok)) as resp:
+            assert resp.status == 200 and (await resp.json())["count"] == created
+        status, body = await healthz(http, server)
+        assert status == 503 and body["db"] == "degraded"
+        lines = store_lines(caplog)
+        assert len(lines) == 1 and "database or disk is full" in lines[0].getMessage()
+        assert "Traceback" not in caplog.text
+
+        await writer_pragma(store, "PRAGMA max_page_count = 1000000")  # space returns
+        async with http.post(server.url + "/api/v1/alerts", headers=bearer(tok), json={
+                "asset": "BTCUSDT", "price": 1.0, "direction": "above"}) as resp:
+            assert resp.status == 201
+        status, body = await healthz(http, server)
+        assert status == 200 and body["db"] == "ok"
+        assert "takes writes again" in caplog.text
+
+
+# Cluster settings without the cluster extra --------------------------------------------------
+
+@pytest.mark.parametrize("role", ["edge", "core"])
+def test_a_redis_url_without_the_redis_package_refuses_to_start(tmp_path, role):
+    # sys.modules["redis"] = None: `import redis` raises ImportError, as when not installed.
+    code = ("import runpy, sys\n"
+            "sys.modules['redis'] = None\n"
+            f"sys.argv = ['pricewatch'{', ' + repr(role) if role == 'edge' else ''}]\n"
+            "runpy.run_module('pricewatch', run_name='__main__')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRICEWATCH_")}
+    env.update(PYTHONPATH=os.pathsep.join(sys.path), PRICEWATCH_ROLE=role,
+               PRICEWATCH_REDIS_URL="redis://127.0.0.1:9/0", PRICEWATCH_JWT_SECRET="s" * 40,
+               PRICEWATCH_DB=str(tmp_path / "pricewatch.db"), PRICEWATCH_PORT="0")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, env=env, timeout=30)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'pricewatch[cluster]'" in lines[0], result.stderr
+    assert not (tmp_path / "pricewatch.db").exists()  # nothing started

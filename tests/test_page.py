@@ -11,6 +11,7 @@ import asyncio
 import base64
 import itertools
 import os
+import re
 import shutil
 import signal
 import time
@@ -25,9 +26,11 @@ import pytest
 from conftest import LiveServer, bearer, register
 from fake_alphavantage import FakeAlphaVantage
 from fake_binance import FakeBinance, free_port
+from smtp_sink import SmtpSink
 
 from pricewatch.alerts_api import ENGINE
 from pricewatch.market import HUB
+from pricewatch.server import STORE
 
 BROWSERS = ("/usr/bin/chromium", "chromium", "chromium-browser")
 WIDTH, HEIGHT = 1200, 860
@@ -740,3 +743,58 @@ async def test_live_page_resumes_the_alert_events_it_missed_while_offline(
             while not asked_rate():
                 await asyncio.sleep(0.01)  # its subscribe follows the resume
         await chromium.assert_no_console_errors()
+
+
+def mailed_code(message) -> str:
+    match = re.search(r"\b(\d{6})\b", message.get_content())
+    assert match, message.get_content()
+    return match.group(1)
+
+
+async def test_live_page_lets_a_newcomer_verify_the_address_that_alert_mail_waits_for(
+        make_settings, chromium: Chromium) -> None:
+    """Signing up on the page leaves the address unverified, so no alert mail would ever go
+    out: the page says so, takes the mailed code, and sends a new one on request."""
+    async with SmtpSink() as smtp, LiveServer(make_settings(
+            smtp_host="127.0.0.1", smtp_port=smtp.port)) as server, \
+            aiohttp.ClientSession() as http:
+        await chromium.send("Page.navigate", {"url": server.url + "/"})
+        await chromium.wait_for("document.readyState === 'complete'")  # its script ran
+        await click(chromium, "#auth-mode")
+        await fill(chromium, {"#auth-username": "frank", "#auth-password": "correct horse",
+                              "#auth-email": "frank@example.com"})
+        await click(chromium, "#auth-submit")
+        await chromium.wait_for(visible("#verify"))
+        notice = await chromium.evaluate("document.querySelector('#verify').textContent")
+        assert "Alert emails wait" in notice and "frank@example.com" in notice
+        assert await chromium.evaluate(visible("#verify-code"))
+        first = mailed_code((await smtp.wait_codes(1))[0])
+
+        # A wrong code: told why, the notice stays.
+        await fill(chromium, {"#verify-code": f"{(int(first) + 1) % 10**6:06d}"})
+        await click(chromium, "#verify-submit")
+        await chromium.wait_for("document.querySelector('#verify-error').textContent"
+                                ".includes('Wrong code')")
+        await chromium.check(visible("#verify"), "still unverified")
+
+        # A new code (a minute after the first, as the server asks): the old one is spent.
+        async with server.app[STORE]._tx() as db:
+            await db.execute("UPDATE email_codes SET sent_at = sent_at - 61")
+        await click(chromium, "#verify-resend")
+        await chromium.wait_for("document.querySelector('#verify-info').textContent"
+                                ".includes('on its way')")
+        code = mailed_code((await smtp.wait_codes(2))[1])
+        await fill(chromium, {"#verify-code": code})
+        await click(chromium, "#verify-submit")
+        await chromium.wait_for(visible("#verified-note"))
+        await chromium.check(f"!{visible('#verify')}", "the notice is gone once verified")
+        access = await chromium.evaluate(
+            "JSON.parse(sessionStorage.getItem('pricewatch.session')).access")
+        async with http.get(server.url + "/auth/me", headers=bearer(access)) as resp:
+            assert (await resp.json())["email_verified"] is True
+
+        # Back on the page later: a verified address gets no notice.
+        await chromium.send("Page.reload", {})
+        await chromium.wait_for("document.querySelector('#account').dataset.verified === 'yes'")
+        await chromium.check(f"!{visible('#verify')}", "no notice for a verified address")
+        await chromium.assert_no_console_errors("status of 400 (Bad Request)")

@@ -26,6 +26,8 @@ from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any, Protocol
 
+from ..startup import StartupError
+
 log = logging.getLogger(__name__)
 
 CHANNEL = b"pricewatch:bus"  # every message of a cluster, in publish order
@@ -54,6 +56,16 @@ def backoff(attempt: int) -> float:
     (never a tight loop, never every process in step after a Redis restart)."""
     delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** attempt)
     return delay / 2 + random.uniform(0, delay / 2)
+
+
+def require_redis() -> None:
+    """Raise StartupError (one line naming the install command) unless `redis` imports: a
+    process told to use Redis must not start and serve nothing while it retries forever."""
+    try:
+        import redis.asyncio  # noqa: F401
+    except ImportError as exc:
+        raise StartupError(f"PRICEWATCH_REDIS_URL is set but the redis package cannot be "
+                           f"imported ({exc}): pip install 'pricewatch[cluster]'") from None
 
 
 def connect(url: str):

@@ -1,11 +1,16 @@
 """Connections and transactions: one writer (serialised, explicit `BEGIN IMMEDIATE`), one
-reader (WAL: committed data while a write runs), a probe for `PRAGMA data_version`."""
+reader (WAL: committed data while a write runs), a probe for `PRAGMA data_version`.
+
+A write refused by the storage itself (disk full, read-only file, I/O error) raises
+`StorageUnavailable`, whatever the statement: the HTTP edge answers 503, `ping` reports the
+database "degraded" until a write succeeds again, and the log gets one line a minute."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from typing import Self, TypeVar
@@ -40,6 +45,33 @@ class UnknownUser(StoreError):
     """The user a write is made for no longer exists (deleted while a token of theirs lives)."""
 
 
+class StorageUnavailable(StoreError):
+    """The database cannot take writes now: the disk is full, the file is read-only, or an
+    I/O error. Reads may still work, and the condition passes by itself once space (or the
+    permission) returns: the HTTP edge answers 503 with Retry-After, never 500."""
+
+    detail = "The database cannot store anything right now (disk full or read-only)."
+    retry_after = 30  # seconds; what a client is told to wait before it tries again
+
+
+# SQLite primary result codes that are about the storage, not the statement: the same write
+# can succeed later. Extended codes (SQLITE_IOERR_WRITE, SQLITE_READONLY_DBMOVED...) carry the
+# primary code in their low byte.
+_UNAVAILABLE_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY,
+                                sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN})
+LOG_EVERY = 60.0  # seconds between two log lines about refused writes
+PROBE_EVERY = 1.0  # seconds between two write probes while degraded (see `ping`)
+
+
+def _probe_write(conn: sqlite3.Connection) -> None:
+    """A write that must allocate pages and append to the WAL as any real write would: a
+    table with two pages of data, created and dropped in one transaction (nothing stays)."""
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.execute("CREATE TABLE IF NOT EXISTS pricewatch_write_probe (data BLOB)")
+    conn.execute("INSERT INTO pricewatch_write_probe VALUES (zeroblob(?))", (2 * page,))
+    conn.execute("DROP TABLE pricewatch_write_probe")
+
+
 class Database:
     """The connections. Open with `await Store.open(path)`, close with `await store.close()`."""
 
@@ -56,6 +88,13 @@ class Database:
         # served after a change, whoever made it.
         self._pages: dict[tuple, tuple[int, tuple[int, list[Alert]]]] = {}
         self._users: dict[int, int] = {}  # user id -> the version it was seen existing at
+        # Writes refused for want of storage (StorageUnavailable): since when (monotonic;
+        # None while writes work), how many since the last log line, and when that was.
+        self._refused_since: float | None = None
+        self._refused = 0
+        self._logged_at = -LOG_EVERY
+        self._told = False  # a refusal was logged and its end not yet
+        self._probed_at = -PROBE_EVERY
 
     @classmethod
     async def open(cls, path: str) -> Self:
@@ -105,44 +144,86 @@ class Database:
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction; commits on success, rolls back on any exception."""
+        """One write transaction; commits on success, rolls back on any exception. A write
+        refused for want of storage raises StorageUnavailable."""
         async with self._lock:
+            changes = self._w.total_changes
             try:
-                # Inside the try: a cancel landing on BEGIN must still roll back, or the
-                # connection would stay in a transaction and every later write would fail.
-                await self._w.execute("BEGIN IMMEDIATE")
-                yield self._w
-            except BaseException:
-                with suppress(sqlite3.OperationalError):  # "no transaction is active"
-                    await asyncio.shield(self._w.execute("ROLLBACK"))
-                raise
-            try:
-                await asyncio.shield(self._w.execute("COMMIT"))
-            except BaseException:  # a failed COMMIT must not leave the transaction open
-                with suppress(sqlite3.OperationalError):
-                    await asyncio.shield(self._w.execute("ROLLBACK"))
-                raise
+                try:
+                    # Inside the try: a cancel landing on BEGIN must still roll back, or the
+                    # connection would stay in a transaction and every later write would fail.
+                    await self._w.execute("BEGIN IMMEDIATE")
+                    yield self._w
+                except BaseException:
+                    with suppress(sqlite3.Error):  # "no transaction is active"
+                        await asyncio.shield(self._w.execute("ROLLBACK"))
+                    raise
+                try:
+                    await asyncio.shield(self._w.execute("COMMIT"))
+                except BaseException:  # a failed COMMIT must not leave the transaction open
+                    with suppress(sqlite3.Error):
+                        await asyncio.shield(self._w.execute("ROLLBACK"))
+                    raise
+            except sqlite3.Error as exc:
+                raise self._unavailable(exc) or exc
+            if self._w.total_changes != changes:
+                self._wrote()
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(conn)` in ONE write transaction, in one hop to the writer's thread (as
         datasette's `execute_write_fn`): a batch of many statements costs one thread switch,
         not one per statement, and no cancel can land between its statements (a cancelled
         caller stops waiting; the transaction still commits or rolls back whole)."""
-        def run(conn: sqlite3.Connection) -> T:
+        def run(conn: sqlite3.Connection) -> tuple[T, bool]:
+            changes = conn.total_changes
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(conn)
                 conn.execute("COMMIT")
             except BaseException:
-                with suppress(sqlite3.OperationalError):  # "no transaction is active"
+                with suppress(sqlite3.Error):  # "no transaction is active"
                     conn.execute("ROLLBACK")
                 raise
-            return result
+            return result, conn.total_changes != changes
 
         async with self._lock:
-            # aiosqlite runs every call of this connection on its one thread, in order;
-            # `_execute` queues a function there (the same queue its own methods use).
-            return await asyncio.shield(self._w._execute(run, self._w._conn))
+            try:
+                # aiosqlite runs every call of this connection on its one thread, in order;
+                # `_execute` queues a function there (the same queue its own methods use).
+                result, changed = await asyncio.shield(self._w._execute(run, self._w._conn))
+            except sqlite3.Error as exc:
+                raise self._unavailable(exc) or exc
+            if changed:
+                self._wrote()
+            return result
+
+    def _unavailable(self, exc: sqlite3.Error) -> StorageUnavailable | None:
+        """StorageUnavailable for an error that says the storage cannot take writes (then
+        remembered for `ping`, and logged once a minute at most: a full disk must not fill
+        the log with a traceback per request); None for any other error."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is None or code & 0xFF not in _UNAVAILABLE_CODES:
+            return None
+        now = time.monotonic()
+        if self._refused_since is None:
+            self._refused_since = now
+        self._refused += 1
+        if now - self._logged_at >= LOG_EVERY:
+            log.error("database %s refuses writes (%s): they answer 503 until it takes "
+                      "them again (%d refused since the previous such line)", self.path, exc,
+                      self._refused)
+            self._logged_at, self._refused, self._told = now, 0, True
+        return StorageUnavailable(str(exc))
+
+    def _wrote(self) -> None:
+        """A write changed rows and committed: the storage takes writes (again). (A write
+        that changed nothing proves nothing: it never touched the disk.)"""
+        if self._refused_since is not None:
+            if self._told:  # once per line about refusals, never more often
+                self._told = False
+                log.warning("database %s takes writes again after %.0fs", self.path,
+                            time.monotonic() - self._refused_since)
+            self._refused_since = None
 
     async def _one(self, sql: str, params: Iterable = ()):
         rows = await self._r.execute_fetchall(sql, tuple(params))
@@ -155,9 +236,17 @@ class Database:
     async def schema_version(self) -> int:
         return (await self._one("SELECT MAX(version) FROM schema_version"))[0] or 0
 
-    async def ping(self) -> None:
-        """Raise if the database cannot answer a query."""
+    async def ping(self) -> str:
+        """"ok"; "degraded" while writes are refused for want of storage (reads work). Raises
+        if the database cannot answer a query. While degraded, a probe write (at most once
+        a second) notices when writes work again even if nobody else writes."""
         await self._one("SELECT 1 FROM schema_version LIMIT 1")
+        now = time.monotonic()
+        if self._refused_since is not None and now - self._probed_at >= PROBE_EVERY:
+            self._probed_at = now
+            with suppress(StorageUnavailable):
+                await self._write(_probe_write)
+        return "ok" if self._refused_since is None else "degraded"
 
 
 async def _configure(db: aiosqlite.Connection) -> None:
