@@ -97,8 +97,7 @@ class ExtraFeeds:
         others += [(runner.feed.name, runner.feed) for _, runner in self.running.values()]
         others += [("a feed being added", claim) for claim in self._claims]
         for name, other in others:
-            if other.venue == feed.venue and (other.carries is None
-                                              or other.carries & feed.carries):
+            if other.venue == feed.venue and other.carries and other.carries & feed.carries:
                 return name
         return None
 

@@ -200,6 +200,8 @@ class ReplayFeed(Feed):
                         if event is None or type(event) is ServerShutdown:
                             continue
                         if self.speed and type(event) is Tick:
+                            if stats.ahead_of_clock(event.time):
+                                continue  # never wait for a trade from the future
                             if anchor is None:
                                 anchor = (loop.time(), event.time)
                             due = anchor[0] + (event.time - anchor[1]) / 1000 / self.speed
