@@ -307,6 +307,37 @@ async def test_an_admin_feed_duplicating_the_main_feed_is_refused_with_409(make_
             assert resp.status == 409
 
 
+async def test_two_concurrent_adds_of_one_market_start_one_feed(make_settings, http, fake):
+    async with LiveServer(make_settings(allow_private_feeds=True)) as server:  # main feed off
+        tok = await admin_token(http, server)
+
+        async def add(url: str) -> int:
+            async with http.post(server.url + "/api/v1/feeds", headers=bearer(tok),
+                                 json={"url": url}) as resp:
+                return resp.status
+
+        statuses = await asyncio.gather(add(fake.url), add(fake.url + "/ws/btcusdt@trade"))
+        assert sorted(statuses) == [201, 409]
+
+
+async def test_a_stored_feed_duplicating_the_main_feed_is_not_started(make_settings, http,
+                                                                      fake, caplog):
+    settings = make_settings(allow_private_feeds=True)
+    async with LiveServer(settings) as server:  # main feed off: the extra feed is welcome
+        tok = await admin_token(http, server)
+        async with http.post(server.url + "/api/v1/feeds", headers=bearer(tok),
+                             json={"url": fake.url}) as resp:
+            assert resp.status == 201
+    async with LiveServer(settings_for(make_settings, fake, allow_private_feeds=True)) as server:
+        await fake.wait_open(1)
+        tok = await admin_token(http, server, create=False)
+        async with http.get(server.url + "/api/v1/feeds", headers=bearer(tok)) as resp:
+            assert (await resp.json())["results"] == []
+        _, body, _ = await feed_health(http, server)
+        assert list(body["feeds"]) == ["binance"]
+    assert any("would duplicate the main feed" in r.getMessage() for r in caplog.records)
+
+
 async def test_a_duplicate_feed_that_slips_through_counts_each_trade_once(make_settings, http,
                                                                           fake):
     """A relay URL that does not say what it carries is accepted; the market still takes
