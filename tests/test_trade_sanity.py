@@ -415,3 +415,13 @@ def test_a_trade_just_within_the_allowed_skew_is_taken(skew):
     feed._deliver(Tick("BTCUSDT", 100.0, 1.0, now_ms() + 5_000, 1))
     assert len(sink.ticks) == (1 if skew else 0)
     assert feed.stats.future_trades == (0 if skew else 1)
+
+
+def test_a_flood_of_future_trades_logs_one_line_a_minute(caplog):
+    sink = Sink()
+    feed = binance(FakeBinance(), sink)
+    with caplog.at_level("WARNING", logger="pricewatch"):
+        for i in range(1, 101):
+            feed._deliver(Tick("BTCUSDT", 100.0, 1.0, YEAR_4000 + i, i))
+    assert feed.stats.future_trades == 100 and sink.ticks == []
+    assert len([r for r in caplog.records if "ahead of the server clock" in r.getMessage()]) == 1
