@@ -488,8 +488,8 @@ class Feed:
 
     `max_clock_skew` (s): trades stamped further ahead of the server clock are dropped;
     `max_id_jump`: a larger trade-id jump is an id reset, not a gap (see FeedStats).
-    `venue` names the upstream market the trades come from and `carries` the symbols it
-    streams (None: every watched one); two feeds of one venue must not carry one symbol."""
+    `venue` names the upstream market the trades come from and `carries` the symbols whose
+    trades it streams (None: not known); two feeds of one venue must not carry one symbol."""
 
     kind = "feed"
     venue: str | None = None
