@@ -105,7 +105,8 @@ async def pipeline(args) -> dict:
                 else:
                     target, direction = START[symbol] * rng.uniform(0.5, 0.95), "below"
                 engine.index.add(i + 1, symbol, round(target, 2), direction)
-            now_ms = int(time.time() * 1000)
+            # ~4 trades per ms: the walks end before now (future trades would be dropped).
+            now_ms = int(time.time() * 1000) - 2 * args.trades
             trades = walk(args.trades, args.seed, now_ms)
             ticks = [Tick(s, float(p), float(q), t, tid) for s, tid, p, q, t in trades]
             gc.collect()
@@ -144,7 +145,7 @@ def fake_main(conn, n: int, seed: int, chunk: int) -> None:
     setup_logging()
 
     async def run() -> None:
-        now_ms = int(time.time() * 1000)
+        now_ms = int(time.time() * 1000) - n  # ~4 trades per ms: all in the past
         trades = walk(n, seed, now_ms)
         frames = [b"".join(trade_frame(*t) for t in trades[i:i + chunk])
                   for i in range(0, n, chunk)]

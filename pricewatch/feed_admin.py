@@ -77,26 +77,48 @@ class FeedRunner:
 class ExtraFeeds:
     """Admin-managed extra Binance-format feeds, by their stored id."""
 
-    def __init__(self, app: web.Application, store: Store, make: Any, allow_private: bool):
+    def __init__(self, app: web.Application, store: Store, make: Any, allow_private: bool,
+                 main: Feed | None = None):
         self.app = app
         self.store = store
         self._make = make  # (url, name) -> Feed feeding the tick pipeline
         self.allow_private = allow_private
+        self.main = main  # the configured market feed: extra feeds may not duplicate it
         self.running: dict[int, tuple[str, FeedRunner]] = {}
         self._reserved = 0  # slots held by adds still between their checks and their start
+        self._claims: list[Feed] = []  # feeds of adds between their checks and their start
+
+    def duplicated(self, feed: Feed) -> str | None:
+        """What `feed` would duplicate (`"main feed"`, `"extra-3"`: the same venue and a
+        traded symbol in common), or None."""
+        if feed.venue is None or feed.carries is None:
+            return None  # a URL that does not say which trades it carries: not judged
+        others = [("main feed", self.main)] if self.main is not None else []
+        others += [(runner.feed.name, runner.feed) for _, runner in self.running.values()]
+        others += [("a feed being added", claim) for claim in self._claims]
+        for name, other in others:
+            if other.venue == feed.venue and other.carries and other.carries & feed.carries:
+                return name
+        return None
 
     async def restore(self) -> None:
         """Start every stored feed (after a restart)."""
         for feed_id, url in await self.store.feeds():
             try:
                 await check_url(url, self.allow_private)
-                self._start(feed_id, url)
+                feed = self._make(url, f"extra-{feed_id}")
+                if (twin := self.duplicated(feed)) is not None:
+                    log.warning("stored feed %d (%s) not started: its trades would duplicate "
+                                "the %s's", feed_id, redact_url(url), twin)
+                    continue
+                self._start(feed_id, url, feed)
             except (ApiError, FeedConfigError) as exc:
                 log.warning("stored feed %d (%s) not started: %s", feed_id, redact_url(url),
                             getattr(exc, "fields", None) or exc)
 
-    def _start(self, feed_id: int, url: str) -> None:
-        feed: Feed = self._make(url, f"extra-{feed_id}")
+    def _start(self, feed_id: int, url: str, feed: Feed | None = None) -> None:
+        if feed is None:
+            feed = self._make(url, f"extra-{feed_id}")
         runner = FeedRunner(self.app, feed, stale_after=None)
         runner.start()
         self.running[feed_id] = (url, runner)
@@ -108,16 +130,23 @@ class ExtraFeeds:
         if len(self.running) + self._reserved >= MAX_EXTRA_FEEDS:
             raise ApiError(409, "conflict", f"At most {MAX_EXTRA_FEEDS} extra feeds.")
         self._reserved += 1
+        claim = None
         try:
             await check_url(url, self.allow_private)
             try:
-                self._make(url, "probe")  # validates the URL the way the feed will use it
+                claim = self._make(url, "probe")  # validates the URL as the feed will use it
             except FeedConfigError as exc:
                 raise invalid({"url": str(exc)}) from None
+            if (twin := self.duplicated(claim)) is not None:
+                raise ApiError(409, "conflict", f"This feed would duplicate the trades of the "
+                               f"{twin} (same market, same symbols): one feed per market.")
+            self._claims.append(claim)  # held until started: a concurrent add sees it
             feed_id = await self.store.add_feed(url, user_id)  # Conflict (409): a duplicate
             self._start(feed_id, url)
         finally:
             self._reserved -= 1
+            if claim is not None and claim in self._claims:
+                self._claims.remove(claim)
         log.info("extra feed %d added: %s", feed_id, redact_url(url))
         return feed_id
 
@@ -221,7 +250,8 @@ def add_routes(app: web.Application, add_route) -> None:
     add_route(app, "POST", "/save_quotes", add_feed)
 
 
-def binance_factory(symbols, on_tick, on_book, allow_private: bool):
+def binance_factory(symbols, on_tick, on_book, allow_private: bool,
+                    max_clock_skew: float = 10.0, max_id_jump: int = 10_000_000):
     """(url, name) -> a BinanceFeed for an extra upstream, feeding the given callbacks.
 
     Unless private addresses are allowed, the host is checked again before every
@@ -238,6 +268,7 @@ def binance_factory(symbols, on_tick, on_book, allow_private: bool):
     def make(url: str, name: str) -> BinanceFeed:
         return BinanceFeed(url, symbols, on_tick, on_book, name=name,
                            precheck=None if allow_private else precheck,
-                           follow_redirects=allow_private)
+                           follow_redirects=allow_private, max_clock_skew=max_clock_skew,
+                           max_id_jump=max_id_jump)
 
     return make

@@ -7,7 +7,13 @@ candle history, the offline demo and replay feeds, the AlphaVantage quote client
 
 Each feed parses upstream JSON/CSV at the edge into small frozen dataclasses and hands them to
 the synchronous callbacks it was given (``on_tick(Tick)``, ``on_book(Book)``). It knows nothing
-of alerts, candles, storage or HTTP and imports no other pricewatch module.
+of alerts, candles, storage or HTTP and imports no other pricewatch module but `clock`.
+
+Trade sanity, for every feed: a trade stamped more than `max_clock_skew` seconds ahead of the
+server clock is dropped and counted (`future_trades`): candles, 24 h figures and cooldowns
+never count from a time that has not come yet. A trade id far out of line with the last one
+(a venue restart, an id reset, one huge id) is sorted out by `FeedStats.note_trade_id` here
+and by `backfill.Sequencer` on the Binance feed (`id_resets`).
 
 Prices and quantities arrive as decimal strings ("42283.58000000"). They are parsed with
 ``float()``: a Python float holds 15-17 significant digits and ``repr(float(s))`` round-trips any
@@ -29,7 +35,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
+from . import clock
+
 log = logging.getLogger(__name__)
+
+#: Ids at most this far behind the last one are late duplicates (dropped), never a reset.
+REORDER_WINDOW = 100
+#: Out-of-order drops in a row (no trade taken in between) that make a feed `degraded`...
+DEGRADED_AFTER = 3
+#: ... for this many seconds after the last of them.
+DEGRADED_FOR = 60.0
+LOG_EVERY = 60.0  # seconds between two log lines about the same kind of bad trade
 
 __all__ = [
     "Bar",
@@ -250,10 +266,11 @@ def parse_book(data: dict[str, Any]) -> Book:
          "a":"25.36520000","A":"40.66000000"}
 
     Futures add event fields (``"e":"bookTicker","E":...,"T":...``, COIN-M also ``"ps"``).
-    Returns a Book; raises ParseError on a missing or invalid field.
+    Returns a Book; raises ParseError on a missing or invalid field, and on a crossed book
+    (bid above ask: no market quotes one, so it is garbage; the last good book stays).
     """
     try:
-        return Book(
+        book = Book(
             _symbol(data["s"]),
             parse_price(data["b"], "b"),
             parse_price(data["a"], "a"),
@@ -262,6 +279,9 @@ def parse_book(data: dict[str, Any]) -> Book:
         )
     except KeyError as exc:
         raise ParseError("missing_field", f"bookTicker without {exc.args[0]!r}") from None
+    if book.bid > book.ask:
+        raise ParseError("crossed_book", f"{book.symbol} bid {book.bid!r} > ask {book.ask!r}")
+    return book
 
 
 def decode_event(raw: str | bytes) -> Tick | Book | ServerShutdown | None:
@@ -318,7 +338,11 @@ class FeedStats:
     """Counters and state of one feed, as reported by ``health()``.
 
     ``gaps[SYMBOL]`` counts trade-id jumps (> 1) and ``missed_trades[SYMBOL]`` the ids skipped;
-    an id at or below the last seen one is out of order (``out_of_order``), never a gap.
+    an id at or below the last seen one is out of order (``out_of_order``), never a gap. A
+    jump of more than ``max_id_jump`` ids, or an id more than REORDER_WINDOW behind, is an id
+    reset (``id_resets``): the sequence starts again there, nothing is counted as missed.
+    ``future_trades`` counts trades dropped for a time more than ``max_skew_ms`` ahead of the
+    server clock.
     """
 
     kind: str
@@ -330,27 +354,82 @@ class FeedStats:
     parse_errors: int = 0
     callback_errors: int = 0
     out_of_order: int = 0
+    future_trades: int = 0
+    id_resets: int = 0
+    max_skew_ms: int = 10_000
+    max_id_jump: int = 10_000_000
     last_message_at: float | None = None  # time.monotonic()
     gaps: dict[str, int] = field(default_factory=dict)
     missed_trades: dict[str, int] = field(default_factory=dict)
     last_trade_id: dict[str, int] = field(default_factory=dict)
+    # Trade times up to here are not ahead of the clock: the clock is read only when a
+    # trade passes it (about once per `max_skew_ms`), not once per trade.
+    future_bound: int = 0
+    drop_streak: int = 0  # out-of-order drops since the last trade taken
+    _last_drop: float = -math.inf
     _logged: set[str] = field(default_factory=set)
+    _logged_at: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for s in self.symbols:
             self.gaps[s] = 0
             self.missed_trades[s] = 0
 
+    def ahead_of_clock(self, trade_time: int) -> bool:
+        """True (and counted, logged at most once a minute) when `trade_time` (ms) is more
+        than the allowed skew ahead of the server clock: the trade must be dropped."""
+        if trade_time <= self.future_bound:
+            return False
+        self.future_bound = int(clock.now() * 1000) + self.max_skew_ms
+        if trade_time <= self.future_bound:
+            return False
+        self.future_trades += 1
+        self.log_limited("future", "%s feed: dropping trades stamped more than %.0f s ahead "
+                         "of the server clock (one at %d ms, %d dropped so far)", self.kind,
+                         self.max_skew_ms / 1000, trade_time, self.future_trades)
+        return True
+
+    def id_reset(self, symbol: str, last: int, trade_id: int) -> None:
+        self.id_resets += 1
+        self.log_limited("id_reset:" + symbol, "%s feed: %s trade id %d after %d: the id "
+                         "sequence starts again there (venue restart or id reset; %d so far)",
+                         self.kind, symbol, trade_id, last, self.id_resets)
+
+    def dropped_out_of_order(self, count: int = 1) -> None:
+        """Trades dropped because their ids were already passed."""
+        self.out_of_order += count
+        self.drop_streak += count
+        self._last_drop = time.monotonic()
+
+    @property
+    def degraded(self) -> bool:
+        """Trades are being dropped as out of order: several in a row, none taken since."""
+        return (self.drop_streak >= DEGRADED_AFTER
+                and time.monotonic() - self._last_drop < DEGRADED_FOR)
+
+    def log_limited(self, key: str, message: str, *args: object) -> None:
+        """A warning at most once a minute per `key` (upstream can flood)."""
+        now = time.monotonic()
+        if now - self._logged_at.get(key, -math.inf) >= LOG_EVERY:
+            if len(self._logged_at) > 1000:  # keys name symbols: bounded, but be sure
+                self._logged_at.clear()
+            self._logged_at[key] = now
+            log.warning(message, *args)
+
     def note_trade_id(self, symbol: str, trade_id: int) -> None:
+        """Account for a trade id of a feed that delivers every trade (demo, replay)."""
         last = self.last_trade_id.get(symbol)
         if last is None or trade_id == last + 1:
-            self.last_trade_id[symbol] = trade_id
+            pass
+        elif trade_id - last > self.max_id_jump or last - trade_id > REORDER_WINDOW:
+            self.id_reset(symbol, last, trade_id)
         elif trade_id > last:
             self.gaps[symbol] = self.gaps.get(symbol, 0) + 1
             self.missed_trades[symbol] = self.missed_trades.get(symbol, 0) + trade_id - last - 1
-            self.last_trade_id[symbol] = trade_id
         else:
             self.out_of_order += 1
+            return
+        self.last_trade_id[symbol] = trade_id
 
     def parse_error(self, feed: str, exc: ParseError) -> None:
         """Count a malformed message; log the first of each kind only (upstream can flood)."""
@@ -381,6 +460,10 @@ class FeedStats:
             messages=self.messages,
             parse_errors=self.parse_errors,
             callback_errors=self.callback_errors,
+            out_of_order=self.out_of_order,
+            future_trades=self.future_trades,
+            id_resets=self.id_resets,
+            degraded=self.degraded,
             gaps=dict(self.gaps),
             missed_trades=dict(self.missed_trades),
         )
@@ -401,18 +484,27 @@ def _normalise_symbols(symbols: Iterable[str]) -> tuple[str, ...]:
 
 
 class Feed:
-    """Base of every tick feed: ``await feed.run()`` until cancelled (or done, for replay)."""
+    """Base of every tick feed: ``await feed.run()`` until cancelled (or done, for replay).
+
+    `max_clock_skew` (s): trades stamped further ahead of the server clock are dropped;
+    `max_id_jump`: a larger trade-id jump is an id reset, not a gap (see FeedStats).
+    `venue` names the upstream market the trades come from and `carries` the symbols whose
+    trades it streams (None: not known); two feeds of one venue must not carry one symbol."""
 
     kind = "feed"
+    venue: str | None = None
 
     def __init__(self, name: str, symbols: Iterable[str], on_tick: TickCallback,
-                 on_book: BookCallback) -> None:
+                 on_book: BookCallback, *, max_clock_skew: float = 10.0,
+                 max_id_jump: int = 10_000_000) -> None:
         self.name = name
         self.symbols = _normalise_symbols(symbols)
         self._watched = frozenset(self.symbols)
         self._on_tick = on_tick
         self._on_book = on_book
-        self.stats = FeedStats(self.kind, self.symbols)
+        self.stats = FeedStats(self.kind, self.symbols, max_skew_ms=int(max_clock_skew * 1000),
+                               max_id_jump=max_id_jump)
+        self.carries: frozenset[str] | None = None
 
     def health(self) -> dict[str, Any]:
         return self.stats.health()
@@ -426,8 +518,11 @@ class Feed:
             return
         try:
             if type(event) is Tick:
+                stats = self.stats
                 if event.trade_id is not None:
-                    self.stats.note_trade_id(event.symbol, event.trade_id)
+                    stats.note_trade_id(event.symbol, event.trade_id)
+                if event.time > stats.future_bound and stats.ahead_of_clock(event.time):
+                    return
                 self._on_tick(event)
             else:
                 self._on_book(event)

@@ -10,6 +10,7 @@ touches SQLite.
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import Callable
 from typing import Any
 
@@ -54,14 +55,18 @@ class Latest:
         """`public()` plus the rolling 24 h figures from the 1m candles (null until known)."""
         out = self.public()
         day = candles.rolling(self.symbol)
-        if day is None or self.price is None:
+        price = self.price
+        if day is None or price is None:
             out.update(open_24h=None, high_24h=None, low_24h=None, volume_24h=None,
                        change_24h=None)
         else:
             open_, high, low, volume = day
+            # The latest trade is within its own day, even when its candle is not (a late
+            # trade, a ring seeded from elsewhere): high >= price >= low, always.
+            high, low = max(high, price), min(low, price)
             out.update(open_24h=open_, high_24h=high, low_24h=low,
                        volume_24h=round(volume, 8),
-                       change_24h=round((self.price - open_) / open_ * 100, 4))
+                       change_24h=round((price - open_) / open_ * 100, 4))
         return out
 
 
@@ -71,6 +76,34 @@ def price_message(latest: Latest) -> bytes:
 
 
 PriceFormat = Callable[[Latest], bytes]
+
+
+SEEN_IDS = 2048  # trades per symbol remembered to drop a duplicate (a power of two)
+_MAX_ID = 1 << 63
+
+
+class SeenTrades:
+    """The last SEEN_IDS trades of one symbol, as (id, time) in slots by id: a trade already
+    taken (two feeds of one market, however they got past the one-feed-per-market check)
+    is recognised in O(1) without allocating. The time makes the key: after a venue's id
+    reset, old ids come back with new times and are new trades."""
+
+    __slots__ = ("ids", "times")
+
+    def __init__(self) -> None:
+        self.ids = array("q", bytes(8 * SEEN_IDS))
+        self.times = array("q", bytes(8 * SEEN_IDS))
+
+    def seen(self, trade_id: int, time_ms: int) -> bool:
+        """True when this trade was taken already; otherwise remembers it (False)."""
+        if not 0 < trade_id < _MAX_ID or not 0 < time_ms < _MAX_ID:
+            return False  # 0 is an empty slot; past int64 cannot be stored (nor is real)
+        slot = trade_id & (SEEN_IDS - 1)
+        if self.ids[slot] == trade_id and self.times[slot] == time_ms:
+            return True
+        self.ids[slot] = trade_id
+        self.times[slot] = time_ms
+        return False
 
 
 class Market:
@@ -84,6 +117,8 @@ class Market:
         # Trades per symbol. Also the version of its candles: every change to them comes
         # through on_tick (a new path that changes candles must bump it too).
         self.ticks = dict.fromkeys(symbols, 0)
+        self._seen = {s: SeenTrades() for s in symbols}
+        self.duplicates = 0  # trades dropped as already taken (same id and time)
         self._snapshots: dict[tuple[str, str, int], tuple[int, bytes]] = {}
         self.trade_hooks: list[Callable[[Tick], None]] = []
         self.bar_hooks: list[Callable[[Bar], None]] = []
@@ -114,6 +149,9 @@ class Market:
         symbol = tick.symbol
         latest = self.latest.get(symbol)
         if latest is None or self.closed:
+            return
+        if tick.trade_id is not None and self._seen[symbol].seen(tick.trade_id, tick.time):
+            self.duplicates += 1  # never counted twice in candles or volumes
             return
         latest.price = tick.price
         latest.time = tick.time

@@ -130,7 +130,8 @@ OPERATIONS: dict[tuple[str, str], dict] = {
     ("GET", "/healthz"): op(
         "ops", "Health of the database and the feeds", {200: json_ok("Health"),
                                                         503: json_ok("Health", "Not healthy")},
-        text="503 (same body) when the database does not answer or a live feed is stale."),
+        text="503 (same body) when the database does not answer, a live feed is stale, or "
+             "a feed's trades are being dropped out of order (degraded)."),
     ("GET", "/metrics"): op("ops", "Prometheus metrics",
                             {200: media_ok("text/plain", "Prometheus text exposition 0.0.4")}),
     ("GET", "/openapi.json"): op("ops", "This OpenAPI 3.1 document",

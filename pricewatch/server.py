@@ -73,9 +73,14 @@ async def healthz(request: web.Request) -> web.Response:
     stale = sorted(name for name, h in feeds.items() if h.get("stale"))
     if stale and status == "ok":
         status = "stale"
+    degraded = sorted(name for name, h in feeds.items() if h.get("degraded"))
+    if degraded and status == "ok":
+        status = "degraded"
     body = {"status": status, "db": db, "feeds": feeds}
     if stale:
         body["stale_feeds"] = stale
+    if degraded:
+        body["degraded_feeds"] = degraded
     if PUBLISHER in app:  # a cluster's core: edges see nothing new while Redis is away
         body["redis"] = redis = app[PUBLISHER].bus.health()
         if not redis["connected"] and status == "ok":
@@ -95,6 +100,10 @@ async def metrics(request: web.Request) -> web.Response:
     for key, kind, text in [("messages", "counter", "Upstream messages received."),
                             ("reconnects", "counter", "Upstream reconnect attempts."),
                             ("parse_errors", "counter", "Malformed upstream messages."),
+                            ("out_of_order", "counter", "Trades dropped: ids already passed."),
+                            ("future_trades", "counter", "Trades dropped: from the future."),
+                            ("id_resets", "counter", "Trade-id sequences started again."),
+                            ("degraded", "gauge", "1 while trades are dropped out of order."),
                             ("stale", "gauge", "1 when a live feed sent nothing for too long.")]:
         name = f"pricewatch_feed_{key}" + ("_total" if kind == "counter" else "")
         out.metric(name, kind, text)
@@ -218,7 +227,8 @@ async def candles_ctx(app: web.Application) -> AsyncIterator[None]:
     second; a last flush at shutdown, after the feeds have stopped."""
     settings = app[SETTINGS]
     writer = app[CANDLE_WRITER] = CandleWriter(app[MARKET].candles, app[STORE],
-                                               settings.symbols, settings.candle_retention)
+                                               settings.symbols, settings.candle_retention,
+                                               max_clock_skew=settings.max_clock_skew)
     began = time.monotonic()
     count = await writer.load()
     log.info("loaded %d stored candles in %.2fs", count, time.monotonic() - began)
@@ -351,8 +361,9 @@ async def extra_feeds_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, mkt = app[SETTINGS], app[MARKET]
     feeds = app[EXTRA_FEEDS] = ExtraFeeds(
         app, app[STORE], binance_factory(settings.symbols, mkt.on_tick, mkt.on_book,
-                                         settings.allow_private_feeds),
-        settings.allow_private_feeds)
+                                         settings.allow_private_feeds, settings.max_clock_skew,
+                                         settings.max_id_jump),
+        settings.allow_private_feeds, main=app[FEED])
     await feeds.restore()
     try:
         yield
@@ -406,7 +417,8 @@ def create_app(settings: Settings) -> web.Application:
                           on_book=mkt.on_book, replay_speed=settings.replay_speed, rest=rest,
                           backfill_max_trades=settings.backfill_max_trades,
                           history=mkt.candles.rings() if settings.candle_history else None,
-                          on_history=mkt.on_history, on_bar=mkt.on_bar)
+                          on_history=mkt.on_history, on_bar=mkt.on_bar,
+                          max_clock_skew=settings.max_clock_skew, max_id_jump=settings.max_id_jump)
 
     add_route(app, "GET", "/healthz", healthz)
     add_route(app, "GET", "/metrics", metrics)

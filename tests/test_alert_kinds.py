@@ -80,7 +80,9 @@ def iso_in(seconds: float) -> str:
 
 @pytest.fixture
 async def live(make_settings, http, fake):  # noqa: F811
-    async with LiveServer(market_settings(make_settings, fake)) as server:
+    # Trades run up to minutes ahead of the clock here, to let alert time pass.
+    settings = market_settings(make_settings, fake, max_clock_skew=86400)
+    async with LiveServer(settings) as server:
         user = await register(http, server, "alice")
         async with Market(fake, server, http, user["access"]) as market:
             yield market
@@ -469,6 +471,7 @@ async def test_sigkill_keeps_a_repeating_alerts_cooldown_and_trigger_count(tmp_p
                    for name in ("first", "second")]
         for server in servers:  # no test reaches the internet: REST goes to the fake
             server.env["PRICEWATCH_BINANCE_REST_URL"] = fake.rest_url
+            server.env["PRICEWATCH_MAX_CLOCK_SKEW"] = "86400"  # trades run ahead to pass time
         first, second = servers
         trade_ids = iter(range(1, 100))
 

@@ -214,7 +214,8 @@ async def test_alert_crossed_only_inside_a_gap_triggers_at_that_trade(make_setti
     """End to end: the server's Binance feed backfills from the fake's REST; the alert fires
     with the missed trade's own price and time, and the candle counts every trade once."""
     settings = make_settings(feed="binance", binance_ws_url=fake.url,
-                             binance_rest_url=fake.rest_url)
+                             binance_rest_url=fake.rest_url,
+                             max_clock_skew=120)  # its trades are in the next minute
     async with LiveServer(settings) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
@@ -281,7 +282,8 @@ async def test_a_gap_too_large_for_trades_is_filled_from_one_minute_klines(make_
     crossed inside one triggers at its target and the kline's open time, marked "kline"; the
     trades of the held trade's own minute before it cannot be known and count as missed."""
     settings = make_settings(feed="binance", binance_ws_url=fake.url,
-                             binance_rest_url=fake.rest_url, backfill_max_trades=10)
+                             binance_rest_url=fake.rest_url, backfill_max_trades=10,
+                             max_clock_skew=600)  # its trades are minutes ahead
     async with LiveServer(settings) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
@@ -333,7 +335,8 @@ async def test_stream_dropped_trades_meanwhile_candles_exact_and_one_email(make_
     async with SmtpSink() as smtp:
         settings = make_settings(feed="binance", binance_ws_url=fake.url,
                                  binance_rest_url=fake.rest_url, smtp_host="127.0.0.1",
-                                 smtp_port=smtp.port, smtp_retry_base=0.05)
+                                 smtp_port=smtp.port, smtp_retry_base=0.05,
+                                 max_clock_skew=120)  # its trades are in the next minute
         async with LiveServer(settings) as server:
             tok = (await register(http, server))["access"]
             async with Trader(fake, server, http, tok) as market:

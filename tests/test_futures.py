@@ -45,7 +45,8 @@ async def test_coinm_perpetual_drives_prices_candles_and_alerts_with_backfill(
         make_settings, http, fake):
     settings = make_settings(feed="binance", binance_market="coinm", symbols=(PERP,),
                              binance_ws_url=fake.url, binance_rest_url=fake.rest_url,
-                             candle_history=False)
+                             candle_history=False,
+                             max_clock_skew=120)  # its trades are in the next minute
     async with LiveServer(settings) as server:
         tok = (await register(http, server))["access"]
         await fake.wait_open(1)

@@ -112,13 +112,18 @@ class MarketMixin:
         rows.reverse()
         return rows
 
-    async def prune_candles(self, timeframe: str, keep: int, size_ms: int) -> int:
-        """Delete candles of `timeframe` older than `keep` periods before each symbol's newest."""
+    async def prune_candles(self, timeframe: str, keep: int, size_ms: int,
+                            now_ms: int | None = None, future_ms: int | None = None) -> int:
+        """Delete candles of `timeframe` older than `keep` periods before each symbol's newest
+        (or before `now_ms` if that is earlier), and those starting after `future_ms`."""
+        now = 2**62 if now_ms is None else now_ms
+        future = 2**62 if future_ms is None else future_ms
         async with self._tx() as db:
             cur = await db.execute(
-                "DELETE FROM candles WHERE timeframe = ?1 AND start < "
-                "(SELECT MAX(start) FROM candles c WHERE c.symbol = candles.symbol "
-                "AND c.timeframe = ?1) - ?2", (timeframe, keep * size_ms))
+                "DELETE FROM candles WHERE timeframe = ?1 AND (start > ?4 OR start < "
+                "MIN((SELECT MAX(start) FROM candles c WHERE c.symbol = candles.symbol "
+                "AND c.timeframe = ?1 AND c.start <= ?4), ?3) - ?2)",
+                (timeframe, keep * size_ms, now, future))
             return cur.rowcount
 
 

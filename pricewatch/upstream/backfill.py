@@ -15,6 +15,18 @@ its remaining ids are counted in `missed_trades`, and the held trades go on. A g
 on as `Bar`s (see `_fetch_bars`), and the trades no kline covers count as missed.
 Duplicates (an id at or below the last delivered one, e.g. replayed after a reconnect) are
 dropped and counted as `out_of_order`.
+
+Id resets: a venue restart starts its ids again (from 1, or anywhere), and one bogus id (2^63)
+would otherwise turn every later trade into a "duplicate". An id more than REORDER_WINDOW
+behind the last one with a time not older than the last trade's, or a jump of more than
+`max_id_jump` ids, is a *candidate*: held, not delivered. RESET_CONFIRM candidates in a row,
+each following the one before (ids and times increasing), re-base the sequence there
+(`id_resets`, logged): they are delivered and the ids go on from them; nothing is missed or
+fetched. A trade of the old sequence arriving meanwhile proves the candidates were outliers:
+they are dropped. A late duplicate (an older time) is never a candidate.
+
+Future trades: a trade stamped more than `max_skew_ms` ahead of the server clock is dropped
+and counted (`future_trades`); its id still counts as delivered.
 """
 
 from __future__ import annotations
@@ -26,18 +38,20 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..feeds import Bar, FeedStats, Tick
+from .. import clock
+from ..feeds import REORDER_WINDOW, Bar, FeedStats, Tick
 from .binance_rest import BinanceRest, RestError, RestLimited
 
 log = logging.getLogger(__name__)
 
 MINUTE = 60_000
 MAX_BAR_MINUTES = 1440  # a gap filled from klines spans at most a day of them
+RESET_CONFIRM = 3  # candidates in a row that re-base a symbol's trade ids
 
 
 class _Symbol:
     __slots__ = ("last_id", "last_time", "held", "task", "state", "minute", "minute_volume",
-                 "minute_trades")
+                 "minute_trades", "candidates")
 
     def __init__(self) -> None:
         self.last_id: int | None = None
@@ -48,6 +62,7 @@ class _Symbol:
         self.minute_volume = 0.0
         self.minute_trades = 0
         self.held: deque[Tick] = deque()
+        self.candidates: list[Tick] = []  # held for an id reset to be confirmed
         self.task: asyncio.Task | None = None
         self.state = "idle"  # idle | filling | gave_up (the last gap could not be filled)
 
@@ -85,17 +100,30 @@ class Sequencer:
                 sym.task.cancel()
             return
         self._accept(tick.symbol, sym, tick)
+        if sym.held and sym.task is None:  # an id reset was confirmed: its trades go on
+            self._release(tick.symbol, sym)
 
     def _accept(self, symbol: str, sym: _Symbol, tick: Tick) -> bool:
         """Deliver `tick` or start filling the gap before it (then False: it is held)."""
         trade_id = tick.trade_id
         last = sym.last_id
         if trade_id is None or last is None or trade_id == last + 1:
+            if sym.candidates:
+                self._outliers(sym)
             self._emit(sym, tick)
             return True
         if trade_id <= last:
-            self.stats.out_of_order += 1
+            if last - trade_id > REORDER_WINDOW and (sym.last_time is None
+                                                     or tick.time >= sym.last_time):
+                self._candidate(symbol, sym, tick)
+            else:
+                self.stats.dropped_out_of_order()
             return True
+        if trade_id - last > self.stats.max_id_jump:
+            self._candidate(symbol, sym, tick)
+            return True
+        if sym.candidates:
+            self._outliers(sym)
         self.stats.gaps[symbol] = self.stats.gaps.get(symbol, 0) + 1
         missing = trade_id - last - 1
         too_many = missing > self.max_trades
@@ -113,9 +141,38 @@ class Sequencer:
             self._fill(symbol, sym, last + 1, trade_id - 1, fetch), name=f"backfill-{symbol}")
         return False
 
+    def _candidate(self, symbol: str, sym: _Symbol, tick: Tick) -> None:
+        """Hold a trade out of line with the sequence; re-base on RESET_CONFIRM in a row."""
+        run = sym.candidates
+        if run:
+            prev = run[-1]
+            step = tick.trade_id - prev.trade_id  # type: ignore[operator]
+            if not (0 < step <= self.stats.max_id_jump and tick.time >= prev.time):
+                if step <= 0 and tick.time <= prev.time:
+                    self.stats.dropped_out_of_order()  # a duplicate of a candidate
+                    return
+                self._outliers(sym)  # no run: start a new one with this trade
+        run.append(tick)
+        if len(run) < RESET_CONFIRM:
+            return
+        self.stats.id_reset(symbol, sym.last_id if sym.last_id is not None else 0,
+                            run[0].trade_id)  # type: ignore[arg-type]
+        sym.last_id = run[0].trade_id - 1  # type: ignore[operator]
+        sym.candidates = []
+        sym.held.extendleft(reversed(run))  # delivered next, in order, by _release
+
+    def _outliers(self, sym: _Symbol) -> None:
+        """The held candidates were not an id reset: dropped."""
+        self.stats.dropped_out_of_order(len(sym.candidates))
+        sym.candidates = []
+
     def _emit(self, sym: _Symbol, tick: Tick) -> None:
         if tick.trade_id is not None:
             sym.last_id = tick.trade_id
+        stats = self.stats
+        if tick.time > stats.future_bound and stats.ahead_of_clock(tick.time):
+            return  # dropped, counted; its id is accounted for
+        stats.drop_streak = 0
         sym.last_time = tick.time
         minute = tick.time - tick.time % MINUTE
         if minute != sym.minute:
@@ -232,6 +289,9 @@ class Sequencer:
         assert rest is not None and sym.last_id is not None and sym.last_time is not None
         first_minute = sym.last_time - sym.last_time % MINUTE
         held_minute = sym.held[0].time - sym.held[0].time % MINUTE if sym.held else first_minute
+        # A held trade from the future (dropped when its turn comes) fetches no kline past now.
+        latest = int(clock.now() * 1000) + self.stats.max_skew_ms
+        held_minute = min(held_minute, latest - latest % MINUTE)
         missing = last - sym.last_id
         covered = 0
         bars: list[Bar] = []

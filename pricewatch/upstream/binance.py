@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
@@ -44,6 +44,48 @@ log = logging.getLogger(__name__)
 #: Rather than juggle several sockets, one feed refuses more symbols than fit in one.
 MAX_SYMBOLS = 512
 
+
+def venue_of(url: str, market: BinanceMarket) -> str:
+    """The upstream market a stream URL's trades come from. Binance serves one market on
+    several hosts (`stream.binance.com` and `data-stream.binance.vision` stream the very same
+    spot trades), so a Binance host names its market (`binance:spot`, `binance:usdm`,
+    `binance:coinm`); any other host is its own venue (host, port and market)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower().rstrip(".")
+    if host == "binance.com" or host.endswith(".binance.com"):
+        kind = ("usdm" if host.startswith("fstream") else
+                "coinm" if host.startswith("dstream") else "spot")
+        return f"binance:{kind}"
+    if host.endswith("binance.vision"):
+        return "binance-testnet:spot" if "testnet" in host else "binance:spot"
+    if host == "binance.us" or host.endswith(".binance.us"):
+        return "binanceus:spot"
+    try:
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+    except ValueError:
+        port = 0
+    return f"{host}:{port}{market.prefix}"
+
+
+def traded_symbols(url: str, symbols: Iterable[str]) -> frozenset[str] | None:
+    """The watched `symbols` whose trades a stream URL carries: all of them for a bare base
+    (the feed asks for every one), those with a `@trade`/`@aggTrade` stream named in a
+    `/stream?streams=` or `/ws/` URL, None when the URL does not say (another path)."""
+    parts = urlsplit(url)
+    path = parts.path.strip("/")
+    if not path:
+        return frozenset(symbols)
+    if path == "stream":
+        names = [n for v in parse_qs(parts.query).get("streams", []) for n in v.split("/")]
+    elif path.startswith("ws/"):
+        names = path[3:].split("/")
+    else:
+        return None
+    streamed = {name.partition("@")[0].upper() for name in names
+                if name.partition("@")[2].lower() in ("trade", "aggtrade")}
+    return frozenset(streamed & set(symbols))
+
+
 class BinanceFeed(Feed):
     """One combined-stream websocket to Binance carrying ``@trade`` (``@aggTrade`` on futures)
     and ``@bookTicker``.
@@ -68,8 +110,10 @@ class BinanceFeed(Feed):
                  history: Mapping[str, tuple[int, int]] | None = None,
                  on_history: Callable[[KlineFill], object] | None = None,
                  market: BinanceMarket | None = None,
-                 on_bar: BarCallback | None = None) -> None:
-        super().__init__(name, symbols, on_tick, on_book)
+                 on_bar: BarCallback | None = None, max_clock_skew: float = 10.0,
+                 max_id_jump: int = 10_000_000) -> None:
+        super().__init__(name, symbols, on_tick, on_book, max_clock_skew=max_clock_skew,
+                         max_id_jump=max_id_jump)
         self.market = market or (rest.market if rest is not None else MARKETS["spot"])
         # Every streamed trade passes the sequencer: ids in order, gaps filled over REST
         # (`rest`), or counted as missed without it.
@@ -108,6 +152,8 @@ class BinanceFeed(Feed):
         self.stale_after = stale_after
         self.open_timeout = open_timeout
         self.stats.url = redact_url(self.url)
+        self.venue = venue_of(self.url, self.market)
+        self.carries = traded_symbols(self.url, self.symbols)
 
     async def run(self) -> None:
         """Run until cancelled; never returns. On cancel the socket is closed, state "stopped"."""

@@ -47,8 +47,9 @@ class DemoFeed(Feed):
     kind = "demo"
 
     def __init__(self, symbols: Iterable[str], on_tick: TickCallback, on_book: BookCallback,
-                 *, rate: float = 10.0, seed: int | None = None, name: str = "demo") -> None:
-        super().__init__(name, symbols, on_tick, on_book)
+                 *, rate: float = 10.0, seed: int | None = None, name: str = "demo",
+                 max_clock_skew: float = 10.0) -> None:
+        super().__init__(name, symbols, on_tick, on_book, max_clock_skew=max_clock_skew)
         if not (0 < rate <= 10_000):
             raise FeedConfigError(f"demo rate must be in (0, 10000] trades/s, got {rate!r}")
         self.rate = rate
@@ -140,8 +141,10 @@ class ReplayFeed(Feed):
     kind = "replay"
 
     def __init__(self, path: str | Path, symbols: Iterable[str], on_tick: TickCallback,
-                 on_book: BookCallback, *, speed: float = 0.0, name: str = "replay") -> None:
-        super().__init__(name, symbols, on_tick, on_book)
+                 on_book: BookCallback, *, speed: float = 0.0, name: str = "replay",
+                 max_clock_skew: float = 10.0, max_id_jump: int = 10_000_000) -> None:
+        super().__init__(name, symbols, on_tick, on_book, max_clock_skew=max_clock_skew,
+                         max_id_jump=max_id_jump)
         self.path = Path(path)
         if not self.path.is_file():
             raise FeedConfigError(f"replay file not found: {str(self.path)!r}")
@@ -197,6 +200,8 @@ class ReplayFeed(Feed):
                         if event is None or type(event) is ServerShutdown:
                             continue
                         if self.speed and type(event) is Tick:
+                            if stats.ahead_of_clock(event.time):
+                                continue  # never wait for a trade from the future
                             if anchor is None:
                                 anchor = (loop.time(), event.time)
                             due = anchor[0] + (event.time - anchor[1]) / 1000 / self.speed
