@@ -27,6 +27,7 @@ from .hub import Hub
 from .limits import SlidingWindow
 from .percent_index import PercentIndex
 from .records import Arm, Event, Hit
+from .storage.alerts import MIN_COOLDOWN
 from .store import Alert, Store
 
 log = logging.getLogger(__name__)
@@ -281,8 +282,9 @@ class AlertEngine:
         direction) row for the price index, which the caller adds (one by one or in bulk)."""
         if alert.repeat:
             target = alert.price if alert.kind == "price" else alert.percent
+            # (a stored row may hold a shorter cooldown than the API takes: held to the floor)
             self._repeat[alert.id] = (alert.kind, alert.asset, target, alert.direction,
-                                      alert.window, alert.cooldown)
+                                      alert.window, max(alert.cooldown, MIN_COOLDOWN))
         if alert.expires_at is not None and alert.status in ("CREATED", "TRIGGERED"):
             when = alert.expires_at * 1000
             self._expiry[alert.id] = when

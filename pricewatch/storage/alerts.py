@@ -20,6 +20,9 @@ ALERT_COLS = ("id, user_id, asset, price, direction, status, created_at, trigger
 # What a create or an update may set besides asset, price and direction (column names).
 ALERT_FIELDS = ("kind", "percent", "win", "repeat", "cooldown", "expires_at", "note",
                 "channels")
+# A repeating alert triggers at most once per max(cooldown, MIN_COOLDOWN) seconds, whatever
+# its row says (the API refuses less; rows written before it did are held to it here).
+MIN_COOLDOWN = 60
 _EVENT_COLS = "e.id, e.alert_id, e.user_id, e.time, e.price, e.backfill, " + EVENT_DELIVERIES
 
 
@@ -307,11 +310,12 @@ def _trigger(db: sqlite3.Connection, hit: Hit, now: float) -> Alert | None:
     cur = db.execute(
         "UPDATE alerts SET status = 'TRIGGERED', triggered_at = ?, triggered_price = ?,"
         " triggered_backfill = ?, updated_at = ?, trigger_count = trigger_count + 1,"
-        " rearm_at = CASE WHEN repeat = 1 THEN ? + cooldown END"
+        " rearm_at = CASE WHEN repeat = 1 THEN ? + MAX(cooldown, ?) END"
         " WHERE id = ? AND status = 'CREATED' AND armed = 1 AND asset = ?"
         " AND COALESCE(price, percent) = ? AND direction = ? AND COALESCE(win, '') = ?"
         " AND (expires_at IS NULL OR expires_at > ?)",
-        (at, price, backfill, now, at, alert_id, asset, target, direction, window or "", at))
+        (at, price, backfill, now, at, MIN_COOLDOWN, alert_id, asset, target, direction,
+         window or "", at))
     if cur.rowcount == 0:
         return None
     event_id = db.execute(

@@ -1,0 +1,127 @@
+"""What one user's alerts may cost: the smallest percent move, the shortest cooldown on every
+route that sets one (and on rows stored before the API refused less), plain decimals on the
+seed route, event retention, and the resume protocol's limits (single process and edges).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+from conftest import bearer, register
+
+from pricewatch import clock
+from pricewatch.alerts import AlertEngine
+from pricewatch.feeds import Tick
+from pricewatch.hub import Hub
+from pricewatch.market import MARKET
+from pricewatch.store import Store
+
+T0 = 1_700_000_000_000  # trade time of the engine-level tests (ms)
+
+
+async def call(http: aiohttp.ClientSession, method: str, url: str, token: str,
+               body: dict) -> tuple[int, dict]:
+    async with http.request(method, url, json=body, headers=bearer(token)) as resp:
+        return resp.status, await resp.json()
+
+
+# -- percent and cooldown floors ---------------------------------------------------------
+
+@pytest.mark.parametrize("percent", [1e-9, 5e-324, 0.0099, 0])
+async def test_a_percent_alert_below_a_hundredth_of_a_percent_is_refused(server, http,
+                                                                         percent):
+    token = (await register(http, server))["access"]
+    for path in ("/api/v1/alerts", "/alert/"):
+        status, answer = await call(http, "POST", server.url + path, token, {
+            "asset": "BTCUSDT", "kind": "percent", "percent": percent, "window": "1m",
+            "repeat": True, "cooldown": 60})
+        assert (status, answer["error"], set(answer["fields"])) == (
+            400, "validation", {"percent"}), answer
+        assert "0.01" in answer["fields"]["percent"]
+    status, answer = await call(http, "POST", server.url + "/api/v1/alerts", token, {
+        "asset": "BTCUSDT", "kind": "percent", "percent": 0.01, "window": "1m"})
+    assert status == 201, answer
+    status, answer = await call(http, "PATCH", server.url + f"/api/v1/alerts/{answer['id']}",
+                                token, {"percent": 1e-9})
+    assert (status, set(answer["fields"])) == (400, {"percent"})
+
+
+async def test_the_openapi_schema_states_the_percent_floor(server, http):
+    async with http.get(server.url + "/openapi.json") as resp:
+        doc = await resp.json()
+    percent = doc["components"]["schemas"]["AlertIn"]["properties"]["percent"]
+    assert percent["minimum"] == 0.01 and "exclusiveMinimum" not in percent
+
+
+async def test_a_cooldown_under_a_minute_is_refused_on_every_route(server, http):
+    token = (await register(http, server))["access"]
+    base = {"asset": "BTCUSDT", "price": 100.0, "direction": "above", "repeat": True}
+    for path in ("/api/v1/alerts", "/alert/"):
+        for cooldown in (0, 1, 59.99, 5e-324):
+            status, answer = await call(http, "POST", server.url + path, token,
+                                        {**base, "cooldown": cooldown})
+            assert (status, set(answer["fields"])) == (400, {"cooldown"}), (path, cooldown)
+    status, alert = await call(http, "POST", server.url + "/api/v1/alerts", token,
+                               {**base, "cooldown": 60})
+    assert status == 201
+    for path in (f"/api/v1/alerts/{alert['id']}", f"/alert/{alert['id']}/"):
+        for method, body in (("PUT", {**base, "cooldown": 1}), ("PATCH", {"cooldown": 1})):
+            status, answer = await call(http, method, server.url + path, token, body)
+            assert (status, set(answer["fields"])) == (400, {"cooldown"}), (path, method)
+
+
+async def engine_on(tmp_path) -> tuple[Store, AlertEngine]:
+    store = await Store.open(str(tmp_path / "pw.db"))
+    engine = AlertEngine(store, Hub())
+    return store, engine
+
+
+async def test_a_stored_cooldown_under_a_minute_still_waits_a_minute(tmp_path):
+    """A row written with a 1 s cooldown (before the API refused it, or by hand): the engine
+    and the trigger's rearm time both hold it to 60 s."""
+    store, engine = await engine_on(tmp_path)
+    try:
+        user = await store.create_user("alice", "a@example.com", "$2b$hash")
+        alert = await store.create_alert(user.id, "BTCUSDT", 100.0, "above", max_active=10,
+                                         repeat=True, cooldown=1)
+        await engine.load()
+        await engine.start()
+        for seconds, price in ((0, 150.0), (2, 90.0), (3, 150.0), (30, 90.0), (31, 150.0)):
+            engine.on_tick(Tick("BTCUSDT", price, 1.0, T0 + seconds * 1000, seconds + 1))
+            await asyncio.wait_for(engine.drained(), 5)
+        stored = await store.get_alert(user.id, alert.id)
+        assert stored.trigger_count == 1
+        assert stored.rearm_at == T0 / 1000 + 60
+        # After the minute: back below the target (armed), then above: the second trigger.
+        for seconds, price in ((61, 90.0), (62, 150.0)):
+            engine.on_tick(Tick("BTCUSDT", price, 1.0, T0 + seconds * 1000, seconds + 1))
+            await asyncio.wait_for(engine.drained(), 5)
+        assert (await store.get_alert(user.id, alert.id)).trigger_count == 2
+    finally:
+        await engine.stop()
+        await store.close()
+
+
+# -- the seed route's decimals ----------------------------------------------------------
+
+@pytest.mark.parametrize("price", ["1_000", "١٢٣", " 5 ", "5 ", "+5", "1e3", "inf", "NaN",
+                                   "0x10", "５", "1.2.3", ".5", "5.", "", "1.123456789"])
+async def test_seed_alert_price_text_must_be_a_plain_decimal(server, http, price):
+    user = await register(http, server)
+    status, answer = await call(http, "POST", server.url + "/alerts/create/", user["access"], {
+        "username": "alice", "alert_purpose": "p", "alert_price": price,
+        "asset": "BTCUSDT"})
+    assert (status, answer["error"], set(answer["fields"])) == (
+        400, "validation", {"alert_price"}), answer
+
+
+async def test_seed_alert_price_takes_plain_decimals_as_text(server, http):
+    server.app[MARKET].on_tick(Tick("BTCUSDT", 100.0, 1.0, int(clock.now() * 1000), 1))
+    user = await register(http, server)
+    for price, value in (("65000.50", 65000.5), ("7", 7.0), ("0.00000001", 1e-8)):
+        status, answer = await call(http, "POST", server.url + "/alerts/create/",
+                                    user["access"], {"username": "alice", "alert_purpose": "p",
+                                                     "alert_price": price, "asset": "BTCUSDT"})
+        assert (status, answer.get("alert_price")) == (201, value), answer
