@@ -72,14 +72,18 @@ class AlertEngine:
     """
 
     def __init__(self, store: Store, hub: Hub, max_active: int = 1000,
-                 create_rate: int = 60):
+                 create_rate: int = 60, event_retention_days: int = 90):
         self.store = store
         self.hub = hub
         self.max_active = max_active  # CREATED alerts per user
+        # Events older than this are purged with their finished deliveries (pending ones
+        # stay): what a user's repeating alerts may store is bounded in time.
+        self.event_retention = event_retention_days * 86400.0
         # Alert creations per user per minute (PRICEWATCH_ALERT_CREATE_RATE): the active cap
         # alone lets a client create and delete rows without end.
         self.creations = SlidingWindow(create_rate, 60.0)
         self.purged = 0  # DELETED alerts purged by this process
+        self.purged_events = 0  # events purged by this process (past the retention)
         self.expired = 0  # alerts marked EXPIRED by this process
         self.index = AlertIndex()
         self.percent = PercentIndex()
@@ -429,7 +433,8 @@ class AlertEngine:
 
     async def purge(self, now: float | None = None) -> int:
         """One sweep: remove alerts DELETED more than KEEP_DELETED seconds before `now`
-        (default: the wall clock); returns how many."""
+        (default: the wall clock), and events older than the retention with their finished
+        deliveries; returns how many alerts."""
         now = clock.now() if now is None else now
         self.created.prune((now - CREATION_HORIZON) * 1000)
         count = await self.store.purge_deleted_alerts(now - KEEP_DELETED)
@@ -437,6 +442,11 @@ class AlertEngine:
         if count:
             log.info("purged %d alerts deleted over %d days ago", count,
                      KEEP_DELETED // 86400)
+        events = await self.store.purge_events(now - self.event_retention)
+        self.purged_events += events
+        if events:
+            log.info("purged %d alert events older than %g days", events,
+                     self.event_retention / 86400)
         return count
 
     async def _purge_loop(self) -> None:

@@ -6,16 +6,19 @@ seed route, event retention, and the resume protocol's limits (single process an
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 import aiohttp
 import pytest
-from conftest import bearer, register
+from conftest import LiveServer, bearer, register
 
 from pricewatch import clock
 from pricewatch.alerts import AlertEngine
+from pricewatch.alerts_api import ENGINE
 from pricewatch.feeds import Tick
 from pricewatch.hub import Hub
 from pricewatch.market import MARKET
+from pricewatch.records import Hit
 from pricewatch.store import Store
 
 T0 = 1_700_000_000_000  # trade time of the engine-level tests (ms)
@@ -125,3 +128,77 @@ async def test_seed_alert_price_takes_plain_decimals_as_text(server, http):
                                     user["access"], {"username": "alice", "alert_purpose": "p",
                                                      "alert_price": price, "asset": "BTCUSDT"})
         assert (status, answer.get("alert_price")) == (201, value), answer
+
+
+# -- event retention ----------------------------------------------------------------------
+
+async def trigger_at(store: Store, user_id: int, at: float) -> int:
+    """A fresh alert triggered at `at` (epoch s); returns its event id (one email delivery)."""
+    alert = await store.create_alert(user_id, "BTCUSDT", 100.0, "above", max_active=10**6)
+    [done] = await store.trigger_alerts([Hit(alert.id, "BTCUSDT", 100.0, "above", 150.0, at)])
+    assert len(done.event.deliveries) == 1
+    return done.event.id
+
+
+def set_statuses(db_path: str, statuses: dict[int, str]) -> None:
+    with sqlite3.connect(db_path) as db:
+        db.executemany("UPDATE deliveries SET status = ? WHERE event_id = ?",
+                       [(status, event) for event, status in statuses.items()])
+    db.close()
+
+
+def rows(db_path: str, table: str) -> set[int]:
+    column = "id" if table == "events" else "event_id"
+    with sqlite3.connect(db_path) as db:
+        found = {r[0] for r in db.execute(f"SELECT {column} FROM {table}")}  # noqa: S608
+    db.close()
+    return found
+
+
+async def test_retention_purges_old_events_and_their_finished_deliveries_only(tmp_path):
+    path = str(tmp_path / "pw.db")
+    store = await Store.open(path)
+    engine = AlertEngine(store, Hub(), event_retention_days=2)
+    try:
+        assert engine.event_retention == 2 * 86400
+        user = await store.create_user("alice", "a@example.com", "$2b$hash")
+        now = clock.now()
+        old = {status: await trigger_at(store, user.id, now - 3 * 86400)
+               for status in ("sent", "failed", "skipped", "pending")}
+        recent = {status: await trigger_at(store, user.id, now - 86400)
+                  for status in ("sent", "failed", "skipped", "pending")}
+        set_statuses(path, {event: status for batch in (old, recent)
+                            for status, event in batch.items()})
+        await engine.purge(now)
+        kept = {old["pending"], *recent.values()}
+        assert rows(path, "events") == kept
+        assert rows(path, "deliveries") == kept
+        assert engine.purged_events == 3
+        # Once its delivery is done, the old pending one goes at the next sweep.
+        set_statuses(path, {old["pending"]: "sent"})
+        await engine.purge(now)
+        assert rows(path, "events") == rows(path, "deliveries") == set(recent.values())
+    finally:
+        await store.close()
+
+
+async def test_retention_purge_walks_every_window_of_old_events(tmp_path):
+    """Many small transactions, in id order, until the events are recent."""
+    path = str(tmp_path / "pw.db")
+    store = await Store.open(path)
+    try:
+        user = await store.create_user("alice", "a@example.com", "$2b$hash")
+        now = clock.now()
+        old = [await trigger_at(store, user.id, now - 100 * 86400 + i) for i in range(23)]
+        set_statuses(path, dict.fromkeys(old[::2], "sent"))  # the others stay pending
+        recent = [await trigger_at(store, user.id, now - 60) for _ in range(5)]
+        assert await store.purge_events(now - 90 * 86400, window=4) == 12
+        assert rows(path, "events") == set(old[1::2]) | set(recent)
+    finally:
+        await store.close()
+
+
+async def test_the_retention_setting_reaches_the_engine(make_settings):
+    app_settings = make_settings(event_retention_days=7)
+    async with LiveServer(app_settings) as server:
+        assert server.app[ENGINE].event_retention == 7 * 86400

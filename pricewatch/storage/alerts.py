@@ -282,6 +282,39 @@ class AlertsMixin:
                 return total
 
 
+    async def purge_events(self, older_than: float, window: int = 5000) -> int:
+        """Remove the events whose time is before `older_than` (epoch s) with their finished
+        deliveries (sent, failed, skipped); an event with a pending delivery stays, whole.
+        Returns how many events went.
+
+        In id order, `window` ids per transaction (other writes never wait behind one long
+        purge), and only as far as the events are old: the sweep stops at the first window
+        without an event older than the cutoff (ids follow time; a backfilled event is a few
+        hours older than its id at most), so an hourly sweep reads what it removes, not the
+        whole table."""
+        total, after = 0, 0
+        while True:
+            async with self._tx() as db:
+                async with db.execute("SELECT MIN(id) FROM events WHERE id > ?",
+                                      (after,)) as cur:
+                    first = (await cur.fetchone())[0]
+                if first is None:
+                    return total
+                last = first + window - 1
+                async with db.execute("SELECT MIN(time) FROM events WHERE id BETWEEN ? AND ?",
+                                      (first, last)) as cur:
+                    oldest = (await cur.fetchone())[0]
+                if oldest >= older_than:
+                    return total
+                # Deliveries go with their event (ON DELETE CASCADE).
+                cur = await db.execute(
+                    "DELETE FROM events WHERE id BETWEEN ? AND ? AND time < ? AND NOT EXISTS"
+                    " (SELECT 1 FROM deliveries d WHERE d.event_id = events.id"
+                    " AND d.status = 'pending')", (first, last, older_than))
+                total += cur.rowcount
+            after = last
+
+
 def _fields(fields: dict) -> dict:
     """`fields` checked against ALERT_FIELDS (`window` may be named so), in column names."""
     fields = dict(fields)
