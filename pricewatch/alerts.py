@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 KEEP_DELETED = 30 * 86400.0  # seconds a DELETED alert stays listable before it is purged
 PURGE_EVERY = 3600.0  # seconds between purges
+PURGE_FIRST = 60.0  # seconds from start to the first purge
 # How far back alert creation times are kept to judge backfilled trades (older trades are
 # judged as if every alert then active had always existed).
 CREATION_HORIZON = 86400.0
@@ -450,11 +451,14 @@ class AlertEngine:
         return count
 
     async def _purge_loop(self) -> None:
-        while True:  # at start, then every PURGE_EVERY seconds
+        # The first sweep a little after start: starting (loading alerts, resuming pending
+        # deliveries, catching up on trades) comes first; then every PURGE_EVERY seconds.
+        await asyncio.sleep(PURGE_FIRST)
+        while True:
             try:
                 await self.purge()
             except Exception:  # a database hiccup: the next sweep tries again
-                log.exception("could not purge deleted alerts")
+                log.exception("could not purge deleted alerts and old events")
             await asyncio.sleep(PURGE_EVERY)
 
     async def drained(self) -> None:
