@@ -9,16 +9,21 @@ import asyncio
 import sqlite3
 
 import aiohttp
+import orjson
 import pytest
 from conftest import LiveServer, bearer, register
+from test_cluster import T0 as CLUSTER_T0
+from test_cluster import cluster, needs_redis, receive, redis  # noqa: F401 (fixture)
 
 from pricewatch import clock
 from pricewatch.alerts import AlertEngine
 from pricewatch.alerts_api import ENGINE
+from pricewatch.cluster import edge as edge_module
 from pricewatch.feeds import Tick
 from pricewatch.hub import Hub
 from pricewatch.market import MARKET
 from pricewatch.records import Hit
+from pricewatch.resume import Resumer
 from pricewatch.store import Store
 
 T0 = 1_700_000_000_000  # trade time of the engine-level tests (ms)
@@ -202,3 +207,139 @@ async def test_the_retention_setting_reaches_the_engine(make_settings):
     app_settings = make_settings(event_retention_days=7)
     async with LiveServer(app_settings) as server:
         assert server.app[ENGINE].event_retention == 7 * 86400
+
+
+# -- resume: the single process -----------------------------------------------------------
+
+async def next_message(ws) -> dict:
+    msg = await asyncio.wait_for(ws.receive(), 10)
+    assert msg.type == aiohttp.WSMsgType.TEXT, msg
+    return orjson.loads(msg.data)
+
+
+async def replay_of(ws) -> tuple[list[int], dict]:
+    """The alert event ids up to the `resumed` answer, and that answer (prices skipped)."""
+    ids = []
+    while True:
+        msg = await next_message(ws)
+        if msg["type"] == "alert":
+            ids.append(msg["event"]["id"])
+        elif msg["type"] == "resumed":
+            return ids, msg
+        else:
+            assert msg["type"] == "price", msg
+
+
+async def refused_without_replay(ws, resumer: Resumer) -> str:
+    """The error a resume got; no replay was started for it (the refusal and the replay's
+    start happen in the same step) and nothing but prices came before the error."""
+    while True:
+        msg = await next_message(ws)
+        if msg["type"] == "error":
+            assert not resumer._tasks, "a replay started"
+            return msg["detail"]
+        assert msg["type"] == "price", msg
+
+
+def add_events(db_path: str, alert_id: int, user_id: int, count: int) -> list[int]:
+    """`count` events of the alert written beside the server (a user's long history)."""
+    with sqlite3.connect(db_path) as db:
+        db.executemany("INSERT INTO events(alert_id, user_id, time, price) VALUES (?, ?, ?, ?)",
+                       [(alert_id, user_id, 1.7e9 + i, 150.0) for i in range(count)])
+        ids = [r[0] for r in db.execute("SELECT id FROM events ORDER BY id")]
+    db.close()
+    return ids
+
+
+async def test_resume_sends_at_most_1000_events_then_more_and_refuses_a_second_within_5s(
+        server, http):
+    user = await register(http, server)
+    status, alert = await call(http, "POST", server.url + "/api/v1/alerts", user["access"],
+                               {"asset": "BTCUSDT", "price": 110.0, "direction": "above"})
+    assert status == 201
+    ids = add_events(server.settings.db, alert["id"], user["id"], 1500)
+    engine = server.app[ENGINE]
+    engine.announced = ids[-1]  # as if this process had announced them
+    ws = await http.ws_connect(server.ws_url("/live-feed/subscribe/"),
+                               headers=bearer(user["access"]))
+    await ws.send_json({"action": "resume", "since": 0})
+    replayed, done = await replay_of(ws)
+    assert replayed == ids[:1000]
+    assert done == {"type": "resumed", "since": 0, "last": ids[999], "more": True,
+                    "complete": False}
+    # Again at once, from where it stopped: refused, no second replay.
+    await ws.send_json({"action": "resume", "since": ids[999]})
+    assert (await refused_without_replay(ws, engine.resumer)).startswith("At most one resume")
+    # Told "more", the connection gets no live event until it resumes: a trigger now comes
+    # in the next replay, in order, once.
+    server.app[MARKET].on_tick(Tick("BTCUSDT", 150.0, 1.0, int(clock.now() * 1000), 1))
+    await asyncio.wait_for(engine.drained(), 5)
+    live_id = engine.announced
+    assert live_id > ids[-1]
+    engine.resumer._resumed_at.clear()  # (5 s later)
+    await ws.send_json({"action": "resume", "since": ids[999]})
+    replayed, done = await replay_of(ws)
+    assert replayed == [*ids[1000:], live_id]
+    assert (done["last"], done["more"], done["complete"]) == (live_id, False, True)
+    await ws.close()
+
+
+async def test_a_resume_still_running_refuses_another(server, http, monkeypatch):
+    user = await register(http, server)
+    engine = server.app[ENGINE]
+    entered, release = asyncio.Event(), asyncio.Event()
+    read = engine.store.events_between
+
+    async def slow(*args):
+        entered.set()
+        await release.wait()
+        return await read(*args)
+
+    monkeypatch.setattr(engine.store, "events_between", slow)
+    ws = await http.ws_connect(server.ws_url("/live-feed/subscribe/"),
+                               headers=bearer(user["access"]))
+    await ws.send_json({"action": "resume", "since": 0})
+    await asyncio.wait_for(entered.wait(), 5)
+    engine.resumer._resumed_at.clear()  # past the 5 s, and still running
+    await ws.send_json({"action": "resume", "since": 0})
+    while (msg := await next_message(ws))["type"] != "error":
+        assert msg["type"] == "price", msg
+    assert msg["detail"] == "A resume is still running on this connection."
+    release.set()
+    assert (await replay_of(ws)) == ([], {"type": "resumed", "since": 0, "last": 0,
+                                          "more": False, "complete": True})
+    await ws.close()
+
+
+# -- resume: edges --------------------------------------------------------------------------
+
+@needs_redis
+async def test_resume_on_an_edge_has_the_same_limits(make_settings, fake, redis, http):  # noqa: F811
+    async with cluster(make_settings, fake, redis, edges=1) as (core, [edge]):
+        alice = await register(http, core, "alice")
+        ws = await http.ws_connect(edge.ws_url("/live-feed/subscribe/"),
+                                   headers=bearer(alice["access"]))
+        await fake.send_trade("BTCUSDT", 1, 100.0, 1, CLUSTER_T0)
+        await receive(ws, "price", price=100.0)
+        for target in (101.0, 102.0, 103.0):
+            status, _ = await call(http, "POST", core.url + "/api/v1/alerts", alice["access"],
+                                   {"asset": "BTCUSDT", "price": target})
+            assert status == 201
+        events = []
+        for i, price in enumerate((101.5, 102.5, 103.5), 2):
+            await fake.send_trade("BTCUSDT", i, price, 1, CLUSTER_T0 + i)
+            events.append((await receive(ws, "alert"))["event"]["id"])
+        resumer = edge.app[edge_module.EDGE].resumer
+        resumer.limit = 2  # (1000 in production; a stream holds 1000)
+        await ws.send_json({"action": "resume", "since": 0})
+        assert await replay_of(ws) == (events[:2], {
+            "type": "resumed", "since": 0, "last": events[1], "more": True,
+            "complete": False})
+        await ws.send_json({"action": "resume", "since": events[1]})
+        assert (await refused_without_replay(ws, resumer)).startswith("At most one resume")
+        resumer._resumed_at.clear()  # (5 s later)
+        await ws.send_json({"action": "resume", "since": events[1]})
+        assert await replay_of(ws) == (events[2:], {
+            "type": "resumed", "since": events[1], "last": events[2], "more": False,
+            "complete": True})
+        await ws.close()
