@@ -343,3 +343,126 @@ async def test_resume_on_an_edge_has_the_same_limits(make_settings, fake, redis,
             "type": "resumed", "since": events[1], "last": events[2], "more": False,
             "complete": True})
         await ws.close()
+
+
+# -- resume: the Resumer's own bounds -----------------------------------------------------
+
+class Conn:
+    """A live-feed connection as the Resumer sees it (the hub's Client has these)."""
+
+    def __init__(self, user_id: int):
+        self.user_id = user_id
+        self.closed = False
+        self.got: list[dict] = []
+
+
+class Connections:
+    """The three things of a Hub the Resumer uses, recording what each connection got."""
+
+    def __init__(self, *conns: Conn):
+        self.by_user: dict[int, set[Conn]] = {}
+        for conn in conns:
+            self.by_user.setdefault(conn.user_id, set()).add(conn)
+        self.sent = 0
+
+    def send(self, conn: Conn, data: bytes) -> None:
+        self.sent += 1
+        conn.got.append(orjson.loads(data))
+
+    def send_user(self, user_id: int, data: bytes) -> None:
+        for conn in self.by_user.get(user_id, ()):
+            self.send(conn, data)
+
+
+def alert_msg(event_id: int) -> bytes:
+    return orjson.dumps({"type": "alert", "event": {"id": event_id}})
+
+
+def kinds(conn: Conn) -> list:
+    return [m["event"]["id"] if m["type"] == "alert" else m["type"] for m in conn.got]
+
+
+async def test_replays_run_two_at_a_time_and_the_rest_wait_their_turn():
+    reading, release = [], asyncio.Event()
+
+    def source(user_id: int, since: int):
+        async def read():
+            reading.append(user_id)
+            await release.wait()
+            return [(1, alert_msg(1))], True
+        return read
+
+    conns = [Conn(user_id) for user_id in range(1, 7)]
+    hub = Connections(*conns)
+    resumer = Resumer(hub, source)  # type: ignore[arg-type]
+    for conn in conns:
+        resumer.start(conn.user_id, 0, lambda d, c=conn: hub.send(c, d), conn)
+    deadline = asyncio.get_running_loop().time() + 5
+    while len(reading) < 2:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0)
+    for _ in range(20):  # the others stay queued however long the first two take
+        await asyncio.sleep(0)
+    assert reading == [1, 2]
+    release.set()
+    while resumer._tasks:
+        await asyncio.wait(resumer._tasks, timeout=5)
+    assert sorted(reading) == [1, 2, 3, 4, 5, 6]
+    assert all(kinds(conn) == [1, "resumed"] for conn in conns)
+
+
+async def test_a_replay_yields_to_the_loop_between_chunks():
+    def source(user_id: int, since: int):
+        async def read():
+            return [(i, alert_msg(i)) for i in range(1, 1001)], True
+        return read
+
+    conn = Conn(1)
+    hub = Connections(conn)
+    resumer = Resumer(hub, source)  # type: ignore[arg-type]
+    seen: list[int] = []
+
+    async def other_user():  # another user's work, queued on the loop meanwhile
+        while resumer._tasks:
+            seen.append(hub.sent)
+            await asyncio.sleep(0)
+
+    resumer.start(1, 0, lambda d: hub.send(conn, d), conn)
+    await asyncio.wait_for(other_user(), 5)
+    assert kinds(conn) == [*range(1, 1001), "resumed"]
+    assert any(0 < n < 1000 for n in seen)  # it ran in the middle of the replay
+
+
+async def test_live_events_wait_for_the_replay_and_too_many_become_more():
+    gate = asyncio.Event()
+
+    def source(user_id: int, since: int):
+        async def read():
+            await gate.wait()
+            return [(i, alert_msg(i)) for i in (5, 6) if i > since], True
+        return read
+
+    resuming, other = Conn(1), Conn(1)
+    hub = Connections(resuming, other)
+    resumer = Resumer(hub, source, limit=3)  # type: ignore[arg-type]
+    resumer.start(1, 4, lambda d: hub.send(resuming, d), resuming)
+    for event_id in (6, 7):  # 6: read by the replay too; 7: after it
+        resumer.deliver(1, event_id, alert_msg(event_id))
+    assert kinds(other) == [6, 7] and kinds(resuming) == []
+    gate.set()
+    await asyncio.wait(resumer._tasks, timeout=5)
+    assert kinds(resuming) == [5, 6, "resumed", 7]
+    assert resuming.got[2]["more"] is False
+    # Past `limit` held events: they are dropped and the answer says "more"; the live ones
+    # after it too, until the connection resumes again.
+    resumer._resumed_at.clear()
+    gate.clear()
+    resuming.got.clear()
+    resumer.start(1, 7, lambda d: hub.send(resuming, d), resuming)
+    for event_id in range(8, 12):
+        resumer.deliver(1, event_id, alert_msg(event_id))
+    gate.set()
+    await asyncio.wait(resumer._tasks, timeout=5)
+    resumer.deliver(1, 12, alert_msg(12))
+    assert kinds(resuming) == ["resumed"] and resuming.got[0]["more"] is True
+    assert kinds(other)[-1] == 12
