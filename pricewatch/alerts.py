@@ -4,8 +4,10 @@ Flow: `AlertEngine.on_tick` (synchronous, per trade) matches the trade against e
 price alert of its symbol in O(log n + k) (alert_index.py) and every percent alert of its
 windows (percent_index.py), and only *enqueues* the hits. The writer task commits each
 batch of hits in ONE transaction (status TRIGGERED + event + one delivery row per channel),
-then pushes `{"type": "alert", "alert", "event"}` to the owner's live sockets and wakes the
-deliverer (pricewatch/delivery: email, webhooks, Telegram, with the exactly-once rules).
+then pushes `{"type": "alert", "alert", "event"}` to the owner's live sockets (through the
+Resumer, which holds them for a socket that is resuming: resume.py) and wakes the deliverer
+(pricewatch/delivery: email, webhooks, Telegram, with the exactly-once rules). A purge sweep
+removes deleted alerts and events past the retention.
 """
 
 from __future__ import annotations
