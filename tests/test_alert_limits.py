@@ -135,6 +135,22 @@ async def test_seed_alert_price_takes_plain_decimals_as_text(server, http):
         assert (status, answer.get("alert_price")) == (201, value), answer
 
 
+async def test_ids_given_as_text_are_ascii_digits_only(server, http):
+    token = (await register(http, server))["access"]
+    status, alert = await call(http, "POST", server.url + "/api/v1/alerts", token,
+                               {"asset": "BTCUSDT", "price": 100.0, "direction": "above"})
+    assert (status, alert["id"]) == (201, 1)
+    for path in ("/api/v1/alerts/\u0661", "/api/v1/alerts/%201", "/api/v1/alerts/0_1",
+                 "/api/v1/alerts/+1", "/alert/\uff11/"):
+        async with http.get(server.url + path, headers=bearer(token)) as resp:
+            assert resp.status == 404, path
+    for channel in (" 1 ", "1_0", "\u0661", "+1"):
+        status, answer = await call(http, "POST", server.url + "/api/v1/alerts", token, {
+            "asset": "BTCUSDT", "price": 100.0, "direction": "above", "channels": [channel]})
+        assert (status, set(answer["fields"])) == (400, {"channels"}), channel
+        assert answer["fields"]["channels"].startswith("A non-empty list of channel ids")
+
+
 # -- event retention ----------------------------------------------------------------------
 
 async def trigger_at(store: Store, user_id: int, at: float) -> int:
