@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 
 REPLAY_MAX = 1000  # events per resume answer (then "more": true)
 RESUME_EVERY = 5.0  # seconds between two resumes of one connection
-REPLAY_CONCURRENCY = 2  # replays reading or sending at once, process-wide
-REPLAY_CHUNK = 100  # events sent between two yields to the loop
+REPLAY_CONCURRENCY = 1  # replays reading or sending at once, process-wide (bench/resume.py)
+REPLAY_CHUNK = 25  # events sent between two yields to the loop
 
 Payload = bytes | Callable[[], bytes]  # a message, or how to render it (when it is sent)
 # What a source's reader returns: up to REPLAY_MAX + 1 (event id, message) after `since`,
