@@ -181,13 +181,14 @@ class Resumer:
             log.warning("could not resume user %s: %r", user_id, exc)
             with suppress(Exception):
                 send(orjson.dumps({"type": "error", "detail": "Could not resume; try again."}))
+            behind = False  # told to try again; meanwhile live events flow as before
         finally:
             self._release(user_id, client, since, sent, behind)
 
     def _release(self, user_id: int, client, since: int, sent: set[int], behind: bool
                  ) -> None:
-        """The replay is over: send what was held after it, or (told "more", or failed)
-        leave the connection's live alert events to its next resume."""
+        """The replay is over: send what was held after it, or (told "more") leave the
+        connection's live alert events to its next resume."""
         holds = self._holds.get(user_id)
         if client is None or holds is None:
             return

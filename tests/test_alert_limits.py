@@ -482,3 +482,24 @@ async def test_live_events_wait_for_the_replay_and_too_many_become_more():
     resumer.deliver(1, 12, alert_msg(12))
     assert kinds(resuming) == ["resumed"] and resuming.got[0]["more"] is True
     assert kinds(other)[-1] == 12
+
+
+async def test_a_failed_replay_says_so_and_live_events_go_on():
+    gate = asyncio.Event()
+
+    def source(user_id: int, since: int):
+        async def read():
+            await gate.wait()
+            raise ConnectionError("no Redis")
+        return read
+
+    conn = Conn(1)
+    hub = Connections(conn)
+    resumer = Resumer(hub, source)  # type: ignore[arg-type]
+    resumer.start(1, 0, lambda d: hub.send(conn, d), conn)
+    resumer.deliver(1, 3, alert_msg(3))
+    gate.set()
+    await asyncio.wait(resumer._tasks, timeout=5)
+    resumer.deliver(1, 4, alert_msg(4))
+    assert kinds(conn) == ["error", 3, 4]
+    assert conn.got[0]["detail"] == "Could not resume; try again."
