@@ -4,8 +4,10 @@ Flow: `AlertEngine.on_tick` (synchronous, per trade) matches the trade against e
 price alert of its symbol in O(log n + k) (alert_index.py) and every percent alert of its
 windows (percent_index.py), and only *enqueues* the hits. The writer task commits each
 batch of hits in ONE transaction (status TRIGGERED + event + one delivery row per channel),
-then pushes `{"type": "alert", "alert", "event"}` to the owner's live sockets and wakes the
-deliverer (pricewatch/delivery: email, webhooks, Telegram, with the exactly-once rules).
+then pushes `{"type": "alert", "alert", "event"}` to the owner's live sockets (through the
+Resumer, which holds them for a socket that is resuming: resume.py) and wakes the deliverer
+(pricewatch/delivery: email, webhooks, Telegram, with the exactly-once rules). A purge sweep
+removes deleted alerts and events past the retention.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import asyncio
 import heapq
 import logging
 import math
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from functools import partial
 
 import orjson
 
@@ -27,6 +29,8 @@ from .hub import Hub
 from .limits import SlidingWindow
 from .percent_index import PercentIndex
 from .records import Arm, Event, Hit
+from .resume import REPLAY_MAX, Events, Resumer
+from .storage.alerts import MIN_COOLDOWN
 from .store import Alert, Store
 
 log = logging.getLogger(__name__)
@@ -34,12 +38,11 @@ log = logging.getLogger(__name__)
 
 KEEP_DELETED = 30 * 86400.0  # seconds a DELETED alert stays listable before it is purged
 PURGE_EVERY = 3600.0  # seconds between purges
+PURGE_FIRST = 60.0  # seconds from start to the first purge
 # How far back alert creation times are kept to judge backfilled trades (older trades are
 # judged as if every alert then active had always existed).
 CREATION_HORIZON = 86400.0
 EXPIRE_EVERY = 5.0  # seconds between expiry sweeps (the tick path never waits for one)
-REPLAY_MAX = 1000  # events re-sent at most per resume (older ones: GET /api/v1/events)
-RESUME_EVERY = 5.0  # seconds between two resumes of one live-feed connection
 
 
 def _push(heap: list[tuple[float, int]], live: dict[int, float], when: float, alert_id: int
@@ -71,14 +74,18 @@ class AlertEngine:
     """
 
     def __init__(self, store: Store, hub: Hub, max_active: int = 1000,
-                 create_rate: int = 60):
+                 create_rate: int = 60, event_retention_days: int = 90):
         self.store = store
         self.hub = hub
         self.max_active = max_active  # CREATED alerts per user
+        # Events older than this are purged with their finished deliveries (pending ones
+        # stay): what a user's repeating alerts may store is bounded in time.
+        self.event_retention = event_retention_days * 86400.0
         # Alert creations per user per minute (PRICEWATCH_ALERT_CREATE_RATE): the active cap
         # alone lets a client create and delete rows without end.
         self.creations = SlidingWindow(create_rate, 60.0)
         self.purged = 0  # DELETED alerts purged by this process
+        self.purged_events = 0  # events purged by this process (past the retention)
         self.expired = 0  # alerts marked EXPIRED by this process
         self.index = AlertIndex()
         self.percent = PercentIndex()
@@ -98,9 +105,8 @@ class AlertEngine:
         self._expiry: dict[int, float] = {}
         self._next_due = math.inf  # the earliest time either heap needs a look
         self._hits: list[Hit | Arm] = []
-        self._resumes: list[tuple[int, int, int, Callable[[bytes], None]]] = []
-        # When each connection last asked to resume (closed ones are dropped as it grows).
-        self._resumed_at: dict[object, float] = {}
+        # Live-feed resumes, replayed from the database beside the writer (resume.py).
+        self.resumer = Resumer(hub, self._events)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -272,17 +278,19 @@ class AlertEngine:
             log.info("alert %d triggered: %s %s %s at %s", alert.id, alert.asset,
                      alert.direction, alert.price if alert.kind == "price" else alert.percent,
                      alert.triggered_price)
-            if alert.event is not None:
-                self.announced = max(self.announced, alert.event.id)
-            self.hub.send_user(alert.user_id, alert_message(alert, alert.event))
+            event_id = alert.event.id if alert.event is not None else None
+            if event_id is not None:
+                self.announced = max(self.announced, event_id)
+            self.resumer.deliver(alert.user_id, event_id, alert_message(alert, alert.event))
 
     def _watch(self, alert: Alert) -> tuple[int, str, float, str] | None:
         """Start watching `alert` as the database has it. Returns the (id, asset, target,
         direction) row for the price index, which the caller adds (one by one or in bulk)."""
         if alert.repeat:
             target = alert.price if alert.kind == "price" else alert.percent
+            # (a stored row may hold a shorter cooldown than the API takes: held to the floor)
             self._repeat[alert.id] = (alert.kind, alert.asset, target, alert.direction,
-                                      alert.window, alert.cooldown)
+                                      alert.window, max(alert.cooldown, MIN_COOLDOWN))
         if alert.expires_at is not None and alert.status in ("CREATED", "TRIGGERED"):
             when = alert.expires_at * 1000
             self._expiry[alert.id] = when
@@ -321,60 +329,37 @@ class AlertEngine:
 
     # resume ---------------------------------------------------------------------------
 
-    def resume(self, user_id: int, since: int, send: Callable[[bytes], None]) -> None:
-        """Re-send, in order, the user's events after `since` through `send`, then let the
-        live ones follow with no gap and no duplicate: everything announced so far is
-        replayed (from the database) by the writer before it announces anything newer.
-        Events pushed live to this socket before it asked to resume may come again: a client
-        resumes with its first message."""
-        self._resumes.append((user_id, since, self.announced, send))
-        self._idle.clear()
-        self._wake.set()
+    def resume(self, user_id: int, since: int, send: Callable[[bytes], None],
+               client=None) -> None:
+        """Re-send, in order, the user's events after `since` through `send` (at most
+        REPLAY_MAX, then `"more": true`), then let the live ones follow with no gap and no
+        duplicate: everything announced so far is replayed from the database, and what is
+        announced from now on is held for `client` until then (resume.py). Events pushed
+        live to this socket before it asked to resume may come again: a client resumes with
+        its first message."""
+        self.resumer.start(user_id, since, send, client)
+
+    def _events(self, user_id: int, since: int) -> Callable[[], Awaitable[Events]]:
+        upto = self.announced  # later ones are held for the resuming connection
+
+        async def read() -> Events:
+            rows = await self.store.events_between(user_id, since, upto, REPLAY_MAX + 1)
+            return [(event.id, partial(alert_message, alert, event))
+                    for event, alert in rows], True
+
+        return read
 
     def resume_client(self, hub: Hub, client, data: dict) -> None:
-        """A live-feed client's `{"action": "resume", "since": EVENT_ID}` (see `resume`).
-
-        A replay costs the trigger writer a read and a render per event: one connection may
-        ask once per RESUME_EVERY seconds (a client resumes once per reconnect), and a
-        replay for a connection that has closed meanwhile is skipped."""
-        since = data.get("since")
-        now = time.monotonic()
-        if client.user_id is None:
-            detail = "This format carries no alert events."
-        elif isinstance(since, bool) or not isinstance(since, int) or not 0 <= since < 2**63:
-            detail = "since must be an event id (an integer >= 0)."
-        elif now < self._resumed_at.get(client, 0.0) + RESUME_EVERY:
-            detail = f"At most one resume per {RESUME_EVERY:g} s on a connection."
-        else:
-            if len(self._resumed_at) >= 4096:
-                self._resumed_at = {c: t for c, t in self._resumed_at.items() if not c.closed}
-            self._resumed_at[client] = now
-
-            def send(data: bytes) -> None:
-                if not client.closed:
-                    hub.send(client, data)
-
-            self.resume(client.user_id, since, send)
+        """A live-feed client's `{"action": "resume", "since": EVENT_ID}` (see `resume`;
+        once per RESUME_EVERY seconds per connection)."""
+        since = self.resumer.check(client, data)
+        if since is None:
             return
-        hub.send(client, orjson.dumps({"type": "error", "detail": detail}))
 
-    async def _replay(self) -> None:
-        resumes, self._resumes = self._resumes, []
-        for user_id, since, upto, send in resumes:
-            try:
-                rows = await self.store.events_between(user_id, since, upto, REPLAY_MAX)
-            except Exception:
-                log.exception("could not read events to resume user %d", user_id)
-                send(orjson.dumps({"type": "error", "detail": "Could not resume; try again."}))
-                continue
-            try:
-                for event, alert in rows:
-                    send(alert_message(alert, event))
-                send(orjson.dumps({"type": "resumed", "since": since,
-                                   "last": rows[-1][0].id if rows else since,
-                                   "complete": len(rows) < REPLAY_MAX}))
-            except Exception:  # one client's replay must never stop the trigger writer
-                log.exception("could not replay events to user %d", user_id)
+        def send(data: bytes) -> None:
+            hub.send(client, data)
+
+        self.resume(client.user_id, since, send, client)
 
     # expiry ---------------------------------------------------------------------------
 
@@ -415,6 +400,7 @@ class AlertEngine:
                 sweep.cancel()
                 with suppress(asyncio.CancelledError):
                     await sweep
+        await self.resumer.stop()
         if self._task is None:
             return
         with suppress(TimeoutError):
@@ -427,7 +413,8 @@ class AlertEngine:
 
     async def purge(self, now: float | None = None) -> int:
         """One sweep: remove alerts DELETED more than KEEP_DELETED seconds before `now`
-        (default: the wall clock); returns how many."""
+        (default: the wall clock), and events older than the retention with their finished
+        deliveries; returns how many alerts."""
         now = clock.now() if now is None else now
         self.created.prune((now - CREATION_HORIZON) * 1000)
         count = await self.store.purge_deleted_alerts(now - KEEP_DELETED)
@@ -435,14 +422,22 @@ class AlertEngine:
         if count:
             log.info("purged %d alerts deleted over %d days ago", count,
                      KEEP_DELETED // 86400)
+        events = await self.store.purge_events(now - self.event_retention)
+        self.purged_events += events
+        if events:
+            log.info("purged %d alert events older than %g days", events,
+                     self.event_retention / 86400)
         return count
 
     async def _purge_loop(self) -> None:
-        while True:  # at start, then every PURGE_EVERY seconds
+        # The first sweep a little after start: starting (loading alerts, resuming pending
+        # deliveries, catching up on trades) comes first; then every PURGE_EVERY seconds.
+        await asyncio.sleep(PURGE_FIRST)
+        while True:
             try:
                 await self.purge()
             except Exception:  # a database hiccup: the next sweep tries again
-                log.exception("could not purge deleted alerts")
+                log.exception("could not purge deleted alerts and old events")
             await asyncio.sleep(PURGE_EVERY)
 
     async def drained(self) -> None:
@@ -454,11 +449,8 @@ class AlertEngine:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._resumes:
-                await self._replay()
             if not self._hits:
-                if not self._resumes:
-                    self._idle.set()
+                self._idle.set()
                 continue
             # Group commit: everything matched since the last commit goes in one transaction.
             batch, self._hits = self._hits, []
@@ -477,15 +469,13 @@ class AlertEngine:
                 continue
             backoff = 0.1
             self.triggered += len(alerts)
-            if self._resumes:  # replay what was announced before announcing anything newer
-                await self._replay()
             try:
                 self._announce(alerts)
             except Exception:  # they are committed; a push failing must not stop the writer
                 log.exception("could not announce %d triggered alerts", len(alerts))
             if alerts and self.notify_hook is not None:
                 self.notify_hook()
-            if not self._hits and not self._resumes:
+            if not self._hits:
                 self._idle.set()
             else:
                 self._wake.set()

@@ -24,18 +24,19 @@ from .api import (
     positive_number,
     query_int,
     read_json,
+    strict_int,
 )
 from .auth import require_identity
 from .links import base_url, page_url
 from .market import MARKET
-from .percent_index import PERCENT_DIRECTIONS, WINDOWS
+from .percent_index import MIN_PERCENT, PERCENT_DIRECTIONS, WINDOWS
+from .storage.alerts import MIN_COOLDOWN
 from .store import Alert
 
 ENGINE = web.AppKey("engine", AlertEngine)
 STATUSES = ("CREATED", "TRIGGERED", "DELETED", "EXPIRED")
 KINDS = ("price", "percent")
 DIRECTIONS = ("above", "below")
-MIN_COOLDOWN = 60
 MAX_COOLDOWN = 30 * 86400
 DEFAULT_COOLDOWN = 3600
 MAX_NOTE = 200
@@ -45,11 +46,8 @@ MAX_EVENT_PAGE = 100
 
 
 def _alert_id(request: web.Request) -> int:
-    try:
-        value = int(request.match_info["alert_id"])
-    except ValueError:
-        raise not_found("Alert not found.") from None
-    if not 0 < value < 2**63:
+    value = strict_int(request.match_info["alert_id"])  # int() takes " 5", "1_0", "١٢٣"
+    if value is None or not 0 < value < 2**63:
         raise not_found("Alert not found.")
     return value
 
@@ -98,8 +96,8 @@ def _channel_list(raw: Any) -> list[int | str] | str:
         return CHANNELS_TEXT
     ids: list[int | str] = []
     for item in raw:
-        if isinstance(item, str) and item.strip().isascii() and item.strip().isdigit():
-            item = int(item.strip())
+        if isinstance(item, str) and item != "email":
+            item = strict_int(item) or item  # ASCII digits only: not " 5", "1_0", "١٢٣"
         if item != "email" and (isinstance(item, bool) or not isinstance(item, int)
                                 or not 0 < item < 2**63):
             return CHANNELS_TEXT
@@ -186,8 +184,9 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
             errors["price"] = "Only for price alerts."
         out["price"] = None
         if "percent" in data or not same_kind:
-            checked = _number(data.get("percent"), 0, 100, True,
-                              "A number above 0 and at most 100.")
+            # A move of 1e-9 % is every trade: at least MIN_PERCENT (README, Limits).
+            checked = _number(data.get("percent"), MIN_PERCENT, 100, False,
+                              f"A number from {MIN_PERCENT:g} to 100.")
             if isinstance(checked, str):
                 errors["percent"] = REQUIRED if data.get("percent") is None else checked
             else:

@@ -20,7 +20,7 @@ re-implements what the handler does (validation, limits, direction, the engine).
 from __future__ import annotations
 
 import json
-import math
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -103,16 +103,25 @@ async def _check_user(request: web.Request, identity: auth.Identity, name: str) 
     return user.username
 
 
-def _seed_price(raw: Any) -> Any:
-    """The seed took a decimal (`"65000.50"` or `65000.5`); pricewatch takes a number. A
-    string that reads as a finite decimal becomes that number; anything else goes on as it
-    is, for the alerts API's own validation to name."""
-    if isinstance(raw, str):
-        try:
-            number = float(raw)
-        except ValueError:
+# The seed's decimal as text: ASCII digits, one optional point (Python's float() also takes
+# "1_000", " 5 ", "١٢٣", "1e3", "inf"). No sign (a price is > 0) and no exponent: the seed's
+# clients wrote prices as they read them ("65000.50"). Sizes as its DecimalField had them.
+SEED_DECIMAL = re.compile(r"[0-9]{1,15}(?:\.[0-9]{1,8})?")
+SEED_DECIMAL_TEXT = ("A number, or a decimal as text: ASCII digits with at most one point "
+                     "(e.g. \"65000.50\"; at most 15 digits before it and 8 after).")
+
+
+def _seed_price(raw: Any, errors: dict[str, str]) -> Any:
+    """The seed took a decimal (`"65000.50"` or `65000.5`); pricewatch takes a number. Text
+    must be a plain decimal (SEED_DECIMAL), else its error goes in `errors`; a number goes
+    on as it is, for the alerts API's own validation."""
+    if raw is None:
+        errors["alert_price"] = REQUIRED
+    elif isinstance(raw, str):
+        if SEED_DECIMAL.fullmatch(raw) is None:
+            errors["alert_price"] = SEED_DECIMAL_TEXT
             return raw
-        return number if math.isfinite(number) else raw
+        return float(raw)
     return raw
 
 
@@ -158,13 +167,11 @@ async def create_by_purpose(request: web.Request) -> web.Response:
     errors: dict[str, str] = {}
     name = text_field(data, "username", errors)
     purpose = text_field(data, "alert_purpose", errors, MAX_PURPOSE)
-    if data.get("alert_price") is None:
-        errors["alert_price"] = REQUIRED
+    price = _seed_price(data.get("alert_price"), errors)
     if errors:
         raise invalid(errors)
     username = await _check_user(request, identity, name)
-    body = {"asset": data.get("asset", request.app[MARKET].symbols[0]),
-            "price": _seed_price(data["alert_price"])}
+    body = {"asset": data.get("asset", request.app[MARKET].symbols[0]), "price": price}
     try:
         created = _answer(await alerts_api.create_alert(_carrying(copy, body)))
     except ApiError as exc:

@@ -201,9 +201,10 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         '`{"type": "subscribed"|"unsubscribed", "symbols": [...]}`, '
         '`{"type": "alert", "alert": Alert, "event": {id, time, price}}` for the caller\'s '
         'alerts and `{"type": "error", "detail"}` for a bad message. '
-        '`{"action": "resume", "since": EVENT_ID}` re-sends every later event of the '
-        'caller\'s alerts in order, then `{"type": "resumed", since, last, complete}`, then '
-        'live ones.'),
+        '`{"action": "resume", "since": EVENT_ID}` re-sends the later events of the '
+        'caller\'s alerts in order (at most 1000), then `{"type": "resumed", since, last, '
+        'more, complete}`, then live ones; `more: true`: resume again from `last` (no live '
+        'alert events until then). One resume per connection per 5 s, else `error`.'),
     ("GET", "/ws/ohlc"): op(
         "websockets", "Websocket: candles of one symbol and timeframe", {101: SWITCHING},
         "NotAnUpgrade", "RateLimited",

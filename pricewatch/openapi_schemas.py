@@ -18,7 +18,7 @@ from .alerts_api import (
 )
 from .channels_api import FORMATS, MAX_CHAT_ID, MAX_URL
 from .ohlc import TIMEFRAMES
-from .percent_index import PERCENT_DIRECTIONS, WINDOWS
+from .percent_index import MIN_PERCENT, PERCENT_DIRECTIONS, WINDOWS
 
 Schema = dict[str, Any]
 
@@ -87,7 +87,7 @@ def schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
         "kind": {**enum(*KINDS), "default": "price"},
         "price": {"type": "number", "exclusiveMinimum": 0,
                   "description": "Price alerts: the target (required)."},
-        "percent": {"type": "number", "exclusiveMinimum": 0, "maximum": 100,
+        "percent": {"type": "number", "minimum": MIN_PERCENT, "maximum": 100,
                     "description": "Percent alerts: the move (required)."},
         "window": {**enum(*WINDOWS), "description": "Percent alerts: the trailing window "
                    "(required)."},
@@ -197,7 +197,7 @@ def schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
                             "alert_price": {"anyOf": [
                                 {"type": "number", "exclusiveMinimum": 0},
                                 {"type": "string", "pattern": r"^[0-9]{1,15}(\.[0-9]{1,8})?$",
-                                 "description": "A decimal, as the seed took it."}]}},
+                                 "description": compat.SEED_DECIMAL_TEXT}]}},
                            {"asset": ref("Symbol")}, closed=False,
                            description="asset defaults to the first watched symbol."),
         "SeedAlertDelete": obj({"username": seed_user, "alert_purpose": purpose},

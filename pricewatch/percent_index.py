@@ -37,6 +37,8 @@ WINDOWS: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "4h": 14
                            "1d": 86400}
 UP, DOWN, ANY = "up", "down", "any"
 PERCENT_DIRECTIONS = (UP, DOWN, ANY)
+# The smallest move an alert may watch (the API's bound; a move of 1e-9 % is every trade).
+MIN_PERCENT = 0.01
 # A move is compared with a tolerance: (105 / 100 - 1) * 100 must count as 5 %.
 _EPS = 1e-9
 

@@ -266,7 +266,8 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     engine = app[ENGINE] = AlertEngine(app[STORE], app[HUB],
                                        max_active=settings.max_alerts_per_user,
-                                       create_rate=settings.alert_create_rate)
+                                       create_rate=settings.alert_create_rate,
+                                       event_retention_days=settings.event_retention_days)
     began = time.monotonic()
     count = await engine.load()
     log.info("alert engine loaded %d active alerts in %.2fs", count, time.monotonic() - began)

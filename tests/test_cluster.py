@@ -311,7 +311,8 @@ async def test_resume_on_an_edge_replays_missed_alert_events_in_order(make_setti
         replayed = [(await receive(ws, "alert"))["event"]["id"] for _ in range(2)]
         assert replayed == events[1:]
         assert await receive(ws, "resumed") == {"type": "resumed", "since": events[0],
-                                                "last": events[2], "complete": True}
+                                                "last": events[2], "more": False,
+                                                "complete": True}
         await fake.send_trade("BTCUSDT", 9, 104.5, 1, T0 + 9)
         assert (await receive(ws, "alert"))["event"]["id"] > events[2]
         await ws.send_json({"action": "resume", "since": -1})

@@ -44,7 +44,7 @@ QUOTE = "pricewatch:quote"
 REVOKED = "pricewatch:revoked"
 SEQ = "pricewatch:seq"
 EVENTS_FLOOR = "pricewatch:events:floor"  # events up to this id may be missing from streams
-EVENTS_KEPT = 1000  # alert events kept per user for resume on edges (alerts.REPLAY_MAX)
+EVENTS_KEPT = 1000  # alert events kept per user for resume on edges (resume.REPLAY_MAX)
 RATES_TOPIC = "rates"  # quotes_api.RATES_TOPIC: its latest message is kept for new edges
 
 
@@ -80,6 +80,11 @@ class RelayHub(Hub):
 
     def send_user(self, user_id: int, data: bytes) -> None:
         super().send_user(user_id, data)
+        self.relay_user(user_id, data)
+
+    def relay_user(self, user_id: int, data: bytes) -> None:
+        """Only the edges' part of `send_user` (resume.Resumer sends to this process's
+        connections itself while one of them resumes)."""
         if self.relay is not None:
             self.relay.event({"k": "user", "u": user_id}, data)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -34,6 +34,7 @@ from ..config import Settings
 from ..hub import Hub
 from ..market import HUB, Market, ohlc, serve_ws
 from ..metrics import HTTP_METRICS, Exposition, render_http, render_websockets
+from ..resume import Events, Resumer
 from .bus import RedisBus
 from .core import (
     EVENTS_FLOOR,
@@ -63,10 +64,9 @@ class Edge:
         self.quote: bytes | None = None  # the latest quote message, for new /ws/rates/
         self.synced_seq = 0  # the snapshot's seq: state messages up to it are in it
         self.resyncs = 0
-        # Live-feed clients waiting for their resume's replay: user -> client -> live
-        # (event id, message) held until it is done.
-        self._resuming: dict[int, dict[Any, list[tuple[int | None, bytes]]]] = {}
-        self._tasks: set[asyncio.Task] = set()
+        # Live-feed resumes, answered from the users' Redis streams (resume.py: the same
+        # limits and messages as the single process).
+        self.resumer = Resumer(hub, self._events)
         self.applied = 0  # state messages applied
 
     # -- the bus ----------------------------------------------------------------------
@@ -135,75 +135,47 @@ class Edge:
     # -- alert events and resume -------------------------------------------------------
 
     def _user_event(self, user_id: int, event_id: int | None, payload: bytes) -> None:
-        held = self._resuming.get(user_id)
-        if not held:
-            self.hub.send_user(user_id, payload)
-            return
-        for client in tuple(self.hub.by_user.get(user_id, ())):
-            if client in held:  # after its replay, unless the replay has it
-                held[client].append((event_id, payload))
-            else:
-                self.hub.send(client, payload)
+        self.resumer.deliver(user_id, event_id, payload)
 
     def resume_client(self, hub: Hub, client, data: dict) -> None:
         """A live-feed client's `{"action": "resume", "since": EVENT_ID}`, answered as the
-        core answers it (alerts.AlertEngine.resume): the user's alert events after `since`
-        in order, then `{"type": "resumed", "since", "last", "complete"}`, then the live
-        ones with no gap and no duplicate. They come from the user's Redis stream (the last
-        EVENTS_KEPT); `complete` is false when older ones may be missing (the stream was
-        trimmed, or Redis restarted since): GET /api/v1/events on the core has them all."""
-        since = data.get("since")
-        if client.user_id is None:
-            detail = "This format carries no alert events."
-        elif isinstance(since, bool) or not isinstance(since, int) or not 0 <= since < 2**63:
-            detail = "since must be an event id (an integer >= 0)."
-        else:
-            detail = None
-        if detail is not None:
-            hub.send(client, orjson.dumps({"type": "error", "detail": detail}))
+        core answers it (alerts.AlertEngine.resume, resume.py): the user's alert events
+        after `since` in order (at most REPLAY_MAX, then `"more": true`), then `{"type":
+        "resumed", "since", "last", "more", "complete"}`, then the live ones with no gap and
+        no duplicate; once per RESUME_EVERY seconds per connection. They come from the
+        user's Redis stream (the last EVENTS_KEPT); `complete` is false when older ones may
+        be missing (the stream was trimmed, or Redis restarted since): GET /api/v1/events
+        on the core has them all."""
+        since = self.resumer.check(client, data)
+        if since is None:
             return
-        user_id = client.user_id
-        self._resuming.setdefault(user_id, {})[client] = []  # live events wait meanwhile
-        task = asyncio.create_task(self._resume(client, since))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
-    async def _resume(self, client, since: int) -> None:
-        user_id, hub = client.user_id, self.hub
-        last, replayed = since, set()
-        try:
-            client_ = self.bus.client
-            if client_ is None:
+        def send(data: bytes) -> None:
+            hub.send(client, data)
+
+        self.resumer.start(client.user_id, since, send, client)
+
+    def _events(self, user_id: int, since: int) -> Callable[[], Awaitable[Events]]:
+        async def read() -> Events:
+            client = self.bus.client
+            if client is None:
                 raise ConnectionError("no Redis")
-            pipe = client_.pipeline(transaction=True)
+            pipe = client.pipeline(transaction=True)
             pipe.get(EVENTS_FLOOR)
             pipe.xrange(events_key(user_id))
             floor, entries = await pipe.execute()
             complete = floor is not None and since >= int(floor) and (
                 len(entries) < EVENTS_KEPT or int(entries[0][1][b"e"]) <= since)
-            for _, fields in entries:
-                event_id = int(fields[b"e"])
-                if event_id > since:
-                    hub.send(client, fields[b"d"])
-                    replayed.add(event_id)
-                    last = max(last, event_id)
-            hub.send(client, orjson.dumps({"type": "resumed", "since": since, "last": last,
-                                           "complete": complete}))
-        except Exception as exc:  # Redis away: the client may try again
-            log.info("resume for user %s failed: %r", user_id, exc)
-            hub.send(client, orjson.dumps({"type": "error",
-                                           "detail": "Could not resume; try again."}))
-        finally:
-            held = self._resuming.get(user_id, {})
-            waiting = held.pop(client, [])
-            if not held:
-                self._resuming.pop(user_id, None)
-            for event_id, payload in waiting:
-                if event_id is None or (event_id > since and event_id not in replayed):
-                    hub.send(client, payload)
+            events = ((int(fields[b"e"]), fields[b"d"]) for _, fields in entries)
+            return [(event_id, data) for event_id, data in events if event_id > since], complete
+
+        return read
 
     async def drained(self) -> None:
         """For shutdown (server.close_websockets): nothing is committed here."""
+
+    async def stop(self) -> None:
+        await self.resumer.stop()
 
     # -- applying ---------------------------------------------------------------------
 
@@ -278,7 +250,10 @@ async def edge_ctx(app: web.Application) -> AsyncIterator[None]:
         except TimeoutError:
             log.warning("no Redis yet (%s): serving without market data until it answers",
                         edge.bus.health().get("error", "connecting"))
-        yield
+        try:
+            yield
+        finally:
+            await edge.stop()
 
 
 # -- routes that differ from the single process's ---------------------------------------
