@@ -1,19 +1,21 @@
 """Abuse benchmark: what hostile clients and a hostile upstream cost everybody else.
 
-    python bench/abuse.py [--attack NAME ...] [--duration 10] [--quick]
+    python bench/abuse.py [--attack NAME ...] [--duration 8] [--quick] [--root CHECKOUT]
 
 Each phase starts its own ``python -m pricewatch`` (a subprocess, PRICEWATCH_FEED=binance
 pointed at a fake Binance served by this process: websocket trades and REST, loopback only,
 default limits), measures ``--duration`` s, and stops it. ``baseline`` is a phase with no
-attack, in the same run, so every attack's figures sit beside quiet ones. Attacks:
+attack, in the same run, so every attack's figures sit beside quiet ones. ``--root`` runs
+another checkout's server (before/after figures from one copy of this script). Attacks:
 
 * ``ping_flood`` / ``pong_flood`` / ``cont_flood``: ``--flooders`` (3) raw sockets upgraded on
   /ws/ohlc/ (no login) writing empty masked pings / unsolicited pongs / (after a text frame
   with FIN=0) empty non-final continuation frames as fast as they can. They read what they
   are sent (counting pongs and the close code); a closed socket reconnects, at most 5 times
   a second.
-* ``resume_storm``: one user holds ``--events`` (1000) alert events (one-shot alerts crossed
-  by one trade); ``--resume-sockets`` (8) of that user's /live-feed/subscribe/ sockets send
+* ``resume_storm``: one user holds ``--events`` (1000) alert events (two real triggers, the
+  first one's event row copied in the database file between them, see ``make_events``);
+  ``--resume-sockets`` (8) of that user's /live-feed/subscribe/ sockets send
   ``{"action": "resume", "since": 0}`` 10 times a second each, reading the answers.
 * ``future_trades``: the fake upstream sends trades stamped now, +1 day and in the year 4000
   (consecutive ids, a future trade at 10x the price): ``dropped`` is the feed's
@@ -23,6 +25,9 @@ attack, in the same run, so every attack's figures sit beside quiet ones. Attack
 * ``huge_rest``: gaps in the trade ids make the server fetch the missed trades over REST;
   the fake answers each request with ``--huge-mb`` (100) MB (valid JSON, generated).
 * ``all``: every attack above at once (each upstream attack on its own symbol).
+* ``resume_reconnect`` (only on request): ``resume_storm`` where each socket asks once, reads
+  the answer, hangs up and reconnects (at most twice a second): per-connection limits do
+  not hold it back.
 * ``slow_readers`` (only on request): the first round's attack, ``--attackers`` never-reading
   sockets asking /ws/ohlc/ for 1000-candle snapshots ``--rate`` times a second each.
 
@@ -32,12 +37,17 @@ Figures per phase, measured the same way in every phase: other clients' ``p50_ms
 ``push_p50_ms``/``push_p99_ms`` (another user's alert: trade sent -> ``{"type": "alert"}``
 on its live socket, every 0.5 s; ``push_missed``: none within 2 s), server ``rss_mb`` (peak,
 sampled every 0.1 s), ``rss_delta_mb`` (peak minus before the attack), ``rss_after_mb``
-(``--after`` s later), ``cpu_pct`` (100 = one core), ``runqueue_wait_pct`` (the server was
-runnable but had no core), ``ws_dropped`` (by reason, /metrics), the attack's own figures
-under ``attack`` and ``goal_met``. Goal: p99 < 100 ms and RSS delta < 50 MB.
+(``--after`` s later), ``recovered_s`` (from the attack's end until a GET answers within
+50 ms again: work left queued; null: not within 5 s), ``cpu_pct`` (100 = one core),
+``runqueue_wait_pct`` (the server was runnable but had no core: other load on the box),
+``attacker_cpu_pct`` (the child process), ``bench_lag_p99_ms`` (how late the probes' own
+loop woke up: part of every latency above), ``ws_dropped`` (by reason, /metrics),
+``healthz`` (status and feed states after the attack), the attack's own figures under
+``attack``, and ``goal_met``. Goal: p99 < 100 ms and RSS delta < 50 MB.
 
-Prints one JSON line; logs go to stderr. About 2 minutes for everything (``--quick``: 3 s
-phases, 200 events, 30 MB answers: well under a minute).
+Prints one JSON line; logs go to stderr. About 2 minutes for everything on an idle 2-core
+box, every wait bounded (``--quick``: 3 s phases, 200 events, 30 MB answers: about a
+minute).
 """
 
 from __future__ import annotations
@@ -84,9 +94,9 @@ from bench.fake_upstream import (  # noqa: E402
 )
 from bench.hostile_clients import FLOODS, client_attacks  # noqa: E402
 
-CLIENT_ATTACKS = (*FLOODS, "resume_storm", "slow_readers")
+CLIENT_ATTACKS = (*FLOODS, "resume_storm", "resume_reconnect", "slow_readers")
 ATTACKS = (*FLOODS, "resume_storm", "future_trades", "id_reset", "huge_rest")
-PHASES = ("baseline", *ATTACKS, "all", "slow_readers")
+PHASES = ("baseline", *ATTACKS, "all", "resume_reconnect", "slow_readers")
 DEFAULT_PHASES = ("baseline", *ATTACKS, "all")
 GOAL = {"p99_ms_lt": 100, "rss_mb_delta_lt": 50}
 
@@ -241,7 +251,7 @@ async def time_prices(http: aiohttp.ClientSession, url: str, stop: asyncio.Event
         await asyncio.sleep(max(0.0, 0.02 - (time.perf_counter() - began)))
 
 
-async def recovery(http: aiohttp.ClientSession, url: str, limit: float = 10.0
+async def recovery(http: aiohttp.ClientSession, url: str, limit: float = 5.0
                    ) -> float | None:
     """Seconds from now until GET /api/v1/prices answers within 50 ms again (work an attack
     left queued: frames still in the socket buffers); None: not within `limit`."""
@@ -258,6 +268,14 @@ async def recovery(http: aiohttp.ClientSession, url: str, limit: float = 10.0
             pass
         await asyncio.sleep(0.05)
     return None
+
+
+async def loop_lag(stop: asyncio.Event, lags: list[float]) -> None:
+    """How late this process's own loop wakes up (ms): the probes' figures include it."""
+    while not stop.is_set():
+        began = time.perf_counter()
+        await asyncio.sleep(0.01)
+        lags.append((time.perf_counter() - began - 0.01) * 1000)
 
 
 async def sample_rss(pid: int, stop: asyncio.Event, peak: list[float]) -> None:
@@ -297,7 +315,8 @@ class Server:
             "PRICEWATCH_BINANCE_REST_URL": self.rest.url,
             "PRICEWATCH_SYMBOLS": ",".join(START), "PRICEWATCH_BCRYPT_ROUNDS": "4",
             "PRICEWATCH_ALERT_CREATE_RATE": str(100 * self.args.events + 10000),
-            "PRICEWATCH_MAX_ALERTS_PER_USER": str(self.args.events + 1000)})
+            "PRICEWATCH_MAX_ALERTS_PER_USER": str(self.args.events + 1000)},
+            root=self.args.root)
         await asyncio.to_thread(self.process.start)
         await self.fake.wait_client(timeout=20.0)
         self.tapes = {s: Tape(self.fake, s, p, FIRST_ID.get(s, 1)) for s, p in START.items()}
@@ -385,7 +404,7 @@ async def run_phase(phase: str, args, pool: ProcessPoolExecutor) -> dict:
             probe = AlertProbe(server.tapes[PROBE])
             await probe.setup(http, proc.url, proc.ws_url, int(args.duration / 0.5) + 2)
             token = None
-            if "resume_storm" in attacks:
+            if "resume_storm" in attacks or "resume_reconnect" in attacks:
                 token = await make_events(http, proc, server.tapes[EVENTS], args.events)
             log.info("%s: set up; measuring", phase)
             await asyncio.sleep(0.5)  # settle: let the setup's writes and deliveries finish
@@ -444,9 +463,10 @@ async def measure(server: Server, http: aiohttp.ClientSession, probe: AlertProbe
     peak = [rss_before]
     lat: list[float] = []
     failures = [0]
+    lags: list[float] = []
     background = [asyncio.create_task(c) for c in (
         quiet_market(server.tapes[QUIET], stop), sample_rss(proc.pid, stop, peak),
-        probe.read())]
+        probe.read(), loop_lag(stop, lags))]
     measured = [asyncio.create_task(time_prices(http, url, stop, lat, failures)),
                 asyncio.create_task(probe.run(stop))]
     cpu = CpuMeter(proc.pid)
@@ -500,6 +520,7 @@ async def measure(server: Server, http: aiohttp.ClientSession, probe: AlertProbe
             "rss_after_mb": round(rss_after, 1),
             "recovered_s": recovered_s, "cpu_pct": round(cpu_pct, 1),
             "runqueue_wait_pct": cpu.wait_pct, **figures,
+            "bench_lag_p99_ms": _r(percentile(sorted(lags), 99)),
             "ws_dropped": await ws_dropped(http, url),
             "healthz": {"status": health.get("status"), "feeds": {
                 name: feed.get("state") for name, feed in (health.get("feeds") or {}).items()
@@ -542,6 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--huge-mb", type=float, default=100.0, help="size of a REST answer")
     parser.add_argument("--after", type=float, default=1.0,
                         help="seconds after an attack to read RSS again")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="the checkout whose server runs (default: this one), e.g. "
+                             "another worktree for before/after figures")
     parser.add_argument("--attackers", type=int, default=24, help="slow_readers: clients")
     parser.add_argument("--rate", type=float, default=20.0,
                         help="slow_readers: snapshot requests per second per client")

@@ -65,7 +65,8 @@ class RawClients:
                 "refused": self.refused, "sent_mb": round(self.sent_bytes / 2**20, 1),
                 "received_mb": round(self.received_bytes / 2**20, 1)}
 
-    async def _write(self, sock, stop_at: float) -> None:
+    async def _write(self, sock, counter: FrameCounter, stop_at: float) -> bool:
+        """Send until `stop_at`; True when the client hung up by itself (not a close)."""
         raise NotImplementedError
 
     async def _one(self, stop_at: float) -> None:
@@ -98,9 +99,13 @@ class RawClients:
     async def _session(self, sock, counter: FrameCounter, stop_at: float) -> None:
         loop = asyncio.get_running_loop()
         reader = asyncio.create_task(self._read(sock, counter))
-        writer = asyncio.create_task(self._write(sock, stop_at))
+        writer = asyncio.create_task(self._write(sock, counter, stop_at))
         done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED,
                                      timeout=max(0.0, stop_at - loop.time()) + 1)
+        if writer in done and not writer.exception() and writer.result():
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            return  # hung up by the client itself
         if done and not reader.done():  # a send failed: the close frame may still be there
             await asyncio.wait({reader}, timeout=0.5)
         for task in (reader, writer):
@@ -133,37 +138,50 @@ class Flooder(RawClients):
         super().__init__(port, n)
         self.opening, self.chunk = FLOOD_BYTES[kind]
 
-    async def _write(self, sock, stop_at: float) -> None:
+    async def _write(self, sock, counter: FrameCounter, stop_at: float) -> bool:
         loop = asyncio.get_running_loop()
         if self.opening:
             await loop.sock_sendall(sock, self.opening)
         while loop.time() < stop_at:
             await loop.sock_sendall(sock, self.chunk)
             self.sent_bytes += len(self.chunk)
+        return False
 
     def figures(self) -> dict:
-        return {**super().figures(), "frames_sent": self.sent_bytes // 6,
+        return {**super().figures(), "frames_written": self.sent_bytes // 6,
                 "pongs_received": self.pongs}
 
 
 class ResumeStorm(RawClients):
-    """One user's live sockets, each asking to resume from event 0 `rate` times a second."""
+    """One user's live sockets, each asking to resume from event 0 `rate` times a second.
+
+    `reconnect`: each socket asks once, waits for the answer to end (``resumed`` or
+    ``error``, at most 5 s), hangs up and comes back on a new connection (at most twice a
+    second): a limit per connection does not hold it back."""
 
     path = "/live-feed/subscribe/"
 
-    def __init__(self, port: int, token: str, n: int, rate: float = 10.0):
+    def __init__(self, port: int, token: str, n: int, rate: float = 10.0,
+                 reconnect: bool = False):
         super().__init__(port, n, per_s=2.0, headers={"Authorization": f"Bearer {token}"})
-        self.rate = rate
+        self.rate, self.reconnect = rate, reconnect
         self.sent = 0
 
-    async def _write(self, sock, stop_at: float) -> None:
+    async def _write(self, sock, counter: FrameCounter, stop_at: float) -> bool:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         while loop.time() < stop_at:
             await loop.sock_sendall(sock, RESUME)
             self.sent += 1
+            if self.reconnect:
+                deadline = min(stop_at, loop.time() + 5.0)
+                while (loop.time() < deadline and not counter.types.get("resumed")
+                       and not counter.types.get("error")):
+                    await asyncio.sleep(0.02)
+                return True
             next_at += 1 / self.rate
             await asyncio.sleep(max(0.0, min(next_at, stop_at) - loop.time()))
+        return False
 
     def figures(self) -> dict:
         return {**super().figures(), "resumes_sent": self.sent,
@@ -223,9 +241,10 @@ async def _client_attacks(port: int, kinds: list[str], duration: float, token: s
     for kind in kinds:
         if kind in FLOODS:
             runs.append(Flooder(port, kind, opts["flooders"]).run(duration))
-        elif kind == "resume_storm":
+        elif kind.startswith("resume_"):
             assert token is not None
-            runs.append(ResumeStorm(port, token, opts["resume_sockets"]).run(duration))
+            runs.append(ResumeStorm(port, token, opts["resume_sockets"],
+                                    reconnect=kind == "resume_reconnect").run(duration))
         else:
             runs.append(SlowReaders(port, opts["attackers"], opts["rate"],
                                     opts["symbol"]).run(duration))
