@@ -398,7 +398,8 @@ async def future_figures(http: aiohttp.ClientSession, url: str, sent: dict,
 async def run_phase(phase: str, args, pool: ProcessPoolExecutor) -> dict:
     attacks = {"baseline": (), "all": ATTACKS}.get(phase, (phase,))
     server = Server(args, phase)
-    async with aiohttp.ClientSession() as http:
+    # Every request of the bench is bounded (the probes' own are tighter).
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         try:
             proc = await server.start(http)
             probe = AlertProbe(server.tapes[PROBE])
