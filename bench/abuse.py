@@ -38,16 +38,16 @@ Figures per phase, measured the same way in every phase: other clients' ``p50_ms
 on its live socket, every 0.5 s; ``push_missed``: none within 2 s), server ``rss_mb`` (peak,
 sampled every 0.1 s), ``rss_delta_mb`` (peak minus before the attack), ``rss_after_mb``
 (``--after`` s later), ``recovered_s`` (from the attack's end until a GET answers within
-50 ms again: work left queued; null: not within 5 s), ``cpu_pct`` (100 = one core),
-``runqueue_wait_pct`` (the server was runnable but had no core: other load on the box),
-``attacker_cpu_pct`` (the child process), ``bench_lag_p99_ms`` (how late the probes' own
-loop woke up: part of every latency above), ``ws_dropped`` (by reason, /metrics),
-``healthz`` (status and feed states after the attack), the attack's own figures under
-``attack``, and ``goal_met``. Goal: p99 < 100 ms and RSS delta < 50 MB.
+50 ms again: work left queued; null: not within 5 s, or the phase's length if shorter),
+``cpu_pct`` (100 = one core), ``runqueue_wait_pct`` (the server was runnable but had no
+core: other load on the box), ``attacker_cpu_pct`` (the child process), ``bench_lag_p99_ms``
+(how late the probes' own loop woke up: part of every latency above), ``ws_dropped`` (by
+reason, /metrics), ``healthz`` (status and feed states after the attack), the attack's own
+figures under ``attack``, and ``goal_met``. Goal: p99 < 100 ms and RSS delta < 50 MB.
 
 Prints one JSON line; logs go to stderr. About 2 minutes for everything on an idle 2-core
-box, every wait bounded (``--quick``: 3 s phases, 200 events, 30 MB answers: about a
-minute).
+box, every wait bounded (``--quick``: 3 s phases, 200 events, 30 MB answers: about half
+that).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ import sys
 import time
 from collections.abc import Awaitable
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import closing
+from contextlib import closing, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -142,7 +142,7 @@ async def triggered(http: aiohttp.ClientSession, url: str) -> int:
 
 async def ws_dropped(http: aiohttp.ClientSession, url: str) -> dict[str, int] | None:
     try:
-        async with http.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+        async with http.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=3)) as resp:
             text = await resp.text()
     except (aiohttp.ClientError, TimeoutError):
         return None
@@ -195,6 +195,7 @@ class AlertProbe:
         self.seen = 0
         self.changed = asyncio.Event()
         self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.session: aiohttp.ClientSession | None = None  # no total timeout: a long socket
         self.k = 0
 
     async def setup(self, http: aiohttp.ClientSession, url: str, ws_url: str, k: int) -> None:
@@ -202,7 +203,17 @@ class AlertProbe:
         self.k = k
         await create_alerts(http, url, headers, self.tape.symbol,
                             [self.tape.price + i + 1 for i in range(k)])
-        self.ws = await http.ws_connect(ws_url + "/live-feed/subscribe/", headers=headers)
+        self.session = aiohttp.ClientSession()
+        async with asyncio.timeout(10):
+            self.ws = await self.session.ws_connect(ws_url + "/live-feed/subscribe/",
+                                                    headers=headers)
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            async with asyncio.timeout(5):
+                await self.ws.close()
+        if self.session is not None:
+            await self.session.close()
 
     async def read(self) -> None:
         assert self.ws is not None
@@ -360,7 +371,7 @@ def feed_counter(health: dict, key: str) -> int | None:
 
 async def healthz(http: aiohttp.ClientSession, url: str) -> dict:
     try:
-        async with http.get(url + "/healthz", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+        async with http.get(url + "/healthz", timeout=aiohttp.ClientTimeout(total=3)) as resp:
             return await resp.json()  # 503 bodies too: a degraded feed is still a figure
     except (aiohttp.ClientError, TimeoutError, ValueError):
         return {}
@@ -400,6 +411,7 @@ async def run_phase(phase: str, args, pool: ProcessPoolExecutor) -> dict:
     server = Server(args, phase)
     # Every request of the bench is bounded (the probes' own are tighter).
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        probe = None
         try:
             proc = await server.start(http)
             probe = AlertProbe(server.tapes[PROBE])
@@ -412,6 +424,9 @@ async def run_phase(phase: str, args, pool: ProcessPoolExecutor) -> dict:
             out = await measure(server, http, probe, attacks, token, args, pool)
         finally:
             log.info("%s: stopping the server", phase)
+            if probe is not None:
+                with suppress(TimeoutError, aiohttp.ClientError):
+                    await probe.close()
             await server.stop()
     if attacks:
         if len(out["attack"]) == 1:  # one attack: its figures without the extra level
@@ -479,7 +494,7 @@ async def measure(server: Server, http: aiohttp.ClientSession, probe: AlertProbe
         cpu_pct = cpu.stop()
         rss_end = status_mb(proc.pid, "VmRSS")
         stop.set()
-        recovered_s = await recovery(http, url)
+        recovered_s = await recovery(http, url, max(2.0, min(5.0, args.duration)))
         await asyncio.sleep(args.after)
         rss_after = status_mb(proc.pid, "VmRSS")
     finally:
@@ -488,8 +503,6 @@ async def measure(server: Server, http: aiohttp.ClientSession, probe: AlertProbe
         await asyncio.wait(measured, timeout=2.0)  # then a stalled probe is cut short
         for task in measured + background:
             task.cancel()
-        if probe.ws is not None:
-            await probe.ws.close()
         await asyncio.gather(*measured, *background, return_exceptions=True)
 
     done: dict = {}
