@@ -62,7 +62,6 @@ import time
 from collections.abc import Awaitable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing, suppress
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,6 +87,8 @@ from bench.fake_upstream import (  # noqa: E402
     FakeRest,
     PriceOf,
     Tape,
+    feed_counter,
+    future_figures,
     future_trades,
     huge_rest,
     id_reset,
@@ -356,54 +357,12 @@ class Server:
         await self.rest.close()
 
 
-def feed_counter(health: dict, key: str) -> int | None:
-    """The sum of a feed counter over /healthz feeds (an int or per-symbol dict); None when
-    no feed reports it."""
-    found, total = False, 0
-    for feed in [health, *(health.get("feeds") or {}).values()]:
-        value = feed.get(key) if isinstance(feed, dict) else None
-        if isinstance(value, dict):
-            value = sum(v for v in value.values() if isinstance(v, int | float))
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            found, total = True, total + int(value)
-    return total if found else None
-
-
 async def healthz(http: aiohttp.ClientSession, url: str) -> dict:
     try:
         async with http.get(url + "/healthz", timeout=aiohttp.ClientTimeout(total=3)) as resp:
             return await resp.json()  # 503 bodies too: a degraded feed is still a figure
     except (aiohttp.ClientError, TimeoutError, ValueError):
         return {}
-
-
-async def future_figures(http: aiohttp.ClientSession, url: str, sent: dict,
-                         health: dict) -> dict:
-    """What the server made of the future trades: dropped (if counted), its latest price and
-    time for the symbol, and how many 1m candles start over a minute ahead of now."""
-    out = {**sent, "dropped": feed_counter(health, "future_trades")}
-    now = datetime.now(UTC)
-
-    def ahead_s(iso: str | None) -> float | None:
-        if not iso:
-            return None
-        return round((datetime.fromisoformat(iso.replace("Z", "+00:00")) - now)
-                     .total_seconds(), 1)
-
-    try:
-        async with asyncio.timeout(5):
-            async with http.get(f"{url}/api/v1/prices/{FUTURE}") as resp:
-                latest = await resp.json()
-            out.update(latest_price=latest.get("price"),
-                       latest_time_ahead_s=ahead_s(latest.get("time")))
-            async with http.get(url + "/api/v1/ohlc", params={
-                    "symbol": FUTURE, "timeframe": "1m", "limit": "1000"}) as resp:
-                candles = (await resp.json()).get("data") or [] if resp.status == 200 else []
-            out["future_candles"] = sum(1 for c in candles
-                                        if (ahead_s(c.get("timestamp")) or 0) > 60)
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        log.warning("future trades: figures not read: %r", exc)
-    return out
 
 
 async def run_phase(phase: str, args, pool: ProcessPoolExecutor) -> dict:
@@ -518,7 +477,8 @@ async def measure(server: Server, http: aiohttp.ClientSession, probe: AlertProbe
     if "attacker_cpu_pct" in attack:
         figures["attacker_cpu_pct"] = attack.pop("attacker_cpu_pct")
     if "future_trades" in done and "error" not in done["future_trades"]:
-        done["future_trades"] = await future_figures(http, url, done["future_trades"], health)
+        done["future_trades"] = await future_figures(http, url, FUTURE,
+                                                     done["future_trades"], health)
     if "id_reset" in done and "error" not in done["id_reset"]:
         done["id_reset"]["id_resets"] = feed_counter(health, "id_resets")
     attack.update(done)

@@ -10,7 +10,8 @@
 * ``Tape``: one symbol's trades on a ``FakeUpstream``, with consecutive ids unless an attack
   says otherwise, and the last price sent.
 * ``future_trades``, ``id_reset``, ``huge_rest``: the upstream attacks of ``abuse.py``; each
-  runs until a loop time and returns its own figures.
+  runs until a loop time and returns its own figures (``future_figures`` and
+  ``feed_counter`` read what the server made of them).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
+import aiohttp
 from aiohttp import web
 
 from bench._common import FakeUpstream, free_port, log, trade_frame
@@ -201,3 +204,45 @@ async def huge_rest(tape: Tape, rest: FakeRest, stop_at: float, size_mb: float) 
              rest.served, rest.cut, rest.sent_mb)
     return {"gaps": gaps, "rest_calls": len(rest.calls), "answers_read_whole": rest.served,
             "answers_cut": rest.cut, "answer_mb": size_mb, "sent_mb": rest.sent_mb}
+
+
+def feed_counter(health: dict, key: str) -> int | None:
+    """The sum of a feed counter over /healthz feeds (an int or per-symbol dict); None when
+    no feed reports it."""
+    found, total = False, 0
+    for feed in [health, *(health.get("feeds") or {}).values()]:
+        value = feed.get(key) if isinstance(feed, dict) else None
+        if isinstance(value, dict):
+            value = sum(v for v in value.values() if isinstance(v, int | float))
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            found, total = True, total + int(value)
+    return total if found else None
+
+
+async def future_figures(http: aiohttp.ClientSession, url: str, symbol: str, sent: dict,
+                         health: dict) -> dict:
+    """What the server made of the future trades: dropped (if counted), its latest price and
+    time for the symbol, and how many 1m candles start over a minute ahead of now."""
+    out = {**sent, "dropped": feed_counter(health, "future_trades")}
+    now = datetime.now(UTC)
+
+    def ahead_s(iso: str | None) -> float | None:
+        if not iso:
+            return None
+        return round((datetime.fromisoformat(iso.replace("Z", "+00:00")) - now)
+                     .total_seconds(), 1)
+
+    try:
+        async with asyncio.timeout(5):
+            async with http.get(f"{url}/api/v1/prices/{symbol}") as resp:
+                latest = await resp.json()
+            out.update(latest_price=latest.get("price"),
+                       latest_time_ahead_s=ahead_s(latest.get("time")))
+            async with http.get(url + "/api/v1/ohlc", params={
+                    "symbol": symbol, "timeframe": "1m", "limit": "1000"}) as resp:
+                candles = (await resp.json()).get("data") or [] if resp.status == 200 else []
+            out["future_candles"] = sum(1 for c in candles
+                                        if (ahead_s(c.get("timestamp")) or 0) > 60)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        log.warning("future trades: figures not read: %r", exc)
+    return out
