@@ -8,7 +8,8 @@
   answers pings and closes; everything else a client sends is ignored.
 * ``trade_frame``: one pre-serialised server->client text frame holding one trade event.
 * ``raw_ws_socket`` / ``client_frame``: a websocket client on a bare non-blocking socket that
-  never reads after the handshake (the abusive client of ``abuse.py``).
+  never reads after the handshake (the abusive client of ``abuse.py``); ``raw_ws_connect``
+  and ``FrameCounter`` for one that reads what it is sent without parsing every message.
 """
 
 from __future__ import annotations
@@ -249,15 +250,17 @@ def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     return header + payload
 
 
-def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """One masked (client->server) FIN frame; the mask is fixed (this is a load tool)."""
+def client_frame(payload: bytes, opcode: int = 0x1, fin: bool = True) -> bytes:
+    """One masked (client->server) frame, FIN unless `fin` is False; the mask is fixed
+    (this is a load tool)."""
     n = len(payload)
+    b0 = (0x80 if fin else 0) | opcode
     if n < 126:
-        header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+        header = struct.pack("!BB", b0, 0x80 | n)
     elif n < 65536:
-        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+        header = struct.pack("!BBH", b0, 0x80 | 126, n)
     else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+        header = struct.pack("!BBQ", b0, 0x80 | 127, n)
     mask = b"\x5a\x17\xc3\x01"
     return header + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
 
@@ -266,24 +269,36 @@ class Refused(Exception):
     """The server answered a websocket upgrade with this HTTP status instead of 101."""
 
 
-async def raw_ws_socket(port: int, path: str, rcvbuf: int = 4096) -> socket.socket:
+async def raw_ws_socket(port: int, path: str, rcvbuf: int | None = 4096,
+                        headers: dict[str, str] | None = None) -> socket.socket:
     """A non-blocking socket with a completed websocket handshake to 127.0.0.1:`port`.
 
     Its receive buffer is `rcvbuf` bytes (set before connecting, so the TCP window stays
-    small); the caller sends frames with ``loop.sock_sendall`` and never reads. Raises
-    ``Refused`` for a non-101 answer, OSError when the connection fails.
+    small; None: the system's default); the caller sends frames with ``loop.sock_sendall``
+    and never reads. `headers` go into the upgrade request. Raises ``Refused`` for a non-101
+    answer, OSError when the connection fails.
     """
+    sock, _ = await raw_ws_connect(port, path, rcvbuf, headers)
+    return sock
+
+
+async def raw_ws_connect(port: int, path: str, rcvbuf: int | None = None,
+                         headers: dict[str, str] | None = None) -> tuple[socket.socket, bytes]:
+    """``raw_ws_socket`` for a client that reads: also returns the bytes that came after
+    the 101 answer in the same reads (the first frames), for a ``FrameCounter``."""
     loop = asyncio.get_running_loop()
     sock = socket.socket()
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setblocking(False)
         await loop.sock_connect(sock, ("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16))
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()).encode()
         await loop.sock_sendall(sock, b"GET " + path.encode() + b" HTTP/1.1\r\n"
                                 b"Host: 127.0.0.1\r\nConnection: Upgrade\r\n"
                                 b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-                                b"Sec-WebSocket-Key: " + key + b"\r\n\r\n")
+                                b"Sec-WebSocket-Key: " + key + b"\r\n" + extra + b"\r\n")
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = await loop.sock_recv(sock, 4096)
@@ -293,10 +308,61 @@ async def raw_ws_socket(port: int, path: str, rcvbuf: int = 4096) -> socket.sock
         status = int(head.split(b" ", 2)[1])
         if status != 101:
             raise Refused(status)
-        return sock
+        return sock, head.split(b"\r\n\r\n", 1)[1]
     except BaseException:
         sock.close()
         raise
+
+
+class FrameCounter:
+    """Reads server->client websocket frames from a stream of bytes without copying their
+    payloads: counts frames by opcode, text messages by their ``"type"`` when they start
+    with ``{"type":"...`` (orjson's key order), and keeps the close code. Runs of empty
+    pongs (the answers to a ping flood, 2 bytes each) are skipped in one step."""
+
+    EMPTY_PONG = b"\x8a\x00"
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.frames = 0
+        self.pongs = 0
+        self.bytes = 0
+        self.types: dict[str, int] = {}
+        self.close_code: int | None = None  # set once a close frame came
+
+    def feed(self, data: bytes) -> None:
+        self.bytes += len(data)
+        buf = self.buf
+        buf += data
+        pos, n = 0, len(buf)
+        while n - pos >= 2 and self.close_code is None:
+            if buf[pos] == 0x8A and buf[pos + 1] == 0:
+                rest = buf[pos:].lstrip(self.EMPTY_PONG)  # any mix of both bytes ...
+                run = (n - pos - len(rest)) & ~1  # ... so whole 2-byte frames only
+                self.pongs += run // 2
+                self.frames += run // 2
+                pos += run
+                continue
+            b0, b1 = buf[pos], buf[pos + 1] & 0x7F
+            head = 2 if b1 < 126 else 4 if b1 == 126 else 10
+            if n - pos < head:
+                break
+            size = b1 if b1 < 126 else int.from_bytes(buf[pos + 2:pos + head], "big")
+            if n - pos < head + size:
+                break
+            opcode, start = b0 & 0x0F, pos + head
+            self.frames += 1
+            if opcode == 0x8:
+                self.close_code = (int.from_bytes(buf[start:start + 2], "big")
+                                   if size >= 2 else 1005)
+            elif opcode == 0xA:
+                self.pongs += 1
+            elif opcode == 0x1 and buf.startswith(b'{"type":"', start):
+                end = buf.find(b'"', start + 9, start + 40)
+                kind = buf[start + 9:end].decode() if end > 0 else "?"
+                self.types[kind] = self.types.get(kind, 0) + 1
+            pos = start + size
+        del buf[:pos]
 
 
 def trade_frame(symbol: str, trade_id: int, price: str, qty: str, time_ms: int) -> bytes:
