@@ -31,7 +31,7 @@ from .percent_index import PercentIndex
 from .records import Arm, Event, Hit
 from .resume import REPLAY_MAX, Events, Resumer
 from .storage.alerts import MIN_COOLDOWN
-from .store import Alert, Store
+from .store import Alert, Store, log_failure
 
 log = logging.getLogger(__name__)
 
@@ -382,8 +382,8 @@ class AlertEngine:
         while True:
             try:
                 await self.expire()
-            except Exception:  # a database hiccup: the next sweep tries again
-                log.exception("could not expire alerts")
+            except Exception as exc:  # a database hiccup: the next sweep tries again
+                log_failure(log, exc, "could not expire alerts")
             await asyncio.sleep(EXPIRE_EVERY)
 
     # the writer -----------------------------------------------------------------------
@@ -436,8 +436,8 @@ class AlertEngine:
         while True:
             try:
                 await self.purge()
-            except Exception:  # a database hiccup: the next sweep tries again
-                log.exception("could not purge deleted alerts and old events")
+            except Exception as exc:  # a database hiccup: the next sweep tries again
+                log_failure(log, exc, "could not purge deleted alerts and old events")
             await asyncio.sleep(PURGE_EVERY)
 
     async def drained(self) -> None:
@@ -459,9 +459,9 @@ class AlertEngine:
             except asyncio.CancelledError:
                 self._hits[:0] = batch  # not committed: they stay CREATED on disk
                 raise
-            except Exception:
-                log.exception("could not record %d triggered alerts; retrying in %.1fs",
-                              len(batch), backoff)
+            except Exception as exc:
+                log_failure(log, exc, "could not record %d triggered alerts; retrying in %.1fs",
+                            len(batch), backoff)
                 self._hits[:0] = batch
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)

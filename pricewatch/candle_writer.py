@@ -23,7 +23,7 @@ from aiohttp import web
 
 from . import clock
 from .ohlc import TIMEFRAMES, CandleBook
-from .store import Store
+from .store import Store, log_failure
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,8 @@ class CandleWriter:
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + self.prune_every
                     await self.prune()
-            except Exception:  # the DB hiccupped: rows stay pending for the next flush
-                log.exception("candle write failed; retrying at the next flush")
+            except Exception as exc:  # the DB hiccupped: rows stay pending for the next flush
+                log_failure(log, exc, "candle write failed; retrying at the next flush")
 
     async def between(self, symbol: str, timeframe: str, start: int, end: int,
                       limit: int) -> list[tuple]:

@@ -19,13 +19,14 @@ from .storage.base import (
     StorageUnavailable,
     StoreError,
     UnknownUser,
+    log_failure,
 )
 from .storage.deliveries import DeliveriesMixin
 from .storage.market import MarketMixin
 
 __all__ = ["Alert", "Channel", "Conflict", "Delivery", "Event", "NotFound", "Quote",
            "RotateResult", "StorageUnavailable", "Store", "StoreError", "UnknownUser", "User",
-           "bcrypt_cost"]
+           "bcrypt_cost", "log_failure"]
 
 
 class Store(AccountsMixin, AlertsMixin, DeliveriesMixin, MarketMixin, Database):

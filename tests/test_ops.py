@@ -14,7 +14,10 @@ import pytest
 from conftest import LiveServer, bearer, register
 from fake_binance import FakeBinance
 
-from pricewatch.server import STORE
+from pricewatch import clock
+from pricewatch.alerts_api import ENGINE
+from pricewatch.feeds import Tick
+from pricewatch.server import MARKET, STORE
 
 T0 = 1704067200000
 
@@ -249,6 +252,42 @@ async def test_a_full_disk_answers_writes_503_and_recovers_when_space_returns(
         status, body = await healthz(http, server)
         assert status == 200 and body["db"] == "ok"
         assert "takes writes again" in caplog.text
+
+
+
+async def test_background_writers_log_no_traceback_while_the_database_refuses_writes(
+        make_settings, http, caplog):
+    """The candle writer, the trigger writer and the sweeps retry on their own schedule while
+    the file is read-only: the store's one line a minute stands for all of them."""
+    caplog.set_level(logging.DEBUG)
+    async with LiveServer(make_settings()) as server:
+        store, market = server.app[STORE], server.app[MARKET]
+        tok = (await register(http, server))["access"]
+        async with http.post(server.url + "/api/v1/alerts", headers=bearer(tok), json={
+                "asset": "BTCUSDT", "price": 100.0, "direction": "above"}) as resp:
+            assert resp.status == 201
+        await writer_pragma(store, "PRAGMA query_only = 1")
+        caplog.clear()
+        now_ms = int(clock.now() * 1000)
+        for i in range(5):  # a candle to write and an alert crossed: both writes refused
+            market.on_tick(Tick("BTCUSDT", 101.0 + i, 1.0, now_ms + i, i + 1))
+        deadline = asyncio.get_running_loop().time() + 10
+        while not ({"candle write", "triggered alerts"} <= refusals(caplog)):
+            assert asyncio.get_running_loop().time() < deadline, caplog.text
+            await asyncio.sleep(0.05)
+        assert not any(r.exc_info for r in caplog.records), caplog.text
+        assert len(store_lines(caplog)) == 1, caplog.text
+        await writer_pragma(store, "PRAGMA query_only = 0")
+        await server.app[ENGINE].drained()  # the trigger is committed once writes work
+        async with http.get(server.url + "/api/v1/alerts?status=TRIGGERED",
+                            headers=bearer(tok)) as resp:
+            assert (await resp.json())["count"] == 1
+
+
+def refusals(caplog) -> set[str]:
+    """Which background writers had a write refused (each says so at DEBUG)."""
+    return {kind for kind in ("candle write", "triggered alerts")
+            for r in caplog.records if kind in r.getMessage()}
 
 
 # Cluster settings without the cluster extra --------------------------------------------------

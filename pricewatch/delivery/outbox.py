@@ -30,7 +30,7 @@ from aiohttp import web
 from .. import clock
 from ..config import Settings
 from ..records import Delivery
-from ..store import Store
+from ..store import Store, log_failure
 from .base import Failed, Outcome, Retry, Sent, Sink
 
 log = logging.getLogger("pricewatch.delivery")
@@ -165,8 +165,8 @@ class Deliverer:
                 # wakes this loop.
                 next_due = await self.store.next_delivery_due(
                     types, exclude=self._inflight, exclude_users=self._full_users())
-            except Exception:  # a database hiccup must not end delivery for good
-                log.exception("could not read the delivery outbox; retrying in 5 s")
+            except Exception as exc:  # a database hiccup must not end delivery for good
+                log_failure(log, exc, "could not read the delivery outbox; retrying in 5 s")
                 next_due = clock.now() + 5.0
             timeout = 60.0 if next_due is None else max(0.02, next_due - clock.now())
             with suppress(TimeoutError):
@@ -354,8 +354,8 @@ class Deliverer:
             sending = False
             self._sent_one(key)  # the receiver is free again; the rows stay claimed
             await asyncio.shield(done)  # until their outcome is committed
-        except Exception:
-            log.exception("delivery %d: could not finish this attempt", batch[0].id)
+        except Exception as exc:
+            log_failure(log, exc, "delivery %d: could not finish this attempt", batch[0].id)
         finally:
             if sending:
                 self._sent_one(key)
@@ -457,10 +457,10 @@ class Deliverer:
                 self._committing = True  # a graceful stop waits for this commit too
                 try:
                     await self.store.record_deliveries(r for rows, _, _ in batch for r in rows)
-                except Exception:
+                except Exception as exc:
                     self._committing = False
-                    log.exception("could not record %d delivery outcomes; retrying in %.1fs",
-                                  sum(len(rows) for rows, _, _ in batch), delay)
+                    log_failure(log, exc, "could not record %d delivery outcomes; retrying in "
+                                "%.1fs", sum(len(rows) for rows, _, _ in batch), delay)
                     self._queue[:0] = batch
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10.0)

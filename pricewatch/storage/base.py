@@ -54,6 +54,16 @@ class StorageUnavailable(StoreError):
     retry_after = 30  # seconds; what a client is told to wait before it tries again
 
 
+def log_failure(logger: logging.Logger, exc: BaseException, msg: str, *args: object) -> None:
+    """Log a background write's failure with its traceback, except StorageUnavailable: the
+    store itself logs a full disk or read-only file once a minute, however many fail (this
+    one only at DEBUG, without the traceback)."""
+    if isinstance(exc, StorageUnavailable):
+        logger.debug(msg, *args)
+    else:
+        logger.error(msg, *args, exc_info=exc)
+
+
 # SQLite primary result codes that are about the storage, not the statement: the same write
 # can succeed later. Extended codes (SQLITE_IOERR_WRITE, SQLITE_READONLY_DBMOVED...) carry the
 # primary code in their low byte.
