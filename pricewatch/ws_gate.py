@@ -22,8 +22,8 @@ that receives bytes after it was closed, makes the kernel send a reset, and a cl
 has not read the close frame yet loses it: it sees 1006, not the code. So once the server
 closes a websocket, whichever way (a limit, aiohttp's own 1009, the handler ending), its
 input is still read and thrown away, unparsed, until the client closes too (its close
-frame or EOF), LINGER seconds pass or LINGER_BYTES more arrive; only then does the socket
-close. A server shutdown does not linger.
+frame or EOF) or LINGER seconds pass (reading stops after LINGER_BYTES: a flood then
+waits in the kernel); only then does the socket close. A server shutdown does not linger.
 """
 
 from __future__ import annotations
@@ -175,13 +175,17 @@ class FrameGate:
 
     def discard(self, data: bytes) -> None:
         """Input that arrived while discarding: only the client's close frame is looked
-        for (in the first LINGER_FRAMES frames); past LINGER_BYTES the lingering ends."""
+        for (in the first LINGER_FRAMES frames). Past LINGER_BYTES the socket is no longer
+        read (a flood costs nothing more; its sender is held back by TCP) until the
+        lingering ends: a client still flooding then gets a reset, LINGER seconds after
+        its close frame was written, time enough for it to read that."""
         if self.finished:
             return
         self.discarded += len(data)
         self._look_for_close(data, 0)
-        if self.discarded > LINGER_BYTES:
-            self.finish()
+        if self.discarded > LINGER_BYTES and not self.finished:
+            with suppress(RuntimeError, AttributeError):
+                self.transport.pause_reading()
 
     def _look_for_close(self, data: bytes, pos: int) -> None:
         if self.frames_left > 0 and not self.peer_closed and not self.finished:

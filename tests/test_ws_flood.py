@@ -126,6 +126,20 @@ async def test_100_messages_in_one_write_always_read_the_close_frame(server, htt
     assert server.app[HUB].drops[TOO_MANY_MESSAGES.reason] == 20
 
 
+async def test_a_client_that_reads_late_still_reads_the_close_frame(server, http) -> None:
+    """A client (on a loaded machine, say) writes 100 messages, then more, and reads only
+    afterwards: its input is still arriving when the server closes it. Closing the socket
+    then would reset the connection and destroy the unread close frame (1006)."""
+    message = client_frame(b'{"symbol": "NOPE"}')
+    for _ in range(5):
+        ws = await open_ws(server, http, "/ws/ohlc/")
+        ws.send(message * 100)
+        for _ in range(20):  # pacing: the writes go on after the server closed
+            await asyncio.sleep(0.005)
+            ws.send(message * 50)
+        assert await close_code(ws) == 1008
+
+
 async def test_a_client_still_sending_after_the_close_frame_reads_it(server, http) -> None:
     """Input keeps arriving while the client reads: the server reads and drops it (the
     lingering close) instead of closing a socket with unread bytes (a reset)."""
@@ -279,10 +293,13 @@ class _Transport:
     """Enough of an asyncio transport for the gate alone."""
 
     def __init__(self) -> None:
-        self.closed = self.aborted = False
+        self.closed = self.aborted = self.paused = False
 
     def resume_reading(self) -> None:
-        pass
+        self.paused = False
+
+    def pause_reading(self) -> None:
+        self.paused = True
 
     def is_closing(self) -> bool:
         return self.closed or self.aborted
@@ -308,12 +325,16 @@ async def test_a_closed_connection_lingers_until_the_client_closes() -> None:
     assert transport.closed
 
 
-async def test_lingering_is_bounded_in_bytes() -> None:
+async def test_lingering_reads_a_bounded_number_of_bytes_then_waits() -> None:
     transport = _Transport()
     gate = FrameGate(Parser(), transport, TokenBucket(20.0, 40.0), 1 << 20)
     gate.close()
     chunk = client_frame(b"", PING) * 10_000
-    for _ in range(ws_gate.LINGER_BYTES // len(chunk) + 2):
+    for _ in range(ws_gate.LINGER_BYTES // len(chunk)):
         gate.feed_data(chunk)
+    assert not transport.paused
+    gate.feed_data(chunk)
+    assert transport.paused and not transport.closed  # a flood waits in the kernel...
+    gate.finish()  # ...until the lingering time is over
     assert transport.closed
 
