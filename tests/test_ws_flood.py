@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import itertools
 import random
 import struct
@@ -78,6 +79,23 @@ async def test_a_ping_flood_is_closed_with_1008_on_every_endpoint(server, http, 
     ws.send(PINGS)
     assert await close_code(ws) == 1008
     assert server.app[HUB].drops[TOO_MANY_MESSAGES.reason] == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("redis") is None,
+                    reason="the redis client is not installed (pip install -e '.[test]')")
+@pytest.mark.parametrize("path", ["/ws/ohlc/", "/ws/rates/"])
+async def test_a_cluster_edge_closes_a_ping_flood_with_1008(make_settings, http, monkeypatch,
+                                                           path) -> None:
+    """Edges serve the same websockets through the same gate (Redis need not be up)."""
+    from pricewatch.cluster import edge as edge_module
+
+    monkeypatch.setattr(edge_module, "START_WAIT", 0.2)
+    settings = make_settings(redis_url="redis://127.0.0.1:9/0", role="edge",
+                             jwt_secret="edge-test-secret-" + "x" * 32)
+    async with LiveServer(settings) as edge:
+        ws = await RawWebSocket.connect(edge.url, path)
+        ws.send(PINGS)
+        assert await close_code(ws) == 1008
 
 
 @pytest.mark.parametrize("flood", [PONGS, CONTINUATIONS], ids=["pongs", "continuations"])
