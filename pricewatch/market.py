@@ -25,6 +25,7 @@ from .hub import MAX_SUBSCRIPTIONS, TOO_MANY_MESSAGES, WS_RATE, Client, Disconne
 from .limits import WS_MAX_MESSAGE
 from .ohlc import DAY_OF_MINUTES, TIMEFRAMES, CandleBook, candle_dict
 from .upstream.history import KlineFill
+from .ws_gate import FrameGate
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +311,7 @@ def _named(values: list, most: int = 5) -> str:
     return ", ".join(shown) + (f" and {len(values) - most} more" if len(values) > most else "")
 
 
-def _gate(hub: Hub, client: Client):
+def _gate(hub: Hub, client: Client) -> FrameGate | None:
     """Connect the client to the FrameGate that counts its input (every frame, pings
     included, before aiohttp parses it; see ws_gate.py): past the budget it is dropped.
     None when the server was not started by httpd.make_runner: messages are then counted

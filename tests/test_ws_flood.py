@@ -81,6 +81,19 @@ async def test_a_ping_flood_is_closed_with_1008_on_every_endpoint(server, http, 
     assert server.app[HUB].drops[TOO_MANY_MESSAGES.reason] == 1
 
 
+async def test_a_flood_sent_with_the_upgrade_request_is_closed_with_1008(server) -> None:
+    """Frames written in the same packet as the handshake reach the gate before the
+    websocket handler runs: counted all the same."""
+    host, port = server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET /ws/ohlc/ HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n"
+                 "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode() + PINGS)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    assert await close_code(RawWebSocket(reader, writer)) == 1008
+
+
 @pytest.mark.skipif(importlib.util.find_spec("redis") is None,
                     reason="the redis client is not installed (pip install -e '.[test]')")
 @pytest.mark.parametrize("path", ["/ws/ohlc/", "/ws/rates/"])
