@@ -17,6 +17,7 @@ from aiohttp import WSCloseCode
 
 POLICY_VIOLATION = WSCloseCode.POLICY_VIOLATION  # 1008
 GOING_AWAY = WSCloseCode.GOING_AWAY  # 1001
+MESSAGE_TOO_BIG = WSCloseCode.MESSAGE_TOO_BIG  # 1009
 
 Topic = object  # a hashable key; state topics are tuples whose [0] names a registered kind
 Rendered = tuple[bytes, dict]  # (the frames joined in key order, {key: frame})
@@ -33,9 +34,11 @@ class Disconnect(NamedTuple):
 QUEUE_FULL = Disconnect(POLICY_VIOLATION, "queue_full", b"send queue full")
 SLOW = Disconnect(POLICY_VIOLATION, "slow", b"slow consumer")
 TOO_MANY_MESSAGES = Disconnect(POLICY_VIOLATION, "too_many_messages", b"too many messages")
+TOO_BIG = Disconnect(MESSAGE_TOO_BIG, "too_big", b"message too big")
 SESSION_ENDED = Disconnect(POLICY_VIOLATION, "session_ended", b"token expired or revoked")
 SHUTDOWN = Disconnect(GOING_AWAY, "shutdown", b"server shutdown")
-DROP_REASONS = (QUEUE_FULL, SLOW, TOO_MANY_MESSAGES, SESSION_ENDED)  # counted in Hub.drops
+# Counted in Hub.drops, by reason.
+DROP_REASONS = (QUEUE_FULL, SLOW, TOO_MANY_MESSAGES, TOO_BIG, SESSION_ENDED)
 
 
 _NONE = ()  # an empty queue that allocates nothing (see ClientWriter.__init__)

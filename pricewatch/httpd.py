@@ -12,6 +12,10 @@ aiohttp's per-connection protocol (`web.RequestHandler`) is used with three chan
 - A client that does not read its answers (the socket's buffer stays full, say with
   pipelined requests piling up behind an unread answer) is cut off after `HEAD_TIMEOUT`
   seconds too. Websockets are left to the hub's own slow-client policy.
+- An upgraded websocket's input goes through a `ws_gate.FrameGate` before aiohttp parses
+  it (every frame counted, floods and oversized messages refused unparsed), and its
+  transport's close() lingers so that the client reads the close frame instead of a reset
+  (ws_gate.py says why and how; `set_parser` below is the seam).
 - An HTTP parser error (garbage, a bad method, a request line or header over 8190 bytes, too
   many headers) is answered in the contract's JSON error shape, `invalid_request` with 400 or
   431, and never echoes the request bytes back (aiohttp's own answer is text/plain with them).
@@ -32,6 +36,8 @@ from aiohttp.web_log import AccessLogger
 from aiohttp.web_protocol import RequestPayloadError
 
 from .api import ApiError, json_response
+from .limits import WS_BURST, WS_MAX_MESSAGE, WS_RATE, TokenBucket
+from .ws_gate import FrameGate, LingeringTransport
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,35 @@ class EdgeProtocol(web.RequestHandler):
         self.head_timeout = head_timeout
         self.head_timer: asyncio.TimerHandle | None = None
         self.write_timer: asyncio.TimerHandle | None = None
+        self.ws_gate: FrameGate | None = None  # set when the connection became a websocket
+
+    def set_parser(self, parser: Any, *args: Any, **kwargs: Any) -> None:
+        """aiohttp's `WebSocketResponse.prepare` hands its frame parser to the connection
+        here, once: a FrameGate goes in front of it, and the transport aiohttp and the hub
+        use from now on lingers when closed (ws_gate.py)."""
+        transport = self.transport
+        gate = FrameGate(parser, transport, TokenBucket(WS_RATE, WS_BURST), WS_MAX_MESSAGE)
+        self.ws_gate = gate
+        self.transport = LingeringTransport(transport, gate)  # type: ignore[assignment]
+        super().set_parser(gate, *args, **kwargs)
+
+    def data_received(self, data: bytes) -> None:
+        gate = self.ws_gate
+        if gate is not None and gate.discarding:
+            gate.discard(data)  # whatever state aiohttp is in: read, never parsed
+            return
+        super().data_received(data)
+
+    def pause_reading(self) -> None:
+        gate = self.ws_gate
+        if gate is not None and gate.discarding:
+            return  # what is thrown away must keep being read (see ws_gate.py)
+        super().pause_reading()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        if self.ws_gate is not None:
+            self.ws_gate.hurry()  # no lingering at shutdown
+        await super().shutdown(timeout)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -66,6 +101,8 @@ class EdgeProtocol(web.RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.head_received()
         self._writing_resumed()
+        if self.ws_gate is not None:
+            self.ws_gate.finish(polite=True)  # nothing more to read; its timer goes
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:

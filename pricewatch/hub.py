@@ -27,8 +27,11 @@ Every client has a bounded cost (CONTRACT "Limits"):
 - a queued event that waited `slow_timeout` seconds, state held back that long (lag, not
   only buffer fullness), or a socket buffer full for longer than `send_timeout`, closes it
   with 1008 (SLOW);
-- it may send WS_RATE messages per second (bursts of WS_BURST), else 1008
-  (TOO_MANY_MESSAGES), and hold MAX_SUBSCRIPTIONS topics;
+- it may send WS_RATE frames per second of any kind, pings included (bursts of WS_BURST),
+  else 1008 (TOO_MANY_MESSAGES), counted before aiohttp parses them (ws_gate.FrameGate),
+  messages under WS_MAX_MESSAGE bytes (else 1009, TOO_BIG), and hold MAX_SUBSCRIPTIONS
+  topics; a client closed for any of these gets the close frame before the socket closes
+  (the lingering close, ws_gate.py);
 - one client address holds at most `max_per_address` open websockets (`admit`/`release`).
 Closes by reason are counted in `drops` (for /metrics).
 """
@@ -49,6 +52,7 @@ from .client_writer import (  # the reasons and frame() are part of the hub's in
     SESSION_ENDED,
     SHUTDOWN,
     SLOW,
+    TOO_BIG,
     TOO_MANY_MESSAGES,
     ClientWriter,
     Disconnect,
@@ -56,18 +60,18 @@ from .client_writer import (  # the reasons and frame() are part of the hub's in
     Topic,
     frame,
 )
-from .limits import TokenBucket
+from .limits import WS_BURST, WS_RATE, TokenBucket
+from .ws_gate import LINGER, FrameGate, close_websocket
 
 __all__ = ["DROP_REASONS", "MAX_SUBSCRIPTIONS", "PHASES", "QUEUE_FULL", "SESSION_ENDED",
-           "SHUTDOWN", "SLOW", "TOO_MANY_MESSAGES", "WS_BURST", "WS_RATE", "Client",
-           "ClientWriter", "Disconnect", "Hub", "frame"]
+           "SHUTDOWN", "SLOW", "TOO_BIG", "TOO_MANY_MESSAGES", "WS_BURST", "WS_RATE",
+           "Client", "ClientWriter", "Disconnect", "Hub", "frame"]
 
 log = logging.getLogger(__name__)
 
 
-# Contract constants (CONTRACT "Limits"): what one websocket connection may ask of us.
-WS_RATE = 20.0  # client messages per second...
-WS_BURST = 40  # ...with bursts of this many
+# What one websocket connection may ask of us (README "Limits"; WS_RATE and WS_BURST, the
+# frames it may send, are in limits.py).
 MAX_SUBSCRIPTIONS = 64  # topics per connection (live: symbols; ohlc: symbol x timeframe)
 
 FLUSH_INTERVAL = 0.005  # seconds between flusher passes while some client is behind
@@ -84,7 +88,7 @@ class Client:
     """One websocket connection: its socket, its writer, what it listens to."""
 
     __slots__ = ("ws", "request", "transport", "writer", "endpoint", "user_id", "expires",
-                 "family", "closed", "topics", "rates", "inbound", "phase")
+                 "family", "closed", "topics", "rates", "inbound", "phase", "gate")
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, endpoint: str,
                  user_id: int | None, writer: ClientWriter):
@@ -101,6 +105,7 @@ class Client:
         self.rates: dict[Topic, int] = {}  # state topics among them -> their max_rate
         self.inbound = TokenBucket(WS_RATE, WS_BURST)
         self.phase = 0  # which of its rate groups' PHASES flushes this client (set by attach)
+        self.gate: FrameGate | None = None  # its input's gate (ws_gate.py), when served by one
 
 
 class RateGroup:
@@ -255,7 +260,8 @@ class Hub:
 
     def received(self, client: Client) -> bool:
         """Count one message from the client; False (and the client is being closed with
-        1008) past WS_RATE per second, bursts of WS_BURST."""
+        1008) past WS_RATE per second, bursts of WS_BURST. (Only for a connection without
+        a FrameGate, which counts every frame before it is parsed.)"""
         if client.inbound.take():
             return True
         self.drop(client, TOO_MANY_MESSAGES, f"over {WS_RATE:g} messages/s")
@@ -509,28 +515,11 @@ class Hub:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _close(self, client: Client, reason: Disconnect, timeout: float = 1.0) -> None:
-        closed = False
-        try:
-            await asyncio.wait_for(client.ws.close(code=reason.code, message=reason.message),
-                                   timeout)
-            closed = True
-        except (TimeoutError, ConnectionError, RuntimeError):
-            pass
-        except asyncio.CancelledError:
-            # close() may wait on aiohttp's per-connection drain future, which a cancelled
-            # writer elsewhere can cancel. Only a cancellation of this task is passed on.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-        finally:
-            if not closed:
-                # A peer that does not read cannot take the close frame either: cut it off.
-                # (Not `if not ws.closed`: close() marks the socket closed before it writes,
-                # and a graceful transport close would wait forever to flush to that peer,
-                # keeping its handler and socket alive.)
-                if client.transport is not None:
-                    client.transport.abort()
+    async def _close(self, client: Client, reason: Disconnect,
+                     timeout: float = LINGER + 1.0) -> None:
+        """Close the client with `reason`'s code; see ws_gate.close_websocket."""
+        await close_websocket(client.ws, client.transport, client.gate, reason.code,
+                              reason.message, timeout)
 
     async def dropped_for(self, reason: Disconnect, count: int = 1) -> None:
         """Wait until `count` clients were closed for `reason` (for tests and benches)."""
@@ -585,6 +574,8 @@ class Hub:
         clients = list(self.clients)
         for client in clients:
             client.closed = True
+            if client.gate is not None:
+                client.gate.hurry()  # no lingering at shutdown
             self._forget(client)
         self._stop_timers()
         # Half a second for each peer's closing handshake (all at once), then cut it off:

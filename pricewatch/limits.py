@@ -8,6 +8,12 @@ from __future__ import annotations
 import time
 from collections import deque
 
+# What one websocket connection may send (README "Limits"): frames of any kind (text,
+# binary, continuation, ping, pong) per second, with bursts of this many...
+WS_RATE = 20.0
+WS_BURST = 40
+WS_MAX_MESSAGE = 64 * 1024  # ...and bytes in one message (1009 from here up)
+
 
 class TokenBucket:
     """`rate` tokens per second, at most `burst` saved up; `take()` is False when empty."""

@@ -22,13 +22,15 @@ from .addresses import client_address, limit_key
 from .api import ApiError, invalid, json_response, not_found
 from .candle_writer import CANDLE_WRITER
 from .feeds import Bar, Book, Tick
-from .hub import MAX_SUBSCRIPTIONS, Client, Hub, frame
+from .hub import MAX_SUBSCRIPTIONS, TOO_MANY_MESSAGES, WS_RATE, Client, Disconnect, Hub, frame
+from .limits import WS_MAX_MESSAGE
 from .ohlc import DAY_OF_MINUTES, TIMEFRAMES, CandleBook, candle_dict
 from .upstream.history import KlineFill
+from .ws_gate import FrameGate
 
 log = logging.getLogger(__name__)
 
-MAX_WS_MESSAGE = 64 * 1024
+MAX_WS_MESSAGE = WS_MAX_MESSAGE
 HEARTBEAT = 20.0  # seconds between server pings; a peer that does not answer is reaped
 SNAPSHOT_CACHE = 32  # framed snapshots kept for repeated requests (at most ~4 MB)
 WS_RETRY_AFTER = 10  # seconds suggested to an address refused for holding too many sockets
@@ -347,6 +349,27 @@ def _named(values: list, most: int = 5) -> str:
     return ", ".join(shown) + (f" and {len(values) - most} more" if len(values) > most else "")
 
 
+def _gate(hub: Hub, client: Client) -> FrameGate | None:
+    """Connect the client to the FrameGate that counts its input (every frame, pings
+    included, before aiohttp parses it; see ws_gate.py): past the budget it is dropped.
+    None when the server was not started by httpd.make_runner: messages are then counted
+    one by one as they are read (`hub.received`)."""
+    gate = getattr(client.request.protocol, "ws_gate", None)
+    if gate is None:
+        return None
+    client.gate, client.inbound = gate, gate.bucket
+
+    def over(reason: Disconnect) -> None:
+        why = (f"over {WS_RATE:g} frames/s" if reason is TOO_MANY_MESSAGES
+               else f"a message of {gate.max_size} bytes or more")
+        hub.drop(client, reason, why)
+
+    gate.on_over = over
+    if gate.over is not None:  # already, in what came with the upgrade request
+        over(gate.over)
+    return gate
+
+
 async def serve_ws(request: web.Request, endpoint: str, user_id: int | None,
                    on_open: Callable[[Client], None] | None,
                    on_message: Callable[[Client, dict], None]) -> web.WebSocketResponse:
@@ -369,13 +392,14 @@ async def serve_ws(request: web.Request, endpoint: str, user_id: int | None,
                                    max_msg_size=MAX_WS_MESSAGE)
         await ws.prepare(request)
         client = hub.attach(ws, request, endpoint, user_id)
+        gate = _gate(hub, client)
         try:
-            if on_open is not None:
+            if on_open is not None and not client.closed:
                 on_open(client)
             async for msg in ws:
                 if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY) or client.closed:
                     continue  # a client being closed: what it still sends is ignored
-                if not hub.received(client):
+                if gate is None and not hub.received(client):
                     continue  # over the message rate: now being closed with 1008
                 data = _ws_message(msg)
                 if data is None:

@@ -15,7 +15,7 @@ import struct
 
 import orjson
 
-CLOSE, PING = 0x8, 0x9
+CONTINUATION, TEXT, CLOSE, PING, PONG = 0x0, 0x1, 0x8, 0x9, 0xA
 
 
 class Refused(Exception):
@@ -29,16 +29,19 @@ class Refused(Exception):
         return orjson.loads(self.body)
 
 
-def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """One masked (client->server) FIN frame."""
+def client_frame(payload: bytes, opcode: int = 0x1, fin: bool = True) -> bytes:
+    """One masked (client->server) frame; `fin=False`: a message to be continued."""
     n = len(payload)
+    first = (0x80 if fin else 0) | opcode
     if n < 126:
-        header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+        header = struct.pack("!BB", first, 0x80 | n)
     elif n < 65536:
-        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+        header = struct.pack("!BBH", first, 0x80 | 126, n)
     else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+        header = struct.pack("!BBQ", first, 0x80 | 127, n)
     mask = os.urandom(4)
+    if not n:
+        return header + mask
     key = (mask * (n // 4 + 1))[:n]
     masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
     return header + mask + masked
@@ -119,7 +122,8 @@ class RawWebSocket:
                     opcode, payload = await self.frame(timeout=None)
                     if opcode == CLOSE:
                         return messages, struct.unpack("!H", payload[:2])[0]
-                    messages.append(orjson.loads(payload))
+                    if opcode != PONG:  # answers to pings a test sent
+                        messages.append(orjson.loads(payload))
         except (asyncio.IncompleteReadError, ConnectionError):
             return messages, None
 
