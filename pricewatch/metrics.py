@@ -118,7 +118,7 @@ def render_http(out: Exposition, http: HttpMetrics) -> None:
 
 
 def render_websockets(out: Exposition, hub) -> None:
-    """Open websockets by endpoint and 1008 closes by reason (a core's and an edge's)."""
+    """Open websockets by endpoint, and limit closes (1008, 1009) by reason."""
     from .hub import DROP_REASONS
 
     out.metric("pricewatch_websocket_clients", "gauge", "Open websocket clients by endpoint.")
@@ -126,7 +126,7 @@ def render_websockets(out: Exposition, hub) -> None:
     for endpoint in sorted({"live", "ohlc", "rates", *counts}):
         out.sample("pricewatch_websocket_clients", counts.get(endpoint, 0), endpoint=endpoint)
     out.metric("pricewatch_websocket_dropped_total", "counter",
-               "Websocket clients closed with 1008, by reason.")
+               "Websocket clients closed for a limit (1008, or 1009 too_big), by reason.")
     for reason in DROP_REASONS:
         out.sample("pricewatch_websocket_dropped_total", hub.drops[reason.reason],
                    reason=reason.reason)
