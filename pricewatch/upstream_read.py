@@ -29,6 +29,7 @@ import orjson
 PARSE_INLINE = 256 * 1024  # bytes parsed in one go; larger bodies are parsed in slices
 SLICE = 0.005  # seconds of parsing between two yields to the event loop
 MAX_VALUES = 250_000  # values in one answer at most (a full Binance page: ~13,000)
+MAX_DEPTH = 1024  # containers open at once at most (orjson's own bound for small bodies)
 CHUNK = 64 * 1024
 
 
@@ -138,6 +139,8 @@ async def _parse_sliced(text: str) -> Any:  # noqa: C901 (one state machine, kep
             i = ws(text, i + 1).end()
             if text[i:i + 1] != "]":
                 stack.append([[], None])
+                if len(stack) > MAX_DEPTH:
+                    raise ValueError(f"nested deeper than {MAX_DEPTH}")
                 continue
             value: Any = []
             i += 1
@@ -146,6 +149,8 @@ async def _parse_sliced(text: str) -> Any:  # noqa: C901 (one state machine, kep
             if text[i:i + 1] != "}":
                 key, i = _key(text, i)
                 stack.append([{}, key])
+                if len(stack) > MAX_DEPTH:
+                    raise ValueError(f"nested deeper than {MAX_DEPTH}")
                 continue
             value = {}
             i += 1

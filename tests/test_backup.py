@@ -137,7 +137,7 @@ async def test_backup_beside_a_writing_server_holds_every_acknowledged_write(tmp
 
 
 @pytest.mark.parametrize("case", ["no database", "no directory", "a directory",
-                                  "under a file", "unwritable"])
+                                  "under a file", "unwritable", "the database", "its wal"])
 def test_backup_errors_are_one_line_and_exit_code_2(tmp_path, case):
     db = tmp_path / "pricewatch.db"
     if case != "no database":
@@ -147,7 +147,10 @@ def test_backup_errors_are_one_line_and_exit_code_2(tmp_path, case):
     target = {"no database": tmp_path / "copy.db", "no directory": tmp_path / "no" / "c.db",
               "a directory": tmp_path / "dir", "under a file": tmp_path / "file" / "c.db",
               # No file can be created there, not even by root.
-              "unwritable": Path("/proc/self/c.db")}[case]
+              "unwritable": Path("/proc/self/c.db"),
+              # --force onto the live file would swap its inode under the running server.
+              "the database": tmp_path / "." / "pricewatch.db",
+              "its wal": tmp_path / "pricewatch.db-wal"}[case]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRICEWATCH_")}
     env.update(PYTHONPATH=os.pathsep.join(sys.path), PRICEWATCH_DB=str(db))
     result = run_backup(env, "--force", str(target), cwd=tmp_path)
@@ -156,6 +159,8 @@ def test_backup_errors_are_one_line_and_exit_code_2(tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("pricewatch: backup: "), result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["file", "dir"] + (["pricewatch.db"] if case != "no database" else []))
+    if case != "no database":
+        assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM t").fetchone() == (0,)
 
 
 # The example systemd units --------------------------------------------------------------

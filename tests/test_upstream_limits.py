@@ -126,6 +126,9 @@ BAD = {
     "too many values": b"[" + b"1," * MAX_VALUES + b"1]",
     "too deep": b"[" * (MAX_VALUES + 1) + b"]" * (MAX_VALUES + 1),
     "not UTF-8": b"\xff" * (PARSE_INLINE + 1),
+    # Deeper than orjson takes, yet under MAX_VALUES and past PARSE_INLINE: a Binance error
+    # answer {"msg": [[[...]]]} like this once reached str() and raised RecursionError.
+    "nested past 1024": b'{"code": 1, "msg": ' + b"[" * 150_000 + b"]" * 150_000 + b"}",
 }
 
 

@@ -46,6 +46,9 @@ def backup_database(db: str, path: str, force: bool = False,
     source_path, target = Path(db), Path(path)
     if not source_path.is_file():
         raise BackupError(f"database {db} does not exist")
+    live = source_path.resolve()
+    if target.resolve() in {live, *(Path(f"{live}{end}") for end in ("-wal", "-shm", "-journal"))}:
+        raise BackupError(f"{path} is the database itself (or one of its files)")
     if target.exists() and not force:
         raise BackupError(f"{path} exists (--force replaces it)")
     if target.is_dir():
@@ -62,7 +65,7 @@ def backup_database(db: str, path: str, force: bool = False,
     except sqlite3.Error as exc:
         raise BackupError(f"backup of {db} to {path} failed: {exc}") from None
     finally:
-        for leftover in (temp, Path(f"{temp}-journal")):
+        for leftover in (temp, *(Path(f"{temp}{end}") for end in ("-journal", "-wal", "-shm"))):
             leftover.unlink(missing_ok=True)
     return BackupResult(path, pages, target.stat().st_size, time.monotonic() - began)
 

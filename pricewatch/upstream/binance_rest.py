@@ -152,8 +152,9 @@ class BinanceRest:
                 if resp.status != 200:
                     code = data.get("code") if isinstance(data, dict) else None
                     msg = data.get("msg") if isinstance(data, dict) else None
-                    raise RestError(f"HTTP {resp.status} from {self.paths[name]}: "
-                                    f"{str(msg)[:200] if msg else 'no message'}", resp.status,
+                    said = msg[:200] if isinstance(msg, str) and msg else "no message"
+                    raise RestError(f"HTTP {resp.status} from {self.paths[name]}: {said}",
+                                    resp.status,
                                     code if isinstance(code, int) else None)
                 return data
         except AnswerTooLarge as exc:  # an upstream error like a 5xx: no weight for it
