@@ -375,13 +375,18 @@ class FeedStats:
             self.gaps[s] = 0
             self.missed_trades[s] = 0
 
-    def ahead_of_clock(self, trade_time: int) -> bool:
-        """True (and counted, logged at most once a minute) when `trade_time` (ms) is more
-        than the allowed skew ahead of the server clock: the trade must be dropped."""
+    def is_ahead(self, trade_time: int) -> bool:
+        """True when `trade_time` (ms) is more than the allowed skew ahead of the server
+        clock (not counted: see `ahead_of_clock`)."""
         if trade_time <= self.future_bound:
             return False
         self.future_bound = int(clock.now() * 1000) + self.max_skew_ms
-        if trade_time <= self.future_bound:
+        return trade_time > self.future_bound
+
+    def ahead_of_clock(self, trade_time: int) -> bool:
+        """True (and counted, logged at most once a minute) when `trade_time` (ms) is more
+        than the allowed skew ahead of the server clock: the trade must be dropped."""
+        if not self.is_ahead(trade_time):
             return False
         self.future_trades += 1
         self.log_limited("future", "%s feed: dropping trades stamped more than %.0f s ahead "
@@ -415,6 +420,12 @@ class FeedStats:
                 self._logged_at.clear()
             self._logged_at[key] = now
             log.warning(message, *args)
+
+    def note_future_id(self, symbol: str, trade_id: int) -> None:
+        """A dropped future trade's id counts as seen when it is the next one (the trade
+        after it is no gap); any other id of it is ignored: no gap, no reset."""
+        if self.last_trade_id.get(symbol, trade_id) == trade_id - 1:
+            self.last_trade_id[symbol] = trade_id
 
     def note_trade_id(self, symbol: str, trade_id: int) -> None:
         """Account for a trade id of a feed that delivers every trade (demo, replay)."""
@@ -519,10 +530,12 @@ class Feed:
         try:
             if type(event) is Tick:
                 stats = self.stats
+                if event.time > stats.future_bound and stats.ahead_of_clock(event.time):
+                    if event.trade_id is not None:
+                        stats.note_future_id(event.symbol, event.trade_id)
+                    return
                 if event.trade_id is not None:
                     stats.note_trade_id(event.symbol, event.trade_id)
-                if event.time > stats.future_bound and stats.ahead_of_clock(event.time):
-                    return
                 self._on_tick(event)
             else:
                 self._on_book(event)
