@@ -303,6 +303,20 @@ async def test_a_lone_id_far_behind_is_held_then_dropped_when_the_sequence_goes_
     assert feed.sequencer._symbols["BTCUSDT"].timer is None  # its wait was cancelled
 
 
+async def test_a_candidate_out_of_step_with_the_run_starts_a_new_run_and_is_kept():
+    sink = Sink()
+    feed = binance(FakeBinance(), sink)
+    t = 1_704_067_200_000
+    for i in range(1000, 1005):
+        feed._deliver(Tick("BTCUSDT", 100.0, 1.0, t + i - 1000, i))
+    feed._deliver(Tick("BTCUSDT", 666.0, 1.0, t + 1000, 1))  # an outlier
+    for k, i in enumerate(range(500, 500 + RESET_CONFIRM)):  # older than it: a run of its own
+        feed._deliver(Tick("BTCUSDT", 200.0 + k, 1.0, t + 900 + k, i))
+    assert [k.trade_id for k in sink.ticks[5:]] == [*range(500, 500 + RESET_CONFIRM)]
+    assert feed.stats.id_resets == 1 and feed.stats.out_of_order == 1
+    await feed.sequencer.stop()
+
+
 async def test_a_reset_followed_by_one_trade_then_silence_shows_that_trade(make_settings,
                                                                            http, fake):
     """A slow market: one trade of the new sequence and nothing after it. The price follows
