@@ -338,9 +338,10 @@ class FeedStats:
     """Counters and state of one feed, as reported by ``health()``.
 
     ``gaps[SYMBOL]`` counts trade-id jumps (> 1) and ``missed_trades[SYMBOL]`` the ids skipped;
-    an id at or below the last seen one is out of order (``out_of_order``), never a gap. A
-    jump of more than ``max_id_jump`` ids, or an id more than REORDER_WINDOW behind, is an id
-    reset (``id_resets``): the sequence starts again there, nothing is counted as missed.
+    an id at or below the last seen one with a time not newer than the last trade's is out of
+    order (``out_of_order``), never a gap. A jump of more than ``max_id_jump`` ids, or an id
+    at or below the last one with a newer time (however close), is an id reset
+    (``id_resets``): the sequence starts again there, nothing is counted as missed.
     ``future_trades`` counts trades dropped for a time more than ``max_skew_ms`` ahead of the
     server clock.
     """
@@ -362,6 +363,7 @@ class FeedStats:
     gaps: dict[str, int] = field(default_factory=dict)
     missed_trades: dict[str, int] = field(default_factory=dict)
     last_trade_id: dict[str, int] = field(default_factory=dict)
+    last_trade_time: dict[str, int] = field(default_factory=dict)  # of note_trade_id's trades
     # Trade times up to here are not ahead of the clock: the clock is read only when a
     # trade passes it (about once per `max_skew_ms`), not once per trade.
     future_bound: int = 0
@@ -427,12 +429,13 @@ class FeedStats:
         if self.last_trade_id.get(symbol, trade_id) == trade_id - 1:
             self.last_trade_id[symbol] = trade_id
 
-    def note_trade_id(self, symbol: str, trade_id: int) -> None:
+    def note_trade_id(self, symbol: str, trade_id: int, time_ms: int) -> None:
         """Account for a trade id of a feed that delivers every trade (demo, replay)."""
         last = self.last_trade_id.get(symbol)
         if last is None or trade_id == last + 1:
             pass
-        elif trade_id - last > self.max_id_jump or last - trade_id > REORDER_WINDOW:
+        elif trade_id - last > self.max_id_jump or (
+                trade_id <= last and time_ms > self.last_trade_time.get(symbol, time_ms)):
             self.id_reset(symbol, last, trade_id)
         elif trade_id > last:
             self.gaps[symbol] = self.gaps.get(symbol, 0) + 1
@@ -441,6 +444,7 @@ class FeedStats:
             self.out_of_order += 1
             return
         self.last_trade_id[symbol] = trade_id
+        self.last_trade_time[symbol] = time_ms
 
     def parse_error(self, feed: str, exc: ParseError) -> None:
         """Count a malformed message; log the first of each kind only (upstream can flood)."""
@@ -535,7 +539,7 @@ class Feed:
                         stats.note_future_id(event.symbol, event.trade_id)
                     return
                 if event.trade_id is not None:
-                    stats.note_trade_id(event.symbol, event.trade_id)
+                    stats.note_trade_id(event.symbol, event.trade_id, event.time)
                 self._on_tick(event)
             else:
                 self._on_book(event)

@@ -157,6 +157,22 @@ async def test_a_replayed_future_trade_with_a_huge_id_is_no_reset_and_no_gap(tmp
     assert health["gaps"] == {"BTCUSDT": 0} and health["out_of_order"] == 0
 
 
+async def test_a_replayed_reset_just_behind_the_last_id_is_a_reset_and_a_late_one_is_not(
+        tmp_path):
+    t = now_ms() - 60_000
+    rows = [*((i, t + i) for i in range(1, 51)), (49, t + 50), (1, t + 100), (2, t + 101)]
+    path = Path(tmp_path / "trades.jsonl")
+    path.write_text("".join(f'{{"e":"trade","E":1,"s":"BTCUSDT","t":{i},"p":"1","q":"1",'
+                            f'"T":{at}}}\n' for i, at in rows))
+    sink = Sink()
+    feed = ReplayFeed(path, ["BTCUSDT"], sink.on_tick, sink.on_book)
+    async with asyncio.timeout(5):
+        await feed.run()
+    health = feed.health()
+    assert health["id_resets"] == 1 and health["out_of_order"] == 1  # 49 again: a tie
+    assert health["gaps"] == {"BTCUSDT": 0}
+
+
 async def test_a_streamed_future_trade_counts_its_next_id_and_ignores_a_huge_one():
     """The Binance path follows the same rule as replay: dropped, the next id seen (no gap,
     no backfill), any other id ignored (no reset, nothing held, nothing dropped with it)."""
