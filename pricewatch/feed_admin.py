@@ -116,9 +116,7 @@ class ExtraFeeds:
                 log.warning("stored feed %d (%s) not started: %s", feed_id, redact_url(url),
                             getattr(exc, "fields", None) or exc)
 
-    def _start(self, feed_id: int, url: str, feed: Feed | None = None) -> None:
-        if feed is None:
-            feed = self._make(url, f"extra-{feed_id}")
+    def _start(self, feed_id: int, url: str, feed: Feed) -> None:
         runner = FeedRunner(self.app, feed, stale_after=None)
         runner.start()
         self.running[feed_id] = (url, runner)
@@ -134,7 +132,8 @@ class ExtraFeeds:
         try:
             await check_url(url, self.allow_private)
             try:
-                claim = self._make(url, "probe")  # validates the URL as the feed will use it
+                # Built once, before its id is known: named when stored, then started.
+                claim = self._make(url, "extra-new")
             except FeedConfigError as exc:
                 raise invalid({"url": str(exc)}) from None
             if (twin := self.duplicated(claim)) is not None:
@@ -142,7 +141,8 @@ class ExtraFeeds:
                                f"{twin} (same market, same symbols): one feed per market.")
             self._claims.append(claim)  # held until started: a concurrent add sees it
             feed_id = await self.store.add_feed(url, user_id)  # Conflict (409): a duplicate
-            self._start(feed_id, url)
+            claim.name = f"extra-{feed_id}"
+            self._start(feed_id, url, claim)
         finally:
             self._reserved -= 1
             if claim is not None and claim in self._claims:

@@ -338,9 +338,10 @@ class FeedStats:
     """Counters and state of one feed, as reported by ``health()``.
 
     ``gaps[SYMBOL]`` counts trade-id jumps (> 1) and ``missed_trades[SYMBOL]`` the ids skipped;
-    an id at or below the last seen one is out of order (``out_of_order``), never a gap. A
-    jump of more than ``max_id_jump`` ids, or an id more than REORDER_WINDOW behind, is an id
-    reset (``id_resets``): the sequence starts again there, nothing is counted as missed.
+    an id at or below the last seen one with a time not newer than the last trade's is out of
+    order (``out_of_order``), never a gap. A jump of more than ``max_id_jump`` ids, or an id
+    at or below the last one with a newer time (however close), is an id reset
+    (``id_resets``): the sequence starts again there, nothing is counted as missed.
     ``future_trades`` counts trades dropped for a time more than ``max_skew_ms`` ahead of the
     server clock.
     """
@@ -362,6 +363,7 @@ class FeedStats:
     gaps: dict[str, int] = field(default_factory=dict)
     missed_trades: dict[str, int] = field(default_factory=dict)
     last_trade_id: dict[str, int] = field(default_factory=dict)
+    last_trade_time: dict[str, int] = field(default_factory=dict)  # of note_trade_id's trades
     # Trade times up to here are not ahead of the clock: the clock is read only when a
     # trade passes it (about once per `max_skew_ms`), not once per trade.
     future_bound: int = 0
@@ -375,13 +377,18 @@ class FeedStats:
             self.gaps[s] = 0
             self.missed_trades[s] = 0
 
-    def ahead_of_clock(self, trade_time: int) -> bool:
-        """True (and counted, logged at most once a minute) when `trade_time` (ms) is more
-        than the allowed skew ahead of the server clock: the trade must be dropped."""
+    def is_ahead(self, trade_time: int) -> bool:
+        """True when `trade_time` (ms) is more than the allowed skew ahead of the server
+        clock (not counted: see `ahead_of_clock`)."""
         if trade_time <= self.future_bound:
             return False
         self.future_bound = int(clock.now() * 1000) + self.max_skew_ms
-        if trade_time <= self.future_bound:
+        return trade_time > self.future_bound
+
+    def ahead_of_clock(self, trade_time: int) -> bool:
+        """True (and counted, logged at most once a minute) when `trade_time` (ms) is more
+        than the allowed skew ahead of the server clock: the trade must be dropped."""
+        if not self.is_ahead(trade_time):
             return False
         self.future_trades += 1
         self.log_limited("future", "%s feed: dropping trades stamped more than %.0f s ahead "
@@ -416,12 +423,19 @@ class FeedStats:
             self._logged_at[key] = now
             log.warning(message, *args)
 
-    def note_trade_id(self, symbol: str, trade_id: int) -> None:
+    def note_future_id(self, symbol: str, trade_id: int) -> None:
+        """A dropped future trade's id counts as seen when it is the next one (the trade
+        after it is no gap); any other id of it is ignored: no gap, no reset."""
+        if self.last_trade_id.get(symbol, trade_id) == trade_id - 1:
+            self.last_trade_id[symbol] = trade_id
+
+    def note_trade_id(self, symbol: str, trade_id: int, time_ms: int) -> None:
         """Account for a trade id of a feed that delivers every trade (demo, replay)."""
         last = self.last_trade_id.get(symbol)
         if last is None or trade_id == last + 1:
             pass
-        elif trade_id - last > self.max_id_jump or last - trade_id > REORDER_WINDOW:
+        elif trade_id - last > self.max_id_jump or (
+                trade_id <= last and time_ms > self.last_trade_time.get(symbol, time_ms)):
             self.id_reset(symbol, last, trade_id)
         elif trade_id > last:
             self.gaps[symbol] = self.gaps.get(symbol, 0) + 1
@@ -430,6 +444,7 @@ class FeedStats:
             self.out_of_order += 1
             return
         self.last_trade_id[symbol] = trade_id
+        self.last_trade_time[symbol] = time_ms
 
     def parse_error(self, feed: str, exc: ParseError) -> None:
         """Count a malformed message; log the first of each kind only (upstream can flood)."""
@@ -519,10 +534,12 @@ class Feed:
         try:
             if type(event) is Tick:
                 stats = self.stats
-                if event.trade_id is not None:
-                    stats.note_trade_id(event.symbol, event.trade_id)
                 if event.time > stats.future_bound and stats.ahead_of_clock(event.time):
+                    if event.trade_id is not None:
+                        stats.note_future_id(event.symbol, event.trade_id)
                     return
+                if event.trade_id is not None:
+                    stats.note_trade_id(event.symbol, event.trade_id, event.time)
                 self._on_tick(event)
             else:
                 self._on_book(event)

@@ -96,6 +96,9 @@ async def metrics(request: web.Request) -> web.Response:
     out.metric("pricewatch_ticks_total", "counter", "Trades ingested, per symbol.")
     for symbol, count in mkt.ticks.items():
         out.sample("pricewatch_ticks_total", count, symbol=symbol)
+    out.metric("pricewatch_trades_duplicate_total", "counter",
+               "Trades dropped as already taken (same id and time, from any feed).")
+    out.sample("pricewatch_trades_duplicate_total", mkt.duplicates)
     healths = {name: health() for name, health in app[HEALTH].items()}
     for key, kind, text in [("messages", "counter", "Upstream messages received."),
                             ("reconnects", "counter", "Upstream reconnect attempts."),

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from conftest import LiveServer, bearer, register
 from fake_binance import FakeBinance
 from test_alerts import Trader, create
@@ -20,14 +21,15 @@ from test_feed_admin import admin_token
 from test_feeds import Sink, binance, running
 
 from pricewatch.candle_writer import CANDLE_WRITER, CandleWriter
+from pricewatch.feed_admin import EXTRA_FEEDS, ExtraFeeds
 from pricewatch.feeds import Tick
 from pricewatch.hub import Hub
 from pricewatch.market import MARKET, Latest, Market
 from pricewatch.ohlc import DAY_OF_MINUTES, CandleBook
 from pricewatch.server import STORE
 from pricewatch.store import Store
-from pricewatch.upstream.backfill import RESET_CONFIRM
-from pricewatch.upstream.binance import MARKETS, traded_symbols, venue_of
+from pricewatch.upstream.backfill import RESET_CONFIRM, RESET_WAIT
+from pricewatch.upstream.binance import MARKETS, BinanceFeed, traded_symbols, venue_of
 from pricewatch.upstream.offline import ReplayFeed
 
 YEAR_4000 = 64_060_588_800_000  # 4000-01-01T00:00:00Z in ms
@@ -136,6 +138,58 @@ async def test_a_replayed_future_trade_is_dropped_too(tmp_path, speed):
         await feed.run()
     assert [t.price for t in sink.ticks] == [100.0, 101.0]
     assert feed.health()["future_trades"] == 1
+    assert feed.health()["gaps"] == {"BTCUSDT": 0}  # its id counts as seen: no gap
+
+
+@pytest.mark.parametrize("speed", [0.0, 1.0])
+async def test_a_replayed_future_trade_with_a_huge_id_is_no_reset_and_no_gap(tmp_path, speed):
+    path = Path(tmp_path / "trades.jsonl")
+    lines = [f'{{"e":"trade","E":1,"s":"BTCUSDT","t":{i},"p":"{p}","q":"1","T":{t}}}'
+             for i, p, t in ((1, 100, now_ms()), (2**62, 999, YEAR_4000), (2, 101, now_ms()))]
+    path.write_text("\n".join(lines) + "\n")
+    sink = Sink()
+    feed = ReplayFeed(path, ["BTCUSDT"], sink.on_tick, sink.on_book, speed=speed)
+    async with asyncio.timeout(5):
+        await feed.run()
+    assert [t.price for t in sink.ticks] == [100.0, 101.0]
+    health = feed.health()
+    assert health["future_trades"] == 1 and health["id_resets"] == 0
+    assert health["gaps"] == {"BTCUSDT": 0} and health["out_of_order"] == 0
+
+
+async def test_a_replayed_reset_just_behind_the_last_id_is_a_reset_and_a_late_one_is_not(
+        tmp_path):
+    t = now_ms() - 60_000
+    rows = [*((i, t + i) for i in range(1, 51)), (49, t + 50), (1, t + 100), (2, t + 101)]
+    path = Path(tmp_path / "trades.jsonl")
+    path.write_text("".join(f'{{"e":"trade","E":1,"s":"BTCUSDT","t":{i},"p":"1","q":"1",'
+                            f'"T":{at}}}\n' for i, at in rows))
+    sink = Sink()
+    feed = ReplayFeed(path, ["BTCUSDT"], sink.on_tick, sink.on_book)
+    async with asyncio.timeout(5):
+        await feed.run()
+    health = feed.health()
+    assert health["id_resets"] == 1 and health["out_of_order"] == 1  # 49 again: a tie
+    assert health["gaps"] == {"BTCUSDT": 0}
+
+
+async def test_a_streamed_future_trade_counts_its_next_id_and_ignores_a_huge_one():
+    """The Binance path follows the same rule as replay: dropped, the next id seen (no gap,
+    no backfill), any other id ignored (no reset, nothing held, nothing dropped with it)."""
+    sink = Sink()
+    feed = binance(FakeBinance(), sink)
+    t = now_ms() - 10_000
+    for i in range(1, 4):
+        feed._deliver(Tick("BTCUSDT", 100.0, 1.0, t + i, i))
+    feed._deliver(Tick("BTCUSDT", 999.0, 1.0, YEAR_4000, 4))
+    feed._deliver(Tick("BTCUSDT", 101.0, 1.0, t + 5, 5))
+    feed._deliver(Tick("BTCUSDT", 999.0, 1.0, YEAR_4000, 2**62))
+    feed._deliver(Tick("BTCUSDT", 102.0, 1.0, t + 6, 6))
+    assert [k.trade_id for k in sink.ticks] == [1, 2, 3, 5, 6]
+    stats = feed.stats
+    assert stats.future_trades == 2 and stats.id_resets == 0 and stats.out_of_order == 0
+    assert stats.gaps["BTCUSDT"] == 0 and stats.missed_trades["BTCUSDT"] == 0
+    await feed.sequencer.stop()
 
 
 # --------------------------------------------------------------------------- trade ids
@@ -153,13 +207,12 @@ async def test_a_trade_id_reset_rebases_and_an_alert_crossed_after_it_fires(make
             status, alert = await create(http, server, tok, asset="BTCUSDT", price=150.0,
                                          direction="above")
             assert status == 201
-            began = time.monotonic()
-            # The venue restarted: ids from 1 again, later times.
+            # The venue restarted: ids from 1 again, later times. Three in a row re-base at
+            # once (how fast is bench/abuse.py's to measure, not a unit test's).
             prices = [120.0, 140.0, 151.0, 152.0]
             for i, price in enumerate(prices, start=1):
                 await fake.send_trade("BTCUSDT", i, price, 1, t + 100 + i)
             await market.next_of("price", price=152.0)
-            assert time.monotonic() - began < 1.0  # the price follows the new trades at once
             event = await market.alert_event(alert["id"])
             assert event["status"] == "TRIGGERED" and event["triggered_price"] == 151.0
         _, _, feed = await feed_health(http, server)
@@ -250,7 +303,7 @@ async def test_healthz_says_degraded_while_trades_are_dropped_out_of_order(make_
         assert server.app[MARKET].latest["BTCUSDT"].price == 101.0
 
 
-def test_a_lone_id_far_behind_is_held_then_dropped_when_the_sequence_goes_on():
+async def test_a_lone_id_far_behind_is_held_then_dropped_when_the_sequence_goes_on():
     sink = Sink()
     feed = binance(FakeBinance(), sink)  # never connected: trades go straight in
 
@@ -263,6 +316,75 @@ def test_a_lone_id_far_behind_is_held_then_dropped_when_the_sequence_goes_on():
     trade(1005, 101.0, 1_704_067_300_001)
     assert [t.trade_id for t in sink.ticks] == [*range(1000, 1006)]
     assert feed.stats.id_resets == 0 and feed.stats.out_of_order == 1
+    assert feed.sequencer._symbols["BTCUSDT"].timer is None  # its wait was cancelled
+
+
+async def test_a_candidate_out_of_step_with_the_run_starts_a_new_run_and_is_kept():
+    sink = Sink()
+    feed = binance(FakeBinance(), sink)
+    t = 1_704_067_200_000
+    for i in range(1000, 1005):
+        feed._deliver(Tick("BTCUSDT", 100.0, 1.0, t + i - 1000, i))
+    feed._deliver(Tick("BTCUSDT", 666.0, 1.0, t + 1000, 1))  # an outlier
+    for k, i in enumerate(range(500, 500 + RESET_CONFIRM)):  # older than it: a run of its own
+        feed._deliver(Tick("BTCUSDT", 200.0 + k, 1.0, t + 900 + k, i))
+    assert [k.trade_id for k in sink.ticks[5:]] == [*range(500, 500 + RESET_CONFIRM)]
+    assert feed.stats.id_resets == 1 and feed.stats.out_of_order == 1
+    await feed.sequencer.stop()
+
+
+async def test_a_reset_followed_by_one_trade_then_silence_shows_that_trade(make_settings,
+                                                                           http, fake):
+    """A slow market: one trade of the new sequence and nothing after it. The price follows
+    it once it has waited RESET_WAIT with no trade of the old sequence."""
+    async with LiveServer(settings_for(make_settings, fake)) as server:
+        tok = (await register(http, server))["access"]
+        async with Trader(fake, server, http, tok) as market:
+            t = now_ms() - 10_000
+            for i in range(1000, 1005):
+                await fake.send_trade("BTCUSDT", i, 100.0, 1, t + i - 1000)
+            await market.next_of("price", price=100.0)
+            await fake.send_trade("BTCUSDT", 1, 120.0, 1, t + 100)  # then silence
+            async with asyncio.timeout(RESET_WAIT + 2.0):
+                await market.next_of("price", price=120.0)
+            await fake.send_trade("BTCUSDT", 2, 121.0, 1, t + 101)  # the new sequence goes on
+            await market.next_of("price", price=121.0)
+        _, _, feed = await feed_health(http, server)
+        assert feed["id_resets"] == 1 and feed["out_of_order"] == 0
+        assert feed["missed_trades"]["BTCUSDT"] == 0 and feed["gaps"]["BTCUSDT"] == 0
+        assert not [c for c in fake.rest_calls if "Trades" in c[0]]  # no backfill
+
+
+async def test_a_held_candidate_is_not_released_after_the_feed_stops():
+    sink = Sink()
+    feed = binance(FakeBinance(), sink)
+    t = 1_704_067_200_000
+    for i in range(1000, 1003):
+        feed._deliver(Tick("BTCUSDT", 100.0, 1.0, t + i, i))
+    feed._deliver(Tick("BTCUSDT", 120.0, 1.0, t + 5_000, 1))
+    sym = feed.sequencer._symbols["BTCUSDT"]
+    assert sym.timer is not None and sym.candidates
+    await feed.sequencer.stop()
+    assert sym.timer is None and [k.trade_id for k in sink.ticks] == [1000, 1001, 1002]
+
+
+async def test_a_reset_to_ids_just_behind_the_last_one_rebases():
+    """Last id 50, the venue starts again from 1: ids 1..50 come back with newer times. They
+    are a reset, not 50 late duplicates; a late duplicate (same or older time) still drops."""
+    sink = Sink()
+    feed = binance(FakeBinance(), sink)
+    t = 1_704_067_200_000
+    for i in range(1, 51):
+        feed._deliver(Tick("BTCUSDT", 100.0, 1.0, t + i, i))
+    feed._deliver(Tick("BTCUSDT", 100.0, 1.0, t + 50, 49))  # a tie: a late duplicate
+    feed._deliver(Tick("BTCUSDT", 100.0, 1.0, t + 10, 10))  # older
+    assert feed.stats.out_of_order == 2
+    for i in range(1, 6):
+        feed._deliver(Tick("BTCUSDT", 200.0 + i, 1.0, t + 1000 + i, i))
+    assert [k.price for k in sink.ticks[50:]] == [201.0, 202.0, 203.0, 204.0, 205.0]
+    assert feed.stats.id_resets == 1 and feed.stats.out_of_order == 2
+    assert feed.stats.missed_trades["BTCUSDT"] == 0
+    await feed.sequencer.stop()
 
 
 # --------------------------------------------------------------------------- one feed per market
@@ -282,6 +404,52 @@ def test_binance_hosts_of_one_market_are_one_venue():
                           watched) == {"BTCUSDT"}
     assert traded_symbols("wss://x/ws/ethusdt@aggTrade", watched) == {"ETHUSDT"}
     assert traded_symbols("wss://x/custom", watched) is None
+
+
+def test_a_host_merely_ending_like_binance_is_not_binance():
+    spot = MARKETS["spot"]
+    for host in ("evilbinance.vision", "evilbinance.com", "evilbinance.us"):
+        assert not venue_of(f"wss://{host}/ws/btcusdt@trade", spot).startswith("binance")
+    assert venue_of("wss://binance.vision", spot) == "binance:spot"
+
+
+def test_a_binance_url_that_does_not_say_what_it_carries_is_judged_and_refused():
+    """Any path but /stream and /ws/... on a Binance host: taken to carry every watched
+    symbol, so it duplicates the main feed (not waved through as a relay would be)."""
+    watched = ("BTCUSDT", "ETHUSDT")
+    assert traded_symbols("wss://x.binance.vision/custom", watched, "binance:spot") == set(
+        watched)
+
+    def feed(url: str) -> BinanceFeed:
+        return BinanceFeed(url, watched, lambda tick: None, lambda book: None)
+
+    extra = ExtraFeeds(web.Application(), None, None, False,
+                       main=feed("wss://stream.binance.com:9443"))
+    for url in ("wss://data-stream.binance.vision/custom", "wss://stream.binance.com/x/y",
+                "wss://stream.binance.com:9443/stream;a=1"):
+        assert feed(url).carries == set(watched), url
+        assert extra.duplicated(feed(url)) == "main feed", url
+    assert extra.duplicated(feed("wss://evilbinance.vision/custom")) is None  # another venue
+
+
+async def test_an_added_feed_is_built_once_and_that_one_runs(make_settings, http, fake):
+    async with LiveServer(make_settings(allow_private_feeds=True)) as server:
+        feeds = server.app[EXTRA_FEEDS]
+        built = []
+        make = feeds._make
+
+        def counting(url: str, name: str):
+            built.append(make(url, name))
+            return built[-1]
+        feeds._make = counting
+        tok = await admin_token(http, server)
+        async with http.post(server.url + "/api/v1/feeds", headers=bearer(tok),
+                             json={"url": fake.url}) as resp:
+            body = await resp.json()
+            assert resp.status == 201
+        assert len(built) == 1 and feeds.running[body["id"]][1].feed is built[0]
+        assert body["name"] == f"extra-{body['id']}"
+        await fake.wait_open(1)
 
 
 async def test_an_admin_feed_duplicating_the_main_feed_is_refused_with_409(make_settings, http,
@@ -358,6 +526,8 @@ async def test_a_duplicate_feed_that_slips_through_counts_each_trade_once(make_s
             return mkt.duplicates + mkt.ticks["BTCUSDT"] >= 10
         await until(both_delivered)
         assert mkt.ticks["BTCUSDT"] == 5 and mkt.duplicates == 5
+        assert (await metric(http, server, "pricewatch_trades_duplicate_total ")) == (
+            "pricewatch_trades_duplicate_total 5")
         candles = mkt.candles.candles("BTCUSDT", "1m", 5)
         assert sum(c["volume"] for c in candles) == 2.5
         assert sum(c["trades"] for c in candles) == 5

@@ -17,16 +17,19 @@ Duplicates (an id at or below the last delivered one, e.g. replayed after a reco
 dropped and counted as `out_of_order`.
 
 Id resets: a venue restart starts its ids again (from 1, or anywhere), and one bogus id (2^63)
-would otherwise turn every later trade into a "duplicate". An id more than REORDER_WINDOW
-behind the last one with a time not older than the last trade's, or a jump of more than
+would otherwise turn every later trade into a "duplicate". An id at or behind the last one
+with a time newer than the last trade's (however close the ids), or a jump of more than
 `max_id_jump` ids, is a *candidate*: held, not delivered. RESET_CONFIRM candidates in a row,
-each following the one before (ids and times increasing), re-base the sequence there
-(`id_resets`, logged): they are delivered and the ids go on from them; nothing is missed or
-fetched. A trade of the old sequence arriving meanwhile proves the candidates were outliers:
-they are dropped. A late duplicate (an older time) is never a candidate.
+each following the one before (ids and times increasing), or the first of them held
+RESET_WAIT seconds with no trade of the old sequence meanwhile (a slow market), re-base the
+sequence there (`id_resets`, logged): they are delivered and the ids go on from them; nothing
+is missed or fetched. A trade of the old sequence arriving first proves the candidates were
+outliers: they are dropped. A late duplicate (a time not newer) is never a candidate.
 
 Future trades: a trade stamped more than `max_skew_ms` ahead of the server clock is dropped
-and counted (`future_trades`); its id still counts as delivered.
+and counted (`future_trades`) before anything else. Its id counts as seen when it is the
+next one (the trade after it is no gap, nothing is fetched); any other id of it is ignored
+(no gap, no backfill, no reset); it never moves time.
 """
 
 from __future__ import annotations
@@ -47,11 +50,12 @@ log = logging.getLogger(__name__)
 MINUTE = 60_000
 MAX_BAR_MINUTES = 1440  # a gap filled from klines spans at most a day of them
 RESET_CONFIRM = 3  # candidates in a row that re-base a symbol's trade ids
+RESET_WAIT = 0.8  # seconds a lone candidate waits for the old sequence before it re-bases
 
 
 class _Symbol:
     __slots__ = ("last_id", "last_time", "held", "task", "state", "minute", "minute_volume",
-                 "minute_trades", "candidates")
+                 "minute_trades", "candidates", "timer")
 
     def __init__(self) -> None:
         self.last_id: int | None = None
@@ -63,6 +67,7 @@ class _Symbol:
         self.minute_trades = 0
         self.held: deque[Tick] = deque()
         self.candidates: list[Tick] = []  # held for an id reset to be confirmed
+        self.timer: asyncio.TimerHandle | None = None  # confirms them after RESET_WAIT
         self.task: asyncio.Task | None = None
         self.state = "idle"  # idle | filling | gave_up (the last gap could not be filled)
 
@@ -107,14 +112,22 @@ class Sequencer:
         """Deliver `tick` or start filling the gap before it (then False: it is held)."""
         trade_id = tick.trade_id
         last = sym.last_id
+        stats = self.stats
+        if tick.time > stats.future_bound and stats.ahead_of_clock(tick.time):
+            # Dropped, counted; the next id counts as seen (a trade of the old sequence).
+            if trade_id is not None and last is not None and trade_id == last + 1:
+                if sym.candidates:
+                    self._outliers(sym)
+                sym.last_id = trade_id
+            return True
         if trade_id is None or last is None or trade_id == last + 1:
             if sym.candidates:
                 self._outliers(sym)
             self._emit(sym, tick)
             return True
         if trade_id <= last:
-            if last - trade_id > REORDER_WINDOW and (sym.last_time is None
-                                                     or tick.time >= sym.last_time):
+            if (tick.time > sym.last_time if sym.last_time is not None
+                    else last - trade_id > REORDER_WINDOW):
                 self._candidate(symbol, sym, tick)
             else:
                 self.stats.dropped_out_of_order()
@@ -153,25 +166,48 @@ class Sequencer:
                     return
                 self._outliers(sym)  # no run: start a new one with this trade
         run.append(tick)
-        if len(run) < RESET_CONFIRM:
-            return
+        if len(run) >= RESET_CONFIRM:
+            self._rebase(symbol, sym)
+        elif sym.timer is None:
+            sym.timer = asyncio.get_running_loop().call_later(RESET_WAIT, self._waited,
+                                                              symbol, sym)
+
+    def _rebase(self, symbol: str, sym: _Symbol) -> None:
+        """The held candidates start the new sequence: delivered next, in order."""
+        run = sym.candidates
+        self._cancel_timer(sym)
         self.stats.id_reset(symbol, sym.last_id if sym.last_id is not None else 0,
                             run[0].trade_id)  # type: ignore[arg-type]
         sym.last_id = run[0].trade_id - 1  # type: ignore[operator]
         sym.candidates = []
         sym.held.extendleft(reversed(run))  # delivered next, in order, by _release
 
+    def _waited(self, symbol: str, sym: _Symbol) -> None:
+        """RESET_WAIT passed with no trade of the old sequence: the candidates re-base."""
+        sym.timer = None
+        if sym.candidates and not self._stopping:
+            self._rebase(symbol, sym)
+            if sym.task is None:
+                self._release(symbol, sym)
+
+    @staticmethod
+    def _cancel_timer(sym: _Symbol) -> None:
+        if sym.timer is not None:
+            sym.timer.cancel()
+            sym.timer = None
+
     def _outliers(self, sym: _Symbol) -> None:
         """The held candidates were not an id reset: dropped."""
         self.stats.dropped_out_of_order(len(sym.candidates))
-        sym.candidates = []
+        sym.candidates.clear()  # the same list: a run starting now goes on in it
+        self._cancel_timer(sym)
 
     def _emit(self, sym: _Symbol, tick: Tick) -> None:
         if tick.trade_id is not None:
             sym.last_id = tick.trade_id
         stats = self.stats
         if tick.time > stats.future_bound and stats.ahead_of_clock(tick.time):
-            return  # dropped, counted; its id is accounted for
+            return  # a backfilled trade from the future: dropped, counted; its id is seen
         stats.drop_streak = 0
         sym.last_time = tick.time
         minute = tick.time - tick.time % MINUTE
@@ -348,6 +384,8 @@ class Sequencer:
 
     async def stop(self) -> None:
         self._stopping = True
+        for sym in self._symbols.values():
+            self._cancel_timer(sym)
         tasks = [s.task for s in self._symbols.values() if s.task is not None]
         for task in tasks:
             task.cancel()

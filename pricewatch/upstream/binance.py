@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 MAX_SYMBOLS = 512
 
 
+#: Venue names of Binance's own hosts (`venue_of`).
+BINANCE_VENUES = frozenset({"binance:spot", "binance:usdm", "binance:coinm",
+                            "binance-testnet:spot", "binanceus:spot"})
+
+
 def venue_of(url: str, market: BinanceMarket) -> str:
     """The upstream market a stream URL's trades come from. Binance serves one market on
     several hosts (`stream.binance.com` and `data-stream.binance.vision` stream the very same
@@ -56,7 +61,7 @@ def venue_of(url: str, market: BinanceMarket) -> str:
         kind = ("usdm" if host.startswith("fstream") else
                 "coinm" if host.startswith("dstream") else "spot")
         return f"binance:{kind}"
-    if host.endswith("binance.vision"):
+    if host == "binance.vision" or host.endswith(".binance.vision"):
         return "binance-testnet:spot" if "testnet" in host else "binance:spot"
     if host == "binance.us" or host.endswith(".binance.us"):
         return "binanceus:spot"
@@ -67,13 +72,17 @@ def venue_of(url: str, market: BinanceMarket) -> str:
     return f"{host}:{port}{market.prefix}"
 
 
-def traded_symbols(url: str, symbols: Iterable[str]) -> frozenset[str] | None:
+def traded_symbols(url: str, symbols: Iterable[str],
+                   venue: str | None = None) -> frozenset[str] | None:
     """The watched `symbols` whose trades a stream URL carries: all of them for a bare base
     (the feed asks for every one), those with a `@trade`/`@aggTrade` stream named in a
-    `/stream?streams=` or `/ws/` URL, None when the URL does not say (another path)."""
+    `/stream?streams=` or `/ws/` URL. When the URL does not say (another path): all of them
+    on a Binance host (`venue` in BINANCE_VENUES: it is judged, never waved through),
+    None elsewhere (a relay of unknown content)."""
     parts = urlsplit(url)
     path = parts.path.strip("/")
-    if not path:
+    if not path or (venue is not None and venue in BINANCE_VENUES
+                    and path != "stream" and not path.startswith("ws/")):
         return frozenset(symbols)
     if path == "stream":
         names = [n for v in parse_qs(parts.query).get("streams", []) for n in v.split("/")]
@@ -153,7 +162,7 @@ class BinanceFeed(Feed):
         self.open_timeout = open_timeout
         self.stats.url = redact_url(self.url)
         self.venue = venue_of(self.url, self.market)
-        self.carries = traded_symbols(self.url, self.symbols)
+        self.carries = traded_symbols(self.url, self.symbols, self.venue)
 
     async def run(self) -> None:
         """Run until cancelled; never returns. On cancel the socket is closed, state "stopped"."""
