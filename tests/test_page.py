@@ -475,6 +475,12 @@ def visible(selector: str) -> str:
            "return !!e && e.offsetParent !== null; })()"
 
 
+def auth_form_ready() -> str:
+    """The sign-in form is shown and its script has taken it over (the button is disabled
+    until then: a click before would submit the form natively)."""
+    return f"{visible('#auth-form')} && !document.querySelector('#auth-submit').disabled"
+
+
 async def test_live_page_signs_up_signs_in_sets_an_alert_and_sees_it_fire(
         make_settings, chromium: Chromium) -> None:
     """The issue's "done when": no curl. Sign up on the page, sign out, sign in again, set
@@ -496,7 +502,7 @@ async def test_live_page_signs_up_signs_in_sets_an_alert_and_sees_it_fire(
         await chromium.wait_for("document.querySelector('#account-name').textContent "
                                 "=== 'carol'")
         await click(chromium, "#sign-out")
-        await chromium.wait_for(visible("#auth-form"))
+        await chromium.wait_for(auth_form_ready())
         await chromium.check("sessionStorage.length === 0", "signing out forgets the tokens")
 
         await click(chromium, "#auth-mode")  # back to "sign in"
@@ -552,7 +558,7 @@ async def test_live_page_refreshes_its_tokens_before_they_expire(
             aiohttp.ClientSession() as http:
         await register(http, server, "dave")
         await chromium.send("Page.navigate", {"url": server.url + "/"})
-        await chromium.wait_for(visible("#auth-form"))
+        await chromium.wait_for(auth_form_ready())
         await fill(chromium, {"#auth-username": "dave", "#auth-password": "correct horse"})
         await click(chromium, "#auth-submit")
         await chromium.wait_for(visible("#alert-form"))
@@ -707,7 +713,7 @@ async def test_live_page_resumes_the_alert_events_it_missed_while_offline(
         await chromium.wait_for(f"location.origin === {js_str(server.url)} "
                                 "&& document.readyState === 'complete'")
         await chromium.wait_for(f"{cell('BTCUSDT', 'price')} === '42,000.50'")
-        await chromium.wait_for(visible("#auth-form"))
+        await chromium.wait_for(auth_form_ready())
         await fill(chromium, {"#auth-username": "erin", "#auth-password": "correct horse"})
         await click(chromium, "#auth-submit")
         await chromium.wait_for("document.querySelector('#account-name').textContent "
