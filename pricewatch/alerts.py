@@ -404,7 +404,8 @@ class AlertEngine:
         if self._task is None:
             return
         with suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
         self._task.cancel()
         with suppress(asyncio.CancelledError):
             await self._task

@@ -66,7 +66,8 @@ STORE = web.AppKey("store", Store)
 async def healthz(request: web.Request) -> web.Response:
     app = request.app
     try:  # "degraded": writes fail (disk full, read-only file), reads work
-        status = db = await asyncio.wait_for(app[STORE].ping(), timeout=2.0)
+        async with asyncio.timeout(2.0):
+            status = db = await app[STORE].ping()
     except Exception as exc:  # any failure means "not healthy", reported, not raised
         status, db = "error", f"error: {type(exc).__name__}"
     feeds = {name: health() for name, health in app[HEALTH].items()}
@@ -344,7 +345,8 @@ async def close_websockets(app: web.Application) -> None:
     app[MARKET].closed = True
     if ENGINE in app:
         with suppress(TimeoutError):
-            await asyncio.wait_for(app[ENGINE].drained(), timeout=2.0)
+            async with asyncio.timeout(2.0):
+                await app[ENGINE].drained()
     await app[HUB].close_all()
 
 

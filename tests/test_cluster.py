@@ -25,7 +25,7 @@ from fake_binance import free_port
 
 from pricewatch.alerts_api import ENGINE
 from pricewatch.cluster import edge as edge_module
-from pricewatch.cluster.bus import BACKOFF_FIRST, BACKOFF_MAX, backoff
+from pricewatch.cluster.bus import BACKOFF_FIRST, BACKOFF_MAX, RedisBus, backoff
 from pricewatch.cluster.core import PUBLISHER
 from pricewatch.config import ConfigError, Settings
 from pricewatch.ohlc import DAY_OF_MINUTES, TIMEFRAMES, CandleBook
@@ -202,6 +202,25 @@ def test_reconnect_backoff_is_jittered_and_capped():
         cap = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** attempt)
         assert all(cap / 2 <= d <= cap for d in delays)
         assert len(set(delays)) > 100  # processes restarting together do not retry in step
+
+
+async def test_a_publisher_stops_when_cancelled_the_moment_it_is_woken():
+    """Cancelled in the loop turn that also wakes it, the publisher's loop ends. (Python
+    3.11's asyncio.wait_for returned the wake-up and dropped such a cancellation, so the
+    loop went on and a shutdown waiting for it hung: seen as a stuck cluster test.)"""
+
+    class Client:
+        async def ping(self) -> bool:
+            return True
+
+    bus = RedisBus("redis://127.0.0.1:1/0", on_connect=lambda client: asyncio.sleep(0))
+    for _ in range(20):
+        task = asyncio.create_task(bus._keep(Client()))
+        await asyncio.sleep(0)  # it waits to be woken
+        bus._wake.set()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert task in done and task.cancelled()
 
 
 # -- a core and two edges -------------------------------------------------------------------

@@ -173,7 +173,8 @@ class RedisBus:
         client = connect(self.url)
         pubsub = None
         try:
-            await asyncio.wait_for(client.ping(), TIMEOUT)
+            async with asyncio.timeout(TIMEOUT):
+                await client.ping()
             if self.on_message is not None:
                 pubsub = client.pubsub()
                 await pubsub.subscribe(CHANNEL)
@@ -218,16 +219,19 @@ class RedisBus:
             if not queue:
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), PING_AFTER)
+                    async with asyncio.timeout(PING_AFTER):
+                        await self._wake.wait()
                 except TimeoutError:
-                    await asyncio.wait_for(client.ping(), TIMEOUT)
+                    async with asyncio.timeout(TIMEOUT):
+                        await client.ping()
                 continue
             pipe = client.pipeline(transaction=True)
             count = 0
             while queue and count < BATCH:
                 queue.popleft()(pipe)
                 count += 1
-            await asyncio.wait_for(pipe.execute(), TIMEOUT)
+            async with asyncio.timeout(TIMEOUT):
+                await pipe.execute()
             self.published += count
         raise ConnectionError(self.last_error or "connection lost")
 

@@ -287,7 +287,8 @@ class Publisher:
         pipe.set(EVENTS_FLOOR, self.announced())
         pipe.set(SEQ, seq)
         pipe.publish(CHANNEL, message({"k": "resync", "seq": seq}))
-        await asyncio.wait_for(pipe.execute(), 10.0)
+        async with asyncio.timeout(10.0):
+            await pipe.execute()
         log.info("cluster snapshot written: %d prices, %d candles", len(prices), len(candles))
 
 

@@ -246,7 +246,8 @@ async def edge_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ENGINE] = edge  # type: ignore[assignment]
     async with background(edge.bus.run(), "redis-bus"):
         try:
-            await asyncio.wait_for(edge.bus.ready(), START_WAIT)
+            async with asyncio.timeout(START_WAIT):
+                await edge.bus.ready()
         except TimeoutError:
             log.warning("no Redis yet (%s): serving without market data until it answers",
                         edge.bus.health().get("error", "connecting"))

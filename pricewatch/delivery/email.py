@@ -170,7 +170,8 @@ class SmtpPool:
 
     async def _quit(self, conn: _Conn) -> None:
         with suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-            await asyncio.wait_for(conn.smtp.quit(), 2.0)
+            async with asyncio.timeout(2.0):
+                await conn.smtp.quit()
         conn.smtp.close()
 
     async def start(self) -> None:

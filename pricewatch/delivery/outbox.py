@@ -136,7 +136,8 @@ class Deliverer:
             await asyncio.gather(*pending, return_exceptions=True)
         if recorder is not None:
             with suppress(TimeoutError):  # accepted messages get their record (DB allowing)
-                await asyncio.wait_for(self._drained(), 5.0)
+                async with asyncio.timeout(5.0):
+                    await self._drained()
             recorder.cancel()
             with suppress(asyncio.CancelledError):
                 await recorder
@@ -151,7 +152,8 @@ class Deliverer:
     async def wait_until(self, predicate, timeout: float) -> None:
         """Wait (at most `timeout` s) until `predicate()` is true after some outcome."""
         async with self.progress:
-            await asyncio.wait_for(self.progress.wait_for(predicate), timeout)
+            async with asyncio.timeout(timeout):
+                await self.progress.wait_for(predicate)
 
     # scheduling -----------------------------------------------------------------------
 
@@ -170,7 +172,8 @@ class Deliverer:
                 next_due = clock.now() + 5.0
             timeout = 60.0 if next_due is None else max(0.02, next_due - clock.now())
             with suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(timeout, 60.0))
+                async with asyncio.timeout(min(timeout, 60.0)):
+                    await self._wake.wait()
             if self._sending:
                 # Sends are finishing one by one: gather a few before the next read, so
                 # that one read claims several rows rather than one per finished send.
