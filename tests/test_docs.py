@@ -1,0 +1,93 @@
+"""The documentation holds together: README.md stays short and maps docs/, every relative link
+and `#anchor` in README.md and docs/*.md reaches an existing file and heading, and the docs use
+no internal word a user does not know."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^(```|~~~)")
+
+
+def prose(text: str) -> list[str]:
+    """The lines of `text` outside fenced and indented code blocks."""
+    out, fenced, previous_blank = [], False, True
+    for line in text.splitlines():
+        if FENCE.match(line):
+            fenced = not fenced
+            continue
+        indented_code = line.startswith("    ") and previous_blank
+        if fenced or (indented_code and not line.lstrip().startswith("-")):
+            continue
+        previous_blank = not line.strip()
+        out.append(line)
+    return out
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"`", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    out = set()
+    for line in prose(path.read_text()):
+        m = re.match(r"^#{1,6} (.+)$", line)
+        if m:
+            base = slug(m.group(1))
+            n = seen.get(base, 0)
+            seen[base] = n + 1
+            out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def links(path: Path) -> list[str]:
+    return [m.group(1) for line in prose(path.read_text()) for m in LINK.finditer(line)]
+
+
+def test_readme_is_short_and_maps_every_doc():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 400
+    linked = {target.split("#")[0] for target in links(README)}
+    for doc in DOCS:
+        assert f"docs/{doc.name}" in linked, f"README.md does not link docs/{doc.name}"
+    assert DOCS, "docs/ holds no page"
+
+
+def test_every_relative_link_and_anchor_resolves():
+    broken = []
+    for page in [README, *DOCS]:
+        for target in links(page):
+            if re.match(r"^[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            file_part, _, anchor = target.partition("#")
+            dest = (page.parent / file_part).resolve() if file_part else page
+            if not dest.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+                continue
+            if anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, broken
+
+
+def test_each_doc_starts_with_a_title_and_a_paragraph_on_what_it_covers():
+    for doc in DOCS:
+        lines = doc.read_text().splitlines()
+        assert lines[0].startswith("# "), doc.name
+        first = lines[2]
+        assert lines[1] == "" and first and not first.startswith(("#", "|", "-", " ")), doc.name
+
+
+def test_no_internal_words():
+    """Users know the older systems by their project names; "seed" and "the contract" are
+    words of pricewatch's own planning. `seed-compat` is the OpenAPI tag (a code name)."""
+    for page in [README, *DOCS]:
+        text = page.read_text().replace("`seed-compat`", "")
+        assert not re.search(r"\bseeds?\b", text, re.I), page.name
+        assert "the contract" not in text.lower(), page.name
