@@ -91,3 +91,47 @@ def test_no_internal_words():
         text = page.read_text().replace("`seed-compat`", "")
         assert not re.search(r"\bseeds?\b", text, re.I), page.name
         assert "the contract" not in text.lower(), page.name
+
+
+def shell_lines(path: Path) -> list[str]:
+    """The command lines of `path`'s shell examples: fenced blocks marked `sh`, `bash` or
+    nothing, and indented blocks; comment lines left out."""
+    out, fence, previous_blank = [], None, True
+    for line in path.read_text().splitlines():
+        m = FENCE.match(line)
+        if m:
+            fence = None if fence is not None else (line[3:].strip() or "sh")
+            continue
+        if fence is not None:
+            if fence in ("sh", "bash", "console"):
+                out.append(line)
+            continue
+        if line.startswith("    ") and previous_blank:
+            out.append(line)
+            continue
+        previous_blank = not line.strip()
+    return [ln for ln in out if not ln.strip().startswith("#")]
+
+
+ASSIGNED = re.compile(r"(?:^|[\s;(])(?:export\s+|for\s+)?([A-Za-z_][A-Za-z0-9_]*)(?:=|\s+in\s)")
+USED = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def test_readme_walkthrough_defines_every_variable_before_it_is_used():
+    """A reader pastes the README's commands in order: each `$NAME` was set by a line above."""
+    defined: set[str] = set()
+    for line in shell_lines(README):
+        used = set(USED.findall(line)) - defined
+        assert not used, (used, line)
+        defined |= set(ASSIGNED.findall(line))
+
+
+def test_docs_examples_use_only_variables_the_docs_define():
+    """`$ACCESS`, `$ADMIN`, ... in any doc's example are set in some example of the docs (the
+    accounts section of api.md defines the tokens)."""
+    pages = [README, *DOCS]
+    defined = {name for page in pages for line in shell_lines(page)
+               for name in ASSIGNED.findall(line)}
+    for page in pages:
+        for line in shell_lines(page):
+            assert set(USED.findall(line)) <= defined, (page.name, line)
