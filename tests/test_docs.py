@@ -2,8 +2,17 @@
 and `#anchor` in README.md and docs/*.md reaches an existing file and heading, and the docs use
 no internal word a user does not know."""
 
+import json
+import os
 import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parent.parent
 README = ROOT / "README.md"
@@ -135,3 +144,65 @@ def test_docs_examples_use_only_variables_the_docs_define():
     for page in pages:
         for line in shell_lines(page):
             assert set(USED.findall(line)) <= defined, (page.name, line)
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def walkthrough_script() -> str:
+    """The README's "Five-minute walkthrough" shell blocks, in order, as one script."""
+    text = README.read_text()
+    section = text.split("## Five-minute walkthrough", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```sh\n(.*?)^```$", section, re.S | re.M)
+    assert len(blocks) >= 5, "the walkthrough lost its shell blocks"
+    return "\n".join(blocks)
+
+
+def test_readme_walkthrough_runs_as_written(tmp_path):
+    """The walkthrough's commands, run by bash against a real `python -m pricewatch` (its
+    ports moved to free ones): the alert is delivered by email and by webhook. So the README
+    cannot drift from what the server does."""
+    if shutil.which("curl") is None or shutil.which("bash") is None:
+        pytest.skip("needs curl and bash")
+    server, mail, hook = free_ports(3)
+    script = walkthrough_script()
+    for old, new in (("8000", server), ("8025", mail), ("8765", hook)):
+        assert re.search(rf"\b{old}\b", script), old
+        script = re.sub(rf"\b{old}\b", str(new), script)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "python").symlink_to(sys.executable)  # `python` in the script is this one
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRICEWATCH_")}
+    env.update(PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+               PRICEWATCH_PORT=str(server), PRICEWATCH_BCRYPT_ROUNDS="4",
+               PRICEWATCH_LOG_LEVEL="WARNING")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "walkthrough.sh").write_text(
+        "set -eu\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n" + script)
+    proc = subprocess.Popen(["bash", "walkthrough.sh"], cwd=run, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail("the walkthrough did not finish within 60 s:\n" + out[-4000:])
+    assert proc.returncode == 0, out[-4000:]
+    assert '"email_verified":true' in out.replace(" ", ""), out[-4000:]
+    mail_text = (run / "mail.txt").read_text()
+    assert "Subject: pricewatch: BTCUSDT moved 0.01% up or down within 1m" in mail_text
+    assert "my first alert" in mail_text
+    hooks = [json.loads(line) for line in (run / "hooks.txt").read_text().splitlines() if line]
+    assert len(hooks) == 1 and hooks[0]["alert"]["note"] == "my first alert", hooks
+    assert hooks[0]["alert"]["status"] == "TRIGGERED"
