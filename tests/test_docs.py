@@ -179,7 +179,9 @@ def test_readme_walkthrough_runs_as_written(tmp_path):
         script = re.sub(rf"\b{old}\b", str(new), script)
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    (bindir / "python").symlink_to(sys.executable)  # `python` in the script is this one
+    wrapper = bindir / "python"  # `python` in the script is this one (a venv's too)
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRICEWATCH_")}
     env.update(PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
