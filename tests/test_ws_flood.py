@@ -15,7 +15,7 @@ import struct
 import pytest
 from aiohttp.web_protocol import RequestHandler
 from conftest import LiveServer, register
-from raw_ws import CONTINUATION, PING, PONG, TEXT, RawWebSocket, client_frame
+from raw_ws import CLOSE, CONTINUATION, PING, PONG, TEXT, RawWebSocket, client_frame
 
 from pricewatch import ws_gate
 from pricewatch.hub import TOO_BIG, TOO_MANY_MESSAGES, WS_BURST
@@ -223,6 +223,22 @@ async def test_a_polite_client_is_let_go_without_waiting(server, http) -> None:
     ws.abort()
 
 
+async def test_a_read_of_many_close_frames_is_answered_once_and_the_connection_ends(
+        server, http) -> None:
+    """10,000 close frames in one write: the first is answered (one close frame), the rest
+    are dropped unparsed (and read, not left to reset the connection), and the connection
+    ends once the client ends its side."""
+    ws = await open_ws(server, http, "/ws/ohlc/")
+    ws.send(client_frame(struct.pack("!H", 1000), CLOSE) * 10_000)
+    try:
+        assert (await ws.until_closed(timeout=10))[1] == 1000
+        ws.writer.write_eof()
+        async with asyncio.timeout(ws_gate.LINGER / 2):
+            assert await ws.reader.read() == b""  # no second close frame: EOF
+    finally:
+        ws.abort()
+
+
 # ---------------------------------------------------------------------- nobody starves
 
 async def test_three_ping_flooders_do_not_starve_other_clients(server, http) -> None:
@@ -369,3 +385,20 @@ async def test_lingering_reads_a_bounded_number_of_bytes_then_waits() -> None:
     gate.finish()  # ...until the lingering time is over
     assert transport.closed
 
+
+
+async def test_the_gate_hands_the_parser_nothing_after_a_close_frame() -> None:
+    """A close frame is the last one parsed: however the reads are cut, the parser gets the
+    input up to its end (its payload included) and nothing after it."""
+    before = client_frame(b"hi", PING) + client_frame(b'{"a": 1}')
+    close = client_frame(struct.pack("!H", 1000) + b"bye" * 50, CLOSE)
+    after = (client_frame(struct.pack("!H", 1000), CLOSE) + client_frame(b"", PING)) * 5000
+    data = before + close + after
+    for step in (len(data), 1, 3, 64, 4096):
+        parser = Parser()
+        gate = FrameGate(parser, _Transport(), TokenBucket(0.0, 40.0, now=0.0), 1 << 20)
+        for pos in range(0, len(data), step):
+            assert gate.feed_data(data[pos:pos + step]) == (False, b"")
+        assert bytes(parser.data) == before + close, step
+        assert gate.discarding and gate.over is None
+        gate.finish()
