@@ -210,10 +210,13 @@ async def test_a_message_growing_past_the_bound_in_fragments_is_closed_with_1009
     assert await close_code(ws) == 1009
 
 
-async def test_a_polite_client_is_let_go_without_waiting(server, http) -> None:
+async def test_a_polite_client_is_let_go_without_waiting(server, http, monkeypatch) -> None:
     """After the server's close frame, the client's own close (or EOF) ends the lingering
     at once: the socket closes then, not LINGER seconds later. (Only the first
-    LINGER_FRAMES frames after the cut are looked at: a flood is dropped unread.)"""
+    LINGER_FRAMES frames after the cut are looked at: a flood is dropped unread.) LINGER is
+    raised so that "let go early" (within LINGER / 2) and "the timer fired" stay far
+    apart on a loaded machine."""
+    monkeypatch.setattr(ws_gate, "LINGER", 10.0)
     ws = await open_ws(server, http, "/ws/ohlc/")
     ws.send(client_frame(b"", PING) * (WS_BURST * 2))
     assert (await ws.until_closed(timeout=10))[1] == 1008
@@ -243,9 +246,12 @@ async def test_a_read_of_many_close_frames_is_answered_once_and_the_connection_e
 
 async def test_three_ping_flooders_do_not_starve_other_clients(server, http) -> None:
     """Three clients flood pings as fast as they can, reconnecting when closed; meanwhile
-    other clients' requests are answered and a websocket client is served."""
+    other clients' requests are answered promptly and a websocket client is served. (The
+    bounds are loose, for a loaded test machine; bench/abuse.py --attack ping_flood
+    measures the p99. Without the gate, aiohttp parses and answers every ping: requests
+    then wait seconds.)"""
     stop = asyncio.Event()
-    rounds = [0, 0, 0]
+    flooding = [asyncio.Event() for _ in range(3)]
 
     async def flooder(i: int) -> None:
         while not stop.is_set():
@@ -255,22 +261,30 @@ async def test_three_ping_flooders_do_not_starve_other_clients(server, http) -> 
                     while not stop.is_set() and not ws.writer.is_closing():
                         ws.send(PINGS)
                         await ws.writer.drain()
+                        flooding[i].set()
                 finally:
                     ws.abort()
-            rounds[i] += 1
 
     flooders = [asyncio.create_task(flooder(i)) for i in range(3)]
+    loop = asyncio.get_running_loop()
+    latencies = []
     try:
         hub = server.app[HUB]
-        async with asyncio.timeout(20):
-            await hub.dropped_for(TOO_MANY_MESSAGES, 3)
+        async with asyncio.timeout(30):
+            for event in flooding:
+                await event.wait()
             for _ in range(20):
+                started = loop.time()
                 async with http.get(server.url + "/api/v1/prices") as resp:
                     assert resp.status == 200
+                    await resp.read()
+                latencies.append(loop.time() - started)
             async with http.ws_connect(server.ws_url("/ws/ohlc/")) as ws:
                 await ws.send_json({"symbol": "NOPE"})
                 assert (await ws.receive_json())["type"] == "error"
-        assert all(rounds) or hub.drops[TOO_MANY_MESSAGES.reason] >= 3
+            await hub.dropped_for(TOO_MANY_MESSAGES, 3)  # the flooders were closed
+        latencies.sort()
+        assert latencies[-1] < 1.0 and latencies[len(latencies) // 2] < 0.25, latencies
     finally:
         stop.set()
         await asyncio.gather(*flooders, return_exceptions=True)
