@@ -82,6 +82,7 @@ class Resumer:
         self._tasks: set[asyncio.Task] = set()
         self.replays = 0  # replays answered
         self.refused = 0  # resumes answered with an error (too soon, still running, bad)
+        self.failed = 0  # replays that could not be read (or sent): answered with an error
         hub.on_detach.append(self.forget)
 
     # -- live events --------------------------------------------------------------------
@@ -163,6 +164,19 @@ class Resumer:
             with suppress(asyncio.CancelledError):
                 await task
 
+    def render_metrics(self, out) -> None:
+        """Its counters in /metrics (`out`: a metrics.Exposition), single process and edges."""
+        for name, text, value in [
+                ("pricewatch_resume_replays_total",
+                 "Live-feed resumes answered with a replay.", self.replays),
+                ("pricewatch_resume_refused_total",
+                 "Live-feed resumes refused (too soon, still running, invalid).", self.refused),
+                ("pricewatch_resume_failed_total",
+                 "Replays whose events could not be read in time (answered error).",
+                 self.failed)]:
+            out.metric(name, "counter", text)
+            out.sample(name, value)
+
     # -- replaying ----------------------------------------------------------------------
 
     async def _run(self, user_id: int, since: int, read: Callable[[], Awaitable[Events]],
@@ -193,6 +207,7 @@ class Resumer:
             raise
         except Exception as exc:  # the store or Redis failed or stalled, or a send failed
             log.warning("could not resume user %s: %r", user_id, exc)
+            self.failed += 1
             with suppress(Exception):
                 send(orjson.dumps({"type": "error", "detail": "Could not resume; try again."}))
             behind = False  # told to try again; meanwhile live events flow as before
@@ -216,3 +231,4 @@ class Resumer:
                         self.hub.send(client, payload)
         if not holds:
             del self._holds[user_id]
+

@@ -353,6 +353,39 @@ async def test_a_closed_connection_told_more_is_forgotten_by_the_resumer(server,
     assert client not in engine.resumer._resumed_at
 
 
+async def scrape(http, server) -> dict[str, float]:
+    """The unlabelled samples of /metrics."""
+    async with http.get(server.url + "/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    return {name: float(value) for name, _, value in
+            (line.partition(" ") for line in text.splitlines())
+            if not name.startswith("#") and "{" not in name}
+
+
+async def test_metrics_count_resumes_and_purged_events(server, http):
+    user = await register(http, server)
+    status, alert = await call(http, "POST", server.url + "/api/v1/alerts", user["access"],
+                               {"asset": "BTCUSDT", "price": 110.0, "direction": "above"})
+    assert status == 201
+    add_events(server.settings.db, alert["id"], user["id"], 3)  # long past the retention
+    engine = server.app[ENGINE]
+    await engine.purge()
+    assert engine.purged_events >= 3
+    ws = await http.ws_connect(server.ws_url("/live-feed/subscribe/"),
+                               headers=bearer(user["access"]))
+    await ws.send_json({"action": "resume", "since": 0})
+    await replay_of(ws)
+    await ws.send_json({"action": "resume", "since": 0})
+    await refused_without_replay(ws, engine.resumer)
+    await ws.close()
+    metrics = await scrape(http, server)
+    assert metrics["pricewatch_events_purged_total"] == engine.purged_events
+    assert metrics["pricewatch_resume_replays_total"] == 1
+    assert metrics["pricewatch_resume_refused_total"] == 1
+    assert metrics["pricewatch_resume_failed_total"] == 0
+
+
 # -- resume: edges --------------------------------------------------------------------------
 
 @needs_redis
@@ -385,6 +418,10 @@ async def test_resume_on_an_edge_has_the_same_limits(make_settings, fake, redis,
             "type": "resumed", "since": events[1], "last": events[2], "more": False,
             "complete": True})
         await ws.close()
+        metrics = await scrape(http, edge)
+        assert metrics["pricewatch_resume_replays_total"] == 2
+        assert metrics["pricewatch_resume_refused_total"] == 1
+        assert metrics["pricewatch_resume_failed_total"] == 0
 
 
 # -- resume: the Resumer's own bounds -----------------------------------------------------
@@ -553,6 +590,6 @@ async def test_a_stalled_read_answers_error_and_the_next_replay_is_served(monkey
     await asyncio.wait(resumer._tasks, timeout=5)
     assert stalled.got == [{"type": "error", "detail": "Could not resume; try again."}]
     assert kinds(next_one) == [1, "resumed"]
-    assert resumer._holds == {}
+    assert resumer._holds == {} and resumer.failed == 1
     resumer.deliver(1, 2, alert_msg(2))
     assert kinds(stalled) == ["error", 2]
