@@ -416,3 +416,18 @@ async def test_the_gate_hands_the_parser_nothing_after_a_close_frame() -> None:
         assert bytes(parser.data) == before + close, step
         assert gate.discarding and gate.over is None
         gate.finish()
+
+
+async def test_a_close_frame_with_more_behind_it_lingers_a_lone_one_does_not() -> None:
+    """The server's close after the client's: at once when the close frame came alone; after
+    the client's end of stream when more came behind it (closing with unread input would
+    reset the connection)."""
+    close = client_frame(struct.pack("!H", 1000), CLOSE)
+    for extra, lingers in ((b"", False), (client_frame(b"", PING) * 100, True)):
+        transport = _Transport()
+        gate = FrameGate(Parser(), transport, TokenBucket(20.0, 40.0), 1 << 20)
+        gate.feed_data(close + extra)
+        gate.close()  # the server answered the close frame and is done
+        assert transport.closed is not lingers
+        gate.feed_eof()
+        assert transport.closed
