@@ -195,15 +195,21 @@ async def test_a_streamed_future_trade_counts_its_next_id_and_ignores_a_huge_one
 # --------------------------------------------------------------------------- trade ids
 
 
+async def trading_at_100(fake, market) -> int:
+    """Trades 1000..1004 at 100.0, ten seconds ago, seen by the server; returns their time."""
+    t = now_ms() - 10_000
+    for i in range(1000, 1005):
+        await fake.send_trade("BTCUSDT", i, 100.0, 1, t + i - 1000)
+    await market.next_of("price", price=100.0)
+    return t
+
+
 async def test_a_trade_id_reset_rebases_and_an_alert_crossed_after_it_fires(make_settings,
                                                                              http, fake):
     async with LiveServer(settings_for(make_settings, fake)) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
-            t = now_ms() - 10_000
-            for i in range(1000, 1005):
-                await fake.send_trade("BTCUSDT", i, 100.0, 1, t + i - 1000)
-            await market.next_of("price", price=100.0)
+            t = await trading_at_100(fake, market)
             status, alert = await create(http, server, tok, asset="BTCUSDT", price=150.0,
                                          direction="above")
             assert status == 201
@@ -230,10 +236,7 @@ async def test_one_huge_trade_id_neither_freezes_the_price_nor_explodes_missed_t
     async with LiveServer(settings_for(make_settings, fake)) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
-            t = now_ms() - 10_000
-            for i in range(1000, 1005):
-                await fake.send_trade("BTCUSDT", i, 100.0, 1, t + i - 1000)
-            await market.next_of("price", price=100.0)
+            t = await trading_at_100(fake, market)
             status, alert = await create(http, server, tok, asset="BTCUSDT", price=150.0,
                                          direction="above")
             assert status == 201
@@ -273,10 +276,7 @@ async def test_healthz_says_degraded_while_trades_are_dropped_out_of_order(make_
     async with LiveServer(settings_for(make_settings, fake)) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
-            t = now_ms() - 10_000
-            for i in range(1000, 1005):
-                await fake.send_trade("BTCUSDT", i, 100.0, 1, t + i - 1000)
-            await market.next_of("price", price=100.0)
+            t = await trading_at_100(fake, market)
             await fake.send_trade("BTCUSDT", 1002, 100.0, 1, t + 2)  # one late duplicate
             await fake.send_trade("ETHUSDT", 1, 2000.0, 1, t)  # a marker: the above is done
             await market.next_of("price", symbol="ETHUSDT")
@@ -340,10 +340,7 @@ async def test_a_reset_followed_by_one_trade_then_silence_shows_that_trade(make_
     async with LiveServer(settings_for(make_settings, fake)) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
-            t = now_ms() - 10_000
-            for i in range(1000, 1005):
-                await fake.send_trade("BTCUSDT", i, 100.0, 1, t + i - 1000)
-            await market.next_of("price", price=100.0)
+            t = await trading_at_100(fake, market)
             await fake.send_trade("BTCUSDT", 1, 120.0, 1, t + 100)  # then silence
             async with asyncio.timeout(RESET_WAIT + 2.0):
                 await market.next_of("price", price=120.0)
