@@ -28,6 +28,7 @@ from pricewatch.market import MARKET, Latest, Market
 from pricewatch.ohlc import DAY_OF_MINUTES, CandleBook
 from pricewatch.server import STORE
 from pricewatch.store import Store
+from pricewatch.upstream import binance as binance_module
 from pricewatch.upstream.backfill import RESET_CONFIRM, RESET_WAIT
 from pricewatch.upstream.binance import MARKETS, BinanceFeed, traded_symbols, venue_of
 from pricewatch.upstream.offline import ReplayFeed
@@ -61,7 +62,7 @@ async def metric(http, server, line_start: str) -> str:
 
 def settings_for(make_settings, fake: FakeBinance, **kw):
     return make_settings(feed="binance", binance_ws_url=fake.url,
-                         binance_rest_url=fake.rest_url, candle_history=False, **kw)
+                         binance_rest_url=fake.rest_url, **{"candle_history": False, **kw})
 
 
 # --------------------------------------------------------------------------- future trades
@@ -592,3 +593,26 @@ def test_a_flood_of_future_trades_logs_one_line_a_minute(caplog):
             feed._deliver(Tick("BTCUSDT", 100.0, 1.0, YEAR_4000 + i, i))
     assert feed.stats.future_trades == 100 and sink.ticks == []
     assert len([r for r in caplog.records if "ahead of the server clock" in r.getMessage()]) == 1
+
+
+# --------------------------------------------------------------------------- upstream surprises
+
+
+async def test_a_history_load_that_fails_unforeseen_still_starts_the_live_feed(
+        make_settings, http, fake, monkeypatch, caplog):
+    """An answer nobody foresaw (here: the history reader raising ValueError) costs the
+    candle history, never the live feed: before, it ended the feed's task for good."""
+
+    async def unforeseen(*args, **kwargs):
+        raise ValueError("an answer of a shape nobody foresaw")
+
+    monkeypatch.setattr(binance_module, "fetch_history", unforeseen)
+    settings = settings_for(make_settings, fake, candle_history=True)
+    async with LiveServer(settings) as server:
+        await fake.wait_open(1)
+        await fake.send_trade("BTCUSDT", 1, 100.0, 1, now_ms())
+        deadline = asyncio.get_running_loop().time() + 5
+        while server.app[MARKET].price("BTCUSDT") != 100.0:
+            assert asyncio.get_running_loop().time() < deadline, "the live feed never ran"
+            await asyncio.sleep(0.02)
+    assert "no candle history" in caplog.text
