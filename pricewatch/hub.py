@@ -144,6 +144,8 @@ class Hub:
         self.drops: Counter[str] = Counter()  # 1008 closes by Disconnect.reason
         self._logged_drop: dict[str, float] = {}  # reason -> when last logged
         self.revoked: Callable[[str], bool] = lambda family: False  # set by the app
+        # Called with each client at `detach` (the resumer forgets it: resume.py).
+        self.on_detach: list[Callable[[Client], None]] = []
         self._closing: set[asyncio.Task] = set()
         self._behind = asyncio.Event()  # set when `backlog` gains a client
         self._dropped = asyncio.Event()  # set (and replaced) at every drop
@@ -198,6 +200,8 @@ class Hub:
         """Forget the client (the connection is over)."""
         client.closed = True
         self._forget(client)
+        for forget in self.on_detach:
+            forget(client)
 
     def _forget(self, client: Client) -> None:
         self.clients.discard(client)

@@ -16,7 +16,10 @@ What one connection, and all of them, may cost:
 - at most REPLAY_CONCURRENCY replays at a time in the process; the others wait their turn.
   A replay reads its events in one query (off the loop: the database's thread, or Redis)
   and sends them REPLAY_CHUNK at a time, yielding to the loop between chunks, so another
-  user's live push never waits behind replays.
+  user's live push never waits behind replays. A read that takes over REPLAY_READ_TIMEOUT
+  seconds (a stalled database or Redis) is given up: that client is answered `error` and
+  its live events flow again, and the next replay's turn comes;
+- nothing of a connection is kept once it is over: the hub's `detach` tells the resumer.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ REPLAY_MAX = 1000  # events per resume answer (then "more": true)
 RESUME_EVERY = 5.0  # seconds between two resumes of one connection
 REPLAY_CONCURRENCY = 1  # replays reading or sending at once, process-wide (bench/resume.py)
 REPLAY_CHUNK = 25  # events sent between two yields to the loop
+REPLAY_READ_TIMEOUT = 5.0  # seconds a replay's read may take, then it answers `error`
 
 Payload = bytes | Callable[[], bytes]  # a message, or how to render it (when it is sent)
 # What a source's reader returns: up to REPLAY_MAX + 1 (event id, message) after `since`,
@@ -78,6 +82,8 @@ class Resumer:
         self._tasks: set[asyncio.Task] = set()
         self.replays = 0  # replays answered
         self.refused = 0  # resumes answered with an error (too soon, still running, bad)
+        self.failed = 0  # replays that could not be read (or sent): answered with an error
+        hub.on_detach.append(self.forget)
 
     # -- live events --------------------------------------------------------------------
 
@@ -107,6 +113,16 @@ class Resumer:
         if not holds:
             del self._holds[user_id]
 
+    def forget(self, client) -> None:
+        """The connection is over (the hub's `detach`): keep nothing of it. A replay still
+        running for it stops at its next step (the client is closed)."""
+        self._resumed_at.pop(client, None)
+        holds = self._holds.get(client.user_id)
+        if holds is not None:
+            holds.pop(client, None)
+            if not holds:
+                del self._holds[client.user_id]
+
     # -- asking -------------------------------------------------------------------------
 
     def check(self, client, data: dict) -> int | None:
@@ -124,9 +140,7 @@ class Resumer:
         elif now < self._resumed_at.get(client, -self.every) + self.every:
             detail = f"At most one resume per {self.every:g} s on a connection."
         else:
-            if len(self._resumed_at) >= 4096:
-                self._resumed_at = {c: t for c, t in self._resumed_at.items() if not c.closed}
-            self._resumed_at[client] = now
+            self._resumed_at[client] = now  # until the connection is over (`forget`)
             return since
         self.refused += 1
         self.hub.send(client, orjson.dumps({"type": "error", "detail": detail}))
@@ -150,6 +164,19 @@ class Resumer:
             with suppress(asyncio.CancelledError):
                 await task
 
+    def render_metrics(self, out) -> None:
+        """Its counters in /metrics (`out`: a metrics.Exposition), single process and edges."""
+        for name, text, value in [
+                ("pricewatch_resume_replays_total",
+                 "Live-feed resumes answered with a replay.", self.replays),
+                ("pricewatch_resume_refused_total",
+                 "Live-feed resumes refused (too soon, still running, invalid).", self.refused),
+                ("pricewatch_resume_failed_total",
+                 "Replays whose events could not be read in time (answered error).",
+                 self.failed)]:
+            out.metric(name, "counter", text)
+            out.sample(name, value)
+
     # -- replaying ----------------------------------------------------------------------
 
     async def _run(self, user_id: int, since: int, read: Callable[[], Awaitable[Events]],
@@ -159,7 +186,8 @@ class Resumer:
             async with self._slots:
                 if client is not None and client.closed:
                     return
-                items, complete = await read()
+                async with asyncio.timeout(REPLAY_READ_TIMEOUT):  # then: TimeoutError
+                    items, complete = await read()
                 more = len(items) > self.limit
                 for i, (event_id, payload) in enumerate(items[:self.limit]):
                     if i and i % self.chunk == 0:
@@ -177,8 +205,9 @@ class Resumer:
                 behind = more
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the store or Redis failed, or this client's send did
+        except Exception as exc:  # the store or Redis failed or stalled, or a send failed
             log.warning("could not resume user %s: %r", user_id, exc)
+            self.failed += 1
             with suppress(Exception):
                 send(orjson.dumps({"type": "error", "detail": "Could not resume; try again."}))
             behind = False  # told to try again; meanwhile live events flow as before
@@ -202,3 +231,4 @@ class Resumer:
                         self.hub.send(client, payload)
         if not holds:
             del self._holds[user_id]
+

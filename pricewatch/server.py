@@ -143,6 +143,10 @@ async def metrics(request: web.Request) -> web.Response:
     out.metric("pricewatch_alerts_triggered_total", "counter",
                "Alerts triggered by this process.")
     out.sample("pricewatch_alerts_triggered_total", engine.triggered)
+    out.metric("pricewatch_events_purged_total", "counter",
+               "Alert events purged past the retention (PRICEWATCH_EVENT_RETENTION_DAYS).")
+    out.sample("pricewatch_events_purged_total", engine.purged_events)
+    engine.resumer.render_metrics(out)
     await render_delivery_metrics(out, app[DELIVERER])
     if PUBLISHER in app:
         bus = app[PUBLISHER].bus

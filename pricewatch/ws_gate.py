@@ -13,9 +13,11 @@ versions this was checked with, and tests/test_ws_flood.py fails loudly if the s
 **FrameGate** reads frame headers only (2 to 14 bytes a frame; payloads are skipped, never
 copied or unmasked). Every frame, whether data, continuation, ping or pong, takes a token
 from the connection's inbound bucket (WS_RATE a second, bursts of WS_BURST); a close frame
-never does. A frame past the budget (TOO_MANY_MESSAGES, 1008), or a message reaching
-`max_size` bytes (TOO_BIG, 1009), stops all parsing: the read holding it and every later
-one are thrown away unparsed, and the gate reports the Disconnect once (`on_over`).
+never does, but it is the last frame parsed: the parser gets input up to its end, and what
+follows is dropped unparsed (the lingering close below). A frame past the budget
+(TOO_MANY_MESSAGES, 1008), or a message reaching `max_size` bytes (TOO_BIG, 1009), stops
+all parsing: the read holding it and every later one are thrown away unparsed, and the
+gate reports the Disconnect once (`on_over`).
 
 **Lingering close.** Closing a TCP socket with unread bytes in its receive buffer, or one
 that receives bytes after it was closed, makes the kernel send a reset, and a client that
@@ -94,9 +96,13 @@ class FrameGate:
         if self.discarding:
             self.discard(data)
             return _EMPTY
+        if self.peer_closed:  # the rest of the client's close frame (its payload)
+            return self._close_frame(data, 0)
         verdict, pos = self._scan(data, 0, True)
         if verdict is None:
             return self.parser.feed_data(data)
+        if verdict is _PEER_CLOSED:
+            return self._close_frame(data, pos)
         self.over = verdict
         self.start_discarding()
         self.discarded += len(data) - pos
@@ -104,6 +110,18 @@ class FrameGate:
         if self.on_over is not None:
             self.on_over(verdict)
         return _EMPTY
+
+    def _close_frame(self, data: bytes, pos: int) -> tuple[bool, bytes]:
+        """The client's close frame: the parser gets `data` up to that frame's end (its
+        payload, `skip` bytes from `pos`, may span reads); what follows is dropped unparsed
+        (nothing valid follows a close frame: a read of 10,000 of them is one message)."""
+        end = min(len(data), pos + self.skip)
+        self.skip -= end - pos
+        result = self.parser.feed_data(data[:end]) if end else _EMPTY
+        if not self.skip:
+            self.start_discarding()
+            self.discarded += len(data) - end
+        return result
 
     def feed_eof(self) -> None:
         """The client closed its side (or the connection is gone)."""
@@ -114,7 +132,7 @@ class FrameGate:
     def _scan(self, data: bytes, pos: int, counting: bool) -> tuple[object, int]:
         """Walk the frame headers of `data` from `pos`, taking a token per frame when
         `counting`. Returns (None, len) when all is well, else (the Disconnect, or
-        _PEER_CLOSED when a close frame is seen while not counting; the offset after it)."""
+        _PEER_CLOSED at a close frame; the offset after its header)."""
         n = len(data)
         now = time.monotonic() if counting else 0.0
         while True:
@@ -144,9 +162,7 @@ class FrameGate:
             opcode = b0 & 0x0F
             if opcode == CLOSE:
                 self.peer_closed = True
-                if not counting:
-                    return _PEER_CLOSED, pos
-                continue
+                return _PEER_CLOSED, pos
             if not counting:
                 self.frames_left -= 1
                 if self.frames_left <= 0:
@@ -217,7 +233,9 @@ class FrameGate:
         if self.close_wanted:
             return
         self.close_wanted = True
-        if self.finished or self.peer_closed or self.linger <= 0:
+        # A client whose close frame came with more behind it (dropped: `discarded`) may
+        # still be sending: it lingers too, as a client closed by the server does.
+        if self.finished or (self.peer_closed and not self.discarded) or self.linger <= 0:
             self.finished = True
             if self.timer is not None:
                 self.timer.cancel()

@@ -16,12 +16,13 @@ from test_cluster import T0 as CLUSTER_T0
 from test_cluster import cluster, needs_redis, receive, redis  # noqa: F401 (fixture)
 
 from pricewatch import clock
+from pricewatch import resume as resume_module
 from pricewatch.alerts import AlertEngine
 from pricewatch.alerts_api import ENGINE
 from pricewatch.cluster import edge as edge_module
 from pricewatch.feeds import Tick
 from pricewatch.hub import Hub
-from pricewatch.market import MARKET
+from pricewatch.market import HUB, MARKET
 from pricewatch.records import Hit
 from pricewatch.resume import REPLAY_CONCURRENCY, Resumer
 from pricewatch.store import Store
@@ -327,6 +328,64 @@ async def test_a_resume_still_running_refuses_another(server, http, monkeypatch)
     await ws.close()
 
 
+async def test_a_closed_connection_told_more_is_forgotten_by_the_resumer(server, http):
+    """Told "more", a connection's live events wait for its next resume; if it closes
+    instead, the resumer keeps nothing of it (its socket, request and transport)."""
+    user = await register(http, server)
+    status, alert = await call(http, "POST", server.url + "/api/v1/alerts", user["access"],
+                               {"asset": "BTCUSDT", "price": 110.0, "direction": "above"})
+    assert status == 201
+    ids = add_events(server.settings.db, alert["id"], user["id"], 1001)
+    engine, hub = server.app[ENGINE], server.app[HUB]
+    engine.announced = ids[-1]
+    ws = await http.ws_connect(server.ws_url("/live-feed/subscribe/"),
+                               headers=bearer(user["access"]))
+    await ws.send_json({"action": "resume", "since": 0})
+    assert (await replay_of(ws))[1]["more"] is True
+    (client,) = hub.by_user[user["id"]]
+    assert engine.resumer._holds == {user["id"]: {client: None}}
+    await ws.close()
+    deadline = asyncio.get_running_loop().time() + 10
+    while hub.clients:  # the server's handler ends: detach
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    assert engine.resumer._holds == {}
+    assert client not in engine.resumer._resumed_at
+
+
+async def scrape(http, server) -> dict[str, float]:
+    """The unlabelled samples of /metrics."""
+    async with http.get(server.url + "/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    return {name: float(value) for name, _, value in
+            (line.partition(" ") for line in text.splitlines())
+            if not name.startswith("#") and "{" not in name}
+
+
+async def test_metrics_count_resumes_and_purged_events(server, http):
+    user = await register(http, server)
+    status, alert = await call(http, "POST", server.url + "/api/v1/alerts", user["access"],
+                               {"asset": "BTCUSDT", "price": 110.0, "direction": "above"})
+    assert status == 201
+    add_events(server.settings.db, alert["id"], user["id"], 3)  # long past the retention
+    engine = server.app[ENGINE]
+    await engine.purge()
+    assert engine.purged_events >= 3
+    ws = await http.ws_connect(server.ws_url("/live-feed/subscribe/"),
+                               headers=bearer(user["access"]))
+    await ws.send_json({"action": "resume", "since": 0})
+    await replay_of(ws)
+    await ws.send_json({"action": "resume", "since": 0})
+    await refused_without_replay(ws, engine.resumer)
+    await ws.close()
+    metrics = await scrape(http, server)
+    assert metrics["pricewatch_events_purged_total"] == engine.purged_events
+    assert metrics["pricewatch_resume_replays_total"] == 1
+    assert metrics["pricewatch_resume_refused_total"] == 1
+    assert metrics["pricewatch_resume_failed_total"] == 0
+
+
 # -- resume: edges --------------------------------------------------------------------------
 
 @needs_redis
@@ -359,6 +418,10 @@ async def test_resume_on_an_edge_has_the_same_limits(make_settings, fake, redis,
             "type": "resumed", "since": events[1], "last": events[2], "more": False,
             "complete": True})
         await ws.close()
+        metrics = await scrape(http, edge)
+        assert metrics["pricewatch_resume_replays_total"] == 2
+        assert metrics["pricewatch_resume_refused_total"] == 1
+        assert metrics["pricewatch_resume_failed_total"] == 0
 
 
 # -- resume: the Resumer's own bounds -----------------------------------------------------
@@ -377,6 +440,7 @@ class Connections:
 
     def __init__(self, *conns: Conn):
         self.by_user: dict[int, set[Conn]] = {}
+        self.on_detach: list = []  # the Resumer's `forget` (the hub calls it at detach)
         for conn in conns:
             self.by_user.setdefault(conn.user_id, set()).add(conn)
         self.sent = 0
@@ -503,3 +567,29 @@ async def test_a_failed_replay_says_so_and_live_events_go_on():
     resumer.deliver(1, 4, alert_msg(4))
     assert kinds(conn) == ["error", 3, 4]
     assert conn.got[0]["detail"] == "Could not resume; try again."
+
+
+async def test_a_stalled_read_answers_error_and_the_next_replay_is_served(monkeypatch):
+    """A database or Redis read that never returns is given up after REPLAY_READ_TIMEOUT:
+    its client is told, its live events flow again, and the replays queued behind it run."""
+    monkeypatch.setattr(resume_module, "REPLAY_READ_TIMEOUT", 0.05)
+
+    def source(user_id: int, since: int):
+        async def read():
+            if user_id == 1:
+                await asyncio.Event().wait()  # never
+            return [(1, alert_msg(1))], True
+        return read
+
+    stalled, next_one = Conn(1), Conn(2)
+    hub = Connections(stalled, next_one)
+    resumer = Resumer(hub, source)  # type: ignore[arg-type]
+    assert REPLAY_CONCURRENCY == 1  # so the second replay waits for the first
+    resumer.start(1, 0, lambda d: hub.send(stalled, d), stalled)
+    resumer.start(2, 0, lambda d: hub.send(next_one, d), next_one)
+    await asyncio.wait(resumer._tasks, timeout=5)
+    assert stalled.got == [{"type": "error", "detail": "Could not resume; try again."}]
+    assert kinds(next_one) == [1, "resumed"]
+    assert resumer._holds == {} and resumer.failed == 1
+    resumer.deliver(1, 2, alert_msg(2))
+    assert kinds(stalled) == ["error", 2]

@@ -28,6 +28,7 @@ from pricewatch.market import MARKET, Latest, Market
 from pricewatch.ohlc import DAY_OF_MINUTES, CandleBook
 from pricewatch.server import STORE
 from pricewatch.store import Store
+from pricewatch.upstream import binance as binance_module
 from pricewatch.upstream.backfill import RESET_CONFIRM, RESET_WAIT
 from pricewatch.upstream.binance import MARKETS, BinanceFeed, traded_symbols, venue_of
 from pricewatch.upstream.offline import ReplayFeed
@@ -61,7 +62,7 @@ async def metric(http, server, line_start: str) -> str:
 
 def settings_for(make_settings, fake: FakeBinance, **kw):
     return make_settings(feed="binance", binance_ws_url=fake.url,
-                         binance_rest_url=fake.rest_url, candle_history=False, **kw)
+                         binance_rest_url=fake.rest_url, **{"candle_history": False, **kw})
 
 
 # --------------------------------------------------------------------------- future trades
@@ -195,15 +196,21 @@ async def test_a_streamed_future_trade_counts_its_next_id_and_ignores_a_huge_one
 # --------------------------------------------------------------------------- trade ids
 
 
+async def trading_at_100(fake, market) -> int:
+    """Trades 1000..1004 at 100.0, ten seconds ago, seen by the server; returns their time."""
+    t = now_ms() - 10_000
+    for i in range(1000, 1005):
+        await fake.send_trade("BTCUSDT", i, 100.0, 1, t + i - 1000)
+    await market.next_of("price", price=100.0)
+    return t
+
+
 async def test_a_trade_id_reset_rebases_and_an_alert_crossed_after_it_fires(make_settings,
                                                                              http, fake):
     async with LiveServer(settings_for(make_settings, fake)) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
-            t = now_ms() - 10_000
-            for i in range(1000, 1005):
-                await fake.send_trade("BTCUSDT", i, 100.0, 1, t + i - 1000)
-            await market.next_of("price", price=100.0)
+            t = await trading_at_100(fake, market)
             status, alert = await create(http, server, tok, asset="BTCUSDT", price=150.0,
                                          direction="above")
             assert status == 201
@@ -230,10 +237,7 @@ async def test_one_huge_trade_id_neither_freezes_the_price_nor_explodes_missed_t
     async with LiveServer(settings_for(make_settings, fake)) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
-            t = now_ms() - 10_000
-            for i in range(1000, 1005):
-                await fake.send_trade("BTCUSDT", i, 100.0, 1, t + i - 1000)
-            await market.next_of("price", price=100.0)
+            t = await trading_at_100(fake, market)
             status, alert = await create(http, server, tok, asset="BTCUSDT", price=150.0,
                                          direction="above")
             assert status == 201
@@ -273,10 +277,7 @@ async def test_healthz_says_degraded_while_trades_are_dropped_out_of_order(make_
     async with LiveServer(settings_for(make_settings, fake)) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
-            t = now_ms() - 10_000
-            for i in range(1000, 1005):
-                await fake.send_trade("BTCUSDT", i, 100.0, 1, t + i - 1000)
-            await market.next_of("price", price=100.0)
+            t = await trading_at_100(fake, market)
             await fake.send_trade("BTCUSDT", 1002, 100.0, 1, t + 2)  # one late duplicate
             await fake.send_trade("ETHUSDT", 1, 2000.0, 1, t)  # a marker: the above is done
             await market.next_of("price", symbol="ETHUSDT")
@@ -340,10 +341,7 @@ async def test_a_reset_followed_by_one_trade_then_silence_shows_that_trade(make_
     async with LiveServer(settings_for(make_settings, fake)) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
-            t = now_ms() - 10_000
-            for i in range(1000, 1005):
-                await fake.send_trade("BTCUSDT", i, 100.0, 1, t + i - 1000)
-            await market.next_of("price", price=100.0)
+            t = await trading_at_100(fake, market)
             await fake.send_trade("BTCUSDT", 1, 120.0, 1, t + 100)  # then silence
             async with asyncio.timeout(RESET_WAIT + 2.0):
                 await market.next_of("price", price=120.0)
@@ -595,3 +593,26 @@ def test_a_flood_of_future_trades_logs_one_line_a_minute(caplog):
             feed._deliver(Tick("BTCUSDT", 100.0, 1.0, YEAR_4000 + i, i))
     assert feed.stats.future_trades == 100 and sink.ticks == []
     assert len([r for r in caplog.records if "ahead of the server clock" in r.getMessage()]) == 1
+
+
+# --------------------------------------------------------------------------- upstream surprises
+
+
+async def test_a_history_load_that_fails_unforeseen_still_starts_the_live_feed(
+        make_settings, http, fake, monkeypatch, caplog):
+    """An answer nobody foresaw (here: the history reader raising ValueError) costs the
+    candle history, never the live feed: before, it ended the feed's task for good."""
+
+    async def unforeseen(*args, **kwargs):
+        raise ValueError("an answer of a shape nobody foresaw")
+
+    monkeypatch.setattr(binance_module, "fetch_history", unforeseen)
+    settings = settings_for(make_settings, fake, candle_history=True)
+    async with LiveServer(settings) as server:
+        await fake.wait_open(1)
+        await fake.send_trade("BTCUSDT", 1, 100.0, 1, now_ms())
+        deadline = asyncio.get_running_loop().time() + 5
+        while server.app[MARKET].price("BTCUSDT") != 100.0:
+            assert asyncio.get_running_loop().time() < deadline, "the live feed never ran"
+            await asyncio.sleep(0.02)
+    assert "no candle history" in caplog.text

@@ -15,7 +15,7 @@ import struct
 import pytest
 from aiohttp.web_protocol import RequestHandler
 from conftest import LiveServer, register
-from raw_ws import CONTINUATION, PING, PONG, TEXT, RawWebSocket, client_frame
+from raw_ws import CLOSE, CONTINUATION, PING, PONG, TEXT, RawWebSocket, client_frame
 
 from pricewatch import ws_gate
 from pricewatch.hub import TOO_BIG, TOO_MANY_MESSAGES, WS_BURST
@@ -210,10 +210,13 @@ async def test_a_message_growing_past_the_bound_in_fragments_is_closed_with_1009
     assert await close_code(ws) == 1009
 
 
-async def test_a_polite_client_is_let_go_without_waiting(server, http) -> None:
+async def test_a_polite_client_is_let_go_without_waiting(server, http, monkeypatch) -> None:
     """After the server's close frame, the client's own close (or EOF) ends the lingering
     at once: the socket closes then, not LINGER seconds later. (Only the first
-    LINGER_FRAMES frames after the cut are looked at: a flood is dropped unread.)"""
+    LINGER_FRAMES frames after the cut are looked at: a flood is dropped unread.) LINGER is
+    raised so that "let go early" (within LINGER / 2) and "the timer fired" stay far
+    apart on a loaded machine."""
+    monkeypatch.setattr(ws_gate, "LINGER", 10.0)
     ws = await open_ws(server, http, "/ws/ohlc/")
     ws.send(client_frame(b"", PING) * (WS_BURST * 2))
     assert (await ws.until_closed(timeout=10))[1] == 1008
@@ -223,13 +226,32 @@ async def test_a_polite_client_is_let_go_without_waiting(server, http) -> None:
     ws.abort()
 
 
+async def test_a_read_of_many_close_frames_is_answered_once_and_the_connection_ends(
+        server, http) -> None:
+    """10,000 close frames in one write: the first is answered (one close frame), the rest
+    are dropped unparsed (and read, not left to reset the connection), and the connection
+    ends once the client ends its side."""
+    ws = await open_ws(server, http, "/ws/ohlc/")
+    ws.send(client_frame(struct.pack("!H", 1000), CLOSE) * 10_000)
+    try:
+        assert (await ws.until_closed(timeout=10))[1] == 1000
+        ws.writer.write_eof()
+        async with asyncio.timeout(ws_gate.LINGER / 2):
+            assert await ws.reader.read() == b""  # no second close frame: EOF
+    finally:
+        ws.abort()
+
+
 # ---------------------------------------------------------------------- nobody starves
 
 async def test_three_ping_flooders_do_not_starve_other_clients(server, http) -> None:
     """Three clients flood pings as fast as they can, reconnecting when closed; meanwhile
-    other clients' requests are answered and a websocket client is served."""
+    other clients' requests are answered promptly and a websocket client is served. (The
+    bounds are loose, for a loaded test machine; bench/abuse.py --attack ping_flood
+    measures the p99. Without the gate, aiohttp parses and answers every ping: requests
+    then wait seconds.)"""
     stop = asyncio.Event()
-    rounds = [0, 0, 0]
+    flooding = [asyncio.Event() for _ in range(3)]
 
     async def flooder(i: int) -> None:
         while not stop.is_set():
@@ -239,22 +261,30 @@ async def test_three_ping_flooders_do_not_starve_other_clients(server, http) -> 
                     while not stop.is_set() and not ws.writer.is_closing():
                         ws.send(PINGS)
                         await ws.writer.drain()
+                        flooding[i].set()
                 finally:
                     ws.abort()
-            rounds[i] += 1
 
     flooders = [asyncio.create_task(flooder(i)) for i in range(3)]
+    loop = asyncio.get_running_loop()
+    latencies = []
     try:
         hub = server.app[HUB]
-        async with asyncio.timeout(20):
-            await hub.dropped_for(TOO_MANY_MESSAGES, 3)
+        async with asyncio.timeout(30):
+            for event in flooding:
+                await event.wait()
             for _ in range(20):
+                started = loop.time()
                 async with http.get(server.url + "/api/v1/prices") as resp:
                     assert resp.status == 200
+                    await resp.read()
+                latencies.append(loop.time() - started)
             async with http.ws_connect(server.ws_url("/ws/ohlc/")) as ws:
                 await ws.send_json({"symbol": "NOPE"})
                 assert (await ws.receive_json())["type"] == "error"
-        assert all(rounds) or hub.drops[TOO_MANY_MESSAGES.reason] >= 3
+            await hub.dropped_for(TOO_MANY_MESSAGES, 3)  # the flooders were closed
+        latencies.sort()
+        assert latencies[-1] < 1.0 and latencies[len(latencies) // 2] < 0.25, latencies
     finally:
         stop.set()
         await asyncio.gather(*flooders, return_exceptions=True)
@@ -369,3 +399,35 @@ async def test_lingering_reads_a_bounded_number_of_bytes_then_waits() -> None:
     gate.finish()  # ...until the lingering time is over
     assert transport.closed
 
+
+
+async def test_the_gate_hands_the_parser_nothing_after_a_close_frame() -> None:
+    """A close frame is the last one parsed: however the reads are cut, the parser gets the
+    input up to its end (its payload included) and nothing after it."""
+    before = client_frame(b"hi", PING) + client_frame(b'{"a": 1}')
+    close = client_frame(struct.pack("!H", 1000) + b"bye" * 50, CLOSE)
+    after = (client_frame(struct.pack("!H", 1000), CLOSE) + client_frame(b"", PING)) * 5000
+    data = before + close + after
+    for step in (len(data), 1, 3, 64, 4096):
+        parser = Parser()
+        gate = FrameGate(parser, _Transport(), TokenBucket(0.0, 40.0, now=0.0), 1 << 20)
+        for pos in range(0, len(data), step):
+            assert gate.feed_data(data[pos:pos + step]) == (False, b"")
+        assert bytes(parser.data) == before + close, step
+        assert gate.discarding and gate.over is None
+        gate.finish()
+
+
+async def test_a_close_frame_with_more_behind_it_lingers_a_lone_one_does_not() -> None:
+    """The server's close after the client's: at once when the close frame came alone; after
+    the client's end of stream when more came behind it (closing with unread input would
+    reset the connection)."""
+    close = client_frame(struct.pack("!H", 1000), CLOSE)
+    for extra, lingers in ((b"", False), (client_frame(b"", PING) * 100, True)):
+        transport = _Transport()
+        gate = FrameGate(Parser(), transport, TokenBucket(20.0, 40.0), 1 << 20)
+        gate.feed_data(close + extra)
+        gate.close()  # the server answered the close frame and is done
+        assert transport.closed is not lingers
+        gate.feed_eof()
+        assert transport.closed

@@ -286,6 +286,7 @@ async def metrics(request: web.Request) -> web.Response:
              edge.resyncs)]:
         out.metric(name, kind, text)
         out.sample(name, value)
+    edge.resumer.render_metrics(out)
     render_http(out, app[HTTP_METRICS])
     return web.Response(body=out.text().encode(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -247,6 +247,8 @@ class Sequencer:
                         self.max_held)
         except RestError as exc:
             log.warning("%s: backfill failed: %s", symbol, exc)
+        except Exception:  # an answer nobody foresaw must not leave the gap held open
+            log.exception("%s: backfill failed", symbol)
         finally:
             filled_to = sym.last_id if sym.last_id is not None else first - 1
             missed = max(0, last - max(filled_to, first - 1))

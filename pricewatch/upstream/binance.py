@@ -240,6 +240,9 @@ class BinanceFeed(Feed):
         except (RestError, TimeoutError) as exc:
             log.warning("%s feed: no candle history from REST (%s); starting without it",
                         self.name, exc or type(exc).__name__)
+        except Exception:  # the live feed matters more than the history: never end run()
+            log.exception("%s feed: no candle history from REST; starting without it",
+                          self.name)
 
     def _deliver(self, event: Tick | Book) -> None:
         if type(event) is Tick:
