@@ -17,7 +17,7 @@ storm sockets got, server ``rss_mb`` peak, ``server_cpu_pct`` over the storm and
 ``server_runqueue_wait_pct`` (runnable without a core: other load skews the figures). The
 storm runs in a child process, so reading its replays does not delay the victim's client.
 ``--root`` runs another checkout's server (before/after figures).
-Goal (README): push p99 under 100 ms during the storm.
+Goal (docs/limits.md, "Websockets"): push p99 under 100 ms during the storm.
 
 Prints one JSON line; logs go to stderr. Takes about 2 × duration + 15 s.
 """

@@ -184,7 +184,7 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
             errors["price"] = "Only for price alerts."
         out["price"] = None
         if "percent" in data or not same_kind:
-            # A move of 1e-9 % is every trade: at least MIN_PERCENT (README, Limits).
+            # A move of 1e-9 % is every trade: at least MIN_PERCENT (docs/limits.md).
             checked = _number(data.get("percent"), MIN_PERCENT, 100, False,
                               f"A number from {MIN_PERCENT:g} to 100.")
             if isinstance(checked, str):

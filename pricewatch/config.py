@@ -171,7 +171,7 @@ def _redis_url(name: str, raw: str) -> str:
 
 def _var(env: str, parse, default, help: str, secret: bool = False):
     """A settings field read from PRICEWATCH_<env> with `parse(name, raw)`; `help` feeds
-    `--help` and the README table."""
+    `--help` and the table in docs/configuration.md."""
     return field(default=default,
                  metadata={"env": env, "parse": parse, "secret": secret, "help": help})
 

@@ -70,7 +70,7 @@ __all__ = ["DROP_REASONS", "MAX_SUBSCRIPTIONS", "PHASES", "QUEUE_FULL", "SESSION
 log = logging.getLogger(__name__)
 
 
-# What one websocket connection may ask of us (README "Limits"; WS_RATE and WS_BURST, the
+# What one websocket connection may ask of us (docs/limits.md; WS_RATE and WS_BURST, the
 # frames it may send, are in limits.py).
 MAX_SUBSCRIPTIONS = 64  # topics per connection (live: symbols; ohlc: symbol x timeframe)
 

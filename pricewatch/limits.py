@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-# What one websocket connection may send (README "Limits"): frames of any kind (text,
+# What one websocket connection may send (docs/limits.md): frames of any kind (text,
 # binary, continuation, ping, pong) per second, with bursts of this many...
 WS_RATE = 20.0
 WS_BURST = 40

@@ -1,6 +1,6 @@
 """Fakes of the outside world for notification channels, on loopback ports:
 
-- `WebhookReceiver`: a webhook endpoint that verifies the HMAC signature as the README tells
+- `WebhookReceiver`: a webhook endpoint that verifies the HMAC signature as docs/channels.md tells
   receivers to (constant-time compare), records what it accepted, and answers as told
   (`answer(500, times=2)`, 429 with Retry-After, a 301, a 400, or no answer at all).
 - `FakeTelegram`: the Bot API's `sendMessage`, recording calls, answering as told (a 429

@@ -172,17 +172,17 @@ def test_createuser_makes_an_admin_that_can_log_in(tmp_path):
     assert user.password_hash.startswith("$2b$04$")
 
 
-def test_readme_configuration_table_lists_every_setting_with_its_default():
-    """The README's table is the one place a user reads about settings: every variable is in
-    it with its real default, and it names no variable that does not exist."""
+def test_configuration_table_lists_every_setting_with_its_default():
+    """docs/configuration.md's table is the one place a user reads about settings: every
+    variable is in it with its real default, and it names no variable that does not exist."""
     from dataclasses import fields as dc_fields
     from pathlib import Path
 
     from pricewatch.config import env_names
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
     rows = {}
-    for line in readme.splitlines():
+    for line in table.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("| PRICEWATCH_") and len(cells) >= 3:
             rows[cells[0]] = cells[1]
@@ -200,6 +200,6 @@ def test_readme_configuration_table_lists_every_setting_with_its_default():
         return str(value)
 
     for f in dc_fields(Settings):
-        assert names[f.name] in rows, f"{names[f.name]} is missing from the README table"
+        assert names[f.name] in rows, f"{names[f.name]} is missing from docs/configuration.md"
         assert rows[names[f.name]] == shown(f.default), names[f.name]
     assert set(rows) <= set(names.values()), set(rows) - set(names.values())
