@@ -189,7 +189,7 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         "websockets", "Websocket: live prices and the caller's alert events",
         {101: SWITCHING}, "NotAnUpgrade", "BadQuery", "RateLimited", auth="user+query",
         params=(query("format", enum(*compat.PRICE_FORMATS),
-                      'Seed 000\'s messages: each price as `{"message": "<Binance trade '
+                      'finrise-assignment\'s messages: each price as `{"message": "<Binance trade '
                       'event JSON as a string>"}`, and no alert events.'),),
         text=WS_NOTE + "Needs an access token (header, or `?token=` for browsers); "
         "without one the upgrade is refused with 401.\n\nClient sends "
@@ -290,35 +290,35 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         "channels", "Delete a channel", {204: NO_CONTENT}, "NotFound", "Conflict",
         auth="user", text="409 for `email` (change the address with PATCH /auth/me)."),
     ("POST", "/save_quotes"): op(
-        "feeds", "Add an extra feed (seed-style alias)", {201: json_ok("Feed", "Created")},
+        "feeds", "Add an extra feed (the ots-capital-dj alias)", {201: json_ok("Feed", "Created")},
         "Conflict", auth="admin", request="SaveQuotesIn"),
 }
 
 
 # -- seed-compatible routes (compat.py): aliases copy their operation, adapters are below ---
 
-SEED = "seed-compat"
+SEED = "compat"  # the routes of the five systems pricewatch replaces
 # Adapter -> (its entry, the operation whose errors it also answers with, as it calls it).
 SEED_ADAPTERS: dict[tuple[str, str], tuple[dict, tuple[str, str] | None]] = {
     ("POST", "/feed/user/register"): (op(
-        SEED, "Seed 000: register (email optional) and get an access token",
+        SEED, "finrise-assignment: register (email optional) and get an access token",
         {201: json_ok("SeedAccessToken", "Created")}, request="SeedRegister",
         text="As POST /auth/register; without an email none is ever sent."),
         ("POST", "/auth/register")),
     ("POST", "/alerts/create"): (op(
-        SEED, "Seed 002: create a price alert named by its purpose",
+        SEED, "tanX.fi price alert: create a price alert named by its purpose",
         {201: json_ok("SeedAlertCreated", "Created")}, "NotYourUser", auth="user",
         request="SeedAlertIn", text="As POST /api/v1/alerts with price = alert_price, the "
         "direction derived from the latest price; 403 when username is not the caller."),
         ("POST", "/api/v1/alerts")),
     ("DELETE", "/alerts/delete"): (op(
-        SEED, "Seed 002: delete the caller's active alerts with this purpose",
+        SEED, "tanX.fi price alert: delete the caller's active alerts with this purpose",
         {200: json_ok("SeedAlertList")}, "NotYourUser", "NotFound", auth="user",
         request="SeedAlertDelete", text="Every CREATED alert with that alert_purpose becomes "
         "DELETED; 404 when there is none."), None),
     ("POST", "/alerts/fetch"): (op(
-        SEED, "Seed 002: the caller's alerts, newest first", {200: json_ok("SeedAlertList")},
-        "NotYourUser", auth="user", request="SeedAlertFetch",
+        SEED, "tanX.fi price alert: the caller's alerts, newest first",
+        {200: json_ok("SeedAlertList")}, "NotYourUser", auth="user", request="SeedAlertFetch",
         text=f"At most {compat.FETCH_LIMIT}; GET /api/v1/alerts pages through all."), None),
 }
 

@@ -204,8 +204,8 @@ def schemas(symbols: tuple[str, ...] | None) -> dict[str, Schema]:
                                closed=False),
         "SeedAlertFetch": obj({"username": seed_user}, {"alert_status": enum(*STATUSES)},
                               closed=False),
-        "SeedAlert": obj(seed_alert, description="An alert in seed 002's names (alert_purpose"
-                         " is the alert's note) and pricewatch's."),
+        "SeedAlert": obj(seed_alert, description="An alert in the tanX.fi price alert app's "
+                         "names (alert_purpose is the alert's note) and pricewatch's."),
         "SeedAlertCreated": obj({"username": STR, **seed_alert}),
         "SeedAlertList": obj({"username": STR, "alert details": array(ref("SeedAlert"))}),
     }

@@ -95,9 +95,9 @@ def test_each_doc_starts_with_a_title_and_a_paragraph_on_what_it_covers():
 
 def test_no_internal_words():
     """Users know the older systems by their project names; "seed" and "the contract" are
-    words of pricewatch's own planning. `seed-compat` is the OpenAPI tag (a code name)."""
+    words of pricewatch's own planning."""
     for page in [README, *DOCS]:
-        text = page.read_text().replace("`seed-compat`", "")
+        text = page.read_text()
         assert not re.search(r"\bseeds?\b", text, re.I), page.name
         assert "the contract" not in text.lower(), page.name
 
