@@ -263,13 +263,13 @@ class AlertIndex:
         books = self._books
         dirty: set[str] = set()
         for symbol, bucket in staged.items():
-            for other_symbol, other in books.items():
-                if other_symbol == symbol or not other.keys:
+            for other_symbol, other_book in books.items():
+                if other_symbol == symbol or not other_book.keys:
                     continue
-                moved = other.keys.keys() & bucket.keys()
+                moved = other_book.keys.keys() & bucket.keys()
                 if moved:
                     for alert_id in moved:
-                        del other.keys[alert_id]
+                        del other_book.keys[alert_id]
                     dirty.add(other_symbol)
             book = books.get(symbol)
             if book is None:

@@ -30,7 +30,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, final
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -66,6 +66,7 @@ __all__ = [
 # --------------------------------------------------------------------------- types
 
 
+@final  # `type(event) is Tick` in Feed._deliver tells a Tick from a Book
 @dataclass(slots=True, frozen=True)
 class Tick:
     """One trade."""
