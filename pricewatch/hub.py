@@ -562,8 +562,8 @@ class Hub:
         for client in tuple(self.clients):
             if client.closed:
                 continue
-            if client.expires is not None and (
-                    wall >= client.expires or self.revoked(client.family)):
+            if client.expires is not None and (wall >= client.expires or (
+                    client.family is not None and self.revoked(client.family))):
                 self.end_session(client)
                 continue
             writer = client.writer
