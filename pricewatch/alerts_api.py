@@ -156,9 +156,10 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
         else:
             kind = data["kind"]
     out["kind"] = kind
-    same_kind = current is not None and current.kind == kind
+    # The alert being changed when it keeps its kind: its fields are the defaults.
+    same = current if current is not None and current.kind == kind else None
     if kind == "price":
-        if "price" in data or not same_kind:
+        if "price" in data or same is None:
             raw = data.get("price")
             checked = REQUIRED if raw is None else positive_number(raw)
             if isinstance(checked, str):
@@ -166,7 +167,7 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
             else:
                 out["price"] = checked
         else:
-            out["price"] = current.price
+            out["price"] = same.price
         for name in ("percent", "window"):
             if given(name):
                 errors[name] = "Only for percent alerts."
@@ -177,13 +178,13 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
                 errors["direction"] = 'Must be "above" or "below".'
             else:
                 out["direction"] = raw.lower()
-        elif same_kind:
-            out["direction"] = current.direction
+        elif same is not None:
+            out["direction"] = same.direction
     elif kind == "percent":
         if given("price"):
             errors["price"] = "Only for price alerts."
         out["price"] = None
-        if "percent" in data or not same_kind:
+        if "percent" in data or same is None:
             # A move of 1e-9 % is every trade: at least MIN_PERCENT (README, Limits).
             checked = _number(data.get("percent"), MIN_PERCENT, 100, False,
                               f"A number from {MIN_PERCENT:g} to 100.")
@@ -192,8 +193,8 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
             else:
                 out["percent"] = checked
         else:
-            out["percent"] = current.percent
-        if "window" in data or not same_kind:
+            out["percent"] = same.percent
+        if "window" in data or same is None:
             raw = data.get("window")
             if not isinstance(raw, str) or raw not in WINDOWS:
                 errors["window"] = (REQUIRED if raw is None
@@ -201,10 +202,10 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
             else:
                 out["window"] = raw
         else:
-            out["window"] = current.window
+            out["window"] = same.window
         raw = data.get("direction")
         if raw is None:
-            out["direction"] = current.direction if same_kind else "any"
+            out["direction"] = same.direction if same is not None else "any"
         elif not isinstance(raw, str) or raw.lower() not in PERCENT_DIRECTIONS:
             errors["direction"] = 'Must be "up", "down" or "any".'
         else:
@@ -225,11 +226,11 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
             out["cooldown"] = checked
     out["expires_at"] = keep("expires_at", None)
     if "expires_at" in data:
-        checked = None if data["expires_at"] is None else _expiry(data["expires_at"])
-        if isinstance(checked, str):
-            errors["expires_at"] = checked
+        expiry = None if data["expires_at"] is None else _expiry(data["expires_at"])
+        if isinstance(expiry, str):
+            errors["expires_at"] = expiry
         else:
-            out["expires_at"] = checked
+            out["expires_at"] = expiry
     out["note"] = keep("note", None)
     if "note" in data:
         raw = data["note"]
@@ -239,11 +240,11 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
             out["note"] = raw
     out["channels"] = keep("channels", None)  # None: every channel the user has
     if "channels" in data and data["channels"] is not None:
-        checked = _channel_list(data["channels"])
-        if isinstance(checked, str):
-            errors["channels"] = checked
+        channels = _channel_list(data["channels"])
+        if isinstance(channels, str):
+            errors["channels"] = channels
         else:
-            out["channels"] = checked
+            out["channels"] = channels
     if errors:
         raise invalid(errors)
     if "direction" not in out:  # a price alert without one: from the latest price

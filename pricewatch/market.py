@@ -172,9 +172,9 @@ class Market:
             if topic in topics:
                 hub.mark_dirty(topic)
         at = tick.time
-        for ms, topic in self._candle_topics[symbol]:
-            if topic in topics:  # keyed by the candle's start: each touched candle is sent
-                hub.mark_dirty(topic, at - at % ms)
+        for ms, candle_topic in self._candle_topics[symbol]:
+            if candle_topic in topics:  # keyed by the candle's start: each touched one is sent
+                hub.mark_dirty(candle_topic, at - at % ms)
 
     def _render_price(self, topic: tuple, key: object) -> bytes:
         latest = self.latest[topic[1]]
@@ -295,12 +295,14 @@ async def ohlc(request: web.Request) -> web.Response:
     inclusive) the newest `limit` starting in that range, stored history included."""
     query = request.query
     errors: dict[str, str] = {}
-    span = {}
+    span: dict[str, int] = {}
     for name in ("start", "end"):
         if name in query:
-            span[name] = clock.parse_time_ms(query[name])
-            if span[name] is None:
+            ms = clock.parse_time_ms(query[name])
+            if ms is None:
                 errors[name] = "Enter an ISO-8601 time or milliseconds since the epoch."
+            else:
+                span[name] = ms
     try:
         symbol, timeframe, limit = _ohlc_params(request, dict(query))
     except ApiError as exc:
@@ -452,12 +454,13 @@ async def live_feed(request: web.Request) -> web.StreamResponse:
         if not isinstance(raw, list) or not raw:
             hub.send(client, _error("symbols must be a non-empty list of symbols."))
             return
-        symbols = [_symbol(request, s) for s in raw]
-        unknown = [s for s, known in zip(raw, symbols, strict=True) if known is None]
+        named = [_symbol(request, s) for s in raw]
+        unknown = [s for s, known in zip(raw, named, strict=True) if known is None]
         if unknown:
             hub.send(client, _error("Unknown symbols: " + _named(unknown)
                                     + ". Watched: " + ", ".join(market.symbols)))
             return
+        symbols = [s for s in named if s is not None]  # all of them, by now
         topics = {market.price_topic(symbol, fmt) for symbol in symbols}
         if action == "subscribe":
             max_rate, errors = _max_rate(hub, data)
