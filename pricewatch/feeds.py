@@ -108,6 +108,7 @@ class Book:
     ask_qty: float
 
 
+@final  # `type(event) is ServerShutdown` tells it from a Tick or a Book
 @dataclass(slots=True, frozen=True)
 class ServerShutdown:
     """Binance announced it is about to close the connection: reconnect at once."""

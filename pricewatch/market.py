@@ -287,7 +287,8 @@ def _ohlc_params(request: web.Request, source: dict) -> tuple[str, str, int]:
         limit = 0
     if errors:
         raise invalid(errors)
-    return symbol, timeframe, limit  # type: ignore[return-value]
+    assert symbol is not None  # else an error above
+    return symbol, timeframe, limit
 
 
 async def ohlc(request: web.Request) -> web.Response:

@@ -242,7 +242,9 @@ class Sequencer:
         except asyncio.CancelledError:
             if self._stopping:
                 raise  # the feed stops
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            task = asyncio.current_task()
+            assert task is not None  # a coroutine of this loop runs in a task
+            task.uncancel()
             log.warning("%s: %d live trades held during a backfill; giving up", symbol,
                         self.max_held)
         except RestError as exc:
@@ -356,7 +358,8 @@ class Sequencer:
             start = page[-1].open_time + MINUTE
         for bar in bars:
             try:
-                self._deliver_bar(bar)  # type: ignore[misc]
+                assert self._deliver_bar is not None  # a gap is filled from klines only with one
+                self._deliver_bar(bar)
             except Exception as exc:  # a downstream bug must not stop market data
                 self.stats.callback_error(self.stats.kind, exc)
         self.kline_filled[symbol] = self.kline_filled.get(symbol, 0) + covered
