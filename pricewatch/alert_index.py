@@ -44,7 +44,7 @@ _ID_MAX = (1 << 63) - 1
 
 def _check_id(alert_id: object) -> int:
     """Return ``alert_id`` as an int that fits the ids array; raise ValueError if it can't."""
-    try:
+    try:  # any object: the TypeError is the check
         value = operator.index(alert_id)  # type: ignore[arg-type]
     except TypeError:
         raise ValueError(f"alert id must be an integer, not {alert_id!r}") from None
@@ -55,7 +55,7 @@ def _check_id(alert_id: object) -> int:
 
 def _encode(target: object, direction: object) -> float:
     """Return the signed key for a target/direction; raise ValueError if either is invalid."""
-    try:
+    try:  # any object: the TypeError/ValueError is the check
         value = float(target)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ValueError(f"target must be a number, not {target!r}") from None

@@ -145,7 +145,7 @@ def parse_number(value: object, name: str, zero_ok: bool = False) -> float:
     """A finite number > 0 (>= 0 with `zero_ok`) from a decimal string (or a JSON number, as
     replay files may hold); raises ParseError otherwise."""
     if type(value) is str or (type(value) in (int, float)):
-        try:
+        try:  # (the exact-type test above keeps bool out; mypy narrows no `type(x) in`)
             v = float(value)  # type: ignore[arg-type]
         except ValueError:
             raise ParseError("bad_number", f"{name}={value!r}") from None

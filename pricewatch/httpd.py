@@ -66,6 +66,7 @@ class EdgeProtocol(web.RequestHandler):
         transport = self.transport
         gate = FrameGate(parser, transport, TokenBucket(WS_RATE, WS_BURST), WS_MAX_MESSAGE)
         self.ws_gate = gate
+        # aiohttp types it as asyncio.Transport; a LingeringTransport wraps one, duck-typed.
         self.transport = LingeringTransport(transport, gate)  # type: ignore[assignment]
         # aiohttp types the parser as its WebSocketReader; it only calls feed_data/feed_eof.
         super().set_parser(gate, *args, **kwargs)  # type: ignore[arg-type]

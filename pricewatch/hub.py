@@ -421,6 +421,7 @@ class Hub:
         cache = self._frames.get(topic)
         if cache is None or len(cache) > 16:  # a few keys of a topic stay useful
             cache = self._frames[topic] = {}
+        # Only a state topic gets here: a tuple whose [0] names its renderer (Topic is object).
         render = self.renderers[topic[0]]  # type: ignore[index]
         frames = {}
         for key in (sorted(keys) if len(keys) > 1 else keys):

@@ -182,6 +182,7 @@ class Market:
 
     def _render_candle(self, topic: tuple, start: object) -> bytes | None:
         _, symbol, tf = topic
+        # The hub's keys are opaque; a candle topic's are the candles' start times (ms).
         candle = self.candles.candle_at(symbol, tf, start)  # type: ignore[arg-type]
         if candle is None:  # a late trade older than the ring: dropped, no change
             return None

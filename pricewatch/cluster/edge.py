@@ -239,8 +239,10 @@ async def edge_ctx(app: web.Application) -> AsyncIterator[None]:
 
     settings = app[SETTINGS]
     assert settings.jwt_secret is not None  # Settings.from_env requires it for an edge
-    auth_ = app[auth.AUTH] = auth.Auth(settings, None, settings.jwt_secret,  # type: ignore
-                                       {})  # no database: no user check (see the docstring)
+    # No database: no user check (see the docstring). Auth.store is typed Store for the core's
+    # routes, which need one; an edge serves none of them.
+    auth_ = app[auth.AUTH] = auth.Auth(settings, None,  # type: ignore[arg-type]
+                                       settings.jwt_secret, {})
     app[HUB].revoked = auth_.revoked
     edge = app[EDGE] = Edge(settings, app[MARKET], app[HUB], auth_)
     # The live feed's `resume` asks app[ENGINE]; on an edge the Edge answers it from Redis.

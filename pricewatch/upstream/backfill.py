@@ -159,7 +159,8 @@ class Sequencer:
         run = sym.candidates
         if run:
             prev = run[-1]
-            step = tick.trade_id - prev.trade_id  # type: ignore[operator]
+            assert tick.trade_id is not None and prev.trade_id is not None  # sequenced trades
+            step = tick.trade_id - prev.trade_id
             if not (0 < step <= self.stats.max_id_jump and tick.time >= prev.time):
                 if step <= 0 and tick.time <= prev.time:
                     self.stats.dropped_out_of_order()  # a duplicate of a candidate
@@ -176,9 +177,10 @@ class Sequencer:
         """The held candidates start the new sequence: delivered next, in order."""
         run = sym.candidates
         self._cancel_timer(sym)
-        self.stats.id_reset(symbol, sym.last_id if sym.last_id is not None else 0,
-                            run[0].trade_id)  # type: ignore[arg-type]
-        sym.last_id = run[0].trade_id - 1  # type: ignore[operator]
+        first = run[0].trade_id
+        assert first is not None  # a candidate is a sequenced trade
+        self.stats.id_reset(symbol, sym.last_id if sym.last_id is not None else 0, first)
+        sym.last_id = first - 1
         sym.candidates = []
         sym.held.extendleft(reversed(run))  # delivered next, in order, by _release
 
