@@ -149,7 +149,7 @@ def parse_number(value: object, name: str, zero_ok: bool = False) -> float:
             v = float(value)  # type: ignore[arg-type]
         except ValueError:
             raise ParseError("bad_number", f"{name}={value!r}") from None
-        if (0.0 < v or (zero_ok and v == 0.0)) and v < math.inf:  # also false for NaN
+        if (v > 0.0 or (zero_ok and v == 0.0)) and v < math.inf:  # also false for NaN
             return v
     raise ParseError("bad_number", f"{name}={value!r}")
 

@@ -200,7 +200,7 @@ class PercentIndex:
             raise ValueError(f"percent must be in (0, 100], not {percent!r}")
         self.remove(alert_id)
         groups = self.groups.setdefault(symbol, [])
-        for name, group in groups:
+        for name, group in groups:  # noqa: B007 - the group found is used after the loop
             if name == window:
                 break
         else:

@@ -212,9 +212,9 @@ class FrameGate:
                 self.transport.pause_reading()
 
     def _look_for_close(self, data: bytes, pos: int) -> None:
-        if self.frames_left > 0 and not self.peer_closed and not self.finished:
-            if self._scan(data, pos, False)[0] is _PEER_CLOSED:
-                self.finish(polite=True)
+        if (self.frames_left > 0 and not self.peer_closed and not self.finished
+                and self._scan(data, pos, False)[0] is _PEER_CLOSED):
+            self.finish(polite=True)
 
     def hurry(self) -> None:
         """Do not linger (server shutdown): the socket closes as soon as it is let go."""

@@ -189,7 +189,7 @@ class Database:
                         await asyncio.shield(self._w.execute("ROLLBACK"))
                     raise
             except sqlite3.Error as exc:
-                raise self._unavailable(exc) or exc
+                raise self._unavailable(exc) or exc  # noqa: B904 - exc, or one in its context
             if self._w.total_changes != changes:
                 self._wrote()
 
@@ -216,7 +216,7 @@ class Database:
                 # `_execute` queues a function there (the same queue its own methods use).
                 result, changed = await asyncio.shield(self._w._execute(run, self._w._conn))
             except sqlite3.Error as exc:
-                raise self._unavailable(exc) or exc
+                raise self._unavailable(exc) or exc  # noqa: B904 - exc, or one in its context
             if changed:
                 self._wrote()
             return result

@@ -289,7 +289,7 @@ class BinanceFeed(Feed):
                     return "stale"
 
 
-class _connect_no_redirects(connect):  # noqa: N801 - used exactly like `connect`
+class _connect_no_redirects(connect):  # named like `connect`, and used exactly like it
     """`connect` that refuses HTTP redirects: a redirect could lead anywhere."""
 
     def process_redirect(self, exc: Exception) -> Exception:
