@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Iterable
-from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -91,7 +91,7 @@ def is_public_address(address: str) -> bool:
     Raises ValueError when `address` is not an IP address.
     """
     addr = ip_address(address.strip().strip("[]").split("%")[0])
-    candidates = (addr,)
+    candidates: tuple[IPv4Address | IPv6Address, ...] = (addr,)
     if addr.version == 6:
         if addr.ipv4_mapped is not None:
             candidates = (addr.ipv4_mapped,)
@@ -139,7 +139,7 @@ async def check_public_url(url: str, allow_private: bool, *, schemes: tuple[str,
     except (OSError, UnicodeError):  # UnicodeError: "a..b", a label over 63 characters
         raise invalid({field: f"Cannot resolve host {hostname!r}."}) from None
     for info in infos:
-        address = info[4][0]
+        address = str(info[4][0])  # the host, as a str (an int only for AF_PACKET et al.)
         if not is_public_address(address):
             raise invalid({field: f"{hostname} resolves to a non-public address "
                                   f"({address}); set {flag}=true to allow it."})

@@ -44,7 +44,7 @@ _ID_MAX = (1 << 63) - 1
 
 def _check_id(alert_id: object) -> int:
     """Return ``alert_id`` as an int that fits the ids array; raise ValueError if it can't."""
-    try:
+    try:  # any object: the TypeError is the check
         value = operator.index(alert_id)  # type: ignore[arg-type]
     except TypeError:
         raise ValueError(f"alert id must be an integer, not {alert_id!r}") from None
@@ -55,7 +55,7 @@ def _check_id(alert_id: object) -> int:
 
 def _encode(target: object, direction: object) -> float:
     """Return the signed key for a target/direction; raise ValueError if either is invalid."""
-    try:
+    try:  # any object: the TypeError/ValueError is the check
         value = float(target)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ValueError(f"target must be a number, not {target!r}") from None
@@ -155,6 +155,39 @@ class _Book:
         self._refresh()
 
 
+def _stage(rows: Iterable[tuple[int, str, float, str]]) -> dict[str, dict[int, float]]:
+    """Validated ``(id, symbol, target, direction)`` rows as ``symbol -> {id: key}`` (the
+    last row of an id wins, under its symbol); raises ValueError on the first bad row."""
+    staged: dict[str, dict[int, float]] = {}
+    # Locals: this loop runs once per alert at startup.
+    int_, float_, id_min, id_max, inf = int, float, _ID_MIN, _ID_MAX, _INF
+    for alert_id, symbol, target, direction in rows:
+        if type(alert_id) is not int_ or not id_min <= alert_id <= id_max:
+            alert_id = _check_id(alert_id)
+        if type(target) is not float_:
+            target = _encode(target, BELOW)
+        if not 0.0 < target < inf:
+            target = _encode(target, direction)  # raises with the right message
+        if direction == ABOVE:
+            key = -target
+        elif direction == BELOW:
+            key = target
+        else:
+            raise ValueError(f"direction must be 'above' or 'below', not {direction!r}")
+        bucket = staged.get(symbol)
+        if bucket is None:
+            if not isinstance(symbol, str):
+                raise ValueError(f"symbol must be a str, not {symbol!r}")
+            bucket = staged[symbol] = {}
+        if len(staged) > 1 and alert_id not in bucket:
+            # The same id may have appeared under another symbol earlier in rows.
+            for other in staged.values():
+                if other is not bucket and other.pop(alert_id, None) is not None:
+                    break
+        bucket[alert_id] = key
+    return staged
+
+
 class AlertIndex:
     """Live (not yet triggered) alerts, matched against trades in O(log n + k).
 
@@ -219,10 +252,7 @@ class AlertIndex:
 
     def remove(self, alert_id: int) -> bool:
         """Remove an alert (deleted or about to be re-added); return whether it was live."""
-        for book in self._books.values():
-            if book.delete(alert_id):
-                return True
-        return False
+        return any(book.delete(alert_id) for book in self._books.values())
 
     def load(self, rows: Iterable[tuple[int, str, float, str]]) -> None:
         """Add many ``(id, symbol, target, direction)`` rows, sorting each symbol once.
@@ -231,45 +261,20 @@ class AlertIndex:
         the same id is replaced), in O(n log n) overall. ``rows`` is consumed once and may be
         a cursor or generator. All-or-nothing: on ValueError the index is unchanged.
         """
-        staged: dict[str, dict[int, float]] = {}
-        # Locals: this loop runs once per alert at startup.
-        int_, float_, id_min, id_max, inf = int, float, _ID_MIN, _ID_MAX, _INF
-        for alert_id, symbol, target, direction in rows:
-            if type(alert_id) is not int_ or not id_min <= alert_id <= id_max:
-                alert_id = _check_id(alert_id)
-            if type(target) is not float_:
-                target = _encode(target, BELOW)
-            if not 0.0 < target < inf:
-                target = _encode(target, direction)  # raises with the right message
-            if direction == ABOVE:
-                key = -target
-            elif direction == BELOW:
-                key = target
-            else:
-                raise ValueError(f"direction must be 'above' or 'below', not {direction!r}")
-            bucket = staged.get(symbol)
-            if bucket is None:
-                if not isinstance(symbol, str):
-                    raise ValueError(f"symbol must be a str, not {symbol!r}")
-                bucket = staged[symbol] = {}
-            if len(staged) > 1 and alert_id not in bucket:
-                # The same id may have appeared under another symbol earlier in rows.
-                for other in staged.values():
-                    if other is not bucket and other.pop(alert_id, None) is not None:
-                        break
-            bucket[alert_id] = key
+        self._merge(_stage(rows))
 
-        # Validation is done; from here on nothing raises, so the merge is all-or-nothing.
+    def _merge(self, staged: dict[str, dict[int, float]]) -> None:
+        """Put validated ``symbol -> {id: key}`` buckets in (see `load`); never raises."""
         books = self._books
         dirty: set[str] = set()
         for symbol, bucket in staged.items():
-            for other_symbol, other in books.items():
-                if other_symbol == symbol or not other.keys:
+            for other_symbol, other_book in books.items():
+                if other_symbol == symbol or not other_book.keys:
                     continue
-                moved = other.keys.keys() & bucket.keys()
+                moved = other_book.keys.keys() & bucket.keys()
                 if moved:
                     for alert_id in moved:
-                        del other.keys[alert_id]
+                        del other_book.keys[alert_id]
                     dirty.add(other_symbol)
             book = books.get(symbol)
             if book is None:
@@ -279,7 +284,6 @@ class AlertIndex:
             else:
                 book.keys = bucket
             dirty.add(symbol)
-        del staged
         for symbol in dirty:
             books[symbol].rebuild()
 

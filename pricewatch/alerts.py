@@ -113,7 +113,8 @@ class AlertEngine:
         self._task: asyncio.Task | None = None
         self._purger: asyncio.Task | None = None
         self._expirer: asyncio.Task | None = None
-        self.notify_hook = None  # called after each committed batch (wakes the deliverer)
+        # Called after each committed batch (wakes the deliverer).
+        self.notify_hook: Callable[[], None] | None = None
 
     async def load(self) -> int:
         rows = await self.store.active_alerts()
@@ -250,6 +251,7 @@ class AlertEngine:
             del self._cooling[alert_id]
             kind, asset, target, direction, window, _ = self._repeat[alert_id]
             if kind == "percent":
+                assert window is not None  # a percent alert has one
                 self.percent.add(alert_id, asset, window, target, direction)
                 self._hits.append(Arm(alert_id, True))
             else:
@@ -288,6 +290,7 @@ class AlertEngine:
         direction) row for the price index, which the caller adds (one by one or in bulk)."""
         if alert.repeat:
             target = alert.price if alert.kind == "price" else alert.percent
+            assert target is not None  # a price alert has a price, a percent alert a percent
             # (a stored row may hold a shorter cooldown than the API takes: held to the floor)
             self._repeat[alert.id] = (alert.kind, alert.asset, target, alert.direction,
                                       alert.window, max(alert.cooldown, MIN_COOLDOWN))
@@ -304,13 +307,16 @@ class AlertEngine:
             return None
         self.created.add(alert.id, alert.created_at * 1000)
         if alert.kind == "percent":
+            assert alert.window is not None and alert.percent is not None  # it has both
             self.percent.add(alert.id, alert.asset, alert.window, alert.percent,
                              alert.direction)
             return None
+        price = alert.price
+        assert price is not None  # a price alert has one
         if not alert.armed and alert.repeat:
-            self._wait_far_side(alert.id, alert.asset, alert.price, alert.direction)
+            self._wait_far_side(alert.id, alert.asset, price, alert.direction)
             return None
-        return alert.id, alert.asset, alert.price, alert.direction
+        return alert.id, alert.asset, price, alert.direction
 
     def track(self, alert: Alert) -> None:
         """An alert was created or changed in the DB: watch it as it is now."""

@@ -120,6 +120,15 @@ async def _check_channels(request: web.Request, user_id: int, data: dict[str, An
                        + " (GET /api/v1/channels lists them)."})
 
 
+def _given(data: dict[str, Any], name: str) -> bool:
+    return data.get(name) is not None
+
+
+def _keep(current: Alert | None, name: str, default: Any) -> Any:
+    """A PATCH keeps what it does not name: `current`'s field, else `default`."""
+    return getattr(current, name) if current is not None else default
+
+
 def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
               ) -> dict[str, Any]:
     """The alert's fields (asset, price, direction, kind, percent, window, repeat,
@@ -132,12 +141,6 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
     errors: dict[str, str] = {}
     out: dict[str, Any] = {}
 
-    def given(name: str) -> bool:
-        return data.get(name) is not None
-
-    def keep(name: str, default: Any) -> Any:  # PATCH keeps what it does not name
-        return getattr(current, name) if current is not None else default
-
     if "asset" in data or current is None:
         raw = data.get("asset")
         if raw is None or raw == "":
@@ -148,102 +151,21 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
             out["asset"] = raw.strip().upper()
     else:
         out["asset"] = current.asset
-    kind = keep("kind", "price")
-    if given("kind"):
+    kind = _keep(current, "kind", "price")
+    if _given(data, "kind"):
         if data["kind"] not in KINDS:
             errors["kind"] = 'Must be "price" or "percent".'
             kind = None
         else:
             kind = data["kind"]
     out["kind"] = kind
-    same_kind = current is not None and current.kind == kind
+    # The alert being changed when it keeps its kind: its fields are the defaults.
+    same = current if current is not None and current.kind == kind else None
     if kind == "price":
-        if "price" in data or not same_kind:
-            raw = data.get("price")
-            checked = REQUIRED if raw is None else positive_number(raw)
-            if isinstance(checked, str):
-                errors["price"] = checked
-            else:
-                out["price"] = checked
-        else:
-            out["price"] = current.price
-        for name in ("percent", "window"):
-            if given(name):
-                errors[name] = "Only for percent alerts."
-        out["percent"] = out["window"] = None
-        if given("direction"):
-            raw = data["direction"]
-            if not isinstance(raw, str) or raw.lower() not in DIRECTIONS:
-                errors["direction"] = 'Must be "above" or "below".'
-            else:
-                out["direction"] = raw.lower()
-        elif same_kind:
-            out["direction"] = current.direction
+        _price_fields(data, same, errors, out)
     elif kind == "percent":
-        if given("price"):
-            errors["price"] = "Only for price alerts."
-        out["price"] = None
-        if "percent" in data or not same_kind:
-            # A move of 1e-9 % is every trade: at least MIN_PERCENT (docs/limits.md).
-            checked = _number(data.get("percent"), MIN_PERCENT, 100, False,
-                              f"A number from {MIN_PERCENT:g} to 100.")
-            if isinstance(checked, str):
-                errors["percent"] = REQUIRED if data.get("percent") is None else checked
-            else:
-                out["percent"] = checked
-        else:
-            out["percent"] = current.percent
-        if "window" in data or not same_kind:
-            raw = data.get("window")
-            if not isinstance(raw, str) or raw not in WINDOWS:
-                errors["window"] = (REQUIRED if raw is None
-                                    else "One of " + ", ".join(WINDOWS) + ".")
-            else:
-                out["window"] = raw
-        else:
-            out["window"] = current.window
-        raw = data.get("direction")
-        if raw is None:
-            out["direction"] = current.direction if same_kind else "any"
-        elif not isinstance(raw, str) or raw.lower() not in PERCENT_DIRECTIONS:
-            errors["direction"] = 'Must be "up", "down" or "any".'
-        else:
-            out["direction"] = raw.lower()
-    out["repeat"] = keep("repeat", False)
-    if "repeat" in data:
-        if not isinstance(data["repeat"], bool):
-            errors["repeat"] = "true or false."
-        else:
-            out["repeat"] = data["repeat"]
-    out["cooldown"] = keep("cooldown", DEFAULT_COOLDOWN)
-    if "cooldown" in data:
-        checked = _number(data["cooldown"], MIN_COOLDOWN, MAX_COOLDOWN, False,
-                          f"Seconds, at least {MIN_COOLDOWN} and at most {MAX_COOLDOWN}.")
-        if isinstance(checked, str):
-            errors["cooldown"] = checked
-        else:
-            out["cooldown"] = checked
-    out["expires_at"] = keep("expires_at", None)
-    if "expires_at" in data:
-        checked = None if data["expires_at"] is None else _expiry(data["expires_at"])
-        if isinstance(checked, str):
-            errors["expires_at"] = checked
-        else:
-            out["expires_at"] = checked
-    out["note"] = keep("note", None)
-    if "note" in data:
-        raw = data["note"]
-        if raw is not None and (not isinstance(raw, str) or len(raw) > MAX_NOTE):
-            errors["note"] = f"Text of at most {MAX_NOTE} characters."
-        else:
-            out["note"] = raw
-    out["channels"] = keep("channels", None)  # None: every channel the user has
-    if "channels" in data and data["channels"] is not None:
-        checked = _channel_list(data["channels"])
-        if isinstance(checked, str):
-            errors["channels"] = checked
-        else:
-            out["channels"] = checked
+        _percent_fields(data, same, errors, out)
+    _common_fields(data, current, errors, out)
     if errors:
         raise invalid(errors)
     if "direction" not in out:  # a price alert without one: from the latest price
@@ -252,6 +174,106 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
             raise conflict(f"No price known yet for {out['asset']}; give a direction.")
         out["direction"] = "above" if out["price"] > latest else "below"
     return out
+
+
+def _price_fields(data: dict[str, Any], same: Alert | None, errors: dict[str, str],
+                  out: dict[str, Any]) -> None:
+    """A price alert's price and direction (percent and window: none)."""
+    if "price" in data or same is None:
+        raw = data.get("price")
+        checked = REQUIRED if raw is None else positive_number(raw)
+        if isinstance(checked, str):
+            errors["price"] = checked
+        else:
+            out["price"] = checked
+    else:
+        out["price"] = same.price
+    for name in ("percent", "window"):
+        if _given(data, name):
+            errors[name] = "Only for percent alerts."
+    out["percent"] = out["window"] = None
+    if _given(data, "direction"):
+        raw = data["direction"]
+        if not isinstance(raw, str) or raw.lower() not in DIRECTIONS:
+            errors["direction"] = 'Must be "above" or "below".'
+        else:
+            out["direction"] = raw.lower()
+    elif same is not None:
+        out["direction"] = same.direction
+
+
+def _percent_fields(data: dict[str, Any], same: Alert | None, errors: dict[str, str],
+                    out: dict[str, Any]) -> None:
+    """A percent alert's percent, window and direction (price: none)."""
+    if _given(data, "price"):
+        errors["price"] = "Only for price alerts."
+    out["price"] = None
+    if "percent" in data or same is None:
+        # A move of 1e-9 % is every trade: at least MIN_PERCENT (docs/limits.md).
+        checked = _number(data.get("percent"), MIN_PERCENT, 100, False,
+                          f"A number from {MIN_PERCENT:g} to 100.")
+        if isinstance(checked, str):
+            errors["percent"] = REQUIRED if data.get("percent") is None else checked
+        else:
+            out["percent"] = checked
+    else:
+        out["percent"] = same.percent
+    if "window" in data or same is None:
+        raw = data.get("window")
+        if not isinstance(raw, str) or raw not in WINDOWS:
+            errors["window"] = (REQUIRED if raw is None
+                                else "One of " + ", ".join(WINDOWS) + ".")
+        else:
+            out["window"] = raw
+    else:
+        out["window"] = same.window
+    raw = data.get("direction")
+    if raw is None:
+        out["direction"] = same.direction if same is not None else "any"
+    elif not isinstance(raw, str) or raw.lower() not in PERCENT_DIRECTIONS:
+        errors["direction"] = 'Must be "up", "down" or "any".'
+    else:
+        out["direction"] = raw.lower()
+
+
+def _common_fields(data: dict[str, Any], current: Alert | None, errors: dict[str, str],
+                   out: dict[str, Any]) -> None:
+    """Repeat, cooldown, expiry, note and channels, for either kind."""
+    out["repeat"] = _keep(current, "repeat", False)
+    if "repeat" in data:
+        if not isinstance(data["repeat"], bool):
+            errors["repeat"] = "true or false."
+        else:
+            out["repeat"] = data["repeat"]
+    out["cooldown"] = _keep(current, "cooldown", DEFAULT_COOLDOWN)
+    if "cooldown" in data:
+        checked = _number(data["cooldown"], MIN_COOLDOWN, MAX_COOLDOWN, False,
+                          f"Seconds, at least {MIN_COOLDOWN} and at most {MAX_COOLDOWN}.")
+        if isinstance(checked, str):
+            errors["cooldown"] = checked
+        else:
+            out["cooldown"] = checked
+    out["expires_at"] = _keep(current, "expires_at", None)
+    if "expires_at" in data:
+        expiry = None if data["expires_at"] is None else _expiry(data["expires_at"])
+        if isinstance(expiry, str):
+            errors["expires_at"] = expiry
+        else:
+            out["expires_at"] = expiry
+    out["note"] = _keep(current, "note", None)
+    if "note" in data:
+        raw = data["note"]
+        if raw is not None and (not isinstance(raw, str) or len(raw) > MAX_NOTE):
+            errors["note"] = f"Text of at most {MAX_NOTE} characters."
+        else:
+            out["note"] = raw
+    out["channels"] = _keep(current, "channels", None)  # None: every channel the user has
+    if "channels" in data and data["channels"] is not None:
+        channels = _channel_list(data["channels"])
+        if isinstance(channels, str):
+            errors["channels"] = channels
+        else:
+            out["channels"] = channels
 
 
 def _store_fields(fields: dict[str, Any]) -> tuple[str, float | None, str, dict[str, Any]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from typing import Any
+from typing import Any, overload
 
 import orjson
 from aiohttp import web
@@ -139,6 +139,16 @@ def strict_int(raw: str) -> int | None:
     if not (0 < len(digits) <= 18 and digits.isascii() and digits.isdigit()):
         return None
     return int(raw)
+
+
+@overload
+def query_int(request: web.Request, name: str, default: int, lo: int, hi: int | None,
+              errors: dict[str, str]) -> int: ...
+
+
+@overload
+def query_int(request: web.Request, name: str, default: int | None, lo: int, hi: int | None,
+              errors: dict[str, str]) -> int | None: ...
 
 
 def query_int(request: web.Request, name: str, default: int | None, lo: int, hi: int | None,

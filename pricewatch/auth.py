@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import jwt
 from aiohttp import web
@@ -291,10 +291,11 @@ class Auth:
         result = await self.store.revoke_token_family(claims["jti"])
         if result.status != "ok":
             raise TokenInvalid("unknown refresh token")
-        self._revoke(result.family)  # type: ignore[arg-type]
+        assert result.family is not None  # an "ok" result names its login
+        self._revoke(result.family)
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -320,7 +321,7 @@ def _well_formed(claims: dict[str, Any]) -> bool:
 AUTH = web.AppKey("auth", Auth)
 # Request state set by identity_middleware: access token -> its identity, for the tokens the
 # request carries whose user exists.
-LIVE_IDENTITIES = web.RequestKey("live_identities", dict)
+LIVE_IDENTITIES = web.RequestKey("live_identities", dict[str, Identity])
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Set by compat.py for seed 000's register, whose users may give no email: then "" is
@@ -352,7 +353,7 @@ async def identity_middleware(request: web.Request, handler: Handler) -> web.Str
     auth = request.app.get(AUTH)
     if auth is not None:
         live: dict[str, Identity] = {}
-        for token in {bearer_token(request), request.query.get("token")} - {None, ""}:
+        for token in {t for t in (bearer_token(request), request.query.get("token")) if t}:
             try:
                 identity = auth.identity(token)
             except TokenInvalid:
@@ -382,7 +383,8 @@ def require_identity(request: web.Request, allow_query: bool = False) -> Identit
     return identity
 
 
-def _text_fields(data: dict[str, Any], names: tuple[str, ...]) -> tuple[dict, dict[str, str]]:
+def _text_fields(data: dict[str, Any],
+                 names: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
     errors: dict[str, str] = {}
     values = {name: text_field(data, name, errors) for name in names}
     return values, errors
@@ -404,7 +406,7 @@ async def register(request: web.Request) -> web.Response:
     """
     auth = request.app[AUTH]
     data = await read_json(request)
-    names = ("username", "password", "email")
+    names: tuple[str, ...] = ("username", "password", "email")
     if request.get(EMAIL_OPTIONAL) and data.get("email") in (None, ""):
         names = names[:2]
     values, errors = _text_fields(data, names)
@@ -423,6 +425,7 @@ async def register(request: web.Request) -> web.Response:
         errors["email"] = "Enter a valid email address."
     if errors:
         raise invalid(errors)
+    assert username is not None and password is not None  # else an error above
     address = limit_key(client_address(request))
     wait = auth.registrations.check(address)
     if wait is not None:
@@ -490,6 +493,7 @@ async def token(request: web.Request) -> web.Response:
     if not ok:
         raise ApiError(401, "bad_credentials",
                        "No active account found with the given credentials.")
+    assert user is not None  # check() is False without one
     await auth.rehash_if_needed(user, password)
     return json_response(await auth.issue_pair(user.id, address))
 

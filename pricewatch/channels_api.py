@@ -46,6 +46,7 @@ async def _webhook(request: web.Request, data: dict[str, Any]) -> dict[str, Any]
         errors["format"] = "Must be one of " + ", ".join(FORMATS) + "."
     if errors:
         raise invalid(errors)
+    assert isinstance(url, str)  # else an error above
     url = url.strip()
     settings = request.app[AUTH].settings
     await check_public_url(url, settings.allow_private_webhooks, schemes=("http", "https"),

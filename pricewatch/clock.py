@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import overload
 
 
 def now() -> float:
     """Seconds since the epoch (UTC)."""
     return time.time()
+
+
+@overload
+def iso(ts: float) -> str: ...
+
+
+@overload
+def iso(ts: None) -> None: ...
+
+
+@overload
+def iso(ts: float | None) -> str | None: ...
 
 
 def iso(ts: float | None) -> str | None:
@@ -20,7 +33,7 @@ def iso(ts: float | None) -> str | None:
 
 def iso_ms(ms: int) -> str:
     """Epoch milliseconds -> ISO-8601 UTC string."""
-    return iso(ms / 1000.0)  # type: ignore[return-value]
+    return iso(ms / 1000.0)
 
 
 def parse_time_ms(raw: str) -> int | None:

@@ -80,8 +80,9 @@ def _carrying(copy: web.Request, data: dict[str, Any]) -> web.Request:
 
 def _answer(response: web.StreamResponse) -> Any:
     """The JSON body of a handler's answer (handlers answer with `json_response`)."""
-    assert isinstance(response, web.Response) and response.body is not None
-    return orjson.loads(response.body)
+    body = response.body if isinstance(response, web.Response) else None
+    assert isinstance(body, bytes | bytearray)
+    return orjson.loads(body)
 
 
 def _renamed_fields(error: ApiError, names: dict[str, str]) -> ApiError:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
+from typing import Any
 
 PREFIX = "PRICEWATCH_"
 FUTURES_HOSTS = {  # the spot hosts are the fields' defaults
@@ -373,9 +374,9 @@ class Settings:
         if settings.binance_market != "spot":
             # The market picks the default hosts; an explicit URL still wins.
             hosts = FUTURES_HOSTS[settings.binance_market]
-            settings = replace(settings, **{
-                key: url for key, url in hosts.items()
-                if PREFIX + key.upper() not in merged})
+            urls: dict[str, Any] = {key: url for key, url in hosts.items()
+                                    if PREFIX + key.upper() not in merged}
+            settings = replace(settings, **urls)
         if settings.role != "all" and settings.redis_url is None:
             raise ConfigError(f"{PREFIX}ROLE={settings.role} needs {PREFIX}REDIS_URL")
         if settings.redis_url is not None and settings.jwt_secret is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -49,7 +50,7 @@ CLIENT_CLOSED = 499
 
 def error_response(status: int, code: str, detail: str, fields: dict | None = None,
                    headers: dict | None = None) -> web.Response:
-    body = {"error": code, "detail": detail}
+    body: dict[str, Any] = {"error": code, "detail": detail}
     if fields is not None:
         body["fields"] = fields
     response = json_response(body, status=status, headers=headers)

@@ -30,7 +30,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, final
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -66,6 +66,7 @@ __all__ = [
 # --------------------------------------------------------------------------- types
 
 
+@final  # `type(event) is Tick` in Feed._deliver tells a Tick from a Book
 @dataclass(slots=True, frozen=True)
 class Tick:
     """One trade."""
@@ -107,6 +108,7 @@ class Book:
     ask_qty: float
 
 
+@final  # `type(event) is ServerShutdown` tells it from a Tick or a Book
 @dataclass(slots=True, frozen=True)
 class ServerShutdown:
     """Binance announced it is about to close the connection: reconnect at once."""
@@ -143,11 +145,11 @@ def parse_number(value: object, name: str, zero_ok: bool = False) -> float:
     """A finite number > 0 (>= 0 with `zero_ok`) from a decimal string (or a JSON number, as
     replay files may hold); raises ParseError otherwise."""
     if type(value) is str or (type(value) in (int, float)):
-        try:
+        try:  # (the exact-type test above keeps bool out; mypy narrows no `type(x) in`)
             v = float(value)  # type: ignore[arg-type]
         except ValueError:
             raise ParseError("bad_number", f"{name}={value!r}") from None
-        if (0.0 < v or (zero_ok and v == 0.0)) and v < math.inf:  # also false for NaN
+        if (v > 0.0 or (zero_ok and v == 0.0)) and v < math.inf:  # also false for NaN
             return v
     raise ParseError("bad_number", f"{name}={value!r}")
 

@@ -66,8 +66,10 @@ class EdgeProtocol(web.RequestHandler):
         transport = self.transport
         gate = FrameGate(parser, transport, TokenBucket(WS_RATE, WS_BURST), WS_MAX_MESSAGE)
         self.ws_gate = gate
+        # aiohttp types it as asyncio.Transport; a LingeringTransport wraps one, duck-typed.
         self.transport = LingeringTransport(transport, gate)  # type: ignore[assignment]
-        super().set_parser(gate, *args, **kwargs)
+        # aiohttp types the parser as its WebSocketReader; it only calls feed_data/feed_eof.
+        super().set_parser(gate, *args, **kwargs)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
         gate = self.ws_gate
@@ -177,7 +179,7 @@ class EdgeServer(web.Server):
 
     def __init__(self, handler: Any, *, request_factory: Any, head_timeout: float,
                  handler_cancellation: bool = False, **kwargs: Any) -> None:
-        def make_request(message, payload, protocol, writer, task):  # type: ignore[no-untyped-def]
+        def make_request(message, payload, protocol, writer, task):
             # Called once per parsed head, before the app sees the request.
             if isinstance(protocol, EdgeProtocol):
                 protocol.head_received()

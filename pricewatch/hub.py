@@ -421,6 +421,7 @@ class Hub:
         cache = self._frames.get(topic)
         if cache is None or len(cache) > 16:  # a few keys of a topic stay useful
             cache = self._frames[topic] = {}
+        # Only a state topic gets here: a tuple whose [0] names its renderer (Topic is object).
         render = self.renderers[topic[0]]  # type: ignore[index]
         frames = {}
         for key in (sorted(keys) if len(keys) > 1 else keys):
@@ -562,8 +563,8 @@ class Hub:
         for client in tuple(self.clients):
             if client.closed:
                 continue
-            if client.expires is not None and (
-                    wall >= client.expires or self.revoked(client.family)):
+            if client.expires is not None and (wall >= client.expires or (
+                    client.family is not None and self.revoked(client.family))):
                 self.end_session(client)
                 continue
             writer = client.writer

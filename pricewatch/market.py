@@ -172,9 +172,9 @@ class Market:
             if topic in topics:
                 hub.mark_dirty(topic)
         at = tick.time
-        for ms, topic in self._candle_topics[symbol]:
-            if topic in topics:  # keyed by the candle's start: each touched candle is sent
-                hub.mark_dirty(topic, at - at % ms)
+        for ms, candle_topic in self._candle_topics[symbol]:
+            if candle_topic in topics:  # keyed by the candle's start: each touched one is sent
+                hub.mark_dirty(candle_topic, at - at % ms)
 
     def _render_price(self, topic: tuple, key: object) -> bytes:
         latest = self.latest[topic[1]]
@@ -182,6 +182,7 @@ class Market:
 
     def _render_candle(self, topic: tuple, start: object) -> bytes | None:
         _, symbol, tf = topic
+        # The hub's keys are opaque; a candle topic's are the candles' start times (ms).
         candle = self.candles.candle_at(symbol, tf, start)  # type: ignore[arg-type]
         if candle is None:  # a late trade older than the ring: dropped, no change
             return None
@@ -277,7 +278,7 @@ def _ohlc_params(request: web.Request, source: dict) -> tuple[str, str, int]:
         errors["timeframe"] = "Must be one of " + " ".join(TIMEFRAMES) + "."
     raw_limit = source.get("limit", 100)
     try:
-        if isinstance(raw_limit, bool) or isinstance(raw_limit, float):
+        if isinstance(raw_limit, bool | float):
             raise ValueError
         limit = int(raw_limit)
         if not 1 <= limit <= 1000:
@@ -287,7 +288,8 @@ def _ohlc_params(request: web.Request, source: dict) -> tuple[str, str, int]:
         limit = 0
     if errors:
         raise invalid(errors)
-    return symbol, timeframe, limit  # type: ignore[return-value]
+    assert symbol is not None  # else an error above
+    return symbol, timeframe, limit
 
 
 async def ohlc(request: web.Request) -> web.Response:
@@ -295,12 +297,14 @@ async def ohlc(request: web.Request) -> web.Response:
     inclusive) the newest `limit` starting in that range, stored history included."""
     query = request.query
     errors: dict[str, str] = {}
-    span = {}
+    span: dict[str, int] = {}
     for name in ("start", "end"):
         if name in query:
-            span[name] = clock.parse_time_ms(query[name])
-            if span[name] is None:
+            ms = clock.parse_time_ms(query[name])
+            if ms is None:
                 errors[name] = "Enter an ISO-8601 time or milliseconds since the epoch."
+            else:
+                span[name] = ms
     try:
         symbol, timeframe, limit = _ohlc_params(request, dict(query))
     except ApiError as exc:
@@ -417,14 +421,49 @@ async def serve_ws(request: web.Request, endpoint: str, user_id: int | None,
     return ws
 
 
+def _price_format(request: web.Request, market: Market) -> str | None:
+    """The live feed's `?format=` (None: this server's own messages); 400 for an unknown one."""
+    fmt = request.query.get("format")
+    if fmt is not None and fmt not in market.price_formats:
+        raise invalid({"format": "Must be one of: " + ", ".join(market.price_formats) + "."})
+    return fmt
+
+
+def _symbols_asked(request: web.Request, market: Market, data: dict) -> list[str] | str:
+    """The watched symbols a live-feed (un)subscribe message names (every one when it names
+    none), or the error to answer it with."""
+    raw = data.get("symbols", list(market.symbols))
+    if not isinstance(raw, list) or not raw:
+        return "symbols must be a non-empty list of symbols."
+    named = [_symbol(request, s) for s in raw]
+    unknown = [s for s, known in zip(raw, named, strict=True) if known is None]
+    if unknown:
+        return "Unknown symbols: " + _named(unknown) + ". Watched: " + ", ".join(market.symbols)
+    return [s for s in named if s is not None]  # all of them, by now
+
+
+def _subscribe(hub: Hub, client: Client, topics: set, data: dict) -> bool:
+    """Subscribe `client` to every one of `topics` at the message's max_rate; False when
+    it is answered with an error instead (all or nothing)."""
+    max_rate, errors = _max_rate(hub, data)
+    if errors:
+        hub.send(client, orjson.dumps({"type": "error", "detail": "Invalid max_rate.",
+                                       "fields": errors}))
+        return False
+    if len(client.topics | topics) > MAX_SUBSCRIPTIONS:
+        hub.send(client, _error(TOO_MANY_TOPICS))
+        return False
+    for topic in topics:
+        hub.subscribe(client, topic, max_rate)
+    return True
+
+
 async def live_feed(request: web.Request) -> web.StreamResponse:
     """`/live-feed/subscribe/`: prices of subscribed symbols (state, at most `max_rate` a
     second per symbol) and the user's alert events (every one, in order)."""
     identity = auth.require_identity(request, allow_query=True)  # 401 before the upgrade
     market, hub = request.app[MARKET], request.app[HUB]
-    fmt = request.query.get("format")  # None: this server's own messages
-    if fmt is not None and fmt not in market.price_formats:
-        raise invalid({"format": "Must be one of: " + ", ".join(market.price_formats) + "."})
+    fmt = _price_format(request, market)
     render = price_message if fmt is None else market.price_formats[fmt]
 
     def send_prices(client: Client, symbols) -> None:
@@ -448,28 +487,14 @@ async def live_feed(request: web.Request) -> web.StreamResponse:
         if action not in ("subscribe", "unsubscribe"):
             hub.send(client, _error("action must be subscribe or unsubscribe."))
             return
-        raw = data.get("symbols", list(market.symbols))
-        if not isinstance(raw, list) or not raw:
-            hub.send(client, _error("symbols must be a non-empty list of symbols."))
-            return
-        symbols = [_symbol(request, s) for s in raw]
-        unknown = [s for s, known in zip(raw, symbols, strict=True) if known is None]
-        if unknown:
-            hub.send(client, _error("Unknown symbols: " + _named(unknown)
-                                    + ". Watched: " + ", ".join(market.symbols)))
+        symbols = _symbols_asked(request, market, data)
+        if isinstance(symbols, str):
+            hub.send(client, _error(symbols))
             return
         topics = {market.price_topic(symbol, fmt) for symbol in symbols}
         if action == "subscribe":
-            max_rate, errors = _max_rate(hub, data)
-            if errors:
-                hub.send(client, orjson.dumps({"type": "error", "detail": "Invalid max_rate.",
-                                               "fields": errors}))
+            if not _subscribe(hub, client, topics, data):
                 return
-            if len(client.topics | topics) > MAX_SUBSCRIPTIONS:  # all or nothing
-                hub.send(client, _error(TOO_MANY_TOPICS))
-                return
-            for topic in topics:
-                hub.subscribe(client, topic, max_rate)
         else:
             for topic in topics:
                 hub.unsubscribe(client, topic)

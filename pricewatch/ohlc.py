@@ -52,7 +52,7 @@ def parse_timeframe(name: str) -> int:
         ) from None
 
 
-def _iso(ms: int) -> str:
+def _iso(ms: float) -> str:
     sec, msec = divmod(int(ms), 1000)
     text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
     # Every standard timeframe starts on a whole second; only custom ones need the millis.
@@ -360,7 +360,7 @@ class CandleBook:
     def changes(self) -> list[tuple]:
         """Storage rows of every candle new or changed since the last call (the newest of
         each ring included while it is open). Cheap: O(rings + changed candles)."""
-        out = []
+        out: list[tuple] = []
         for symbol, rings in self._rings.items():
             for ring in rings:
                 last = ring.last
@@ -397,7 +397,9 @@ class CandleBook:
             candle.volume, candle.trades, candle.last_ts = row[7], row[8], row[10]
             merged[candle.start] = candle
             fresh.append(candle)
-        newest = sorted(merged.values(), key=_START)[-ring.candles.maxlen:]
+        size = ring.candles.maxlen
+        assert size is not None  # every ring has one
+        newest = sorted(merged.values(), key=_START)[-size:]
         ring.candles.clear()
         ring.candles.extend(newest)
         ring.last = newest[-1] if newest else _NO_CANDLE

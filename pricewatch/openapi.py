@@ -341,8 +341,9 @@ def _seed_operations() -> dict[tuple[str, str], dict]:
 
 OPERATIONS.update(_seed_operations())
 
-SECURITY = {None: [], "user": [{"bearerAuth": []}], "admin": [{"bearerAuth": []}],
-            "user+query": [{"bearerAuth": []}, {"tokenQuery": []}]}
+SECURITY: dict[str | None, list[dict[str, list[str]]]] = {
+    None: [], "user": [{"bearerAuth": []}], "admin": [{"bearerAuth": []}],
+    "user+query": [{"bearerAuth": []}, {"tokenQuery": []}]}
 
 
 # -- building the document ------------------------------------------------------------------

@@ -30,6 +30,7 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import deque
+from typing import Protocol
 
 __all__ = ["PERCENT_DIRECTIONS", "WINDOWS", "PercentIndex"]
 
@@ -66,6 +67,16 @@ def _take(keys: array, ids: array, move: float) -> list[int]:
     del ids[cut:]
     return taken
 
+
+
+class _Trade(Protocol):
+    """A trade as `PercentIndex.last` keeps it (feeds.Tick is one)."""
+
+    @property
+    def time(self) -> float: ...  # ms since epoch UTC
+
+    @property
+    def price(self) -> float: ...
 
 class _Group:
     __slots__ = ("seconds", "lows", "highs", "last", "up_keys", "up_ids", "down_keys",
@@ -154,7 +165,7 @@ class PercentIndex:
         self._where: dict[int, _Group] = {}  # alert id -> its group
         # symbol -> its last trade (anything with `time` in ms and `price`), from which a new
         # window starts. The caller keeps it for symbols without a group (see on_trade).
-        self.last: dict[str, object] = {}
+        self.last: dict[str, _Trade] = {}
         self._recent: dict[str, tuple[int, float]] = {}  # the same, once it has a group
 
     def on_trade(self, symbol: str, time_ms: float, price: float
@@ -189,7 +200,7 @@ class PercentIndex:
             raise ValueError(f"percent must be in (0, 100], not {percent!r}")
         self.remove(alert_id)
         groups = self.groups.setdefault(symbol, [])
-        for name, group in groups:
+        for name, group in groups:  # noqa: B007 - the group found is used after the loop
             if name == window:
                 break
         else:

@@ -74,6 +74,7 @@ class Quotes:
 
     async def fetch(self, from_currency: str, to_currency: str) -> Quote:
         s = self.settings
+        assert s.alphavantage_api_key is not None  # create_quote answers 503 without one
         return await fetch_rate(self.session, s.alphavantage_url, s.alphavantage_api_key,
                                 from_currency, to_currency, timeout=s.alphavantage_timeout,
                                 max_bytes=s.upstream_max_bytes)

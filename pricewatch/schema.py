@@ -300,7 +300,9 @@ async def migrate(db: aiosqlite.Connection) -> None:
     await db.create_function("pw_username_key", 1, username_key, deterministic=True)
     await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     async with db.execute("SELECT MAX(version) FROM schema_version") as cur:
-        current = (await cur.fetchone())[0] or 0
+        row = await cur.fetchone()
+        assert row is not None  # an aggregate: always one row
+        current = row[0] or 0
     if current > len(MIGRATIONS):
         raise SchemaError(f"database schema version {current} is newer than this pricewatch "
                           f"({len(MIGRATIONS)})")

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -32,12 +32,13 @@ from .cluster.bus import require_redis
 from .cluster.core import PUBLISHER, RelayHub, core_ctx
 from .cluster.edge import edge_ctx
 from .config import Settings
-from .delivery.email import MAILER
+from .delivery.email import MAILER, EmailSink
 from .delivery.outbox import DELIVERER, Deliverer, make_sinks
 from .delivery.outbox import render_metrics as render_delivery_metrics
 from .errors import MAX_BODY, Handler, error_middleware
 from .errors import error_response as error_response  # tests import it from here
 from .feed_admin import EXTRA_FEEDS, HEALTH, ExtraFeeds, FeedRunner, binance_factory
+from .feeds import Feed
 from .httpd import make_runner
 from .hub import Hub
 from .links import PUBLIC_URL
@@ -162,7 +163,7 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
-FEED = web.AppKey("feed", object)  # the configured Feed, or None for "off"
+FEED: web.AppKey[Feed | None] = web.AppKey("feed")  # the configured Feed, or None for "off"
 
 
 STATIC = Path(__file__).parent / "static"
@@ -260,7 +261,7 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
     """Deliver alert events (email, webhooks, Telegram); pending rows from before a restart
     are resumed. The email sink also sends verification codes (MAILER)."""
     sinks = make_sinks(app[SETTINGS])
-    app[MAILER] = sinks["email"]
+    app[MAILER] = cast(EmailSink, sinks["email"])  # make_sinks makes an EmailSink for it
     deliverer = app[DELIVERER] = Deliverer(app[SETTINGS], app[STORE], sinks)
     await deliverer.start()
     try:
@@ -326,6 +327,7 @@ async def quotes_ctx(app: web.Application) -> AsyncIterator[None]:
                  settings.quotes)
         yield
         return
+    assert settings.alphavantage_api_key is not None  # quote_source needs it for "alphavantage"
     quotes.poller = QuotePoller(session, settings.alphavantage_url,
                                 settings.alphavantage_api_key, list(settings.quote_pairs),
                                 settings.alphavantage_interval, quotes.save,

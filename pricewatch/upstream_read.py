@@ -21,7 +21,8 @@ import asyncio
 import json
 import re
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -108,8 +109,12 @@ def _refuse(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-_WS = re.compile(r"[ \t\n\r]*")
-_scan = json.JSONDecoder(parse_constant=_refuse).scan_once  # one scalar at an index
+# `_ws(text, i).end()`: the index past the whitespace at `i` (the pattern matches the empty
+# string, so there is always a match).
+_ws = cast(Callable[[str, int], re.Match[str]], re.compile(r"[ \t\n\r]*").match)
+# One scalar at an index; the stubs omit both attributes (set in JSONDecoder.__init__ and
+# json.decoder at import).
+_scan = json.JSONDecoder(parse_constant=_refuse).scan_once  # type: ignore[attr-defined]
 _scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
@@ -118,17 +123,17 @@ def _key(text: str, i: int) -> tuple[str, int]:
     if text[i:i + 1] != '"':
         raise ValueError(f"expected a key at {i}")
     key, i = _scanstring(text, i + 1)
-    i = _WS.match(text, i).end()
+    i = _ws(text, i).end()
     if text[i:i + 1] != ":":
         raise ValueError(f"expected ':' at {i}")
-    return key, _WS.match(text, i + 1).end()
+    return key, _ws(text, i + 1).end()
 
 
 async def _parse_sliced(text: str) -> Any:  # noqa: C901 (one state machine, kept whole)
     """JSON `text` parsed as json.loads would (NaN and Infinity refused), yielding to the
     loop every SLICE seconds. Containers are walked here, without recursion: `stack` holds
     the open ones as [container, key of the value being read (objects)]."""
-    ws = _WS.match
+    ws = _ws
     stack: list[list[Any]] = []
     i = ws(text, 0).end()
     steps = 0

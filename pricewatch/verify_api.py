@@ -104,9 +104,9 @@ class CodeMail:
     def wait(self, user_id: int, address: str) -> int | None:
         """Seconds until a code may be mailed to `address` for this user, None: now."""
         key = self._address_key(address)
-        waits = [w.check(key) for w in self._to_address]
-        waits.append(self._to_user.check(str(user_id)))
-        waits = [w for w in waits if w is not None]
+        checks = [w.check(key) for w in self._to_address]
+        checks.append(self._to_user.check(str(user_id)))
+        waits = [w for w in checks if w is not None]
         return max(waits) if waits else None
 
     @property

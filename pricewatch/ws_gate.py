@@ -35,7 +35,8 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from typing import Any
+from enum import Enum
+from typing import Any, Final
 
 from .client_writer import TOO_BIG, TOO_MANY_MESSAGES, Disconnect
 from .limits import TokenBucket
@@ -50,7 +51,13 @@ LINGER_FRAMES = 1024
 
 CLOSE = 0x8
 _EMPTY = (False, b"")  # what a parser's feed_data returns: (eof, unparsed tail)
-_PEER_CLOSED = object()
+
+
+class _Peer(Enum):
+    CLOSED = "closed"  # `_scan` met the client's close frame
+
+
+_PEER_CLOSED: Final = _Peer.CLOSED
 
 
 def _header_size(buf: bytes) -> int:
@@ -129,7 +136,8 @@ class FrameGate:
 
     # -- scanning ----------------------------------------------------------------------
 
-    def _scan(self, data: bytes, pos: int, counting: bool) -> tuple[object, int]:
+    def _scan(self, data: bytes, pos: int,
+              counting: bool) -> tuple[Disconnect | _Peer | None, int]:
         """Walk the frame headers of `data` from `pos`, taking a token per frame when
         `counting`. Returns (None, len) when all is well, else (the Disconnect, or
         _PEER_CLOSED at a close frame; the offset after its header)."""
@@ -204,9 +212,9 @@ class FrameGate:
                 self.transport.pause_reading()
 
     def _look_for_close(self, data: bytes, pos: int) -> None:
-        if self.frames_left > 0 and not self.peer_closed and not self.finished:
-            if self._scan(data, pos, False)[0] is _PEER_CLOSED:
-                self.finish(polite=True)
+        if (self.frames_left > 0 and not self.peer_closed and not self.finished
+                and self._scan(data, pos, False)[0] is _PEER_CLOSED):
+            self.finish(polite=True)
 
     def hurry(self) -> None:
         """Do not linger (server shutdown): the socket closes as soon as it is let go."""

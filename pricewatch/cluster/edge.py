@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -232,18 +232,21 @@ async def edge_ctx(app: web.Application) -> AsyncIterator[None]:
     """A cluster edge: tokens checked with the shared secret and the revocations heard;
     market state and events from Redis. Serving starts once the snapshot is read (or after
     START_WAIT seconds without Redis: then /healthz says so)."""
+    from ..alerts import AlertEngine
     from ..alerts_api import ENGINE
     from ..market import MARKET
     from ..server import SETTINGS, background
 
     settings = app[SETTINGS]
     assert settings.jwt_secret is not None  # Settings.from_env requires it for an edge
-    auth_ = app[auth.AUTH] = auth.Auth(settings, None, settings.jwt_secret,  # type: ignore
-                                       {})  # no database: no user check (see the docstring)
+    # No database: no user check (see the docstring). Auth.store is typed Store for the core's
+    # routes, which need one; an edge serves none of them.
+    auth_ = app[auth.AUTH] = auth.Auth(settings, None,  # type: ignore[arg-type]
+                                       settings.jwt_secret, {})
     app[HUB].revoked = auth_.revoked
     edge = app[EDGE] = Edge(settings, app[MARKET], app[HUB], auth_)
     # The live feed's `resume` asks app[ENGINE]; on an edge the Edge answers it from Redis.
-    app[ENGINE] = edge  # type: ignore[assignment]
+    app[ENGINE] = cast(AlertEngine, edge)  # an edge has no engine; only `resume` is asked
     async with background(edge.bus.run(), "redis-bus"):
         try:
             async with asyncio.timeout(START_WAIT):

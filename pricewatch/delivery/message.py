@@ -98,7 +98,7 @@ def chat(batch: Sequence[Delivery], limit: int, public_url: str | None = None,
     keep = len(lines) - 1
     while keep > 0:  # drop lines from the end until the rest and the summary fit
         more = f"... and {len(lines) - keep} more lines (GET /api/v1/events lists them all)"
-        cut = "\n".join(lines[:keep] + [more])
+        cut = "\n".join([*lines[:keep], more])
         if size(cut) <= limit:
             return cut
         keep -= max(1, (size(cut) - limit) // 200)  # long digests: several lines a step

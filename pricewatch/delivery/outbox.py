@@ -52,7 +52,11 @@ def _key(d: Delivery) -> Key:
 
 def _channel_id(key: Key) -> int | None:
     """The `channel_id` column of the channel `key` (None for the email)."""
-    return None if key[1] == "email" else key[2]  # type: ignore[return-value]
+    if key[1] == "email":
+        return None
+    channel_id = key[2]
+    assert isinstance(channel_id, int)  # only the email's id is a str
+    return channel_id
 
 
 class Deliverer:

@@ -65,9 +65,11 @@ class TelegramSink:
         raw = orjson.dumps({"chat_id": chat_id(batch[0].channel.chat_id),
                             "text": chat(batch, TEXT_LIMIT, s.public_url, utf16=True)})
         try:
-            async with self.session.post(url, data=raw, allow_redirects=False,
-                                         headers={"Content-Type": "application/json"}
-                                         ) as resp:
+            session = self.session
+            assert session is not None, "send() before start()"
+            async with session.post(url, data=raw, allow_redirects=False,
+                                    headers={"Content-Type": "application/json"}
+                                    ) as resp:
                 # A sent message's answer repeats it (up to 4096 characters and entities).
                 answer = json_head(await read_head(
                     resp, min(4 * RESPONSE_HEAD, s.upstream_max_bytes)))

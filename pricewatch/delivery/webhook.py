@@ -132,8 +132,10 @@ class WebhookSink:
             host = URL(url).host or ""
             if not self.settings.allow_private_webhooks and not _public_literal(host):
                 return Failed(f"refused: {host} is not a public address")
-            async with self.session.post(url, data=raw, headers=headers,
-                                         allow_redirects=False) as resp:
+            session = self.session
+            assert session is not None, "send() before start()"
+            async with session.post(url, data=raw, headers=headers,
+                                    allow_redirects=False) as resp:
                 head = await read_head(
                     resp, min(RESPONSE_HEAD, self.settings.upstream_max_bytes))
                 status = resp.status

@@ -12,7 +12,7 @@ import aiosqlite
 from .. import clock
 from ..records import RotateResult, User
 from ..schema import username_key
-from .base import Conflict, UnknownUser
+from .base import Conflict, Database, UnknownUser, inserted_id, present
 
 _USER_COLS = "id, username, email, password_hash, is_admin, email_verified"
 _BCRYPT_PREFIX = re.compile(r"\$2[aby]\$(\d\d)\$")
@@ -46,7 +46,7 @@ class IssueResult(NamedTuple):
     wait: float | None = None
 
 
-class AccountsMixin:
+class AccountsMixin(Database):
     """Store methods for settings, users, login addresses and refresh tokens."""
 
     # settings -------------------------------------------------------------------------
@@ -57,7 +57,7 @@ class AccountsMixin:
             await db.execute("INSERT OR IGNORE INTO settings(key, value) VALUES (?, ?)",
                              (key, default))
             async with db.execute("SELECT value FROM settings WHERE key = ?", (key,)) as cur:
-                return (await cur.fetchone())[0]
+                return present(await cur.fetchone())[0]
 
     # users ----------------------------------------------------------------------------
 
@@ -74,7 +74,7 @@ class AccountsMixin:
                     (username, username_key(username), email, password_hash, int(is_admin),
                      clock.now()),
                 )
-                user_id = cur.lastrowid
+                user_id = inserted_id(cur)
                 if email_verified:  # a separate statement: the INSERT suits older schemas
                     await db.execute("UPDATE users SET email_verified = 1 WHERE id = ?",
                                      (user_id,))

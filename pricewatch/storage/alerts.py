@@ -11,7 +11,7 @@ import orjson
 
 from .. import clock
 from ..records import EMAIL, Alert, Arm, Event, Hit
-from .base import Conflict, NotFound, UnknownUser
+from .base import Conflict, Database, NotFound, UnknownUser, inserted_id, present
 from .deliveries import CHANNEL_IDS, EVENT_DELIVERIES, insert_deliveries
 
 ALERT_COLS = ("id, user_id, asset, price, direction, status, created_at, triggered_at, "
@@ -29,14 +29,17 @@ _EVENT_COLS = "e.id, e.alert_id, e.user_id, e.time, e.price, e.backfill, " + EVE
 def parse_alert(row) -> Alert:
     # channels NULL: an alert from before channels existed, which only ever mailed.
     channels = tuple(orjson.loads(row[21])) if row[21] is not None else (EMAIL,)
-    return Alert(*row[:15], bool(row[15]), *row[16:20], bool(row[20]), channels=channels)
+    return Alert(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8],
+                 row[9], row[10], row[11], row[12], row[13], row[14], bool(row[15]), row[16],
+                 row[17], row[18], row[19], bool(row[20]), channels=channels)
 
 
 def _event(row) -> Event:
-    return Event(*row[:6], tuple(tuple(d) for d in orjson.loads(row[6])))
+    return Event(row[0], row[1], row[2], row[3], row[4], row[5],
+                 tuple(tuple(d) for d in orjson.loads(row[6])))
 
 
-class AlertsMixin:
+class AlertsMixin(Database):
     """Store methods for alerts, events and triggers."""
 
     # alerts ---------------------------------------------------------------------------
@@ -53,7 +56,7 @@ class AlertsMixin:
                 "SELECT EXISTS(SELECT 1 FROM users WHERE id = ?), COUNT(*) FROM alerts"
                 " WHERE user_id = ? AND (status = 'CREATED' OR (status = 'TRIGGERED'"
                 " AND repeat = 1))", (user_id, user_id)) as cur:
-                exists, active = await cur.fetchone()
+                exists, active = present(await cur.fetchone())
             if not exists:
                 raise UnknownUser(f"user {user_id} does not exist")
             if active >= max_active:
@@ -98,7 +101,8 @@ class AlertsMixin:
 
     async def _list_alerts(self, user_id: int, status: str | None, offset: int,
                            limit: int) -> tuple[int, list[Alert]]:
-        where, params = "user_id = ?", [user_id]
+        where = "user_id = ?"
+        params: list[int | str] = [user_id]
         if status is not None:
             where += " AND status = ?"
             params.append(status)
@@ -297,13 +301,13 @@ class AlertsMixin:
             async with self._tx() as db:
                 async with db.execute("SELECT MIN(id) FROM events WHERE id > ?",
                                       (after,)) as cur:
-                    first = (await cur.fetchone())[0]
+                    first = present(await cur.fetchone())[0]
                 if first is None:
                     return total
                 last = first + window - 1
                 async with db.execute("SELECT MIN(time) FROM events WHERE id BETWEEN ? AND ?",
                                       (first, last)) as cur:
-                    oldest = (await cur.fetchone())[0]
+                    oldest = present(await cur.fetchone())[0]
                 if oldest >= older_than:
                     return total
                 # Deliveries go with their event (ON DELETE CASCADE).
@@ -351,10 +355,10 @@ def _trigger(db: sqlite3.Connection, hit: Hit, now: float) -> Alert | None:
          window or "", at))
     if cur.rowcount == 0:
         return None
-    event_id = db.execute(
+    event_id = inserted_id(db.execute(
         "INSERT INTO events(alert_id, user_id, time, price, backfill)"
         " SELECT id, user_id, ?, ?, ? FROM alerts WHERE id = ?",
-        (at, price, backfill, alert_id)).lastrowid
+        (at, price, backfill, alert_id)))
     # A user without an email (seed 000's register, compat.py) gets no email delivery; with
     # no delivery at all `notified` is null.
     deliveries = insert_deliveries(db, event_id, alert_id, now)

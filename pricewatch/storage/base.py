@@ -22,6 +22,7 @@ from ..schema import SchemaError, migrate
 
 log = logging.getLogger("pricewatch.store")
 T = TypeVar("T")
+R = TypeVar("R")
 
 # aiosqlite logs every call at DEBUG with its parameters: the JWT secret, password hashes and
 # refresh-token ids would reach the log at PRICEWATCH_LOG_LEVEL=DEBUG. Nothing it says below
@@ -52,6 +53,19 @@ class StorageUnavailable(StoreError):
 
     detail = "The database cannot store anything right now (disk full or read-only)."
     retry_after = 30  # seconds; what a client is told to wait before it tries again
+
+
+def present(row: R | None) -> R:
+    """`row` from a query that always returns one (an aggregate, a row known to exist)."""
+    assert row is not None
+    return row
+
+
+def inserted_id(cursor: sqlite3.Cursor | aiosqlite.Cursor) -> int:
+    """The rowid of the row the INSERT just run on `cursor` made."""
+    rowid = cursor.lastrowid
+    assert rowid is not None
+    return rowid
 
 
 def log_failure(logger: logging.Logger, exc: BaseException, msg: str, *args: object) -> None:
@@ -175,7 +189,7 @@ class Database:
                         await asyncio.shield(self._w.execute("ROLLBACK"))
                     raise
             except sqlite3.Error as exc:
-                raise self._unavailable(exc) or exc
+                raise self._unavailable(exc) or exc  # noqa: B904 - exc, or one in its context
             if self._w.total_changes != changes:
                 self._wrote()
 
@@ -202,7 +216,7 @@ class Database:
                 # `_execute` queues a function there (the same queue its own methods use).
                 result, changed = await asyncio.shield(self._w._execute(run, self._w._conn))
             except sqlite3.Error as exc:
-                raise self._unavailable(exc) or exc
+                raise self._unavailable(exc) or exc  # noqa: B904 - exc, or one in its context
             if changed:
                 self._wrote()
             return result
@@ -236,7 +250,7 @@ class Database:
             self._refused_since = None
 
     async def _one(self, sql: str, params: Iterable = ()):
-        rows = await self._r.execute_fetchall(sql, tuple(params))
+        rows = list(await self._r.execute_fetchall(sql, tuple(params)))
         return rows[0] if rows else None
 
     async def _all(self, sql: str, params: Iterable = ()) -> list:
@@ -244,7 +258,7 @@ class Database:
         return list(await self._r.execute_fetchall(sql, tuple(params)))
 
     async def schema_version(self) -> int:
-        return (await self._one("SELECT MAX(version) FROM schema_version"))[0] or 0
+        return present(await self._one("SELECT MAX(version) FROM schema_version"))[0] or 0
 
     async def ping(self) -> str:
         """"ok"; "degraded" while writes are refused for want of storage (reads work). Raises

@@ -10,7 +10,7 @@ import aiosqlite
 
 from .. import clock
 from ..records import EMAIL, Channel, Delivery, Event
-from .base import Conflict, NotFound
+from .base import Conflict, Database, NotFound, inserted_id, present
 
 _CHANNEL_COLS = "id, user_id, type, url, format, secret, chat_id, created_at"
 DELIVERY_STATES = ("pending", "sent", "failed", "skipped")
@@ -86,7 +86,7 @@ def _pairs(users: Collection[tuple[str, int]]) -> tuple[str, tuple]:
             tuple(x for pair in users for x in pair))
 
 
-class DeliveriesMixin:
+class DeliveriesMixin(Database):
     """Store methods for channels and deliveries."""
 
     # channels -------------------------------------------------------------------------
@@ -116,14 +116,14 @@ class DeliveriesMixin:
                     "SELECT (SELECT COUNT(*) FROM channels WHERE user_id = ?"
                     " AND deleted_at IS NULL) + (SELECT COUNT(*) FROM users WHERE id = ?"
                     " AND email <> '')", (user_id, user_id)) as cur:
-                (count,) = await cur.fetchone()
+                (count,) = present(await cur.fetchone())
             if count >= max_channels:
                 raise Conflict(f"at most {max_channels} channels per user")
             cur = await db.execute(
                 "INSERT INTO channels(user_id, type, url, format, secret, chat_id, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (user_id, type, url, format, secret, chat_id, now))
-            return Channel(cur.lastrowid, user_id, type, url=url, format=format,
+            return Channel(inserted_id(cur), user_id, type, url=url, format=format,
                            secret=secret, chat_id=chat_id, created_at=now)
 
     async def delete_channel(self, user_id: int, channel_id: int) -> None:
@@ -165,7 +165,8 @@ class DeliveriesMixin:
         if not types:
             return []
         ids, kinds = tuple(exclude), tuple(types)
-        only, params = "", ()
+        only = ""
+        params: tuple[int | str | None, ...] = ()
         if channel is not None:
             user_id, kind, channel_id = channel
             only = " AND d.user_id = ? AND d.channel = ? AND d.channel_id IS ?"
@@ -192,12 +193,12 @@ class DeliveriesMixin:
             alert = replace(alert, triggered_at=event.time, triggered_price=event.price,
                             backfill=event.backfill)
             if r[3] == "email":
-                channel = Channel(EMAIL, alert.user_id, "email", address=r[10],
-                                  verified=bool(r[11]), created_at=r[5])
+                to = Channel(EMAIL, alert.user_id, "email", address=r[10],
+                             verified=bool(r[11]), created_at=r[5])
             else:
-                channel = Channel(r[4], alert.user_id, r[3], url=r[12], format=r[13],
-                                  secret=r[14], chat_id=r[15], created_at=r[16])
-            items.append(Delivery(r[0], r[1], alert, event, channel, bool(r[2]),
+                to = Channel(r[4], alert.user_id, r[3], url=r[12], format=r[13],
+                             secret=r[14], chat_id=r[15], created_at=r[16])
+            items.append(Delivery(r[0], r[1], alert, event, to, bool(r[2]),
                                   created_at=r[5]))
         return items
 

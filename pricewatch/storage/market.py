@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Collection
 
 from .. import clock
 from ..records import Quote
-from .base import Conflict, NotFound
+from .base import Conflict, Database, NotFound, inserted_id
 
 _QUOTE_COLS = "id, from_currency, to_currency, rate, bid, ask, source_time, fetched_at"
 
@@ -16,7 +16,7 @@ def _quote(row) -> Quote:
     return Quote(*row)
 
 
-class MarketMixin:
+class MarketMixin(Database):
     """Store methods for quotes, admin feeds and candles."""
 
     # quotes ---------------------------------------------------------------------------
@@ -29,7 +29,7 @@ class MarketMixin:
                 "INSERT INTO quotes(from_currency, to_currency, rate, bid, ask, source_time,"
                 " fetched_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (from_currency, to_currency, rate, bid, ask, source_time, fetched_at))
-            quote_id = cur.lastrowid
+            quote_id = inserted_id(cur)
         return Quote(quote_id, from_currency, to_currency, rate, bid, ask, source_time,
                      fetched_at)
 
@@ -72,7 +72,7 @@ class MarketMixin:
                 cur = await db.execute(
                     "INSERT INTO feeds(url, created_by, created_at) VALUES (?, ?, ?)",
                     (url, created_by, clock.now()))
-                return cur.lastrowid
+                return inserted_id(cur)
         except sqlite3.IntegrityError:
             raise Conflict("feed already exists") from None
 

@@ -159,7 +159,8 @@ class Sequencer:
         run = sym.candidates
         if run:
             prev = run[-1]
-            step = tick.trade_id - prev.trade_id  # type: ignore[operator]
+            assert tick.trade_id is not None and prev.trade_id is not None  # sequenced trades
+            step = tick.trade_id - prev.trade_id
             if not (0 < step <= self.stats.max_id_jump and tick.time >= prev.time):
                 if step <= 0 and tick.time <= prev.time:
                     self.stats.dropped_out_of_order()  # a duplicate of a candidate
@@ -176,9 +177,10 @@ class Sequencer:
         """The held candidates start the new sequence: delivered next, in order."""
         run = sym.candidates
         self._cancel_timer(sym)
-        self.stats.id_reset(symbol, sym.last_id if sym.last_id is not None else 0,
-                            run[0].trade_id)  # type: ignore[arg-type]
-        sym.last_id = run[0].trade_id - 1  # type: ignore[operator]
+        first = run[0].trade_id
+        assert first is not None  # a candidate is a sequenced trade
+        self.stats.id_reset(symbol, sym.last_id if sym.last_id is not None else 0, first)
+        sym.last_id = first - 1
         sym.candidates = []
         sym.held.extendleft(reversed(run))  # delivered next, in order, by _release
 
@@ -242,7 +244,9 @@ class Sequencer:
         except asyncio.CancelledError:
             if self._stopping:
                 raise  # the feed stops
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            task = asyncio.current_task()
+            assert task is not None  # a coroutine of this loop runs in a task
+            task.uncancel()
             log.warning("%s: %d live trades held during a backfill; giving up", symbol,
                         self.max_held)
         except RestError as exc:
@@ -356,7 +360,8 @@ class Sequencer:
             start = page[-1].open_time + MINUTE
         for bar in bars:
             try:
-                self._deliver_bar(bar)  # type: ignore[misc]
+                assert self._deliver_bar is not None  # a gap is filled from klines only with one
+                self._deliver_bar(bar)
             except Exception as exc:  # a downstream bug must not stop market data
                 self.stats.callback_error(self.stats.kind, exc)
         self.kline_filled[symbol] = self.kline_filled.get(symbol, 0) + covered

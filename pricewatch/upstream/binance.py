@@ -232,7 +232,8 @@ class BinanceFeed(Feed):
                     fills, cut = await fetch_history(self.rest, symbol, self.history)
                     resume = await last_id_before(self.rest, symbol, cut)
                     for fill in fills:
-                        self._on_history(fill)  # type: ignore[misc]
+                        assert self._on_history is not None  # given with `history`
+                        self._on_history(fill)
                     if resume is not None:
                         self.sequencer.resume(symbol, *resume)
             log.info("%s feed: candle history of %d symbols loaded in %.2f s", self.name,
@@ -280,7 +281,7 @@ class BinanceFeed(Feed):
                             log.info("%s feed: serverShutdown received; reconnecting now",
                                      self.name)
                             return "shutdown"
-                        self._deliver(event)  # type: ignore[arg-type]
+                        self._deliver(event)
             except TimeoutError:
                 if time.monotonic() - last >= self.stale_after:
                     log.warning("%s feed: no message for %.1f s; reconnecting", self.name,
@@ -288,7 +289,7 @@ class BinanceFeed(Feed):
                     return "stale"
 
 
-class _connect_no_redirects(connect):  # noqa: N801 - used exactly like `connect`
+class _connect_no_redirects(connect):  # named like `connect`, and used exactly like it
     """`connect` that refuses HTTP redirects: a redirect could lead anywhere."""
 
     def process_redirect(self, exc: Exception) -> Exception:

@@ -105,6 +105,7 @@ async def last_id_before(rest: BinanceRest, symbol: str, cut: int) -> tuple[int,
     aggs = await rest.agg_trades(symbol, cut, cut + 3_600_000 - 1, limit=1)
     if aggs:
         first = aggs[0].trade_id  # the first trade (aggregate on futures) at or after the cut
+        assert first is not None  # agg_trades always sets it
         if not rest.market.by_aggregate:
             first -= aggs[0].count - 1
         return first - 1, cut - 1

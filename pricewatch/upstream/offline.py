@@ -208,7 +208,7 @@ class ReplayFeed(Feed):
                             due = anchor[0] + (event.time - anchor[1]) / 1000 / self.speed
                             if due > loop.time():
                                 await asyncio.sleep(due - loop.time())
-                        self._deliver(event)  # type: ignore[arg-type]
+                        self._deliver(event)
                         count += 1
                         if count % _YIELD_EVERY == 0:
                             await asyncio.sleep(0)
