@@ -42,7 +42,6 @@ DEFAULT_COOLDOWN = 3600
 MAX_NOTE = 200
 CHANNELS_TEXT = ('A non-empty list of channel ids from GET /api/v1/channels: "email" and'
                  " integers.")
-MAX_EVENT_PAGE = 100
 
 
 def _alert_id(request: web.Request) -> int:

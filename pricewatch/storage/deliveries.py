@@ -290,14 +290,6 @@ class DeliveriesMixin(Database):
             " GROUP BY COALESCE(digest, id) ORDER BY 1", (user_id, channel, channel_id, since))
         return [r[0] for r in rows]
 
-    async def release_email_deliveries(self, user_id: int) -> int:
-        """The user's address is verified: their waiting email deliveries are due now."""
-        async with self._tx() as db:
-            cur = await db.execute(
-                "UPDATE deliveries SET next_attempt_at = ? WHERE user_id = ?"
-                " AND channel = 'email' AND status = 'pending'", (clock.now(), user_id))
-            return cur.rowcount
-
     async def delivery_counts(self) -> dict[str, dict[str, int]]:
         """{channel type: {state: count}} over every delivery, zeros included."""
         rows = await self._all(
