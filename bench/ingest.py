@@ -81,7 +81,7 @@ async def pipeline(args) -> dict:
 
     from aiohttp import web
 
-    from pricewatch.alerts_api import ENGINE
+    from pricewatch.alerts import ENGINE
     from pricewatch.config import Settings
     from pricewatch.feeds import Tick, decode_event
     from pricewatch.market import MARKET

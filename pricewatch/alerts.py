@@ -21,6 +21,7 @@ from contextlib import suppress
 from functools import partial
 
 import orjson
+from aiohttp import web
 
 from . import clock
 from .alert_index import AlertIndex, CreationLog
@@ -487,3 +488,5 @@ class AlertEngine:
             else:
                 self._wake.set()
 
+
+ENGINE = web.AppKey("engine", AlertEngine)

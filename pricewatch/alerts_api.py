@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from . import clock
-from .alerts import AlertEngine
+from .alerts import ENGINE
 from .api import (
     REQUIRED,
     ApiError,
@@ -33,7 +33,6 @@ from .percent_index import MIN_PERCENT, PERCENT_DIRECTIONS, WINDOWS
 from .storage.alerts import MIN_COOLDOWN
 from .store import Alert
 
-ENGINE = web.AppKey("engine", AlertEngine)
 STATUSES = ("CREATED", "TRIGGERED", "DELETED", "EXPIRED")
 KINDS = ("price", "percent")
 DIRECTIONS = ("above", "below")
@@ -42,7 +41,6 @@ DEFAULT_COOLDOWN = 3600
 MAX_NOTE = 200
 CHANNELS_TEXT = ('A non-empty list of channel ids from GET /api/v1/channels: "email" and'
                  " integers.")
-MAX_EVENT_PAGE = 100
 
 
 def _alert_id(request: web.Request) -> int:

@@ -29,7 +29,8 @@ import orjson
 from aiohttp import web
 
 from . import alerts_api, auth
-from .alerts_api import ENGINE, STATUSES
+from .alerts import ENGINE
+from .alerts_api import STATUSES
 from .api import (
     REQUIRED,
     ApiError,

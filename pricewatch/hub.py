@@ -259,9 +259,6 @@ class Hub:
                 del self.topics[topic]
                 self._frames.pop(topic, None)  # not kept fresh without subscribers
 
-    def has_topic(self, topic: object) -> bool:
-        return topic in self.topics
-
     def received(self, client: Client) -> bool:
         """Count one message from the client; False (and the client is being closed with
         1008) past WS_RATE per second, bursts of WS_BURST. (Only for a connection without

@@ -19,6 +19,7 @@ from aiohttp import WSMsgType, web
 
 from . import auth, clock
 from .addresses import client_address, limit_key
+from .alerts import ENGINE
 from .api import ApiError, invalid, json_response, not_found
 from .candle_writer import CANDLE_WRITER
 from .feeds import Bar, Book, Tick
@@ -481,7 +482,6 @@ async def live_feed(request: web.Request) -> web.StreamResponse:
     def on_message(client: Client, data: dict) -> None:
         action = data.get("action")
         if action == "resume":  # alert events missed meanwhile (alerts.py)
-            from .alerts_api import ENGINE  # alerts_api imports this module
             request.app[ENGINE].resume_client(hub, client, data)
             return
         if action not in ("subscribe", "unsubscribe"):

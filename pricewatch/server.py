@@ -23,8 +23,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from . import alerts_api, auth, compat, docs_page, feed_admin, market, openapi, quotes_api, startup
 from .addresses import CLIENT_ADDRESSES, ClientAddresses, client_address
-from .alerts import AlertEngine
-from .alerts_api import ENGINE
+from .alerts import ENGINE, AlertEngine
 from .api import json_response
 from .candle_writer import CANDLE_WRITER, CandleWriter
 from .channels_api import add_routes as add_channel_routes

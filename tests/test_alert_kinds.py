@@ -24,7 +24,7 @@ from test_crash import register as crash_register
 
 import pricewatch.alerts as alerts_mod
 from pricewatch import clock, schema
-from pricewatch.alerts_api import ENGINE
+from pricewatch.alerts import ENGINE
 from pricewatch.feeds import Tick
 from pricewatch.hub import Hub
 from pricewatch.records import Alert

@@ -17,8 +17,7 @@ from test_cluster import cluster, needs_redis, receive, redis  # noqa: F401 (fix
 
 from pricewatch import clock
 from pricewatch import resume as resume_module
-from pricewatch.alerts import AlertEngine
-from pricewatch.alerts_api import ENGINE
+from pricewatch.alerts import ENGINE, AlertEngine
 from pricewatch.cluster import edge as edge_module
 from pricewatch.feeds import Tick
 from pricewatch.hub import Hub

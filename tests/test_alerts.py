@@ -21,7 +21,7 @@ from conftest import LiveServer, bearer, register
 from fake_binance import FakeBinance, free_port
 from smtp_sink import SmtpSink
 
-from pricewatch.alerts_api import ENGINE
+from pricewatch.alerts import ENGINE
 from pricewatch.records import Alert, Channel, Delivery, Event
 from pricewatch.server import DELIVERER, STORE
 

@@ -15,7 +15,7 @@ from smtp_sink import SmtpSink
 from test_alerts import Trader, create, fetch
 from test_feeds import SYMBOLS, T0, Sink, running
 
-from pricewatch.alerts_api import ENGINE
+from pricewatch.alerts import ENGINE
 from pricewatch.server import DELIVERER
 from pricewatch.upstream.binance import BinanceFeed
 from pricewatch.upstream.binance_rest import BinanceRest

@@ -23,7 +23,7 @@ import pytest
 from conftest import LiveServer, bearer, register
 from fake_binance import free_port
 
-from pricewatch.alerts_api import ENGINE
+from pricewatch.alerts import ENGINE
 from pricewatch.cluster import edge as edge_module
 from pricewatch.cluster.bus import BACKOFF_FIRST, BACKOFF_MAX, RedisBus, backoff
 from pricewatch.cluster.core import PUBLISHER

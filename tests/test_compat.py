@@ -14,7 +14,7 @@ from smtp_sink import SmtpSink
 from test_alerts import T0, Trader, market_settings
 
 from pricewatch import compat
-from pricewatch.alerts_api import ENGINE
+from pricewatch.alerts import ENGINE
 from pricewatch.openapi import build_spec
 from pricewatch.server import DELIVERER, STORE, create_app
 

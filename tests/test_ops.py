@@ -15,7 +15,7 @@ from conftest import LiveServer, bearer, register
 from fake_binance import FakeBinance
 
 from pricewatch import clock
-from pricewatch.alerts_api import ENGINE
+from pricewatch.alerts import ENGINE
 from pricewatch.feeds import Tick
 from pricewatch.server import MARKET, STORE
 

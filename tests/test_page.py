@@ -28,7 +28,7 @@ from fake_alphavantage import FakeAlphaVantage
 from fake_binance import FakeBinance, free_port
 from smtp_sink import SmtpSink
 
-from pricewatch.alerts_api import ENGINE
+from pricewatch.alerts import ENGINE
 from pricewatch.market import HUB
 from pricewatch.server import STORE
 

@@ -1,7 +1,7 @@
 """The bus between a cluster's core and its edges (the shape of centrifuge's broker.go).
 
-`Bus` is the one interface: `publish(data)` (fire and forget), `client` (the live Redis
-client for snapshot keys, or None while disconnected) and `health()`. `RedisBus` keeps one
+`RedisBus` is the carrier: `publish(data)` (fire and forget), `client` (the live Redis
+client for snapshot keys, or None while disconnected) and `health()`. It keeps one
 connection for commands and, for a subscriber, one pub/sub connection on CHANNEL, and
 reconnects forever with equal-jitter exponential backoff. After every (re)connection it calls
 `on_connect(client)` *after* the subscription is confirmed and *before* any message is handed
@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from typing import Any, Protocol
+from typing import Any
 
 from ..startup import StartupError
 
@@ -37,18 +37,6 @@ PING_AFTER = 2.0  # seconds without a message before the subscriber pings Redis
 TIMEOUT = 3.0  # seconds for a connect, a command or a ping answer
 MAX_QUEUE = 10_000  # sends waiting for Redis before the connection is given up
 BATCH = 200  # sends per MULTI/EXEC transaction at most
-
-
-class Bus(Protocol):
-    """What the core and the edges need from the message carrier."""
-
-    client: Any  # the connected client (snapshot keys), or None
-
-    def publish(self, data: bytes) -> None: ...
-
-    def send(self, fill: Callable[[Any], Any]) -> None: ...
-
-    def health(self) -> dict[str, Any]: ...
 
 
 def backoff(attempt: int) -> float:

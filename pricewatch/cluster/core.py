@@ -300,7 +300,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     events and revocations for the cluster's edges. Without it: nothing. Runs after the
     engine and quotes contexts (their hooks) and before the feeds (no trade is missed)."""
     from .. import auth
-    from ..alerts_api import ENGINE
+    from ..alerts import ENGINE
     from ..market import HUB, MARKET
     from ..server import SETTINGS, STORE, background
 

@@ -232,8 +232,7 @@ async def edge_ctx(app: web.Application) -> AsyncIterator[None]:
     """A cluster edge: tokens checked with the shared secret and the revocations heard;
     market state and events from Redis. Serving starts once the snapshot is read (or after
     START_WAIT seconds without Redis: then /healthz says so)."""
-    from ..alerts import AlertEngine
-    from ..alerts_api import ENGINE
+    from ..alerts import ENGINE, AlertEngine
     from ..market import MARKET
     from ..server import SETTINGS, background
 

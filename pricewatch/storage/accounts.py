@@ -217,12 +217,6 @@ class AccountsMixin(Database):
                              " WHERE user_id = ?", (user_id,))
             return CodeCheck("wrong", tries_left - 1)
 
-    async def mark_email_verified(self, user_id: int) -> None:
-        """Mark the user's address verified without a code (and release their waiting email
-        deliveries), as `check_email_code` does on a match."""
-        async with self._tx() as db:
-            await _mark_verified(db, user_id, clock.now())
-
     # refresh tokens -------------------------------------------------------------------
 
     async def add_refresh_token(self, jti: str, user_id: int, family: str,

@@ -1,4 +1,5 @@
-"""Alerts, their events and triggers (each trigger queues its deliveries: deliveries.py)."""
+"""Alerts, their events and triggers (each trigger queues its deliveries: rows.py; their
+outbox: deliveries.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,10 @@ import aiosqlite
 import orjson
 
 from .. import clock
-from ..records import EMAIL, Alert, Arm, Event, Hit
+from ..records import Alert, Arm, Event, Hit
 from .base import Conflict, Database, NotFound, UnknownUser, inserted_id, present
-from .deliveries import CHANNEL_IDS, EVENT_DELIVERIES, insert_deliveries
+from .rows import ALERT_COLS, CHANNEL_IDS, EVENT_DELIVERIES, insert_deliveries, parse_alert
 
-ALERT_COLS = ("id, user_id, asset, price, direction, status, created_at, triggered_at, "
-              "triggered_price, notified, note, triggered_backfill, kind, percent, win, "
-              "repeat, cooldown, expires_at, trigger_count, rearm_at, armed, channels")
 # What a create or an update may set besides asset, price and direction (column names).
 ALERT_FIELDS = ("kind", "percent", "win", "repeat", "cooldown", "expires_at", "note",
                 "channels")
@@ -24,14 +22,6 @@ ALERT_FIELDS = ("kind", "percent", "win", "repeat", "cooldown", "expires_at", "n
 # its row says (the API refuses less; rows written before it did are held to it here).
 MIN_COOLDOWN = 60
 _EVENT_COLS = "e.id, e.alert_id, e.user_id, e.time, e.price, e.backfill, " + EVENT_DELIVERIES
-
-
-def parse_alert(row) -> Alert:
-    # channels NULL: an alert from before channels existed, which only ever mailed.
-    channels = tuple(orjson.loads(row[21])) if row[21] is not None else (EMAIL,)
-    return Alert(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8],
-                 row[9], row[10], row[11], row[12], row[13], row[14], bool(row[15]), row[16],
-                 row[17], row[18], row[19], bool(row[20]), channels=channels)
 
 
 def _event(row) -> Event:

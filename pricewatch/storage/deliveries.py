@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
 
@@ -11,6 +10,7 @@ import aiosqlite
 from .. import clock
 from ..records import EMAIL, Channel, Delivery, Event
 from .base import Conflict, Database, NotFound, inserted_id, present
+from .rows import ALERT_COLS, CHANNEL_IDS, parse_alert
 
 _CHANNEL_COLS = "id, user_id, type, url, format, secret, chat_id, created_at"
 DELIVERY_STATES = ("pending", "sent", "failed", "skipped")
@@ -21,44 +21,6 @@ def _channel(row) -> Channel:
     return Channel(row[0], row[1], row[2], url=row[3], format=row[4], secret=row[5],
                    chat_id=row[6], created_at=row[7])
 
-
-# The event's deliveries as JSON [[channel id or "email", type, state], ...], by delivery id.
-EVENT_DELIVERIES = (
-    "(SELECT json_group_array(json_array(COALESCE(x.channel_id, 'email'), x.channel,"
-    " x.status)) FROM (SELECT * FROM deliveries d WHERE d.event_id = e.id ORDER BY d.id) x)")
-
-
-def insert_deliveries(db: sqlite3.Connection, event_id: int, alert_id: int,
-                      now: float) -> tuple[tuple[int | str, str, str], ...]:
-    """Inside a trigger's transaction (on the writer's thread): one pending delivery per
-    channel the alert chose (the email only while the user has an address; deleted channels
-    never). Returns the event's deliveries as ((channel id, type, state), ...)."""
-    db.execute(
-        "INSERT INTO deliveries(event_id, alert_id, user_id, channel, channel_id,"
-        " next_attempt_at, created_at)"
-        " SELECT ?, a.id, a.user_id, 'email', NULL, ?, ? FROM alerts a"
-        " JOIN users u ON u.id = a.user_id WHERE a.id = ? AND u.email <> ''"
-        " AND (a.channels IS NULL"
-        " OR EXISTS (SELECT 1 FROM json_each(a.channels) j WHERE j.value = 'email'))",
-        (event_id, now, now, alert_id))
-    db.execute(
-        "INSERT INTO deliveries(event_id, alert_id, user_id, channel, channel_id,"
-        " next_attempt_at, created_at)"
-        " SELECT ?, a.id, a.user_id, c.type, c.id, ?, ? FROM alerts a"
-        " JOIN channels c ON c.user_id = a.user_id AND c.deleted_at IS NULL"
-        " WHERE a.id = ?"
-        " AND EXISTS (SELECT 1 FROM json_each(a.channels) j WHERE j.value = c.id)"
-        " ORDER BY c.id", (event_id, now, now, alert_id))
-    return tuple(tuple(r) for r in db.execute(
-        "SELECT COALESCE(channel_id, 'email'), channel, status FROM deliveries"
-        " WHERE event_id = ? ORDER BY id", (event_id,)))
-
-
-# A user's channel ids, params (user id, user id): "email" while they have an address, then
-# the other channels by id.
-CHANNEL_IDS = ("SELECT 'email' FROM users WHERE id = ? AND email <> '' UNION ALL"
-               " SELECT * FROM (SELECT id FROM channels WHERE user_id = ?"
-               " AND deleted_at IS NULL ORDER BY id)")
 
 _UNVERIFIED = ("EXISTS (SELECT 1 FROM users u WHERE u.id = deliveries.user_id"
                " AND u.email_verified = 0)")
@@ -160,8 +122,6 @@ class DeliveriesMixin(Database):
         `exclude` (being sent) and those of `exclude_users` ((type, user id) pairs), each
         with its event, alert and channel as they are now; `channel` (user id, type,
         channel id) keeps those of one user's channel only."""
-        from .alerts import ALERT_COLS, parse_alert  # one module each, no import cycle
-
         if not types:
             return []
         ids, kinds = tuple(exclude), tuple(types)
@@ -289,14 +249,6 @@ class DeliveriesMixin(Database):
             " AND channel_id IS ? AND status = 'sent' AND sent_at > ?"
             " GROUP BY COALESCE(digest, id) ORDER BY 1", (user_id, channel, channel_id, since))
         return [r[0] for r in rows]
-
-    async def release_email_deliveries(self, user_id: int) -> int:
-        """The user's address is verified: their waiting email deliveries are due now."""
-        async with self._tx() as db:
-            cur = await db.execute(
-                "UPDATE deliveries SET next_attempt_at = ? WHERE user_id = ?"
-                " AND channel = 'email' AND status = 'pending'", (clock.now(), user_id))
-            return cur.rowcount
 
     async def delivery_counts(self) -> dict[str, dict[str, int]]:
         """{channel type: {state: count}} over every delivery, zeros included."""

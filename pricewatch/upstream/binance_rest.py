@@ -11,7 +11,6 @@ in event-loop time).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -258,11 +257,3 @@ def _retry_after(raw: str | None) -> float:
     except ValueError:
         return 60.0
     return min(max(value, 1.0), 3 * 86400.0)
-
-
-async def sleep_limited(exc: RestLimited, budget: float) -> bool:
-    """Wait out a rate limit if it ends within `budget` seconds; False when it does not."""
-    if exc.retry_after > budget:
-        return False
-    await asyncio.sleep(exc.retry_after)
-    return True

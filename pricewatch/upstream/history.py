@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .binance_rest import BinanceRest, Kline
@@ -35,9 +35,6 @@ class KlineFill:
     timeframe: str
     rows: list[tuple]
     replace_from: int
-
-
-HistoryCallback = Callable[[KlineFill], object]
 
 
 def _row(symbol: str, timeframe: str, k: Kline, last_ts: int) -> tuple:
