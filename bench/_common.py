@@ -40,8 +40,9 @@ WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s"
+    )
 
 
 def loadavg() -> float:
@@ -141,8 +142,14 @@ class ServerProcess:
     """``python -m pricewatch`` on 127.0.0.1:<free port>; stop() sends SIGTERM (then kills).
     `command`: the interpreter's arguments instead of ``-m pricewatch`` (a patched start)."""
 
-    def __init__(self, env: dict[str, str] | None = None, *, tmpdir: str | None = None,
-                 root: Path | str | None = None, command: list[str] | None = None):
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        *,
+        tmpdir: str | None = None,
+        root: Path | str | None = None,
+        command: list[str] | None = None,
+    ):
         self.command = command or ["-m", "pricewatch"]
         self._tmp = None
         if tmpdir is None:
@@ -154,20 +161,23 @@ class ServerProcess:
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         base = {k: v for k, v in os.environ.items() if not k.startswith("PRICEWATCH_")}
         # `root`: the checkout whose server runs (another worktree: the old design's figures)
-        base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root or ROOT),
-                                                          base.get("PYTHONPATH")]))
-        base.update({
-            "PRICEWATCH_HOST": "127.0.0.1",
-            "PRICEWATCH_PORT": str(self.port),
-            "PRICEWATCH_DB": str(self.tmpdir / "pricewatch.db"),
-            "PRICEWATCH_JWT_SECRET": "bench-secret-" + "x" * 40,
-            "PRICEWATCH_LOG_LEVEL": "WARNING",
-            "PRICEWATCH_FEED": "off",
-            # Loopback only: no candle history from Binance, and REST (a backfill) goes to a
-            # closed local port.
-            "PRICEWATCH_CANDLE_HISTORY": "false",
-            "PRICEWATCH_BINANCE_REST_URL": "http://127.0.0.1:9",
-        })
+        base["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(root or ROOT), base.get("PYTHONPATH")])
+        )
+        base.update(
+            {
+                "PRICEWATCH_HOST": "127.0.0.1",
+                "PRICEWATCH_PORT": str(self.port),
+                "PRICEWATCH_DB": str(self.tmpdir / "pricewatch.db"),
+                "PRICEWATCH_JWT_SECRET": "bench-secret-" + "x" * 40,
+                "PRICEWATCH_LOG_LEVEL": "WARNING",
+                "PRICEWATCH_FEED": "off",
+                # Loopback only: no candle history from Binance, and REST (a backfill) goes to a
+                # closed local port.
+                "PRICEWATCH_CANDLE_HISTORY": "false",
+                "PRICEWATCH_BINANCE_REST_URL": "http://127.0.0.1:9",
+            }
+        )
         base.update(env or {})
         self.env = base
         self.log_path = self.tmpdir / "server.log"
@@ -181,14 +191,19 @@ class ServerProcess:
     def start(self, timeout: float = 20.0) -> ServerProcess:
         # cwd = tmpdir: no stray ./.env of the developer's is read.
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, *self.command], env=self.env,
-                                     cwd=self.tmpdir, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, *self.command],
+            env=self.env,
+            cwd=self.tmpdir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n"
-                                   + self.log_tail())
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}:\n" + self.log_tail()
+                )
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=1.0) as resp:
                     if resp.status == 200:
@@ -197,8 +212,7 @@ class ServerProcess:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("server did not answer /healthz in time:\n"
-                                   + self.log_tail())
+                raise RuntimeError("server did not answer /healthz in time:\n" + self.log_tail())
             time.sleep(0.05)
 
     def healthz(self) -> dict:
@@ -269,8 +283,9 @@ class Refused(Exception):
     """The server answered a websocket upgrade with this HTTP status instead of 101."""
 
 
-async def raw_ws_socket(port: int, path: str, rcvbuf: int | None = 4096,
-                        headers: dict[str, str] | None = None) -> socket.socket:
+async def raw_ws_socket(
+    port: int, path: str, rcvbuf: int | None = 4096, headers: dict[str, str] | None = None
+) -> socket.socket:
     """A non-blocking socket with a completed websocket handshake to 127.0.0.1:`port`.
 
     Its receive buffer is `rcvbuf` bytes (set before connecting, so the TCP window stays
@@ -282,8 +297,9 @@ async def raw_ws_socket(port: int, path: str, rcvbuf: int | None = 4096,
     return sock
 
 
-async def raw_ws_connect(port: int, path: str, rcvbuf: int | None = None,
-                         headers: dict[str, str] | None = None) -> tuple[socket.socket, bytes]:
+async def raw_ws_connect(
+    port: int, path: str, rcvbuf: int | None = None, headers: dict[str, str] | None = None
+) -> tuple[socket.socket, bytes]:
     """``raw_ws_socket`` for a client that reads: also returns the bytes that came after
     the 101 answer in the same reads (the first frames), for a ``FrameCounter``."""
     loop = asyncio.get_running_loop()
@@ -295,10 +311,13 @@ async def raw_ws_connect(port: int, path: str, rcvbuf: int | None = None,
         await loop.sock_connect(sock, ("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16))
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()).encode()
-        await loop.sock_sendall(sock, b"GET " + path.encode() + b" HTTP/1.1\r\n"
-                                b"Host: 127.0.0.1\r\nConnection: Upgrade\r\n"
-                                b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-                                b"Sec-WebSocket-Key: " + key + b"\r\n" + extra + b"\r\n")
+        await loop.sock_sendall(
+            sock,
+            b"GET " + path.encode() + b" HTTP/1.1\r\n"
+            b"Host: 127.0.0.1\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: " + key + b"\r\n" + extra + b"\r\n",
+        )
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = await loop.sock_recv(sock, 4096)
@@ -347,29 +366,39 @@ class FrameCounter:
             head = 2 if b1 < 126 else 4 if b1 == 126 else 10
             if n - pos < head:
                 break
-            size = b1 if b1 < 126 else int.from_bytes(buf[pos + 2:pos + head], "big")
+            size = b1 if b1 < 126 else int.from_bytes(buf[pos + 2 : pos + head], "big")
             if n - pos < head + size:
                 break
             opcode, start = b0 & 0x0F, pos + head
             self.frames += 1
             if opcode == 0x8:
-                self.close_code = (int.from_bytes(buf[start:start + 2], "big")
-                                   if size >= 2 else 1005)
+                self.close_code = (
+                    int.from_bytes(buf[start : start + 2], "big") if size >= 2 else 1005
+                )
             elif opcode == 0xA:
                 self.pongs += 1
             elif opcode == 0x1 and buf.startswith(b'{"type":"', start):
                 end = buf.find(b'"', start + 9, start + 40)
-                kind = buf[start + 9:end].decode() if end > 0 else "?"
+                kind = buf[start + 9 : end].decode() if end > 0 else "?"
                 self.types[kind] = self.types.get(kind, 0) + 1
             pos = start + size
         del buf[:pos]
 
 
 def trade_frame(symbol: str, trade_id: int, price: str, qty: str, time_ms: int) -> bytes:
-    payload = (b'{"stream":"%s@trade","data":{"e":"trade","E":%d,"s":"%s","t":%d,"p":"%s",'
-               b'"q":"%s","T":%d,"m":false,"M":true}}'
-               % (symbol.lower().encode(), time_ms + 1, symbol.encode(), trade_id,
-                  price.encode(), qty.encode(), time_ms))
+    payload = (
+        b'{"stream":"%s@trade","data":{"e":"trade","E":%d,"s":"%s","t":%d,"p":"%s",'
+        b'"q":"%s","T":%d,"m":false,"M":true}}'
+        % (
+            symbol.lower().encode(),
+            time_ms + 1,
+            symbol.encode(),
+            trade_id,
+            price.encode(),
+            qty.encode(),
+            time_ms,
+        )
+    )
     return ws_frame(payload)
 
 
@@ -388,8 +417,7 @@ class FakeUpstream:
         self.port = 0
 
     async def start(self, port: int = 0) -> FakeUpstream:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", port,
-                                                  limit=1 << 16)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", port, limit=1 << 16)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -441,8 +469,10 @@ class FakeUpstream:
             writer.close()
             return
         accept = base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest())
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

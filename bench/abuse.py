@@ -113,21 +113,30 @@ PASSWORD = "bench-password"
 
 
 async def register(http: aiohttp.ClientSession, url: str, name: str) -> dict[str, str]:
-    async with http.post(url + "/auth/register", json={
-            "username": name, "password": PASSWORD, "email": f"{name}@example.com"}) as resp:
+    async with http.post(
+        url + "/auth/register",
+        json={"username": name, "password": PASSWORD, "email": f"{name}@example.com"},
+    ) as resp:
         body = await resp.json()
         if resp.status != 201:
             raise RuntimeError(f"register {name}: {resp.status} {body}")
     return {"Authorization": f"Bearer {body['access']}"}
 
 
-async def create_alerts(http: aiohttp.ClientSession, url: str, headers: dict, symbol: str,
-                        targets: list[float]) -> None:
+async def create_alerts(
+    http: aiohttp.ClientSession, url: str, headers: dict, symbol: str, targets: list[float]
+) -> None:
     slots = asyncio.Semaphore(16)
 
     async def one(target: float) -> None:
-        async with slots, http.post(url + "/api/v1/alerts", headers=headers, json={
-                "asset": symbol, "price": target, "direction": "above"}) as resp:
+        async with (
+            slots,
+            http.post(
+                url + "/api/v1/alerts",
+                headers=headers,
+                json={"asset": symbol, "price": target, "direction": "above"},
+            ) as resp,
+        ):
             if resp.status != 201:
                 raise RuntimeError(f"alert create: {resp.status} {await resp.text()}")
 
@@ -147,13 +156,18 @@ async def ws_dropped(http: aiohttp.ClientSession, url: str) -> dict[str, int] | 
             text = await resp.text()
     except (aiohttp.ClientError, TimeoutError):
         return None
-    return {m.group(1): int(float(m.group(2))) for m in re.finditer(
-        r'^pricewatch_websocket_dropped_total\{reason="(\w+)"\} (\S+)$', text, re.MULTILINE)
-        if float(m.group(2))}
+    return {
+        m.group(1): int(float(m.group(2)))
+        for m in re.finditer(
+            r'^pricewatch_websocket_dropped_total\{reason="(\w+)"\} (\S+)$', text, re.MULTILINE
+        )
+        if float(m.group(2))
+    }
 
 
-async def make_events(http: aiohttp.ClientSession, server: ServerProcess, tape: Tape,
-                      n: int) -> str:
+async def make_events(
+    http: aiohttp.ClientSession, server: ServerProcess, tape: Tape, n: int
+) -> str:
     """A user holding `n` alert events; returns its access token.
 
     Two one-shot alerts are crossed one after the other; between the two triggers the first
@@ -161,8 +175,13 @@ async def make_events(http: aiohttp.ClientSession, server: ServerProcess, tape: 
     the API take many seconds on a busy box). The second, real, event comes last, so that
     the server has announced every id and a resume replays them all."""
     headers = await register(http, server.url, "holder")
-    await create_alerts(http, server.url, headers, tape.symbol,
-                        [round(tape.price + 0.01, 2), round(tape.price + 0.03, 2)])
+    await create_alerts(
+        http,
+        server.url,
+        headers,
+        tape.symbol,
+        [round(tape.price + 0.01, 2), round(tape.price + 0.03, 2)],
+    )
     base = await triggered(http, server.url)
     for k, price in enumerate((tape.price + 0.02, tape.price + 0.04)):
         tape.send(round(price, 2))
@@ -177,12 +196,14 @@ async def make_events(http: aiohttp.ClientSession, server: ServerProcess, tape: 
 def copy_events(db: str, n: int) -> None:
     """`n` copies of the newest event row (every column but the id, whatever they are)."""
     with closing(sqlite3.connect(db, timeout=10)) as conn, conn:
-        cols = ", ".join(r[1] for r in conn.execute("PRAGMA table_info(events)")
-                         if r[1] != "id")
-        conn.execute(f"INSERT INTO events ({cols}) SELECT {cols} FROM events, "  # noqa: S608
-                     "(WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k "
-                     "WHERE i < ?) SELECT i FROM k) "
-                     "WHERE events.id = (SELECT MAX(id) FROM events)", (n,))
+        cols = ", ".join(r[1] for r in conn.execute("PRAGMA table_info(events)") if r[1] != "id")
+        conn.execute(
+            f"INSERT INTO events ({cols}) SELECT {cols} FROM events, "  # noqa: S608
+            "(WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k "
+            "WHERE i < ?) SELECT i FROM k) "
+            "WHERE events.id = (SELECT MAX(id) FROM events)",
+            (n,),
+        )
 
 
 class AlertProbe:
@@ -202,12 +223,14 @@ class AlertProbe:
     async def setup(self, http: aiohttp.ClientSession, url: str, ws_url: str, k: int) -> None:
         headers = await register(http, url, "probe")
         self.k = k
-        await create_alerts(http, url, headers, self.tape.symbol,
-                            [self.tape.price + i + 1 for i in range(k)])
+        await create_alerts(
+            http, url, headers, self.tape.symbol, [self.tape.price + i + 1 for i in range(k)]
+        )
         self.session = aiohttp.ClientSession()
         async with asyncio.timeout(10):
-            self.ws = await self.session.ws_connect(ws_url + "/live-feed/subscribe/",
-                                                    headers=headers)
+            self.ws = await self.session.ws_connect(
+                ws_url + "/live-feed/subscribe/", headers=headers
+            )
 
     async def close(self) -> None:
         if self.ws is not None:
@@ -241,16 +264,22 @@ class AlertProbe:
             await asyncio.sleep(max(0.0, period - (time.perf_counter() - began)))
 
 
-async def time_prices(http: aiohttp.ClientSession, url: str, stop: asyncio.Event,
-                      samples: list[float], failures: list[int]) -> None:
+async def time_prices(
+    http: aiohttp.ClientSession,
+    url: str,
+    stop: asyncio.Event,
+    samples: list[float],
+    failures: list[int],
+) -> None:
     """GET /api/v1/prices every 20 ms until `stop`; latencies (ms) into `samples`, failures
     (errors, non-200, over 10 s) counted in failures[0]. Cancelled while waiting for an
     answer: the time waited so far is a sample too (a stalled server must show)."""
     while not stop.is_set():
         began = time.perf_counter()
         try:
-            async with http.get(url + "/api/v1/prices",
-                                timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            async with http.get(
+                url + "/api/v1/prices", timeout=aiohttp.ClientTimeout(total=10)
+            ) as resp:
                 await resp.read()
                 ok = resp.status == 200
         except (aiohttp.ClientError, TimeoutError):
@@ -263,16 +292,16 @@ async def time_prices(http: aiohttp.ClientSession, url: str, stop: asyncio.Event
         await asyncio.sleep(max(0.0, 0.02 - (time.perf_counter() - began)))
 
 
-async def recovery(http: aiohttp.ClientSession, url: str, limit: float = 5.0
-                   ) -> float | None:
+async def recovery(http: aiohttp.ClientSession, url: str, limit: float = 5.0) -> float | None:
     """Seconds from now until GET /api/v1/prices answers within 50 ms again (work an attack
     left queued: frames still in the socket buffers); None: not within `limit`."""
     began = time.perf_counter()
     while (waited := time.perf_counter() - began) < limit:
         sent = time.perf_counter()
         try:
-            async with http.get(url + "/api/v1/prices",
-                                timeout=aiohttp.ClientTimeout(total=limit - waited)) as resp:
+            async with http.get(
+                url + "/api/v1/prices", timeout=aiohttp.ClientTimeout(total=limit - waited)
+            ) as resp:
                 await resp.read()
                 if resp.status == 200 and time.perf_counter() - sent < 0.05:
                     return round(sent - began, 2)
@@ -322,21 +351,31 @@ class Server:
     async def start(self, http: aiohttp.ClientSession) -> ServerProcess:
         await self.fake.start()
         await self.rest.start()
-        self.process = ServerProcess({
-            "PRICEWATCH_FEED": "binance", "PRICEWATCH_BINANCE_WS_URL": self.fake.url,
-            "PRICEWATCH_BINANCE_REST_URL": self.rest.url,
-            "PRICEWATCH_SYMBOLS": ",".join(START), "PRICEWATCH_BCRYPT_ROUNDS": "4",
-            "PRICEWATCH_ALERT_CREATE_RATE": str(100 * self.args.events + 10000),
-            "PRICEWATCH_MAX_ALERTS_PER_USER": str(self.args.events + 1000)},
-            root=self.args.root)
+        self.process = ServerProcess(
+            {
+                "PRICEWATCH_FEED": "binance",
+                "PRICEWATCH_BINANCE_WS_URL": self.fake.url,
+                "PRICEWATCH_BINANCE_REST_URL": self.rest.url,
+                "PRICEWATCH_SYMBOLS": ",".join(START),
+                "PRICEWATCH_BCRYPT_ROUNDS": "4",
+                "PRICEWATCH_ALERT_CREATE_RATE": str(100 * self.args.events + 10000),
+                "PRICEWATCH_MAX_ALERTS_PER_USER": str(self.args.events + 1000),
+            },
+            root=self.args.root,
+        )
         await asyncio.to_thread(self.process.start)
         await self.fake.wait_client(timeout=20.0)
         self.tapes = {s: Tape(self.fake, s, p, FIRST_ID.get(s, 1)) for s, p in START.items()}
         if self.phase == "slow_readers":
             quiet, start_ms = self.tapes[QUIET], (int(time.time()) - HISTORY - 5) * 1000
-            self.fake.write(b"".join(trade_frame(QUIET, i + 1, f"{1 + i % 100 / 1000:.3f}",
-                                                 "0.01", start_ms + i * 1000)
-                                     for i in range(HISTORY)))
+            self.fake.write(
+                b"".join(
+                    trade_frame(
+                        QUIET, i + 1, f"{1 + i % 100 / 1000:.3f}", "0.01", start_ms + i * 1000
+                    )
+                    for i in range(HISTORY)
+                )
+            )
             quiet.next_id = HISTORY + 1
         for tape in self.tapes.values():
             tape.send()
@@ -390,15 +429,24 @@ async def run_phase(phase: str, args, pool: ProcessPoolExecutor) -> dict:
     if attacks:
         if len(out["attack"]) == 1:  # one attack: its figures without the extra level
             out["attack"] = next(iter(out["attack"].values()))
-        out["goal_met"] = (out["p99_ms"] is not None and out["p99_ms"] < GOAL["p99_ms_lt"]
-                           and out["rss_delta_mb"] < GOAL["rss_mb_delta_lt"])
+        out["goal_met"] = (
+            out["p99_ms"] is not None
+            and out["p99_ms"] < GOAL["p99_ms_lt"]
+            and out["rss_delta_mb"] < GOAL["rss_mb_delta_lt"]
+        )
     else:
         del out["attack"]
     return out
 
 
-def start_attacks(server: Server, attacks: tuple[str, ...], token: str | None, args,
-                  pool: ProcessPoolExecutor, price_of: PriceOf) -> dict[str, Awaitable]:
+def start_attacks(
+    server: Server,
+    attacks: tuple[str, ...],
+    token: str | None,
+    args,
+    pool: ProcessPoolExecutor,
+    price_of: PriceOf,
+) -> dict[str, Awaitable]:
     """The phase's attacks, started: client ones in the child process, upstream ones here."""
     loop = asyncio.get_running_loop()
     proc, tapes = server.process, server.tapes
@@ -407,9 +455,20 @@ def start_attacks(server: Server, attacks: tuple[str, ...], token: str | None, a
     kinds = [a for a in attacks if a in CLIENT_ATTACKS]
     if kinds:
         jobs["clients"] = loop.run_in_executor(
-            pool, client_attacks, proc.port, kinds, args.duration, token,
-            {"flooders": args.flooders, "resume_sockets": args.resume_sockets,
-             "attackers": args.attackers, "rate": args.rate, "symbol": QUIET})
+            pool,
+            client_attacks,
+            proc.port,
+            kinds,
+            args.duration,
+            token,
+            {
+                "flooders": args.flooders,
+                "resume_sockets": args.resume_sockets,
+                "attackers": args.attackers,
+                "rate": args.rate,
+                "symbol": QUIET,
+            },
+        )
     if "future_trades" in attacks:
         jobs["future_trades"] = future_trades(tapes[FUTURE], stop_at)
     if "id_reset" in attacks:
@@ -419,9 +478,15 @@ def start_attacks(server: Server, attacks: tuple[str, ...], token: str | None, a
     return jobs
 
 
-async def measure(server: Server, http: aiohttp.ClientSession, probe: AlertProbe,
-                  attacks: tuple[str, ...], token: str | None, args,
-                  pool: ProcessPoolExecutor) -> dict:
+async def measure(
+    server: Server,
+    http: aiohttp.ClientSession,
+    probe: AlertProbe,
+    attacks: tuple[str, ...],
+    token: str | None,
+    args,
+    pool: ProcessPoolExecutor,
+) -> dict:
     """Run the attacks for the phase's duration while the probes time other clients."""
     proc = server.process
     url = proc.url
@@ -439,11 +504,19 @@ async def measure(server: Server, http: aiohttp.ClientSession, probe: AlertProbe
     lat: list[float] = []
     failures = [0]
     lags: list[float] = []
-    background = [asyncio.create_task(c) for c in (
-        quiet_market(server.tapes[QUIET], stop), sample_rss(proc.pid, stop, peak),
-        probe.read(), loop_lag(stop, lags))]
-    measured = [asyncio.create_task(time_prices(http, url, stop, lat, failures)),
-                asyncio.create_task(probe.run(stop))]
+    background = [
+        asyncio.create_task(c)
+        for c in (
+            quiet_market(server.tapes[QUIET], stop),
+            sample_rss(proc.pid, stop, peak),
+            probe.read(),
+            loop_lag(stop, lags),
+        )
+    ]
+    measured = [
+        asyncio.create_task(time_prices(http, url, stop, lat, failures)),
+        asyncio.create_task(probe.run(stop)),
+    ]
     cpu = CpuMeter(proc.pid)
     cpu.start()
     try:
@@ -477,29 +550,44 @@ async def measure(server: Server, http: aiohttp.ClientSession, probe: AlertProbe
     if "attacker_cpu_pct" in attack:
         figures["attacker_cpu_pct"] = attack.pop("attacker_cpu_pct")
     if "future_trades" in done and "error" not in done["future_trades"]:
-        done["future_trades"] = await future_figures(http, url, FUTURE,
-                                                     done["future_trades"], health)
+        done["future_trades"] = await future_figures(
+            http, url, FUTURE, done["future_trades"], health
+        )
     if "id_reset" in done and "error" not in done["id_reset"]:
         done["id_reset"]["id_resets"] = feed_counter(health, "id_resets")
     attack.update(done)
     lat.sort()
     push = sorted(probe.samples)
     peak_mb = max(peak[0], rss_end)
-    return {"p50_ms": _r(percentile(lat, 50)), "p99_ms": _r(percentile(lat, 99)),
-            "max_ms": _r(lat[-1] if lat else None), "n": len(lat), "failures": failures[0],
-            "push_p50_ms": _r(percentile(push, 50)), "push_p99_ms": _r(percentile(push, 99)),
-            "push_missed": probe.missed,
-            "rss_mb": round(peak_mb, 1), "rss_before_mb": round(rss_before, 1),
-            "rss_delta_mb": round(peak_mb - rss_before, 1),
-            "rss_after_mb": round(rss_after, 1),
-            "recovered_s": recovered_s, "cpu_pct": round(cpu_pct, 1),
-            "runqueue_wait_pct": cpu.wait_pct, **figures,
-            "bench_lag_p99_ms": _r(percentile(sorted(lags), 99)),
-            "ws_dropped": await ws_dropped(http, url),
-            "healthz": {"status": health.get("status"), "feeds": {
-                name: feed.get("state") for name, feed in (health.get("feeds") or {}).items()
-                if isinstance(feed, dict)}},
-            "attack": attack}
+    return {
+        "p50_ms": _r(percentile(lat, 50)),
+        "p99_ms": _r(percentile(lat, 99)),
+        "max_ms": _r(lat[-1] if lat else None),
+        "n": len(lat),
+        "failures": failures[0],
+        "push_p50_ms": _r(percentile(push, 50)),
+        "push_p99_ms": _r(percentile(push, 99)),
+        "push_missed": probe.missed,
+        "rss_mb": round(peak_mb, 1),
+        "rss_before_mb": round(rss_before, 1),
+        "rss_delta_mb": round(peak_mb - rss_before, 1),
+        "rss_after_mb": round(rss_after, 1),
+        "recovered_s": recovered_s,
+        "cpu_pct": round(cpu_pct, 1),
+        "runqueue_wait_pct": cpu.wait_pct,
+        **figures,
+        "bench_lag_p99_ms": _r(percentile(sorted(lags), 99)),
+        "ws_dropped": await ws_dropped(http, url),
+        "healthz": {
+            "status": health.get("status"),
+            "feeds": {
+                name: feed.get("state")
+                for name, feed in (health.get("feeds") or {}).items()
+                if isinstance(feed, dict)
+            },
+        },
+        "attack": attack,
+    }
 
 
 def _r(x: float | None) -> float | None:
@@ -525,34 +613,57 @@ async def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--attack", action="append", choices=PHASES, dest="phases",
-                        help="a phase to run (repeatable; default: baseline, every attack "
-                             "alone, then all at once); baseline always runs first")
+    parser.add_argument(
+        "--attack",
+        action="append",
+        choices=PHASES,
+        dest="phases",
+        help="a phase to run (repeatable; default: baseline, every attack "
+        "alone, then all at once); baseline always runs first",
+    )
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per phase")
-    parser.add_argument("--quick", action="store_true",
-                        help="3 s phases, 200 events, 30 MB answers, no wait after")
+    parser.add_argument(
+        "--quick", action="store_true", help="3 s phases, 200 events, 30 MB answers, no wait after"
+    )
     parser.add_argument("--flooders", type=int, default=3, help="sockets per flood attack")
     parser.add_argument("--resume-sockets", type=int, default=8)
     parser.add_argument("--events", type=int, default=1000, help="events the resumer holds")
     parser.add_argument("--huge-mb", type=float, default=100.0, help="size of a REST answer")
-    parser.add_argument("--after", type=float, default=1.0,
-                        help="seconds after an attack to read RSS again")
-    parser.add_argument("--root", type=Path, default=None,
-                        help="the checkout whose server runs (default: this one), e.g. "
-                             "another worktree for before/after figures")
+    parser.add_argument(
+        "--after", type=float, default=1.0, help="seconds after an attack to read RSS again"
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="the checkout whose server runs (default: this one), e.g. "
+        "another worktree for before/after figures",
+    )
     parser.add_argument("--attackers", type=int, default=24, help="slow_readers: clients")
-    parser.add_argument("--rate", type=float, default=20.0,
-                        help="slow_readers: snapshot requests per second per client")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=20.0,
+        help="slow_readers: snapshot requests per second per client",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.events, args.huge_mb, args.after = 3.0, 200, 30.0, 0.0
     chosen = args.phases or DEFAULT_PHASES
     args.phases = ["baseline", *(p for p in dict.fromkeys(chosen) if p != "baseline")]
-    if not (0 < args.duration <= 60 and 0 < args.flooders <= 50 and 0 < args.attackers <= 60
-            and 0 < args.resume_sockets <= 50 and 3 <= args.events <= 100_000
-            and 0 < args.huge_mb <= 1024 and args.rate > 0):
-        parser.error("need 0 < duration <= 60, flooders <= 50, attackers <= 60, "
-                     "resume-sockets <= 50, 3 <= events <= 100000, huge-mb <= 1024, rate > 0")
+    if not (
+        0 < args.duration <= 60
+        and 0 < args.flooders <= 50
+        and 0 < args.attackers <= 60
+        and 0 < args.resume_sockets <= 50
+        and 3 <= args.events <= 100_000
+        and 0 < args.huge_mb <= 1024
+        and args.rate > 0
+    ):
+        parser.error(
+            "need 0 < duration <= 60, flooders <= 50, attackers <= 60, "
+            "resume-sockets <= 50, 3 <= events <= 100000, huge-mb <= 1024, rate > 0"
+        )
     setup_logging()
     raise_nofile()
     load_before = loadavg()

@@ -119,13 +119,19 @@ def percent_index(n: int, rng: random.Random) -> tuple[PercentIndex, float]:
     symbols, windows = list(START), list(WINDOWS)
     start = time.perf_counter()
     for alert_id in range(1, n + 1):
-        index.add(alert_id, symbols[alert_id % 2], windows[alert_id % len(windows)],
-                  round(rng.uniform(2.0, 50.0), 2), ("up", "down", "any")[alert_id % 3])
+        index.add(
+            alert_id,
+            symbols[alert_id % 2],
+            windows[alert_id % len(windows)],
+            round(rng.uniform(2.0, 50.0), 2),
+            ("up", "down", "any")[alert_id % 3],
+        )
     return index, time.perf_counter() - start
 
 
-def time_percent(index: PercentIndex, trades: list[tuple[str, float]], t0: int
-                 ) -> tuple[float, int]:
+def time_percent(
+    index: PercentIndex, trades: list[tuple[str, float]], t0: int
+) -> tuple[float, int]:
     on_trade = index.on_trade
     fired = 0
     start = time.perf_counter()

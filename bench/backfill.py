@@ -46,9 +46,17 @@ def trades(n: int, seed: int = 7) -> list[dict]:
     price, out = 60_000.0, []
     for i in range(n):
         price = round(max(1.0, price * (1 + rng.gauss(0, 0.0004))), 2)
-        out.append({"id": i + 2, "price": f"{price:.2f}", "qty": f"{rng.random():.5f}",
-                    "quoteQty": "0", "time": T0 + 1000 + i * 7, "isBuyerMaker": False,
-                    "isBestMatch": True})
+        out.append(
+            {
+                "id": i + 2,
+                "price": f"{price:.2f}",
+                "qty": f"{rng.random():.5f}",
+                "quoteQty": "0",
+                "time": T0 + 1000 + i * 7,
+                "isBuyerMaker": False,
+                "isBestMatch": True,
+            }
+        )
     return out
 
 
@@ -58,13 +66,13 @@ def rest_fake(port: int, n: int, ready) -> None:
     from aiohttp import web
 
     rows = trades(n)
-    pages = {rows[i]["id"]: orjson.dumps(rows[i:i + 1000]) for i in range(0, n, 1000)}
+    pages = {rows[i]["id"]: orjson.dumps(rows[i : i + 1000]) for i in range(0, n, 1000)}
 
     async def historical(request: web.Request) -> web.Response:
         body = pages.get(int(request.query["fromId"]))
         if body is None:  # not page-aligned: slice
             start = int(request.query["fromId"]) - 2
-            body = orjson.dumps(rows[start:start + int(request.query.get("limit", 500))])
+            body = orjson.dumps(rows[start : start + int(request.query.get("limit", 500))])
         return web.Response(body=body, content_type="application/json")
 
     app = web.Application()
@@ -87,23 +95,23 @@ async def backfill(args) -> dict:
         market = Market(("BTCUSDT",), Hub())
         engine = AlertEngine(None, market.hub)  # type: ignore[arg-type]
         rng = random.Random(3)
-        engine.index.load((i, "BTCUSDT", 60_000 * (1 + rng.uniform(0.2, 0.5)), "above")
-                          for i in range(args.alerts))
+        engine.index.load(
+            (i, "BTCUSDT", 60_000 * (1 + rng.uniform(0.2, 0.5)), "above")
+            for i in range(args.alerts)
+        )
         market.trade_hooks.append(engine.on_tick)
         return market
 
     port = free_port()
     ready = multiprocessing.Event()
-    fake = multiprocessing.Process(target=rest_fake, args=(port, args.trades, ready),
-                                   daemon=True)
+    fake = multiprocessing.Process(target=rest_fake, args=(port, args.trades, ready), daemon=True)
     fake.start()
     ready.wait(10)
     try:
         market = pipeline()
         stats = FeedStats("binance", ("BTCUSDT",))
         rest = BinanceRest(f"http://127.0.0.1:{port}", timeout=10)
-        seq = Sequencer(market.on_tick, stats, rest, max_trades=args.trades + 1,
-                        hold_limit=600)
+        seq = Sequencer(market.on_tick, stats, rest, max_trades=args.trades + 1, hold_limit=600)
         async with aiohttp.ClientSession() as session:
             rest.session = session
             for _ in range(50):  # the fake is up when it answers
@@ -120,8 +128,10 @@ async def backfill(args) -> dict:
         assert seq.backfilled["BTCUSDT"] == args.trades, seq.backfilled
         # Baseline: the same trades straight into a fresh pipeline (no REST, no parsing).
         market = pipeline()
-        ticks = [Tick("BTCUSDT", float(r["price"]), float(r["qty"]), r["time"], r["id"])
-                 for r in trades(args.trades)]
+        ticks = [
+            Tick("BTCUSDT", float(r["price"]), float(r["qty"]), r["time"], r["id"])
+            for r in trades(args.trades)
+        ]
         began = time.perf_counter()
         for tick in ticks:
             market.on_tick(tick)
@@ -129,10 +139,14 @@ async def backfill(args) -> dict:
     finally:
         fake.terminate()
         fake.join(5)
-    return {"backfill_trades": args.trades, "backfill_seconds": round(took, 3),
-            "backfill_trades_per_s": round(args.trades / took),
-            "rest_calls": rest.calls, "alerts_resting": args.alerts,
-            "pipeline_only_trades_per_s": round(args.trades / base)}
+    return {
+        "backfill_trades": args.trades,
+        "backfill_seconds": round(took, 3),
+        "backfill_trades_per_s": round(args.trades / took),
+        "rest_calls": rest.calls,
+        "alerts_resting": args.alerts,
+        "pipeline_only_trades_per_s": round(args.trades / base),
+    }
 
 
 def seed_db(path: str, symbols: list[str]) -> int:
@@ -144,8 +158,22 @@ def seed_db(path: str, symbols: list[str]) -> int:
         rows = []
         for s in symbols:
             for tf, ms in TIMEFRAMES.items():
-                rows += [(s, tf, T0 + i * ms, 100.0, 101.0, 99.0, 100.5, 1.0, 3, T0 + i * ms,
-                          T0 + i * ms) for i in range(1000)]
+                rows += [
+                    (
+                        s,
+                        tf,
+                        T0 + i * ms,
+                        100.0,
+                        101.0,
+                        99.0,
+                        100.5,
+                        1.0,
+                        3,
+                        T0 + i * ms,
+                        T0 + i * ms,
+                    )
+                    for i in range(1000)
+                ]
         await store.upsert_candles(rows)
         await store.close()
         return len(rows)
@@ -164,14 +192,20 @@ def startup(args) -> dict:
             server = ServerProcess(env, tmpdir=tmp).start()
             ready = time.perf_counter() - began
             server.stop()
-            match = re.search(r"loaded (\d+) stored candles in ([\d.]+)s",
-                              (Path(tmp) / "server.log").read_text())
-            out[label] = {"candles": rows, "ready_seconds": round(ready, 3),
-                          "candle_load_seconds": float(match.group(2)) if match else None}
-    return {"startup_empty_ready_s": out["empty"]["ready_seconds"],
-            "startup_seeded_candles": out["seeded"]["candles"],
-            "startup_seeded_ready_s": out["seeded"]["ready_seconds"],
-            "startup_candle_load_s": out["seeded"]["candle_load_seconds"]}
+            match = re.search(
+                r"loaded (\d+) stored candles in ([\d.]+)s", (Path(tmp) / "server.log").read_text()
+            )
+            out[label] = {
+                "candles": rows,
+                "ready_seconds": round(ready, 3),
+                "candle_load_seconds": float(match.group(2)) if match else None,
+            }
+    return {
+        "startup_empty_ready_s": out["empty"]["ready_seconds"],
+        "startup_seeded_candles": out["seeded"]["candles"],
+        "startup_seeded_ready_s": out["seeded"]["ready_seconds"],
+        "startup_candle_load_s": out["seeded"]["candle_load_seconds"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

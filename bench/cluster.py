@@ -65,12 +65,28 @@ class Redis:
         exe = shutil.which("redis-server")
         if exe is None:
             raise SystemExit("redis-server is not installed (Debian package redis-server)")
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
-        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True
-                             ).stdout.strip() != b"PONG":
+        while (
+            subprocess.run(
+                ["redis-cli", "-p", str(self.port), "ping"], capture_output=True
+            ).stdout.strip()
+            != b"PONG"
+        ):
             if time.monotonic() > deadline:
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.05)
@@ -95,13 +111,19 @@ class Clients:
         self.sockets: list[aiohttp.ClientWebSocketResponse] = []
         self.tasks: list[asyncio.Task] = []
 
-    async def connect(self, session, urls: list[str], token: str, n: int, batch: int,
-                      offset: int = 0) -> None:
+    async def connect(
+        self, session, urls: list[str], token: str, n: int, batch: int, offset: int = 0
+    ) -> None:
         headers = {"Authorization": f"Bearer {token}"}
         for start in range(0, n, batch):
-            opened = await asyncio.gather(*(session.ws_connect(
-                urls[(offset + i) % len(urls)], headers=headers, heartbeat=None, compress=0)
-                for i in range(start, min(n, start + batch))))
+            opened = await asyncio.gather(
+                *(
+                    session.ws_connect(
+                        urls[(offset + i) % len(urls)], headers=headers, heartbeat=None, compress=0
+                    )
+                    for i in range(start, min(n, start + batch))
+                )
+            )
             for ws in opened:
                 self.sockets.append(ws)
                 self.tasks.append(asyncio.create_task(self._read(ws)))
@@ -132,8 +154,9 @@ async def worker(args) -> None:
     stdin until "stop"; then one JSON line (messages, drops, samples)."""
     clients = Clients(args.sample)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        await clients.connect(session, args.urls.split(","), args.token, args.worker,
-                              args.batch, args.offset)
+        await clients.connect(
+            session, args.urls.split(","), args.token, args.worker, args.batch, args.offset
+        )
         print("ready", flush=True)
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
@@ -142,13 +165,18 @@ async def worker(args) -> None:
         clients.recording = True
         await reader.readline()
         clients.recording = False
-        print(orjson.dumps({"messages": clients.messages, "drops": clients.drops,
-                            "samples": clients.samples}).decode(), flush=True)
+        print(
+            orjson.dumps(
+                {"messages": clients.messages, "drops": clients.drops, "samples": clients.samples}
+            ).decode(),
+            flush=True,
+        )
         await clients.close()
 
 
-async def ticks(fake: FakeUpstream, sent: dict[float, float], rate: float,
-                duration: float, first_id: int) -> int:
+async def ticks(
+    fake: FakeUpstream, sent: dict[float, float], rate: float, duration: float, first_id: int
+) -> int:
     """`rate` trades/s, alternating symbols, each symbol's trade ids consecutive (a gap
     would start a backfill), every price unique in the whole benchmark."""
     loop = asyncio.get_running_loop()
@@ -159,35 +187,67 @@ async def ticks(fake: FakeUpstream, sent: dict[float, float], rate: float,
         trade_id = first_id + i // 2
         price = round((60000.0 if i % 2 == 0 else 3000.0) + trade_id * 0.01, 2)
         sent[price] = time.perf_counter()
-        fake.write(trade_frame(symbol, trade_id, f"{price:.2f}", "0.01000000",
-                               int(time.time() * 1000)))
+        fake.write(
+            trade_frame(symbol, trade_id, f"{price:.2f}", "0.01000000", int(time.time() * 1000))
+        )
         next_at += 1.0 / rate
         await asyncio.sleep(max(0.0, next_at - loop.time()))
     return n
 
 
-async def one_run(args, k: int, core: ServerProcess, redis: Redis, fake: FakeUpstream,
-                  session: aiohttp.ClientSession, token: str, first_id: int) -> dict:
+async def one_run(
+    args,
+    k: int,
+    core: ServerProcess,
+    redis: Redis,
+    fake: FakeUpstream,
+    session: aiohttp.ClientSession,
+    token: str,
+    first_id: int,
+) -> dict:
     tmp = tempfile.mkdtemp(prefix="pricewatch-edge-")
     # An edge's /healthz is 200 once it has read the snapshot: ServerProcess.start waits.
-    edges = [ServerProcess({"PRICEWATCH_ROLE": "edge", "PRICEWATCH_REDIS_URL": redis.url,
-                   "PRICEWATCH_MAX_WS_PER_ADDRESS": str(args.clients)},
-                  tmpdir=os.path.join(tmp, str(i))) for i in range(k)]
+    edges = [
+        ServerProcess(
+            {
+                "PRICEWATCH_ROLE": "edge",
+                "PRICEWATCH_REDIS_URL": redis.url,
+                "PRICEWATCH_MAX_WS_PER_ADDRESS": str(args.clients),
+            },
+            tmpdir=os.path.join(tmp, str(i)),
+        )
+        for i in range(k)
+    ]
     for edge in edges:
         os.makedirs(edge.tmpdir, exist_ok=True)
     await asyncio.gather(*(asyncio.to_thread(edge.start) for edge in edges))
     try:
         sent: dict[float, float] = {}
         urls = ",".join(e.ws_url + "/live-feed/subscribe/" for e in edges)
-        shares = [args.clients // args.procs + (i < args.clients % args.procs)
-                  for i in range(args.procs)]
+        shares = [
+            args.clients // args.procs + (i < args.clients % args.procs) for i in range(args.procs)
+        ]
         procs = []
         for i, n in enumerate(shares):
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, __file__, "--worker", str(n), "--urls", urls, "--token", token,
-                "--batch", str(args.batch), "--offset", str(sum(shares[:i])),
-                "--sample", str(args.sample), stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, limit=1 << 26)
+                sys.executable,
+                __file__,
+                "--worker",
+                str(n),
+                "--urls",
+                urls,
+                "--token",
+                token,
+                "--batch",
+                str(args.batch),
+                "--offset",
+                str(sum(shares[:i])),
+                "--sample",
+                str(args.sample),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=1 << 26,
+            )
             procs.append(proc)
         for proc in procs:
             assert (await proc.stdout.readline()).strip() == b"ready"
@@ -211,14 +271,21 @@ async def one_run(args, k: int, core: ServerProcess, redis: Redis, fake: FakeUps
         client_cpu = [m.stop() for m in client_meters]
         reports = [orjson.loads(await proc.stdout.readline()) for proc in procs]
         await asyncio.gather(*(proc.wait() for proc in procs))
-        lat = sorted((at - sent[price]) * 1000.0 for r in reports
-                     for price, at in r["samples"] if price in sent)
+        lat = sorted(
+            (at - sent[price]) * 1000.0
+            for r in reports
+            for price, at in r["samples"]
+            if price in sent
+        )
         messages = sum(r["messages"] for r in reports)
         result = {
-            "edges": k, "clients": args.clients, "trades": trades,
+            "edges": k,
+            "clients": args.clients,
+            "trades": trades,
             "delivered_per_s": round(messages / window),
             "latency_ms": {"p50": _r(percentile(lat, 50)), "p99": _r(percentile(lat, 99))},
-            "core_cpu_pct": cpu["core"], "core_wait_pct": meters["core"].wait_pct,
+            "core_cpu_pct": cpu["core"],
+            "core_wait_pct": meters["core"].wait_pct,
             "edges_cpu_pct": round(sum(edge_cpu), 1),
             "edges_wait_pct": [m.wait_pct for m in edge_meters],
             "clients_cpu_pct": round(sum(client_cpu), 1),
@@ -235,29 +302,44 @@ async def run(args) -> dict:
     redis = Redis()
     redis.start()
     fake = await FakeUpstream().start()
-    core = ServerProcess({"PRICEWATCH_ROLE": "core", "PRICEWATCH_REDIS_URL": redis.url,
-                          "PRICEWATCH_FEED": "binance", "PRICEWATCH_BINANCE_WS_URL": fake.url,
-                          "PRICEWATCH_BCRYPT_ROUNDS": "4"})
+    core = ServerProcess(
+        {
+            "PRICEWATCH_ROLE": "core",
+            "PRICEWATCH_REDIS_URL": redis.url,
+            "PRICEWATCH_FEED": "binance",
+            "PRICEWATCH_BINANCE_WS_URL": fake.url,
+            "PRICEWATCH_BCRYPT_ROUNDS": "4",
+        }
+    )
     runs = []
     try:
         await asyncio.to_thread(core.start)
         await fake.wait_client(timeout=20.0)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            async with session.post(core.url + "/auth/register", json={
-                    "username": "cluster", "password": "cluster-password",
-                    "email": "c@example.com"}) as resp:
+            async with session.post(
+                core.url + "/auth/register",
+                json={
+                    "username": "cluster",
+                    "password": "cluster-password",
+                    "email": "c@example.com",
+                },
+            ) as resp:
                 token = (await resp.json())["access"]
             first_id = 1_000_000
             for k in args.edges:
-                runs.append(await one_run(args, k, core, redis, fake, session, token,
-                                          first_id))
+                runs.append(await one_run(args, k, core, redis, fake, session, token, first_id))
                 first_id += round(args.rate * args.duration) // 2
     finally:
         await asyncio.to_thread(core.stop)
         await fake.close()
         redis.stop()
-    return {"cpus": os.cpu_count(), "loadavg_1m": loadavg(), "rate_per_s": args.rate,
-            "duration_s": args.duration, "runs": runs}
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg_1m": loadavg(),
+        "rate_per_s": args.rate,
+        "duration_s": args.duration,
+        "runs": runs,
+    }
 
 
 def _r(x: float | None) -> float | None:
@@ -266,15 +348,18 @@ def _r(x: float | None) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--edges", default="1,2,4",
-                        type=lambda s: [int(k) for k in s.split(",")])
+    parser.add_argument("--edges", default="1,2,4", type=lambda s: [int(k) for k in s.split(",")])
     parser.add_argument("--clients", type=int, default=2000)
     parser.add_argument("--rate", type=float, default=20.0, help="trades per second (total)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of trades")
     parser.add_argument("--batch", type=int, default=100, help="clients connecting at once")
     parser.add_argument("--procs", type=int, default=2, help="client processes")
-    parser.add_argument("--sample", type=int, default=10,
-                        help="keep every Nth message's arrival time for the latency")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=10,
+        help="keep every Nth message's arrival time for the latency",
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--urls", help=argparse.SUPPRESS)
     parser.add_argument("--token", help=argparse.SUPPRESS)

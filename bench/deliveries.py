@@ -63,8 +63,10 @@ SYMBOL = "BTCUSDT"
 START_PRICE = 100.0
 CROSS_PRICE = 1000.0  # above every target
 # Reuse off: each message on a connection of its own (connect, EHLO, send, QUIT).
-NO_REUSE = ("import sys, pricewatch.delivery.email as e; e.MESSAGES_PER_CONNECTION = 1; "
-            "from pricewatch.__main__ import main; sys.exit(main())")
+NO_REUSE = (
+    "import sys, pricewatch.delivery.email as e; e.MESSAGES_PER_CONNECTION = 1; "
+    "from pricewatch.__main__ import main; sys.exit(main())"
+)
 
 
 class Arrivals:
@@ -113,8 +115,7 @@ class SmtpReceiver(Controller):
         lines = envelope.content.split(b"\r\n")
         if b"Subject: pricewatch: your verification code" in lines:
             return "250 OK"  # registration's code mail: not an alert delivery
-        message_id = next((line for line in lines
-                           if line.lower().startswith(b"message-id:")), b"")
+        message_id = next((line for line in lines if line.lower().startswith(b"message-id:")), b"")
         self.arrivals.add(message_id.decode(errors="replace"))
         return "250 OK"
 
@@ -186,15 +187,21 @@ def mark_verified(db: str, user_id: int) -> None:
     conn.close()
 
 
-async def create_alerts(http: aiohttp.ClientSession, base: str, headers: dict, n: int,
-                        channels: list) -> None:
+async def create_alerts(
+    http: aiohttp.ClientSession, base: str, headers: dict, n: int, channels: list
+) -> None:
     slots = asyncio.Semaphore(16)
 
     async def one(i: int) -> None:
         target = round(START_PRICE + 1 + i / 100, 2)
-        async with slots, http.post(base + "/api/v1/alerts", headers=headers, json={
-                "asset": SYMBOL, "price": target, "direction": "above",
-                "channels": channels}) as resp:
+        async with (
+            slots,
+            http.post(
+                base + "/api/v1/alerts",
+                headers=headers,
+                json={"asset": SYMBOL, "price": target, "direction": "above", "channels": channels},
+            ) as resp,
+        ):
             if resp.status != 201:
                 raise RuntimeError(f"alert create: {resp.status} {await resp.text()}")
 
@@ -214,12 +221,16 @@ async def run_case(case: str, n: int, timeout: float) -> dict:
     smtp: SmtpReceiver | None = None
     hook: HookReceiver | None = None
     fake = await FakeUpstream().start()
-    env = {"PRICEWATCH_FEED": "binance", "PRICEWATCH_BINANCE_WS_URL": fake.url,
-           "PRICEWATCH_SYMBOLS": SYMBOL, "PRICEWATCH_BCRYPT_ROUNDS": "4",
-           "PRICEWATCH_NOTIFY_PER_HOUR": str(10 * n + 1000),
-           "PRICEWATCH_ALERT_CREATE_RATE": str(100 * n + 1000),
-           "PRICEWATCH_MAX_ALERTS_PER_USER": str(n + 100),
-           "PRICEWATCH_ALLOW_PRIVATE_WEBHOOKS": "true"}
+    env = {
+        "PRICEWATCH_FEED": "binance",
+        "PRICEWATCH_BINANCE_WS_URL": fake.url,
+        "PRICEWATCH_SYMBOLS": SYMBOL,
+        "PRICEWATCH_BCRYPT_ROUNDS": "4",
+        "PRICEWATCH_NOTIFY_PER_HOUR": str(10 * n + 1000),
+        "PRICEWATCH_ALERT_CREATE_RATE": str(100 * n + 1000),
+        "PRICEWATCH_MAX_ALERTS_PER_USER": str(n + 100),
+        "PRICEWATCH_ALLOW_PRIVATE_WEBHOOKS": "true",
+    }
     if case.startswith("email"):
         smtp = SmtpReceiver(arrivals)
         await asyncio.to_thread(smtp.start)
@@ -232,9 +243,14 @@ async def run_case(case: str, n: int, timeout: float) -> dict:
         await asyncio.to_thread(server.start)
         await fake.wait_client(timeout=20.0)
         async with aiohttp.ClientSession() as http:
-            async with http.post(server.url + "/auth/register", json={
-                    "username": "bench", "password": "bench-password",
-                    "email": "bench@example.com"}) as resp:
+            async with http.post(
+                server.url + "/auth/register",
+                json={
+                    "username": "bench",
+                    "password": "bench-password",
+                    "email": "bench@example.com",
+                },
+            ) as resp:
                 user = await resp.json()
                 if resp.status != 201:
                     raise RuntimeError(f"register: {resp.status} {user}")
@@ -242,14 +258,18 @@ async def run_case(case: str, n: int, timeout: float) -> dict:
             headers = {"Authorization": f"Bearer {user['access']}"}
             channels: list = ["email"]
             if hook is not None:
-                async with http.post(server.url + "/api/v1/channels", headers=headers, json={
-                        "type": "webhook", "url": hook.url, "format": "json"}) as resp:
+                async with http.post(
+                    server.url + "/api/v1/channels",
+                    headers=headers,
+                    json={"type": "webhook", "url": hook.url, "format": "json"},
+                ) as resp:
                     channel = await resp.json()
                     if resp.status != 201:
                         raise RuntimeError(f"channel: {resp.status} {channel}")
                 channels = [channel["id"]]
-            live = LiveAlerts(await http.ws_connect(server.ws_url + "/live-feed/subscribe/",
-                                                    headers=headers))
+            live = LiveAlerts(
+                await http.ws_connect(server.ws_url + "/live-feed/subscribe/", headers=headers)
+            )
             await live.ws.send_json({"action": "subscribe", "symbols": [SYMBOL]})
             fake.write(trade_frame(SYMBOL, 1, f"{START_PRICE:.2f}", "1", int(time.time() * 1000)))
             await live.wait_price(START_PRICE)
@@ -262,16 +282,22 @@ async def run_case(case: str, n: int, timeout: float) -> dict:
             server_cpu.start()
             own_cpu.start()
             sent = time.monotonic()
-            fake.write(trade_frame(SYMBOL, 2, f"{CROSS_PRICE:.2f}", "1",
-                                   int(time.time() * 1000)))
+            fake.write(trade_frame(SYMBOL, 2, f"{CROSS_PRICE:.2f}", "1", int(time.time() * 1000)))
             try:
                 await asyncio.wait_for(arrivals.done.wait(), timeout)
             except TimeoutError:
-                log.error("%s: only %d of %d deliveries within %.0fs", case,
-                          len(arrivals.times), n, timeout)
-            cpu = {"server_cpu_pct": round(server_cpu.stop(), 1),
-                   "server_runqueue_wait_pct": server_cpu.wait_pct,
-                   "receiver_cpu_pct": round(own_cpu.stop(), 1)}
+                log.error(
+                    "%s: only %d of %d deliveries within %.0fs",
+                    case,
+                    len(arrivals.times),
+                    n,
+                    timeout,
+                )
+            cpu = {
+                "server_cpu_pct": round(server_cpu.stop(), 1),
+                "server_runqueue_wait_pct": server_cpu.wait_pct,
+                "receiver_cpu_pct": round(own_cpu.stop(), 1),
+            }
             async with asyncio.timeout(5):  # the events go out before the deliveries
                 while len(live.alert_times) < n:
                     live.changed.clear()
@@ -289,38 +315,51 @@ async def run_case(case: str, n: int, timeout: float) -> dict:
 
     times = sorted(arrivals.times)
     last = times[-1] - sent if len(times) == n else None
-    return {"alerts": n, "delivered": len(times), "distinct": len(arrivals.keys),
-            "create_alerts_s": round(create_s, 2),
-            "triggered_first_s": _at(live.alert_times, sent, 0),
-            "triggered_last_s": _at(live.alert_times, sent, 100),
-            "first_s": _at(times, sent, 0), "p50_s": _at(times, sent, 50),
-            "p90_s": _at(times, sent, 90), "last_s": round(last, 3) if last else None,
-            "per_s": round(n / last) if last else None,
-            # the delivery machinery's own share: from the trigger committed to the last
-            "after_trigger_s": round(times[-1] - live.alert_times[-1], 3)
-            if last and live.alert_times else None,
-            "connections": arrivals.connections, **cpu,
-            "goal_met": last is not None and last < 1.0}
+    return {
+        "alerts": n,
+        "delivered": len(times),
+        "distinct": len(arrivals.keys),
+        "create_alerts_s": round(create_s, 2),
+        "triggered_first_s": _at(live.alert_times, sent, 0),
+        "triggered_last_s": _at(live.alert_times, sent, 100),
+        "first_s": _at(times, sent, 0),
+        "p50_s": _at(times, sent, 50),
+        "p90_s": _at(times, sent, 90),
+        "last_s": round(last, 3) if last else None,
+        "per_s": round(n / last) if last else None,
+        # the delivery machinery's own share: from the trigger committed to the last
+        "after_trigger_s": round(times[-1] - live.alert_times[-1], 3)
+        if last and live.alert_times
+        else None,
+        "connections": arrivals.connections,
+        **cpu,
+        "goal_met": last is not None and last < 1.0,
+    }
 
 
 async def run(args) -> dict:
-    cases = ["email"] + ([] if args.skip_baseline else ["email_baseline"]) + (
-        [] if args.skip_webhook else ["webhook"])
+    cases = (
+        ["email"]
+        + ([] if args.skip_baseline else ["email_baseline"])
+        + ([] if args.skip_webhook else ["webhook"])
+    )
     out: dict = {"bench": "deliveries"}
     for case in cases:
         out[case] = await run_case(case, args.alerts, args.timeout)
         log.info("%s: %s", case, out[case])
     if "email_baseline" in out and out["email"]["last_s"] and out["email_baseline"]["last_s"]:
         out["email_speedup_vs_baseline"] = round(
-            out["email_baseline"]["last_s"] / out["email"]["last_s"], 1)
+            out["email_baseline"]["last_s"] / out["email"]["last_s"], 1
+        )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--alerts", type=int, default=1000)
-    parser.add_argument("--timeout", type=float, default=30.0,
-                        help="seconds to wait for every delivery of a case")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for every delivery of a case"
+    )
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-webhook", action="store_true")
     args = parser.parse_args(argv)

@@ -68,8 +68,9 @@ class FakeRest:
         size = self.huge_bytes
         if size <= 0:
             return web.Response(body=b"[]", content_type="application/json")
-        resp = web.StreamResponse(headers={"Content-Type": "application/json",
-                                           "Content-Length": str(size)})
+        resp = web.StreamResponse(
+            headers={"Content-Type": "application/json", "Content-Length": str(size)}
+        )
         try:
             await resp.prepare(request)
             await resp.write(b"[")
@@ -97,14 +98,22 @@ class Tape:
         self.next_id, self.price = first_id, price
         self.sent = 0
 
-    def send(self, price: float | None = None, *, trade_id: int | None = None,
-             time_ms: int | None = None) -> None:
+    def send(
+        self, price: float | None = None, *, trade_id: int | None = None, time_ms: int | None = None
+    ) -> None:
         if price is not None:
             self.price = price
         if trade_id is None:
             trade_id, self.next_id = self.next_id, self.next_id + 1
-        self.fake.write(trade_frame(self.symbol, trade_id, f"{self.price:.2f}", "0.01",
-                                    int(time.time() * 1000) if time_ms is None else time_ms))
+        self.fake.write(
+            trade_frame(
+                self.symbol,
+                trade_id,
+                f"{self.price:.2f}",
+                "0.01",
+                int(time.time() * 1000) if time_ms is None else time_ms,
+            )
+        )
         self.sent += 1
 
 
@@ -131,20 +140,26 @@ async def future_trades(tape: Tape, stop_at: float, rate: float = 50.0) -> dict:
             normal += 1
         else:
             ahead = now_ms + DAY_MS if k % 3 == 1 else YEAR_4000_MS + k
-            tape.fake.write(trade_frame(tape.symbol, tape.next_id, f"{base * 10:.2f}", "0.01",
-                                        ahead))
+            tape.fake.write(
+                trade_frame(tape.symbol, tape.next_id, f"{base * 10:.2f}", "0.01", ahead)
+            )
             tape.next_id += 1
             future += 1
         next_at += 1.0 / rate
         if not await _pace(loop, next_at, stop_at):
             break
     tape.send(base, time_ms=int(time.time() * 1000))  # the last word: a normal trade
-    return {"normal_sent": normal + 1, "future_sent": future, "future_price": base * 10,
-            "last_normal_price": base}
+    return {
+        "normal_sent": normal + 1,
+        "future_sent": future,
+        "future_price": base * 10,
+        "last_normal_price": base,
+    }
 
 
-async def _follows(price_of: PriceOf, symbol: str, price: float, within: float = 1.0
-                   ) -> float | None:
+async def _follows(
+    price_of: PriceOf, symbol: str, price: float, within: float = 1.0
+) -> float | None:
     """Milliseconds until the server's latest `symbol` price is `price` (None: not in time)."""
     began = time.monotonic()
     while time.monotonic() - began < within:
@@ -160,8 +175,12 @@ async def id_reset(tape: Tape, price_of: PriceOf, stop_at: float) -> dict:
     loop = asyncio.get_running_loop()
     lag: dict[str, float | None] = {}
     price = tape.price
-    steps = [("before", list(range(1000, 1005))), ("after_reset", list(range(1, 6))),
-             ("after_2_63", [2**63]), ("after_2_63_small_ids", list(range(6, 11)))]
+    steps = [
+        ("before", list(range(1000, 1005))),
+        ("after_reset", list(range(1, 6))),
+        ("after_2_63", [2**63]),
+        ("after_2_63_small_ids", list(range(6, 11))),
+    ]
     for name, ids in steps:
         for trade_id in ids:
             price = round(price + 1.25, 2)
@@ -174,8 +193,10 @@ async def id_reset(tape: Tape, price_of: PriceOf, stop_at: float) -> dict:
         price = round(price + 0.25, 2)
         tape.send(price)
         next_at += 0.1
-    return {"price_follows": all(v is not None for k, v in lag.items() if k != "before"),
-            "follows_ms": lag}
+    return {
+        "price_follows": all(v is not None for k, v in lag.items() if k != "before"),
+        "follows_ms": lag,
+    }
 
 
 async def huge_rest(tape: Tape, rest: FakeRest, stop_at: float, size_mb: float) -> dict:
@@ -200,10 +221,21 @@ async def huge_rest(tape: Tape, rest: FakeRest, stop_at: float, size_mb: float) 
             await asyncio.sleep(0.2)
     finally:
         rest.huge_bytes = 0
-    log.info("huge REST: %d gaps, %d answers read whole, %d cut, %.0f MB sent", gaps,
-             rest.served, rest.cut, rest.sent_mb)
-    return {"gaps": gaps, "rest_calls": len(rest.calls), "answers_read_whole": rest.served,
-            "answers_cut": rest.cut, "answer_mb": size_mb, "sent_mb": rest.sent_mb}
+    log.info(
+        "huge REST: %d gaps, %d answers read whole, %d cut, %.0f MB sent",
+        gaps,
+        rest.served,
+        rest.cut,
+        rest.sent_mb,
+    )
+    return {
+        "gaps": gaps,
+        "rest_calls": len(rest.calls),
+        "answers_read_whole": rest.served,
+        "answers_cut": rest.cut,
+        "answer_mb": size_mb,
+        "sent_mb": rest.sent_mb,
+    }
 
 
 def feed_counter(health: dict, key: str) -> int | None:
@@ -219,8 +251,9 @@ def feed_counter(health: dict, key: str) -> int | None:
     return total if found else None
 
 
-async def future_figures(http: aiohttp.ClientSession, url: str, symbol: str, sent: dict,
-                         health: dict) -> dict:
+async def future_figures(
+    http: aiohttp.ClientSession, url: str, symbol: str, sent: dict, health: dict
+) -> dict:
     """What the server made of the future trades: dropped (if counted), its latest price and
     time for the symbol, and how many 1m candles start over a minute ahead of now."""
     out = {**sent, "dropped": feed_counter(health, "future_trades")}
@@ -229,20 +262,22 @@ async def future_figures(http: aiohttp.ClientSession, url: str, symbol: str, sen
     def ahead_s(iso: str | None) -> float | None:
         if not iso:
             return None
-        return round((datetime.fromisoformat(iso.replace("Z", "+00:00")) - now)
-                     .total_seconds(), 1)
+        return round((datetime.fromisoformat(iso.replace("Z", "+00:00")) - now).total_seconds(), 1)
 
     try:
         async with asyncio.timeout(5):
             async with http.get(f"{url}/api/v1/prices/{symbol}") as resp:
                 latest = await resp.json()
-            out.update(latest_price=latest.get("price"),
-                       latest_time_ahead_s=ahead_s(latest.get("time")))
-            async with http.get(url + "/api/v1/ohlc", params={
-                    "symbol": symbol, "timeframe": "1m", "limit": "1000"}) as resp:
+            out.update(
+                latest_price=latest.get("price"), latest_time_ahead_s=ahead_s(latest.get("time"))
+            )
+            async with http.get(
+                url + "/api/v1/ohlc", params={"symbol": symbol, "timeframe": "1m", "limit": "1000"}
+            ) as resp:
                 candles = (await resp.json()).get("data") or [] if resp.status == 200 else []
-            out["future_candles"] = sum(1 for c in candles
-                                        if (ahead_s(c.get("timestamp")) or 0) > 60)
+            out["future_candles"] = sum(
+                1 for c in candles if (ahead_s(c.get("timestamp")) or 0) > 60
+            )
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         log.warning("future trades: figures not read: %r", exc)
     return out

@@ -83,8 +83,9 @@ def _epoch_ms(iso: str, cache: dict[str, float]) -> float:
     return value
 
 
-async def _client_main(conn, url: str, token: str, n: int, batch: int,
-                       max_rate: int | None) -> None:
+async def _client_main(
+    conn, url: str, token: str, n: int, batch: int, max_rate: int | None
+) -> None:
     """One client process: open `n` sockets, record while told to, report at the end."""
     raise_nofile()
     headers = {"Authorization": f"Bearer {token}"}
@@ -114,17 +115,27 @@ async def _client_main(conn, url: str, token: str, n: int, batch: int,
     sockets, tasks, errors = [], [], 0
     async with aiohttp.ClientSession(connector=connector) as session:
         for start in range(0, n, batch):
-            results = await asyncio.gather(*(session.ws_connect(
-                url, headers=headers, heartbeat=None, compress=0,
-                timeout=aiohttp.ClientWSTimeout(ws_close=2.0))
-                for _ in range(min(batch, n - start))), return_exceptions=True)
+            results = await asyncio.gather(
+                *(
+                    session.ws_connect(
+                        url,
+                        headers=headers,
+                        heartbeat=None,
+                        compress=0,
+                        timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+                    )
+                    for _ in range(min(batch, n - start))
+                ),
+                return_exceptions=True,
+            )
             for ws in results:
                 if isinstance(ws, BaseException):
                     errors += 1
                     continue
                 if max_rate is not None:
-                    await ws.send_json({"action": "subscribe", "symbols": list(SYMBOLS),
-                                        "max_rate": max_rate})
+                    await ws.send_json(
+                        {"action": "subscribe", "symbols": list(SYMBOLS), "max_rate": max_rate}
+                    )
                 mine: dict = {}
                 last.append(mine)
                 sockets.append(ws)
@@ -138,8 +149,17 @@ async def _client_main(conn, url: str, token: str, n: int, batch: int,
                 cpu0 = time.process_time()
             elif command == "report":
                 state["recording"] = False
-                conn.send(("report", dict(hist), last, state["messages"], state["drops"],
-                           state["closed"], time.process_time() - cpu0))
+                conn.send(
+                    (
+                        "report",
+                        dict(hist),
+                        last,
+                        state["messages"],
+                        state["drops"],
+                        state["closed"],
+                        time.process_time() - cpu0,
+                    )
+                )
             elif command == "close":
                 for ws in sockets:
                     if not ws.closed:
@@ -158,17 +178,19 @@ def client_process(conn, *args) -> None:
 
 
 async def register(session: aiohttp.ClientSession, base: str) -> str:
-    async with session.post(base + "/auth/register", json={
-            "username": "fanout", "password": "fanout-password", "email": "f@example.com"}
-            ) as resp:
+    async with session.post(
+        base + "/auth/register",
+        json={"username": "fanout", "password": "fanout-password", "email": "f@example.com"},
+    ) as resp:
         body = await resp.json()
         if resp.status != 201:
             raise RuntimeError(f"register failed: {resp.status} {body}")
         return body["access"]
 
 
-async def tick_loop(fake: FakeUpstream, rate: float, duration: float,
-                    seed: int) -> dict[str, tuple[float, float]]:
+async def tick_loop(
+    fake: FakeUpstream, rate: float, duration: float, seed: int
+) -> dict[str, tuple[float, float]]:
     """Send rate trades/s for duration s; returns each symbol's last (price, monotonic send)."""
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
@@ -182,8 +204,9 @@ async def tick_loop(fake: FakeUpstream, rate: float, duration: float,
         price = round(prices[symbol] * (1 + rng.gauss(0, 0.0003)), 2)
         prices[symbol] = price
         ids[symbol] += 1
-        fake.write(trade_frame(symbol, ids[symbol], f"{price:.2f}", "0.01000000",
-                               int(time.time() * 1000)))
+        fake.write(
+            trade_frame(symbol, ids[symbol], f"{price:.2f}", "0.01000000", int(time.time() * 1000))
+        )
         last[symbol] = (price, time.monotonic())
         next_at += period
         delay = next_at - loop.time()
@@ -215,33 +238,51 @@ def _sorted_pct(values: list[float], p: float) -> float | None:
 
 async def run(args) -> dict:
     fake = await FakeUpstream().start()
-    server = ServerProcess({"PRICEWATCH_FEED": "binance",
-                            "PRICEWATCH_BINANCE_WS_URL": fake.url,
-                            "PRICEWATCH_BINANCE_REST_URL": "http://127.0.0.1:9",
-                            "PRICEWATCH_CANDLE_HISTORY": "false",
-                            "PRICEWATCH_SYMBOLS": ",".join(SYMBOLS),
-                            "PRICEWATCH_BCRYPT_ROUNDS": "4",
-                            # every client comes from 127.0.0.1
-                            "PRICEWATCH_MAX_WS_PER_ADDRESS": str(args.clients + 10)},
-                           root=args.server_root)
+    server = ServerProcess(
+        {
+            "PRICEWATCH_FEED": "binance",
+            "PRICEWATCH_BINANCE_WS_URL": fake.url,
+            "PRICEWATCH_BINANCE_REST_URL": "http://127.0.0.1:9",
+            "PRICEWATCH_CANDLE_HISTORY": "false",
+            "PRICEWATCH_SYMBOLS": ",".join(SYMBOLS),
+            "PRICEWATCH_BCRYPT_ROUNDS": "4",
+            # every client comes from 127.0.0.1
+            "PRICEWATCH_MAX_WS_PER_ADDRESS": str(args.clients + 10),
+        },
+        root=args.server_root,
+    )
     await asyncio.to_thread(server.start)
     ctx = multiprocessing.get_context("spawn")
     pipes, procs = [], []
     try:
         await fake.wait_client(timeout=20.0)
-        log.info("server pid %d (%s) up on %s, feed connected", server.pid,
-                 args.server_root or ROOT, server.url)
+        log.info(
+            "server pid %d (%s) up on %s, feed connected",
+            server.pid,
+            args.server_root or ROOT,
+            server.url,
+        )
         async with aiohttp.ClientSession() as session:
             token = await register(session, server.url)
         rss_before = status_mb(server.pid, "VmRSS")
         began = time.monotonic()
-        share = [args.clients // args.procs + (i < args.clients % args.procs)
-                 for i in range(args.procs)]
+        share = [
+            args.clients // args.procs + (i < args.clients % args.procs) for i in range(args.procs)
+        ]
         for n in share:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=client_process, daemon=True, args=(
-                child, server.ws_url + "/live-feed/subscribe/", token, n, args.batch,
-                args.max_rate))
+            proc = ctx.Process(
+                target=client_process,
+                daemon=True,
+                args=(
+                    child,
+                    server.ws_url + "/live-feed/subscribe/",
+                    token,
+                    n,
+                    args.batch,
+                    args.max_rate,
+                ),
+            )
             proc.start()
             pipes.append(parent)
             procs.append(proc)
@@ -253,8 +294,14 @@ async def run(args) -> dict:
         connect_s = time.monotonic() - began
         await asyncio.sleep(1.0)  # initial prices and acks settle
         rss_idle = status_mb(server.pid, "VmRSS")
-        log.info("%d clients connected in %.1fs (%d failed); RSS %.0f -> %.0f MB", connected,
-                 connect_s, errors, rss_before, rss_idle)
+        log.info(
+            "%d clients connected in %.1fs (%d failed); RSS %.0f -> %.0f MB",
+            connected,
+            connect_s,
+            errors,
+            rss_before,
+            rss_idle,
+        )
         for pipe in pipes:
             pipe.send("record")
         await asyncio.sleep(0.2)
@@ -306,23 +353,41 @@ async def run(args) -> dict:
     ages.sort()
     trades = round(args.rate * args.duration)
     return {
-        "clients": args.clients, "connected": connected, "connect_errors": errors,
-        "procs": args.procs, "rate_per_s": args.rate, "max_rate": args.max_rate,
-        "duration_s": args.duration, "trades": trades,
+        "clients": args.clients,
+        "connected": connected,
+        "connect_errors": errors,
+        "procs": args.procs,
+        "rate_per_s": args.rate,
+        "max_rate": args.max_rate,
+        "duration_s": args.duration,
+        "trades": trades,
         "server": str(args.server_root or "this checkout"),
         "delivered": messages,
         "per_client_per_s": round(messages / max(1, connected) / window, 2),
         "every_trade_would_be": connected * trades,
-        "latency_ms": {"p50": _pct(hist, 50), "p99": _pct(hist, 99),
-                       "max": float(max(hist)) if hist else None},
-        "last_value": {"equal_last": equal, "clients": len(lasts),
-                       "age_ms": {"p50": _sorted_pct(ages, 50), "p99": _sorted_pct(ages, 99),
-                                  "max": _sorted_pct(ages, 100)}},
-        "server_cpu_pct": round(cpu, 1), "server_runqueue_wait_pct": server_cpu.wait_pct,
+        "latency_ms": {
+            "p50": _pct(hist, 50),
+            "p99": _pct(hist, 99),
+            "max": float(max(hist)) if hist else None,
+        },
+        "last_value": {
+            "equal_last": equal,
+            "clients": len(lasts),
+            "age_ms": {
+                "p50": _sorted_pct(ages, 50),
+                "p99": _sorted_pct(ages, 99),
+                "max": _sorted_pct(ages, 100),
+            },
+        },
+        "server_cpu_pct": round(cpu, 1),
+        "server_runqueue_wait_pct": server_cpu.wait_pct,
         "client_cpu_pct": round(100.0 * client_cpu / window, 1),
-        "server_rss_mb": round(rss, 1), "server_hwm_mb": round(hwm, 1),
+        "server_rss_mb": round(rss, 1),
+        "server_hwm_mb": round(hwm, 1),
         "idle_kb_per_client": round((rss_idle - rss_before) * 1024 / max(1, connected), 1),
-        "drops": drops, "closed_during_window": closed, "connect_s": round(connect_s, 1),
+        "drops": drops,
+        "closed_during_window": closed,
+        "connect_s": round(connect_s, 1),
         "server_flush_ms": _flush_ms(flushes0, flushes1),
     }
 
@@ -349,29 +414,47 @@ def _flush_ms(before: dict[str, float], after: dict[str, float]) -> dict | None:
     if count not in after:
         return None
     flushes = after[count] - before.get(count, 0)
-    return {"flushes": int(flushes),
-            "mean": round(1000 * (after[seconds] - before.get(seconds, 0)) / max(1, flushes), 2),
-            "max_since_start": round(1000 * after["pricewatch_websocket_state_flush_max_seconds"],
-                                     2)}
+    return {
+        "flushes": int(flushes),
+        "mean": round(1000 * (after[seconds] - before.get(seconds, 0)) / max(1, flushes), 2),
+        "max_since_start": round(1000 * after["pricewatch_websocket_state_flush_max_seconds"], 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=2000)
     parser.add_argument("--rate", type=float, default=10.0, help="trades per second (total)")
-    parser.add_argument("--max-rate", type=int, default=None,
-                        help="max_rate in each client's subscribe message (default: none sent)")
-    parser.add_argument("--procs", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                        help="client processes")
+    parser.add_argument(
+        "--max-rate",
+        type=int,
+        default=None,
+        help="max_rate in each client's subscribe message (default: none sent)",
+    )
+    parser.add_argument(
+        "--procs", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="client processes"
+    )
     parser.add_argument("--duration", type=float, default=15.0, help="seconds of trades")
-    parser.add_argument("--grace", type=float, default=3.0,
-                        help="seconds after the burst before the last values are read")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=3.0,
+        help="seconds after the burst before the last values are read",
+    )
     parser.add_argument("--batch", type=int, default=100, help="clients connecting at once")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--server-root", type=Path, default=None,
-                        help="run the server from this checkout instead (old design)")
-    parser.add_argument("--compare-root", type=Path, default=None,
-                        help="then run the same load against this checkout's server")
+    parser.add_argument(
+        "--server-root",
+        type=Path,
+        default=None,
+        help="run the server from this checkout instead (old design)",
+    )
+    parser.add_argument(
+        "--compare-root",
+        type=Path,
+        default=None,
+        help="then run the same load against this checkout's server",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     nofile = raise_nofile()

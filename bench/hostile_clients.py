@@ -46,8 +46,9 @@ class RawClients:
 
     path = "/ws/ohlc/"
 
-    def __init__(self, port: int, n: int, per_s: float = 5.0,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self, port: int, n: int, per_s: float = 5.0, headers: dict[str, str] | None = None
+    ):
         self.port, self.n, self.per_s, self.headers = port, n, per_s, headers
         self.connections = 0
         self.refused: dict[str, int] = {}
@@ -61,9 +62,13 @@ class RawClients:
         return self.figures()
 
     def figures(self) -> dict:
-        return {"connections": self.connections, "closes": self.closes,
-                "refused": self.refused, "sent_mb": round(self.sent_bytes / 2**20, 1),
-                "received_mb": round(self.received_bytes / 2**20, 1)}
+        return {
+            "connections": self.connections,
+            "closes": self.closes,
+            "refused": self.refused,
+            "sent_mb": round(self.sent_bytes / 2**20, 1),
+            "received_mb": round(self.received_bytes / 2**20, 1),
+        }
 
     async def _write(self, sock, counter: FrameCounter, stop_at: float) -> bool:
         """Send until `stop_at`; True when the client hung up by itself (not a close)."""
@@ -77,7 +82,8 @@ class RawClients:
             last = loop.time()
             try:
                 sock, first = await asyncio.wait_for(
-                    raw_ws_connect(self.port, self.path, headers=self.headers), 5)
+                    raw_ws_connect(self.port, self.path, headers=self.headers), 5
+                )
             except Refused as exc:
                 self.refused[str(exc.args[0])] = self.refused.get(str(exc.args[0]), 0) + 1
                 continue
@@ -100,8 +106,11 @@ class RawClients:
         loop = asyncio.get_running_loop()
         reader = asyncio.create_task(self._read(sock, counter))
         writer = asyncio.create_task(self._write(sock, counter, stop_at))
-        done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED,
-                                     timeout=max(0.0, stop_at - loop.time()) + 1)
+        done, _ = await asyncio.wait(
+            {reader, writer},
+            return_when=asyncio.FIRST_COMPLETED,
+            timeout=max(0.0, stop_at - loop.time()) + 1,
+        )
         if writer in done and not writer.exception() and writer.result():
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
@@ -148,8 +157,11 @@ class Flooder(RawClients):
         return False
 
     def figures(self) -> dict:
-        return {**super().figures(), "frames_written": self.sent_bytes // 6,
-                "pongs_received": self.pongs}
+        return {
+            **super().figures(),
+            "frames_written": self.sent_bytes // 6,
+            "pongs_received": self.pongs,
+        }
 
 
 class ResumeStorm(RawClients):
@@ -161,8 +173,7 @@ class ResumeStorm(RawClients):
 
     path = "/live-feed/subscribe/"
 
-    def __init__(self, port: int, token: str, n: int, rate: float = 10.0,
-                 reconnect: bool = False):
+    def __init__(self, port: int, token: str, n: int, rate: float = 10.0, reconnect: bool = False):
         super().__init__(port, n, per_s=2.0, headers={"Authorization": f"Bearer {token}"})
         self.rate, self.reconnect = rate, reconnect
         self.sent = 0
@@ -175,8 +186,11 @@ class ResumeStorm(RawClients):
             self.sent += 1
             if self.reconnect:
                 deadline = min(stop_at, loop.time() + 5.0)
-                while (loop.time() < deadline and not counter.types.get("resumed")
-                       and not counter.types.get("error")):
+                while (
+                    loop.time() < deadline
+                    and not counter.types.get("resumed")
+                    and not counter.types.get("error")
+                ):
                     await asyncio.sleep(0.02)
                 return True
             next_at += 1 / self.rate
@@ -184,8 +198,11 @@ class ResumeStorm(RawClients):
         return False
 
     def figures(self) -> dict:
-        return {**super().figures(), "resumes_sent": self.sent,
-                "answers": {k: v for k, v in self.types.items() if k != "price"}}
+        return {
+            **super().figures(),
+            "resumes_sent": self.sent,
+            "answers": {k: v for k, v in self.types.items() if k != "price"},
+        }
 
 
 class SlowReaders:
@@ -200,8 +217,12 @@ class SlowReaders:
     async def run(self, duration: float) -> dict:
         stop_at = asyncio.get_running_loop().time() + duration
         await asyncio.gather(*(self._one(stop_at) for _ in range(self.n)))
-        return {"attackers": self.n, "requests_sent": self.sent,
-                "ended_by_server": self.ended, "refused": self.refused}
+        return {
+            "attackers": self.n,
+            "requests_sent": self.sent,
+            "ended_by_server": self.ended,
+            "refused": self.refused,
+        }
 
     async def _one(self, stop_at: float) -> None:
         loop = asyncio.get_running_loop()
@@ -226,14 +247,16 @@ class SlowReaders:
                 sock.close()
 
 
-def client_attacks(port: int, kinds: list[str], duration: float, token: str | None,
-                   opts: dict) -> dict:
+def client_attacks(
+    port: int, kinds: list[str], duration: float, token: str | None, opts: dict
+) -> dict:
     """The client-side attacks of a phase, run in a child process; their figures."""
     return asyncio.run(_client_attacks(port, kinds, duration, token, opts))
 
 
-async def _client_attacks(port: int, kinds: list[str], duration: float, token: str | None,
-                          opts: dict) -> dict:
+async def _client_attacks(
+    port: int, kinds: list[str], duration: float, token: str | None, opts: dict
+) -> dict:
     raise_nofile()
     meter = CpuMeter()
     meter.start()
@@ -243,11 +266,15 @@ async def _client_attacks(port: int, kinds: list[str], duration: float, token: s
             runs.append(Flooder(port, kind, opts["flooders"]).run(duration))
         elif kind.startswith("resume_"):
             assert token is not None
-            runs.append(ResumeStorm(port, token, opts["resume_sockets"],
-                                    reconnect=kind == "resume_reconnect").run(duration))
+            runs.append(
+                ResumeStorm(
+                    port, token, opts["resume_sockets"], reconnect=kind == "resume_reconnect"
+                ).run(duration)
+            )
         else:
-            runs.append(SlowReaders(port, opts["attackers"], opts["rate"],
-                                    opts["symbol"]).run(duration))
+            runs.append(
+                SlowReaders(port, opts["attackers"], opts["rate"], opts["symbol"]).run(duration)
+            )
     out = dict(zip(kinds, await asyncio.gather(*runs), strict=True))
     out["attacker_cpu_pct"] = round(meter.stop(), 1)
     return out

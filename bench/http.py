@@ -59,8 +59,10 @@ WRK = shutil.which("wrk")
 
 
 async def setup(session: aiohttp.ClientSession, base: str, n_alerts: int) -> str:
-    async with session.post(base + "/auth/register", json={
-            "username": USERNAME, "password": PASSWORD, "email": "h@example.com"}) as resp:
+    async with session.post(
+        base + "/auth/register",
+        json={"username": USERNAME, "password": PASSWORD, "email": "h@example.com"},
+    ) as resp:
         body = await resp.json()
         if resp.status != 201:
             raise RuntimeError(f"register failed: {resp.status} {body}")
@@ -71,15 +73,25 @@ async def setup(session: aiohttp.ClientSession, base: str, n_alerts: int) -> str
         base_price = 60000.0 if asset == "BTCUSDT" else 3000.0
         direction = ("above", "below")[(i // 2) % 2]
         price = base_price * (1.1 + i / 1000 if direction == "above" else 0.9 - i / 1000)
-        async with session.post(base + "/api/v1/alerts", headers=headers, json={
-                "asset": asset, "price": round(price, 2), "direction": direction}) as resp:
+        async with session.post(
+            base + "/api/v1/alerts",
+            headers=headers,
+            json={"asset": asset, "price": round(price, 2), "direction": direction},
+        ) as resp:
             if resp.status != 201:
                 raise RuntimeError(f"create alert failed: {resp.status} {await resp.text()}")
     return token
 
 
-async def load(session: aiohttp.ClientSession, concurrency: int, seconds: float, pid: int,
-               method: str, url: str, **kw) -> dict:
+async def load(
+    session: aiohttp.ClientSession,
+    concurrency: int,
+    seconds: float,
+    pid: int,
+    method: str,
+    url: str,
+    **kw,
+) -> dict:
     """`concurrency` workers repeat one request for `seconds`; rate, latency, CPU."""
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -121,29 +133,41 @@ async def load(session: aiohttp.ClientSession, concurrency: int, seconds: float,
     }
 
 
-async def wrk_load(url: str, connections: int, threads: int, seconds: float, pid: int,
-                   headers: dict[str, str] | None = None) -> dict:
+async def wrk_load(
+    url: str,
+    connections: int,
+    threads: int,
+    seconds: float,
+    pid: int,
+    headers: dict[str, str] | None = None,
+) -> dict:
     """One wrk run against `url`: requests/s, latency, non-2xx count, server CPU."""
     cmd = [WRK, f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
     for name, value in (headers or {}).items():
         cmd += ["-H", f"{name}: {value}"]
     server_cpu = CpuMeter(pid)
     server_cpu.start()
-    proc = await asyncio.create_subprocess_exec(*cmd, url, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
     out = (await proc.communicate())[0].decode()
     cpu = server_cpu.stop()
-    found = {"rps": re.search(r"Requests/sec:\s+([\d.]+)", out),
-             "p50_ms": re.search(r"\s50%\s+([\d.]+\w+)", out),
-             "p99_ms": re.search(r"\s99%\s+([\d.]+\w+)", out),
-             "non2xx": re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)}
+    found = {
+        "rps": re.search(r"Requests/sec:\s+([\d.]+)", out),
+        "p50_ms": re.search(r"\s50%\s+([\d.]+\w+)", out),
+        "p99_ms": re.search(r"\s99%\s+([\d.]+\w+)", out),
+        "non2xx": re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out),
+    }
     if found["rps"] is None:
         raise RuntimeError("wrk failed:\n" + out)
-    return {"rps": float(found["rps"].group(1)),
-            "p50_ms": _ms(found["p50_ms"]), "p99_ms": _ms(found["p99_ms"]),
-            "errors": int(found["non2xx"].group(1)) if found["non2xx"] else 0,
-            "server_cpu_pct": round(cpu, 1),
-            "server_runqueue_wait_pct": server_cpu.wait_pct}
+    return {
+        "rps": float(found["rps"].group(1)),
+        "p50_ms": _ms(found["p50_ms"]),
+        "p99_ms": _ms(found["p99_ms"]),
+        "errors": int(found["non2xx"].group(1)) if found["non2xx"] else 0,
+        "server_cpu_pct": round(cpu, 1),
+        "server_runqueue_wait_pct": server_cpu.wait_pct,
+    }
 
 
 def _ms(match: re.Match | None) -> float | None:
@@ -153,7 +177,7 @@ def _ms(match: re.Match | None) -> float | None:
     text = match.group(1)
     for unit, scale in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
         if text.endswith(unit):
-            return round(float(text[:-len(unit)]) * scale, 3)
+            return round(float(text[: -len(unit)]) * scale, 3)
     return None
 
 
@@ -162,8 +186,10 @@ def _r(x: float | None) -> float | None:
 
 
 async def run(args) -> dict:
-    server = ServerProcess({"PRICEWATCH_FEED": "off"},  # bcrypt: the default cost
-                           root=args.server_root)
+    server = ServerProcess(
+        {"PRICEWATCH_FEED": "off"},  # bcrypt: the default cost
+        root=args.server_root,
+    )
     await asyncio.to_thread(server.start)
     try:
         connector = aiohttp.TCPConnector(limit=max(args.concurrency, args.login_concurrency))
@@ -172,8 +198,12 @@ async def run(args) -> dict:
             began = time.monotonic()
             token = await setup(session, server.url, args.alerts)
             setup_s = time.monotonic() - began
-            log.info("server pid %d: user and %d alerts created in %.1fs", server.pid,
-                     args.alerts, setup_s)
+            log.info(
+                "server pid %d: user and %d alerts created in %.1fs",
+                server.pid,
+                args.alerts,
+                setup_s,
+            )
             headers = {"Authorization": f"Bearer {token}"}
             out: dict = {}
             if WRK and not args.no_wrk:
@@ -181,10 +211,13 @@ async def run(args) -> dict:
                 prices_url = server.url + "/api/v1/prices"
                 rounds: dict[str, list[dict]] = {"alerts": [], "baseline_prices": []}
                 for _ in range(args.rounds):  # alternating: both see the same machine
-                    for name, url, hdrs in (("alerts", list_url, headers),
-                                            ("baseline_prices", prices_url, None)):
-                        got = await wrk_load(url, args.concurrency, args.wrk_threads,
-                                             args.seconds, server.pid, hdrs)
+                    for name, url, hdrs in (
+                        ("alerts", list_url, headers),
+                        ("baseline_prices", prices_url, None),
+                    ):
+                        got = await wrk_load(
+                            url, args.concurrency, args.wrk_threads, args.seconds, server.pid, hdrs
+                        )
                         log.info("wrk %s: %s", name, got)
                         rounds[name].append(got)
                 for name, runs in rounds.items():
@@ -192,36 +225,66 @@ async def run(args) -> dict:
                     out[name] = {**runs[len(runs) // 2], "rps_runs": [r["rps"] for r in runs]}
                 out["client"] = "wrk"
                 out["list_vs_prices"] = round(
-                    out["alerts"]["rps"] / out["baseline_prices"]["rps"], 3)
+                    out["alerts"]["rps"] / out["baseline_prices"]["rps"], 3
+                )
                 log.info("list vs prices: %.3f", out["list_vs_prices"])
             else:
                 # Warm up: open the keep-alive connections first.
-                await load(session, args.concurrency, 0.5, server.pid, "GET",
-                           server.url + "/api/v1/alerts", headers=headers)
-                out["alerts"] = await load(session, args.concurrency, args.seconds,
-                                           server.pid, "GET", server.url + "/api/v1/alerts",
-                                           headers=headers)
+                await load(
+                    session,
+                    args.concurrency,
+                    0.5,
+                    server.pid,
+                    "GET",
+                    server.url + "/api/v1/alerts",
+                    headers=headers,
+                )
+                out["alerts"] = await load(
+                    session,
+                    args.concurrency,
+                    args.seconds,
+                    server.pid,
+                    "GET",
+                    server.url + "/api/v1/alerts",
+                    headers=headers,
+                )
                 log.info("alerts: %s", out["alerts"])
                 out["client"] = "aiohttp"
             if "baseline_prices" not in out and args.baseline_seconds > 0:
                 out["baseline_prices"] = await load(
-                    session, args.concurrency, args.baseline_seconds, server.pid, "GET",
-                    server.url + "/api/v1/prices")
+                    session,
+                    args.concurrency,
+                    args.baseline_seconds,
+                    server.pid,
+                    "GET",
+                    server.url + "/api/v1/prices",
+                )
                 log.info("baseline: %s", out["baseline_prices"])
                 out["list_vs_prices"] = round(
-                    out["alerts"]["rps"] / out["baseline_prices"]["rps"], 3)
+                    out["alerts"]["rps"] / out["baseline_prices"]["rps"], 3
+                )
             if args.login_seconds > 0:
                 out["login"] = await load(
-                    session, args.login_concurrency, args.login_seconds, server.pid, "POST",
+                    session,
+                    args.login_concurrency,
+                    args.login_seconds,
+                    server.pid,
+                    "POST",
                     server.url + "/auth/token",
-                    json={"username": USERNAME, "password": PASSWORD})
+                    json={"username": USERNAME, "password": PASSWORD},
+                )
                 log.info("login: %s", out["login"])
     finally:
         rc = await asyncio.to_thread(server.stop)
         if rc not in (0, None):
             log.warning("server exited with %s", rc)
-    out.update(concurrency=args.concurrency, login_concurrency=args.login_concurrency,
-               alerts_created=args.alerts, bcrypt_rounds=12, setup_s=round(setup_s, 2))
+    out.update(
+        concurrency=args.concurrency,
+        login_concurrency=args.login_concurrency,
+        alerts_created=args.alerts,
+        bcrypt_rounds=12,
+        setup_s=round(setup_s, 2),
+    )
     return out
 
 
@@ -234,11 +297,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--login-seconds", type=float, default=5.0)
     parser.add_argument("--alerts", type=int, default=50)
     parser.add_argument("--no-wrk", action="store_true", help="use the Python client only")
-    parser.add_argument("--server-root", type=Path, default=None,
-                        help="run the server from this checkout instead (old figures)")
+    parser.add_argument(
+        "--server-root",
+        type=Path,
+        default=None,
+        help="run the server from this checkout instead (old figures)",
+    )
     parser.add_argument("--wrk-threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="wrk: alternating list/prices runs (the median is reported)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="wrk: alternating list/prices runs (the median is reported)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     load_before = loadavg()

@@ -68,8 +68,15 @@ def walk(n: int, seed: int, t0_ms: int) -> list[tuple[str, int, str, str, int]]:
             price = 2 * lo - price if price < lo else 2 * hi - price
         prices[symbol] = price
         ids[symbol] += 1
-        out.append((symbol, ids[symbol], f"{prices[symbol]:.2f}",
-                    f"{rng.expovariate(20.0) + 0.00001:.8f}", t0_ms + i // 4))
+        out.append(
+            (
+                symbol,
+                ids[symbol],
+                f"{prices[symbol]:.2f}",
+                f"{rng.expovariate(20.0) + 0.00001:.8f}",
+                t0_ms + i // 4,
+            )
+        )
     return out
 
 
@@ -90,8 +97,9 @@ async def pipeline(args) -> dict:
 
     logging.getLogger("pricewatch").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="pricewatch-bench-") as tmp:
-        app = create_app(Settings(feed="off", db=str(Path(tmp) / "p.db"), bcrypt_rounds=4,
-                                  log_level="WARNING"))
+        app = create_app(
+            Settings(feed="off", db=str(Path(tmp) / "p.db"), bcrypt_rounds=4, log_level="WARNING")
+        )
         runner = web.AppRunner(app)
         await runner.setup()  # runs the cleanup contexts: store, engine (hook), hub...
         try:
@@ -133,8 +141,10 @@ async def pipeline(args) -> dict:
             assert feed.stats.callback_errors == 0
         finally:
             await runner.cleanup()
-    return {"pipeline_trades_per_s": round(args.trades / pipe_s),
-            "decode_pipeline_trades_per_s": round(args.trades / dec_s)}
+    return {
+        "pipeline_trades_per_s": round(args.trades / pipe_s),
+        "decode_pipeline_trades_per_s": round(args.trades / dec_s),
+    }
 
 
 # --------------------------------------------------------------------------- end to end
@@ -147,8 +157,9 @@ def fake_main(conn, n: int, seed: int, chunk: int) -> None:
     async def run() -> None:
         now_ms = int(time.time() * 1000) - n  # ~4 trades per ms: all in the past
         trades = walk(n, seed, now_ms)
-        frames = [b"".join(trade_frame(*t) for t in trades[i:i + chunk])
-                  for i in range(0, n, chunk)]
+        frames = [
+            b"".join(trade_frame(*t) for t in trades[i : i + chunk]) for i in range(0, n, chunk)
+        ]
         del trades
         fake = await FakeUpstream().start()
         conn.send(("port", fake.port))
@@ -173,14 +184,16 @@ def fake_main(conn, n: int, seed: int, chunk: int) -> None:
 def e2e(args) -> dict:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=fake_main, args=(child, args.e2e_trades, args.seed, args.chunk),
-                       daemon=True)
+    proc = ctx.Process(
+        target=fake_main, args=(child, args.e2e_trades, args.seed, args.chunk), daemon=True
+    )
     proc.start()
     server = None
     try:
         kind, port = parent.recv()
-        server = ServerProcess({"PRICEWATCH_FEED": "binance",
-                                "PRICEWATCH_BINANCE_WS_URL": f"ws://127.0.0.1:{port}"}).start()
+        server = ServerProcess(
+            {"PRICEWATCH_FEED": "binance", "PRICEWATCH_BINANCE_WS_URL": f"ws://127.0.0.1:{port}"}
+        ).start()
         if not parent.poll(30):
             raise RuntimeError("the server's feed never connected to the fake upstream")
         kind, path = parent.recv()
@@ -207,8 +220,12 @@ def e2e(args) -> dict:
         got -= base
         health = server.healthz()["feeds"][feed_name]
         if got < args.e2e_trades:
-            log.warning("timed out: %d of %d trades arrived in %.1fs", got, args.e2e_trades,
-                        args.e2e_timeout)
+            log.warning(
+                "timed out: %d of %d trades arrived in %.1fs",
+                got,
+                args.e2e_trades,
+                args.e2e_timeout,
+            )
         # Steady state: the slope between 10% and 90% of the total.
         lo = next(((t, m) for t, m in samples if m - base >= 0.1 * got), samples[0])
         hi = next(((t, m) for t, m in samples if m - base >= 0.9 * got), samples[-1])
@@ -239,8 +256,12 @@ def e2e(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trades", type=int, default=500_000, help="in-process trades")
-    parser.add_argument("--alerts", type=int, default=10_000,
-                        help="out-of-band alerts in the engine index (in-process part)")
+    parser.add_argument(
+        "--alerts",
+        type=int,
+        default=10_000,
+        help="out-of-band alerts in the engine index (in-process part)",
+    )
     parser.add_argument("--e2e-trades", type=int, default=300_000)
     parser.add_argument("--e2e-timeout", type=float, default=40.0)
     parser.add_argument("--chunk", type=int, default=256, help="frames per socket write")

@@ -58,39 +58,48 @@ HISTORY = 1500  # the storm user's events
 
 
 async def register(http: aiohttp.ClientSession, url: str, name: str) -> dict:
-    async with http.post(url + "/auth/register", json={
-            "username": name, "password": "correct horse battery",
-            "email": f"{name}@example.com"}) as resp:
+    async with http.post(
+        url + "/auth/register",
+        json={
+            "username": name,
+            "password": "correct horse battery",
+            "email": f"{name}@example.com",
+        },
+    ) as resp:
         assert resp.status == 201, await resp.text()
         return await resp.json()
 
 
 async def token(http: aiohttp.ClientSession, url: str, name: str) -> str:
-    async with http.post(url + "/auth/token", json={
-            "username": name, "password": "correct horse battery"}) as resp:
+    async with http.post(
+        url + "/auth/token", json={"username": name, "password": "correct horse battery"}
+    ) as resp:
         assert resp.status == 200, await resp.text()
         return (await resp.json())["access"]
 
 
 async def create(http: aiohttp.ClientSession, url: str, access: str, price: float) -> None:
-    async with http.post(url + "/api/v1/alerts", headers={"Authorization": f"Bearer {access}"},
-                         json={"asset": "BTCUSDT", "price": price,
-                               "direction": "above"}) as resp:
+    async with http.post(
+        url + "/api/v1/alerts",
+        headers={"Authorization": f"Bearer {access}"},
+        json={"asset": "BTCUSDT", "price": price, "direction": "above"},
+    ) as resp:
         assert resp.status == 201, await resp.text()
 
 
 class Storm:
     """The storm user's sockets, each resuming `tries` times per `every` seconds."""
 
-    def __init__(self, http, ws_url: str, access: str, sockets: int, every: float,
-                 tries: int):
+    def __init__(self, http, ws_url: str, access: str, sockets: int, every: float, tries: int):
         self.http, self.ws_url, self.access = http, ws_url, access
         self.sockets, self.every, self.tries = sockets, every, tries
         self.replayed = self.resumed = self.refused = 0
 
     async def one(self, stop_at: float) -> None:
-        ws = await self.http.ws_connect(self.ws_url + "/live-feed/subscribe/",
-                                        headers={"Authorization": f"Bearer {self.access}"})
+        ws = await self.http.ws_connect(
+            self.ws_url + "/live-feed/subscribe/",
+            headers={"Authorization": f"Bearer {self.access}"},
+        )
         reader = asyncio.create_task(self.read(ws))
         loop = asyncio.get_running_loop()
         try:
@@ -130,17 +139,20 @@ def storm_process(ws_url: str, access: str, args, out) -> None:
     asyncio.run(run())
 
 
-async def victim_pushes(http, ws_url: str, access: str, fake: FakeUpstream, first: int,
-                        count: int, trade_id: int) -> list[float]:
+async def victim_pushes(
+    http, ws_url: str, access: str, fake: FakeUpstream, first: int, count: int, trade_id: int
+) -> list[float]:
     """Cross `count` of the victim's alerts, one trade every 0.5 s: ms to each push."""
-    ws = await http.ws_connect(ws_url + "/live-feed/subscribe/",
-                               headers={"Authorization": f"Bearer {access}"})
+    ws = await http.ws_connect(
+        ws_url + "/live-feed/subscribe/", headers={"Authorization": f"Bearer {access}"}
+    )
     latencies = []
     try:
         for i in range(count):
             price = 1001.5 + first + i  # crosses the target first + i, and only it
-            fake.write(trade_frame("BTCUSDT", trade_id + i, f"{price}", "1",
-                                   int(time.time() * 1000)))
+            fake.write(
+                trade_frame("BTCUSDT", trade_id + i, f"{price}", "1", int(time.time() * 1000))
+            )
             sent = time.perf_counter()
             while True:
                 msg = orjson.loads((await asyncio.wait_for(ws.receive(), 30)).data)
@@ -155,16 +167,22 @@ async def victim_pushes(http, ws_url: str, access: str, fake: FakeUpstream, firs
 
 def summary(values: list[float]) -> dict:
     values = sorted(values)
-    return {"p50": round(percentile(values, 50) or 0, 1),
-            "p99": round(percentile(values, 99) or 0, 1),
-            "max": round(values[-1], 1) if values else None, "n": len(values)}
+    return {
+        "p50": round(percentile(values, 50) or 0, 1),
+        "p99": round(percentile(values, 99) or 0, 1),
+        "max": round(values[-1], 1) if values else None,
+        "n": len(values),
+    }
 
 
 async def main(args) -> None:
     began, load_before = time.monotonic(), loadavg()
     fake = await FakeUpstream().start()
-    env = {"PRICEWATCH_FEED": "binance", "PRICEWATCH_BINANCE_WS_URL": fake.url,
-           "PRICEWATCH_SYMBOLS": "BTCUSDT"}
+    env = {
+        "PRICEWATCH_FEED": "binance",
+        "PRICEWATCH_BINANCE_WS_URL": fake.url,
+        "PRICEWATCH_SYMBOLS": "BTCUSDT",
+    }
     tmp = tempfile.TemporaryDirectory(prefix="pricewatch-bench-")
     server = ServerProcess(env, tmpdir=tmp.name, root=args.root)
     server.start()
@@ -182,9 +200,10 @@ async def main(args) -> None:
         connections = len(fake.paths)
         server.stop()
         with sqlite3.connect(Path(tmp.name) / "pricewatch.db") as db:
-            db.executemany("INSERT INTO events(alert_id, user_id, time, price)"
-                           " VALUES (1, ?, ?, 1.0)",
-                           [(storm["id"], 1.7e9 + i) for i in range(HISTORY)])
+            db.executemany(
+                "INSERT INTO events(alert_id, user_id, time, price) VALUES (1, ?, ?, 1.0)",
+                [(storm["id"], 1.7e9 + i) for i in range(HISTORY)],
+            )
         db.close()
         server = ServerProcess(env, tmpdir=tmp.name, root=args.root)
         server.start()
@@ -201,16 +220,18 @@ async def main(args) -> None:
                 await create(http, server.url, victim_access, 1001.0 + i)
             quiet = await victim_pushes(http, server.ws_url, victim_access, fake, 0, 10, 10)
             results: multiprocessing.Queue = multiprocessing.Queue()
-            attack = multiprocessing.Process(target=storm_process, args=(
-                server.ws_url, storm_access, args, results))
+            attack = multiprocessing.Process(
+                target=storm_process, args=(server.ws_url, storm_access, args, results)
+            )
             meter = CpuMeter(server.pid)
             meter.start()
             peak = status_mb(server.pid, "VmRSS")
             attack.start()
             await asyncio.sleep(args.every)  # the storm under way
             count = min(TARGETS - 10, int((args.duration - args.every) / 0.5) - 2)
-            during = asyncio.create_task(victim_pushes(
-                http, server.ws_url, victim_access, fake, 10, count, 100))
+            during = asyncio.create_task(
+                victim_pushes(http, server.ws_url, victim_access, fake, 10, count, 100)
+            )
             while not during.done():
                 peak = max(peak, status_mb(server.pid, "VmRSS"))
                 await asyncio.sleep(0.25)
@@ -218,10 +239,16 @@ async def main(args) -> None:
             figures["server_runqueue_wait_pct"] = meter.wait_pct  # other load on the box
             replayed, resumed, refused = await asyncio.to_thread(results.get, True, 60)
             await asyncio.to_thread(attack.join, 10)
-            figures.update({
-                "push_ms_quiet": summary(quiet), "push_ms": summary(await during),
-                "replayed_events": replayed, "resumed": resumed, "refused": refused,
-                "rss_mb_peak": round(peak, 1)})
+            figures.update(
+                {
+                    "push_ms_quiet": summary(quiet),
+                    "push_ms": summary(await during),
+                    "replayed_events": replayed,
+                    "resumed": resumed,
+                    "refused": refused,
+                    "rss_mb_peak": round(peak, 1),
+                }
+            )
     finally:
         server.stop()
         await fake.close()
@@ -236,7 +263,10 @@ if __name__ == "__main__":
     parser.add_argument("--every", type=float, default=5.0)
     parser.add_argument("--tries", type=int, default=10)
     parser.add_argument("--duration", type=float, default=20.0)
-    parser.add_argument("--root", default=None,
-                        help="the checkout whose server runs (another worktree: before/after)")
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="the checkout whose server runs (another worktree: before/after)",
+    )
     log.info("resume storm bench")
     asyncio.run(main(parser.parse_args()))

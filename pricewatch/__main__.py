@@ -31,8 +31,10 @@ def _secrets_text() -> str:
     secrets = [f for f in fields(Settings) if f.metadata["secret"]]
     width = max(len(names[f.name]) for f in secrets)
     lines = [f"  {names[f.name]:<{width}}  {f.metadata['help']}" for f in secrets]
-    return ("Secrets have no option (they would show in `ps` and shell history); set them in "
-            "the\nenvironment or in ./.env:\n" + "\n".join(lines))
+    return (
+        "Secrets have no option (they would show in `ps` and shell history); set them in "
+        "the\nenvironment or in ./.env:\n" + "\n".join(lines)
+    )
 
 
 def _options_parser() -> argparse.ArgumentParser:
@@ -45,43 +47,59 @@ def _options_parser() -> argparse.ArgumentParser:
     group = options.add_argument_group("options (each also read from its environment variable)")
     names = env_names()
     for f in _option_fields():
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
-                           metavar=_CHOICES.get(f.name, "VALUE"),
-                           help=f"{f.metadata['help']} ({names[f.name]}, default: "
-                                f"{_show(f.default)})")
+        group.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            metavar=_CHOICES.get(f.name, "VALUE"),
+            help=f"{f.metadata['help']} ({names[f.name]}, default: {_show(f.default)})",
+        )
     return options
 
 
 def _parser() -> argparse.ArgumentParser:
     options = _options_parser()
     parser = argparse.ArgumentParser(
-        prog="pricewatch", parents=[options],
+        prog="pricewatch",
+        parents=[options],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Self-hosted crypto price server. Every option can also be set by the "
-                    "environment\nvariable shown, or in ./.env (the environment wins; an "
-                    "option wins over both).",
-        epilog=_secrets_text())
+        "environment\nvariable shown, or in ./.env (the environment wins; an "
+        "option wins over both).",
+        epilog=_secrets_text(),
+    )
     sub = parser.add_subparsers(dest="command", metavar="{serve,edge,createuser,backup}")
-    sub.add_parser("serve", parents=[options], help="serve (the default)",
-                   description="Serve HTTP and websockets; the same options as without "
-                               "`serve`.")
-    sub.add_parser("edge", parents=[options], help="serve as a cluster edge (ROLE=edge)",
-                   description="Serve websockets and market REST from a cluster's Redis: "
-                               "PRICEWATCH_ROLE=edge. Needs PRICEWATCH_REDIS_URL and the "
-                               "core's PRICEWATCH_JWT_SECRET; no database, no feeds.")
+    sub.add_parser(
+        "serve",
+        parents=[options],
+        help="serve (the default)",
+        description="Serve HTTP and websockets; the same options as without `serve`.",
+    )
+    sub.add_parser(
+        "edge",
+        parents=[options],
+        help="serve as a cluster edge (ROLE=edge)",
+        description="Serve websockets and market REST from a cluster's Redis: "
+        "PRICEWATCH_ROLE=edge. Needs PRICEWATCH_REDIS_URL and the "
+        "core's PRICEWATCH_JWT_SECRET; no database, no feeds.",
+    )
     create = sub.add_parser(
-        "createuser", help="create a user",
+        "createuser",
+        help="create a user",
         description="Create a user. The password comes from PRICEWATCH_PASSWORD, else the "
-                    "prompt on a terminal, else one line of standard input.")
+        "prompt on a terminal, else one line of standard input.",
+    )
     create.add_argument("username")
     create.add_argument("--email", required=True)
     create.add_argument("--admin", action="store_true", help="may manage feeds")
     backup = sub.add_parser(
-        "backup", parents=[options], help="copy the database, while the server runs",
+        "backup",
+        parents=[options],
+        help="copy the database, while the server runs",
         description="Write a consistent copy of the database (PRICEWATCH_DB) to PATH while "
-                    "the server keeps serving, check it with PRAGMA integrity_check, and "
-                    "print one line. Restore: stop the server, copy the file back over the "
-                    "database, remove the database's -wal and -shm files, start.")
+        "the server keeps serving, check it with PRAGMA integrity_check, and "
+        "print one line. Restore: stop the server, copy the file back over the "
+        "database, remove the database's -wal and -shm files, start.",
+    )
     backup.add_argument("path", metavar="PATH")
     backup.add_argument("--force", action="store_true", help="replace PATH if it exists")
     return parser
@@ -123,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pricewatch: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.command == "createuser":
         return _createuser(settings, args.username, args.email, args.admin)
     if args.command == "backup":
@@ -154,8 +173,11 @@ def _read_password() -> str | None:
     if sys.stdin is None or not sys.stdin.isatty():
         line = sys.stdin.readline() if sys.stdin is not None else ""
         if not line:
-            print("pricewatch: no password: set PRICEWATCH_PASSWORD or write it as one line "
-                  "to standard input", file=sys.stderr)
+            print(
+                "pricewatch: no password: set PRICEWATCH_PASSWORD or write it as one line "
+                "to standard input",
+                file=sys.stderr,
+            )
             return None
         return line.rstrip("\r\n")
     try:
@@ -192,8 +214,13 @@ def _createuser(settings: Settings, username: str, email: str, admin: bool) -> i
         store = await Store.open(settings.db)
         try:
             auth = await Auth.create(settings, store)
-            user = await store.create_user(username, email, await auth.hash_password(password),
-                                           is_admin=admin, email_verified=True)
+            user = await store.create_user(
+                username,
+                email,
+                await auth.hash_password(password),
+                is_admin=admin,
+                email_verified=True,
+            )
         except Conflict:
             print(f"pricewatch: user {username!r} exists", file=sys.stderr)
             return 1
@@ -213,8 +240,10 @@ def _backup(settings: Settings, path: str, force: bool) -> int:
     except BackupError as exc:
         print(f"pricewatch: backup: {exc}", file=sys.stderr)
         return 2
-    print(f"backed up {settings.db} to {result.path}: {result.pages} pages "
-          f"({result.bytes / 2**20:.1f} MiB), integrity ok, in {result.seconds:.2f}s")
+    print(
+        f"backed up {settings.db} to {result.path}: {result.pages} pages "
+        f"({result.bytes / 2**20:.1f} MiB), integrity ok, in {result.seconds:.2f}s"
+    )
     return 0
 
 

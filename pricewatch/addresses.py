@@ -44,8 +44,9 @@ class ClientAddresses:
         peer = request.remote or "?"
         if not self.is_trusted(peer):
             return peer
-        hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", ())
-                for h in v.split(",")]
+        hops = [
+            h.strip() for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")
+        ]
         hops = [h for h in hops if h]
         for hop in reversed(hops):
             if not self.is_trusted(hop):
@@ -102,16 +103,26 @@ def is_public_address(address: str) -> bool:
         elif addr in IPv6Network("64:ff9b::/96"):  # RFC 6052: the last 32 bits are IPv4
             candidates = (ip_address(int(addr) & 0xFFFFFFFF),)
     # Beyond is_global, the other flags guard against Python versions whose tables differ.
-    return all(a.is_global and not (a.is_multicast or a.is_private or a.is_reserved
-                                    or a.is_loopback or a.is_link_local or a.is_unspecified)
-               for a in candidates)
+    return all(
+        a.is_global
+        and not (
+            a.is_multicast
+            or a.is_private
+            or a.is_reserved
+            or a.is_loopback
+            or a.is_link_local
+            or a.is_unspecified
+        )
+        for a in candidates
+    )
 
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
-async def check_public_url(url: str, allow_private: bool, *, schemes: tuple[str, ...],
-                           flag: str, field: str = "url") -> dict:
+async def check_public_url(
+    url: str, allow_private: bool, *, schemes: tuple[str, ...], flag: str, field: str = "url"
+) -> dict:
     """Refuse URLs whose scheme is not one of `schemes` or that have no host, and, unless
     `allow_private`, hosts with any address that is not globally routable
     (`is_public_address`): a user or admin must not be able to point the server at its own
@@ -135,14 +146,19 @@ async def check_public_url(url: str, allow_private: bool, *, schemes: tuple[str,
         return {}
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(
-            hostname, port, type=socket.SOCK_STREAM)
+            hostname, port, type=socket.SOCK_STREAM
+        )
     except (OSError, UnicodeError):  # UnicodeError: "a..b", a label over 63 characters
         raise invalid({field: f"Cannot resolve host {hostname!r}."}) from None
     for info in infos:
         address = str(info[4][0])  # the host, as a str (an int only for AF_PACKET et al.)
         if not is_public_address(address):
-            raise invalid({field: f"{hostname} resolves to a non-public address "
-                                  f"({address}); set {flag}=true to allow it."})
+            raise invalid(
+                {
+                    field: f"{hostname} resolves to a non-public address "
+                    f"({address}); set {flag}=true to allow it."
+                }
+            )
     pinned = {"host": infos[0][4][0], "port": port}
     if parts.scheme in ("https", "wss"):
         pinned["server_hostname"] = hostname

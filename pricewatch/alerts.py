@@ -46,8 +46,9 @@ CREATION_HORIZON = 86400.0
 EXPIRE_EVERY = 5.0  # seconds between expiry sweeps (the tick path never waits for one)
 
 
-def _push(heap: list[tuple[float, int]], live: dict[int, float], when: float, alert_id: int
-          ) -> list[tuple[float, int]]:
+def _push(
+    heap: list[tuple[float, int]], live: dict[int, float], when: float, alert_id: int
+) -> list[tuple[float, int]]:
     """Push onto a heap whose entries are valid only while `live` still maps the id to that
     time (stale ones are skipped when popped); rebuilt from `live` once stale entries would
     be most of it, so that creating and deleting alerts cannot grow it without end."""
@@ -62,8 +63,13 @@ def _push(heap: list[tuple[float, int]], live: dict[int, float], when: float, al
 
 def alert_message(alert: Alert, event: Event | None) -> bytes:
     """The `{"type": "alert"}` live message for one trigger."""
-    return orjson.dumps({"type": "alert", "alert": alert.public(),
-                         "event": event.brief() if event is not None else None})
+    return orjson.dumps(
+        {
+            "type": "alert",
+            "alert": alert.public(),
+            "event": event.brief() if event is not None else None,
+        }
+    )
 
 
 class AlertEngine:
@@ -74,8 +80,14 @@ class AlertEngine:
     at or after that time (the expiry sweep task marks EXPIRED on disk by the wall clock).
     """
 
-    def __init__(self, store: Store, hub: Hub, max_active: int = 1000,
-                 create_rate: int = 60, event_retention_days: int = 90):
+    def __init__(
+        self,
+        store: Store,
+        hub: Hub,
+        max_active: int = 1000,
+        create_rate: int = 60,
+        event_retention_days: int = 90,
+    ):
         self.store = store
         self.hub = hub
         self.max_active = max_active  # CREATED alerts per user
@@ -146,8 +158,10 @@ class AlertEngine:
         if hits:
             # Each hit keeps the asset and target it matched: the writer triggers an alert only
             # if it still has them, so an alert changed meanwhile never fires at the old ones.
-            self._hits.extend(Hit(aid, symbol, target, direction, price, at, tick.backfill)
-                              for aid, target, direction in hits)
+            self._hits.extend(
+                Hit(aid, symbol, target, direction, price, at, tick.backfill)
+                for aid, target, direction in hits
+            )
             self._cool([hit[0] for hit in hits], tick.time)
         percent = self.percent
         if symbol in percent.groups:
@@ -162,8 +176,10 @@ class AlertEngine:
                     self.percent.add(aid, symbol, window, pct, direction)
             moves = [move for move in moves if move[0] <= last]
         if moves:
-            self._hits.extend(Hit(aid, symbol, pct, direction, price, at, tick.backfill, window)
-                              for aid, pct, direction, window in moves)
+            self._hits.extend(
+                Hit(aid, symbol, pct, direction, price, at, tick.backfill, window)
+                for aid, pct, direction, window in moves
+            )
             self._cool([move[0] for move in moves], tick.time)
         if self._hits:
             self._idle.clear()
@@ -176,23 +192,27 @@ class AlertEngine:
         alerts are not judged on klines."""
         if bar.end >= self._next_due:
             self._due(bar.end)
-        hits = (self.index.match_targets(bar.symbol, bar.high)
-                + self.index.match_targets(bar.symbol, bar.low))
+        hits = self.index.match_targets(bar.symbol, bar.high) + self.index.match_targets(
+            bar.symbol, bar.low
+        )
         if hits and self._rearming:
             hits = self._far_side(hits)
         if hits and bar.end < self.created.newest:
             hits = self._existing_at(bar.symbol, bar.end, hits)
         if hits:
             at = bar.start / 1000.0
-            self._hits.extend(Hit(aid, bar.symbol, target, direction, target, at, "kline")
-                              for aid, target, direction in hits)
+            self._hits.extend(
+                Hit(aid, bar.symbol, target, direction, target, at, "kline")
+                for aid, target, direction in hits
+            )
             self._cool([hit[0] for hit in hits], bar.start)
         if self._hits:
             self._idle.clear()
             self._wake.set()
 
-    def _existing_at(self, symbol: str, t_ms: float, hits: list[tuple[int, float, str]]
-                     ) -> list[tuple[int, float, str]]:
+    def _existing_at(
+        self, symbol: str, t_ms: float, hits: list[tuple[int, float, str]]
+    ) -> list[tuple[int, float, str]]:
         """The hits on alerts that existed at a backfilled trade's time. Alerts created after
         it (a trade recovered from before their creation is history, not news) go back into
         the index untouched. Streamed trades are news by definition and never filtered: the
@@ -260,11 +280,12 @@ class AlertEngine:
                 self._hits.append(Arm(alert_id, False))
             self._idle.clear()
             self._wake.set()
-        self._next_due = min(self._exp_heap[0][0] if self._exp_heap else math.inf,
-                             self._cool_heap[0][0] if self._cool_heap else math.inf)
+        self._next_due = min(
+            self._exp_heap[0][0] if self._exp_heap else math.inf,
+            self._cool_heap[0][0] if self._cool_heap else math.inf,
+        )
 
-    def _wait_far_side(self, alert_id: int, asset: str, target: float, direction: str
-                       ) -> None:
+    def _wait_far_side(self, alert_id: int, asset: str, target: float, direction: str) -> None:
         """Hysteresis: index the far side of the target (strictly below it for an "above"
         alert, strictly above for "below"); reaching it arms the alert again."""
         self._rearming.add(alert_id)
@@ -278,9 +299,14 @@ class AlertEngine:
     def _announce(self, alerts: list[Alert]) -> None:
         """Log each committed trigger and push it to its owner's live sockets."""
         for alert in alerts:
-            log.info("alert %d triggered: %s %s %s at %s", alert.id, alert.asset,
-                     alert.direction, alert.price if alert.kind == "price" else alert.percent,
-                     alert.triggered_price)
+            log.info(
+                "alert %d triggered: %s %s %s at %s",
+                alert.id,
+                alert.asset,
+                alert.direction,
+                alert.price if alert.kind == "price" else alert.percent,
+                alert.triggered_price,
+            )
             event_id = alert.event.id if alert.event is not None else None
             if event_id is not None:
                 self.announced = max(self.announced, event_id)
@@ -293,8 +319,14 @@ class AlertEngine:
             target = alert.price if alert.kind == "price" else alert.percent
             assert target is not None  # a price alert has a price, a percent alert a percent
             # (a stored row may hold a shorter cooldown than the API takes: held to the floor)
-            self._repeat[alert.id] = (alert.kind, alert.asset, target, alert.direction,
-                                      alert.window, max(alert.cooldown, MIN_COOLDOWN))
+            self._repeat[alert.id] = (
+                alert.kind,
+                alert.asset,
+                target,
+                alert.direction,
+                alert.window,
+                max(alert.cooldown, MIN_COOLDOWN),
+            )
         if alert.expires_at is not None and alert.status in ("CREATED", "TRIGGERED"):
             when = alert.expires_at * 1000
             self._expiry[alert.id] = when
@@ -309,8 +341,7 @@ class AlertEngine:
         self.created.add(alert.id, alert.created_at * 1000)
         if alert.kind == "percent":
             assert alert.window is not None and alert.percent is not None  # it has both
-            self.percent.add(alert.id, alert.asset, alert.window, alert.percent,
-                             alert.direction)
+            self.percent.add(alert.id, alert.asset, alert.window, alert.percent, alert.direction)
             return None
         price = alert.price
         assert price is not None  # a price alert has one
@@ -336,8 +367,7 @@ class AlertEngine:
 
     # resume ---------------------------------------------------------------------------
 
-    def resume(self, user_id: int, since: int, send: Callable[[bytes], None],
-               client=None) -> None:
+    def resume(self, user_id: int, since: int, send: Callable[[bytes], None], client=None) -> None:
         """Re-send, in order, the user's events after `since` through `send` (at most
         REPLAY_MAX, then `"more": true`), then let the live ones follow with no gap and no
         duplicate: everything announced so far is replayed from the database, and what is
@@ -351,8 +381,7 @@ class AlertEngine:
 
         async def read() -> Events:
             rows = await self.store.events_between(user_id, since, upto, REPLAY_MAX + 1)
-            return [(event.id, partial(alert_message, alert, event))
-                    for event, alert in rows], True
+            return [(event.id, partial(alert_message, alert, event)) for event, alert in rows], True
 
         return read
 
@@ -428,13 +457,13 @@ class AlertEngine:
         count = await self.store.purge_deleted_alerts(now - KEEP_DELETED)
         self.purged += count
         if count:
-            log.info("purged %d alerts deleted over %d days ago", count,
-                     KEEP_DELETED // 86400)
+            log.info("purged %d alerts deleted over %d days ago", count, KEEP_DELETED // 86400)
         events = await self.store.purge_events(now - self.event_retention)
         self.purged_events += events
         if events:
-            log.info("purged %d alert events older than %g days", events,
-                     self.event_retention / 86400)
+            log.info(
+                "purged %d alert events older than %g days", events, self.event_retention / 86400
+            )
         return count
 
     async def _purge_loop(self) -> None:
@@ -468,8 +497,13 @@ class AlertEngine:
                 self._hits[:0] = batch  # not committed: they stay CREATED on disk
                 raise
             except Exception as exc:
-                log_failure(log, exc, "could not record %d triggered alerts; retrying in %.1fs",
-                            len(batch), backoff)
+                log_failure(
+                    log,
+                    exc,
+                    "could not record %d triggered alerts; retrying in %.1fs",
+                    len(batch),
+                    backoff,
+                )
                 self._hits[:0] = batch
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)

@@ -39,8 +39,7 @@ DIRECTIONS = ("above", "below")
 MAX_COOLDOWN = 30 * 86400
 DEFAULT_COOLDOWN = 3600
 MAX_NOTE = 200
-CHANNELS_TEXT = ('A non-empty list of channel ids from GET /api/v1/channels: "email" and'
-                 " integers.")
+CHANNELS_TEXT = 'A non-empty list of channel ids from GET /api/v1/channels: "email" and integers.'
 
 
 def _alert_id(request: web.Request) -> int:
@@ -96,16 +95,18 @@ def _channel_list(raw: Any) -> list[int | str] | str:
     for item in raw:
         if isinstance(item, str) and item != "email":
             item = strict_int(item) or item  # ASCII digits only: not " 5", "1_0", "١٢٣"
-        if item != "email" and (isinstance(item, bool) or not isinstance(item, int)
-                                or not 0 < item < 2**63):
+        if item != "email" and (
+            isinstance(item, bool) or not isinstance(item, int) or not 0 < item < 2**63
+        ):
             return CHANNELS_TEXT
         if item not in ids:
             ids.append(item)
     return ids
 
 
-async def _check_channels(request: web.Request, user_id: int, data: dict[str, Any],
-                          fields: dict[str, Any]) -> None:
+async def _check_channels(
+    request: web.Request, user_id: int, data: dict[str, Any], fields: dict[str, Any]
+) -> None:
     """400 naming the channel ids the request gave (`data`) that are not the user's (those
     a PATCH keeps are not judged again: an address removed since must not block it)."""
     wanted = fields.get("channels")
@@ -114,8 +115,13 @@ async def _check_channels(request: web.Request, user_id: int, data: dict[str, An
     have = set(await request.app[ENGINE].store.channel_ids(user_id))
     unknown = [str(c) for c in wanted if c not in have]
     if unknown:
-        raise invalid({"channels": "Not one of your channels: " + ", ".join(unknown)
-                       + " (GET /api/v1/channels lists them)."})
+        raise invalid(
+            {
+                "channels": "Not one of your channels: "
+                + ", ".join(unknown)
+                + " (GET /api/v1/channels lists them)."
+            }
+        )
 
 
 def _given(data: dict[str, Any], name: str) -> bool:
@@ -127,8 +133,7 @@ def _keep(current: Alert | None, name: str, default: Any) -> Any:
     return getattr(current, name) if current is not None else default
 
 
-def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
-              ) -> dict[str, Any]:
+def _validate(request: web.Request, data: dict[str, Any], current: Alert | None) -> dict[str, Any]:
     """The alert's fields (asset, price, direction, kind, percent, window, repeat,
     cooldown, expires_at, note) from a POST/PUT body, or a PATCH over `current`.
 
@@ -174,8 +179,9 @@ def _validate(request: web.Request, data: dict[str, Any], current: Alert | None
     return out
 
 
-def _price_fields(data: dict[str, Any], same: Alert | None, errors: dict[str, str],
-                  out: dict[str, Any]) -> None:
+def _price_fields(
+    data: dict[str, Any], same: Alert | None, errors: dict[str, str], out: dict[str, Any]
+) -> None:
     """A price alert's price and direction (percent and window: none)."""
     if "price" in data or same is None:
         raw = data.get("price")
@@ -200,16 +206,18 @@ def _price_fields(data: dict[str, Any], same: Alert | None, errors: dict[str, st
         out["direction"] = same.direction
 
 
-def _percent_fields(data: dict[str, Any], same: Alert | None, errors: dict[str, str],
-                    out: dict[str, Any]) -> None:
+def _percent_fields(
+    data: dict[str, Any], same: Alert | None, errors: dict[str, str], out: dict[str, Any]
+) -> None:
     """A percent alert's percent, window and direction (price: none)."""
     if _given(data, "price"):
         errors["price"] = "Only for price alerts."
     out["price"] = None
     if "percent" in data or same is None:
         # A move of 1e-9 % is every trade: at least MIN_PERCENT (docs/limits.md).
-        checked = _number(data.get("percent"), MIN_PERCENT, 100, False,
-                          f"A number from {MIN_PERCENT:g} to 100.")
+        checked = _number(
+            data.get("percent"), MIN_PERCENT, 100, False, f"A number from {MIN_PERCENT:g} to 100."
+        )
         if isinstance(checked, str):
             errors["percent"] = REQUIRED if data.get("percent") is None else checked
         else:
@@ -219,8 +227,7 @@ def _percent_fields(data: dict[str, Any], same: Alert | None, errors: dict[str, 
     if "window" in data or same is None:
         raw = data.get("window")
         if not isinstance(raw, str) or raw not in WINDOWS:
-            errors["window"] = (REQUIRED if raw is None
-                                else "One of " + ", ".join(WINDOWS) + ".")
+            errors["window"] = REQUIRED if raw is None else "One of " + ", ".join(WINDOWS) + "."
         else:
             out["window"] = raw
     else:
@@ -234,8 +241,9 @@ def _percent_fields(data: dict[str, Any], same: Alert | None, errors: dict[str, 
         out["direction"] = raw.lower()
 
 
-def _common_fields(data: dict[str, Any], current: Alert | None, errors: dict[str, str],
-                   out: dict[str, Any]) -> None:
+def _common_fields(
+    data: dict[str, Any], current: Alert | None, errors: dict[str, str], out: dict[str, Any]
+) -> None:
     """Repeat, cooldown, expiry, note and channels, for either kind."""
     out["repeat"] = _keep(current, "repeat", False)
     if "repeat" in data:
@@ -245,8 +253,13 @@ def _common_fields(data: dict[str, Any], current: Alert | None, errors: dict[str
             out["repeat"] = data["repeat"]
     out["cooldown"] = _keep(current, "cooldown", DEFAULT_COOLDOWN)
     if "cooldown" in data:
-        checked = _number(data["cooldown"], MIN_COOLDOWN, MAX_COOLDOWN, False,
-                          f"Seconds, at least {MIN_COOLDOWN} and at most {MAX_COOLDOWN}.")
+        checked = _number(
+            data["cooldown"],
+            MIN_COOLDOWN,
+            MAX_COOLDOWN,
+            False,
+            f"Seconds, at least {MIN_COOLDOWN} and at most {MAX_COOLDOWN}.",
+        )
         if isinstance(checked, str):
             errors["cooldown"] = checked
         else:
@@ -291,11 +304,15 @@ async def create_alert(request: web.Request) -> web.Response:
     creations = request.app[ENGINE].creations
     wait = creations.take(str(identity.user_id))
     if wait is not None:
-        raise ApiError(429, "rate_limited",
-                       f"At most {creations.limit} alerts may be created per minute.",
-                       headers={"Retry-After": str(wait)})
-    alert = await engine.store.create_alert(identity.user_id, asset, price, direction,
-                                            max_active=engine.max_active, **extra)
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"At most {creations.limit} alerts may be created per minute.",
+            headers={"Retry-After": str(wait)},
+        )
+    alert = await engine.store.create_alert(
+        identity.user_id, asset, price, direction, max_active=engine.max_active, **extra
+    )
     engine.track(alert)
     return json_response(alert.public(), status=201)
 
@@ -324,18 +341,27 @@ def _link(base: str, request: web.Request, page: int) -> str:
     return url
 
 
-def _page(request: web.Request, base: str, page: int, page_size: int, count: int,
-          rows: list, results: list[dict] | None = None) -> web.Response:
+def _page(
+    request: web.Request,
+    base: str,
+    page: int,
+    page_size: int,
+    count: int,
+    rows: list,
+    results: list[dict] | None = None,
+) -> web.Response:
     """`{count, next, previous, results}`; 404 for a page past the last."""
     if page > 1 and not rows:
         raise ApiError(404, "not_found", "Invalid page.")
     last_page = max(1, -(-count // page_size))
-    return json_response({
-        "count": count,
-        "next": _link(base, request, page + 1) if page < last_page else None,
-        "previous": _link(base, request, page - 1) if page > 1 else None,
-        "results": results if results is not None else [row.public() for row in rows],
-    })
+    return json_response(
+        {
+            "count": count,
+            "next": _link(base, request, page + 1) if page < last_page else None,
+            "previous": _link(base, request, page - 1) if page > 1 else None,
+            "results": results if results is not None else [row.public() for row in rows],
+        }
+    )
 
 
 async def list_alerts(request: web.Request) -> web.Response:
@@ -349,8 +375,8 @@ async def list_alerts(request: web.Request) -> web.Response:
         raise invalid(errors)
     base = base_url(request)  # 400 for a malformed Host
     page_read = await request.app[ENGINE].store.list_alerts(
-        identity.user_id, status.upper() if status else None, (page - 1) * page_size,
-        page_size)
+        identity.user_id, status.upper() if status else None, (page - 1) * page_size, page_size
+    )
     count, alerts = page_read
     return _page(request, base, page, page_size, count, alerts, _public_page(page_read))
 
@@ -368,8 +394,9 @@ async def list_events(request: web.Request) -> web.Response:
     if errors:
         raise invalid(errors)
     base = base_url(request)
-    count, events = await store.list_events(identity.user_id, alert_id,
-                                            (page - 1) * page_size, page_size)
+    count, events = await store.list_events(
+        identity.user_id, alert_id, (page - 1) * page_size, page_size
+    )
     return _page(request, base, page, page_size, count, events)
 
 
@@ -403,11 +430,13 @@ async def update_alert(request: web.Request) -> web.Response:
     current = await engine.store.get_alert(identity.user_id, alert_id)
     if current.status != "CREATED":
         raise conflict(f"Alert is {current.status}; only CREATED alerts can change.")
-    asset, price, direction, extra = _store_fields(_validate(
-        request, data, current if request.method == "PATCH" else None))
+    asset, price, direction, extra = _store_fields(
+        _validate(request, data, current if request.method == "PATCH" else None)
+    )
     await _check_channels(request, identity.user_id, data, extra)
-    alert = await engine.store.update_alert(identity.user_id, alert_id, asset, price,
-                                            direction, **extra)
+    alert = await engine.store.update_alert(
+        identity.user_id, alert_id, asset, price, direction, **extra
+    )
     engine.track(alert)
     return json_response(alert.public())
 
@@ -429,4 +458,3 @@ def add_routes(app: web.Application, add_route) -> None:
     add_route(app, "DELETE", "/api/v1/alerts/{alert_id}", delete_alert)
     add_route(app, "GET", "/api/v1/alerts/{alert_id}/events", list_events)
     add_route(app, "GET", "/api/v1/events", list_events)
-

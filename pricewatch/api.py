@@ -24,8 +24,14 @@ BODY_TIMEOUT = 30.0
 class ApiError(Exception):
     """An error answer: HTTP status, contract error code, human detail, optional fields."""
 
-    def __init__(self, status: int, code: str, detail: str,
-                 fields: dict[str, str] | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        fields: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(detail)
         self.status = status
         self.code = code
@@ -54,14 +60,20 @@ def conflict(detail: str) -> ApiError:
 
 
 def not_authenticated() -> ApiError:
-    return ApiError(401, "not_authenticated", "Invalid Authentication Credentials",
-                    headers={"WWW-Authenticate": 'Bearer realm="pricewatch"'})
+    return ApiError(
+        401,
+        "not_authenticated",
+        "Invalid Authentication Credentials",
+        headers={"WWW-Authenticate": 'Bearer realm="pricewatch"'},
+    )
 
 
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None
-                  ) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, headers=headers,
-                        content_type="application/json")
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data), status=status, headers=headers, content_type="application/json"
+    )
 
 
 async def read_json(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
@@ -76,8 +88,9 @@ async def read_json(request: web.Request, *, optional: bool = False) -> dict[str
         async with asyncio.timeout(BODY_TIMEOUT):
             raw = await request.read()
     except TimeoutError:
-        raise ApiError(408, "timeout", f"The request body did not arrive within "
-                                       f"{BODY_TIMEOUT:g} s.") from None
+        raise ApiError(
+            408, "timeout", f"The request body did not arrive within {BODY_TIMEOUT:g} s."
+        ) from None
     if not raw.strip():
         if optional:
             return {}
@@ -100,8 +113,9 @@ async def read_json(request: web.Request, *, optional: bool = False) -> dict[str
     return data
 
 
-def text_field(data: dict[str, Any], name: str, errors: dict[str, str],
-               most: int | None = None) -> str:
+def text_field(
+    data: dict[str, Any], name: str, errors: dict[str, str], most: int | None = None
+) -> str:
     """The non-empty string field `name` of a body; "" when it is missing or invalid, and
     then the reason is recorded in `errors` under its name."""
     raw = data.get(name)
@@ -142,17 +156,30 @@ def strict_int(raw: str) -> int | None:
 
 
 @overload
-def query_int(request: web.Request, name: str, default: int, lo: int, hi: int | None,
-              errors: dict[str, str]) -> int: ...
+def query_int(
+    request: web.Request, name: str, default: int, lo: int, hi: int | None, errors: dict[str, str]
+) -> int: ...
 
 
 @overload
-def query_int(request: web.Request, name: str, default: int | None, lo: int, hi: int | None,
-              errors: dict[str, str]) -> int | None: ...
+def query_int(
+    request: web.Request,
+    name: str,
+    default: int | None,
+    lo: int,
+    hi: int | None,
+    errors: dict[str, str],
+) -> int | None: ...
 
 
-def query_int(request: web.Request, name: str, default: int | None, lo: int, hi: int | None,
-              errors: dict[str, str]) -> int | None:
+def query_int(
+    request: web.Request,
+    name: str,
+    default: int | None,
+    lo: int,
+    hi: int | None,
+    errors: dict[str, str],
+) -> int | None:
     """Parse an integer query parameter, recording a message in `errors` when it is bad."""
     raw = request.query.get(name)
     if raw is None:
@@ -162,7 +189,10 @@ def query_int(request: web.Request, name: str, default: int | None, lo: int, hi:
         errors[name] = "A valid integer is required."
         return default
     if value < lo or (hi is not None and value > hi):
-        errors[name] = (f"Ensure this value is between {lo} and {hi}." if hi is not None
-                        else f"Ensure this value is at least {lo}.")
+        errors[name] = (
+            f"Ensure this value is between {lo} and {hi}."
+            if hi is not None
+            else f"Ensure this value is at least {lo}."
+        )
         return default
     return value

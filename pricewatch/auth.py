@@ -48,8 +48,10 @@ ALGORITHMS = ["HS256"]  # fixed: never taken from the token header
 USERNAME_RE = re.compile(r"[\w.@+-]{3,150}")
 # A plain ASCII address (what SMTP servers take without extensions): the local part's
 # usual characters, a dotted domain. No quotes, brackets, commas or comments.
-EMAIL_RE = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}")
+EMAIL_RE = re.compile(
+    r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}"
+)
 MAX_USER_ID = 2**63 - 1  # SQLite's INTEGER
 KNOWN_ADDRESS_TTL = 30 * 86400  # a successful login makes its address known for 30 days
 MAX_KNOWN_ADDRESSES = 64  # per user: the most recent ones
@@ -88,8 +90,7 @@ class LoginLimiter:
         self._fails = SlidingWindow(max_failures, window, max_keys=50_000)
         self._inflight: dict[str, int] = {}
 
-    def retry_after(self, user_key: str, addr_key: str, user_limit: bool = True
-                    ) -> int | None:
+    def retry_after(self, user_key: str, addr_key: str, user_limit: bool = True) -> int | None:
         """Seconds until this attempt may be made, or None when it may be made now.
 
         With `user_limit` False only the address's own limits apply (an address the account
@@ -136,8 +137,14 @@ class LoginLimiter:
 class Auth:
     """Password hashing, token issue/verification, the login and registration limits."""
 
-    def __init__(self, settings: Settings, store: Store, secret: str,
-                 revoked: dict[str, float], costs: dict[int, int] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        secret: str,
+        revoked: dict[str, float],
+        costs: dict[int, int] | None = None,
+    ):
         self.settings = settings
         self.store = store
         self._secret = secret
@@ -147,8 +154,11 @@ class Auth:
         self.registrations = SlidingWindow(settings.register_limit, REGISTER_WINDOW)
         # The dummy-cost key derives from the JWT secret: stable across restarts, so an
         # unknown name keeps costing the same (passwords.py).
-        self.passwords = Passwords(settings.bcrypt_rounds, costs or {}, hashlib.sha256(
-            b"pricewatch dummy cost\0" + secret.encode()).digest())
+        self.passwords = Passwords(
+            settings.bcrypt_rounds,
+            costs or {},
+            hashlib.sha256(b"pricewatch dummy cost\0" + secret.encode()).digest(),
+        )
         self._verified: dict[str, tuple[int, str, int | float]] = {}  # access token -> claims
         # Called with (family, when) at each revocation (a cluster's core publishes them).
         self.revoke_hooks: list[Callable[[str, float], None]] = []
@@ -160,8 +170,7 @@ class Auth:
     @classmethod
     async def create(cls, settings: Settings, store: Store) -> Auth:
         """The JWT secret comes from the settings, or is generated once and kept in the DB."""
-        secret = settings.jwt_secret or await store.setting(
-            "jwt_secret", secrets.token_urlsafe(48))
+        secret = settings.jwt_secret or await store.setting("jwt_secret", secrets.token_urlsafe(48))
         now = clock.now()
         purged = await store.purge_refresh_tokens(now - 86400)  # a day of grace for logs
         if purged:
@@ -207,11 +216,18 @@ class Auth:
 
     # tokens ---------------------------------------------------------------------------
 
-    def _encode(self, user_id: int, token_type: str, family: str, ttl: int,
-                now: float) -> tuple[str, str]:
+    def _encode(
+        self, user_id: int, token_type: str, family: str, ttl: int, now: float
+    ) -> tuple[str, str]:
         jti = uuid.uuid4().hex
-        claims = {"token_type": token_type, "user_id": user_id, "iat": int(now),
-                  "exp": int(now) + ttl, "jti": jti, "fam": family}
+        claims = {
+            "token_type": token_type,
+            "user_id": user_id,
+            "iat": int(now),
+            "exp": int(now) + ttl,
+            "jti": jti,
+            "fam": family,
+        }
         return jwt.encode(claims, self._secret, algorithm="HS256"), jti
 
     async def issue_pair(self, user_id: int, address: str | None = None) -> dict[str, str]:
@@ -225,16 +241,27 @@ class Auth:
         access, _ = self._encode(user_id, "access", family, self.settings.access_ttl, now)
         refresh, jti = self._encode(user_id, "refresh", family, self.settings.refresh_ttl, now)
         await self.store.add_refresh_token(
-            jti, user_id, family, now, now + self.settings.refresh_ttl, address=address,
-            forget_before=now - KNOWN_ADDRESS_TTL, max_addresses=MAX_KNOWN_ADDRESSES)
+            jti,
+            user_id,
+            family,
+            now,
+            now + self.settings.refresh_ttl,
+            address=address,
+            forget_before=now - KNOWN_ADDRESS_TTL,
+            max_addresses=MAX_KNOWN_ADDRESSES,
+        )
         return {"access": access, "refresh": refresh}
 
     def decode(self, token: str, token_type: str) -> dict[str, Any]:
         """Verified claims of `token`. Raises TokenInvalid for anything not perfect: a bad
         signature, expiry, another type, a revoked login, or claims of the wrong shape."""
         try:
-            claims = jwt.decode(token, self._secret, algorithms=ALGORITHMS, options={
-                "require": ["exp", "iat", "jti", "token_type", "user_id", "fam"]})
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=ALGORITHMS,
+                options={"require": ["exp", "iat", "jti", "token_type", "user_id", "fam"]},
+            )
         except jwt.PyJWTError as exc:
             raise TokenInvalid(str(exc)) from None
         except (TypeError, ValueError, OverflowError):  # PyJWT's int() of an odd exp/iat
@@ -274,10 +301,12 @@ class Auth:
         now = clock.now()
         user_id, family = claims["user_id"], claims["fam"]
         access, _ = self._encode(user_id, "access", family, self.settings.access_ttl, now)
-        new_refresh, new_jti = self._encode(user_id, "refresh", family,
-                                            self.settings.refresh_ttl, now)
-        result = await self.store.rotate_refresh_token(claims["jti"], new_jti, now,
-                                                       now + self.settings.refresh_ttl)
+        new_refresh, new_jti = self._encode(
+            user_id, "refresh", family, self.settings.refresh_ttl, now
+        )
+        result = await self.store.rotate_refresh_token(
+            claims["jti"], new_jti, now, now + self.settings.refresh_ttl
+        )
         if result.status == "reused":
             self._revoke(family)
         if result.status != "ok":
@@ -313,9 +342,14 @@ def _well_formed(claims: dict[str, Any]) -> bool:
     proves who wrote them, not that every field is usable (`"user_id": true` is 1 to
     Python, 2**70 overflows SQLite, a string `exp` cannot be compared with a time)."""
     user_id = claims.get("user_id")
-    return (_is_int(user_id) and 1 <= user_id <= MAX_USER_ID
-            and _is_number(claims.get("exp")) and _is_number(claims.get("iat"))
-            and isinstance(claims.get("jti"), str) and isinstance(claims.get("fam"), str))
+    return (
+        _is_int(user_id)
+        and 1 <= user_id <= MAX_USER_ID
+        and _is_number(claims.get("exp"))
+        and _is_number(claims.get("iat"))
+        and isinstance(claims.get("jti"), str)
+        and isinstance(claims.get("fam"), str)
+    )
 
 
 AUTH = web.AppKey("auth", Auth)
@@ -383,16 +417,21 @@ def require_identity(request: web.Request, allow_query: bool = False) -> Identit
     return identity
 
 
-def _text_fields(data: dict[str, Any],
-                 names: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
+def _text_fields(
+    data: dict[str, Any], names: tuple[str, ...]
+) -> tuple[dict[str, str], dict[str, str]]:
     errors: dict[str, str] = {}
     values = {name: text_field(data, name, errors) for name in names}
     return values, errors
 
 
 def _register_limited(wait: int) -> ApiError:
-    return ApiError(429, "rate_limited", "Too many registrations from this address; try "
-                    "again later.", headers={"Retry-After": str(wait)})
+    return ApiError(
+        429,
+        "rate_limited",
+        "Too many registrations from this address; try again later.",
+        headers={"Retry-After": str(wait)},
+    )
 
 
 async def register(request: web.Request) -> web.Response:
@@ -412,8 +451,9 @@ async def register(request: web.Request) -> web.Response:
     values, errors = _text_fields(data, names)
     username, password, email = (values.get(k) for k in ("username", "password", "email"))
     if username is not None and not USERNAME_RE.fullmatch(username):
-        errors["username"] = ("Enter a valid username of 3-150 characters: letters, digits "
-                              "and @/./+/-/_ only.")
+        errors["username"] = (
+            "Enter a valid username of 3-150 characters: letters, digits and @/./+/-/_ only."
+        )
     if password is not None:
         if len(password) < 8:
             errors["password"] = "Ensure this field has at least 8 characters."
@@ -447,8 +487,9 @@ async def register(request: web.Request) -> web.Response:
     tokens = await auth.issue_pair(user.id, address)
     for hook in auth.register_hooks:
         await hook(user)
-    return json_response({"id": user.id, "username": user.username, "email": user.email,
-                          **tokens}, status=201)
+    return json_response(
+        {"id": user.id, "username": user.username, "email": user.email, **tokens}, status=201
+    )
 
 
 async def token(request: web.Request) -> web.Response:
@@ -471,8 +512,9 @@ async def token(request: web.Request) -> web.Response:
     keys = ("user:" + name_key, "addr:" + address)
     user, known = None, False
     if len(username) <= 150:
-        user, known = await auth.store.user_for_login(username, address,
-                                                      clock.now() - KNOWN_ADDRESS_TTL)
+        user, known = await auth.store.user_for_login(
+            username, address, clock.now() - KNOWN_ADDRESS_TTL
+        )
     # From here to begin() nothing awaits: parallel attempts see each other's in-flight count.
     wait = auth.limiter.retry_after(*keys)
     exempt = False
@@ -480,8 +522,12 @@ async def token(request: web.Request) -> web.Response:
         wait = auth.limiter.retry_after(*keys, user_limit=False)
         exempt = wait is None
     if wait is not None:
-        raise ApiError(429, "rate_limited", "Too many failed logins; try again later.",
-                       headers={"Retry-After": str(wait)})
+        raise ApiError(
+            429,
+            "rate_limited",
+            "Too many failed logins; try again later.",
+            headers={"Retry-After": str(wait)},
+        )
     auth.limiter.begin(keys)
     ok = False
     try:
@@ -491,8 +537,9 @@ async def token(request: web.Request) -> web.Response:
         # someone else's guesses.
         auth.limiter.end(keys, failed=not ok, clear_user=not exempt)
     if not ok:
-        raise ApiError(401, "bad_credentials",
-                       "No active account found with the given credentials.")
+        raise ApiError(
+            401, "bad_credentials", "No active account found with the given credentials."
+        )
     assert user is not None  # check() is False without one
     await auth.rehash_if_needed(user, password)
     return json_response(await auth.issue_pair(user.id, address))

@@ -29,9 +29,16 @@ log = logging.getLogger(__name__)
 
 
 class CandleWriter:
-    def __init__(self, book: CandleBook, store: Store, symbols: tuple[str, ...],
-                 retention: int, interval: float = 1.0, prune_every: float = 3600.0,
-                 max_clock_skew: float = 10.0):
+    def __init__(
+        self,
+        book: CandleBook,
+        store: Store,
+        symbols: tuple[str, ...],
+        retention: int,
+        interval: float = 1.0,
+        prune_every: float = 3600.0,
+        max_clock_skew: float = 10.0,
+    ):
         self.book = book
         self.max_skew_ms = int(max_clock_skew * 1000)
         self.store = store
@@ -79,12 +86,13 @@ class CandleWriter:
         deleted = 0
         now = self._now_ms()
         for timeframe, size_ms in TIMEFRAMES.items():
-            deleted += await self.store.prune_candles(timeframe, self.retention, size_ms,
-                                                      now_ms=now,
-                                                      future_ms=now + self.max_skew_ms)
+            deleted += await self.store.prune_candles(
+                timeframe, self.retention, size_ms, now_ms=now, future_ms=now + self.max_skew_ms
+            )
         if deleted:
-            log.info("deleted %d candles past the retention of %d per timeframe", deleted,
-                     self.retention)
+            log.info(
+                "deleted %d candles past the retention of %d per timeframe", deleted, self.retention
+            )
         return deleted
 
     async def run(self) -> None:
@@ -100,12 +108,14 @@ class CandleWriter:
             except Exception as exc:  # the DB hiccupped: rows stay pending for the next flush
                 log_failure(log, exc, "candle write failed; retrying at the next flush")
 
-    async def between(self, symbol: str, timeframe: str, start: int, end: int,
-                      limit: int) -> list[tuple]:
+    async def between(
+        self, symbol: str, timeframe: str, start: int, end: int, limit: int
+    ) -> list[tuple]:
         """The newest `limit` candles starting within [start, end], oldest first: stored
         ones, with those in memory (fresher) taking precedence."""
-        rows = {r[2]: r for r in await self.store.candles_between(symbol, timeframe, start,
-                                                                   end, limit)}
+        rows = {
+            r[2]: r for r in await self.store.candles_between(symbol, timeframe, start, end, limit)
+        }
         rows.update((r[2], r) for r in self.book.between(symbol, timeframe, start, end))
         return [rows[k] for k in sorted(rows)[-limit:]]
 

@@ -49,24 +49,39 @@ async def _webhook(request: web.Request, data: dict[str, Any]) -> dict[str, Any]
     assert isinstance(url, str)  # else an error above
     url = url.strip()
     settings = request.app[AUTH].settings
-    await check_public_url(url, settings.allow_private_webhooks, schemes=("http", "https"),
-                           flag="PRICEWATCH_ALLOW_PRIVATE_WEBHOOKS")
+    await check_public_url(
+        url,
+        settings.allow_private_webhooks,
+        schemes=("http", "https"),
+        flag="PRICEWATCH_ALLOW_PRIVATE_WEBHOOKS",
+    )
     return {"url": url, "format": fmt, "secret": secrets.token_hex(32)}
 
 
 def _telegram(request: web.Request, data: dict[str, Any]) -> dict[str, Any]:
     if not request.app[AUTH].settings.telegram_bot_token:
-        raise invalid({"type": "Telegram channels need PRICEWATCH_TELEGRAM_BOT_TOKEN to be "
-                               "set on the server."})
+        raise invalid(
+            {
+                "type": "Telegram channels need PRICEWATCH_TELEGRAM_BOT_TOKEN to be "
+                "set on the server."
+            }
+        )
     raw = data.get("chat_id")
     if isinstance(raw, int) and not isinstance(raw, bool):
         raw = str(raw)
     if raw is None or raw == "":
         raise invalid({"chat_id": REQUIRED})
-    if (not isinstance(raw, str) or len(raw.strip()) > MAX_CHAT_ID
-            or not CHAT_ID.fullmatch(raw.strip())):
-        raise invalid({"chat_id": "A chat id: an integer, or a public channel's "
-                                  f"\"@name\" (at most {MAX_CHAT_ID} characters)."})
+    if (
+        not isinstance(raw, str)
+        or len(raw.strip()) > MAX_CHAT_ID
+        or not CHAT_ID.fullmatch(raw.strip())
+    ):
+        raise invalid(
+            {
+                "chat_id": "A chat id: an integer, or a public channel's "
+                f'"@name" (at most {MAX_CHAT_ID} characters).'
+            }
+        )
     return {"chat_id": raw.strip()}
 
 
@@ -84,19 +99,31 @@ async def add_channel(request: web.Request) -> web.Response:
     adds = request.app[CHANNEL_ADDS]
     wait = adds.check(str(identity.user_id))
     if wait is not None:
-        raise ApiError(429, "rate_limited",
-                       f"At most {ADDS_PER_HOUR} channels may be added an hour.",
-                       headers={"Retry-After": str(wait)})
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"At most {ADDS_PER_HOUR} channels may be added an hour.",
+            headers={"Retry-After": str(wait)},
+        )
     adds.hit(str(identity.user_id))
     kind = data.get("type")
     if kind not in TYPES:
-        hint = (" The email channel is your account's address (PATCH /auth/me)."
-                if kind == EMAIL else "")
-        raise invalid({"type": REQUIRED if kind in (None, "") else
-                       "Must be one of " + ", ".join(TYPES) + "." + hint})
+        hint = (
+            " The email channel is your account's address (PATCH /auth/me)."
+            if kind == EMAIL
+            else ""
+        )
+        raise invalid(
+            {
+                "type": REQUIRED
+                if kind in (None, "")
+                else "Must be one of " + ", ".join(TYPES) + "." + hint
+            }
+        )
     fields = await _webhook(request, data) if kind == "webhook" else _telegram(request, data)
-    channel = await request.app[AUTH].store.add_channel(identity.user_id, kind, MAX_CHANNELS,
-                                                        **fields)
+    channel = await request.app[AUTH].store.add_channel(
+        identity.user_id, kind, MAX_CHANNELS, **fields
+    )
     return json_response(channel.public(with_secret=True), status=201)
 
 
@@ -105,8 +132,11 @@ async def delete_channel(request: web.Request) -> web.Response:
     identity = require_identity(request)
     raw = request.match_info["channel_id"]
     if raw == EMAIL:
-        raise ApiError(409, "conflict", "The email channel cannot be deleted; change the "
-                                        "address with PATCH /auth/me.")
+        raise ApiError(
+            409,
+            "conflict",
+            "The email channel cannot be deleted; change the address with PATCH /auth/me.",
+        )
     channel_id = strict_int(raw)
     if channel_id is None or channel_id < 1:
         raise not_found("Channel not found.")

@@ -57,8 +57,20 @@ class ClientWriter:
     never pass `max_bytes`.
     """
 
-    __slots__ = ("transport", "max_bytes", "write_limit", "events", "queued", "peak",
-                 "full_since", "state", "state_bytes", "state_since", "written", "marks")
+    __slots__ = (
+        "transport",
+        "max_bytes",
+        "write_limit",
+        "events",
+        "queued",
+        "peak",
+        "full_since",
+        "state",
+        "state_bytes",
+        "state_since",
+        "written",
+        "marks",
+    )
 
     def __init__(self, transport, max_bytes: int, write_limit: int):
         self.transport = transport
@@ -132,8 +144,7 @@ class ClientWriter:
         transport = self.transport
         buffered = transport.get_write_buffer_size()
         if not self.events and not self.state and buffered < self.write_limit:
-            data = entries[0][1][0] if len(entries) == 1 else b"".join(
-                e[1][0] for e in entries)
+            data = entries[0][1][0] if len(entries) == 1 else b"".join(e[1][0] for e in entries)
             held = buffered + len(data)
             if held > self.max_bytes:
                 return QUEUE_FULL
@@ -183,7 +194,7 @@ class ClientWriter:
             # Held state is bounded by the subscriptions (one frame per topic and key):
             # it goes whole, after every event queued before it.
             for frames in self.state.values():
-                for key in (sorted(frames) if len(frames) > 1 else frames):
+                for key in sorted(frames) if len(frames) > 1 else frames:
                     chunk.append(frames[key])
             self.state = {}
             self.state_bytes = 0

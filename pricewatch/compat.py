@@ -64,6 +64,7 @@ class SeedRoute:
 
 # -- requests and answers in other shapes ---------------------------------------------------
 
+
 def _copy(request: web.Request) -> web.Request:
     """A copy of `request` for a handler that reads its body itself, to be given its body
     with `_carrying`. Made before `request`'s body is read (aiohttp clones only unread
@@ -109,8 +110,10 @@ async def _check_user(request: web.Request, identity: auth.Identity, name: str) 
 # "1_000", " 5 ", "١٢٣", "1e3", "inf"). No sign (a price is > 0) and no exponent: the seed's
 # clients wrote prices as they read them ("65000.50"). Sizes as its DecimalField had them.
 SEED_DECIMAL = re.compile(r"[0-9]{1,15}(?:\.[0-9]{1,8})?")
-SEED_DECIMAL_TEXT = ("A number, or a decimal as text: ASCII digits with at most one point "
-                     "(e.g. \"65000.50\"; at most 15 digits before it and 8 after).")
+SEED_DECIMAL_TEXT = (
+    "A number, or a decimal as text: ASCII digits with at most one point "
+    '(e.g. "65000.50"; at most 15 digits before it and 8 after).'
+)
 
 
 def _seed_price(raw: Any, errors: dict[str, str]) -> Any:
@@ -129,11 +132,16 @@ def _seed_price(raw: Any, errors: dict[str, str]) -> Any:
 
 def seed_alert(alert: Alert) -> dict[str, Any]:
     """An alert as seed 002's clients read it (its field names), plus pricewatch's fields."""
-    return {**alert.public(), "alert_purpose": alert.note, "alert_price": alert.price,
-            "alert_status": alert.status}
+    return {
+        **alert.public(),
+        "alert_purpose": alert.note,
+        "alert_price": alert.price,
+        "alert_status": alert.status,
+    }
 
 
 # -- seed 000 ------------------------------------------------------------------------------
+
 
 async def feed_register(request: web.Request) -> web.Response:
     """`POST /feed/user/register/` `{username, password, email?}` -> 201 `{"access_token"}`.
@@ -149,12 +157,18 @@ def binance_trade(latest: Latest) -> bytes:
     """Seed 000's live message: `{"message": "<Binance trade event JSON>"}`, the event built
     from the latest trade with the fields known for it (event type, event and trade time in
     ms, symbol, price as Binance's 8-decimal string)."""
-    event = {"e": "trade", "E": latest.time, "s": latest.symbol,
-             "p": f"{latest.price:.8f}", "T": latest.time}
+    event = {
+        "e": "trade",
+        "E": latest.time,
+        "s": latest.symbol,
+        "p": f"{latest.price:.8f}",
+        "T": latest.time,
+    }
     return orjson.dumps({"message": orjson.dumps(event).decode()})
 
 
 # -- seed 002 ------------------------------------------------------------------------------
+
 
 async def create_by_purpose(request: web.Request) -> web.Response:
     """`POST /alerts/create/` `{username, alert_purpose, alert_price, asset?}` -> 201.
@@ -180,8 +194,7 @@ async def create_by_purpose(request: web.Request) -> web.Response:
         raise _renamed_fields(exc, {"price": "alert_price"}) from None
     # A second small write: a failure here leaves an alert without its purpose (still listed
     # by /alerts/fetch/ and /api/v1/alerts), never a purpose without an alert.
-    alert = await request.app[ENGINE].store.set_alert_note(identity.user_id, created["id"],
-                                                           purpose)
+    alert = await request.app[ENGINE].store.set_alert_note(identity.user_id, created["id"], purpose)
     return json_response({"username": username, **seed_alert(alert)}, status=201)
 
 
@@ -203,8 +216,7 @@ async def delete_by_purpose(request: web.Request) -> web.Response:
         raise not_found("No active alert with that alert_purpose.")
     for alert in deleted:
         engine.untrack(alert.id)
-    return json_response({"username": username,
-                          "alert details": [seed_alert(a) for a in deleted]})
+    return json_response({"username": username, "alert details": [seed_alert(a) for a in deleted]})
 
 
 async def fetch_by_user(request: web.Request) -> web.Response:
@@ -222,9 +234,9 @@ async def fetch_by_user(request: web.Request) -> web.Response:
         raise invalid(errors)
     username = await _check_user(request, identity, name)
     _, alerts = await request.app[ENGINE].store.list_alerts(
-        identity.user_id, status.upper() if status else None, 0, FETCH_LIMIT)
-    return json_response({"username": username,
-                          "alert details": [seed_alert(a) for a in alerts]})
+        identity.user_id, status.upper() if status else None, 0, FETCH_LIMIT
+    )
+    return json_response({"username": username, "alert details": [seed_alert(a) for a in alerts]})
 
 
 # -- the table -----------------------------------------------------------------------------
@@ -246,14 +258,24 @@ ROUTES: tuple[SeedRoute, ...] = (
     # seed 004
     SeedRoute("GET", "/alert", alerts_api.list_alerts, ("GET", "/api/v1/alerts")),
     SeedRoute("POST", "/alert", alerts_api.create_alert, ("POST", "/api/v1/alerts")),
-    SeedRoute("GET", "/alert/{alert_id}", alerts_api.get_alert,
-              ("GET", "/api/v1/alerts/{alert_id}")),
-    SeedRoute("PUT", "/alert/{alert_id}", alerts_api.update_alert,
-              ("PUT", "/api/v1/alerts/{alert_id}")),
-    SeedRoute("PATCH", "/alert/{alert_id}", alerts_api.update_alert,
-              ("PATCH", "/api/v1/alerts/{alert_id}")),
-    SeedRoute("DELETE", "/alert/{alert_id}", alerts_api.delete_alert,
-              ("DELETE", "/api/v1/alerts/{alert_id}")),
+    SeedRoute(
+        "GET", "/alert/{alert_id}", alerts_api.get_alert, ("GET", "/api/v1/alerts/{alert_id}")
+    ),
+    SeedRoute(
+        "PUT", "/alert/{alert_id}", alerts_api.update_alert, ("PUT", "/api/v1/alerts/{alert_id}")
+    ),
+    SeedRoute(
+        "PATCH",
+        "/alert/{alert_id}",
+        alerts_api.update_alert,
+        ("PATCH", "/api/v1/alerts/{alert_id}"),
+    ),
+    SeedRoute(
+        "DELETE",
+        "/alert/{alert_id}",
+        alerts_api.delete_alert,
+        ("DELETE", "/api/v1/alerts/{alert_id}"),
+    ),
 )
 
 # Live-feed price formats (`/live-feed/subscribe/?format=NAME`).

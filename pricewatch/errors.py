@@ -48,8 +48,9 @@ _STATUS_CODES = {
 CLIENT_CLOSED = 499
 
 
-def error_response(status: int, code: str, detail: str, fields: dict | None = None,
-                   headers: dict | None = None) -> web.Response:
+def error_response(
+    status: int, code: str, detail: str, fields: dict | None = None, headers: dict | None = None
+) -> web.Response:
     body: dict[str, Any] = {"error": code, "detail": detail}
     if fields is not None:
         body["fields"] = fields
@@ -92,13 +93,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         error = exc
     gone = request.transport is None or request.transport.is_closing()
     if gone or request.writer.output_size > 0:
-        if isinstance(error, (ConnectionError, RequestPayloadError, ApiError,
-                              web.HTTPException)):
-            log.debug("%s %s ended without an answer: %r", request.method, request.path,
-                      error)
+        if isinstance(error, (ConnectionError, RequestPayloadError, ApiError, web.HTTPException)):
+            log.debug("%s %s ended without an answer: %r", request.method, request.path, error)
         else:
-            log.error("error in %s %s after its response was started", request.method,
-                      request.path, exc_info=error)
+            log.error(
+                "error in %s %s after its response was started",
+                request.method,
+                request.path,
+                exc_info=error,
+            )
         return Unanswered(CLIENT_CLOSED if gone else getattr(error, "status", 500))
     return render_error(request, error)
 
@@ -106,23 +109,27 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 def render_error(request: web.Request, error: Exception) -> web.Response:
     """The contract's error answer for an exception raised by a handler."""
     if isinstance(error, ApiError):
-        return error_response(error.status, error.code, error.detail, error.fields,
-                              error.headers)
+        return error_response(error.status, error.code, error.detail, error.fields, error.headers)
     if isinstance(error, NotFound):
         return error_response(404, "not_found", str(error).capitalize() + ".")
     if isinstance(error, Conflict):
         return error_response(409, "conflict", str(error).capitalize() + ".")
     if isinstance(error, StorageUnavailable):  # logged by the store, once a minute at most
-        return error_response(503, "unavailable", StorageUnavailable.detail,
-                              headers={"Retry-After": str(error.retry_after)})
+        return error_response(
+            503,
+            "unavailable",
+            StorageUnavailable.detail,
+            headers={"Retry-After": str(error.retry_after)},
+        )
     if isinstance(error, web.HTTPException):
         headers = {k: v for k, v in error.headers.items() if k.lower() != "content-type"}
         if error.status == 413:
             detail = f"Request body is larger than {MAX_BODY // 1024} KiB."
         else:
             detail = error.reason + "."
-        return error_response(error.status, _STATUS_CODES.get(error.status, "error"), detail,
-                              headers=headers)
+        return error_response(
+            error.status, _STATUS_CODES.get(error.status, "error"), detail, headers=headers
+        )
     if isinstance(error, RequestPayloadError):  # a body aiohttp cannot decode (bad gzip)
         return error_response(400, "invalid_request", "Malformed request body.")
     log.error("unhandled error in %s %s", request.method, request.path, exc_info=error)

@@ -77,8 +77,14 @@ class FeedRunner:
 class ExtraFeeds:
     """Admin-managed extra Binance-format feeds, by their stored id."""
 
-    def __init__(self, app: web.Application, store: Store, make: Any, allow_private: bool,
-                 main: Feed | None = None):
+    def __init__(
+        self,
+        app: web.Application,
+        store: Store,
+        make: Any,
+        allow_private: bool,
+        main: Feed | None = None,
+    ):
         self.app = app
         self.store = store
         self._make = make  # (url, name) -> Feed feeding the tick pipeline
@@ -108,13 +114,21 @@ class ExtraFeeds:
                 await check_url(url, self.allow_private)
                 feed = self._make(url, f"extra-{feed_id}")
                 if (twin := self.duplicated(feed)) is not None:
-                    log.warning("stored feed %d (%s) not started: its trades would duplicate "
-                                "the %s's", feed_id, redact_url(url), twin)
+                    log.warning(
+                        "stored feed %d (%s) not started: its trades would duplicate the %s's",
+                        feed_id,
+                        redact_url(url),
+                        twin,
+                    )
                     continue
                 self._start(feed_id, url, feed)
             except (ApiError, FeedConfigError) as exc:
-                log.warning("stored feed %d (%s) not started: %s", feed_id, redact_url(url),
-                            getattr(exc, "fields", None) or exc)
+                log.warning(
+                    "stored feed %d (%s) not started: %s",
+                    feed_id,
+                    redact_url(url),
+                    getattr(exc, "fields", None) or exc,
+                )
 
     def _start(self, feed_id: int, url: str, feed: Feed) -> None:
         runner = FeedRunner(self.app, feed, stale_after=None)
@@ -137,8 +151,12 @@ class ExtraFeeds:
             except FeedConfigError as exc:
                 raise invalid({"url": str(exc)}) from None
             if (twin := self.duplicated(claim)) is not None:
-                raise ApiError(409, "conflict", f"This feed would duplicate the trades of the "
-                               f"{twin} (same market, same symbols): one feed per market.")
+                raise ApiError(
+                    409,
+                    "conflict",
+                    f"This feed would duplicate the trades of the "
+                    f"{twin} (same market, same symbols): one feed per market.",
+                )
             self._claims.append(claim)  # held until started: a concurrent add sees it
             feed_id = await self.store.add_feed(url, user_id)  # Conflict (409): a duplicate
             claim.name = f"extra-{feed_id}"
@@ -173,8 +191,13 @@ EXTRA_FEEDS = web.AppKey("extra_feeds", ExtraFeeds)
 async def check_url(url: str, allow_private: bool, field: str = "url") -> dict:
     """`addresses.check_public_url` for feed URLs: ws:// and wss:// only, public hosts unless
     PRICEWATCH_ALLOW_PRIVATE_FEEDS (returns the arguments pinning the connection)."""
-    return await check_public_url(url, allow_private, schemes=("ws", "wss"),
-                                  flag="PRICEWATCH_ALLOW_PRIVATE_FEEDS", field=field)
+    return await check_public_url(
+        url,
+        allow_private,
+        schemes=("ws", "wss"),
+        flag="PRICEWATCH_ALLOW_PRIVATE_FEEDS",
+        field=field,
+    )
 
 
 async def require_admin(request: web.Request) -> int:
@@ -250,8 +273,14 @@ def add_routes(app: web.Application, add_route) -> None:
     add_route(app, "POST", "/save_quotes", add_feed)
 
 
-def binance_factory(symbols, on_tick, on_book, allow_private: bool,
-                    max_clock_skew: float = 10.0, max_id_jump: int = 10_000_000):
+def binance_factory(
+    symbols,
+    on_tick,
+    on_book,
+    allow_private: bool,
+    max_clock_skew: float = 10.0,
+    max_id_jump: int = 10_000_000,
+):
     """(url, name) -> a BinanceFeed for an extra upstream, feeding the given callbacks.
 
     Unless private addresses are allowed, the host is checked again before every
@@ -266,9 +295,16 @@ def binance_factory(symbols, on_tick, on_book, allow_private: bool,
             raise FeedRefused(next(iter((exc.fields or {}).values()), exc.detail)) from None
 
     def make(url: str, name: str) -> BinanceFeed:
-        return BinanceFeed(url, symbols, on_tick, on_book, name=name,
-                           precheck=None if allow_private else precheck,
-                           follow_redirects=allow_private, max_clock_skew=max_clock_skew,
-                           max_id_jump=max_id_jump)
+        return BinanceFeed(
+            url,
+            symbols,
+            on_tick,
+            on_book,
+            name=name,
+            precheck=None if allow_private else precheck,
+            follow_redirects=allow_private,
+            max_clock_skew=max_clock_skew,
+            max_id_jump=max_id_jump,
+        )
 
     return make

@@ -205,10 +205,15 @@ def redact_url(url: str) -> str:
         netloc = f"{netloc}:{parts.port}"
     if ":" in (parts.hostname or ""):
         netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port is not None else "")
-    path = "/".join(";".join([segment.split(";")[0], *map(_masked, segment.split(";")[1:])])
-                    for segment in parts.path.split("/"))
-    query = "&".join(item if item.startswith("streams=") else _masked(item)
-                     for item in re.split("[&;]", parts.query) if item)
+    path = "/".join(
+        ";".join([segment.split(";")[0], *map(_masked, segment.split(";")[1:])])
+        for segment in parts.path.split("/")
+    )
+    query = "&".join(
+        item if item.startswith("streams=") else _masked(item)
+        for item in re.split("[&;]", parts.query)
+        if item
+    )
     return urlunsplit((parts.scheme, netloc, path, query, ""))
 
 
@@ -331,8 +336,9 @@ def decode_event(raw: str | bytes) -> Tick | Book | ServerShutdown | None:
 # --------------------------------------------------------------------------- health
 
 
-FeedState = Literal["history", "connecting", "connected", "backoff", "running", "finished",
-                   "stopped"]
+FeedState = Literal[
+    "history", "connecting", "connected", "backoff", "running", "finished", "stopped"
+]
 
 
 @dataclass(slots=True)
@@ -393,16 +399,29 @@ class FeedStats:
         if not self.is_ahead(trade_time):
             return False
         self.future_trades += 1
-        self.log_limited("future", "%s feed: dropping trades stamped more than %.0f s ahead "
-                         "of the server clock (one at %d ms, %d dropped so far)", self.kind,
-                         self.max_skew_ms / 1000, trade_time, self.future_trades)
+        self.log_limited(
+            "future",
+            "%s feed: dropping trades stamped more than %.0f s ahead "
+            "of the server clock (one at %d ms, %d dropped so far)",
+            self.kind,
+            self.max_skew_ms / 1000,
+            trade_time,
+            self.future_trades,
+        )
         return True
 
     def id_reset(self, symbol: str, last: int, trade_id: int) -> None:
         self.id_resets += 1
-        self.log_limited("id_reset:" + symbol, "%s feed: %s trade id %d after %d: the id "
-                         "sequence starts again there (venue restart or id reset; %d so far)",
-                         self.kind, symbol, trade_id, last, self.id_resets)
+        self.log_limited(
+            "id_reset:" + symbol,
+            "%s feed: %s trade id %d after %d: the id "
+            "sequence starts again there (venue restart or id reset; %d so far)",
+            self.kind,
+            symbol,
+            trade_id,
+            last,
+            self.id_resets,
+        )
 
     def dropped_out_of_order(self, count: int = 1) -> None:
         """Trades dropped because their ids were already passed."""
@@ -413,8 +432,9 @@ class FeedStats:
     @property
     def degraded(self) -> bool:
         """Trades are being dropped as out of order: several in a row, none taken since."""
-        return (self.drop_streak >= DEGRADED_AFTER
-                and time.monotonic() - self._last_drop < DEGRADED_FOR)
+        return (
+            self.drop_streak >= DEGRADED_AFTER and time.monotonic() - self._last_drop < DEGRADED_FOR
+        )
 
     def log_limited(self, key: str, message: str, *args: object) -> None:
         """A warning at most once a minute per `key` (upstream can flood)."""
@@ -437,7 +457,8 @@ class FeedStats:
         if last is None or trade_id == last + 1:
             pass
         elif trade_id - last > self.max_id_jump or (
-                trade_id <= last and time_ms > self.last_trade_time.get(symbol, time_ms)):
+            trade_id <= last and time_ms > self.last_trade_time.get(symbol, time_ms)
+        ):
             self.id_reset(symbol, last, trade_id)
         elif trade_id > last:
             self.gaps[symbol] = self.gaps.get(symbol, 0) + 1
@@ -453,16 +474,24 @@ class FeedStats:
         self.parse_errors += 1
         if exc.kind not in self._logged:
             self._logged.add(exc.kind)
-            log.warning("%s feed: skipping malformed message (%s); further ones of this kind "
-                        "are only counted", feed, exc)
+            log.warning(
+                "%s feed: skipping malformed message (%s); further ones of this kind "
+                "are only counted",
+                feed,
+                exc,
+            )
 
     def callback_error(self, feed: str, exc: BaseException) -> None:
         self.callback_errors += 1
         kind = "callback:" + type(exc).__name__
         if kind not in self._logged:
             self._logged.add(kind)
-            log.error("%s feed: tick/book callback raised; further %s errors are only counted",
-                      feed, type(exc).__name__, exc_info=exc)
+            log.error(
+                "%s feed: tick/book callback raised; further %s errors are only counted",
+                feed,
+                type(exc).__name__,
+                exc_info=exc,
+            )
 
     def health(self) -> dict[str, Any]:
         age = None
@@ -491,8 +520,10 @@ def _normalise_symbols(symbols: Iterable[str]) -> tuple[str, ...]:
     out: list[str] = []
     for s in symbols:
         if not isinstance(s, str) or not re.fullmatch(r"[A-Za-z0-9]{2,30}(_[A-Za-z0-9]{1,10})?", s):
-            raise FeedConfigError(f"invalid symbol {s!r}: expected letters/digits like BTCUSDT "
-                                  f"(futures: one underscore, like BTCUSD_PERP)")
+            raise FeedConfigError(
+                f"invalid symbol {s!r}: expected letters/digits like BTCUSDT "
+                f"(futures: one underscore, like BTCUSD_PERP)"
+            )
         if s.upper() not in out:
             out.append(s.upper())
     if not out:
@@ -511,16 +542,24 @@ class Feed:
     kind = "feed"
     venue: str | None = None
 
-    def __init__(self, name: str, symbols: Iterable[str], on_tick: TickCallback,
-                 on_book: BookCallback, *, max_clock_skew: float = 10.0,
-                 max_id_jump: int = 10_000_000) -> None:
+    def __init__(
+        self,
+        name: str,
+        symbols: Iterable[str],
+        on_tick: TickCallback,
+        on_book: BookCallback,
+        *,
+        max_clock_skew: float = 10.0,
+        max_id_jump: int = 10_000_000,
+    ) -> None:
         self.name = name
         self.symbols = _normalise_symbols(symbols)
         self._watched = frozenset(self.symbols)
         self._on_tick = on_tick
         self._on_book = on_book
-        self.stats = FeedStats(self.kind, self.symbols, max_skew_ms=int(max_clock_skew * 1000),
-                               max_id_jump=max_id_jump)
+        self.stats = FeedStats(
+            self.kind, self.symbols, max_skew_ms=int(max_clock_skew * 1000), max_id_jump=max_id_jump
+        )
         self.carries: frozenset[str] | None = None
 
     def health(self) -> dict[str, Any]:

@@ -52,8 +52,9 @@ class EdgeProtocol(web.RequestHandler):
     def __init__(self, manager: web.Server, *, head_timeout: float, **kwargs: Any) -> None:
         # Lingering (reading what is left of a body nobody read, so that the client sees the
         # answer instead of a reset) is bounded by the same time as an idle connection.
-        super().__init__(manager, keepalive_timeout=head_timeout,
-                         lingering_time=head_timeout, **kwargs)
+        super().__init__(
+            manager, keepalive_timeout=head_timeout, lingering_time=head_timeout, **kwargs
+        )
         self.head_timeout = head_timeout
         self.head_timer: asyncio.TimerHandle | None = None
         self.write_timer: asyncio.TimerHandle | None = None
@@ -92,7 +93,8 @@ class EdgeProtocol(web.RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.head_timer = asyncio.get_running_loop().call_later(
-            self.head_timeout, self._head_overdue)
+            self.head_timeout, self._head_overdue
+        )
 
     def head_received(self) -> None:
         """A complete request head was parsed: the connection is no longer idle."""
@@ -114,7 +116,8 @@ class EdgeProtocol(web.RequestHandler):
         super().pause_writing()
         if not self._upgraded and self.write_timer is None:
             self.write_timer = asyncio.get_running_loop().call_later(
-                self.head_timeout, self._write_overdue)
+                self.head_timeout, self._write_overdue
+            )
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -127,15 +130,19 @@ class EdgeProtocol(web.RequestHandler):
 
     def _write_overdue(self) -> None:
         self.write_timer = None
-        log.debug("answers not read within %.1fs by %s: disconnected", self.head_timeout,
-                  self.peername)
+        log.debug(
+            "answers not read within %.1fs by %s: disconnected", self.head_timeout, self.peername
+        )
         if self.transport is not None:
             self.transport.abort()  # a graceful close would wait to flush to that client
 
     def _head_overdue(self) -> None:
         self.head_timer = None
-        log.debug("no complete request head within %.1fs from %s: disconnected",
-                  self.head_timeout, self.peername)
+        log.debug(
+            "no complete request head within %.1fs from %s: disconnected",
+            self.head_timeout,
+            self.peername,
+        )
         self.force_close()
 
     def log_exception(self, *args: Any, **kwargs: Any) -> None:
@@ -147,9 +154,13 @@ class EdgeProtocol(web.RequestHandler):
             return
         super().log_exception(*args, **kwargs)
 
-    def handle_error(self, request: web.BaseRequest, status: int = 500,
-                     exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
         """aiohttp's answer for a request it could not hand to the app: a malformed head
         (status 400), or an exception that escaped the app's middlewares (500/504)."""
         if isinstance(exc, HttpProcessingError):
@@ -169,7 +180,8 @@ class EdgeProtocol(web.RequestHandler):
 def parser_error(exc: HttpProcessingError) -> tuple[int, str]:
     """Status and detail for an aiohttp parser error; the offending bytes are never quoted."""
     if isinstance(exc, LineTooLong) or (
-            isinstance(exc, BadHttpMessage) and "Too many headers" in exc.message):
+        isinstance(exc, BadHttpMessage) and "Too many headers" in exc.message
+    ):
         return 431, "The request line or a header is too long, or there are too many headers."
     return 400, "Malformed HTTP request."
 
@@ -177,33 +189,59 @@ def parser_error(exc: HttpProcessingError) -> tuple[int, str]:
 class EdgeServer(web.Server):
     """aiohttp's connection factory, making `EdgeProtocol`s."""
 
-    def __init__(self, handler: Any, *, request_factory: Any, head_timeout: float,
-                 handler_cancellation: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        request_factory: Any,
+        head_timeout: float,
+        handler_cancellation: bool = False,
+        **kwargs: Any,
+    ) -> None:
         def make_request(message, payload, protocol, writer, task):
             # Called once per parsed head, before the app sees the request.
             if isinstance(protocol, EdgeProtocol):
                 protocol.head_received()
             return request_factory(message, payload, protocol, writer, task)
 
-        super().__init__(handler, request_factory=make_request,
-                         handler_cancellation=handler_cancellation, **kwargs)
+        super().__init__(
+            handler,
+            request_factory=make_request,
+            handler_cancellation=handler_cancellation,
+            **kwargs,
+        )
         self.head_timeout = head_timeout
         self.protocol_kwargs = {k: v for k, v in kwargs.items() if k != "loop"}
 
     def __call__(self) -> EdgeProtocol:
-        return EdgeProtocol(self, loop=asyncio.get_running_loop(),
-                            head_timeout=self.head_timeout, **self.protocol_kwargs)
+        return EdgeProtocol(
+            self,
+            loop=asyncio.get_running_loop(),
+            head_timeout=self.head_timeout,
+            **self.protocol_kwargs,
+        )
 
 
 class EdgeRunner(web.AppRunner):
     """`web.AppRunner` whose connections are `EdgeProtocol`s."""
 
-    def __init__(self, app: web.Application, *, head_timeout: float,
-                 handle_signals: bool = False, shutdown_timeout: float = 60.0,
-                 access_log_class: type[AbstractAccessLogger] = AccessLogger,
-                 **kwargs: Any) -> None:
-        super().__init__(app, handle_signals=handle_signals, shutdown_timeout=shutdown_timeout,
-                         access_log_class=access_log_class, **kwargs)
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        head_timeout: float,
+        handle_signals: bool = False,
+        shutdown_timeout: float = 60.0,
+        access_log_class: type[AbstractAccessLogger] = AccessLogger,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            app,
+            handle_signals=handle_signals,
+            shutdown_timeout=shutdown_timeout,
+            access_log_class=access_log_class,
+            **kwargs,
+        )
         self.head_timeout = head_timeout
         self.protocol_kwargs = dict(kwargs, access_log_class=access_log_class)
 
@@ -211,9 +249,13 @@ class EdgeRunner(web.AppRunner):
         # AppRunner starts the app and builds aiohttp's plain Server around its handler; the
         # same handler and request factory are served by an EdgeServer instead.
         plain = await super()._make_server()
-        return EdgeServer(plain.request_handler, request_factory=plain.request_factory,
-                          handler_cancellation=plain.handler_cancellation,
-                          head_timeout=self.head_timeout, **self.protocol_kwargs)
+        return EdgeServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            head_timeout=self.head_timeout,
+            **self.protocol_kwargs,
+        )
 
 
 def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:

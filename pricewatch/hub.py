@@ -63,9 +63,24 @@ from .client_writer import (  # the reasons and frame() are part of the hub's in
 from .limits import WS_BURST, WS_RATE, TokenBucket
 from .ws_gate import LINGER, FrameGate, close_websocket
 
-__all__ = ["DROP_REASONS", "MAX_SUBSCRIPTIONS", "PHASES", "QUEUE_FULL", "SESSION_ENDED",
-           "SHUTDOWN", "SLOW", "TOO_BIG", "TOO_MANY_MESSAGES", "WS_BURST", "WS_RATE",
-           "Client", "ClientWriter", "Disconnect", "Hub", "frame"]
+__all__ = [
+    "DROP_REASONS",
+    "MAX_SUBSCRIPTIONS",
+    "PHASES",
+    "QUEUE_FULL",
+    "SESSION_ENDED",
+    "SHUTDOWN",
+    "SLOW",
+    "TOO_BIG",
+    "TOO_MANY_MESSAGES",
+    "WS_BURST",
+    "WS_RATE",
+    "Client",
+    "ClientWriter",
+    "Disconnect",
+    "Hub",
+    "frame",
+]
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +102,31 @@ Render = Callable[[tuple, object], "bytes | None"]  # (topic, key) -> JSON, None
 class Client:
     """One websocket connection: its socket, its writer, what it listens to."""
 
-    __slots__ = ("ws", "request", "transport", "writer", "endpoint", "user_id", "expires",
-                 "family", "closed", "topics", "rates", "inbound", "phase", "gate")
+    __slots__ = (
+        "ws",
+        "request",
+        "transport",
+        "writer",
+        "endpoint",
+        "user_id",
+        "expires",
+        "family",
+        "closed",
+        "topics",
+        "rates",
+        "inbound",
+        "phase",
+        "gate",
+    )
 
-    def __init__(self, ws: web.WebSocketResponse, request: web.Request, endpoint: str,
-                 user_id: int | None, writer: ClientWriter):
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        request: web.Request,
+        endpoint: str,
+        user_id: int | None,
+        writer: ClientWriter,
+    ):
         self.ws = ws
         self.request = request
         self.transport = request.transport
@@ -127,9 +162,15 @@ class RateGroup:
 class Hub:
     """Every open websocket, their topic subscriptions and the per-client limits."""
 
-    def __init__(self, max_queue_bytes: int = 1 << 20, slow_timeout: float = 5.0,
-                 send_timeout: float = 5.0, write_limit: int = 64 * 1024,
-                 max_per_address: int = 64, max_rate: int = MAX_RATE):
+    def __init__(
+        self,
+        max_queue_bytes: int = 1 << 20,
+        slow_timeout: float = 5.0,
+        send_timeout: float = 5.0,
+        write_limit: int = 64 * 1024,
+        max_per_address: int = 64,
+        max_rate: int = MAX_RATE,
+    ):
         self.max_queue_bytes = max_queue_bytes
         self.max_rate = max_rate  # the default and the highest a subscription may ask
         self.write_limit = write_limit  # socket buffer bytes past which frames are queued
@@ -185,8 +226,13 @@ class Hub:
 
     # -- registry ----------------------------------------------------------------------
 
-    def attach(self, ws: web.WebSocketResponse, request: web.Request, endpoint: str,
-               user_id: int | None = None) -> Client:
+    def attach(
+        self,
+        ws: web.WebSocketResponse,
+        request: web.Request,
+        endpoint: str,
+        user_id: int | None = None,
+    ) -> Client:
         writer = ClientWriter(request.transport, self.max_queue_bytes, self.write_limit)
         client = Client(ws, request, endpoint, user_id, writer)
         client.phase = self._phases % PHASES
@@ -242,8 +288,9 @@ class Hub:
                 if old is not None:
                     self._leave(old, topic, client)
                 client.rates[topic] = rate
-                self._group(rate, client.phase if rate else 0).subs.setdefault(
-                    topic, set()).add(client)
+                self._group(rate, client.phase if rate else 0).subs.setdefault(topic, set()).add(
+                    client
+                )
         return True
 
     def unsubscribe(self, client: Client, topic: Topic) -> None:
@@ -355,8 +402,7 @@ class Hub:
                 if keys is None:
                     group.dirty[topic] = {key}
                     if group.timer is None:  # rate 0: flush once the loop is free
-                        group.timer = asyncio.get_running_loop().call_soon(
-                            self._flush_soon, group)
+                        group.timer = asyncio.get_running_loop().call_soon(self._flush_soon, group)
                 else:
                     keys.add(key)
 
@@ -421,7 +467,7 @@ class Hub:
         # Only a state topic gets here: a tuple whose [0] names its renderer (Topic is object).
         render = self.renderers[topic[0]]  # type: ignore[index]
         frames = {}
-        for key in (sorted(keys) if len(keys) > 1 else keys):
+        for key in sorted(keys) if len(keys) > 1 else keys:
             framed = cache.get(key)
             if framed is None:
                 data = render(topic, key)  # type: ignore[arg-type]
@@ -431,8 +477,7 @@ class Hub:
             frames[key] = framed
         if not frames:
             return None
-        joined = next(iter(frames.values())) if len(frames) == 1 else b"".join(
-            frames.values())
+        joined = next(iter(frames.values())) if len(frames) == 1 else b"".join(frames.values())
         return joined, frames
 
     def _flush_group(self, group: RateGroup) -> None:
@@ -509,19 +554,27 @@ class Hub:
             now = time.monotonic()
             if now >= self._logged_drop.get(reason.reason, 0.0) + 60.0:
                 self._logged_drop[reason.reason] = now
-                log.warning("closing %s client %s (%s): %s (further %s closes are counted "
-                            "in /metrics, logged once a minute)", client.endpoint,
-                            client.request.remote, reason.reason, why, reason.reason)
+                log.warning(
+                    "closing %s client %s (%s): %s (further %s closes are counted "
+                    "in /metrics, logged once a minute)",
+                    client.endpoint,
+                    client.request.remote,
+                    reason.reason,
+                    why,
+                    reason.reason,
+                )
         self._forget(client)
         task = asyncio.create_task(self._close(client, reason))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _close(self, client: Client, reason: Disconnect,
-                     timeout: float = LINGER + 1.0) -> None:
+    async def _close(
+        self, client: Client, reason: Disconnect, timeout: float = LINGER + 1.0
+    ) -> None:
         """Close the client with `reason`'s code; see ws_gate.close_websocket."""
-        await close_websocket(client.ws, client.transport, client.gate, reason.code,
-                              reason.message, timeout)
+        await close_websocket(
+            client.ws, client.transport, client.gate, reason.code, reason.message, timeout
+        )
 
     async def dropped_for(self, reason: Disconnect, count: int = 1) -> None:
         """Wait until `count` clients were closed for `reason` (for tests and benches)."""
@@ -560,8 +613,10 @@ class Hub:
         for client in tuple(self.clients):
             if client.closed:
                 continue
-            if client.expires is not None and (wall >= client.expires or (
-                    client.family is not None and self.revoked(client.family))):
+            if client.expires is not None and (
+                wall >= client.expires
+                or (client.family is not None and self.revoked(client.family))
+            ):
                 self.end_session(client)
                 continue
             writer = client.writer
@@ -582,8 +637,9 @@ class Hub:
         self._stop_timers()
         # Half a second for each peer's closing handshake (all at once), then cut it off:
         # shutdown must stay under 5 s even with thousands of busy clients.
-        await asyncio.gather(*(self._close(c, SHUTDOWN, 0.5) for c in clients),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(self._close(c, SHUTDOWN, 0.5) for c in clients), return_exceptions=True
+        )
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 

@@ -17,8 +17,10 @@ from yarl import URL
 from .api import ApiError
 
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-_HOST_RE = re.compile(rf"(?P<name>(?:{_LABEL}\.)*{_LABEL}\.?|\[(?P<ip6>[0-9A-Fa-f:.]+)\])"
-                      r"(?::(?P<port>[0-9]{1,5}))?")
+_HOST_RE = re.compile(
+    rf"(?P<name>(?:{_LABEL}\.)*{_LABEL}\.?|\[(?P<ip6>[0-9A-Fa-f:.]+)\])"
+    r"(?::(?P<port>[0-9]{1,5}))?"
+)
 
 
 def _well_formed(host: str) -> bool:
@@ -50,12 +52,19 @@ def base_url(request: web.Request) -> str:
         return public_url
     host = request.headers.get("Host", "")
     if not _well_formed(host):
-        raise ApiError(400, "validation", "Malformed Host header.",
-                       {"Host": "A host name or IP address with an optional port (1-65535)."})
+        raise ApiError(
+            400,
+            "validation",
+            "Malformed Host header.",
+            {"Host": "A host name or IP address with an optional port (1-65535)."},
+        )
     return f"{request.scheme}://{host}"
 
 
 def page_url(base: str, request: web.Request, page: int) -> str:
     """This request's path and query under `base`, with `page` set."""
-    return str(URL(base + request.rel_url.raw_path, encoded=True)
-               .with_query({**request.query, "page": str(page)}))
+    return str(
+        URL(base + request.rel_url.raw_path, encoded=True).with_query(
+            {**request.query, "page": str(page)}
+        )
+    )

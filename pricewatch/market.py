@@ -51,8 +51,13 @@ class Latest:
         self.ask: float | None = None
 
     def public(self) -> dict[str, Any]:
-        return {"symbol": self.symbol, "price": self.price, "bid": self.bid, "ask": self.ask,
-                "time": clock.iso_ms(self.time) if self.time is not None else None}
+        return {
+            "symbol": self.symbol,
+            "price": self.price,
+            "bid": self.bid,
+            "ask": self.ask,
+            "time": clock.iso_ms(self.time) if self.time is not None else None,
+        }
 
     def with_day(self, candles: CandleBook) -> dict[str, Any]:
         """`public()` plus the rolling 24 h figures from the 1m candles (null until known)."""
@@ -60,16 +65,19 @@ class Latest:
         day = candles.rolling(self.symbol)
         price = self.price
         if day is None or price is None:
-            out.update(open_24h=None, high_24h=None, low_24h=None, volume_24h=None,
-                       change_24h=None)
+            out.update(open_24h=None, high_24h=None, low_24h=None, volume_24h=None, change_24h=None)
         else:
             open_, high, low, volume = day
             # The latest trade is within its own day, even when its candle is not (a late
             # trade, a ring seeded from elsewhere): high >= price >= low, always.
             high, low = max(high, price), min(low, price)
-            out.update(open_24h=open_, high_24h=high, low_24h=low,
-                       volume_24h=round(volume, 8),
-                       change_24h=round((price - open_) / open_ * 100, 4))
+            out.update(
+                open_24h=open_,
+                high_24h=high,
+                low_24h=low,
+                volume_24h=round(volume, 8),
+                change_24h=round((price - open_) / open_ * 100, 4),
+            )
         return out
 
 
@@ -128,8 +136,9 @@ class Market:
         self.closed = False  # set at shutdown: ticks still arriving are ignored
         # Topic keys built once, so the tick path allocates no tuples.
         self._price_topic = {s: ("price", s) for s in symbols}  # shared by every subscriber
-        self._candle_topics = {s: [(ms, ("ohlc", s, tf)) for tf, ms in TIMEFRAMES.items()]
-                               for s in symbols}
+        self._candle_topics = {
+            s: [(ms, ("ohlc", s, tf)) for tf, ms in TIMEFRAMES.items()] for s in symbols
+        }
         # Other price message formats a live-feed client may ask for (`?format=NAME`), added
         # by compat.py (seed 000's "binance"). Each has its own state topic per symbol, so a
         # message is rendered once per flush, not once per client.
@@ -187,8 +196,7 @@ class Market:
         candle = self.candles.candle_at(symbol, tf, start)  # type: ignore[arg-type]
         if candle is None:  # a late trade older than the ring: dropped, no change
             return None
-        return orjson.dumps({"type": "candle", "symbol": symbol, "timeframe": tf,
-                             "candle": candle})
+        return orjson.dumps({"type": "candle", "symbol": symbol, "timeframe": tf, "candle": candle})
 
     def snapshot(self, symbol: str, timeframe: str, limit: int) -> bytes:
         """The framed `/ws/ohlc/` snapshot message of the newest `limit` candles.
@@ -201,9 +209,19 @@ class Market:
         version = self.ticks[symbol]
         cached = self._snapshots.pop(key, None)
         if cached is None or cached[0] != version:
-            cached = (version, frame(orjson.dumps({
-                "type": "snapshot", "symbol": symbol, "timeframe": timeframe,
-                "data": self.candles.candles(symbol, timeframe, limit)})))
+            cached = (
+                version,
+                frame(
+                    orjson.dumps(
+                        {
+                            "type": "snapshot",
+                            "symbol": symbol,
+                            "timeframe": timeframe,
+                            "data": self.candles.candles(symbol, timeframe, limit),
+                        }
+                    )
+                ),
+            )
         self._snapshots[key] = cached  # (re)inserted last: the dict is ordered by use
         if len(self._snapshots) > SNAPSHOT_CACHE:
             del self._snapshots[next(iter(self._snapshots))]
@@ -214,8 +232,17 @@ class Market:
         the bar hooks (the alert engine)."""
         if bar.symbol not in self.latest or self.closed:
             return
-        self.candles.merge_bar(bar.symbol, bar.start, bar.end, bar.open, bar.high, bar.low,
-                               bar.close, bar.volume, bar.trades)
+        self.candles.merge_bar(
+            bar.symbol,
+            bar.start,
+            bar.end,
+            bar.open,
+            bar.high,
+            bar.low,
+            bar.close,
+            bar.volume,
+            bar.trades,
+        )
         self._snapshots.clear()
         for hook in self.bar_hooks:
             hook(bar)
@@ -223,8 +250,7 @@ class Market:
     def on_history(self, fill: KlineFill) -> None:
         """History from REST klines replaces the ring's part it covers (and is stored)."""
         if fill.symbol in self.latest:
-            self.candles.seed(fill.symbol, fill.timeframe, fill.rows, fill.replace_from,
-                              touch=True)
+            self.candles.seed(fill.symbol, fill.timeframe, fill.rows, fill.replace_from, touch=True)
             self._snapshots.clear()  # built from the candles just replaced
 
     def on_book(self, book: Book) -> None:
@@ -252,8 +278,7 @@ def _symbol(request: web.Request, raw: object) -> str | None:
 
 async def prices(request: web.Request) -> web.Response:
     market = request.app[MARKET]
-    results = [lt.with_day(market.candles) for lt in market.latest.values()
-               if lt.price is not None]
+    results = [lt.with_day(market.candles) for lt in market.latest.values() if lt.price is not None]
     return json_response({"results": results})
 
 
@@ -343,8 +368,10 @@ def _max_rate(hub: Hub, data: dict) -> tuple[int | None, dict[str, str]]:
         return None, {}
     if type(raw) is int and (raw == 0 or 1 <= raw <= hub.max_rate):
         return raw, {}
-    return None, {"max_rate": f"Ensure this value is an integer between 1 and {hub.max_rate}, "
-                              "or 0 for every update."}
+    return None, {
+        "max_rate": f"Ensure this value is an integer between 1 and {hub.max_rate}, "
+        "or 0 for every update."
+    }
 
 
 def _named(values: list, most: int = 5) -> str:
@@ -365,8 +392,11 @@ def _gate(hub: Hub, client: Client) -> FrameGate | None:
     client.gate, client.inbound = gate, gate.bucket
 
     def over(reason: Disconnect) -> None:
-        why = (f"over {WS_RATE:g} frames/s" if reason is TOO_MANY_MESSAGES
-               else f"a message of {gate.max_size} bytes or more")
+        why = (
+            f"over {WS_RATE:g} frames/s"
+            if reason is TOO_MANY_MESSAGES
+            else f"a message of {gate.max_size} bytes or more"
+        )
         hub.drop(client, reason, why)
 
     gate.on_over = over
@@ -375,9 +405,13 @@ def _gate(hub: Hub, client: Client) -> FrameGate | None:
     return gate
 
 
-async def serve_ws(request: web.Request, endpoint: str, user_id: int | None,
-                   on_open: Callable[[Client], None] | None,
-                   on_message: Callable[[Client, dict], None]) -> web.WebSocketResponse:
+async def serve_ws(
+    request: web.Request,
+    endpoint: str,
+    user_id: int | None,
+    on_open: Callable[[Client], None] | None,
+    on_message: Callable[[Client, dict], None],
+) -> web.WebSocketResponse:
     """Run one websocket: admit its client address, attach to the hub, dispatch client
     messages (rate-limited), detach at the end.
 
@@ -389,12 +423,14 @@ async def serve_ws(request: web.Request, endpoint: str, user_id: int | None,
     hub = request.app[HUB]
     address = limit_key(client_address(request))  # an IPv6 client counts by its /64
     if not hub.admit(address):
-        raise ApiError(429, "rate_limited",
-                       f"At most {hub.max_per_address} open websockets per client address.",
-                       headers={"Retry-After": str(WS_RETRY_AFTER)})
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"At most {hub.max_per_address} open websockets per client address.",
+            headers={"Retry-After": str(WS_RETRY_AFTER)},
+        )
     try:
-        ws = web.WebSocketResponse(heartbeat=HEARTBEAT, compress=False,
-                                   max_msg_size=MAX_WS_MESSAGE)
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT, compress=False, max_msg_size=MAX_WS_MESSAGE)
         await ws.prepare(request)
         client = hub.attach(ws, request, endpoint, user_id)
         gate = _gate(hub, client)
@@ -448,8 +484,9 @@ def _subscribe(hub: Hub, client: Client, topics: set, data: dict) -> bool:
     it is answered with an error instead (all or nothing)."""
     max_rate, errors = _max_rate(hub, data)
     if errors:
-        hub.send(client, orjson.dumps({"type": "error", "detail": "Invalid max_rate.",
-                                       "fields": errors}))
+        hub.send(
+            client, orjson.dumps({"type": "error", "detail": "Invalid max_rate.", "fields": errors})
+        )
         return False
     if len(client.topics | topics) > MAX_SUBSCRIPTIONS:
         hub.send(client, _error(TOO_MANY_TOPICS))
@@ -525,8 +562,12 @@ async def ws_ohlc(request: web.Request) -> web.StreamResponse:
         except ApiError as exc:
             errors = {**(exc.fields or {}), **errors}
         if errors:  # answer on the socket, keep it open
-            hub.send(client, orjson.dumps({"type": "error", "detail": "Invalid subscription.",
-                                           "fields": errors}))
+            hub.send(
+                client,
+                orjson.dumps(
+                    {"type": "error", "detail": "Invalid subscription.", "fields": errors}
+                ),
+            )
             return
         topic = ("ohlc", symbol, timeframe)
         if data.get("action") == "unsubscribe":

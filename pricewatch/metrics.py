@@ -60,8 +60,11 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
         raise
     finally:
         request.app[HTTP_METRICS].observe(
-            request.method, route_name(request), status,
-            None if websocket else time.perf_counter() - began)
+            request.method,
+            route_name(request),
+            status,
+            None if websocket else time.perf_counter() - began,
+        )
 
 
 def _labels(**labels: object) -> str:
@@ -103,8 +106,9 @@ def _number(value: float) -> str:
 def render_http(out: Exposition, http: HttpMetrics) -> None:
     out.metric("pricewatch_http_requests_total", "counter", "HTTP requests by route and status.")
     for (method, route, status), count in sorted(http.requests.items()):
-        out.sample("pricewatch_http_requests_total", count, method=method, route=route,
-                   status=status)
+        out.sample(
+            "pricewatch_http_requests_total", count, method=method, route=route, status=status
+        )
     name = "pricewatch_http_request_duration_seconds"
     out.metric(name, "histogram", "HTTP request latency (websocket sessions excluded).")
     for route, counts in sorted(http.buckets.items()):
@@ -125,8 +129,12 @@ def render_websockets(out: Exposition, hub) -> None:
     counts = hub.counts()
     for endpoint in sorted({"live", "ohlc", "rates", *counts}):
         out.sample("pricewatch_websocket_clients", counts.get(endpoint, 0), endpoint=endpoint)
-    out.metric("pricewatch_websocket_dropped_total", "counter",
-               "Websocket clients closed for a limit (1008, or 1009 too_big), by reason.")
+    out.metric(
+        "pricewatch_websocket_dropped_total",
+        "counter",
+        "Websocket clients closed for a limit (1008, or 1009 too_big), by reason.",
+    )
     for reason in DROP_REASONS:
-        out.sample("pricewatch_websocket_dropped_total", hub.drops[reason.reason],
-                   reason=reason.reason)
+        out.sample(
+            "pricewatch_websocket_dropped_total", hub.drops[reason.reason], reason=reason.reason
+        )

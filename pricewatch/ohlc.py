@@ -61,11 +61,19 @@ def _iso(ms: float) -> str:
 
 class _Candle:
     __slots__ = (
-        "start", "open", "high", "low", "close", "volume", "trades", "first_ts", "last_ts", "iso",
+        "start",
+        "open",
+        "high",
+        "low",
+        "close",
+        "volume",
+        "trades",
+        "first_ts",
+        "last_ts",
+        "iso",
     )
 
-    def __init__(self, start: float, price: float, qty: float, ts_ms: int,
-                 count: int = 1) -> None:
+    def __init__(self, start: float, price: float, qty: float, ts_ms: int, count: int = 1) -> None:
         self.start = start
         self.open = self.high = self.low = self.close = price
         self.volume = qty
@@ -112,13 +120,31 @@ _START = attrgetter("start")
 
 def candle_dict(row: tuple) -> dict:
     """A storage row as the wire's candle object (the same as `_Candle.as_dict`)."""
-    return {"timestamp": _iso(row[2]), "open": row[3], "high": row[4], "low": row[5],
-            "close": row[6], "volume": round(row[7], 8), "trades": row[8]}
+    return {
+        "timestamp": _iso(row[2]),
+        "open": row[3],
+        "high": row[4],
+        "low": row[5],
+        "close": row[6],
+        "volume": round(row[7], 8),
+        "trades": row[8],
+    }
 
 
 def _row(symbol: str, timeframe: str, c: _Candle) -> tuple:
-    return (symbol, timeframe, int(c.start), c.open, c.high, c.low, c.close, c.volume,
-            c.trades, c.first_ts, c.last_ts)
+    return (
+        symbol,
+        timeframe,
+        int(c.start),
+        c.open,
+        c.high,
+        c.low,
+        c.close,
+        c.volume,
+        c.trades,
+        c.first_ts,
+        c.last_ts,
+    )
 
 
 class _Ring:
@@ -135,8 +161,7 @@ class _Ring:
         self.flushed: tuple[float, int] = (float("-inf"), 0)
         self.touched: set[_Candle] = set()
 
-    def add_late(self, start: int, price: float, qty: float, ts_ms: int,
-                 count: int = 1) -> bool:
+    def add_late(self, start: int, price: float, qty: float, ts_ms: int, count: int = 1) -> bool:
         """Put a trade whose candle is older than the newest one; False if it was dropped."""
         candles = self.candles
         # start < candles[-1].start, so i is a valid index.
@@ -186,8 +211,12 @@ class CandleBook:
     Not thread-safe; meant to be driven from the event loop's tick path.
     """
 
-    def __init__(self, timeframes: Mapping[str, int] = TIMEFRAMES, size: int = 1000,
-                 sizes: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        timeframes: Mapping[str, int] = TIMEFRAMES,
+        size: int = 1000,
+        sizes: Mapping[str, int] | None = None,
+    ) -> None:
         """Raise ValueError unless `size` >= 1 and each timeframe is a positive int of ms.
 
         `sizes` overrides `size` per timeframe (the market keeps 1440 1m candles, a day, for
@@ -262,8 +291,18 @@ class CandleBook:
         if late and self._rolling:
             self._rolling.pop((symbol, "1m"), None)  # a closed minute of the day changed
 
-    def merge_bar(self, symbol: str, start: int, end: int, open_: float, high: float,
-                  low: float, close: float, volume: float, trades: int) -> None:
+    def merge_bar(
+        self,
+        symbol: str,
+        start: int,
+        end: int,
+        open_: float,
+        high: float,
+        low: float,
+        close: float,
+        volume: float,
+        trades: int,
+    ) -> None:
         """Fold a summary of trades in [start, end] (a 1m kline filling a gap) into every
         timeframe at least as long as the bar; shorter ones (1s) cannot be known from it and
         are left alone. A candle the bar opens starts at `open_`; one it extends takes its
@@ -319,8 +358,9 @@ class CandleBook:
         candle = ring.find(ts_ms - ts_ms % ring.tf)
         return None if candle is None else candle.as_dict()
 
-    def rolling(self, symbol: str, span_ms: int = 86_400_000, timeframe: str = "1m"
-                ) -> tuple[float, float, float, float] | None:
+    def rolling(
+        self, symbol: str, span_ms: int = 86_400_000, timeframe: str = "1m"
+    ) -> tuple[float, float, float, float] | None:
         """(open, high, low, volume) over the `timeframe` candles of the trailing `span_ms`
         that ends with the newest candle, or None without candles. The closed part is
         summed once per new candle and cached; each call adds only the open candle."""
@@ -334,14 +374,22 @@ class CandleBook:
             closed = [c for c in ring.candles if first_start <= c.start < last.start]
             summary = None
             if closed:
-                summary = (closed[0].open, max(c.high for c in closed),
-                           min(c.low for c in closed), sum(c.volume for c in closed))
+                summary = (
+                    closed[0].open,
+                    max(c.high for c in closed),
+                    min(c.low for c in closed),
+                    sum(c.volume for c in closed),
+                )
             cached = self._rolling[(symbol, timeframe)] = (last.start, summary)
         summary = cached[1]
         if summary is None:
             return (last.open, last.high, last.low, last.volume)
-        return (summary[0], max(summary[1], last.high), min(summary[2], last.low),
-                summary[3] + last.volume)
+        return (
+            summary[0],
+            max(summary[1], last.high),
+            min(summary[2], last.low),
+            summary[3] + last.volume,
+        )
 
     def between(self, symbol: str, timeframe: str, start: int, end: int) -> list[tuple]:
         """Candles in memory starting within [start, end], oldest first, as storage rows."""
@@ -378,8 +426,14 @@ class CandleBook:
                     ring.touched.clear()
         return out
 
-    def seed(self, symbol: str, timeframe: str, rows: list[tuple],
-             replace_from: float | None = None, touch: bool = False) -> None:
+    def seed(
+        self,
+        symbol: str,
+        timeframe: str,
+        rows: list[tuple],
+        replace_from: float | None = None,
+        touch: bool = False,
+    ) -> None:
         """Put stored or fetched candles (storage rows) into a ring. Ring candles starting at
         or after `replace_from`, and any of the same start as a row, are replaced. The ring
         keeps its newest candles. `touch`: report the rows in the next `changes()`."""
@@ -388,8 +442,9 @@ class CandleBook:
             self._new_symbol(symbol)
             ring = self._ring(symbol, timeframe)
         assert ring is not None
-        merged = {c.start: c for c in ring.candles
-                  if replace_from is None or c.start < replace_from}
+        merged = {
+            c.start: c for c in ring.candles if replace_from is None or c.start < replace_from
+        }
         fresh = []
         for row in rows:
             candle = _Candle(row[2], row[3], 0.0, row[9])
@@ -446,8 +501,10 @@ class CandleBook:
         }
 
     def _new_symbol(self, symbol: str) -> tuple[_Ring, ...]:
-        rings = tuple(_Ring(name, tf, self._sizes.get(name, self._size))
-                      for name, tf in self._timeframes.items())
+        rings = tuple(
+            _Ring(name, tf, self._sizes.get(name, self._size))
+            for name, tf in self._timeframes.items()
+        )
         self._rings[symbol] = rings
         self._dropped[symbol] = 0
         return rings

@@ -59,8 +59,7 @@ class Passwords:
             cost = self.dummy_cost(name_key)
             dummy = self._dummies.get(cost)
             if dummy is None:
-                dummy = self._dummies[cost] = (await self.hash(secrets.token_hex(8),
-                                                               cost)).encode()
+                dummy = self._dummies[cost] = (await self.hash(secrets.token_hex(8), cost)).encode()
             await asyncio.to_thread(bcrypt.checkpw, b"x", dummy)
             return False
         stored = user.password_hash.encode()

@@ -34,8 +34,7 @@ from typing import Protocol
 
 __all__ = ["PERCENT_DIRECTIONS", "WINDOWS", "PercentIndex"]
 
-WINDOWS: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "4h": 14400,
-                           "1d": 86400}
+WINDOWS: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "4h": 14400, "1d": 86400}
 UP, DOWN, ANY = "up", "down", "any"
 PERCENT_DIRECTIONS = (UP, DOWN, ANY)
 # The smallest move an alert may watch (the API's bound; a move of 1e-9 % is every trade).
@@ -68,7 +67,6 @@ def _take(keys: array, ids: array, move: float) -> list[int]:
     return taken
 
 
-
 class _Trade(Protocol):
     """A trade as `PercentIndex.last` keeps it (feeds.Tick is one)."""
 
@@ -78,9 +76,19 @@ class _Trade(Protocol):
     @property
     def price(self) -> float: ...
 
+
 class _Group:
-    __slots__ = ("seconds", "lows", "highs", "last", "up_keys", "up_ids", "down_keys",
-                 "down_ids", "alerts")
+    __slots__ = (
+        "seconds",
+        "lows",
+        "highs",
+        "last",
+        "up_keys",
+        "up_ids",
+        "down_keys",
+        "down_ids",
+        "alerts",
+    )
 
     def __init__(self, seconds: int) -> None:
         self.seconds = seconds
@@ -168,8 +176,9 @@ class PercentIndex:
         self.last: dict[str, _Trade] = {}
         self._recent: dict[str, tuple[int, float]] = {}  # the same, once it has a group
 
-    def on_trade(self, symbol: str, time_ms: float, price: float
-                 ) -> list[tuple[int, float, str, str]]:
+    def on_trade(
+        self, symbol: str, time_ms: float, price: float
+    ) -> list[tuple[int, float, str, str]]:
         """Feed a trade to the symbol's windows; return ``(id, percent, direction, window)``
         of every alert it triggers (removed from the index). For a symbol not in `groups`
         the caller may skip this and only set ``last[symbol]`` (the tick path does)."""
@@ -187,8 +196,7 @@ class PercentIndex:
                     hits.append((alert_id, percent, direction, window))
         return hits
 
-    def add(self, alert_id: int, symbol: str, window: str, percent: float,
-            direction: str) -> None:
+    def add(self, alert_id: int, symbol: str, window: str, percent: float, direction: str) -> None:
         """Add (or replace) an alert. Raises ValueError for an unknown window or direction,
         or a percent outside (0, 100]."""
         seconds = WINDOWS.get(window)

@@ -45,8 +45,7 @@ class Quotes:
         self.poller: QuotePoller | None = None
         # PRICEWATCH_QUOTE_MIN_GAP: one upstream fetch per pair and gap, all users together
         # (a free AlphaVantage key allows 25 calls a day). None: the gap is off.
-        self.gaps = (SlidingWindow(1, settings.quote_min_gap)
-                     if settings.quote_min_gap > 0 else None)
+        self.gaps = SlidingWindow(1, settings.quote_min_gap) if settings.quote_min_gap > 0 else None
 
     def claim(self, from_currency: str, to_currency: str) -> None:
         """Mark an upstream fetch of the pair as starting now, or raise 429 `rate_limited`
@@ -60,24 +59,40 @@ class Quotes:
             return
         wait = self.gaps.take(f"{from_currency}/{to_currency}")
         if wait is not None:
-            raise ApiError(429, "rate_limited",
-                           f"{from_currency}/{to_currency} was fetched less than "
-                           f"{self.settings.quote_min_gap:g} s ago; the stored quote is in "
-                           "GET /api/v1/quotes.", headers={"Retry-After": str(wait)})
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"{from_currency}/{to_currency} was fetched less than "
+                f"{self.settings.quote_min_gap:g} s ago; the stored quote is in "
+                "GET /api/v1/quotes.",
+                headers={"Retry-After": str(wait)},
+            )
 
     async def save(self, quote: Quote):
         """Store a fully parsed quote, then push it to `/ws/rates/` subscribers."""
-        stored = await self.store.add_quote(quote.from_currency, quote.to_currency, quote.rate,
-                                            quote.bid, quote.ask, quote.source_time)
+        stored = await self.store.add_quote(
+            quote.from_currency,
+            quote.to_currency,
+            quote.rate,
+            quote.bid,
+            quote.ask,
+            quote.source_time,
+        )
         self.hub.publish_event(RATES_TOPIC, orjson.dumps({"type": "quote", **stored.public()}))
         return stored
 
     async def fetch(self, from_currency: str, to_currency: str) -> Quote:
         s = self.settings
         assert s.alphavantage_api_key is not None  # create_quote answers 503 without one
-        return await fetch_rate(self.session, s.alphavantage_url, s.alphavantage_api_key,
-                                from_currency, to_currency, timeout=s.alphavantage_timeout,
-                                max_bytes=s.upstream_max_bytes)
+        return await fetch_rate(
+            self.session,
+            s.alphavantage_url,
+            s.alphavantage_api_key,
+            from_currency,
+            to_currency,
+            timeout=s.alphavantage_timeout,
+            max_bytes=s.upstream_max_bytes,
+        )
 
 
 QUOTES = web.AppKey("quotes", Quotes)
@@ -115,8 +130,12 @@ async def create_quote(request: web.Request) -> web.Response:
     try:
         quote = await quotes.fetch(from_currency, to_currency)
     except UpstreamRateLimited as exc:
-        raise ApiError(503, "unavailable", f"AlphaVantage rate limit: {exc}",
-                       headers={"Retry-After": str(RATE_LIMIT_RETRY)}) from None
+        raise ApiError(
+            503,
+            "unavailable",
+            f"AlphaVantage rate limit: {exc}",
+            headers={"Retry-After": str(RATE_LIMIT_RETRY)},
+        ) from None
     except UpstreamError as exc:
         raise ApiError(502, "upstream_error", str(exc)) from None
     stored = await quotes.save(quote)
@@ -141,11 +160,17 @@ async def list_quotes(request: web.Request) -> web.StreamResponse:
         def link(to: int) -> str | None:
             return page_url(base, request, to) if 1 <= to <= pages else None
 
-        return json_response({
-            "count": count, "page": page, "per_page": per_page, "pages": pages,
-            "next": link(page + 1), "previous": link(min(page - 1, pages)),
-            "results": [q.public() for q in rows],
-        })
+        return json_response(
+            {
+                "count": count,
+                "page": page,
+                "per_page": per_page,
+                "pages": pages,
+                "next": link(page + 1),
+                "previous": link(min(page - 1, pages)),
+                "results": [q.public() for q in rows],
+            }
+        )
     # Every row: streamed in batches so a million rows never sit in memory at once.
     count, top = await store.quote_span()
     resp = web.StreamResponse(headers={"Content-Type": "application/json"})
@@ -171,8 +196,9 @@ async def ws_rates(request: web.Request) -> web.StreamResponse:
         hub.subscribe(client, RATES_TOPIC)
 
     def on_message(client, data: dict) -> None:
-        hub.send(client, orjson.dumps({"type": "error",
-                                       "detail": "This stream takes no messages."}))
+        hub.send(
+            client, orjson.dumps({"type": "error", "detail": "This stream takes no messages."})
+        )
 
     return await serve_ws(request, "rates", None, on_open, on_message)
 

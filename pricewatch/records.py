@@ -21,8 +21,13 @@ class User:
     email_verified: bool = True  # False until the address is confirmed with a mailed code
 
     def public(self) -> dict:
-        return {"id": self.id, "username": self.username, "email": self.email,
-                "is_admin": self.is_admin, "email_verified": self.email_verified}
+        return {
+            "id": self.id,
+            "username": self.username,
+            "email": self.email,
+            "is_admin": self.is_admin,
+            "email_verified": self.email_verified,
+        }
 
 
 class Hit(NamedTuple):
@@ -60,10 +65,14 @@ class Event:
     deliveries: tuple[tuple[int | str, str, str], ...] = ()
 
     def public(self) -> dict:
-        return {"id": self.id, "alert_id": self.alert_id, "time": clock.iso(self.time),
-                "price": self.price, "backfill": self.backfill,
-                "deliveries": [{"channel": c, "type": t, "state": s}
-                               for c, t, s in self.deliveries]}
+        return {
+            "id": self.id,
+            "alert_id": self.alert_id,
+            "time": clock.iso(self.time),
+            "price": self.price,
+            "backfill": self.backfill,
+            "deliveries": [{"channel": c, "type": t, "state": s} for c, t, s in self.deliveries],
+        }
 
     def brief(self) -> dict:
         """The shape carried by `{"type": "alert"}` live messages."""

@@ -66,9 +66,16 @@ class _Hold:
 class Resumer:
     """Answers resumes from `source`; every live alert event goes through `deliver`."""
 
-    def __init__(self, hub: Hub, source: Source, *, limit: int = REPLAY_MAX,
-                 every: float = RESUME_EVERY, concurrency: int = REPLAY_CONCURRENCY,
-                 chunk: int = REPLAY_CHUNK):
+    def __init__(
+        self,
+        hub: Hub,
+        source: Source,
+        *,
+        limit: int = REPLAY_MAX,
+        every: float = RESUME_EVERY,
+        concurrency: int = REPLAY_CONCURRENCY,
+        chunk: int = REPLAY_CHUNK,
+    ):
         self.hub = hub
         self.source = source
         self.limit = limit
@@ -146,15 +153,13 @@ class Resumer:
         self.hub.send(client, orjson.dumps({"type": "error", "detail": detail}))
         return None
 
-    def start(self, user_id: int, since: int, send: Callable[[bytes], None],
-              client=None) -> None:
+    def start(self, user_id: int, since: int, send: Callable[[bytes], None], client=None) -> None:
         """Replay the user's events after `since` through `send`, then the `resumed`
         message; with `client`, hold its live alert events meanwhile (see `deliver`)."""
         read = self.source(user_id, since)  # now: what was announced before this request
         if client is not None:
             self._holds.setdefault(user_id, {})[client] = _Hold()
-        task = asyncio.create_task(self._run(user_id, since, read, send, client),
-                                   name="resume")
+        task = asyncio.create_task(self._run(user_id, since, read, send, client), name="resume")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -167,20 +172,35 @@ class Resumer:
     def render_metrics(self, out) -> None:
         """Its counters in /metrics (`out`: a metrics.Exposition), single process and edges."""
         for name, text, value in [
-                ("pricewatch_resume_replays_total",
-                 "Live-feed resumes answered with a replay.", self.replays),
-                ("pricewatch_resume_refused_total",
-                 "Live-feed resumes refused (too soon, still running, invalid).", self.refused),
-                ("pricewatch_resume_failed_total",
-                 "Replays whose events could not be read in time (answered error).",
-                 self.failed)]:
+            (
+                "pricewatch_resume_replays_total",
+                "Live-feed resumes answered with a replay.",
+                self.replays,
+            ),
+            (
+                "pricewatch_resume_refused_total",
+                "Live-feed resumes refused (too soon, still running, invalid).",
+                self.refused,
+            ),
+            (
+                "pricewatch_resume_failed_total",
+                "Replays whose events could not be read in time (answered error).",
+                self.failed,
+            ),
+        ]:
             out.metric(name, "counter", text)
             out.sample(name, value)
 
     # -- replaying ----------------------------------------------------------------------
 
-    async def _run(self, user_id: int, since: int, read: Callable[[], Awaitable[Events]],
-                   send: Callable[[bytes], None], client) -> None:
+    async def _run(
+        self,
+        user_id: int,
+        since: int,
+        read: Callable[[], Awaitable[Events]],
+        send: Callable[[bytes], None],
+        client,
+    ) -> None:
         last, sent, behind = since, set(), True
         try:
             async with self._slots:
@@ -189,7 +209,7 @@ class Resumer:
                 async with asyncio.timeout(REPLAY_READ_TIMEOUT):  # then: TimeoutError
                     items, complete = await read()
                 more = len(items) > self.limit
-                for i, (event_id, payload) in enumerate(items[:self.limit]):
+                for i, (event_id, payload) in enumerate(items[: self.limit]):
                     if i and i % self.chunk == 0:
                         await asyncio.sleep(0)  # other users' pushes go between chunks
                         if client is not None and client.closed:
@@ -199,8 +219,17 @@ class Resumer:
                     last = event_id
                 hold = self._holds.get(user_id, {}).get(client)
                 more = more or (hold is not None and hold.dropped)
-                send(orjson.dumps({"type": "resumed", "since": since, "last": last,
-                                   "more": more, "complete": complete and not more}))
+                send(
+                    orjson.dumps(
+                        {
+                            "type": "resumed",
+                            "since": since,
+                            "last": last,
+                            "more": more,
+                            "complete": complete and not more,
+                        }
+                    )
+                )
                 self.replays += 1
                 behind = more
         except asyncio.CancelledError:
@@ -214,8 +243,7 @@ class Resumer:
         finally:
             self._release(user_id, client, since, sent, behind)
 
-    def _release(self, user_id: int, client, since: int, sent: set[int], behind: bool
-                 ) -> None:
+    def _release(self, user_id: int, client, since: int, sent: set[int], behind: bool) -> None:
         """The replay is over: send what was held after it, or (told "more") leave the
         connection's live alert events to its next resume."""
         holds = self._holds.get(user_id)
@@ -231,4 +259,3 @@ class Resumer:
                         self.hub.send(client, payload)
         if not holds:
             del self._holds[user_id]
-

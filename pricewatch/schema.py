@@ -285,11 +285,13 @@ MIGRATIONS: list[str] = [
 # Version -> (query, message): after that migration is applied, each row of the query is
 # logged as a warning with the message (%-style, one argument per column).
 MIGRATION_WARNINGS: dict[int, tuple[str, str]] = {
-    2: ("SELECT d.username, d.id, o.username, o.id FROM users d JOIN users o"
+    2: (
+        "SELECT d.username, d.id, o.username, o.id FROM users d JOIN users o"
         " ON o.username_key = pw_username_key(d.username) WHERE d.username_key IS NULL"
         " ORDER BY d.id",
         "user %r (id %d) has the same normalised name as the older %r (id %d), which owns "
-        "that name from now on; the newer user logs in by its exact name only"),
+        "that name from now on; the newer user logs in by its exact name only",
+    ),
 }
 
 
@@ -304,8 +306,9 @@ async def migrate(db: aiosqlite.Connection) -> None:
         assert row is not None  # an aggregate: always one row
         current = row[0] or 0
     if current > len(MIGRATIONS):
-        raise SchemaError(f"database schema version {current} is newer than this pricewatch "
-                          f"({len(MIGRATIONS)})")
+        raise SchemaError(
+            f"database schema version {current} is newer than this pricewatch ({len(MIGRATIONS)})"
+        )
     for version in range(current + 1, len(MIGRATIONS) + 1):
         await db.execute("BEGIN IMMEDIATE")
         try:

@@ -65,7 +65,8 @@ class DatabaseLock:
             raise StartupError(
                 f"database {self.db} is in use by another pricewatch"
                 + (f" (pid {holder})" if holder.isdigit() else "")
-                + f": it holds {self.path}") from None
+                + f": it holds {self.path}"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
@@ -94,8 +95,9 @@ def bind(host: str, port: int, backlog: int = 128) -> list[socket.socket]:
     """
     where = f"{host}:{port}"
     try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
     except socket.gaierror as exc:
         raise StartupError(f"cannot listen on {where}: {exc.strerror}") from None
     sockets: list[socket.socket] = []

@@ -24,9 +24,23 @@ from .storage.base import (
 from .storage.deliveries import DeliveriesMixin
 from .storage.market import MarketMixin
 
-__all__ = ["Alert", "Channel", "Conflict", "Delivery", "Event", "NotFound", "Quote",
-           "RotateResult", "StorageUnavailable", "Store", "StoreError", "UnknownUser", "User",
-           "bcrypt_cost", "log_failure"]
+__all__ = [
+    "Alert",
+    "Channel",
+    "Conflict",
+    "Delivery",
+    "Event",
+    "NotFound",
+    "Quote",
+    "RotateResult",
+    "StorageUnavailable",
+    "Store",
+    "StoreError",
+    "UnknownUser",
+    "User",
+    "bcrypt_cost",
+    "log_failure",
+]
 
 
 class Store(AccountsMixin, AlertsMixin, DeliveriesMixin, MarketMixin, Database):

@@ -39,8 +39,9 @@ class AnswerTooLarge(Exception):
 
     def __init__(self, limit: int, length: int | None = None):
         said = f" (Content-Length {length})" if length is not None else ""
-        super().__init__(f"answer larger than {limit} bytes{said}; "
-                         "PRICEWATCH_UPSTREAM_MAX_BYTES bounds it")
+        super().__init__(
+            f"answer larger than {limit} bytes{said}; PRICEWATCH_UPSTREAM_MAX_BYTES bounds it"
+        )
         self.limit = limit
 
 
@@ -120,11 +121,11 @@ _scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
 
 def _key(text: str, i: int) -> tuple[str, int]:
     """An object key and its colon at `i`: (key, index of its value)."""
-    if text[i:i + 1] != '"':
+    if text[i : i + 1] != '"':
         raise ValueError(f"expected a key at {i}")
     key, i = _scanstring(text, i + 1)
     i = _ws(text, i).end()
-    if text[i:i + 1] != ":":
+    if text[i : i + 1] != ":":
         raise ValueError(f"expected ':' at {i}")
     return key, _ws(text, i + 1).end()
 
@@ -139,10 +140,10 @@ async def _parse_sliced(text: str) -> Any:  # noqa: C901 (one state machine, kep
     steps = 0
     until = time.perf_counter() + SLICE
     while True:
-        c = text[i:i + 1]
+        c = text[i : i + 1]
         if c == "[":
             i = ws(text, i + 1).end()
-            if text[i:i + 1] != "]":
+            if text[i : i + 1] != "]":
                 stack.append([[], None])
                 if len(stack) > MAX_DEPTH:
                     raise ValueError(f"nested deeper than {MAX_DEPTH}")
@@ -151,7 +152,7 @@ async def _parse_sliced(text: str) -> Any:  # noqa: C901 (one state machine, kep
             i += 1
         elif c == "{":
             i = ws(text, i + 1).end()
-            if text[i:i + 1] != "}":
+            if text[i : i + 1] != "}":
                 key, i = _key(text, i)
                 stack.append([{}, key])
                 if len(stack) > MAX_DEPTH:
@@ -176,7 +177,7 @@ async def _parse_sliced(text: str) -> Any:  # noqa: C901 (one state machine, kep
                 container.append(value)
             else:
                 container[top[1]] = value
-            c = text[i:i + 1]
+            c = text[i : i + 1]
             if c == ",":
                 i = ws(text, i + 1).end()
                 if type(container) is dict:

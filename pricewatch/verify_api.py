@@ -51,8 +51,10 @@ MAX_MAILS_IN_FLIGHT = 1000  # code mails waiting for SMTP; past it a mail is dro
 SUBJECT = "pricewatch: your verification code"
 CODE_DIGITS = 6
 
-NEW_CODE_NEEDED = ("This code can no longer be used (5 wrong tries, or older than 24 hours); "
-                   "request a new one with POST /auth/verify-email/resend.")
+NEW_CODE_NEEDED = (
+    "This code can no longer be used (5 wrong tries, or older than 24 hours); "
+    "request a new one with POST /auth/verify-email/resend."
+)
 
 
 def new_code() -> str:
@@ -78,10 +80,12 @@ def mailbox(address: str) -> str:
 
 def code_text(code: str) -> str:
     """The body of the verification mail (built and sent by the mailer, as alert mail is)."""
-    return (f"Your pricewatch verification code is {code}\n\n"
-            "Enter it with POST /auth/verify-email {\"code\": \"" + code + "\"}.\n"
-            "It is valid for 24 hours. Until the address is verified, no alert mail is sent "
-            "to it.\n\nIf you did not ask for this, ignore this mail.\n")
+    return (
+        f"Your pricewatch verification code is {code}\n\n"
+        'Enter it with POST /auth/verify-email {"code": "' + code + '"}.\n'
+        "It is valid for 24 hours. Until the address is verified, no alert mail is sent "
+        "to it.\n\nIf you did not ask for this, ignore this mail.\n"
+    )
 
 
 class CodeMail:
@@ -125,8 +129,11 @@ class CodeMail:
         self._to_user.hit(str(user.id))
         if len(self._tasks) >= MAX_MAILS_IN_FLIGHT:
             self.failed += 1
-            log.warning("verification code for user %d not sent: %d mails already waiting",
-                        user.id, len(self._tasks))
+            log.warning(
+                "verification code for user %d not sent: %d mails already waiting",
+                user.id,
+                len(self._tasks),
+            )
             return
         task = asyncio.create_task(self._send(mailer, user, code), name="verification-mail")
         self._tasks.add(task)
@@ -137,8 +144,9 @@ class CodeMail:
             await mailer.send_mail(user.email, SUBJECT, code_text(code))
         except Exception as exc:  # SMTP down, refused: the user can resend
             self.failed += 1
-            log.warning("verification code for user %d not sent: %s: %s", user.id,
-                        type(exc).__name__, exc)
+            log.warning(
+                "verification code for user %d not sent: %s: %s", user.id, type(exc).__name__, exc
+            )
         else:
             self.sent += 1
 
@@ -161,15 +169,23 @@ class CodeMail:
         if not self.configured or not user.email:
             return
         if self.wait(user.id, user.email) is not None:
-            log.warning("no verification code for user %d: the address has had its share of "
-                        "code mails (the user can resend later)", user.id)
+            log.warning(
+                "no verification code for user %d: the address has had its share of "
+                "code mails (the user can resend later)",
+                user.id,
+            )
             return
         auth = self.app[AUTH]
         code = new_code()
         try:
             result = await auth.store.issue_email_code(
-                user.id, code_hash(auth.code_key, user.id, code), clock.now(), CODE_TTL,
-                CODE_TRIES, RESEND_INTERVAL)
+                user.id,
+                code_hash(auth.code_key, user.id, code),
+                clock.now(),
+                CODE_TTL,
+                CODE_TRIES,
+                RESEND_INTERVAL,
+            )
         except Exception:
             log.exception("no verification code issued for user %d", user.id)
             return
@@ -191,13 +207,21 @@ async def code_mail_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def _rate_limited(wait: float) -> ApiError:
-    return ApiError(429, "rate_limited", "A code was sent less than a minute ago; wait for "
-                    "it, or try again later.", headers={"Retry-After": str(math.ceil(wait))})
+    return ApiError(
+        429,
+        "rate_limited",
+        "A code was sent less than a minute ago; wait for it, or try again later.",
+        headers={"Retry-After": str(math.ceil(wait))},
+    )
 
 
 def _too_many(wait: int) -> ApiError:
-    return ApiError(429, "rate_limited", "Too many codes were mailed to this address or "
-                    "account; try again later.", headers={"Retry-After": str(wait)})
+    return ApiError(
+        429,
+        "rate_limited",
+        "Too many codes were mailed to this address or account; try again later.",
+        headers={"Retry-After": str(wait)},
+    )
 
 
 def _no_email() -> ApiError:
@@ -219,10 +243,15 @@ async def verify_email(request: web.Request) -> web.Response:
     client = limit_key(client_address(request))
     wait = failures.check(client)
     if wait is not None:
-        raise ApiError(429, "rate_limited", "Too many wrong codes from this address; try "
-                       "again later.", headers={"Retry-After": str(wait)})
+        raise ApiError(
+            429,
+            "rate_limited",
+            "Too many wrong codes from this address; try again later.",
+            headers={"Retry-After": str(wait)},
+        )
     result = await auth.store.check_email_code(
-        identity.user_id, code_hash(auth.code_key, identity.user_id, code), clock.now())
+        identity.user_id, code_hash(auth.code_key, identity.user_id, code), clock.now()
+    )
     if result.status in ("wrong", "spent"):
         failures.hit(client)
     if result.status == "verified":
@@ -231,13 +260,21 @@ async def verify_email(request: web.Request) -> web.Response:
     elif result.status == "no_email":
         raise _no_email()
     elif result.status == "none":
-        raise invalid({"code": "No code was sent to this address; request one with "
-                               "POST /auth/verify-email/resend."})
+        raise invalid(
+            {
+                "code": "No code was sent to this address; request one with "
+                "POST /auth/verify-email/resend."
+            }
+        )
     elif result.status == "spent" or (result.status == "wrong" and result.tries_left <= 0):
         raise invalid({"code": NEW_CODE_NEEDED})
     elif result.status == "wrong":
-        raise invalid({"code": f"Wrong code; {result.tries_left} "
-                               f"{'try' if result.tries_left == 1 else 'tries'} left."})
+        raise invalid(
+            {
+                "code": f"Wrong code; {result.tries_left} "
+                f"{'try' if result.tries_left == 1 else 'tries'} left."
+            }
+        )
     return json_response({"email_verified": True})
 
 
@@ -247,8 +284,12 @@ async def resend(request: web.Request) -> web.Response:
     minute of the last code, 503 without SMTP."""
     identity = require_identity(request)
     if not request.app[CODE_MAIL].configured:
-        raise ApiError(503, "unavailable", "This server sends no mail (PRICEWATCH_SMTP_HOST "
-                       "is not set), so addresses cannot be verified.")
+        raise ApiError(
+            503,
+            "unavailable",
+            "This server sends no mail (PRICEWATCH_SMTP_HOST "
+            "is not set), so addresses cannot be verified.",
+        )
     auth = request.app[AUTH]
     user = await auth.store.user_by_id(identity.user_id)
     if user is not None and user.email and not user.email_verified:
@@ -257,8 +298,13 @@ async def resend(request: web.Request) -> web.Response:
             raise _too_many(wait)
     code, now = new_code(), clock.now()
     result = await auth.store.issue_email_code(
-        identity.user_id, code_hash(auth.code_key, identity.user_id, code), now, CODE_TTL,
-        CODE_TRIES, RESEND_INTERVAL)
+        identity.user_id,
+        code_hash(auth.code_key, identity.user_id, code),
+        now,
+        CODE_TTL,
+        CODE_TRIES,
+        RESEND_INTERVAL,
+    )
     if result.user.email_verified:
         raise conflict("The email address is already verified.")
     if not result.user.email:
@@ -266,8 +312,9 @@ async def resend(request: web.Request) -> web.Response:
     if result.wait is not None:
         raise _rate_limited(result.wait)
     request.app[CODE_MAIL].send(result.user, code)
-    return json_response({"email": result.user.email,
-                          "expires_at": clock.iso(now + CODE_TTL)}, status=202)
+    return json_response(
+        {"email": result.user.email, "expires_at": clock.iso(now + CODE_TTL)}, status=202
+    )
 
 
 async def change_email(request: web.Request) -> web.Response:
@@ -289,8 +336,9 @@ async def change_email(request: web.Request) -> web.Response:
             raise _too_many(wait)
     code = new_code()
     hashed = code_hash(auth.code_key, identity.user_id, code) if mail.configured else None
-    result = await auth.store.change_email(identity.user_id, email, hashed, clock.now(),
-                                           CODE_TTL, CODE_TRIES, RESEND_INTERVAL)
+    result = await auth.store.change_email(
+        identity.user_id, email, hashed, clock.now(), CODE_TTL, CODE_TRIES, RESEND_INTERVAL
+    )
     if result.wait is not None:
         raise _rate_limited(result.wait)
     if result.issued:

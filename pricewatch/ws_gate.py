@@ -74,9 +74,25 @@ class FrameGate:
     """Put in front of aiohttp's websocket parser (the same feed_data/feed_eof interface):
     counts frames, refuses floods and oversized messages, and runs the lingering close."""
 
-    __slots__ = ("parser", "transport", "bucket", "max_size", "head", "skip", "message",
-                 "over", "on_over", "discarding", "frames_left", "discarded", "peer_closed",
-                 "finished", "close_wanted", "timer", "linger")
+    __slots__ = (
+        "parser",
+        "transport",
+        "bucket",
+        "max_size",
+        "head",
+        "skip",
+        "message",
+        "over",
+        "on_over",
+        "discarding",
+        "frames_left",
+        "discarded",
+        "peer_closed",
+        "finished",
+        "close_wanted",
+        "timer",
+        "linger",
+    )
 
     def __init__(self, parser: Any, transport: Any, bucket: TokenBucket, max_size: int):
         self.parser = parser
@@ -136,8 +152,7 @@ class FrameGate:
 
     # -- scanning ----------------------------------------------------------------------
 
-    def _scan(self, data: bytes, pos: int,
-              counting: bool) -> tuple[Disconnect | _Peer | None, int]:
+    def _scan(self, data: bytes, pos: int, counting: bool) -> tuple[Disconnect | _Peer | None, int]:
         """Walk the frame headers of `data` from `pos`, taking a token per frame when
         `counting`. Returns (None, len) when all is well, else (the Disconnect, or
         _PEER_CLOSED at a close frame; the offset after its header)."""
@@ -154,7 +169,7 @@ class FrameGate:
             if pos >= n:
                 return None, n
             head = self.head
-            buf = head + data[pos:pos + 14] if head else data[pos:pos + 14]
+            buf = head + data[pos : pos + 14] if head else data[pos : pos + 14]
             size = _header_size(buf)
             if not size:
                 self.head = head + data[pos:]
@@ -212,8 +227,12 @@ class FrameGate:
                 self.transport.pause_reading()
 
     def _look_for_close(self, data: bytes, pos: int) -> None:
-        if (self.frames_left > 0 and not self.peer_closed and not self.finished
-                and self._scan(data, pos, False)[0] is _PEER_CLOSED):
+        if (
+            self.frames_left > 0
+            and not self.peer_closed
+            and not self.finished
+            and self._scan(data, pos, False)[0] is _PEER_CLOSED
+        ):
             self.finish(polite=True)
 
     def hurry(self) -> None:
@@ -294,8 +313,9 @@ class LingeringTransport:
         self.real.abort()
 
 
-async def close_websocket(ws: Any, transport: Any, gate: FrameGate | None, code: int,
-                          message: bytes, timeout: float) -> None:
+async def close_websocket(
+    ws: Any, transport: Any, gate: FrameGate | None, code: int, message: bytes, timeout: float
+) -> None:
     """Close one websocket with `code`: stop reading what it sends, write the close frame
     and linger (see the module docstring). A client that cannot take the close frame
     within `timeout` seconds (it does not read) is cut off."""

@@ -42,7 +42,7 @@ class LiveServer:
         await self._runner.cleanup()
 
     def ws_url(self, path: str) -> str:
-        return "ws" + self.url[len("http"):] + path
+        return "ws" + self.url[len("http") :] + path
 
 
 @pytest.fixture
@@ -53,8 +53,12 @@ def make_settings(tmp_path):
     `rest_url`: no test may reach the internet (backfill after a gap then gives up at once).
     """
 
-    base = Settings(db=str(tmp_path / "pricewatch.db"), bcrypt_rounds=4, feed="off",
-                    binance_rest_url="http://127.0.0.1:9")
+    base = Settings(
+        db=str(tmp_path / "pricewatch.db"),
+        bcrypt_rounds=4,
+        feed="off",
+        binance_rest_url="http://127.0.0.1:9",
+    )
 
     def make(**overrides) -> Settings:
         return dataclasses.replace(base, **overrides)
@@ -81,15 +85,25 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def register(http: aiohttp.ClientSession, server: LiveServer, username: str = "alice",
-                   password: str = "correct horse", email: str | None = None,
-                   verified: bool = True) -> dict:
+async def register(
+    http: aiohttp.ClientSession,
+    server: LiveServer,
+    username: str = "alice",
+    password: str = "correct horse",
+    email: str | None = None,
+    verified: bool = True,
+) -> dict:
     """Register a user through the API; returns the 201 body (id, tokens...). `verified`:
     mark the email address verified, as the code mailed to it would (no alert mail goes to
     an unverified address; tests of the verification itself pass False)."""
-    async with http.post(server.url + "/auth/register", json={
-            "username": username, "password": password,
-            "email": email or f"{username}@example.com"}) as resp:
+    async with http.post(
+        server.url + "/auth/register",
+        json={
+            "username": username,
+            "password": password,
+            "email": email or f"{username}@example.com",
+        },
+    ) as resp:
         assert resp.status == 201, await resp.text()
         body = await resp.json()
     if verified:
@@ -118,4 +132,5 @@ def later(monkeypatch):
 
     def advance(seconds: float) -> None:
         offset[0] += seconds
+
     return advance

@@ -31,10 +31,14 @@ SUCCESS = {
         "9. Ask Price": "58073.74000000",
     }
 }
-NOTE = {"Note": "Thank you for using Alpha Vantage! Our standard API call frequency is 5 calls "
-                "per minute and 500 calls per day."}
-INFORMATION = {"Information": "We have detected your API key as {key} and our standard API rate "
-                              "limit is 25 requests per day."}
+NOTE = {
+    "Note": "Thank you for using Alpha Vantage! Our standard API call frequency is 5 calls "
+    "per minute and 500 calls per day."
+}
+INFORMATION = {
+    "Information": "We have detected your API key as {key} and our standard API rate "
+    "limit is 25 requests per day."
+}
 ERROR = {"Error Message": "the parameter apikey is invalid or missing. Got apikey={key}."}
 
 MODES = ("ok", "note", "information", "error", "500", "garbage", "slow", "missing_field")
@@ -90,8 +94,9 @@ class FakeAlphaVantage:
         if mode == "500":
             return web.Response(status=500, text="Internal Server Error")
         if mode == "garbage":
-            return web.Response(status=200, text="<html>Bad Gateway</html>",
-                                content_type="text/html")
+            return web.Response(
+                status=200, text="<html>Bad Gateway</html>", content_type="text/html"
+            )
         if mode == "ok":
             body: dict = self.success
         elif mode == "missing_field":

@@ -135,9 +135,11 @@ class FakeBinance:
         self.rest_calls.append((request.path, dict(request.query)))
         if self.answer_first:
             status = self.answer_first.pop(0)
-            return web.json_response({"code": -1003, "msg": "Too many requests."},
-                                     status=status,
-                                     headers={"Retry-After": str(self.retry_after)})
+            return web.json_response(
+                {"code": -1003, "msg": "Too many requests."},
+                status=status,
+                headers={"Retry-After": str(self.retry_after)},
+            )
         return None
 
     def _known(self, request: web.Request) -> list[dict]:
@@ -149,24 +151,43 @@ class FakeBinance:
         if (refused := self._rest_gate(request)) is not None:
             return refused
         if self.refuse_historical:
-            return web.json_response({"code": -2014, "msg": "API-key format invalid."},
-                                     status=401)
+            return web.json_response({"code": -2014, "msg": "API-key format invalid."}, status=401)
         from_id, limit = int(request.query["fromId"]), int(request.query.get("limit", 500))
         rows = [t for t in self._known(request) if t["id"] >= from_id][:limit]
-        return web.json_response([
-            {"id": t["id"], "price": _num(t["price"]), "qty": _num(t["qty"]),
-             "quoteQty": _num(t["price"] * t["qty"]), "time": t["time"],
-             "isBuyerMaker": False, "isBestMatch": True} for t in rows])
+        return web.json_response(
+            [
+                {
+                    "id": t["id"],
+                    "price": _num(t["price"]),
+                    "qty": _num(t["qty"]),
+                    "quoteQty": _num(t["price"] * t["qty"]),
+                    "time": t["time"],
+                    "isBuyerMaker": False,
+                    "isBestMatch": True,
+                }
+                for t in rows
+            ]
+        )
 
     async def _recent(self, request: web.Request) -> web.Response:
         if (refused := self._rest_gate(request)) is not None:
             return refused
         limit = int(request.query.get("limit", 500))
         rows = self._known(request)[-limit:]
-        return web.json_response([
-            {"id": t["id"], "price": _num(t["price"]), "qty": _num(t["qty"]),
-             "quoteQty": "0", "time": t["time"], "isBuyerMaker": False, "isBestMatch": True}
-            for t in rows])
+        return web.json_response(
+            [
+                {
+                    "id": t["id"],
+                    "price": _num(t["price"]),
+                    "qty": _num(t["qty"]),
+                    "quoteQty": "0",
+                    "time": t["time"],
+                    "isBuyerMaker": False,
+                    "isBestMatch": True,
+                }
+                for t in rows
+            ]
+        )
 
     async def _agg_trades(self, request: web.Request) -> web.Response:
         if (refused := self._rest_gate(request)) is not None:
@@ -177,11 +198,20 @@ class FakeBinance:
         groups: dict[int, list[dict]] = {}  # aggregates: fixed blocks of ids, numbered from 1
         for t in self._known(request):
             groups.setdefault((t["id"] - 1) // self.agg_size + 1, []).append(t)
-        aggs = [{"a": key, "p": _num(group[0]["price"]),
-                 "q": _num(sum(t["qty"] for t in group)), "f": group[0]["id"],
-                 "l": group[-1]["id"], "T": group[0]["time"], "m": False, "M": True}
-                for key, group in sorted(groups.items())
-                if start <= group[0]["time"] <= end and key >= from_id]
+        aggs = [
+            {
+                "a": key,
+                "p": _num(group[0]["price"]),
+                "q": _num(sum(t["qty"] for t in group)),
+                "f": group[0]["id"],
+                "l": group[-1]["id"],
+                "T": group[0]["time"],
+                "m": False,
+                "M": True,
+            }
+            for key, group in sorted(groups.items())
+            if start <= group[0]["time"] <= end and key >= from_id
+        ]
         if not {"fromId", "startTime", "endTime"} & set(query):
             return web.json_response(aggs[-limit:])  # the most recent ones
         return web.json_response(aggs[:limit])
@@ -189,8 +219,15 @@ class FakeBinance:
     async def _klines(self, request: web.Request) -> web.Response:
         if (refused := self._rest_gate(request)) is not None:
             return refused
-        size = {"1s": 1_000, "1m": 60_000, "5m": 300_000, "15m": 900_000, "1h": 3_600_000,
-                "4h": 14_400_000, "1d": 86_400_000}[request.query["interval"]]
+        size = {
+            "1s": 1_000,
+            "1m": 60_000,
+            "5m": 300_000,
+            "15m": 900_000,
+            "1h": 3_600_000,
+            "4h": 14_400_000,
+            "1d": 86_400_000,
+        }[request.query["interval"]]
         start = int(request.query.get("startTime", 0))
         end = int(request.query.get("endTime", 2**62))
         limit = int(request.query.get("limit", 500))
@@ -201,26 +238,51 @@ class FakeBinance:
             open_time = t["time"] - t["time"] % size
             k = candles.get(open_time)
             if k is None:
-                candles[open_time] = [open_time, t["price"], t["price"], t["price"],
-                                      t["price"], t["qty"], open_time + size - 1, 0.0, 1]
+                candles[open_time] = [
+                    open_time,
+                    t["price"],
+                    t["price"],
+                    t["price"],
+                    t["price"],
+                    t["qty"],
+                    open_time + size - 1,
+                    0.0,
+                    1,
+                ]
             else:
                 k[2], k[3] = max(k[2], t["price"]), min(k[3], t["price"])
                 k[4] = t["price"]
                 k[5] += t["qty"]
                 k[8] += 1
         rows = [candles[k] for k in sorted(candles)][-limit:]
-        return web.json_response([
-            [k[0], _num(k[1]), _num(k[2]), _num(k[3]), _num(k[4]), _num(k[5]), k[6], "0", k[8],
-             "0", "0", "0"] for k in rows])
+        return web.json_response(
+            [
+                [
+                    k[0],
+                    _num(k[1]),
+                    _num(k[2]),
+                    _num(k[3]),
+                    _num(k[4]),
+                    _num(k[5]),
+                    k[6],
+                    "0",
+                    k[8],
+                    "0",
+                    "0",
+                    "0",
+                ]
+                for k in rows
+            ]
+        )
 
     # ---- test controls
 
-    def record_trade(self, symbol: str, trade_id: int, price: float, qty: float,
-                     time_ms: int) -> None:
+    def record_trade(
+        self, symbol: str, trade_id: int, price: float, qty: float, time_ms: int
+    ) -> None:
         """Make a trade known to REST without streaming it (it happened while away)."""
         trades = [t for t in self.trades.get(symbol.upper(), []) if t["id"] != trade_id]
-        trades.append({"id": trade_id, "price": float(price), "qty": float(qty),
-                       "time": time_ms})
+        trades.append({"id": trade_id, "price": float(price), "qty": float(qty), "time": time_ms})
         self.trades[symbol.upper()] = sorted(trades, key=lambda t: t["id"])
 
     async def wait_connections(self, n: int, timeout: float = 5.0) -> None:
@@ -245,43 +307,99 @@ class FakeBinance:
         """Send ``{"stream": stream, "data": data}``."""
         await self.send_raw(orjson.dumps({"stream": stream, "data": data}).decode())
 
-    async def send_trade(self, symbol: str, trade_id: int, price: float | str, qty: float | str,
-                         time_ms: int, *, buyer_maker: bool = False) -> None:
+    async def send_trade(
+        self,
+        symbol: str,
+        trade_id: int,
+        price: float | str,
+        qty: float | str,
+        time_ms: int,
+        *,
+        buyer_maker: bool = False,
+    ) -> None:
         """Send a ``<symbol>@trade`` event (numbers are sent as Binance-style strings); a
         numeric trade is also recorded for REST."""
         if not isinstance(price, str) and not isinstance(qty, str):
             self.record_trade(symbol, trade_id, price, qty, time_ms)
-        await self.send_event(f"{symbol.lower()}@trade", {
-            "e": "trade", "E": time_ms + 2, "s": symbol.upper(), "t": trade_id,
-            "p": _num(price), "q": _num(qty), "T": time_ms, "m": buyer_maker, "M": True,
-        })
+        await self.send_event(
+            f"{symbol.lower()}@trade",
+            {
+                "e": "trade",
+                "E": time_ms + 2,
+                "s": symbol.upper(),
+                "t": trade_id,
+                "p": _num(price),
+                "q": _num(qty),
+                "T": time_ms,
+                "m": buyer_maker,
+                "M": True,
+            },
+        )
 
-    async def send_book(self, symbol: str, bid: float | str, ask: float | str,
-                        bid_qty: float | str = 1.0, ask_qty: float | str = 1.0, *,
-                        update_id: int = 400900217) -> None:
+    async def send_book(
+        self,
+        symbol: str,
+        bid: float | str,
+        ask: float | str,
+        bid_qty: float | str = 1.0,
+        ask_qty: float | str = 1.0,
+        *,
+        update_id: int = 400900217,
+    ) -> None:
         """Send a ``<symbol>@bookTicker`` event."""
-        await self.send_event(f"{symbol.lower()}@bookTicker", {
-            "u": update_id, "s": symbol.upper(), "b": _num(bid), "B": _num(bid_qty),
-            "a": _num(ask), "A": _num(ask_qty),
-        })
+        await self.send_event(
+            f"{symbol.lower()}@bookTicker",
+            {
+                "u": update_id,
+                "s": symbol.upper(),
+                "b": _num(bid),
+                "B": _num(bid_qty),
+                "a": _num(ask),
+                "A": _num(ask_qty),
+            },
+        )
 
-    async def send_agg_trade(self, symbol: str, agg_id: int, price: float, qty: float,
-                             time_ms: int) -> None:
+    async def send_agg_trade(
+        self, symbol: str, agg_id: int, price: float, qty: float, time_ms: int
+    ) -> None:
         """Send a futures ``<symbol>@aggTrade`` event holding one trade whose id is `agg_id`
         (with ``agg_size`` 1, REST numbers that aggregate `agg_id` too)."""
         self.record_trade(symbol, agg_id, price, qty, time_ms)
-        await self.send_event(f"{symbol.lower()}@aggTrade", {
-            "e": "aggTrade", "E": time_ms + 2, "s": symbol.upper(), "a": agg_id,
-            "p": _num(price), "q": _num(qty), "f": agg_id, "l": agg_id, "T": time_ms,
-            "m": False})
+        await self.send_event(
+            f"{symbol.lower()}@aggTrade",
+            {
+                "e": "aggTrade",
+                "E": time_ms + 2,
+                "s": symbol.upper(),
+                "a": agg_id,
+                "p": _num(price),
+                "q": _num(qty),
+                "f": agg_id,
+                "l": agg_id,
+                "T": time_ms,
+                "m": False,
+            },
+        )
 
-    async def send_futures_book(self, symbol: str, bid: float, ask: float,
-                                time_ms: int = 1704067200000) -> None:
+    async def send_futures_book(
+        self, symbol: str, bid: float, ask: float, time_ms: int = 1704067200000
+    ) -> None:
         """Send a futures ``<symbol>@bookTicker`` event (with ``e``, ``E``, ``T``, ``ps``)."""
-        await self.send_event(f"{symbol.lower()}@bookTicker", {
-            "e": "bookTicker", "u": 400900217, "E": time_ms + 1, "T": time_ms,
-            "s": symbol.upper(), "ps": symbol.upper().split("_")[0], "b": _num(bid),
-            "B": "10", "a": _num(ask), "A": "12"})
+        await self.send_event(
+            f"{symbol.lower()}@bookTicker",
+            {
+                "e": "bookTicker",
+                "u": 400900217,
+                "E": time_ms + 1,
+                "T": time_ms,
+                "s": symbol.upper(),
+                "ps": symbol.upper().split("_")[0],
+                "b": _num(bid),
+                "B": "10",
+                "a": _num(ask),
+                "A": "12",
+            },
+        )
 
     async def send_server_shutdown(self, time_ms: int = 1704153600000) -> None:
         await self.send_raw(orjson.dumps({"e": "serverShutdown", "E": time_ms}).decode())

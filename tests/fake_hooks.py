@@ -30,8 +30,9 @@ class _Loopback:
         self.hold = asyncio.Event()  # set: requests wait for `release` (a timeout)
         self.release = asyncio.Event()
 
-    def answer(self, status: int, times: int = 1, headers: dict | None = None,
-               body: Any = b"") -> None:
+    def answer(
+        self, status: int, times: int = 1, headers: dict | None = None, body: Any = b""
+    ) -> None:
         """Answer the next `times` requests with `status` (then the usual success)."""
         raw = body if isinstance(body, bytes) else orjson.dumps(body)
         self._answers.extend([(status, headers or {}, raw)] * times)
@@ -91,13 +92,18 @@ class WebhookReceiver(_Loopback):
         await self._notify()
         raw = await request.read()
         status, headers, body = await self._next_answer() or (204, {}, b"")
-        if status < 300 and not self.verify(raw, request.headers.get(
-                "X-Pricewatch-Signature", "")):
+        if status < 300 and not self.verify(raw, request.headers.get("X-Pricewatch-Signature", "")):
             self.bad_signatures += 1
             status, headers, body = 401, {}, b"bad signature"
         if status < 300:
-            self.received.append({"path": request.path, "body": raw,
-                                  "json": orjson.loads(raw), "headers": dict(request.headers)})
+            self.received.append(
+                {
+                    "path": request.path,
+                    "body": raw,
+                    "json": orjson.loads(raw),
+                    "headers": dict(request.headers),
+                }
+            )
         self.requests.append((request.path, status))
         await self._notify()
         return web.Response(status=status, headers=headers, body=body)
@@ -116,9 +122,15 @@ class FakeTelegram(_Loopback):
 
     def too_many(self, retry_after: int = 1) -> None:
         """Answer the next call as Telegram does when a bot sends too fast."""
-        self.answer(429, body={"ok": False, "error_code": 429,
-                               "description": f"Too Many Requests: retry after {retry_after}",
-                               "parameters": {"retry_after": retry_after}})
+        self.answer(
+            429,
+            body={
+                "ok": False,
+                "error_code": 429,
+                "description": f"Too Many Requests: retry after {retry_after}",
+                "parameters": {"retry_after": retry_after},
+            },
+        )
 
     async def send_message(self, request: web.Request) -> web.Response:
         data = await request.json()
@@ -127,9 +139,18 @@ class FakeTelegram(_Loopback):
         planned = await self._next_answer()
         if planned is None:
             self.messages.append(data)
-            planned = (200, {}, orjson.dumps({"ok": True, "result": {
-                "message_id": len(self.messages), "text": data.get("text")}}))
+            planned = (
+                200,
+                {},
+                orjson.dumps(
+                    {
+                        "ok": True,
+                        "result": {"message_id": len(self.messages), "text": data.get("text")},
+                    }
+                ),
+            )
         await self._notify()
         status, headers, body = planned
-        return web.Response(status=status, headers=headers, body=body,
-                            content_type="application/json")
+        return web.Response(
+            status=status, headers=headers, body=body, content_type="application/json"
+        )

@@ -52,8 +52,9 @@ class RawWebSocket:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def connect(cls, url: str, path: str, headers: dict[str, str] | None = None,
-                      rcvbuf: int | None = None) -> RawWebSocket:
+    async def connect(
+        cls, url: str, path: str, headers: dict[str, str] | None = None, rcvbuf: int | None = None
+    ) -> RawWebSocket:
         """Open `path` on the server at `url` (http://host:port). `rcvbuf` shrinks the
         kernel receive buffer (set before connecting, so the TCP window stays small)."""
         host, port = url.removeprefix("http://").split(":")
@@ -64,11 +65,15 @@ class RawWebSocket:
         await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
         reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 22)
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        writer.write((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                      "Connection: Upgrade\r\nUpgrade: websocket\r\n"
-                      "Sec-WebSocket-Version: 13\r\n"
-                      f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
-                      f"{extra}\r\n").encode())
+        writer.write(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                "Connection: Upgrade\r\nUpgrade: websocket\r\n"
+                "Sec-WebSocket-Version: 13\r\n"
+                f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+                f"{extra}\r\n"
+            ).encode()
+        )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ")[1])
@@ -79,7 +84,8 @@ class RawWebSocket:
                 fields[name.strip().lower()] = value.strip()
         if status != 101:
             body = await asyncio.wait_for(
-                reader.readexactly(int(fields.get("content-length", 0))), 5)
+                reader.readexactly(int(fields.get("content-length", 0))), 5
+            )
             writer.transport.abort()
             writer.close()
             raise Refused(status, fields, body)

@@ -21,8 +21,13 @@ class SmtpSink:
     `codes`, always accepted: `messages`, `rejected` and `sessions` are about alert mail.
     """
 
-    def __init__(self, port: int = 0, fail_first: int = 0,
-                 fail_reply: str = "451 4.3.0 try again later", hold_quit: bool = False):
+    def __init__(
+        self,
+        port: int = 0,
+        fail_first: int = 0,
+        fail_reply: str = "451 4.3.0 try again later",
+        hold_quit: bool = False,
+    ):
         self.port = port
         self.hold_quit = hold_quit  # QUIT is answered only once `release` is set
         self.release = threading.Event()

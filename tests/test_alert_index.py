@@ -286,7 +286,14 @@ def test_creation_log_answers_which_alerts_existed_at_a_time():
         log.add(alert_id, created)  # 9 came with a clock that stepped back: kept sorted
     log.add(5, 9999.0)  # an update of a known alert changes nothing
     assert [log.last_id_at(t) for t in (999, 1000, 1999, 2000, 2999, 3000, 10**9)] == [
-        0, 3, 3, 9, 9, 12, 12]
+        0,
+        3,
+        3,
+        9,
+        9,
+        12,
+        12,
+    ]
     log.prune(2500.0)
     assert len(log) == 1 and log.floor_id == 9
     assert log.last_id_at(1000) == 9  # pruned: judged as if they had always existed
@@ -295,6 +302,7 @@ def test_creation_log_answers_which_alerts_existed_at_a_time():
 
 
 # -- percent alerts (pricewatch.percent_index) ------------------------------------------------
+
 
 def test_percent_window_holds_exactly_the_last_w_seconds():
     index = PercentIndex()
@@ -331,8 +339,12 @@ def test_percent_any_leaves_both_sides_when_it_fires():
 
 def test_percent_add_rejects_bad_values_and_remove_forgets():
     index = PercentIndex()
-    for window, percent, direction in [("2m", 1.0, "up"), ("1m", 0.0, "up"),
-                                       ("1m", 101.0, "up"), ("1m", 1.0, "above")]:
+    for window, percent, direction in [
+        ("2m", 1.0, "up"),
+        ("1m", 0.0, "up"),
+        ("1m", 101.0, "up"),
+        ("1m", 1.0, "above"),
+    ]:
         with pytest.raises(ValueError):
             index.add(1, "BTC", window, percent, direction)
     index.add(1, "BTC", "1m", 1.0, "down")
@@ -342,11 +354,14 @@ def test_percent_add_rejects_bad_values_and_remove_forgets():
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 40), st.integers(90, 110)), min_size=1,
-                max_size=60),
-       st.lists(st.tuples(st.sampled_from([1, 2, 5, 10]), st.sampled_from(["up", "down",
-                                                                          "any"])),
-                min_size=1, max_size=12))
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.integers(90, 110)), min_size=1, max_size=60),
+    st.lists(
+        st.tuples(st.sampled_from([1, 2, 5, 10]), st.sampled_from(["up", "down", "any"])),
+        min_size=1,
+        max_size=12,
+    ),
+)
 def test_percent_index_matches_a_brute_force_model(steps, alerts):
     """Random trades (second steps, prices) against the definition, trade by trade."""
     index = PercentIndex()

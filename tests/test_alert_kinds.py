@@ -69,8 +69,9 @@ async def get_json(http, server, token, path):
 
 
 async def patch(http, server, token, alert_id, **body):
-    async with http.patch(server.url + f"/api/v1/alerts/{alert_id}", json=body,
-                          headers=bearer(token)) as resp:
+    async with http.patch(
+        server.url + f"/api/v1/alerts/{alert_id}", json=body, headers=bearer(token)
+    ) as resp:
         return resp.status, await resp.json()
 
 
@@ -91,12 +92,28 @@ async def live(make_settings, http, fake):  # noqa: F811
 async def test_percent_up_triggers_on_the_first_trade_p_percent_above_the_window_low(live):
     m = live
     await m.at(0, 100.0)
-    status, up = await create(m.http, m.server, m.token, kind="percent", asset="BTCUSDT",
-                              percent=5, window="1m", direction="up", note="breakout")
+    status, up = await create(
+        m.http,
+        m.server,
+        m.token,
+        kind="percent",
+        asset="BTCUSDT",
+        percent=5,
+        window="1m",
+        direction="up",
+        note="breakout",
+    )
     assert status == 201, up
-    assert (up["kind"], up["percent"], up["window"], up["direction"], up["price"],
-            up["note"], up["repeat"], up["trigger_count"]) == (
-        "percent", 5.0, "1m", "up", None, "breakout", False, 0)
+    assert (
+        up["kind"],
+        up["percent"],
+        up["window"],
+        up["direction"],
+        up["price"],
+        up["note"],
+        up["repeat"],
+        up["trigger_count"],
+    ) == ("percent", 5.0, "1m", "up", None, "breakout", False, 0)
     await m.at(1, 100.0)  # the window's low
     await m.at(10, 103.0)
     await m.at(20, 104.9)  # 4.9 %: not yet
@@ -113,8 +130,16 @@ async def test_percent_up_triggers_on_the_first_trade_p_percent_above_the_window
 async def test_percent_down_window_slides_past_the_old_high(live):
     m = live
     await m.at(0, 100.0)
-    status, down = await create(m.http, m.server, m.token, kind="percent", asset="BTCUSDT",
-                                percent=5, window="1m", direction="down")
+    status, down = await create(
+        m.http,
+        m.server,
+        m.token,
+        kind="percent",
+        asset="BTCUSDT",
+        percent=5,
+        window="1m",
+        direction="down",
+    )
     assert status == 201, down
     await m.at(1, 110.0)  # the high, in second 1
     await m.at(30, 106.0)
@@ -132,8 +157,9 @@ async def test_percent_down_window_slides_past_the_old_high(live):
 async def test_percent_any_fires_on_either_side_once(live):
     m = live
     await m.at(0, 100.0)
-    _, both = await create(m.http, m.server, m.token, kind="percent", asset="BTCUSDT",
-                           percent=2, window="5m")
+    _, both = await create(
+        m.http, m.server, m.token, kind="percent", asset="BTCUSDT", percent=2, window="5m"
+    )
     assert both["direction"] == "any"
     await m.at(1, 100.0)
     await m.at(2, 97.9)  # 2.1 % below the high
@@ -144,8 +170,16 @@ async def test_percent_any_fires_on_either_side_once(live):
 async def test_repeat_with_cooldown_and_hysteresis(live):
     m = live
     await m.at(0, 100.0)
-    status, alert = await create(m.http, m.server, m.token, asset="BTCUSDT", price=101.0,
-                                 direction="above", repeat=True, cooldown=60)
+    status, alert = await create(
+        m.http,
+        m.server,
+        m.token,
+        asset="BTCUSDT",
+        price=101.0,
+        direction="above",
+        repeat=True,
+        cooldown=60,
+    )
     assert status == 201 and alert["repeat"] and alert["cooldown"] == 60, alert
     aid = alert["id"]
     await m.at(1, 101.0)  # triggers (>= target)
@@ -172,8 +206,18 @@ async def test_repeat_with_cooldown_and_hysteresis(live):
 async def test_repeating_percent_alert_rearms_after_its_cooldown(live):
     m = live
     await m.at(0, 100.0)
-    _, alert = await create(m.http, m.server, m.token, kind="percent", asset="BTCUSDT",
-                            percent=1, window="1m", direction="up", repeat=True, cooldown=60)
+    _, alert = await create(
+        m.http,
+        m.server,
+        m.token,
+        kind="percent",
+        asset="BTCUSDT",
+        percent=1,
+        window="1m",
+        direction="up",
+        repeat=True,
+        cooldown=60,
+    )
     await m.at(1, 100.0)
     await m.at(2, 101.0)
     await m.at(30, 103.0)  # inside the cooldown
@@ -185,10 +229,24 @@ async def test_repeating_percent_alert_rearms_after_its_cooldown(live):
 async def test_expiry_never_triggers_after_its_time_even_before_the_sweep(live):
     m = live
     await m.at(0, 100.0)
-    _, soon = await create(m.http, m.server, m.token, asset="BTCUSDT", price=110.0,
-                           direction="above", expires_at=iso_in(60))
-    _, other = await create(m.http, m.server, m.token, asset="BTCUSDT", price=111.0,
-                            direction="above", expires_at=iso_in(3600))
+    _, soon = await create(
+        m.http,
+        m.server,
+        m.token,
+        asset="BTCUSDT",
+        price=110.0,
+        direction="above",
+        expires_at=iso_in(60),
+    )
+    _, other = await create(
+        m.http,
+        m.server,
+        m.token,
+        asset="BTCUSDT",
+        price=111.0,
+        direction="above",
+        expires_at=iso_in(3600),
+    )
     assert soon["expires_at"].endswith("Z") and soon["status"] == "CREATED"
     await m.at(120, 112.0)  # past `soon`'s expiry (no sweep has run): crosses both
     assert m.events_of(soon["id"]) == []
@@ -207,10 +265,17 @@ async def test_expiry_never_triggers_after_its_time_even_before_the_sweep(live):
 async def test_events_are_listed_newest_first_with_deliveries(live):
     m = live
     await m.at(0, 100.0)
-    _, a = await create(m.http, m.server, m.token, asset="BTCUSDT", price=101.0,
-                        direction="above", repeat=True, cooldown=60)
-    _, b = await create(m.http, m.server, m.token, asset="BTCUSDT", price=99.0,
-                        direction="below")
+    _, a = await create(
+        m.http,
+        m.server,
+        m.token,
+        asset="BTCUSDT",
+        price=101.0,
+        direction="above",
+        repeat=True,
+        cooldown=60,
+    )
+    _, b = await create(m.http, m.server, m.token, asset="BTCUSDT", price=99.0, direction="below")
     await m.at(1, 101.5)
     await m.at(2, 98.0)
     await m.at(70, 102.0)  # a: cooldown over but still above: waits for the far side
@@ -221,31 +286,38 @@ async def test_events_are_listed_newest_first_with_deliveries(live):
     assert page["count"] == 3 and page["next"] is None and page["previous"] is None
     results = page["results"]
     assert [(e["alert_id"], e["price"]) for e in results] == [
-        (a["id"], 101.25), (b["id"], 98.0), (a["id"], 101.5)]
+        (a["id"], 101.25),
+        (b["id"], 98.0),
+        (a["id"], 101.5),
+    ]
     assert results[0]["id"] > results[1]["id"] > results[2]["id"]
     # No SMTP configured: every email waits (pending).
-    assert all(e["deliveries"] == [{"channel": "email", "type": "email", "state": "pending"}]
-               for e in results)
+    assert all(
+        e["deliveries"] == [{"channel": "email", "type": "email", "state": "pending"}]
+        for e in results
+    )
     assert results[2]["time"] == clock.iso((NOW_MS + 1000) / 1000)
     assert results[2]["backfill"] is None
     # The live messages carried the same events.
     assert [e["id"] for e in m.events_of(a["id"])] == [results[2]["id"], results[0]["id"]]
-    _, one = await get_json(m.http, m.server, m.token,
-                            f"/api/v1/alerts/{a['id']}/events?page_size=1")
+    _, one = await get_json(
+        m.http, m.server, m.token, f"/api/v1/alerts/{a['id']}/events?page_size=1"
+    )
     assert one["count"] == 2 and [e["price"] for e in one["results"]] == [101.25]
     assert one["next"].endswith("page=2") or "page=2" in one["next"]
-    _, two = await get_json(m.http, m.server, m.token,
-                            f"/api/v1/alerts/{a['id']}/events?page_size=1&page=2")
+    _, two = await get_json(
+        m.http, m.server, m.token, f"/api/v1/alerts/{a['id']}/events?page_size=1&page=2"
+    )
     assert [e["price"] for e in two["results"]] == [101.5] and two["next"] is None
-    status, _ = await get_json(m.http, m.server, m.token,
-                               f"/api/v1/alerts/{a['id']}/events?page=3&page_size=1")
+    status, _ = await get_json(
+        m.http, m.server, m.token, f"/api/v1/alerts/{a['id']}/events?page=3&page_size=1"
+    )
     assert status == 404
     # Another user sees none of them, and not the alert's events either.
     bob = await register(m.http, m.server, "bob")
     status, theirs = await get_json(m.http, m.server, bob["access"], "/api/v1/events")
     assert (status, theirs["count"]) == (200, 0)
-    status, _ = await get_json(m.http, m.server, bob["access"],
-                               f"/api/v1/alerts/{a['id']}/events")
+    status, _ = await get_json(m.http, m.server, bob["access"], f"/api/v1/alerts/{a['id']}/events")
     assert status == 404
 
 
@@ -255,8 +327,9 @@ async def test_resume_after_a_disconnect_sends_exactly_the_missed_events_in_orde
     await m.at(0, 100.0)
     ids = []
     for target in (101.0, 102.0, 103.0, 104.0):
-        _, alert = await create(m.http, m.server, m.token, asset="BTCUSDT", price=target,
-                                direction="above")
+        _, alert = await create(
+            m.http, m.server, m.token, asset="BTCUSDT", price=target, direction="above"
+        )
         ids.append(alert["id"])
     browser = await m.http.ws_connect(url, headers=bearer(m.token))
     await m.at(1, 101.0)  # the browser sees this event live ...
@@ -274,7 +347,10 @@ async def test_resume_after_a_disconnect_sends_exactly_the_missed_events_in_orde
     assert replayed[0]["event"]["id"] < replayed[1]["event"]["id"]
     done = await next_of(browser, "resumed")
     assert (done["since"], done["last"], done["complete"]) == (
-        last_seen, replayed[1]["event"]["id"], True)
+        last_seen,
+        replayed[1]["event"]["id"],
+        True,
+    )
     await m.at(4, 104.0)  # then live ones, with nothing replayed twice
     live_one = await next_alert(browser)
     assert live_one["alert"]["id"] == ids[3]
@@ -288,16 +364,28 @@ async def test_resume_after_a_disconnect_sends_exactly_the_missed_events_in_orde
 
 
 async def test_repeating_alerts_in_their_cooldown_count_towards_the_active_cap(
-        make_settings, http, fake):  # noqa: F811
+    make_settings,
+    http,
+    fake,  # noqa: F811
+):
     """A repeating alert that fired is still active (it re-arms by itself): otherwise one
     user could hold any number of alerts firing every cooldown."""
-    async with LiveServer(make_settings(feed="binance", binance_ws_url=fake.url,
-                                        max_alerts_per_user=2)) as server:
+    async with LiveServer(
+        make_settings(feed="binance", binance_ws_url=fake.url, max_alerts_per_user=2)
+    ) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
             await market.trade(100.0)
-            status, alert = await create(http, server, tok, asset="BTCUSDT", price=101.0,
-                                         direction="above", repeat=True, cooldown=60)
+            status, alert = await create(
+                http,
+                server,
+                tok,
+                asset="BTCUSDT",
+                price=101.0,
+                direction="above",
+                repeat=True,
+                cooldown=60,
+            )
             assert status == 201
             await market.trade(102.0)
             assert (await market.alert_event(alert["id"]))["status"] == "TRIGGERED"
@@ -328,8 +416,7 @@ async def test_resume_racing_a_commit_replays_first_then_the_live_event(live, mo
     await m.at(0, 100.0)
     targets = [100.0 + i / 10 for i in range(1, 12)]
     for target in targets:
-        await create(m.http, m.server, m.token, asset="BTCUSDT", price=target,
-                     direction="above")
+        await create(m.http, m.server, m.token, asset="BTCUSDT", price=target, direction="above")
     for i, target in enumerate(targets[:10]):
         await m.at(1 + i, target)  # 10 events, announced while the browser is away
     engine = m.server.app[ENGINE]
@@ -373,37 +460,40 @@ async def next_of_any(ws, kinds) -> dict:
             return msg
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"kind": "volume"}, "kind"),
-    ({"kind": "percent", "window": "1m"}, "percent"),
-    ({"kind": "percent", "percent": 0, "window": "1m"}, "percent"),
-    ({"kind": "percent", "percent": 100.5, "window": "1m"}, "percent"),
-    ({"kind": "percent", "percent": True, "window": "1m"}, "percent"),
-    ({"kind": "percent", "percent": 5}, "window"),
-    ({"kind": "percent", "percent": 5, "window": "2m"}, "window"),
-    ({"kind": "percent", "percent": 5, "window": ["1m"]}, "window"),
-    ({"kind": ["percent"], "percent": 5, "window": "1m"}, "kind"),
-    ({"kind": "percent", "percent": 5, "window": "1m", "direction": "above"}, "direction"),
-    ({"kind": "percent", "percent": 5, "window": "1m", "price": 3}, "price"),
-    ({"price": 5, "percent": 5}, "percent"),
-    ({"price": 5, "window": "1m"}, "window"),
-    ({"price": 5, "direction": "up"}, "direction"),
-    ({"price": 5, "repeat": "yes"}, "repeat"),
-    ({"price": 5, "cooldown": 59}, "cooldown"),
-    ({"price": 5, "cooldown": "60"}, "cooldown"),
-    ({"price": 5, "cooldown": float("inf")}, "cooldown"),
-    ({"price": 5, "expires_at": "tomorrow"}, "expires_at"),
-    ({"price": 5, "expires_at": "2001-01-01T00:00:00Z"}, "expires_at"),
-    ({"price": 5, "expires_at": 1893456000}, "expires_at"),
-    ({"price": 5, "expires_at": "9999-12-31T23:59:59-14:00"}, "expires_at"),  # year 10000
-    ({"kind": "percent", "percent": 10**400, "window": "1m"}, "percent"),
-    ({"price": 5, "cooldown": 10**400}, "cooldown"),
-    ({"price": 5, "note": "x" * 201}, "note"),
-    ({"price": 5, "note": 7}, "note"),
-    ({"price": 5, "channels": ["telegram"]}, "channels"),
-    ({"price": 5, "channels": []}, "channels"),
-    ({"price": 5, "channels": "email"}, "channels"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"kind": "volume"}, "kind"),
+        ({"kind": "percent", "window": "1m"}, "percent"),
+        ({"kind": "percent", "percent": 0, "window": "1m"}, "percent"),
+        ({"kind": "percent", "percent": 100.5, "window": "1m"}, "percent"),
+        ({"kind": "percent", "percent": True, "window": "1m"}, "percent"),
+        ({"kind": "percent", "percent": 5}, "window"),
+        ({"kind": "percent", "percent": 5, "window": "2m"}, "window"),
+        ({"kind": "percent", "percent": 5, "window": ["1m"]}, "window"),
+        ({"kind": ["percent"], "percent": 5, "window": "1m"}, "kind"),
+        ({"kind": "percent", "percent": 5, "window": "1m", "direction": "above"}, "direction"),
+        ({"kind": "percent", "percent": 5, "window": "1m", "price": 3}, "price"),
+        ({"price": 5, "percent": 5}, "percent"),
+        ({"price": 5, "window": "1m"}, "window"),
+        ({"price": 5, "direction": "up"}, "direction"),
+        ({"price": 5, "repeat": "yes"}, "repeat"),
+        ({"price": 5, "cooldown": 59}, "cooldown"),
+        ({"price": 5, "cooldown": "60"}, "cooldown"),
+        ({"price": 5, "cooldown": float("inf")}, "cooldown"),
+        ({"price": 5, "expires_at": "tomorrow"}, "expires_at"),
+        ({"price": 5, "expires_at": "2001-01-01T00:00:00Z"}, "expires_at"),
+        ({"price": 5, "expires_at": 1893456000}, "expires_at"),
+        ({"price": 5, "expires_at": "9999-12-31T23:59:59-14:00"}, "expires_at"),  # year 10000
+        ({"kind": "percent", "percent": 10**400, "window": "1m"}, "percent"),
+        ({"price": 5, "cooldown": 10**400}, "cooldown"),
+        ({"price": 5, "note": "x" * 201}, "note"),
+        ({"price": 5, "note": 7}, "note"),
+        ({"price": 5, "channels": ["telegram"]}, "channels"),
+        ({"price": 5, "channels": []}, "channels"),
+        ({"price": 5, "channels": "email"}, "channels"),
+    ],
+)
 async def test_new_fields_are_validated_by_name(server, http, body, field):
     tok = (await register(http, server))["access"]
     if "direction" not in body and "kind" not in body:
@@ -415,14 +505,38 @@ async def test_new_fields_are_validated_by_name(server, http, body, field):
 
 async def test_every_bad_field_is_named_at_once_and_patch_validates_too(server, http):
     tok = (await register(http, server))["access"]
-    status, answer = await create(http, server, tok, asset="BTCUSDT", kind="percent",
-                                  percent=-1, window="9m", cooldown=1, note="x" * 300,
-                                  expires_at="soon", repeat=1)
+    status, answer = await create(
+        http,
+        server,
+        tok,
+        asset="BTCUSDT",
+        kind="percent",
+        percent=-1,
+        window="9m",
+        cooldown=1,
+        note="x" * 300,
+        expires_at="soon",
+        repeat=1,
+    )
     assert status == 400
-    assert set(answer["fields"]) == {"percent", "window", "cooldown", "note", "expires_at",
-                                     "repeat"}
-    status, alert = await create(http, server, tok, asset="BTCUSDT", price=5.0,
-                                 direction="above", note="why", channels=["email"])
+    assert set(answer["fields"]) == {
+        "percent",
+        "window",
+        "cooldown",
+        "note",
+        "expires_at",
+        "repeat",
+    }
+    status, alert = await create(
+        http,
+        server,
+        tok,
+        asset="BTCUSDT",
+        price=5.0,
+        direction="above",
+        note="why",
+        channels=["email"],
+    )
     assert status == 201 and alert["channels"] == ["email"] and alert["note"] == "why"
     status, answer = await patch(http, server, tok, alert["id"], cooldown=30, note=1)
     assert status == 400 and set(answer["fields"]) == {"cooldown", "note"}
@@ -430,13 +544,29 @@ async def test_every_bad_field_is_named_at_once_and_patch_validates_too(server, 
     status, answer = await patch(http, server, tok, alert["id"], kind="percent")
     assert status == 400 and set(answer["fields"]) == {"percent", "window"}
     expires = iso_in(3600)
-    status, changed = await patch(http, server, tok, alert["id"], kind="percent",
-                                  percent=2.5, window="4h", repeat=True, cooldown=120,
-                                  expires_at=expires)
+    status, changed = await patch(
+        http,
+        server,
+        tok,
+        alert["id"],
+        kind="percent",
+        percent=2.5,
+        window="4h",
+        repeat=True,
+        cooldown=120,
+        expires_at=expires,
+    )
     assert status == 200, changed
-    assert (changed["kind"], changed["price"], changed["percent"], changed["window"],
-            changed["direction"], changed["note"], changed["repeat"], changed["cooldown"]) == (
-        "percent", None, 2.5, "4h", "any", "why", True, 120)
+    assert (
+        changed["kind"],
+        changed["price"],
+        changed["percent"],
+        changed["window"],
+        changed["direction"],
+        changed["note"],
+        changed["repeat"],
+        changed["cooldown"],
+    ) == ("percent", None, 2.5, "4h", "any", "why", True, 120)
     status, cleared = await patch(http, server, tok, alert["id"], expires_at=None, note=None)
     assert status == 200 and cleared["expires_at"] is None and cleared["note"] is None
     engine = server.app[ENGINE]
@@ -444,14 +574,24 @@ async def test_every_bad_field_is_named_at_once_and_patch_validates_too(server, 
 
 
 async def test_note_is_in_the_email(make_settings, http, fake):  # noqa: F811
-    async with SmtpSink() as smtp, LiveServer(
-            market_settings(make_settings, fake, smtp.port)) as server:
+    async with (
+        SmtpSink() as smtp,
+        LiveServer(market_settings(make_settings, fake, smtp.port)) as server,
+    ):
         user = await register(http, server, "alice")
         async with Market(fake, server, http, user["access"]) as m:
             await m.at(0, 100.0)
-            _, alert = await create(http, server, m.token, kind="percent", asset="BTCUSDT",
-                                    percent=10, window="1h", direction="down",
-                                    note="buy the dip")
+            _, alert = await create(
+                http,
+                server,
+                m.token,
+                kind="percent",
+                asset="BTCUSDT",
+                percent=10,
+                window="1h",
+                direction="down",
+                note="buy the dip",
+            )
             await m.at(1, 89.0)  # 11 % below 100, the last trade before the alert
             notifier = server.app[DELIVERER]
             await notifier.wait_until(lambda: notifier.sent >= 1, timeout=10)
@@ -459,16 +599,18 @@ async def test_note_is_in_the_email(make_settings, http, fake):  # noqa: F811
             assert "moved 10% down within 1h" in mail["Subject"]
             assert "Note:          buy the dip" in mail.get_content()
             _, events = await get_json(http, server, m.token, "/api/v1/events")
-            assert events["results"][0]["deliveries"] == [{"channel": "email", "type": "email",
-                                                           "state": "sent"}]
+            assert events["results"][0]["deliveries"] == [
+                {"channel": "email", "type": "email", "state": "sent"}
+            ]
 
 
 async def test_sigkill_keeps_a_repeating_alerts_cooldown_and_trigger_count(tmp_path):
     """Killed during the cooldown, the restarted server still holds the alert back until
     the cooldown is over and the price has been back below the target."""
     async with FakeBinance() as fake, aiohttp.ClientSession() as http:  # noqa: F811
-        servers = [ServerProcess(tmp_path, name, fake.url, free_port())
-                   for name in ("first", "second")]
+        servers = [
+            ServerProcess(tmp_path, name, fake.url, free_port()) for name in ("first", "second")
+        ]
         for server in servers:  # no test reaches the internet: REST goes to the fake
             server.env["PRICEWATCH_BINANCE_REST_URL"] = fake.rest_url
             server.env["PRICEWATCH_MAX_CLOCK_SKEW"] = "86400"  # trades run ahead to pass time
@@ -478,8 +620,9 @@ async def test_sigkill_keeps_a_repeating_alerts_cooldown_and_trigger_count(tmp_p
         alerts_seen: list[dict] = []  # alert events may come before a (conflated) price
 
         async def trade(ws, seconds: float, price: float) -> None:
-            await fake.send_trade("BTCUSDT", next(trade_ids), price, 1,
-                                  NOW_MS + int(seconds * 1000))
+            await fake.send_trade(
+                "BTCUSDT", next(trade_ids), price, 1, NOW_MS + int(seconds * 1000)
+            )
             while True:
                 msg = await asyncio.wait_for(ws.receive_json(), 10)
                 if msg["type"] == "alert":
@@ -496,9 +639,17 @@ async def test_sigkill_keeps_a_repeating_alerts_cooldown_and_trigger_count(tmp_p
             headers = bearer(user["access"])
             ws = await http.ws_connect(first.ws_url("/live-feed/subscribe/"), headers=headers)
             await trade(ws, 0, 100.0)
-            async with http.post(first.url + "/api/v1/alerts", headers=headers, json={
-                    "asset": "BTCUSDT", "price": 101.0, "direction": "above",
-                    "repeat": True, "cooldown": 60}) as resp:
+            async with http.post(
+                first.url + "/api/v1/alerts",
+                headers=headers,
+                json={
+                    "asset": "BTCUSDT",
+                    "price": 101.0,
+                    "direction": "above",
+                    "repeat": True,
+                    "cooldown": 60,
+                },
+            ) as resp:
                 alert = await resp.json()
                 assert resp.status == 201, alert
             await trade(ws, 1, 102.0)
@@ -507,12 +658,12 @@ async def test_sigkill_keeps_a_repeating_alerts_cooldown_and_trigger_count(tmp_p
             await ws.close()
 
             await second.start(http, fake, connections=2)
-            async with http.get(second.url + f"/api/v1/alerts/{alert['id']}",
-                                headers=headers) as resp:
+            async with http.get(
+                second.url + f"/api/v1/alerts/{alert['id']}", headers=headers
+            ) as resp:
                 stored = await resp.json()
             assert (stored["status"], stored["trigger_count"]) == ("TRIGGERED", 1)
-            ws = await http.ws_connect(second.ws_url("/live-feed/subscribe/"),
-                                       headers=headers)
+            ws = await http.ws_connect(second.ws_url("/live-feed/subscribe/"), headers=headers)
             await trade(ws, 30, 100.5)  # back below, but inside the cooldown: not armed
             await trade(ws, 31, 102.0)  # a forgotten cooldown would trigger here
             await trade(ws, 70, 102.5)  # cooldown over; still above: waits for the far side
@@ -538,15 +689,25 @@ async def test_migration_6_keeps_alerts_and_gives_each_trigger_its_event(tmp_pat
     user = await store.create_user("alice", "a@example.com", "$2b$hash")
     await store.close()
     with sqlite3.connect(path) as db:  # as the version-5 writer left it
-        rows = [(user.id, 100.0, "above", "TRIGGERED", 1.7e9, 101.0, "sent"),
-                (user.id, 50.0, "below", "CREATED", None, None, None),
-                (user.id, 60.0, "below", "CREATED", None, None, None)]
-        fired, waiting, gone = (db.execute(
-            "INSERT INTO alerts(user_id, asset, price, direction, status, created_at,"
-            " updated_at, triggered_at, triggered_price, notified)"
-            " VALUES (?, 'BTCUSDT', ?, ?, ?, 0, 0, ?, ?, ?)", row).lastrowid for row in rows)
-        db.execute("INSERT INTO outbox(alert_id, recipient, status, next_attempt_at,"
-                   " created_at) VALUES (?, 'a@example.com', 'sent', 0, 0)", (fired,))
+        rows = [
+            (user.id, 100.0, "above", "TRIGGERED", 1.7e9, 101.0, "sent"),
+            (user.id, 50.0, "below", "CREATED", None, None, None),
+            (user.id, 60.0, "below", "CREATED", None, None, None),
+        ]
+        fired, waiting, gone = (
+            db.execute(
+                "INSERT INTO alerts(user_id, asset, price, direction, status, created_at,"
+                " updated_at, triggered_at, triggered_price, notified)"
+                " VALUES (?, 'BTCUSDT', ?, ?, ?, 0, 0, ?, ?, ?)",
+                row,
+            ).lastrowid
+            for row in rows
+        )
+        db.execute(
+            "INSERT INTO outbox(alert_id, recipient, status, next_attempt_at,"
+            " created_at) VALUES (?, 'a@example.com', 'sent', 0, 0)",
+            (fired,),
+        )
         db.execute("DELETE FROM alerts WHERE id = ?", (gone,))  # purged
     monkeypatch.undo()
     store = await Store.open(path)
@@ -556,21 +717,37 @@ async def test_migration_6_keeps_alerts_and_gives_each_trigger_its_event(tmp_pat
         assert count == 1
         (event,) = events
         assert (event.alert_id, event.time, event.price, event.deliveries) == (
-            fired, 1.7e9, 101.0, (("email", "email", "sent"),))
+            fired,
+            1.7e9,
+            101.0,
+            (("email", "email", "sent"),),
+        )
         old = await store.get_alert(user.id, fired)
         assert (old.status, old.trigger_count, old.kind, old.repeat) == (
-            "TRIGGERED", 1, "price", False)
+            "TRIGGERED",
+            1,
+            "price",
+            False,
+        )
         assert (await store.get_alert(user.id, waiting)).trigger_count == 0
         new = await store.create_alert(user.id, "BTCUSDT", 1.0, "below", max_active=10)
         assert new.id == gone + 1  # a purged id is never handed out again
         assert (await store.delivery_counts())["email"] == {
-            "pending": 0, "sent": 1, "failed": 0, "skipped": 0}
+            "pending": 0,
+            "sent": 1,
+            "failed": 0,
+            "skipped": 0,
+        }
     finally:
         await store.close()
 
 
 async def test_the_sweep_task_marks_expired_alerts_on_its_own(
-        make_settings, http, fake, monkeypatch):  # noqa: F811
+    make_settings,
+    http,
+    fake,  # noqa: F811
+    monkeypatch,
+):
     monkeypatch.setattr(alerts_mod, "EXPIRE_EVERY", 0.05)
     async with LiveServer(market_settings(make_settings, fake)) as server:
         tok = (await register(http, server))["access"]
@@ -585,8 +762,9 @@ async def test_the_sweep_task_marks_expired_alerts_on_its_own(
             return count
 
         engine.expire = expire_and_tell
-        status, alert = await create(http, server, tok, asset="BTCUSDT", price=5.0,
-                                     direction="above", expires_at=iso_in(0.3))
+        status, alert = await create(
+            http, server, tok, asset="BTCUSDT", price=5.0, direction="above", expires_at=iso_in(0.3)
+        )
         assert status == 201, alert
         await asyncio.wait_for(swept.wait(), 10)
         assert (await fetch(http, server, tok, alert["id"]))[1]["status"] == "EXPIRED"
@@ -595,12 +773,27 @@ async def test_the_sweep_task_marks_expired_alerts_on_its_own(
 def test_creating_and_deleting_alerts_with_expiries_keeps_the_heap_bounded():
     engine = alerts_mod.AlertEngine(None, Hub())  # type: ignore[arg-type]
     for alert_id in range(1, 10_001):
-        engine.track(Alert(alert_id, 1, "BTCUSDT", 5.0, "above", "CREATED", 0.0, None, None,
-                           None, expires_at=4e9, repeat=True))
+        engine.track(
+            Alert(
+                alert_id,
+                1,
+                "BTCUSDT",
+                5.0,
+                "above",
+                "CREATED",
+                0.0,
+                None,
+                None,
+                None,
+                expires_at=4e9,
+                repeat=True,
+            )
+        )
         engine.untrack(alert_id)
     assert len(engine._exp_heap) <= 1024 + 1 and not engine._expiry
-    engine.track(Alert(10_001, 1, "BTCUSDT", 5.0, "above", "CREATED", 0.0, None, None, None,
-                       expires_at=4e9))
+    engine.track(
+        Alert(10_001, 1, "BTCUSDT", 5.0, "above", "CREATED", 0.0, None, None, None, expires_at=4e9)
+    )
     engine.on_tick(Tick("BTCUSDT", 6.0, 1.0, 4 * 10**12, 1))  # past it: never triggers
     assert 10_001 not in engine.index and engine._hits == []
 

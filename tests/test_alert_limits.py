@@ -29,30 +29,51 @@ from pricewatch.store import Store
 T0 = 1_700_000_000_000  # trade time of the engine-level tests (ms)
 
 
-async def call(http: aiohttp.ClientSession, method: str, url: str, token: str,
-               body: dict) -> tuple[int, dict]:
+async def call(
+    http: aiohttp.ClientSession, method: str, url: str, token: str, body: dict
+) -> tuple[int, dict]:
     async with http.request(method, url, json=body, headers=bearer(token)) as resp:
         return resp.status, await resp.json()
 
 
 # -- percent and cooldown floors ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("percent", [1e-9, 5e-324, 0.0099, 0])
-async def test_a_percent_alert_below_a_hundredth_of_a_percent_is_refused(server, http,
-                                                                         percent):
+async def test_a_percent_alert_below_a_hundredth_of_a_percent_is_refused(server, http, percent):
     token = (await register(http, server))["access"]
     for path in ("/api/v1/alerts", "/alert/"):
-        status, answer = await call(http, "POST", server.url + path, token, {
-            "asset": "BTCUSDT", "kind": "percent", "percent": percent, "window": "1m",
-            "repeat": True, "cooldown": 60})
+        status, answer = await call(
+            http,
+            "POST",
+            server.url + path,
+            token,
+            {
+                "asset": "BTCUSDT",
+                "kind": "percent",
+                "percent": percent,
+                "window": "1m",
+                "repeat": True,
+                "cooldown": 60,
+            },
+        )
         assert (status, answer["error"], set(answer["fields"])) == (
-            400, "validation", {"percent"}), answer
+            400,
+            "validation",
+            {"percent"},
+        ), answer
         assert "0.01" in answer["fields"]["percent"]
-    status, answer = await call(http, "POST", server.url + "/api/v1/alerts", token, {
-        "asset": "BTCUSDT", "kind": "percent", "percent": 0.01, "window": "1m"})
+    status, answer = await call(
+        http,
+        "POST",
+        server.url + "/api/v1/alerts",
+        token,
+        {"asset": "BTCUSDT", "kind": "percent", "percent": 0.01, "window": "1m"},
+    )
     assert status == 201, answer
-    status, answer = await call(http, "PATCH", server.url + f"/api/v1/alerts/{answer['id']}",
-                                token, {"percent": 1e-9})
+    status, answer = await call(
+        http, "PATCH", server.url + f"/api/v1/alerts/{answer['id']}", token, {"percent": 1e-9}
+    )
     assert (status, set(answer["fields"])) == (400, {"percent"})
 
 
@@ -68,11 +89,13 @@ async def test_a_cooldown_under_a_minute_is_refused_on_every_route(server, http)
     base = {"asset": "BTCUSDT", "price": 100.0, "direction": "above", "repeat": True}
     for path in ("/api/v1/alerts", "/alert/"):
         for cooldown in (0, 1, 59.99, 5e-324):
-            status, answer = await call(http, "POST", server.url + path, token,
-                                        {**base, "cooldown": cooldown})
+            status, answer = await call(
+                http, "POST", server.url + path, token, {**base, "cooldown": cooldown}
+            )
             assert (status, set(answer["fields"])) == (400, {"cooldown"}), (path, cooldown)
-    status, alert = await call(http, "POST", server.url + "/api/v1/alerts", token,
-                               {**base, "cooldown": 60})
+    status, alert = await call(
+        http, "POST", server.url + "/api/v1/alerts", token, {**base, "cooldown": 60}
+    )
     assert status == 201
     for path in (f"/api/v1/alerts/{alert['id']}", f"/alert/{alert['id']}/"):
         for method, body in (("PUT", {**base, "cooldown": 1}), ("PATCH", {"cooldown": 1})):
@@ -92,8 +115,9 @@ async def test_a_stored_cooldown_under_a_minute_still_waits_a_minute(tmp_path):
     store, engine = await engine_on(tmp_path)
     try:
         user = await store.create_user("alice", "a@example.com", "$2b$hash")
-        alert = await store.create_alert(user.id, "BTCUSDT", 100.0, "above", max_active=10,
-                                         repeat=True, cooldown=1)
+        alert = await store.create_alert(
+            user.id, "BTCUSDT", 100.0, "above", max_active=10, repeat=True, cooldown=1
+        )
         await engine.load()
         await engine.start()
         for seconds, price in ((0, 150.0), (2, 90.0), (3, 150.0), (30, 90.0), (31, 150.0)):
@@ -114,44 +138,90 @@ async def test_a_stored_cooldown_under_a_minute_still_waits_a_minute(tmp_path):
 
 # -- the seed route's decimals ----------------------------------------------------------
 
-@pytest.mark.parametrize("price", ["1_000", "١٢٣", " 5 ", "5 ", "+5", "1e3", "inf", "NaN",
-                                   "0x10", "５", "1.2.3", ".5", "5.", "", "1.123456789"])
+
+@pytest.mark.parametrize(
+    "price",
+    [
+        "1_000",
+        "١٢٣",
+        " 5 ",
+        "5 ",
+        "+5",
+        "1e3",
+        "inf",
+        "NaN",
+        "0x10",
+        "５",
+        "1.2.3",
+        ".5",
+        "5.",
+        "",
+        "1.123456789",
+    ],
+)
 async def test_seed_alert_price_text_must_be_a_plain_decimal(server, http, price):
     user = await register(http, server)
-    status, answer = await call(http, "POST", server.url + "/alerts/create/", user["access"], {
-        "username": "alice", "alert_purpose": "p", "alert_price": price,
-        "asset": "BTCUSDT"})
+    status, answer = await call(
+        http,
+        "POST",
+        server.url + "/alerts/create/",
+        user["access"],
+        {"username": "alice", "alert_purpose": "p", "alert_price": price, "asset": "BTCUSDT"},
+    )
     assert (status, answer["error"], set(answer["fields"])) == (
-        400, "validation", {"alert_price"}), answer
+        400,
+        "validation",
+        {"alert_price"},
+    ), answer
 
 
 async def test_seed_alert_price_takes_plain_decimals_as_text(server, http):
     server.app[MARKET].on_tick(Tick("BTCUSDT", 100.0, 1.0, int(clock.now() * 1000), 1))
     user = await register(http, server)
     for price, value in (("65000.50", 65000.5), ("7", 7.0), ("0.00000001", 1e-8)):
-        status, answer = await call(http, "POST", server.url + "/alerts/create/",
-                                    user["access"], {"username": "alice", "alert_purpose": "p",
-                                                     "alert_price": price, "asset": "BTCUSDT"})
+        status, answer = await call(
+            http,
+            "POST",
+            server.url + "/alerts/create/",
+            user["access"],
+            {"username": "alice", "alert_purpose": "p", "alert_price": price, "asset": "BTCUSDT"},
+        )
         assert (status, answer.get("alert_price")) == (201, value), answer
 
 
 async def test_ids_given_as_text_are_ascii_digits_only(server, http):
     token = (await register(http, server))["access"]
-    status, alert = await call(http, "POST", server.url + "/api/v1/alerts", token,
-                               {"asset": "BTCUSDT", "price": 100.0, "direction": "above"})
+    status, alert = await call(
+        http,
+        "POST",
+        server.url + "/api/v1/alerts",
+        token,
+        {"asset": "BTCUSDT", "price": 100.0, "direction": "above"},
+    )
     assert (status, alert["id"]) == (201, 1)
-    for path in ("/api/v1/alerts/\u0661", "/api/v1/alerts/%201", "/api/v1/alerts/0_1",
-                 "/api/v1/alerts/+1", "/alert/\uff11/"):
+    for path in (
+        "/api/v1/alerts/\u0661",
+        "/api/v1/alerts/%201",
+        "/api/v1/alerts/0_1",
+        "/api/v1/alerts/+1",
+        "/alert/\uff11/",
+    ):
         async with http.get(server.url + path, headers=bearer(token)) as resp:
             assert resp.status == 404, path
     for channel in (" 1 ", "1_0", "\u0661", "+1"):
-        status, answer = await call(http, "POST", server.url + "/api/v1/alerts", token, {
-            "asset": "BTCUSDT", "price": 100.0, "direction": "above", "channels": [channel]})
+        status, answer = await call(
+            http,
+            "POST",
+            server.url + "/api/v1/alerts",
+            token,
+            {"asset": "BTCUSDT", "price": 100.0, "direction": "above", "channels": [channel]},
+        )
         assert (status, set(answer["fields"])) == (400, {"channels"}), channel
         assert answer["fields"]["channels"].startswith("A non-empty list of channel ids")
 
 
 # -- event retention ----------------------------------------------------------------------
+
 
 async def trigger_at(store: Store, user_id: int, at: float) -> int:
     """A fresh alert triggered at `at` (epoch s); returns its event id (one email delivery)."""
@@ -163,8 +233,10 @@ async def trigger_at(store: Store, user_id: int, at: float) -> int:
 
 def set_statuses(db_path: str, statuses: dict[int, str]) -> None:
     with sqlite3.connect(db_path) as db:
-        db.executemany("UPDATE deliveries SET status = ? WHERE event_id = ?",
-                       [(status, event) for event, status in statuses.items()])
+        db.executemany(
+            "UPDATE deliveries SET status = ? WHERE event_id = ?",
+            [(status, event) for event, status in statuses.items()],
+        )
     db.close()
 
 
@@ -184,12 +256,17 @@ async def test_retention_purges_old_events_and_their_finished_deliveries_only(tm
         assert engine.event_retention == 2 * 86400
         user = await store.create_user("alice", "a@example.com", "$2b$hash")
         now = clock.now()
-        old = {status: await trigger_at(store, user.id, now - 3 * 86400)
-               for status in ("sent", "failed", "skipped", "pending")}
-        recent = {status: await trigger_at(store, user.id, now - 86400)
-                  for status in ("sent", "failed", "skipped", "pending")}
-        set_statuses(path, {event: status for batch in (old, recent)
-                            for status, event in batch.items()})
+        old = {
+            status: await trigger_at(store, user.id, now - 3 * 86400)
+            for status in ("sent", "failed", "skipped", "pending")
+        }
+        recent = {
+            status: await trigger_at(store, user.id, now - 86400)
+            for status in ("sent", "failed", "skipped", "pending")
+        }
+        set_statuses(
+            path, {event: status for batch in (old, recent) for status, event in batch.items()}
+        )
         await engine.purge(now)
         kept = {old["pending"], *recent.values()}
         assert rows(path, "events") == kept
@@ -227,6 +304,7 @@ async def test_the_retention_setting_reaches_the_engine(make_settings):
 
 # -- resume: the single process -----------------------------------------------------------
 
+
 async def next_message(ws) -> dict:
     msg = await asyncio.wait_for(ws.receive(), 10)
     assert msg.type == aiohttp.WSMsgType.TEXT, msg
@@ -260,29 +338,43 @@ async def refused_without_replay(ws, resumer: Resumer) -> str:
 def add_events(db_path: str, alert_id: int, user_id: int, count: int) -> list[int]:
     """`count` events of the alert written beside the server (a user's long history)."""
     with sqlite3.connect(db_path) as db:
-        db.executemany("INSERT INTO events(alert_id, user_id, time, price) VALUES (?, ?, ?, ?)",
-                       [(alert_id, user_id, 1.7e9 + i, 150.0) for i in range(count)])
+        db.executemany(
+            "INSERT INTO events(alert_id, user_id, time, price) VALUES (?, ?, ?, ?)",
+            [(alert_id, user_id, 1.7e9 + i, 150.0) for i in range(count)],
+        )
         ids = [r[0] for r in db.execute("SELECT id FROM events ORDER BY id")]
     db.close()
     return ids
 
 
 async def test_resume_sends_at_most_1000_events_then_more_and_refuses_a_second_within_5s(
-        server, http):
+    server, http
+):
     user = await register(http, server)
-    status, alert = await call(http, "POST", server.url + "/api/v1/alerts", user["access"],
-                               {"asset": "BTCUSDT", "price": 110.0, "direction": "above"})
+    status, alert = await call(
+        http,
+        "POST",
+        server.url + "/api/v1/alerts",
+        user["access"],
+        {"asset": "BTCUSDT", "price": 110.0, "direction": "above"},
+    )
     assert status == 201
     ids = add_events(server.settings.db, alert["id"], user["id"], 1500)
     engine = server.app[ENGINE]
     engine.announced = ids[-1]  # as if this process had announced them
-    ws = await http.ws_connect(server.ws_url("/live-feed/subscribe/"),
-                               headers=bearer(user["access"]))
+    ws = await http.ws_connect(
+        server.ws_url("/live-feed/subscribe/"), headers=bearer(user["access"])
+    )
     await ws.send_json({"action": "resume", "since": 0})
     replayed, done = await replay_of(ws)
     assert replayed == ids[:1000]
-    assert done == {"type": "resumed", "since": 0, "last": ids[999], "more": True,
-                    "complete": False}
+    assert done == {
+        "type": "resumed",
+        "since": 0,
+        "last": ids[999],
+        "more": True,
+        "complete": False,
+    }
     # Again at once, from where it stopped: refused, no second replay.
     await ws.send_json({"action": "resume", "since": ids[999]})
     assert (await refused_without_replay(ws, engine.resumer)).startswith("At most one resume")
@@ -312,8 +404,9 @@ async def test_a_resume_still_running_refuses_another(server, http, monkeypatch)
         return await read(*args)
 
     monkeypatch.setattr(engine.store, "events_between", slow)
-    ws = await http.ws_connect(server.ws_url("/live-feed/subscribe/"),
-                               headers=bearer(user["access"]))
+    ws = await http.ws_connect(
+        server.ws_url("/live-feed/subscribe/"), headers=bearer(user["access"])
+    )
     await ws.send_json({"action": "resume", "since": 0})
     await asyncio.wait_for(entered.wait(), 5)
     engine.resumer._resumed_at.clear()  # past the 5 s, and still running
@@ -322,8 +415,10 @@ async def test_a_resume_still_running_refuses_another(server, http, monkeypatch)
         assert msg["type"] == "price", msg
     assert msg["detail"] == "A resume is still running on this connection."
     release.set()
-    assert (await replay_of(ws)) == ([], {"type": "resumed", "since": 0, "last": 0,
-                                          "more": False, "complete": True})
+    assert (await replay_of(ws)) == (
+        [],
+        {"type": "resumed", "since": 0, "last": 0, "more": False, "complete": True},
+    )
     await ws.close()
 
 
@@ -331,14 +426,20 @@ async def test_a_closed_connection_told_more_is_forgotten_by_the_resumer(server,
     """Told "more", a connection's live events wait for its next resume; if it closes
     instead, the resumer keeps nothing of it (its socket, request and transport)."""
     user = await register(http, server)
-    status, alert = await call(http, "POST", server.url + "/api/v1/alerts", user["access"],
-                               {"asset": "BTCUSDT", "price": 110.0, "direction": "above"})
+    status, alert = await call(
+        http,
+        "POST",
+        server.url + "/api/v1/alerts",
+        user["access"],
+        {"asset": "BTCUSDT", "price": 110.0, "direction": "above"},
+    )
     assert status == 201
     ids = add_events(server.settings.db, alert["id"], user["id"], 1001)
     engine, hub = server.app[ENGINE], server.app[HUB]
     engine.announced = ids[-1]
-    ws = await http.ws_connect(server.ws_url("/live-feed/subscribe/"),
-                               headers=bearer(user["access"]))
+    ws = await http.ws_connect(
+        server.ws_url("/live-feed/subscribe/"), headers=bearer(user["access"])
+    )
     await ws.send_json({"action": "resume", "since": 0})
     assert (await replay_of(ws))[1]["more"] is True
     (client,) = hub.by_user[user["id"]]
@@ -357,22 +458,30 @@ async def scrape(http, server) -> dict[str, float]:
     async with http.get(server.url + "/metrics") as resp:
         assert resp.status == 200
         text = await resp.text()
-    return {name: float(value) for name, _, value in
-            (line.partition(" ") for line in text.splitlines())
-            if not name.startswith("#") and "{" not in name}
+    return {
+        name: float(value)
+        for name, _, value in (line.partition(" ") for line in text.splitlines())
+        if not name.startswith("#") and "{" not in name
+    }
 
 
 async def test_metrics_count_resumes_and_purged_events(server, http):
     user = await register(http, server)
-    status, alert = await call(http, "POST", server.url + "/api/v1/alerts", user["access"],
-                               {"asset": "BTCUSDT", "price": 110.0, "direction": "above"})
+    status, alert = await call(
+        http,
+        "POST",
+        server.url + "/api/v1/alerts",
+        user["access"],
+        {"asset": "BTCUSDT", "price": 110.0, "direction": "above"},
+    )
     assert status == 201
     add_events(server.settings.db, alert["id"], user["id"], 3)  # long past the retention
     engine = server.app[ENGINE]
     await engine.purge()
     assert engine.purged_events >= 3
-    ws = await http.ws_connect(server.ws_url("/live-feed/subscribe/"),
-                               headers=bearer(user["access"]))
+    ws = await http.ws_connect(
+        server.ws_url("/live-feed/subscribe/"), headers=bearer(user["access"])
+    )
     await ws.send_json({"action": "resume", "since": 0})
     await replay_of(ws)
     await ws.send_json({"action": "resume", "since": 0})
@@ -387,17 +496,24 @@ async def test_metrics_count_resumes_and_purged_events(server, http):
 
 # -- resume: edges --------------------------------------------------------------------------
 
+
 @needs_redis
 async def test_resume_on_an_edge_has_the_same_limits(make_settings, fake, redis, http):  # noqa: F811
     async with cluster(make_settings, fake, redis, edges=1) as (core, [edge]):
         alice = await register(http, core, "alice")
-        ws = await http.ws_connect(edge.ws_url("/live-feed/subscribe/"),
-                                   headers=bearer(alice["access"]))
+        ws = await http.ws_connect(
+            edge.ws_url("/live-feed/subscribe/"), headers=bearer(alice["access"])
+        )
         await fake.send_trade("BTCUSDT", 1, 100.0, 1, CLUSTER_T0)
         await receive(ws, "price", price=100.0)
         for target in (101.0, 102.0, 103.0):
-            status, _ = await call(http, "POST", core.url + "/api/v1/alerts", alice["access"],
-                                   {"asset": "BTCUSDT", "price": target})
+            status, _ = await call(
+                http,
+                "POST",
+                core.url + "/api/v1/alerts",
+                alice["access"],
+                {"asset": "BTCUSDT", "price": target},
+            )
             assert status == 201
         events = []
         for i, price in enumerate((101.5, 102.5, 103.5), 2):
@@ -406,16 +522,24 @@ async def test_resume_on_an_edge_has_the_same_limits(make_settings, fake, redis,
         resumer = edge.app[edge_module.EDGE].resumer
         resumer.limit = 2  # (1000 in production; a stream holds 1000)
         await ws.send_json({"action": "resume", "since": 0})
-        assert await replay_of(ws) == (events[:2], {
-            "type": "resumed", "since": 0, "last": events[1], "more": True,
-            "complete": False})
+        assert await replay_of(ws) == (
+            events[:2],
+            {"type": "resumed", "since": 0, "last": events[1], "more": True, "complete": False},
+        )
         await ws.send_json({"action": "resume", "since": events[1]})
         assert (await refused_without_replay(ws, resumer)).startswith("At most one resume")
         resumer._resumed_at.clear()  # (5 s later)
         await ws.send_json({"action": "resume", "since": events[1]})
-        assert await replay_of(ws) == (events[2:], {
-            "type": "resumed", "since": events[1], "last": events[2], "more": False,
-            "complete": True})
+        assert await replay_of(ws) == (
+            events[2:],
+            {
+                "type": "resumed",
+                "since": events[1],
+                "last": events[2],
+                "more": False,
+                "complete": True,
+            },
+        )
         await ws.close()
         metrics = await scrape(http, edge)
         assert metrics["pricewatch_resume_replays_total"] == 2
@@ -424,6 +548,7 @@ async def test_resume_on_an_edge_has_the_same_limits(make_settings, fake, redis,
 
 
 # -- resume: the Resumer's own bounds -----------------------------------------------------
+
 
 class Conn:
     """A live-feed connection as the Resumer sees it (the hub's Client has these)."""
@@ -469,6 +594,7 @@ async def test_replays_run_a_few_at_a_time_and_the_rest_wait_their_turn():
             reading.append(user_id)
             await release.wait()
             return [(1, alert_msg(1))], True
+
         return read
 
     conns = [Conn(user_id) for user_id in range(1, 7)]
@@ -494,6 +620,7 @@ async def test_a_replay_yields_to_the_loop_between_chunks():
     def source(user_id: int, since: int):
         async def read():
             return [(i, alert_msg(i)) for i in range(1, 1001)], True
+
         return read
 
     conn = Conn(1)
@@ -519,6 +646,7 @@ async def test_live_events_wait_for_the_replay_and_too_many_become_more():
         async def read():
             await gate.wait()
             return [(i, alert_msg(i)) for i in (5, 6) if i > since], True
+
         return read
 
     resuming, other = Conn(1), Conn(1)
@@ -554,6 +682,7 @@ async def test_a_failed_replay_says_so_and_live_events_go_on():
         async def read():
             await gate.wait()
             raise ConnectionError("no Redis")
+
         return read
 
     conn = Conn(1)
@@ -578,6 +707,7 @@ async def test_a_stalled_read_answers_error_and_the_next_replay_is_served(monkey
             if user_id == 1:
                 await asyncio.Event().wait()  # never
             return [(1, alert_msg(1))], True
+
         return read
 
     stalled, next_one = Conn(1), Conn(2)

@@ -42,23 +42,31 @@ async def test_register_login_refresh_logout_me(server, http):
     status, me, _ = None, None, None
     status, me = await get(http, server, "/auth/me", reg["access"])
     assert status == 200
-    assert me == {"id": reg["id"], "username": "alice", "email": "alice@example.com",
-                  "is_admin": False, "email_verified": True}  # register() marks it verified
+    assert me == {
+        "id": reg["id"],
+        "username": "alice",
+        "email": "alice@example.com",
+        "is_admin": False,
+        "email_verified": True,
+    }  # register() marks it verified
 
-    status, pair, _ = await post(http, server, "/auth/token",
-                                 {"username": "alice", "password": "correct horse"})
+    status, pair, _ = await post(
+        http, server, "/auth/token", {"username": "alice", "password": "correct horse"}
+    )
     assert status == 200 and set(pair) == {"access", "refresh"}
 
-    status, rotated, _ = await post(http, server, "/auth/token/refresh",
-                                    {"refresh": pair["refresh"]})
+    status, rotated, _ = await post(
+        http, server, "/auth/token/refresh", {"refresh": pair["refresh"]}
+    )
     assert status == 200 and rotated["refresh"] != pair["refresh"]
     assert (await get(http, server, "/auth/me", rotated["access"]))[0] == 200
 
     status, body, _ = await post(http, server, "/auth/logout", {"refresh": rotated["refresh"]})
     assert status == 204 and body is None
     # Logout ends the login: its refresh and access tokens are dead, other logins live on.
-    status, body, _ = await post(http, server, "/auth/token/refresh",
-                                 {"refresh": rotated["refresh"]})
+    status, body, _ = await post(
+        http, server, "/auth/token/refresh", {"refresh": rotated["refresh"]}
+    )
     assert (status, body) == (401, INVALID)
     assert (await get(http, server, "/auth/me", rotated["access"]))[0] == 401
     assert (await get(http, server, "/auth/me", reg["access"]))[0] == 200
@@ -67,26 +75,34 @@ async def test_register_login_refresh_logout_me(server, http):
 async def test_trailing_slash_is_the_same_route(server, http):
     reg = await register(http, server)
     assert (await get(http, server, "/auth/me/", reg["access"]))[0] == 200
-    status, _, _ = await post(http, server, "/auth/token/",
-                              {"username": "alice", "password": "correct horse"})
+    status, _, _ = await post(
+        http, server, "/auth/token/", {"username": "alice", "password": "correct horse"}
+    )
     assert status == 200
 
 
-@pytest.mark.parametrize("body, fields", [
-    ({}, {"username", "password", "email"}),
-    ({"username": "bob", "email": "bob@example.com"}, {"password"}),
-    ({"username": "bob", "password": "short", "email": "bob@example.com"}, {"password"}),
-    ({"username": "bob", "password": "long enough", "email": "not-an-email"}, {"email"}),
-    ({"username": "bob", "password": "long enough", "email": "bob@localhost"}, {"email"}),
-    ({"username": "bob smith", "password": "long enough", "email": "b@example.com"},
-     {"username"}),
-    ({"username": "b/b", "password": "long enough", "email": "b@example.com"}, {"username"}),
-    ({"username": "bo", "password": "long enough", "email": "b@example.com"}, {"username"}),
-    ({"username": "b" * 151, "password": "long enough", "email": "b@example.com"},
-     {"username"}),
-    ({"username": 42, "password": ["x"], "email": None}, {"username", "password", "email"}),
-    ({"username": "bob", "password": "é" * 40, "email": "b@example.com"}, {"password"}),
-])
+@pytest.mark.parametrize(
+    "body, fields",
+    [
+        ({}, {"username", "password", "email"}),
+        ({"username": "bob", "email": "bob@example.com"}, {"password"}),
+        ({"username": "bob", "password": "short", "email": "bob@example.com"}, {"password"}),
+        ({"username": "bob", "password": "long enough", "email": "not-an-email"}, {"email"}),
+        ({"username": "bob", "password": "long enough", "email": "bob@localhost"}, {"email"}),
+        (
+            {"username": "bob smith", "password": "long enough", "email": "b@example.com"},
+            {"username"},
+        ),
+        ({"username": "b/b", "password": "long enough", "email": "b@example.com"}, {"username"}),
+        ({"username": "bo", "password": "long enough", "email": "b@example.com"}, {"username"}),
+        (
+            {"username": "b" * 151, "password": "long enough", "email": "b@example.com"},
+            {"username"},
+        ),
+        ({"username": 42, "password": ["x"], "email": None}, {"username", "password", "email"}),
+        ({"username": "bob", "password": "é" * 40, "email": "b@example.com"}, {"password"}),
+    ],
+)
 async def test_register_validation_names_each_bad_field(server, http, body, fields):
     status, err, _ = await post(http, server, "/auth/register", body)
     assert status == 400
@@ -94,20 +110,23 @@ async def test_register_validation_names_each_bad_field(server, http, body, fiel
     assert set(err["fields"]) == fields
 
 
-@pytest.mark.parametrize("path", ["/auth/register", "/auth/token", "/auth/token/refresh",
-                                  "/auth/logout"])
+@pytest.mark.parametrize(
+    "path", ["/auth/register", "/auth/token", "/auth/token/refresh", "/auth/logout"]
+)
 @pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b"", b'"str"', b"{"])
 async def test_non_object_bodies_are_invalid_json(server, http, path, raw):
-    status, err, _ = await post(http, server, path, data=raw,
-                                headers={"Content-Type": "application/json"})
+    status, err, _ = await post(
+        http, server, path, data=raw, headers={"Content-Type": "application/json"}
+    )
     assert status == 400
     assert err["error"] == "invalid_json" and "fields" not in err
 
 
 async def test_body_over_64_kib_is_413(server, http):
     big = orjson.dumps({"username": "x" * (70 * 1024), "password": "p", "email": "e"})
-    status, err, _ = await post(http, server, "/auth/register", data=big,
-                                headers={"Content-Type": "application/json"})
+    status, err, _ = await post(
+        http, server, "/auth/register", data=big, headers={"Content-Type": "application/json"}
+    )
     assert status == 413 and err["error"] == "payload_too_large"
 
 
@@ -121,15 +140,21 @@ async def test_unknown_route_and_wrong_method_use_the_error_shape(server, http):
 
 async def test_duplicate_username_is_409(server, http):
     await register(http, server, "carol")
-    status, err, _ = await post(http, server, "/auth/register", {
-        "username": "carol", "password": "another pass", "email": "c2@example.com"})
+    status, err, _ = await post(
+        http,
+        server,
+        "/auth/register",
+        {"username": "carol", "password": "another pass", "email": "c2@example.com"},
+    )
     assert status == 409 and err["error"] == "conflict"
 
 
 async def test_wrong_password_and_unknown_user_are_401(server, http):
     await register(http, server, "dave")
-    for creds in ({"username": "dave", "password": "wrong password"},
-                  {"username": "nobody", "password": "whatever1"}):
+    for creds in (
+        {"username": "dave", "password": "wrong password"},
+        {"username": "nobody", "password": "whatever1"},
+    ):
         status, err, _ = await post(http, server, "/auth/token", creds)
         assert status == 401 and err["error"] == "bad_credentials"
 
@@ -161,14 +186,11 @@ async def test_access_token_expires_after_its_ttl(make_settings, http):
 
 async def test_reusing_a_spent_refresh_token_revokes_the_whole_login(server, http):
     reg = await register(http, server)
-    status, newer, _ = await post(http, server, "/auth/token/refresh",
-                                  {"refresh": reg["refresh"]})
+    status, newer, _ = await post(http, server, "/auth/token/refresh", {"refresh": reg["refresh"]})
     assert status == 200
-    status, body, _ = await post(http, server, "/auth/token/refresh",
-                                 {"refresh": reg["refresh"]})
+    status, body, _ = await post(http, server, "/auth/token/refresh", {"refresh": reg["refresh"]})
     assert (status, body) == (401, INVALID)
-    status, body, _ = await post(http, server, "/auth/token/refresh",
-                                 {"refresh": newer["refresh"]})
+    status, body, _ = await post(http, server, "/auth/token/refresh", {"refresh": newer["refresh"]})
     assert (status, body) == (401, INVALID)
     assert await get(http, server, "/auth/me", newer["access"]) == (401, INVALID)
 
@@ -191,20 +213,25 @@ async def test_alg_none_and_forged_signatures_are_rejected(server, http):
 async def test_eleventh_failed_login_is_rate_limited(server, http):
     await register(http, server, "erin")
     for _ in range(10):
-        status, _, _ = await post(http, server, "/auth/token",
-                                  {"username": "erin", "password": "wrong pass"})
+        status, _, _ = await post(
+            http, server, "/auth/token", {"username": "erin", "password": "wrong pass"}
+        )
         assert status == 401
-    status, err, headers = await post(http, server, "/auth/token",
-                                      {"username": "erin", "password": "correct horse"})
+    status, err, headers = await post(
+        http, server, "/auth/token", {"username": "erin", "password": "correct horse"}
+    )
     assert status == 429 and err["error"] == "rate_limited"
     assert 1 <= int(headers["Retry-After"]) <= 300
 
 
 async def test_parallel_guesses_cannot_slip_past_the_limit(server, http):
     await register(http, server, "henry")
-    statuses = await asyncio.gather(*(
-        post(http, server, "/auth/token", {"username": "henry", "password": f"guess {i}"})
-        for i in range(30)))
+    statuses = await asyncio.gather(
+        *(
+            post(http, server, "/auth/token", {"username": "henry", "password": f"guess {i}"})
+            for i in range(30)
+        )
+    )
     codes = [status for status, _, _ in statuses]
     # At most ten of the thirty were checked against the password; the rest were refused.
     assert codes.count(401) <= 10 and codes.count(429) >= 20, codes
@@ -212,11 +239,13 @@ async def test_parallel_guesses_cannot_slip_past_the_limit(server, http):
 
 async def test_failures_from_one_address_across_usernames_are_limited(server, http):
     for i in range(10):
-        status, _, _ = await post(http, server, "/auth/token",
-                                  {"username": f"ghost{i}", "password": "wrong pass"})
+        status, _, _ = await post(
+            http, server, "/auth/token", {"username": f"ghost{i}", "password": "wrong pass"}
+        )
         assert status == 401
-    status, err, _ = await post(http, server, "/auth/token",
-                                {"username": "ghost99", "password": "wrong pass"})
+    status, err, _ = await post(
+        http, server, "/auth/token", {"username": "ghost99", "password": "wrong pass"}
+    )
     assert status == 429
 
 
@@ -233,8 +262,7 @@ async def test_restart_keeps_users_and_the_jwt_secret(make_settings, http):
         reg = await register(http, server)
     async with LiveServer(settings) as server:  # same DB file, migrations run again
         assert (await get(http, server, "/auth/me", reg["access"]))[0] == 200
-        status, _, _ = await post(http, server, "/auth/token/refresh",
-                                  {"refresh": reg["refresh"]})
+        status, _, _ = await post(http, server, "/auth/token/refresh", {"refresh": reg["refresh"]})
         assert status == 200
 
 
@@ -266,8 +294,7 @@ async def test_healthz_answers_quickly_while_twenty_logins_hash(make_settings, h
         # Twenty users (one login each: parallel attempts on ONE username are capped by the
         # limiter), sharing one precomputed cost-12 hash to keep the setup short.
         for i in range(20):
-            await server.app[STORE].create_user(f"grace{i}", f"g{i}@example.com",
-                                                hashed.decode())
+            await server.app[STORE].create_user(f"grace{i}", f"g{i}@example.com", hashed.decode())
 
         # The probe runs in its own thread: a probe on the server's loop could not see
         # the loop being blocked, since it would be blocked too.
@@ -287,8 +314,9 @@ async def test_healthz_answers_quickly_while_twenty_logins_hash(make_settings, h
             conn.close()
 
         async def login(i: int) -> int:
-            status, _, _ = await post(http, server, "/auth/token",
-                                      {"username": f"grace{i}", "password": "correct horse"})
+            status, _, _ = await post(
+                http, server, "/auth/token", {"username": f"grace{i}", "password": "correct horse"}
+            )
             return status
 
         prober = asyncio.create_task(asyncio.to_thread(probe))
@@ -306,12 +334,17 @@ async def test_healthz_answers_quickly_while_twenty_logins_hash(make_settings, h
 
 async def test_live_socket_ends_when_its_login_is_revoked(server, http):
     reg = await register(http, server)
-    other = await post(http, server, "/auth/token",
-                       {"username": "alice", "password": "correct horse"})
-    async with http.ws_connect(server.ws_url("/live-feed/subscribe/"),
-                               headers=bearer(reg["access"])) as ws, \
-            http.ws_connect(server.ws_url("/live-feed/subscribe/"),
-                            headers=bearer(other[1]["access"])) as kept:
+    other = await post(
+        http, server, "/auth/token", {"username": "alice", "password": "correct horse"}
+    )
+    async with (
+        http.ws_connect(
+            server.ws_url("/live-feed/subscribe/"), headers=bearer(reg["access"])
+        ) as ws,
+        http.ws_connect(
+            server.ws_url("/live-feed/subscribe/"), headers=bearer(other[1]["access"])
+        ) as kept,
+    ):
         status, _, _ = await post(http, server, "/auth/logout", {"refresh": reg["refresh"]})
         assert status == 204
         msg = await ws.receive(timeout=5)  # the hub's watchdog ends it within a second
@@ -324,26 +357,36 @@ async def test_live_socket_ends_when_its_login_is_revoked(server, http):
 async def test_lone_surrogates_are_invalid_json_not_500(server, http, field):
     body = {"username": "ivan", "password": "long enough", "email": "i@example.com"}
     raw = orjson.dumps(body).replace(body[field].encode(), b"\\ud800")
-    status, err, _ = await post(http, server, "/auth/register", data=raw,
-                                headers={"Content-Type": "application/json"})
+    status, err, _ = await post(
+        http, server, "/auth/register", data=raw, headers={"Content-Type": "application/json"}
+    )
     assert status == 400 and err["error"] == "invalid_json"
 
 
 async def test_odd_email_addresses_are_refused(server, http):
     for email in ("(x@y.zz)", '"a"@b.com', "a@b..com", "a b@c.com"):
-        status, err, _ = await post(http, server, "/auth/register", {
-            "username": "jojo", "password": "long enough", "email": email})
+        status, err, _ = await post(
+            http,
+            server,
+            "/auth/register",
+            {"username": "jojo", "password": "long enough", "email": email},
+        )
         assert status == 400 and "email" in err["fields"], email
 
 
 async def test_look_alike_usernames_are_one_account(server, http):
     reg = await register(http, server, "Alice")
     for twin in ("alice", "ALICE", "\uff41\uff4c\uff49\uff43\uff45"):  # the last: fullwidth
-        status, err, _ = await post(http, server, "/auth/register", {
-            "username": twin, "password": "another pass", "email": "t@example.com"})
+        status, err, _ = await post(
+            http,
+            server,
+            "/auth/register",
+            {"username": twin, "password": "another pass", "email": "t@example.com"},
+        )
         assert status == 409 and err["error"] == "conflict", twin
-        status, pair, _ = await post(http, server, "/auth/token",
-                                     {"username": twin, "password": "correct horse"})
+        status, pair, _ = await post(
+            http, server, "/auth/token", {"username": twin, "password": "correct horse"}
+        )
         assert status == 200, twin
         status, me = await get(http, server, "/auth/me", pair["access"])
         assert me["id"] == reg["id"] and me["username"] == "Alice"  # shown as registered
@@ -360,18 +403,24 @@ async def test_login_rehashes_at_the_configured_cost(make_settings, http):
     async with LiveServer(dataclasses.replace(settings, bcrypt_rounds=5)) as server:
         store = server.app[STORE]
         assert cost_of((await store.user_by_id(reg["id"])).password_hash) == 4
-        status, _, _ = await post(http, server, "/auth/token",
-                                  {"username": "alice", "password": "wrong password"})
+        status, _, _ = await post(
+            http, server, "/auth/token", {"username": "alice", "password": "wrong password"}
+        )
         assert status == 401
         assert cost_of((await store.user_by_id(reg["id"])).password_hash) == 4
-        status, _, _ = await post(http, server, "/auth/token",
-                                  {"username": "alice", "password": "correct horse"})
+        status, _, _ = await post(
+            http, server, "/auth/token", {"username": "alice", "password": "correct horse"}
+        )
         assert status == 200
         user = await store.user_by_id(reg["id"])
         assert cost_of(user.password_hash) == 5
         assert bcrypt.checkpw(b"correct horse", user.password_hash.encode())
-        status, _, _ = await post(http, server, "/auth/token",  # the new hash works
-                                  {"username": "alice", "password": "correct horse"})
+        status, _, _ = await post(
+            http,
+            server,
+            "/auth/token",  # the new hash works
+            {"username": "alice", "password": "correct horse"},
+        )
         assert status == 200
 
 
@@ -391,8 +440,9 @@ async def test_unknown_names_cost_what_stored_users_cost(make_settings, http, mo
     monkeypatch.setattr(bcrypt, "checkpw", checkpw)
     async with LiveServer(dataclasses.replace(settings, bcrypt_rounds=6)) as server:
         for name in ("nobody", "ghost", "alice2"):
-            status, _, _ = await post(http, server, "/auth/token",
-                                      {"username": name, "password": "whatever1"})
+            status, _, _ = await post(
+                http, server, "/auth/token", {"username": name, "password": "whatever1"}
+            )
             assert status == 401
         assert checked == [4, 4, 4]  # the only stored cost; the configured 6 would tell
         passwords = server.app[AUTH].passwords
@@ -405,10 +455,14 @@ async def test_unknown_names_cost_what_stored_users_cost(make_settings, http, mo
 
 
 def test_createuser_refuses_a_look_alike_name(tmp_path):
-    env = {"PRICEWATCH_DB": str(tmp_path / "pw.db"), "PRICEWATCH_PASSWORD": "admin pass 1",
-           "PRICEWATCH_BCRYPT_ROUNDS": "4"}
+    env = {
+        "PRICEWATCH_DB": str(tmp_path / "pw.db"),
+        "PRICEWATCH_PASSWORD": "admin pass 1",
+        "PRICEWATCH_BCRYPT_ROUNDS": "4",
+    }
     first = run_cli("createuser", "Root", "--email", "r@example.com", env=env, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    twin = run_cli("createuser", "\uff32\uff2f\uff2f\uff34", "--email", "r2@example.com",
-                   env=env, cwd=tmp_path)  # fullwidth ROOT
+    twin = run_cli(
+        "createuser", "\uff32\uff2f\uff2f\uff34", "--email", "r2@example.com", env=env, cwd=tmp_path
+    )  # fullwidth ROOT
     assert twin.returncode == 1 and "exists" in twin.stderr

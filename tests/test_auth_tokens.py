@@ -15,16 +15,21 @@ from test_auth import INVALID, get, post
 from pricewatch.openapi import OPERATIONS
 
 SECRET = "test-secret-" + "s" * 40
-BODIES = {"/api/v1/alerts": {"asset": "BTCUSDT", "price": 1.0, "direction": "above"},
-          "/api/v1/quotes": {"from_currency": "BTC", "to_currency": "USD"},
-          "/api/v1/feeds": {"url": "wss://example.com/ws"},
-          "/save_quotes": {"url": "wss://example.com/ws"}}
+BODIES = {
+    "/api/v1/alerts": {"asset": "BTCUSDT", "price": 1.0, "direction": "above"},
+    "/api/v1/quotes": {"from_currency": "BTC", "to_currency": "USD"},
+    "/api/v1/feeds": {"url": "wss://example.com/ws"},
+    "/save_quotes": {"url": "wss://example.com/ws"},
+}
 
 
 def authenticated_routes() -> list[tuple[str, str]]:
     """Every operation of the OpenAPI document that needs a token, path ids filled in."""
-    return [(method, re.sub(r"\{\w+\}", "1", path))
-            for (method, path), entry in OPERATIONS.items() if entry["auth"] is not None]
+    return [
+        (method, re.sub(r"\{\w+\}", "1", path))
+        for (method, path), entry in OPERATIONS.items()
+        if entry["auth"] is not None
+    ]
 
 
 async def refusals(http, server: LiveServer, token: str) -> list[str]:
@@ -33,8 +38,9 @@ async def refusals(http, server: LiveServer, token: str) -> list[str]:
     wrong = []
     for method, path in authenticated_routes():
         body = BODIES.get(path) if method in ("POST", "PUT", "PATCH") else None
-        async with http.request(method, server.url + path, json=body,
-                                headers=bearer(token)) as resp:
+        async with http.request(
+            method, server.url + path, json=body, headers=bearer(token)
+        ) as resp:
             answer = (resp.status, await resp.text())
         if answer[0] != 401 or '"not_authenticated"' not in answer[1]:
             wrong.append(f"{method} {path}: {answer}")
@@ -52,13 +58,25 @@ def forge(token: str, **changes) -> str:
     return jwt.encode({**claims, **changes}, SECRET, algorithm="HS256")
 
 
-@pytest.mark.parametrize("changes", [
-    {"user_id": 2**70}, {"user_id": True}, {"user_id": "1"}, {"user_id": 0},
-    {"user_id": 1.0}, {"exp": "9999999999"}, {"exp": float("inf")}, {"iat": "1"},
-    {"fam": 5}, {"jti": ["x"]}, {"exp": 10**400}, {"iat": -(10**400)},
-], ids=lambda changes: repr(changes)[:40])
-async def test_signed_tokens_with_malformed_claims_are_401_everywhere(make_settings, http,
-                                                                      changes):
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"user_id": 2**70},
+        {"user_id": True},
+        {"user_id": "1"},
+        {"user_id": 0},
+        {"user_id": 1.0},
+        {"exp": "9999999999"},
+        {"exp": float("inf")},
+        {"iat": "1"},
+        {"fam": 5},
+        {"jti": ["x"]},
+        {"exp": 10**400},
+        {"iat": -(10**400)},
+    ],
+    ids=lambda changes: repr(changes)[:40],
+)
+async def test_signed_tokens_with_malformed_claims_are_401_everywhere(make_settings, http, changes):
     async with LiveServer(make_settings(jwt_secret=SECRET)) as server:
         reg = await register(http, server)  # user 1 exists: `true` must not reach it
         assert await refusals(http, server, forge(reg["access"], **changes)) == []
@@ -73,8 +91,13 @@ async def test_tokens_of_a_deleted_user_are_401_everywhere(make_settings, http):
     async with LiveServer(make_settings()) as server:
         alice = await register(http, server, "alice")
         bob = await register(http, server, "bob")
-        status, _, _ = await post(http, server, "/api/v1/alerts", BODIES["/api/v1/alerts"],
-                                  headers=bearer(alice["access"]))
+        status, _, _ = await post(
+            http,
+            server,
+            "/api/v1/alerts",
+            BODIES["/api/v1/alerts"],
+            headers=bearer(alice["access"]),
+        )
         assert status == 201
         # As an operator would, while the server runs (sqlite3's default: no FK cascade,
         # so her refresh tokens and alerts stay behind).
@@ -91,26 +114,33 @@ async def test_no_secret_reaches_the_log_at_debug(make_settings, http, caplog):
     caplog.set_level(logging.DEBUG)  # the root logger: every library's records
     async with LiveServer(make_settings()) as server:
         reg = await register(http, server, "alice", password="hunter2 but longer")
-        status, pair, _ = await post(http, server, "/auth/token",
-                                     {"username": "alice", "password": "hunter2 but longer"})
+        status, pair, _ = await post(
+            http, server, "/auth/token", {"username": "alice", "password": "hunter2 but longer"}
+        )
         assert status == 200
-        status, rotated, _ = await post(http, server, "/auth/token/refresh",
-                                        {"refresh": pair["refresh"]})
+        status, rotated, _ = await post(
+            http, server, "/auth/token/refresh", {"refresh": pair["refresh"]}
+        )
         assert status == 200
         assert (await get(http, server, "/auth/me", rotated["access"]))[0] == 200
         status, _, _ = await post(http, server, "/auth/logout", {"refresh": rotated["refresh"]})
         assert status == 204
         with sqlite3.connect(server.settings.db) as db:
             (jwt_secret,) = db.execute(
-                "SELECT value FROM settings WHERE key = 'jwt_secret'").fetchone()
+                "SELECT value FROM settings WHERE key = 'jwt_secret'"
+            ).fetchone()
             (password_hash,) = db.execute("SELECT password_hash FROM users").fetchone()
             jtis = [r[0] for r in db.execute("SELECT jti FROM refresh_tokens")]
     tokens = [reg["access"], reg["refresh"], *pair.values(), *rotated.values()]
-    secrets = {"jwt secret": jwt_secret, "password": "hunter2 but longer",
-               "hash": password_hash, "hash salt": password_hash[7:29],
-               **{f"jti {i}": jti for i, jti in enumerate(jtis)},
-               **{f"token {i}": t for i, t in enumerate(tokens)},
-               **{f"token {i} signature": t.rsplit(".", 1)[1] for i, t in enumerate(tokens)}}
+    secrets = {
+        "jwt secret": jwt_secret,
+        "password": "hunter2 but longer",
+        "hash": password_hash,
+        "hash salt": password_hash[7:29],
+        **{f"jti {i}": jti for i, jti in enumerate(jtis)},
+        **{f"token {i}": t for i, t in enumerate(tokens)},
+        **{f"token {i} signature": t.rsplit(".", 1)[1] for i, t in enumerate(tokens)},
+    }
     formatter = logging.Formatter("%(name)s %(levelname)s %(message)s %(exc_text)s")
     text = "\n".join(formatter.format(record) for record in caplog.records)
     assert len(caplog.records) > 5  # the log was really captured

@@ -35,8 +35,16 @@ async def rest_client(fake: FakeBinance) -> AsyncIterator[BinanceRest]:
 
 
 def feed_with(fake: FakeBinance, sink: Sink, rest: BinanceRest, **kw) -> BinanceFeed:
-    return BinanceFeed(fake.url, SYMBOLS, sink.on_tick, sink.on_book, rest=rest,
-                       backoff_initial=0.05, backoff_cap=0.2, **kw)
+    return BinanceFeed(
+        fake.url,
+        SYMBOLS,
+        sink.on_tick,
+        sink.on_book,
+        rest=rest,
+        backoff_initial=0.05,
+        backoff_cap=0.2,
+        **kw,
+    )
 
 
 def ids(sink: Sink, symbol: str = "BTCUSDT") -> list[int]:
@@ -63,7 +71,8 @@ async def test_trades_missed_inside_a_gap_are_fetched_and_delivered_in_order(fak
         assert health["backfilled_trades"]["BTCUSDT"] == 5
         assert health["backfill_state"]["BTCUSDT"] == "idle"
         assert [c for c in fake.rest_calls if c[0] == "/api/v3/historicalTrades"][0][1][
-            "fromId"] == "4"
+            "fromId"
+        ] == "4"
 
 
 async def test_trades_sent_during_a_reconnect_are_recovered(fake, sink):
@@ -209,13 +218,12 @@ async def test_symbols_are_sequenced_independently(fake, sink):
         assert ids(sink, "ETHUSDT") == [70, 71]
 
 
-async def test_alert_crossed_only_inside_a_gap_triggers_at_that_trade(make_settings, http,
-                                                                       fake):
+async def test_alert_crossed_only_inside_a_gap_triggers_at_that_trade(make_settings, http, fake):
     """End to end: the server's Binance feed backfills from the fake's REST; the alert fires
     with the missed trade's own price and time, and the candle counts every trade once."""
-    settings = make_settings(feed="binance", binance_ws_url=fake.url,
-                             binance_rest_url=fake.rest_url,
-                             max_clock_skew=120)  # its trades are in the next minute
+    settings = make_settings(
+        feed="binance", binance_ws_url=fake.url, binance_rest_url=fake.rest_url, max_clock_skew=120
+    )  # its trades are in the next minute
     async with LiveServer(settings) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
@@ -223,8 +231,9 @@ async def test_alert_crossed_only_inside_a_gap_triggers_at_that_trade(make_setti
             t0 = now - now % 60_000 + 60_000  # the next minute: every trade in one candle
             await fake.send_trade("BTCUSDT", 1, 100.0, 1, t0)
             await market.next_of("price", price=100.0)
-            status, alert = await create(http, server, tok, asset="BTCUSDT", price=150.0,
-                                         direction="above")
+            status, alert = await create(
+                http, server, tok, asset="BTCUSDT", price=150.0, direction="above"
+            )
             assert status == 201
             t_spike = t0 + 3
             fake.record_trade("BTCUSDT", 2, 120.0, 1, t_spike - 1)
@@ -236,34 +245,42 @@ async def test_alert_crossed_only_inside_a_gap_triggers_at_that_trade(make_setti
             _, stored = await fetch(http, server, tok, alert["id"])
             assert stored["triggered_price"] == 155.5 and stored["backfill"] == "trade"
             assert stored["triggered_at"] == time.strftime(
-                "%Y-%m-%dT%H:%M:%S.003Z", time.gmtime(t0 // 1000))
-            async with http.get(server.url + "/api/v1/ohlc",
-                                params={"symbol": "BTCUSDT", "timeframe": "1m"}) as resp:
+                "%Y-%m-%dT%H:%M:%S.003Z", time.gmtime(t0 // 1000)
+            )
+            async with http.get(
+                server.url + "/api/v1/ohlc", params={"symbol": "BTCUSDT", "timeframe": "1m"}
+            ) as resp:
                 candle = (await resp.json())["data"][-1]
             assert candle["trades"] == 5 and candle["volume"] == 5.0
             assert (candle["open"], candle["high"], candle["low"], candle["close"]) == (
-                100.0, 155.5, 100.0, 105.0)
+                100.0,
+                155.5,
+                100.0,
+                105.0,
+            )
             async with http.get(server.url + "/healthz") as resp:
                 feed = (await resp.json())["feeds"]["binance"]
             assert feed["backfilled_trades"]["BTCUSDT"] == 3
             assert feed["missed_trades"]["BTCUSDT"] == 0
 
 
-
 async def test_an_alert_never_triggers_on_a_backfilled_trade_older_than_itself(
-        make_settings, http, fake):
+    make_settings, http, fake
+):
     """Trades from before an alert's creation, recovered by a backfill, are history: the
     alert stays CREATED through them and triggers on the first crossing after its creation."""
-    settings = make_settings(feed="binance", binance_ws_url=fake.url,
-                             binance_rest_url=fake.rest_url)
+    settings = make_settings(
+        feed="binance", binance_ws_url=fake.url, binance_rest_url=fake.rest_url
+    )
     async with LiveServer(settings) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
             now = int(time.time() * 1000)
             await fake.send_trade("BTCUSDT", 1, 100.0, 1, now - 60_000)
             await market.next_of("price", price=100.0)
-            status, alert = await create(http, server, tok, asset="BTCUSDT", price=150.0,
-                                         direction="above")
+            status, alert = await create(
+                http, server, tok, asset="BTCUSDT", price=150.0, direction="above"
+            )
             assert status == 201
             fake.record_trade("BTCUSDT", 2, 155.0, 1, now - 30_000)  # before the alert
             await fake.send_trade("BTCUSDT", 3, 120.0, 1, now + 5_000)
@@ -276,14 +293,19 @@ async def test_an_alert_never_triggers_on_a_backfilled_trade_older_than_itself(
             assert event["status"] == "TRIGGERED" and event["triggered_price"] == 151.0
 
 
-async def test_a_gap_too_large_for_trades_is_filled_from_one_minute_klines(make_settings,
-                                                                            http, fake):
+async def test_a_gap_too_large_for_trades_is_filled_from_one_minute_klines(
+    make_settings, http, fake
+):
     """Whole minutes inside the gap come from 1m klines: candles exact for them, an alert
     crossed inside one triggers at its target and the kline's open time, marked "kline"; the
     trades of the held trade's own minute before it cannot be known and count as missed."""
-    settings = make_settings(feed="binance", binance_ws_url=fake.url,
-                             binance_rest_url=fake.rest_url, backfill_max_trades=10,
-                             max_clock_skew=600)  # its trades are minutes ahead
+    settings = make_settings(
+        feed="binance",
+        binance_ws_url=fake.url,
+        binance_rest_url=fake.rest_url,
+        backfill_max_trades=10,
+        max_clock_skew=600,
+    )  # its trades are minutes ahead
     async with LiveServer(settings) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
@@ -291,12 +313,17 @@ async def test_a_gap_too_large_for_trades_is_filled_from_one_minute_klines(make_
             m0 = now - now % 60_000 + 60_000  # the next minute, after the alert's creation
             await fake.send_trade("BTCUSDT", 1, 100.0, 1, m0 + 1_000)
             await market.next_of("price", price=100.0)
-            status, alert = await create(http, server, tok, asset="BTCUSDT", price=150.0,
-                                         direction="above")
+            status, alert = await create(
+                http, server, tok, asset="BTCUSDT", price=150.0, direction="above"
+            )
             assert status == 201
             trade_id, expected = 1, {m0: [(100.0, 1.0)]}
-            for minute, prices in ((0, [101.0, 99.0, 102.0]), (1, [110.0, 151.0, 120.0]),
-                                   (2, [121.0] * 5), (3, [130.0, 131.0])):
+            for minute, prices in (
+                (0, [101.0, 99.0, 102.0]),
+                (1, [110.0, 151.0, 120.0]),
+                (2, [121.0] * 5),
+                (3, [130.0, 131.0]),
+            ):
                 for i, price in enumerate(prices):
                     trade_id += 1
                     start = m0 + minute * 60_000
@@ -311,32 +338,46 @@ async def test_a_gap_too_large_for_trades_is_filled_from_one_minute_klines(make_
             _, stored = await fetch(http, server, tok, alert["id"])
             assert stored["triggered_price"] == 150.0 and stored["backfill"] == "kline"
             assert stored["triggered_at"] == time.strftime(
-                "%Y-%m-%dT%H:%M:%S.000Z", time.gmtime((m0 + 60_000) // 1000))
-            async with http.get(server.url + "/api/v1/ohlc", params={
-                    "symbol": "BTCUSDT", "timeframe": "1m", "start": str(m0)}) as resp:
+                "%Y-%m-%dT%H:%M:%S.000Z", time.gmtime((m0 + 60_000) // 1000)
+            )
+            async with http.get(
+                server.url + "/api/v1/ohlc",
+                params={"symbol": "BTCUSDT", "timeframe": "1m", "start": str(m0)},
+            ) as resp:
                 candles = {c["timestamp"]: c for c in (await resp.json())["data"]}
             for start, trades in expected.items():
                 c = candles[time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start // 1000))]
                 prices = [p for p, _ in trades]
-                assert (c["open"], c["high"], c["low"], c["close"], c["volume"],
-                        c["trades"]) == (prices[0], max(prices), min(prices), prices[-1],
-                                         sum(q for _, q in trades), len(trades)), start
+                assert (c["open"], c["high"], c["low"], c["close"], c["volume"], c["trades"]) == (
+                    prices[0],
+                    max(prices),
+                    min(prices),
+                    prices[-1],
+                    sum(q for _, q in trades),
+                    len(trades),
+                ), start
             async with http.get(server.url + "/healthz") as resp:
                 feed = (await resp.json())["feeds"]["binance"]
             assert feed["missed_trades"]["BTCUSDT"] == missed_before_live
             assert feed["kline_filled_trades"]["BTCUSDT"] == 3 + 3 + 5
 
 
-async def test_stream_dropped_trades_meanwhile_candles_exact_and_one_email(make_settings,
-                                                                          http, fake):
+async def test_stream_dropped_trades_meanwhile_candles_exact_and_one_email(
+    make_settings, http, fake
+):
     """The daily close: the stream drops, trades happen meanwhile (only REST knows them), the
     feed reconnects; every candle comes out exact and the alert crossed only in the gap
     triggers with that trade's price and time, with exactly one email."""
     async with SmtpSink() as smtp:
-        settings = make_settings(feed="binance", binance_ws_url=fake.url,
-                                 binance_rest_url=fake.rest_url, smtp_host="127.0.0.1",
-                                 smtp_port=smtp.port, smtp_retry_base=0.05,
-                                 max_clock_skew=120)  # its trades are in the next minute
+        settings = make_settings(
+            feed="binance",
+            binance_ws_url=fake.url,
+            binance_rest_url=fake.rest_url,
+            smtp_host="127.0.0.1",
+            smtp_port=smtp.port,
+            smtp_retry_base=0.05,
+            max_clock_skew=120,
+        )  # its trades are in the next minute
         async with LiveServer(settings) as server:
             tok = (await register(http, server))["access"]
             async with Trader(fake, server, http, tok) as market:
@@ -344,8 +385,9 @@ async def test_stream_dropped_trades_meanwhile_candles_exact_and_one_email(make_
                 t0 = now - now % 60_000 + 60_000
                 await fake.send_trade("BTCUSDT", 1, 100.0, 1, t0 + 1)
                 await market.next_of("price", price=100.0)
-                status, alert = await create(http, server, tok, asset="BTCUSDT", price=150.0,
-                                             direction="above")
+                status, alert = await create(
+                    http, server, tok, asset="BTCUSDT", price=150.0, direction="above"
+                )
                 assert status == 201
                 await fake.drop_all()  # the 24 h close
                 gap = [(2, 130.0, t0 + 2), (3, 160.5, t0 + 3), (4, 125.0, t0 + 4)]
@@ -359,12 +401,18 @@ async def test_stream_dropped_trades_meanwhile_candles_exact_and_one_email(make_
                 _, stored = await fetch(http, server, tok, alert["id"])
                 assert (stored["triggered_price"], stored["backfill"]) == (160.5, "trade")
                 assert stored["triggered_at"].endswith(".003Z")
-                async with http.get(server.url + "/api/v1/ohlc", params={
-                        "symbol": "BTCUSDT", "timeframe": "1m"}) as resp:
+                async with http.get(
+                    server.url + "/api/v1/ohlc", params={"symbol": "BTCUSDT", "timeframe": "1m"}
+                ) as resp:
                     candle = (await resp.json())["data"][-1]
-                assert (candle["open"], candle["high"], candle["low"], candle["close"],
-                        candle["volume"], candle["trades"]) == (100.0, 160.5, 100.0, 110.0,
-                                                                5.0, 5)
+                assert (
+                    candle["open"],
+                    candle["high"],
+                    candle["low"],
+                    candle["close"],
+                    candle["volume"],
+                    candle["trades"],
+                ) == (100.0, 160.5, 100.0, 110.0, 5.0, 5)
                 (mail,) = await smtp.wait_messages(1)
                 assert "160.5" in mail.get_body().get_content()
                 notifier = server.app[DELIVERER]
@@ -389,14 +437,14 @@ async def test_after_a_restart_older_alerts_still_trigger_on_backfilled_trades(t
         new = await store.create_alert(user.id, "BTCUSDT", 200.0, "above", max_active=10)
         now = clock.now()
         async with store._tx() as db:  # the old one from two days ago, the new one 10 s ago
-            await db.execute("UPDATE alerts SET created_at = ? WHERE id = ?",
-                             (now - 2 * CREATION_HORIZON, old.id))
-            await db.execute("UPDATE alerts SET created_at = ? WHERE id = ?",
-                             (now - 10, new.id))
+            await db.execute(
+                "UPDATE alerts SET created_at = ? WHERE id = ?",
+                (now - 2 * CREATION_HORIZON, old.id),
+            )
+            await db.execute("UPDATE alerts SET created_at = ? WHERE id = ?", (now - 10, new.id))
         engine = AlertEngine(store, Hub())
         await engine.load()
-        engine.on_tick(Tick("BTCUSDT", 250.0, 1.0, int((now - 30) * 1000), 7,
-                            backfill="trade"))
+        engine.on_tick(Tick("BTCUSDT", 250.0, 1.0, int((now - 30) * 1000), 7, backfill="trade"))
         assert [hit.alert_id for hit in engine._hits] == [old.id]  # not the newer one
         assert new.id in engine.index
     finally:

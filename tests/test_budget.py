@@ -21,8 +21,7 @@ async def smtp():
 
 
 async def events(http, server, token) -> list[dict]:
-    async with http.get(server.url + "/api/v1/events?page_size=100",
-                        headers=bearer(token)) as resp:
+    async with http.get(server.url + "/api/v1/events?page_size=100", headers=bearer(token)) as resp:
         assert resp.status == 200
         return (await resp.json())["results"]
 
@@ -32,8 +31,15 @@ async def cross_five(http, server, market, token, count: int = 5) -> list[dict]:
     await market.trade(100.0)
     alerts = []
     for i in range(count):
-        status, alert = await create(http, server, token, asset="BTCUSDT",
-                                     price=100.5 + i / 100, direction="above", note=f"n{i}")
+        status, alert = await create(
+            http,
+            server,
+            token,
+            asset="BTCUSDT",
+            price=100.5 + i / 100,
+            direction="above",
+            note=f"n{i}",
+        )
         assert status == 201, alert
         alerts.append(alert)
     await market.trade(110.0)
@@ -55,8 +61,9 @@ async def backlog_held(store, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_beyond_the_hourly_budget_triggers_wait_for_one_digest(make_settings, http, fake,
-                                                                     smtp, later):
+async def test_beyond_the_hourly_budget_triggers_wait_for_one_digest(
+    make_settings, http, fake, smtp, later
+):
     settings = market_settings(make_settings, fake, smtp.port, notify_per_hour=2)
     async with LiveServer(settings) as server:
         tok = (await register(http, server))["access"]
@@ -89,19 +96,20 @@ async def test_beyond_the_hourly_budget_triggers_wait_for_one_digest(make_settin
             assert states == ["sent"] * 5
 
             # The digest used one of the new hour's two: the next trigger goes alone.
-            status, alert = await create(http, server, tok, asset="BTCUSDT", price=120.0,
-                                         direction="above")
+            status, alert = await create(
+                http, server, tok, asset="BTCUSDT", price=120.0, direction="above"
+            )
             assert status == 201
             await market.trade(121.0)
             messages = await smtp.wait_messages(4)
             assert messages[3]["Subject"] == "pricewatch: BTCUSDT above 120 reached"
 
 
-async def test_one_digest_carries_more_than_one_claim_holds(make_settings, http, fake, smtp,
-                                                            later):
+async def test_one_digest_carries_more_than_one_claim_holds(make_settings, http, fake, smtp, later):
     # One connection: the deliverer claims 4 emails at a time; the digest takes all 11.
-    settings = market_settings(make_settings, fake, smtp.port, notify_per_hour=1,
-                               smtp_concurrency=1)
+    settings = market_settings(
+        make_settings, fake, smtp.port, notify_per_hour=1, smtp_concurrency=1
+    )
     async with LiveServer(settings) as server:
         tok = (await register(http, server))["access"]
         deliverer = server.app[DELIVERER]
@@ -129,8 +137,9 @@ async def test_budget_is_kept_across_a_restart(make_settings, http, fake, smtp):
     async with LiveServer(settings) as server:  # same database: the hour is not over
         deliverer = server.app[DELIVERER]
         async with Trader(fake, server, http, tok) as market:
-            status, alert = await create(http, server, tok, asset="BTCUSDT", price=200.0,
-                                         direction="above")
+            status, alert = await create(
+                http, server, tok, asset="BTCUSDT", price=200.0, direction="above"
+            )
             assert status == 201
             await market.trade(201.0)
         counts = await server.app[STORE].delivery_counts()
@@ -138,8 +147,7 @@ async def test_budget_is_kept_across_a_restart(make_settings, http, fake, smtp):
         assert len(smtp.messages) == 2
 
 
-async def test_smtp_connections_are_kept_open_between_messages(make_settings, http, fake,
-                                                               smtp):
+async def test_smtp_connections_are_kept_open_between_messages(make_settings, http, fake, smtp):
     settings = market_settings(make_settings, fake, smtp.port, smtp_concurrency=1)
     async with LiveServer(settings) as server:
         tok = (await register(http, server))["access"]
@@ -151,29 +159,39 @@ async def test_smtp_connections_are_kept_open_between_messages(make_settings, ht
         assert smtp.sessions == 1  # five messages, one SMTP session
 
 
-async def test_alert_channels_default_to_all_and_unknown_ids_are_400(make_settings, http,
-                                                                     fake):
+async def test_alert_channels_default_to_all_and_unknown_ids_are_400(make_settings, http, fake):
     async with LiveServer(market_settings(make_settings, fake)) as server:
         tok = (await register(http, server))["access"]
         store = server.app[STORE]
         user_id = (await store.user_by_name("alice")).id
-        hook = await store.add_channel(user_id, "webhook", 10, url="https://example.com/h",
-                                       format="json", secret="s")
-        status, alert = await create(http, server, tok, asset="BTCUSDT", price=5.0,
-                                     direction="above")
+        hook = await store.add_channel(
+            user_id, "webhook", 10, url="https://example.com/h", format="json", secret="s"
+        )
+        status, alert = await create(
+            http, server, tok, asset="BTCUSDT", price=5.0, direction="above"
+        )
         assert status == 201 and alert["channels"] == ["email", hook.id]
-        status, alert = await create(http, server, tok, asset="BTCUSDT", price=5.0,
-                                     direction="above", channels=[str(hook.id)])
+        status, alert = await create(
+            http,
+            server,
+            tok,
+            asset="BTCUSDT",
+            price=5.0,
+            direction="above",
+            channels=[str(hook.id)],
+        )
         assert status == 201 and alert["channels"] == [hook.id]
         for wrong in ([hook.id + 1], ["telegram"], [0], [True], "email", []):
-            status, body = await create(http, server, tok, asset="BTCUSDT", price=5.0,
-                                        direction="above", channels=wrong)
+            status, body = await create(
+                http, server, tok, asset="BTCUSDT", price=5.0, direction="above", channels=wrong
+            )
             assert (status, body["error"]) == (400, "validation"), (wrong, body)
             assert "channels" in body["fields"]
         # A deleted channel leaves the alerts naming it; its pending deliveries are skipped.
         await store.delete_channel(user_id, hook.id)
-        async with http.get(server.url + f"/api/v1/alerts/{alert['id']}",
-                            headers=bearer(tok)) as resp:
+        async with http.get(
+            server.url + f"/api/v1/alerts/{alert['id']}", headers=bearer(tok)
+        ) as resp:
             assert (await resp.json())["channels"] == []
 
 
@@ -187,8 +205,9 @@ def test_an_email_carries_any_text_in_its_note_intact():
     from pricewatch.records import Alert
 
     note = "Café — 🚀 " + "x" * 150 + "\n.dot line=3"
-    alert = Alert(7, 1, "BTCUSDT", 100.0, "above", "TRIGGERED", 0.0, 1704067200.5, 101.0,
-                  "pending", note=note)
+    alert = Alert(
+        7, 1, "BTCUSDT", 100.0, "above", "TRIGGERED", 0.0, 1704067200.5, 101.0, "pending", note=note
+    )
     raw = compose([delivery(1, alert)], "Price Watch <pw@example.com>", "https://p.example")
     assert raw.isascii() and all(len(line) <= 78 for line in raw.split(b"\r\n"))
     msg = email.message_from_bytes(raw, policy=email.policy.default)

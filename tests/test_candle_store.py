@@ -31,49 +31,84 @@ async def test_replayed_candles_survive_a_restart_with_any_feed(make_settings, h
     async with LiveServer(settings) as server:
         await asyncio.wait_for(server.app[server_mod.FEED].done.wait(), 5)
         for tf in TIMEFRAMES:
-            status, before[tf] = await ohlc(http, server, symbol="BTCUSDT", timeframe=tf,
-                                            limit=1000)
+            status, before[tf] = await ohlc(
+                http, server, symbol="BTCUSDT", timeframe=tf, limit=1000
+            )
             assert status == 200 and before[tf]["data"]
     # A restart without any feed: the chart is what it was (the final flush ran at stop).
     async with LiveServer(dataclasses.replace(settings, feed="off")) as server:
         for tf in TIMEFRAMES:
-            status, after = await ohlc(http, server, symbol="BTCUSDT", timeframe=tf,
-                                       limit=1000)
+            status, after = await ohlc(http, server, symbol="BTCUSDT", timeframe=tf, limit=1000)
             assert status == 200 and after == before[tf], tf
 
 
 def hourly(n: int, symbol: str = "BTCUSDT") -> list[tuple]:
-    return [(symbol, "1h", T0 + i * H, 100.0 + i, 101.0 + i, 99.0 + i, 100.5 + i, 1.5, 3,
-             T0 + i * H, T0 + i * H + 10) for i in range(n)]
+    return [
+        (
+            symbol,
+            "1h",
+            T0 + i * H,
+            100.0 + i,
+            101.0 + i,
+            99.0 + i,
+            100.5 + i,
+            1.5,
+            3,
+            T0 + i * H,
+            T0 + i * H + 10,
+        )
+        for i in range(n)
+    ]
 
 
-async def test_stored_history_beyond_the_ring_is_paged_with_start_and_end(make_settings,
-                                                                          http):
+async def test_stored_history_beyond_the_ring_is_paged_with_start_and_end(make_settings, http):
     settings = make_settings(symbols=("BTCUSDT",))
     store = await Store.open(settings.db)
     await store.upsert_candles(hourly(1200))
     await store.close()
     async with LiveServer(settings) as server:
-        status, newest = await ohlc(http, server, symbol="BTCUSDT", timeframe="1h",
-                                    limit=1000)
+        status, newest = await ohlc(http, server, symbol="BTCUSDT", timeframe="1h", limit=1000)
         assert status == 200 and len(newest["data"]) == 1000  # the ring: the newest 1000
         assert newest["data"][0]["open"] == 300.0
-        status, older = await ohlc(http, server, symbol="BTCUSDT", timeframe="1h",
-                                   end=str(T0 + 199 * H), limit=50)
+        status, older = await ohlc(
+            http, server, symbol="BTCUSDT", timeframe="1h", end=str(T0 + 199 * H), limit=50
+        )
         assert status == 200
         assert [c["open"] for c in older["data"]] == [250.0 + i for i in range(50)]  # 150..199
-        status, iso = await ohlc(http, server, symbol="BTCUSDT", timeframe="1h",
-                                 start="2024-01-01T00:00:00Z", end="2024-01-01T02:00:00+00:00")
+        status, iso = await ohlc(
+            http,
+            server,
+            symbol="BTCUSDT",
+            timeframe="1h",
+            start="2024-01-01T00:00:00Z",
+            end="2024-01-01T02:00:00+00:00",
+        )
         assert [c["timestamp"] for c in iso["data"]] == [
-            "2024-01-01T00:00:00Z", "2024-01-01T01:00:00Z", "2024-01-01T02:00:00Z"]
-        assert iso["data"][0] == {"timestamp": "2024-01-01T00:00:00Z", "open": 100.0,
-                                  "high": 101.0, "low": 99.0, "close": 100.5, "volume": 1.5,
-                                  "trades": 3}
+            "2024-01-01T00:00:00Z",
+            "2024-01-01T01:00:00Z",
+            "2024-01-01T02:00:00Z",
+        ]
+        assert iso["data"][0] == {
+            "timestamp": "2024-01-01T00:00:00Z",
+            "open": 100.0,
+            "high": 101.0,
+            "low": 99.0,
+            "close": 100.5,
+            "volume": 1.5,
+            "trades": 3,
+        }
 
 
-@pytest.mark.parametrize("params, field", [
-    ({"start": "yesterday"}, "start"), ({"end": "2024-13-01T00:00:00Z"}, "end"),
-    ({"start": "-5"}, "start"), ({"start": "\u00b3"}, "start"), ({"end": "\u0661"}, "end")])
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({"start": "yesterday"}, "start"),
+        ({"end": "2024-13-01T00:00:00Z"}, "end"),
+        ({"start": "-5"}, "start"),
+        ({"start": "\u00b3"}, "start"),
+        ({"end": "\u0661"}, "end"),
+    ],
+)
 async def test_bad_start_or_end_is_a_400_naming_the_field(server, http, params, field):
     status, body = await ohlc(http, server, symbol="BTCUSDT", timeframe="1h", **params)
     assert status == 400 and body["error"] == "validation" and field in body["fields"]
@@ -139,14 +174,12 @@ async def test_prices_carry_the_24_hour_figures(make_settings, http):
     assert body["high_24h"] == max(c["high"] for c in data)
     assert body["low_24h"] == min(c["low"] for c in data)
     assert body["volume_24h"] == round(sum(c["volume"] for c in data), 8)
-    assert body["change_24h"] == round((body["price"] - data[0]["open"]) / data[0]["open"]
-                                       * 100, 4)
+    assert body["change_24h"] == round((body["price"] - data[0]["open"]) / data[0]["open"] * 100, 4)
 
 
 async def test_a_restart_with_the_demo_feed_keeps_the_closed_candles(make_settings, http):
     settings = make_settings(feed="demo", symbols=("BTCUSDT",))
-    async with LiveServer(settings) as server, \
-            http.ws_connect(server.ws_url("/ws/ohlc/")) as ws:
+    async with LiveServer(settings) as server, http.ws_connect(server.ws_url("/ws/ohlc/")) as ws:
         await ws.send_json({"symbol": "BTCUSDT", "timeframe": "1s"})
         seen = set()
         while len(seen) < 3:  # three different seconds: at least two closed candles
@@ -158,7 +191,7 @@ async def test_a_restart_with_the_demo_feed_keeps_the_closed_candles(make_settin
     async with LiveServer(dataclasses.replace(settings, feed="off")) as server:
         status, after = await ohlc(http, server, symbol="BTCUSDT", timeframe="1s", limit=1000)
     closed = before["data"][:-1]  # the last one was still open when read
-    assert after["data"][:len(closed)] == closed
+    assert after["data"][: len(closed)] == closed
 
 
 def test_a_late_trade_into_a_closed_minute_updates_the_24_hour_figures():

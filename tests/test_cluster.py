@@ -39,7 +39,9 @@ HAS_CLIENT = importlib.util.find_spec("redis") is not None
 needs_redis = pytest.mark.skipif(
     REDIS is None or not HAS_CLIENT,
     reason="redis-server is not installed (Debian package redis-server; .ci/run installs it)"
-    if REDIS is None else "the redis client is not installed (pip install -e '.[test]')")
+    if REDIS is None
+    else "the redis client is not installed (pip install -e '.[test]')",
+)
 
 
 class RedisServer:
@@ -53,8 +55,20 @@ class RedisServer:
 
     async def start(self) -> None:
         self.proc = subprocess.Popen(
-            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                REDIS,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while True:  # until it accepts connections and answers PING
             try:
@@ -88,8 +102,15 @@ async def redis():
 
 
 def core_settings(make_settings, fake, redis, **overrides) -> Settings:
-    return make_settings(feed="binance", binance_ws_url=fake.url, candle_history=False,
-                         redis_url=redis.url, jwt_secret=SECRET, role="core", **overrides)
+    return make_settings(
+        feed="binance",
+        binance_ws_url=fake.url,
+        candle_history=False,
+        redis_url=redis.url,
+        jwt_secret=SECRET,
+        role="core",
+        **overrides,
+    )
 
 
 def edge_settings(make_settings, redis, **overrides) -> Settings:
@@ -130,22 +151,30 @@ async def get_json(http, url: str) -> tuple[int, dict]:
 async def cluster(make_settings, fake, redis, edges: int = 2):
     async with LiveServer(core_settings(make_settings, fake, redis)) as core:
         async with contextlib.AsyncExitStack() as stack:
-            started = [await stack.enter_async_context(
-                LiveServer(edge_settings(make_settings, redis))) for _ in range(edges)]
+            started = [
+                await stack.enter_async_context(LiveServer(edge_settings(make_settings, redis)))
+                for _ in range(edges)
+            ]
             await fake.wait_open(1)
             yield core, started
 
 
 # -- settings ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("env, message", [
-    ({"PRICEWATCH_ROLE": "edge"}, "PRICEWATCH_ROLE=edge needs PRICEWATCH_REDIS_URL"),
-    ({"PRICEWATCH_ROLE": "core"}, "PRICEWATCH_ROLE=core needs PRICEWATCH_REDIS_URL"),
-    ({"PRICEWATCH_ROLE": "edge", "PRICEWATCH_REDIS_URL": "redis://127.0.0.1:6379/0"},
-     "PRICEWATCH_REDIS_URL (a cluster) needs PRICEWATCH_JWT_SECRET"),
-    ({"PRICEWATCH_REDIS_URL": "http://127.0.0.1"}, "PRICEWATCH_REDIS_URL must be a redis://"),
-    ({"PRICEWATCH_ROLE": "middle"}, "PRICEWATCH_ROLE must be one of all, core, edge"),
-])
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"PRICEWATCH_ROLE": "edge"}, "PRICEWATCH_ROLE=edge needs PRICEWATCH_REDIS_URL"),
+        ({"PRICEWATCH_ROLE": "core"}, "PRICEWATCH_ROLE=core needs PRICEWATCH_REDIS_URL"),
+        (
+            {"PRICEWATCH_ROLE": "edge", "PRICEWATCH_REDIS_URL": "redis://127.0.0.1:6379/0"},
+            "PRICEWATCH_REDIS_URL (a cluster) needs PRICEWATCH_JWT_SECRET",
+        ),
+        ({"PRICEWATCH_REDIS_URL": "http://127.0.0.1"}, "PRICEWATCH_REDIS_URL must be a redis://"),
+        ({"PRICEWATCH_ROLE": "middle"}, "PRICEWATCH_ROLE must be one of all, core, edge"),
+    ],
+)
 def test_cluster_settings_are_checked_with_one_clear_line(env, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Settings.from_env(env, dotenv=None)
@@ -159,19 +188,28 @@ def clean_env() -> dict[str, str]:
 
 
 def test_edge_command_is_role_edge_and_needs_redis(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pricewatch", "edge"], cwd=tmp_path,
-                            capture_output=True, text=True, env=clean_env(), timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "pricewatch", "edge"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=30,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == ("pricewatch: configuration error: PRICEWATCH_ROLE=edge "
-                                     "needs PRICEWATCH_REDIS_URL")
+    assert result.stderr.strip() == (
+        "pricewatch: configuration error: PRICEWATCH_ROLE=edge needs PRICEWATCH_REDIS_URL"
+    )
 
 
 def test_redis_is_not_imported_without_a_redis_url(tmp_path):
-    code = ("import sys, asyncio\n"
-            "from pricewatch.config import Settings\n"
-            "from pricewatch.server import create_app\n"
-            f"create_app(Settings(db={str(tmp_path / 'x.db')!r}, feed='off'))\n"
-            "assert 'redis' not in sys.modules, 'redis imported'\n")
+    code = (
+        "import sys, asyncio\n"
+        "from pricewatch.config import Settings\n"
+        "from pricewatch.server import create_app\n"
+        f"create_app(Settings(db={str(tmp_path / 'x.db')!r}, feed='off'))\n"
+        "assert 'redis' not in sys.modules, 'redis imported'\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30, env=clean_env())
 
 
@@ -199,7 +237,7 @@ def test_candle_states_put_one_by_one_rebuild_the_rings_exactly():
 def test_reconnect_backoff_is_jittered_and_capped():
     for attempt in range(12):
         delays = [backoff(attempt) for _ in range(200)]
-        cap = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** attempt)
+        cap = min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt)
         assert all(cap / 2 <= d <= cap for d in delays)
         assert len(set(delays)) > 100  # processes restarting together do not retry in step
 
@@ -225,15 +263,16 @@ async def test_a_publisher_stops_when_cancelled_the_moment_it_is_woken():
 
 # -- a core and two edges -------------------------------------------------------------------
 
+
 @needs_redis
-async def test_prices_and_candles_reach_clients_on_both_edges(make_settings, fake, redis,
-                                                              http):
+async def test_prices_and_candles_reach_clients_on_both_edges(make_settings, fake, redis, http):
     async with cluster(make_settings, fake, redis) as (core, edges):
         user = await register(http, core)
         lives, ohlcs = [], []
         for edge in edges:
-            live = await http.ws_connect(edge.ws_url("/live-feed/subscribe/"),
-                                         headers=bearer(user["access"]))
+            live = await http.ws_connect(
+                edge.ws_url("/live-feed/subscribe/"), headers=bearer(user["access"])
+            )
             ohlc = await http.ws_connect(edge.ws_url("/ws/ohlc/"))
             await ohlc.send_json({"symbol": "BTCUSDT", "timeframe": "1m", "limit": 10})
             snapshot = await receive(ohlc, "snapshot")
@@ -246,19 +285,26 @@ async def test_prices_and_candles_reach_clients_on_both_edges(make_settings, fak
             price = await receive(live, "price", symbol="BTCUSDT", price=101.5)
             assert price["time"] == "2024-01-01T00:00:04.000Z"
             candle = await receive(ohlc, "candle", close=101.5)
-            assert candle["candle"] == {"timestamp": "2024-01-01T00:00:00Z", "open": 100.0,
-                                        "high": 103.0, "low": 99.0, "close": 101.5,
-                                        "volume": 2.0, "trades": 4}
+            assert candle["candle"] == {
+                "timestamp": "2024-01-01T00:00:00Z",
+                "open": 100.0,
+                "high": 103.0,
+                "low": 99.0,
+                "close": 101.5,
+                "volume": 2.0,
+                "trades": 4,
+            }
         # The market REST answers of an edge are the core's, 24 h figures included.
         status, on_core = await get_json(http, core.url + "/api/v1/prices")
         assert status == 200 and on_core["results"]
         for edge in edges:
+
             async def same() -> bool:
                 return (await get_json(http, edge.url + "/api/v1/prices"))[1] == on_core
+
             await until(same, what="the edge's prices")
             query = "/api/v1/ohlc?symbol=BTCUSDT&timeframe=1s&limit=5"
-            assert await get_json(http, edge.url + query) == await get_json(http,
-                                                                          core.url + query)
+            assert await get_json(http, edge.url + query) == await get_json(http, core.url + query)
             status, body = await get_json(http, edge.url + query + "&start=0")
             assert status == 503 and body["error"] == "unavailable"
             async with http.get(edge.url + "/metrics") as resp:
@@ -271,19 +317,24 @@ async def test_prices_and_candles_reach_clients_on_both_edges(make_settings, fak
 
 
 @needs_redis
-async def test_a_users_alert_event_reaches_their_socket_on_an_edge(make_settings, fake,
-                                                                   redis, http):
+async def test_a_users_alert_event_reaches_their_socket_on_an_edge(
+    make_settings, fake, redis, http
+):
     async with cluster(make_settings, fake, redis) as (core, edges):
         alice = await register(http, core, "alice")
         bob = await register(http, core, "bob")
         sockets = {}
         for name, user, edge in [("alice", alice, edges[0]), ("bob", bob, edges[1])]:
-            sockets[name] = await http.ws_connect(edge.ws_url("/live-feed/subscribe/"),
-                                                  headers=bearer(user["access"]))
+            sockets[name] = await http.ws_connect(
+                edge.ws_url("/live-feed/subscribe/"), headers=bearer(user["access"])
+            )
         await fake.send_trade("BTCUSDT", 1, 100.0, 1, T0)
         await receive(sockets["alice"], "price", price=100.0)
-        async with http.post(core.url + "/api/v1/alerts", headers=bearer(alice["access"]),
-                             json={"asset": "BTCUSDT", "price": 105.0}) as resp:
+        async with http.post(
+            core.url + "/api/v1/alerts",
+            headers=bearer(alice["access"]),
+            json={"asset": "BTCUSDT", "price": 105.0},
+        ) as resp:
             assert resp.status == 201
             alert = await resp.json()
         await fake.send_trade("BTCUSDT", 2, 106.0, 1, T0 + 1)
@@ -306,17 +357,22 @@ async def test_a_users_alert_event_reaches_their_socket_on_an_edge(make_settings
 
 
 @needs_redis
-async def test_resume_on_an_edge_replays_missed_alert_events_in_order(make_settings, fake,
-                                                                      redis, http):
+async def test_resume_on_an_edge_replays_missed_alert_events_in_order(
+    make_settings, fake, redis, http
+):
     async with cluster(make_settings, fake, redis) as (core, edges):
         alice = await register(http, core, "alice")
-        first = await http.ws_connect(edges[0].ws_url("/live-feed/subscribe/"),
-                                      headers=bearer(alice["access"]))
+        first = await http.ws_connect(
+            edges[0].ws_url("/live-feed/subscribe/"), headers=bearer(alice["access"])
+        )
         await fake.send_trade("BTCUSDT", 1, 100.0, 1, T0)
         await receive(first, "price", price=100.0)
         for target in (101.0, 102.0, 103.0, 104.0):
-            async with http.post(core.url + "/api/v1/alerts", headers=bearer(alice["access"]),
-                                 json={"asset": "BTCUSDT", "price": target}) as resp:
+            async with http.post(
+                core.url + "/api/v1/alerts",
+                headers=bearer(alice["access"]),
+                json={"asset": "BTCUSDT", "price": target},
+            ) as resp:
                 assert resp.status == 201
         events = []
         for i, price in enumerate((101.5, 102.5, 103.5), 2):
@@ -324,14 +380,19 @@ async def test_resume_on_an_edge_replays_missed_alert_events_in_order(make_setti
             events.append((await receive(first, "alert"))["event"]["id"])
         await first.close()
         # Reconnected to the other edge: what came after the first event, then live ones.
-        ws = await http.ws_connect(edges[1].ws_url("/live-feed/subscribe/"),
-                                   headers=bearer(alice["access"]))
+        ws = await http.ws_connect(
+            edges[1].ws_url("/live-feed/subscribe/"), headers=bearer(alice["access"])
+        )
         await ws.send_json({"action": "resume", "since": events[0]})
         replayed = [(await receive(ws, "alert"))["event"]["id"] for _ in range(2)]
         assert replayed == events[1:]
-        assert await receive(ws, "resumed") == {"type": "resumed", "since": events[0],
-                                                "last": events[2], "more": False,
-                                                "complete": True}
+        assert await receive(ws, "resumed") == {
+            "type": "resumed",
+            "since": events[0],
+            "last": events[2],
+            "more": False,
+            "complete": True,
+        }
         await fake.send_trade("BTCUSDT", 9, 104.5, 1, T0 + 9)
         assert (await receive(ws, "alert"))["event"]["id"] > events[2]
         await ws.send_json({"action": "resume", "since": -1})
@@ -341,7 +402,8 @@ async def test_resume_on_an_edge_replays_missed_alert_events_in_order(make_setti
 
 @needs_redis
 async def test_quotes_reach_ws_rates_on_edges_and_a_new_socket_gets_the_latest(
-        make_settings, fake, redis, http):
+    make_settings, fake, redis, http
+):
     async with cluster(make_settings, fake, redis) as (core, edges):
         on_core = await http.ws_connect(core.ws_url("/ws/rates/"))
         sockets = [await http.ws_connect(edge.ws_url("/ws/rates/")) for edge in edges]
@@ -363,19 +425,25 @@ async def test_quotes_reach_ws_rates_on_edges_and_a_new_socket_gets_the_latest(
 
 @needs_redis
 async def test_logout_on_the_core_closes_that_logins_sockets_on_every_edge_within_1s(
-        make_settings, fake, redis, http):
+    make_settings, fake, redis, http
+):
     async with cluster(make_settings, fake, redis) as (core, edges):
         user = await register(http, core)
-        async with http.post(core.url + "/auth/token", json={
-                "username": "alice", "password": "correct horse"}) as resp:
+        async with http.post(
+            core.url + "/auth/token", json={"username": "alice", "password": "correct horse"}
+        ) as resp:
             other = await resp.json()  # a second login of the same user: stays open
-        sockets = [await http.ws_connect(edge.ws_url("/live-feed/subscribe/"),
-                                         headers=bearer(user["access"])) for edge in edges]
-        keep = await http.ws_connect(edges[0].ws_url("/live-feed/subscribe/"),
-                                     headers=bearer(other["access"]))
+        sockets = [
+            await http.ws_connect(
+                edge.ws_url("/live-feed/subscribe/"), headers=bearer(user["access"])
+            )
+            for edge in edges
+        ]
+        keep = await http.ws_connect(
+            edges[0].ws_url("/live-feed/subscribe/"), headers=bearer(other["access"])
+        )
         began = time.monotonic()
-        async with http.post(core.url + "/auth/logout",
-                             json={"refresh": user["refresh"]}) as resp:
+        async with http.post(core.url + "/auth/logout", json={"refresh": user["refresh"]}) as resp:
             assert resp.status == 204, await resp.text()
         for ws in sockets:
             while True:
@@ -385,29 +453,34 @@ async def test_logout_on_the_core_closes_that_logins_sockets_on_every_edge_withi
             assert msg.data == 1008 and msg.extra == "token expired or revoked"
         assert time.monotonic() - began < 1.0
         for edge in edges:  # and the token is refused there from now on
-            async with http.get(edge.ws_url("/live-feed/subscribe/"),
-                                headers=bearer(user["access"])) as resp:
+            async with http.get(
+                edge.ws_url("/live-feed/subscribe/"), headers=bearer(user["access"])
+            ) as resp:
                 assert resp.status == 401
         assert not keep.closed
         await keep.close()
         # An edge started later knows the revocation from the snapshot.
         async with LiveServer(edge_settings(make_settings, redis)) as late:
-            async with http.get(late.ws_url("/live-feed/subscribe/"),
-                                headers=bearer(user["access"])) as resp:
+            async with http.get(
+                late.ws_url("/live-feed/subscribe/"), headers=bearer(user["access"])
+            ) as resp:
                 assert resp.status == 401
-            async with http.ws_connect(late.ws_url("/live-feed/subscribe/"),
-                                       headers=bearer(other["access"])) as ws:
+            async with http.ws_connect(
+                late.ws_url("/live-feed/subscribe/"), headers=bearer(other["access"])
+            ) as ws:
                 await ws.send_json({"action": "subscribe"})
                 assert (await receive(ws, "subscribed"))["symbols"] == ["BTCUSDT", "ETHUSDT"]
 
 
 @needs_redis
-async def test_redis_restart_edges_resume_without_client_reconnects(make_settings, fake,
-                                                                     redis, http):
+async def test_redis_restart_edges_resume_without_client_reconnects(
+    make_settings, fake, redis, http
+):
     async with cluster(make_settings, fake, redis) as (core, edges):
         user = await register(http, core)
-        live = await http.ws_connect(edges[0].ws_url("/live-feed/subscribe/"),
-                                     headers=bearer(user["access"]))
+        live = await http.ws_connect(
+            edges[0].ws_url("/live-feed/subscribe/"), headers=bearer(user["access"])
+        )
         ohlc = await http.ws_connect(edges[1].ws_url("/ws/ohlc/"))
         await ohlc.send_json({"symbol": "BTCUSDT", "timeframe": "1s", "limit": 10})
         await receive(ohlc, "snapshot")
@@ -416,9 +489,11 @@ async def test_redis_restart_edges_resume_without_client_reconnects(make_setting
 
         redis.stop()
         for server in [*edges, core]:  # the core notices at its next ping (2 s)
+
             async def down(server=server) -> bool:
                 status, body = await get_json(http, server.url + "/healthz")
                 return status == 503 and body["redis"]["connected"] is False
+
             await until(down, timeout=8, what="/healthz to report Redis down")
         # Trades while Redis is away: the edges catch up from the snapshot.
         await fake.send_trade("BTCUSDT", 2, 110.0, 1, T0 + 5000)
@@ -440,12 +515,14 @@ async def test_redis_restart_edges_resume_without_client_reconnects(make_setting
 
 
 @needs_redis
-async def test_an_edge_started_late_shows_prices_and_candles_at_once(make_settings, fake,
-                                                                      redis, http):
+async def test_an_edge_started_late_shows_prices_and_candles_at_once(
+    make_settings, fake, redis, http
+):
     async with cluster(make_settings, fake, redis, edges=0) as (core, _):
         user = await register(http, core)
-        probe = await http.ws_connect(core.ws_url("/live-feed/subscribe/"),
-                                      headers=bearer(user["access"]))
+        probe = await http.ws_connect(
+            core.ws_url("/live-feed/subscribe/"), headers=bearer(user["access"])
+        )
         for i, price in enumerate([100.0, 102.0, 101.0], 1):
             await fake.send_trade("BTCUSDT", i, price, 1, T0 + i * 60_000)
         await fake.send_trade("ETHUSDT", 4, 2000.0, 1, T0 + 3 * 60_000)
@@ -455,8 +532,12 @@ async def test_an_edge_started_late_shows_prices_and_candles_at_once(make_settin
 
         async def in_redis() -> bool:  # published (within 50 ms) and executed by Redis
             sent = publisher.sent_latest.get("ETHUSDT")
-            return sent is not None and sent[0] == 2000.0 and (
-                publisher.bus.published == publisher.bus.queued)
+            return (
+                sent is not None
+                and sent[0] == 2000.0
+                and (publisher.bus.published == publisher.bus.queued)
+            )
+
         await until(in_redis, what="the snapshot to hold the last trade")
         async with LiveServer(edge_settings(make_settings, redis)) as edge:
             status, on_edge = await get_json(http, edge.url + "/api/v1/prices")
@@ -470,8 +551,9 @@ async def test_an_edge_started_late_shows_prices_and_candles_at_once(make_settin
 
 
 @needs_redis
-async def test_an_edge_started_without_redis_serves_and_catches_up(make_settings, fake, redis,
-                                                                     http, monkeypatch):
+async def test_an_edge_started_without_redis_serves_and_catches_up(
+    make_settings, fake, redis, http, monkeypatch
+):
     monkeypatch.setattr(edge_module, "START_WAIT", 0.2)
     redis.stop()
     async with LiveServer(edge_settings(make_settings, redis)) as edge:
@@ -491,5 +573,6 @@ async def test_an_edge_started_without_redis_serves_and_catches_up(make_settings
             status, body = await get_json(http, edge.url + "/healthz")
             assert status == 200 and body["redis"]["connected"] is True
             assert (await get_json(http, edge.url + "/api/v1/prices")) == (
-                await get_json(http, core.url + "/api/v1/prices"))
+                await get_json(http, core.url + "/api/v1/prices")
+            )
         await ws.close()

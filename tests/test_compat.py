@@ -19,8 +19,9 @@ from pricewatch.openapi import build_spec
 from pricewatch.server import DELIVERER, STORE, create_app
 
 
-async def post(http, url: str, body: dict, token: str | None = None,
-               method: str = "POST") -> tuple[int, dict]:
+async def post(
+    http, url: str, body: dict, token: str | None = None, method: str = "POST"
+) -> tuple[int, dict]:
     headers = bearer(token) if token else {}
     async with http.request(method, url, json=body, headers=headers) as resp:
         return resp.status, await resp.json()
@@ -34,19 +35,27 @@ async def fake():
 
 # -- seed 000 --------------------------------------------------------------------------------
 
+
 async def test_seed_000_register_answers_an_access_token_and_login_works(server, http):
-    status, body = await post(http, server.url + "/feed/user/register/",
-                              {"username": "satoshi", "password": "correct horse"})
+    status, body = await post(
+        http,
+        server.url + "/feed/user/register/",
+        {"username": "satoshi", "password": "correct horse"},
+    )
     assert (status, list(body)) == (201, ["access_token"])
     async with http.get(server.url + "/auth/me", headers=bearer(body["access_token"])) as resp:
         me = await resp.json()
     assert (me["username"], me["email"]) == ("satoshi", "")  # stored without an email
 
-    status, tokens = await post(http, server.url + "/feed/user/login/",
-                                {"username": "satoshi", "password": "correct horse"})
+    status, tokens = await post(
+        http, server.url + "/feed/user/login/", {"username": "satoshi", "password": "correct horse"}
+    )
     assert status == 200 and set(tokens) == {"access", "refresh"}
-    status, body = await post(http, server.url + "/feed/user/login/",
-                              {"username": "satoshi", "password": "wrong password"})
+    status, body = await post(
+        http,
+        server.url + "/feed/user/login/",
+        {"username": "satoshi", "password": "wrong password"},
+    )
     assert (status, body["error"]) == (401, "bad_credentials")
 
 
@@ -54,32 +63,41 @@ async def test_seed_000_register_validates_like_register(server, http):
     url = server.url + "/feed/user/register/"
     status, body = await post(http, url, {"username": "satoshi", "password": "short"})
     assert (status, set(body["fields"])) == (400, {"password"})
-    status, body = await post(http, url, {"username": "satoshi", "password": "correct horse",
-                                          "email": "not an email"})
+    status, body = await post(
+        http, url, {"username": "satoshi", "password": "correct horse", "email": "not an email"}
+    )
     assert (status, set(body["fields"])) == (400, {"email"})
-    status, _ = await post(http, url, {"username": "satoshi", "password": "correct horse",
-                                       "email": "s@example.com"})
+    status, _ = await post(
+        http, url, {"username": "satoshi", "password": "correct horse", "email": "s@example.com"}
+    )
     assert status == 201
     status, body = await post(http, url, {"username": "satoshi", "password": "correct horse"})
     assert (status, body["error"]) == (409, "conflict")
     # /auth/register itself still requires the email.
-    status, body = await post(http, server.url + "/auth/register",
-                              {"username": "nakamoto", "password": "correct horse"})
+    status, body = await post(
+        http, server.url + "/auth/register", {"username": "nakamoto", "password": "correct horse"}
+    )
     assert (status, set(body["fields"])) == (400, {"email"})
 
 
 async def test_a_user_without_email_is_never_mailed(make_settings, http, fake):
-    async with SmtpSink() as smtp, LiveServer(market_settings(make_settings, fake,
-                                                              smtp.port)) as server:
-        status, body = await post(http, server.url + "/feed/user/register/",
-                                  {"username": "satoshi", "password": "correct horse"})
+    async with (
+        SmtpSink() as smtp,
+        LiveServer(market_settings(make_settings, fake, smtp.port)) as server,
+    ):
+        status, body = await post(
+            http,
+            server.url + "/feed/user/register/",
+            {"username": "satoshi", "password": "correct horse"},
+        )
         mailless = body["access_token"]
         mailed = (await register(http, server, "alice"))["access"]
         async with Trader(fake, server, http, mailed) as market:
             await market.trade(100.0)
             for token in (mailless, mailed):
-                status, body = await post(http, server.url + "/alert/",
-                                          {"asset": "BTCUSDT", "price": 101.0}, token)
+                status, body = await post(
+                    http, server.url + "/alert/", {"asset": "BTCUSDT", "price": 101.0}, token
+                )
                 assert status == 201, body
             await market.trade(102.0)  # crosses both
             notifier = server.app[DELIVERER]
@@ -95,8 +113,11 @@ async def test_a_user_without_email_is_never_mailed(make_settings, http, fake):
 
 async def test_seed_000_live_feed_sends_binance_messages(make_settings, http, fake):
     async with LiveServer(market_settings(make_settings, fake)) as server:
-        _, body = await post(http, server.url + "/feed/user/register/",
-                             {"username": "satoshi", "password": "correct horse"})
+        _, body = await post(
+            http,
+            server.url + "/feed/user/register/",
+            {"username": "satoshi", "password": "correct horse"},
+        )
         token = body["access_token"]
         async with Trader(fake, server, http, token) as market:
             await market.trade(100.5)
@@ -106,13 +127,21 @@ async def test_seed_000_live_feed_sends_binance_messages(make_settings, http, fa
                 frame = orjson.loads((await asyncio.wait_for(seed.receive(), 10)).data)
                 assert list(frame) == ["message"] and isinstance(frame["message"], str)
                 assert orjson.loads(frame["message"]) == {
-                    "e": "trade", "E": T0 + 1, "s": "BTCUSDT", "p": "100.50000000",
-                    "T": T0 + 1}
+                    "e": "trade",
+                    "E": T0 + 1,
+                    "s": "BTCUSDT",
+                    "p": "100.50000000",
+                    "T": T0 + 1,
+                }
 
                 # An alert of this user triggers: the default client gets the event, the seed
                 # client (which knows only {"message"}) does not.
-                status, _ = await post(http, server.url + "/alerts/create/", {
-                    "username": "satoshi", "alert_purpose": "moon", "alert_price": 101}, token)
+                status, _ = await post(
+                    http,
+                    server.url + "/alerts/create/",
+                    {"username": "satoshi", "alert_purpose": "moon", "alert_price": 101},
+                    token,
+                )
                 assert status == 201
                 await market.trade(102.0)
                 await market.alert_event(1)
@@ -126,21 +155,27 @@ async def test_seed_000_live_feed_sends_binance_messages(make_settings, http, fa
 
 async def test_live_feed_refuses_an_unknown_format_before_the_upgrade(server, http):
     token = (await register(http, server))["access"]
-    async with http.get(server.url + "/live-feed/subscribe/?format=kraken",
-                        headers=bearer(token)) as resp:
+    async with http.get(
+        server.url + "/live-feed/subscribe/?format=kraken", headers=bearer(token)
+    ) as resp:
         body = await resp.json()
     assert (resp.status, body["error"], set(body["fields"])) == (400, "validation", {"format"})
 
 
 # -- the /users/auth/ seed ---------------------------------------------------------------------
 
+
 async def test_users_auth_seed_register_token_refresh(server, http):
     base = server.url + "/users/auth"
-    status, user = await post(http, base + "/register", {
-        "username": "alice", "password": "correct horse", "email": "alice@example.com"})
+    status, user = await post(
+        http,
+        base + "/register",
+        {"username": "alice", "password": "correct horse", "email": "alice@example.com"},
+    )
     assert status == 201 and {"id", "access", "refresh"} <= set(user)
-    status, pair = await post(http, base + "/token/",
-                              {"username": "alice", "password": "correct horse"})
+    status, pair = await post(
+        http, base + "/token/", {"username": "alice", "password": "correct horse"}
+    )
     assert status == 200 and set(pair) == {"access", "refresh"}
     status, rotated = await post(http, base + "/refresh", {"refresh": pair["refresh"]})
     assert status == 200 and rotated["refresh"] != pair["refresh"]
@@ -150,95 +185,142 @@ async def test_users_auth_seed_register_token_refresh(server, http):
 
 # -- seed 002 --------------------------------------------------------------------------------
 
+
 async def test_seed_002_flow_signup_login_create_fetch_delete(make_settings, http, fake):
     async with LiveServer(market_settings(make_settings, fake)) as server:
         url = server.url + "/alerts/"
-        status, _ = await post(http, url + "signup/", {
-            "username": "alice", "password": "correct horse", "email": "alice@example.com"})
+        status, _ = await post(
+            http,
+            url + "signup/",
+            {"username": "alice", "password": "correct horse", "email": "alice@example.com"},
+        )
         assert status == 201
-        status, tokens = await post(http, url + "login/",
-                                    {"username": "alice", "password": "correct horse"})
+        status, tokens = await post(
+            http, url + "login/", {"username": "alice", "password": "correct horse"}
+        )
         assert status == 200
         token = tokens["access"]
         async with Trader(fake, server, http, token) as market:
             await market.trade(100.0)
-            status, created = await post(http, url + "create/", {
-                "username": "alice", "alert_purpose": "buy the dip",
-                "alert_price": "95.50"}, token)  # the seed took decimals as strings
+            status, created = await post(
+                http,
+                url + "create/",
+                {"username": "alice", "alert_purpose": "buy the dip", "alert_price": "95.50"},
+                token,
+            )  # the seed took decimals as strings
             assert status == 201, created
             assert created["username"] == "alice"
-            assert (created["alert_purpose"], created["alert_price"],
-                    created["alert_status"]) == ("buy the dip", 95.5, "CREATED")
+            assert (created["alert_purpose"], created["alert_price"], created["alert_status"]) == (
+                "buy the dip",
+                95.5,
+                "CREATED",
+            )
             assert (created["asset"], created["direction"]) == ("BTCUSDT", "below")
-            status, other = await post(http, url + "create/", {
-                "username": "alice", "alert_purpose": "take profit", "alert_price": 150},
-                token)
+            status, other = await post(
+                http,
+                url + "create/",
+                {"username": "alice", "alert_purpose": "take profit", "alert_price": 150},
+                token,
+            )
             assert status == 201 and other["direction"] == "above"
 
             status, fetched = await post(http, url + "fetch/", {"username": "alice"}, token)
             assert status == 200 and fetched["username"] == "alice"
             assert [a["alert_purpose"] for a in fetched["alert details"]] == [
-                "take profit", "buy the dip"]  # newest first
+                "take profit",
+                "buy the dip",
+            ]  # newest first
 
             await market.trade(95.0)  # crosses "buy the dip"
             event = await market.alert_event(created["id"])
             assert event["status"] == "TRIGGERED"
-            status, fetched = await post(http, url + "fetch/", {
-                "username": "alice", "alert_status": "triggered"}, token)
+            status, fetched = await post(
+                http, url + "fetch/", {"username": "alice", "alert_status": "triggered"}, token
+            )
             assert [(a["id"], a["alert_status"]) for a in fetched["alert details"]] == [
-                (created["id"], "TRIGGERED")]
+                (created["id"], "TRIGGERED")
+            ]
 
             # Delete by purpose: a triggered alert is not "active", so there is none to delete.
-            status, body = await post(http, url + "delete/", {
-                "username": "alice", "alert_purpose": "buy the dip"}, token, "DELETE")
+            status, body = await post(
+                http,
+                url + "delete/",
+                {"username": "alice", "alert_purpose": "buy the dip"},
+                token,
+                "DELETE",
+            )
             assert (status, body["error"]) == (404, "not_found")
-            status, deleted = await post(http, url + "delete/", {
-                "username": "alice", "alert_purpose": "take profit"}, token, "DELETE")
+            status, deleted = await post(
+                http,
+                url + "delete/",
+                {"username": "alice", "alert_purpose": "take profit"},
+                token,
+                "DELETE",
+            )
             assert status == 200
             assert [(a["id"], a["alert_status"]) for a in deleted["alert details"]] == [
-                (other["id"], "DELETED")]
+                (other["id"], "DELETED")
+            ]
             assert other["id"] not in server.app[ENGINE].index  # the engine forgot it
-            status, fetched = await post(http, url + "fetch/", {
-                "username": "alice", "alert_status": "DELETED"}, token)
+            status, fetched = await post(
+                http, url + "fetch/", {"username": "alice", "alert_status": "DELETED"}, token
+            )
             assert [a["alert_purpose"] for a in fetched["alert details"]] == ["take profit"]
 
 
 async def test_seed_002_delete_removes_every_active_alert_with_that_purpose(
-        make_settings, http, fake):
+    make_settings, http, fake
+):
     async with LiveServer(market_settings(make_settings, fake)) as server:
         token = (await register(http, server))["access"]
         async with Trader(fake, server, http, token) as market:
             await market.trade(100.0)
             ids = []
             for purpose in ("same", "same", "other"):
-                status, body = await post(http, server.url + "/alerts/create/", {
-                    "username": "alice", "alert_purpose": purpose, "alert_price": 200}, token)
+                status, body = await post(
+                    http,
+                    server.url + "/alerts/create/",
+                    {"username": "alice", "alert_purpose": purpose, "alert_price": 200},
+                    token,
+                )
                 ids.append(body["id"])
-        status, deleted = await post(http, server.url + "/alerts/delete/", {
-            "username": "alice", "alert_purpose": "same"}, token, "DELETE")
+        status, deleted = await post(
+            http,
+            server.url + "/alerts/delete/",
+            {"username": "alice", "alert_purpose": "same"},
+            token,
+            "DELETE",
+        )
         assert status == 200
         assert [a["id"] for a in deleted["alert details"]] == [ids[1], ids[0]]
-        status, active = await post(http, server.url + "/alerts/fetch/", {
-            "username": "alice", "alert_status": "CREATED"}, token)
+        status, active = await post(
+            http,
+            server.url + "/alerts/fetch/",
+            {"username": "alice", "alert_status": "CREATED"},
+            token,
+        )
         assert [a["id"] for a in active["alert details"]] == [ids[2]]
 
 
-async def test_seed_002_username_in_the_body_must_be_the_tokens_user(make_settings, http,
-                                                                     fake):
+async def test_seed_002_username_in_the_body_must_be_the_tokens_user(make_settings, http, fake):
     async with LiveServer(market_settings(make_settings, fake)) as server:
         alice = (await register(http, server, "alice"))["access"]
         bob = (await register(http, server, "bob"))["access"]
         async with Trader(fake, server, http, alice) as market:
             await market.trade(100.0)
         url = server.url + "/alerts/"
-        status, mine = await post(http, url + "create/", {
-            "username": "bob", "alert_purpose": "p", "alert_price": 200}, bob)
+        status, mine = await post(
+            http,
+            url + "create/",
+            {"username": "bob", "alert_purpose": "p", "alert_price": 200},
+            bob,
+        )
         assert status == 201
         for path, method, body in [
-                ("create/", "POST", {"username": "bob", "alert_purpose": "x",
-                                     "alert_price": 200}),
-                ("fetch/", "POST", {"username": "bob"}),
-                ("delete/", "DELETE", {"username": "bob", "alert_purpose": "p"})]:
+            ("create/", "POST", {"username": "bob", "alert_purpose": "x", "alert_price": 200}),
+            ("fetch/", "POST", {"username": "bob"}),
+            ("delete/", "DELETE", {"username": "bob", "alert_purpose": "p"}),
+        ]:
             status, answer = await post(http, url + path, body, alice, method)
             assert (status, answer["error"]) == (403, "forbidden"), path
             status, answer = await post(http, url + path, body, None, method)
@@ -246,45 +328,54 @@ async def test_seed_002_username_in_the_body_must_be_the_tokens_user(make_settin
         # Bob's alert is untouched and Alice made none; names match as logins do (any case).
         status, fetched = await post(http, url + "fetch/", {"username": "BOB"}, bob)
         assert [(a["id"], a["alert_status"]) for a in fetched["alert details"]] == [
-            (mine["id"], "CREATED")]
+            (mine["id"], "CREATED")
+        ]
         status, fetched = await post(http, url + "fetch/", {"username": "alice"}, alice)
         assert (status, fetched["alert details"]) == (200, [])
 
 
-@pytest.mark.parametrize("body, fields", [
-    ({}, {"username", "alert_purpose", "alert_price"}),
-    ({"username": "alice", "alert_purpose": "p", "alert_price": "abc"}, {"alert_price"}),
-    ({"username": "alice", "alert_purpose": "p", "alert_price": -5}, {"alert_price"}),
-    ({"username": "alice", "alert_purpose": "p", "alert_price": "NaN"}, {"alert_price"}),
-    ({"username": 5, "alert_purpose": ["p"], "alert_price": 1}, {"username", "alert_purpose"}),
-    ({"username": "alice", "alert_purpose": "p" * 201, "alert_price": 1}, {"alert_purpose"}),
-    ({"username": "alice", "alert_purpose": "p", "alert_price": 1, "asset": "DOGE"},
-     {"asset"}),
-    ({"username": "alice", "alert_purpose": "p", "alert_price": 10**400}, {"alert_price"}),
-    ({"username": "alice", "alert_purpose": "p", "alert_price": 1, "asset": 10**400},
-     {"asset"}),
-])
-async def test_seed_002_create_names_the_bad_field_as_the_seed_does(server, http, body,
-                                                                    fields):
+@pytest.mark.parametrize(
+    "body, fields",
+    [
+        ({}, {"username", "alert_purpose", "alert_price"}),
+        ({"username": "alice", "alert_purpose": "p", "alert_price": "abc"}, {"alert_price"}),
+        ({"username": "alice", "alert_purpose": "p", "alert_price": -5}, {"alert_price"}),
+        ({"username": "alice", "alert_purpose": "p", "alert_price": "NaN"}, {"alert_price"}),
+        ({"username": 5, "alert_purpose": ["p"], "alert_price": 1}, {"username", "alert_purpose"}),
+        ({"username": "alice", "alert_purpose": "p" * 201, "alert_price": 1}, {"alert_purpose"}),
+        ({"username": "alice", "alert_purpose": "p", "alert_price": 1, "asset": "DOGE"}, {"asset"}),
+        ({"username": "alice", "alert_purpose": "p", "alert_price": 10**400}, {"alert_price"}),
+        (
+            {"username": "alice", "alert_purpose": "p", "alert_price": 1, "asset": 10**400},
+            {"asset"},
+        ),
+    ],
+)
+async def test_seed_002_create_names_the_bad_field_as_the_seed_does(server, http, body, fields):
     token = (await register(http, server))["access"]
     status, answer = await post(http, server.url + "/alerts/create/", body, token)
     assert (status, answer["error"], set(answer["fields"])) == (400, "validation", fields)
 
 
-@pytest.mark.parametrize("path, method, body, fields", [
-    ("fetch/", "POST", {"username": "alice", "alert_status": "DONE"}, {"alert_status"}),
-    ("fetch/", "POST", {"alert_status": 1}, {"username", "alert_status"}),
-    ("delete/", "DELETE", {"username": "alice"}, {"alert_purpose"}),
-    ("delete/", "DELETE", {"alert_purpose": 7}, {"username", "alert_purpose"}),
-])
-async def test_seed_002_fetch_and_delete_name_the_bad_field(server, http, path, method, body,
-                                                            fields):
+@pytest.mark.parametrize(
+    "path, method, body, fields",
+    [
+        ("fetch/", "POST", {"username": "alice", "alert_status": "DONE"}, {"alert_status"}),
+        ("fetch/", "POST", {"alert_status": 1}, {"username", "alert_status"}),
+        ("delete/", "DELETE", {"username": "alice"}, {"alert_purpose"}),
+        ("delete/", "DELETE", {"alert_purpose": 7}, {"username", "alert_purpose"}),
+    ],
+)
+async def test_seed_002_fetch_and_delete_name_the_bad_field(
+    server, http, path, method, body, fields
+):
     token = (await register(http, server))["access"]
     status, answer = await post(http, server.url + "/alerts/" + path, body, token, method)
     assert (status, answer["error"], set(answer["fields"])) == (400, "validation", fields)
 
 
 # -- seed 003 --------------------------------------------------------------------------------
+
 
 async def test_seed_003_ohlc_snapshot_data_is_a_list_of_candles(make_settings, http, fake):
     async with LiveServer(market_settings(make_settings, fake)) as server:
@@ -297,11 +388,19 @@ async def test_seed_003_ohlc_snapshot_data_is_a_list_of_candles(make_settings, h
             snapshot = orjson.loads((await asyncio.wait_for(ws.receive(), 10)).data)
     assert snapshot["type"] == "snapshot" and isinstance(snapshot["data"], list)
     (candle,) = snapshot["data"]
-    assert candle == {"timestamp": "2024-01-01T00:00:00Z", "open": 100.0, "high": 101.0,
-                      "low": 100.0, "close": 101.0, "volume": 2.0, "trades": 2}
+    assert candle == {
+        "timestamp": "2024-01-01T00:00:00Z",
+        "open": 100.0,
+        "high": 101.0,
+        "low": 100.0,
+        "close": 101.0,
+        "volume": 2.0,
+        "trades": 2,
+    }
 
 
 # -- seed 004 --------------------------------------------------------------------------------
+
 
 async def test_seed_004_alert_api_with_page_size(make_settings, http, fake):
     async with LiveServer(market_settings(make_settings, fake)) as server:
@@ -335,6 +434,7 @@ async def test_seed_004_alert_api_with_page_size(make_settings, http, fake):
 
 
 # -- the document ----------------------------------------------------------------------------
+
 
 def test_every_seed_route_is_documented_under_seed_compat(make_settings):
     spec = build_spec(create_app(make_settings()))

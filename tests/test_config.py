@@ -26,28 +26,40 @@ def test_defaults_match_the_contract():
 
 def test_environment_wins_over_dotenv(tmp_path):
     env_file = tmp_path / ".env"
-    env_file.write_text("# comment\nexport PRICEWATCH_PORT=9001\n"
-                        "PRICEWATCH_SYMBOLS='btcusdt, solusdt'\nPRICEWATCH_FEED=demo\n")
+    env_file.write_text(
+        "# comment\nexport PRICEWATCH_PORT=9001\n"
+        "PRICEWATCH_SYMBOLS='btcusdt, solusdt'\nPRICEWATCH_FEED=demo\n"
+    )
     s = Settings.from_env({"PRICEWATCH_FEED": "off"}, dotenv=env_file)
     assert s.port == 9001 and s.symbols == ("BTCUSDT", "SOLUSDT") and s.feed == "off"
 
 
-@pytest.mark.parametrize("name, value", [
-    ("PRICEWATCH_PORT", "abc"), ("PRICEWATCH_PORT", "70000"),
-    ("PRICEWATCH_ACCESS_TTL", "0"), ("PRICEWATCH_SMTP_STARTTLS", "maybe"),
-    ("PRICEWATCH_SYMBOLS", "BTC-USDT"), ("PRICEWATCH_SYMBOLS", ","),
-    ("PRICEWATCH_FEED", "kraken"), ("PRICEWATCH_BINANCE_WS_URL", "http://x"),
-    ("PRICEWATCH_QUOTE_PAIRS", "BTCUSD"), ("PRICEWATCH_ALPHAVANTAGE_INTERVAL", "nan"),
-    ("PRICEWATCH_JWT_SECRET", "short"), ("PRICEWATCH_PROT", "8000"),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("PRICEWATCH_PORT", "abc"),
+        ("PRICEWATCH_PORT", "70000"),
+        ("PRICEWATCH_ACCESS_TTL", "0"),
+        ("PRICEWATCH_SMTP_STARTTLS", "maybe"),
+        ("PRICEWATCH_SYMBOLS", "BTC-USDT"),
+        ("PRICEWATCH_SYMBOLS", ","),
+        ("PRICEWATCH_FEED", "kraken"),
+        ("PRICEWATCH_BINANCE_WS_URL", "http://x"),
+        ("PRICEWATCH_QUOTE_PAIRS", "BTCUSD"),
+        ("PRICEWATCH_ALPHAVANTAGE_INTERVAL", "nan"),
+        ("PRICEWATCH_JWT_SECRET", "short"),
+        ("PRICEWATCH_PROT", "8000"),
+    ],
+)
 def test_malformed_or_unknown_values_name_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value}, dotenv=None)
 
 
 def test_secrets_are_masked_in_repr():
-    s = Settings.from_env({"PRICEWATCH_JWT_SECRET": "s" * 40,
-                           "PRICEWATCH_SMTP_PASSWORD": "hunter22"}, dotenv=None)
+    s = Settings.from_env(
+        {"PRICEWATCH_JWT_SECRET": "s" * 40, "PRICEWATCH_SMTP_PASSWORD": "hunter22"}, dotenv=None
+    )
     assert "s" * 40 not in repr(s) and "hunter22" not in repr(s) and "'***'" in repr(s)
 
 
@@ -56,9 +68,15 @@ def run_cli(*args, env=None, cwd=None, input=None):
     (none: empty, never a terminal)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PRICEWATCH_")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "pricewatch", *args], env=full_env,
-                          cwd=cwd, capture_output=True, text=True, timeout=60,
-                          input=input or "")
+    return subprocess.run(
+        [sys.executable, "-m", "pricewatch", *args],
+        env=full_env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        input=input or "",
+    )
 
 
 def test_bad_value_stops_startup_with_one_line_and_exit_2(tmp_path):
@@ -81,14 +99,15 @@ def test_serve_takes_the_same_options_as_the_bare_command():
     from pricewatch.__main__ import _option_values, _parser
 
     parser = _parser()
-    for argv in (["serve", "--port", "9001", "--feed", "demo"],
-                 ["--port", "9001", "--feed", "demo"],
-                 ["--port", "1", "serve", "--port", "9001", "--feed", "demo"]):
+    for argv in (
+        ["serve", "--port", "9001", "--feed", "demo"],
+        ["--port", "9001", "--feed", "demo"],
+        ["--port", "1", "serve", "--port", "9001", "--feed", "demo"],
+    ):
         values = _option_values(parser.parse_args(argv))
         assert values == {"PRICEWATCH_PORT": "9001", "PRICEWATCH_FEED": "demo"}, argv
     # An option given before `serve` survives the subcommand's own (absent) default.
-    assert _option_values(parser.parse_args(["--db", "x.db", "serve"])) == {
-        "PRICEWATCH_DB": "x.db"}
+    assert _option_values(parser.parse_args(["--db", "x.db", "serve"])) == {"PRICEWATCH_DB": "x.db"}
 
 
 def test_help_lists_options_with_their_variables(tmp_path):
@@ -103,10 +122,14 @@ def test_help_describes_options_shows_choices_and_names_the_secrets(tmp_path):
     assert "listen port (PRICEWATCH_PORT, default: 8000)" in " ".join(text.split())
     assert "--feed {binance,demo,off,replay:PATH}" in text
     assert "--log-level {DEBUG,INFO,WARNING,ERROR}" in text
-    for secret in ("PRICEWATCH_JWT_SECRET", "PRICEWATCH_ALPHAVANTAGE_API_KEY",
-                   "PRICEWATCH_SMTP_PASSWORD", "PRICEWATCH_PASSWORD"):
+    for secret in (
+        "PRICEWATCH_JWT_SECRET",
+        "PRICEWATCH_ALPHAVANTAGE_API_KEY",
+        "PRICEWATCH_SMTP_PASSWORD",
+        "PRICEWATCH_PASSWORD",
+    ):
         assert secret in text, secret
-        assert "--" + secret[len("PRICEWATCH_"):].lower().replace("_", "-") not in text
+        assert "--" + secret[len("PRICEWATCH_") :].lower().replace("_", "-") not in text
     serve = run_cli("serve", "--help", cwd=tmp_path)
     assert serve.returncode == 0 and "--port" in serve.stdout
 
@@ -114,8 +137,15 @@ def test_help_describes_options_shows_choices_and_names_the_secrets(tmp_path):
 def test_createuser_reads_one_line_of_standard_input(tmp_path):
     db = str(tmp_path / "pw.db")
     env = {"PRICEWATCH_DB": db, "PRICEWATCH_BCRYPT_ROUNDS": "4"}
-    result = run_cli("createuser", "bob", "--email", "b@x.io", env=env, cwd=tmp_path,
-                     input="piped pass 1\nignored second line\n")
+    result = run_cli(
+        "createuser",
+        "bob",
+        "--email",
+        "b@x.io",
+        env=env,
+        cwd=tmp_path,
+        input="piped pass 1\nignored second line\n",
+    )
     assert result.returncode == 0, result.stderr
     assert "created user bob" in result.stdout
 
@@ -146,10 +176,14 @@ def test_createuser_without_a_password_anywhere_is_one_line(tmp_path):
 
 def test_createuser_makes_an_admin_that_can_log_in(tmp_path):
     db = str(tmp_path / "pw.db")
-    env = {"PRICEWATCH_DB": db, "PRICEWATCH_PASSWORD": "admin pass 1",
-           "PRICEWATCH_BCRYPT_ROUNDS": "4"}
-    result = run_cli("createuser", "root", "--email", "root@example.com", "--admin",
-                     env=env, cwd=tmp_path)
+    env = {
+        "PRICEWATCH_DB": db,
+        "PRICEWATCH_PASSWORD": "admin pass 1",
+        "PRICEWATCH_BCRYPT_ROUNDS": "4",
+    }
+    result = run_cli(
+        "createuser", "root", "--email", "root@example.com", "--admin", env=env, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert "created admin user root" in result.stdout
     again = run_cli("createuser", "root", "--email", "root@example.com", env=env, cwd=tmp_path)

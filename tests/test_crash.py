@@ -71,36 +71,37 @@ class ServerProcess:
         self.tmp_path, self.name, self.smtp_port = tmp_path, name, smtp_port
         self.stderr_path = tmp_path / f"{name}.log"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PRICEWATCH_")}
-        self.env.update({
-            "PRICEWATCH_DB": str(tmp_path / "pricewatch.db"),
-            "PRICEWATCH_FEED": "binance",
-            "PRICEWATCH_BINANCE_WS_URL": fake_url,
-            # The fake answers Binance's REST too: no test may reach the internet.
-            "PRICEWATCH_BINANCE_REST_URL": "http" + fake_url[len("ws"):],
-            "PRICEWATCH_SMTP_HOST": "127.0.0.1",
-            # One user's load triggers hundreds of alerts: every one is mailed at once here
-            # (the hourly budget and its digest are tests/test_budget.py's business).
-            "PRICEWATCH_NOTIFY_PER_HOUR": "100000",
-            "PRICEWATCH_SMTP_PORT": str(smtp_port),
-            "PRICEWATCH_SMTP_RETRY_BASE": "0.05",
-            # SMTP is down on purpose in test 1: retries must not run out meanwhile.
-            "PRICEWATCH_SMTP_MAX_ATTEMPTS": "100",
-            "PRICEWATCH_BCRYPT_ROUNDS": "4",
-            "PRICEWATCH_LOG_LEVEL": "WARNING",
-            # One user creates alerts under load, far faster than a person would.
-            "PRICEWATCH_ALERT_CREATE_RATE": "100000",
-        })
+        self.env.update(
+            {
+                "PRICEWATCH_DB": str(tmp_path / "pricewatch.db"),
+                "PRICEWATCH_FEED": "binance",
+                "PRICEWATCH_BINANCE_WS_URL": fake_url,
+                # The fake answers Binance's REST too: no test may reach the internet.
+                "PRICEWATCH_BINANCE_REST_URL": "http" + fake_url[len("ws") :],
+                "PRICEWATCH_SMTP_HOST": "127.0.0.1",
+                # One user's load triggers hundreds of alerts: every one is mailed at once here
+                # (the hourly budget and its digest are tests/test_budget.py's business).
+                "PRICEWATCH_NOTIFY_PER_HOUR": "100000",
+                "PRICEWATCH_SMTP_PORT": str(smtp_port),
+                "PRICEWATCH_SMTP_RETRY_BASE": "0.05",
+                # SMTP is down on purpose in test 1: retries must not run out meanwhile.
+                "PRICEWATCH_SMTP_MAX_ATTEMPTS": "100",
+                "PRICEWATCH_BCRYPT_ROUNDS": "4",
+                "PRICEWATCH_LOG_LEVEL": "WARNING",
+                # One user creates alerts under load, far faster than a person would.
+                "PRICEWATCH_ALERT_CREATE_RATE": "100000",
+            }
+        )
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
 
     def ws_url(self, path: str) -> str:
-        return "ws" + self.url[len("http"):] + path
+        return "ws" + self.url[len("http") :] + path
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
 
-    async def start(self, http: aiohttp.ClientSession, fake: FakeBinance,
-                    connections: int) -> None:
+    async def start(self, http: aiohttp.ClientSession, fake: FakeBinance, connections: int) -> None:
         """Start and wait until /healthz answers 200 and the feed is connected to `fake`."""
         port = free_port()
         while port == self.smtp_port:  # that one is free only because SMTP is down
@@ -109,8 +110,15 @@ class ServerProcess:
         env = dict(self.env, PRICEWATCH_PORT=str(port))
         with open(self.stderr_path, "wb") as log:  # the child keeps its own descriptor
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pricewatch", cwd=self.tmp_path, env=env,
-                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+                sys.executable,
+                "-m",
+                "pricewatch",
+                cwd=self.tmp_path,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
         for _ in range(300):  # bounded: at most ~15 s of 50 ms attempts
             assert self.proc.returncode is None, f"{self.name} exited:\n{self.stderr()}"
             try:
@@ -140,12 +148,18 @@ class ServerProcess:
             await self.proc.wait()
 
 
-async def register(http: aiohttp.ClientSession, server: ServerProcess,
-                   username: str = "alice") -> dict:
+async def register(
+    http: aiohttp.ClientSession, server: ServerProcess, username: str = "alice"
+) -> dict:
     """Register a user with a verified address (see conftest.register)."""
-    async with http.post(server.url + "/auth/register", json={
-            "username": username, "password": "correct horse",
-            "email": f"{username}@example.com"}) as resp:
+    async with http.post(
+        server.url + "/auth/register",
+        json={
+            "username": username,
+            "password": "correct horse",
+            "email": f"{username}@example.com",
+        },
+    ) as resp:
         assert resp.status == 201, await resp.text()
         body = await resp.json()
     mark_verified(server.env["PRICEWATCH_DB"], body["id"])
@@ -163,8 +177,9 @@ class LiveFeed:
         self.ws: aiohttp.ClientWebSocketResponse | None = None
 
     async def open(self, http: aiohttp.ClientSession, server: ServerProcess, token: str):
-        self.ws = await http.ws_connect(server.ws_url("/live-feed/subscribe/"),
-                                        headers=bearer(token))
+        self.ws = await http.ws_connect(
+            server.ws_url("/live-feed/subscribe/"), headers=bearer(token)
+        )
         await self.ws.send_json({"action": "subscribe", "symbols": [SYMBOL]})
         while True:  # subscribed: every later trade reaches this socket
             msg = orjson.loads((await asyncio.wait_for(self.ws.receive(), 10)).data)
@@ -200,8 +215,7 @@ class LiveFeed:
 class Load:
     """Concurrent alert creation plus trades through the fake, with everything recorded."""
 
-    def __init__(self, http, server: ServerProcess, fake: FakeBinance, feed: LiveFeed,
-                 token: str):
+    def __init__(self, http, server: ServerProcess, fake: FakeBinance, feed: LiveFeed, token: str):
         self.http, self.server, self.fake, self.feed = http, server, fake, feed
         self.headers = bearer(token)
         self.trades: list[float] = []  # price of trade j, appended before it is sent
@@ -234,8 +248,10 @@ class Load:
             acked_before = self.feed.acked  # trades 0..acked_before ran before this alert
             try:
                 async with self.http.post(
-                        self.server.url + "/api/v1/alerts", headers=self.headers,
-                        json={"asset": SYMBOL, "price": target, "direction": direction}) as r:
+                    self.server.url + "/api/v1/alerts",
+                    headers=self.headers,
+                    json={"asset": SYMBOL, "price": target, "direction": direction},
+                ) as r:
                     status, body = r.status, await r.json()
             except aiohttp.ClientError:  # the kill cut it off: it may or may not exist
                 self.unknown.append((target, direction))
@@ -247,9 +263,12 @@ class Load:
                     assert (body["price"], body["direction"]) == (target, direction), body
                     assert body["status"] == "CREATED", body
                     # Trades from index `sent_before` on were sent after this alert existed.
-                    self.created[body["id"]] = {"price": target, "direction": direction,
-                                                "acked_before": acked_before,
-                                                "sent_before": len(self.trades)}
+                    self.created[body["id"]] = {
+                        "price": target,
+                        "direction": direction,
+                        "acked_before": acked_before,
+                        "sent_before": len(self.trades),
+                    }
                 self._progress.notify_all()
             if status != 201:
                 return
@@ -276,8 +295,9 @@ class Load:
 async def fetch_all(http, url: str, headers: dict) -> list[dict]:
     listed, page = [], 1
     while True:
-        async with http.get(url + f"/api/v1/alerts?page={page}&page_size=100",
-                            headers=headers) as resp:
+        async with http.get(
+            url + f"/api/v1/alerts?page={page}&page_size=100", headers=headers
+        ) as resp:
             assert resp.status == 200, await resp.text()
             body = await resp.json()
         listed += body["results"]
@@ -331,13 +351,17 @@ async def test_sigkill_under_load_loses_nothing_and_emails_each_trigger_once(tmp
             assert set(load.created) <= set(ids), "an acknowledged alert was lost"
             extras = [a for a in listed if a["id"] not in load.created]
             assert not Counter((a["price"], a["direction"]) for a in extras) - Counter(
-                load.unknown), "an alert nobody asked for (or acknowledged) exists"
+                load.unknown
+            ), "an alert nobody asked for (or acknowledged) exists"
             before = await fetch_each(http, url, headers, load.created)
             by_id = {a["id"]: a for a in listed}
             for alert_id, alert in before.items():
                 info = load.created[alert_id]
                 assert (alert["asset"], alert["price"], alert["direction"]) == (
-                    SYMBOL, info["price"], info["direction"]), alert
+                    SYMBOL,
+                    info["price"],
+                    info["direction"],
+                ), alert
                 # The same as listed, but for `notified`: the notifier is already at work.
                 assert {**alert, "notified": None} == {**by_id[alert_id], "notified": None}
 
@@ -358,10 +382,14 @@ async def test_sigkill_under_load_loses_nothing_and_emails_each_trigger_once(tmp
                     # Not on a trade processed before the alert existed; and at the latest on
                     # the first crossing trade sent after its 201 (never on a later one).
                     assert j > info["acked_before"], (alert, info)
-                    first_sure = next((i for i in range(info["sent_before"],
-                                                        len(sent_before_kill))
-                                       if crosses(alert["direction"], alert["price"],
-                                                  sent_before_kill[i])), None)
+                    first_sure = next(
+                        (
+                            i
+                            for i in range(info["sent_before"], len(sent_before_kill))
+                            if crosses(alert["direction"], alert["price"], sent_before_kill[i])
+                        ),
+                        None,
+                    )
                     assert first_sure is None or j <= first_sure, (alert, info, first_sure)
             # What the server announced as triggered was on disk.
             for alert_id, event in pre_kill_events.items():
@@ -399,7 +427,9 @@ async def test_sigkill_under_load_loses_nothing_and_emails_each_trigger_once(tmp
                 if alert_id in triggered:  # triggered once: the restart did not re-fire it
                     old = triggered[alert_id]
                     assert (alert["triggered_at"], alert["triggered_price"]) == (
-                        old["triggered_at"], old["triggered_price"]), alert
+                        old["triggered_at"],
+                        old["triggered_price"],
+                    ), alert
                 else:
                     j = trade_index(alert["triggered_at"])
                     assert after_trades.get(j) == alert["triggered_price"], alert
@@ -440,8 +470,9 @@ async def test_sigterm_closes_websockets_with_1001_and_exits_cleanly(tmp_path, s
             sockets.append(ohlc)
             await ohlc.send_json({"symbol": SYMBOL, "timeframe": "1m"})
             assert (await asyncio.wait_for(ohlc.receive_json(), 5))["type"] == "snapshot"
-            live = await http.ws_connect(server.ws_url("/live-feed/subscribe/"),
-                                         headers=bearer(token))
+            live = await http.ws_connect(
+                server.ws_url("/live-feed/subscribe/"), headers=bearer(token)
+            )
             sockets.append(live)
             await live.send_json({"action": "subscribe"})
             assert (await asyncio.wait_for(live.receive_json(), 5))["type"] == "subscribed"

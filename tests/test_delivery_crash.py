@@ -104,18 +104,21 @@ class HoldingSmtp(SmtpSink):
 
 def deliveries(db: str) -> list[tuple]:
     with sqlite3.connect(db, timeout=10) as conn:
-        rows = conn.execute("SELECT event_id, channel, status, attempts FROM deliveries"
-                            " ORDER BY id").fetchall()
+        rows = conn.execute(
+            "SELECT event_id, channel, status, attempts FROM deliveries ORDER BY id"
+        ).fetchall()
     conn.close()
     return rows
 
 
-async def add_channel(http, server: ServerProcess, headers: dict, kind: str, receiver
-                      ) -> int | str:
+async def add_channel(http, server: ServerProcess, headers: dict, kind: str, receiver) -> int | str:
     if kind == "email":
         return "email"
-    body = ({"type": "webhook", "url": receiver.url + "/hook", "format": "json"}
-            if kind == "webhook" else {"type": "telegram", "chat_id": "4242"})
+    body = (
+        {"type": "webhook", "url": receiver.url + "/hook", "format": "json"}
+        if kind == "webhook"
+        else {"type": "telegram", "chat_id": "4242"}
+    )
     async with http.post(server.url + "/api/v1/channels", headers=headers, json=body) as r:
         assert r.status == 201, await r.text()
         channel = await r.json()
@@ -125,22 +128,29 @@ async def add_channel(http, server: ServerProcess, headers: dict, kind: str, rec
 
 
 @pytest.mark.parametrize("kind", ["email", "webhook", "telegram"])
-async def test_sigkill_with_a_delivery_in_flight_delivers_it_once_after_restart(tmp_path,
-                                                                              kind):
+async def test_sigkill_with_a_delivery_in_flight_delivers_it_once_after_restart(tmp_path, kind):
     smtp_port = free_port()
-    receiver = {"email": lambda: HoldingSmtp(smtp_port), "webhook": HoldingWebhook,
-                "telegram": HoldingTelegram}[kind]()
+    receiver = {
+        "email": lambda: HoldingSmtp(smtp_port),
+        "webhook": HoldingWebhook,
+        "telegram": HoldingTelegram,
+    }[kind]()
     async with FakeBinance() as fake, receiver, aiohttp.ClientSession() as http:
-        servers = [ServerProcess(tmp_path, name, fake.url, smtp_port)
-                   for name in ("first", "second")]
+        servers = [
+            ServerProcess(tmp_path, name, fake.url, smtp_port) for name in ("first", "second")
+        ]
         for server in servers:
-            server.env.update({
-                "PRICEWATCH_ALLOW_PRIVATE_WEBHOOKS": "true",
-                "PRICEWATCH_TELEGRAM_BOT_TOKEN": "123:abc",
-                "PRICEWATCH_TELEGRAM_API_URL": receiver.url or "http://127.0.0.1:9",
-                "PRICEWATCH_DELIVERY_RETRY_BASE": "0.05",
-                # The held request must still be in flight when the kill comes.
-                "PRICEWATCH_DELIVERY_TIMEOUT": "60", "PRICEWATCH_SMTP_TIMEOUT": "60"})
+            server.env.update(
+                {
+                    "PRICEWATCH_ALLOW_PRIVATE_WEBHOOKS": "true",
+                    "PRICEWATCH_TELEGRAM_BOT_TOKEN": "123:abc",
+                    "PRICEWATCH_TELEGRAM_API_URL": receiver.url or "http://127.0.0.1:9",
+                    "PRICEWATCH_DELIVERY_RETRY_BASE": "0.05",
+                    # The held request must still be in flight when the kill comes.
+                    "PRICEWATCH_DELIVERY_TIMEOUT": "60",
+                    "PRICEWATCH_SMTP_TIMEOUT": "60",
+                }
+            )
         first, second = servers
         db = first.env["PRICEWATCH_DB"]
         try:
@@ -148,9 +158,16 @@ async def test_sigkill_with_a_delivery_in_flight_delivers_it_once_after_restart(
             user = await register(http, first)
             headers = bearer(user["access"])
             channel = await add_channel(http, first, headers, kind, receiver)
-            async with http.post(first.url + "/api/v1/alerts", headers=headers, json={
-                    "asset": SYMBOL, "price": TARGET, "direction": "above",
-                    "channels": [channel]}) as r:
+            async with http.post(
+                first.url + "/api/v1/alerts",
+                headers=headers,
+                json={
+                    "asset": SYMBOL,
+                    "price": TARGET,
+                    "direction": "above",
+                    "channels": [channel],
+                },
+            ) as r:
                 assert r.status == 201, await r.text()
                 alert = await r.json()
 

@@ -28,15 +28,19 @@ async def webhook_user(http, server, name: str, receiver: WebhookReceiver) -> st
 
 async def alerts_at(http, server, tok, count: int) -> None:
     for i in range(count):
-        status, alert = await create(http, server, tok, asset="BTCUSDT",
-                                     price=100.5 + i / 100, direction="above")
+        status, alert = await create(
+            http, server, tok, asset="BTCUSDT", price=100.5 + i / 100, direction="above"
+        )
         assert status == 201, alert
 
 
 async def test_a_webhook_that_hangs_does_not_hold_back_other_users(make_settings, http, fake):
     settings = market(make_settings, fake, allow_private_webhooks=True, delivery_timeout=5.0)
-    async with WebhookReceiver() as stuck, WebhookReceiver() as good, \
-            LiveServer(settings) as server:
+    async with (
+        WebhookReceiver() as stuck,
+        WebhookReceiver() as good,
+        LiveServer(settings) as server,
+    ):
         stuck.hold.set()  # answers nothing until released (the sink times out first)
         mallory = await webhook_user(http, server, "mallory", stuck)
         alice = await webhook_user(http, server, "alice", good)
@@ -51,11 +55,18 @@ async def test_a_webhook_that_hangs_does_not_hold_back_other_users(make_settings
         assert 1 <= len(stuck.arrivals) <= WebhookSink.per_user
 
 
-async def test_a_retry_after_of_zero_still_waits_the_first_backoff_step(make_settings, http,
-                                                                        fake):
-    async with WebhookReceiver() as receiver, LiveServer(make_settings(
-            feed="binance", binance_ws_url=fake.url, allow_private_webhooks=True,
-            delivery_retry_base=0.5)) as server:
+async def test_a_retry_after_of_zero_still_waits_the_first_backoff_step(make_settings, http, fake):
+    async with (
+        WebhookReceiver() as receiver,
+        LiveServer(
+            make_settings(
+                feed="binance",
+                binance_ws_url=fake.url,
+                allow_private_webhooks=True,
+                delivery_retry_base=0.5,
+            )
+        ) as server,
+    ):
         tok = await webhook_user(http, server, "alice", receiver)
         receiver.answer(429, times=2, headers={"Retry-After": "0"})
         async with Trader(fake, server, http, tok) as trader:
@@ -79,8 +90,7 @@ async def test_a_deleted_channel_gets_nothing_more(make_settings, http, fake):
             await trader.trade(110.0)
             in_flight = WebhookSink.per_user
             await receiver.wait_for(lambda: len(receiver.arrivals) == in_flight, timeout=10)
-            status, _ = await call(http, server, "DELETE", f"/api/v1/channels/{made['id']}",
-                                   tok)
+            status, _ = await call(http, server, "DELETE", f"/api/v1/channels/{made['id']}", tok)
             assert status == 204
             receiver.release.set()  # the sends already made finish ...
             deliverer = server.app[DELIVERER]
@@ -122,9 +132,17 @@ def test_chat_text_fits_the_limit_as_the_service_counts(utf16, limit):
 
 
 async def test_a_channel_that_asks_to_retry_gets_no_more_until_then(make_settings, http, fake):
-    async with WebhookReceiver() as down, LiveServer(make_settings(
-            feed="binance", binance_ws_url=fake.url, allow_private_webhooks=True,
-            delivery_retry_base=30.0)) as server:
+    async with (
+        WebhookReceiver() as down,
+        LiveServer(
+            make_settings(
+                feed="binance",
+                binance_ws_url=fake.url,
+                allow_private_webhooks=True,
+                delivery_retry_base=30.0,
+            )
+        ) as server,
+    ):
         tok = await webhook_user(http, server, "alice", down)
         down.answer(503, times=100)
         deliverer = server.app[DELIVERER]
@@ -133,18 +151,22 @@ async def test_a_channel_that_asks_to_retry_gets_no_more_until_then(make_setting
             await alerts_at(http, server, tok, 30)
             await trader.trade(110.0)
             # The first sends (one user: WebhookSink.per_user at once) are answered 503 ...
-            await deliverer.wait_until(lambda: deliverer.attempts >= WebhookSink.per_user
-                                       and not deliverer._inflight, timeout=10)
+            await deliverer.wait_until(
+                lambda: deliverer.attempts >= WebhookSink.per_user and not deliverer._inflight,
+                timeout=10,
+            )
         # ... and the 22 others, claimed to go next or not, wait with them (30 s).
         assert len(down.arrivals) == WebhookSink.per_user
         due = await server.app[STORE].next_delivery_due(["webhook"])
         assert due is not None and due - clock.now() > 20
 
 
-async def test_a_digest_takes_one_claim_however_many_triggers_it_carries(make_settings, http,
-                                                                          fake, later):
-    settings = market(make_settings, fake, allow_private_webhooks=True, notify_per_hour=1,
-                      delivery_timeout=30.0)
+async def test_a_digest_takes_one_claim_however_many_triggers_it_carries(
+    make_settings, http, fake, later
+):
+    settings = market(
+        make_settings, fake, allow_private_webhooks=True, notify_per_hour=1, delivery_timeout=30.0
+    )
     async with WebhookReceiver() as receiver, LiveServer(settings) as server:
         tok = await webhook_user(http, server, "mallory", receiver)
         deliverer = server.app[DELIVERER]
@@ -167,9 +189,14 @@ async def test_a_verification_between_the_read_and_the_wait_stands(make_settings
     from smtp_sink import SmtpSink
     from test_verify import code_of, post
 
-    async with SmtpSink() as smtp, LiveServer(make_settings(
-            feed="binance", binance_ws_url=fake.url, smtp_host="127.0.0.1",
-            smtp_port=smtp.port)) as server:
+    async with (
+        SmtpSink() as smtp,
+        LiveServer(
+            make_settings(
+                feed="binance", binance_ws_url=fake.url, smtp_host="127.0.0.1", smtp_port=smtp.port
+            )
+        ) as server,
+    ):
         user = await register(http, server, "kim", verified=False)
         tok = user["access"]
         code = code_of((await smtp.wait_codes(1))[0])

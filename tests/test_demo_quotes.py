@@ -14,17 +14,21 @@ from fake_binance import FakeBinance
 from pricewatch.config import Settings
 
 
-@pytest.mark.parametrize(("quotes", "feed", "key", "source"), [
-    ("auto", "demo", None, "demo"),
-    ("auto", "demo", "KEY", "alphavantage"),
-    ("auto", "binance", None, None),
-    ("auto", "binance", "KEY", "alphavantage"),
-    ("demo", "binance", "KEY", "demo"),
-    ("alphavantage", "demo", None, None),
-    ("off", "demo", "KEY", None),
-])
+@pytest.mark.parametrize(
+    ("quotes", "feed", "key", "source"),
+    [
+        ("auto", "demo", None, "demo"),
+        ("auto", "demo", "KEY", "alphavantage"),
+        ("auto", "binance", None, None),
+        ("auto", "binance", "KEY", "alphavantage"),
+        ("demo", "binance", "KEY", "demo"),
+        ("alphavantage", "demo", None, None),
+        ("off", "demo", "KEY", None),
+    ],
+)
 def test_quote_source_follows_the_setting_the_feed_and_the_key(
-        quotes: str, feed: str, key: str | None, source: str | None) -> None:
+    quotes: str, feed: str, key: str | None, source: str | None
+) -> None:
     settings = Settings(quotes=quotes, feed=feed, alphavantage_api_key=key)
     assert settings.quote_source == source
 
@@ -34,12 +38,18 @@ def test_quotes_setting_is_read_from_the_environment() -> None:
 
 
 async def test_demo_quotes_store_the_latest_usdt_price_and_push_it_on_ws_rates(
-        make_settings) -> None:
+    make_settings,
+) -> None:
     now = int(time.time() * 1000)
-    async with FakeBinance() as fake, \
-            LiveServer(make_settings(feed="binance", binance_ws_url=fake.url, quotes="demo",
-                                     alphavantage_interval=0.05)) as server, \
-            aiohttp.ClientSession() as http:
+    async with (
+        FakeBinance() as fake,
+        LiveServer(
+            make_settings(
+                feed="binance", binance_ws_url=fake.url, quotes="demo", alphavantage_interval=0.05
+            )
+        ) as server,
+        aiohttp.ClientSession() as http,
+    ):
         await fake.wait_connections(1)
         async with http.ws_connect(server.ws_url("/ws/rates/")) as rates:
             await fake.send_book("BTCUSDT", 42000.25, 42000.75)
@@ -55,8 +65,9 @@ async def test_demo_quotes_store_the_latest_usdt_price_and_push_it_on_ws_rates(
         assert abs(time.time() - quoted) < 60  # source_time is now, not the trade's time
 
         user = await register(http, server)
-        async with http.get(server.url + "/api/v1/quotes?per_page=1",
-                            headers=bearer(user["access"])) as resp:
+        async with http.get(
+            server.url + "/api/v1/quotes?per_page=1", headers=bearer(user["access"])
+        ) as resp:
             assert resp.status == 200
             stored = (await resp.json())["results"][0]
         assert stored["rate"] == 42000.5 and stored["from_currency"] == "BTC"

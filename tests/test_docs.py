@@ -139,8 +139,9 @@ def test_docs_examples_use_only_variables_the_docs_define():
     """`$ACCESS`, `$ADMIN`, ... in any doc's example are set in some example of the docs (the
     accounts section of api.md defines the tokens)."""
     pages = [README, *DOCS]
-    defined = {name for page in pages for line in shell_lines(page)
-               for name in ASSIGNED.findall(line)}
+    defined = {
+        name for page in pages for line in shell_lines(page) for name in ASSIGNED.findall(line)
+    }
     for page in pages:
         for line in shell_lines(page):
             assert set(USED.findall(line)) <= defined, (page.name, line)
@@ -183,17 +184,27 @@ def test_readme_walkthrough_runs_as_written(tmp_path):
     wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     wrapper.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRICEWATCH_")}
-    env.update(PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-               PRICEWATCH_PORT=str(server), PRICEWATCH_BCRYPT_ROUNDS="4",
-               PRICEWATCH_LOG_LEVEL="WARNING")
+    env.update(
+        PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        PRICEWATCH_PORT=str(server),
+        PRICEWATCH_BCRYPT_ROUNDS="4",
+        PRICEWATCH_LOG_LEVEL="WARNING",
+    )
     run = tmp_path / "run"
     run.mkdir()
     (run / "walkthrough.sh").write_text(
-        "set -eu\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n" + script)
-    proc = subprocess.Popen(["bash", "walkthrough.sh"], cwd=run, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+        "set -eu\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n" + script
+    )
+    proc = subprocess.Popen(
+        ["bash", "walkthrough.sh"],
+        cwd=run,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:

@@ -69,14 +69,14 @@ class Feed:
         self.next_id = 1
         self.sent = 0
 
-    async def burst(self, prices: list[float], symbol: str = "BTCUSDT", spread_ms: int = 0,
-                    chunks: int = 10) -> None:
+    async def burst(
+        self, prices: list[float], symbol: str = "BTCUSDT", spread_ms: int = 0, chunks: int = 10
+    ) -> None:
         """Send `prices` as trades, `spread_ms` apart in trade time, in `chunks` writes
         with a loop turn between them (so the server flushes while the burst goes on)."""
         size = max(1, len(prices) // chunks)
         for i, price in enumerate(prices):
-            await self.fake.send_trade(symbol, self.next_id, price, 0.5,
-                                       T0 + self.sent * spread_ms)
+            await self.fake.send_trade(symbol, self.next_id, price, 0.5, T0 + self.sent * spread_ms)
             self.next_id += 1
             self.sent += 1
             if (i + 1) % size == 0:
@@ -95,8 +95,7 @@ class Subscriber:
 
     @classmethod
     async def open(cls, http, server: LiveServer, token: str, **subscribe) -> Subscriber:
-        ws = await http.ws_connect(server.ws_url("/live-feed/subscribe/"),
-                                   headers=bearer(token))
+        ws = await http.ws_connect(server.ws_url("/live-feed/subscribe/"), headers=bearer(token))
         sub = cls(ws)
         if subscribe:
             await ws.send_json({"action": "subscribe", **subscribe})
@@ -120,8 +119,10 @@ class Subscriber:
 
     async def wait_price(self, symbol: str, price: float) -> float:
         """Arrival time of the price message for `symbol` at `price`."""
+
         def seen():
             return any(m["symbol"] == symbol and m["price"] == price for _, m in self.prices)
+
         await self.wait(seen)
         return next(t for t, m in self.prices if m["symbol"] == symbol and m["price"] == price)
 
@@ -142,20 +143,22 @@ def assert_rate(got: list[tuple[float, dict]], rate: int, start: float, end: flo
 
 
 async def test_a_burst_arrives_conflated_at_max_rate_with_the_exact_last_price(
-        live: LiveServer, fake: FakeBinance, http) -> None:
+    live: LiveServer, fake: FakeBinance, http
+) -> None:
     processed = Processed(live)
     feed = Feed(fake)
     user = await register(http, live)
     default = await Subscriber.open(http, live, user["access"])
     two = await Subscriber.open(http, live, user["access"], symbols=["BTCUSDT"], max_rate=2)
-    every = await Subscriber.open(http, live, user["access"], symbols=["BTCUSDT"],
-                                  max_rate=0)
+    every = await Subscriber.open(http, live, user["access"], symbols=["BTCUSDT"], max_rate=0)
     prices = [10_000.0 + i / 4 for i in range(BURST)]
     start = time.monotonic()
     await feed.burst(prices)
     last = prices[-1]
-    arrivals = {name: await sub.wait_price("BTCUSDT", last)
-                for name, sub in (("default", default), ("two", two), ("every", every))}
+    arrivals = {
+        name: await sub.wait_price("BTCUSDT", last)
+        for name, sub in (("default", default), ("two", two), ("every", every))
+    }
     done = processed.at["BTCUSDT"]
     assert processed.count == BURST
     max_rate = live.settings.ws_max_rate
@@ -173,8 +176,11 @@ async def test_a_burst_arrives_conflated_at_max_rate_with_the_exact_last_price(
     text = await scrape(http, live)
     flushes = sample(text, "pricewatch_websocket_state_flushes_total")
     assert len(got) <= flushes and len(default.since(start)) + len(two.since(start)) <= flushes
-    assert 0 < sample(text, "pricewatch_websocket_state_flush_max_seconds") <= sample(
-        text, "pricewatch_websocket_state_flush_seconds_total")
+    assert (
+        0
+        < sample(text, "pricewatch_websocket_state_flush_max_seconds")
+        <= sample(text, "pricewatch_websocket_state_flush_seconds_total")
+    )
     for sub in (default, two, every):
         await sub.close()
 
@@ -184,8 +190,7 @@ async def test_bad_max_rate_is_an_error_naming_the_field(live: LiveServer, http)
     sub = await Subscriber.open(http, live, user["access"])
     async with http.ws_connect(live.ws_url("/ws/ohlc/")) as ohlc:
         for bad in (11, -1, 2.5, "5", True, [1]):
-            await sub.ws.send_json({"action": "subscribe", "symbols": ["BTCUSDT"],
-                                    "max_rate": bad})
+            await sub.ws.send_json({"action": "subscribe", "symbols": ["BTCUSDT"], "max_rate": bad})
             await ohlc.send_json({"symbol": "BTCUSDT", "timeframe": "1m", "max_rate": bad})
             msg = await ohlc.receive_json(timeout=5)
             assert msg["type"] == "error" and "max_rate" in msg["fields"], (bad, msg)
@@ -197,14 +202,16 @@ async def test_bad_max_rate_is_an_error_naming_the_field(live: LiveServer, http)
 
 
 async def test_thirty_alerts_crossed_by_one_burst_arrive_in_order_while_prices_conflate(
-        live: LiveServer, fake: FakeBinance, http) -> None:
+    live: LiveServer, fake: FakeBinance, http
+) -> None:
     user = await register(http, live)
     async with Trader(fake, live, http, user["access"]) as trader:
         await trader.trade(1000.0)
         ids = []
         for k in range(30):
-            status, alert = await create(http, live, user["access"], asset="BTCUSDT",
-                                         price=1001.0 + k, direction="above")
+            status, alert = await create(
+                http, live, user["access"], asset="BTCUSDT", price=1001.0 + k, direction="above"
+            )
             assert status == 201, alert
             ids.append(alert["id"])
         feed = Feed(fake)
@@ -231,8 +238,9 @@ async def test_thirty_alerts_crossed_by_one_burst_arrive_in_order_while_prices_c
         assert len(trader.alerts) == 30
 
 
-async def test_candle_conflation_keeps_exact_ohlcv(live: LiveServer, fake: FakeBinance,
-                                                   http) -> None:
+async def test_candle_conflation_keeps_exact_ohlcv(
+    live: LiveServer, fake: FakeBinance, http
+) -> None:
     feed = Feed(fake)
     async with http.ws_connect(live.ws_url("/ws/ohlc/")) as ws:
         await ws.send_json({"symbol": "BTCUSDT", "timeframe": "1m"})
@@ -240,8 +248,9 @@ async def test_candle_conflation_keeps_exact_ohlcv(live: LiveServer, fake: FakeB
         # 2000 trades over 3 minutes of trade time (90 ms apart), prices going up and down.
         prices = [100.0 + (i * 7919 % 1000) / 100 for i in range(BURST)]
         await feed.burst(prices, spread_ms=90)
-        async with http.get(live.url + "/api/v1/ohlc",
-                            params={"symbol": "BTCUSDT", "timeframe": "1m"}) as resp:
+        async with http.get(
+            live.url + "/api/v1/ohlc", params={"symbol": "BTCUSDT", "timeframe": "1m"}
+        ) as resp:
             rest = (await resp.json())["data"]
         assert len(rest) == 3 and sum(c["trades"] for c in rest) == BURST
         last: dict[str, dict] = {}
@@ -259,7 +268,8 @@ async def test_candle_conflation_keeps_exact_ohlcv(live: LiveServer, fake: FakeB
 
 
 async def test_a_non_reader_stays_within_its_byte_bound_and_never_delays_the_others(
-        live: LiveServer, fake: FakeBinance, http) -> None:
+    live: LiveServer, fake: FakeBinance, http
+) -> None:
     hub = live.app[HUB]
     processed = Processed(live)
     feed = Feed(fake)
@@ -267,10 +277,13 @@ async def test_a_non_reader_stays_within_its_byte_bound_and_never_delays_the_oth
     reader = await Subscriber.open(http, live, user["access"], symbols=["BTCUSDT"])
     stalled = await RawWebSocket.connect(live.url, "/ws/ohlc/", rcvbuf=4096)
     (client,) = [c for c in hub.clients if c.endpoint == "ohlc"]
-    client.transport.get_extra_info("socket").setsockopt(
-        socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    stalled.send_json(*[{"symbol": "BTCUSDT", "timeframe": tf, "limit": 1000, "max_rate": 0}
-                        for tf in ("1s", "1m", "5m", "15m", "1h", "4h", "1d")])
+    client.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    stalled.send_json(
+        *[
+            {"symbol": "BTCUSDT", "timeframe": tf, "limit": 1000, "max_rate": 0}
+            for tf in ("1s", "1m", "5m", "15m", "1h", "4h", "1d")
+        ]
+    )
     stalled.writer.transport.pause_reading()  # from now on not even the kernel reads for it
     price = 20_000.0
     bursts = 0

@@ -114,36 +114,42 @@ def binance(fake: FakeBinance, sink: Sink, **kw: float) -> BinanceFeed:
 
 
 def test_decode_event_reads_combined_and_raw_frames() -> None:
-    wrapped = (b'{"stream":"btcusdt@trade","data":{"e":"trade","E":1704067200123,"s":"BTCUSDT",'
-               b'"t":3340000001,"p":"42283.58000000","q":"0.00120000","T":1704067200121,'
-               b'"m":true,"M":true}}')
+    wrapped = (
+        b'{"stream":"btcusdt@trade","data":{"e":"trade","E":1704067200123,"s":"BTCUSDT",'
+        b'"t":3340000001,"p":"42283.58000000","q":"0.00120000","T":1704067200121,'
+        b'"m":true,"M":true}}'
+    )
     assert decode_event(wrapped) == Tick("BTCUSDT", 42283.58, 0.0012, 1704067200121, 3340000001)
-    raw = ('{"u":400900217,"s":"BNBUSDT","b":"25.35190000","B":"31.21000000",'
-           '"a":"25.36520000","A":"40.66000000"}')
+    raw = (
+        '{"u":400900217,"s":"BNBUSDT","b":"25.35190000","B":"31.21000000",'
+        '"a":"25.36520000","A":"40.66000000"}'
+    )
     assert decode_event(raw) == Book("BNBUSDT", 25.3519, 25.3652, 31.21, 40.66)
     assert decode_event('{"result":null,"id":7}') is None
-    assert decode_event('{"e":"serverShutdown","E":1704153600000}') == ServerShutdown(
-        1704153600000)
+    assert decode_event('{"e":"serverShutdown","E":1704153600000}') == ServerShutdown(1704153600000)
     # float() keeps Binance's decimal strings exactly (repr round-trips them)
     tick = decode_event(wrapped.replace(b"42283.58000000", b"0.00000001"))
     assert isinstance(tick, Tick) and repr(tick.price) == "1e-08"
 
 
-@pytest.mark.parametrize(("frame", "kind"), [
-    ("not json", "invalid_json"),
-    ("[1, 2, 3]", "not_an_object"),
-    ('{"stream":"x","data":[1]}', "not_an_object"),
-    ('{"e":"trade","s":"BTCUSDT","t":1,"q":"1","T":1}', "missing_field"),
-    ('{"e":"trade","s":"BTCUSDT","t":1,"p":"abc","q":"1","T":1}', "bad_number"),
-    ('{"e":"trade","s":"BTCUSDT","t":1,"p":"-1","q":"1","T":1}', "bad_number"),
-    ('{"e":"trade","s":"BTCUSDT","t":1,"p":"0","q":"1","T":1}', "bad_number"),
-    ('{"e":"trade","s":"BTCUSDT","t":1,"p":"NaN","q":"1","T":1}', "bad_number"),
-    ('{"e":"trade","s":"BTCUSDT","t":1,"p":"inf","q":"1","T":1}', "bad_number"),
-    ('{"e":"trade","s":"BTCUSDT","t":"1","p":"1","q":"1","T":1}', "bad_field"),
-    ('{"u":1,"s":"BTCUSDT","b":"1","B":"1","a":"1"}', "missing_field"),
-    ('{"code":2,"msg":"Invalid request"}', "error_reply"),
-    ('{"e":"kline","s":"BTCUSDT"}', "unknown_event"),
-])
+@pytest.mark.parametrize(
+    ("frame", "kind"),
+    [
+        ("not json", "invalid_json"),
+        ("[1, 2, 3]", "not_an_object"),
+        ('{"stream":"x","data":[1]}', "not_an_object"),
+        ('{"e":"trade","s":"BTCUSDT","t":1,"q":"1","T":1}', "missing_field"),
+        ('{"e":"trade","s":"BTCUSDT","t":1,"p":"abc","q":"1","T":1}', "bad_number"),
+        ('{"e":"trade","s":"BTCUSDT","t":1,"p":"-1","q":"1","T":1}', "bad_number"),
+        ('{"e":"trade","s":"BTCUSDT","t":1,"p":"0","q":"1","T":1}', "bad_number"),
+        ('{"e":"trade","s":"BTCUSDT","t":1,"p":"NaN","q":"1","T":1}', "bad_number"),
+        ('{"e":"trade","s":"BTCUSDT","t":1,"p":"inf","q":"1","T":1}', "bad_number"),
+        ('{"e":"trade","s":"BTCUSDT","t":"1","p":"1","q":"1","T":1}', "bad_field"),
+        ('{"u":1,"s":"BTCUSDT","b":"1","B":"1","a":"1"}', "missing_field"),
+        ('{"code":2,"msg":"Invalid request"}', "error_reply"),
+        ('{"e":"kline","s":"BTCUSDT"}', "unknown_event"),
+    ],
+)
 def test_decode_event_rejects_malformed_frames(frame: str, kind: str) -> None:
     with pytest.raises(ParseError) as info:
         decode_event(frame)
@@ -157,8 +163,9 @@ async def test_trade_is_parsed_into_tick_with_exact_values(fake: FakeBinance, si
     feed = binance(fake, sink)
     async with running(feed):
         await fake.wait_connections(1)
-        assert fake.connections == [["btcusdt@trade", "btcusdt@bookTicker",
-                                     "ethusdt@trade", "ethusdt@bookTicker"]]
+        assert fake.connections == [
+            ["btcusdt@trade", "btcusdt@bookTicker", "ethusdt@trade", "ethusdt@bookTicker"]
+        ]
         await fake.send_trade("XRPUSDT", 9, "0.61", "10", T0)  # not watched: ignored
         await fake.send_trade("BTCUSDT", 3340000001, "42283.58000000", "0.00120000", T0)
         await fake.send_trade("ETHUSDT", 1288860001, "2281.47000000", "0.43340000", T0 + 8)
@@ -167,8 +174,9 @@ async def test_trade_is_parsed_into_tick_with_exact_values(fake: FakeBinance, si
         health = feed.health()
     assert health["kind"] == "binance"
     assert health["state"] == "connected"
-    assert health["url"] == fake.url + ("/stream?streams=btcusdt@trade/btcusdt@bookTicker/"
-                                        "ethusdt@trade/ethusdt@bookTicker")
+    assert health["url"] == fake.url + (
+        "/stream?streams=btcusdt@trade/btcusdt@bookTicker/ethusdt@trade/ethusdt@bookTicker"
+    )
     assert health["messages"] == 3 and health["parse_errors"] == 0
     assert health["reconnects"] == 0
     assert 0 <= health["last_message_age"] < 5
@@ -178,14 +186,16 @@ async def test_trade_is_parsed_into_tick_with_exact_values(fake: FakeBinance, si
 async def test_book_ticker_is_parsed_into_book(fake: FakeBinance, sink: Sink) -> None:
     async with running(binance(fake, sink)):
         await fake.wait_connections(1)
-        await fake.send_book("ETHUSDT", "2281.46000000", "2281.47000000", "12.40210000",
-                             "8.10000000")
+        await fake.send_book(
+            "ETHUSDT", "2281.46000000", "2281.47000000", "12.40210000", "8.10000000"
+        )
         assert await sink.next() == Book("ETHUSDT", 2281.46, 2281.47, 12.4021, 8.1)
     assert sink.ticks == []
 
 
-async def test_upstream_close_reconnects_with_the_same_streams(fake: FakeBinance,
-                                                              sink: Sink) -> None:
+async def test_upstream_close_reconnects_with_the_same_streams(
+    fake: FakeBinance, sink: Sink
+) -> None:
     feed = binance(fake, sink)
     async with running(feed):
         await fake.wait_connections(1)
@@ -202,8 +212,9 @@ async def test_upstream_close_reconnects_with_the_same_streams(fake: FakeBinance
     assert len(fake.connections[0]) == 4
 
 
-async def test_garbage_frames_are_counted_and_skipped(fake: FakeBinance, sink: Sink,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+async def test_garbage_frames_are_counted_and_skipped(
+    fake: FakeBinance, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
     feed = binance(fake, sink)
     async with running(feed):
         await fake.wait_connections(1)
@@ -279,8 +290,14 @@ async def test_busy_connection_is_not_considered_stale(fake: FakeBinance, sink: 
 
 async def test_refused_connection_backs_off_then_connects(sink: Sink) -> None:
     port = free_port()
-    feed = BinanceFeed(f"ws://127.0.0.1:{port}", SYMBOLS, sink.on_tick, sink.on_book,
-                       backoff_initial=0.05, backoff_cap=0.2)
+    feed = BinanceFeed(
+        f"ws://127.0.0.1:{port}",
+        SYMBOLS,
+        sink.on_tick,
+        sink.on_book,
+        backoff_initial=0.05,
+        backoff_cap=0.2,
+    )
     async with running(feed):
         await wait_state(feed, "backoff")
         async with FakeBinance(port=port) as fake:
@@ -340,8 +357,15 @@ def csv_ticks(path: Path, symbol: str) -> list[Tick]:
             if not row[0].isdigit():
                 continue
             t = int(row[4])
-            out.append(Tick(symbol, float(row[1]), float(row[2]),
-                            t // 1000 if t > 10**14 else t, int(row[0])))
+            out.append(
+                Tick(
+                    symbol,
+                    float(row[1]),
+                    float(row[2]),
+                    t // 1000 if t > 10**14 else t,
+                    int(row[0]),
+                )
+            )
     return out
 
 
@@ -369,8 +393,7 @@ async def test_replay_csv_with_header_and_microsecond_times(sink: Sink) -> None:
 
 
 async def test_replay_jsonl_of_stream_frames(sink: Sink) -> None:
-    feed = ReplayFeed(DATA / "binance-stream-sample.jsonl", SYMBOLS, sink.on_tick,
-                      sink.on_book)
+    feed = ReplayFeed(DATA / "binance-stream-sample.jsonl", SYMBOLS, sink.on_tick, sink.on_book)
     await feed.run()
     assert feed.done.is_set()
     assert sink.ticks == [  # the BNBUSDT trade is not watched
@@ -379,19 +402,23 @@ async def test_replay_jsonl_of_stream_frames(sink: Sink) -> None:
         Tick("BTCUSDT", 42283.59, 0.05, 1704067200199, 3340000002),
         Tick("BTCUSDT", 42283.1, 0.00024, 1704067200300, 3340000003),
     ]
-    assert sink.books == [Book("BTCUSDT", 42283.57, 42283.58, 3.51722, 0.79511),
-                          Book("ETHUSDT", 2281.46, 2281.47, 12.4021, 8.1)]
+    assert sink.books == [
+        Book("BTCUSDT", 42283.57, 42283.58, 3.51722, 0.79511),
+        Book("ETHUSDT", 2281.46, 2281.47, 12.4021, 8.1),
+    ]
     assert feed.health()["parse_errors"] == 0
 
 
 async def test_replay_skips_and_counts_bad_lines(sink: Sink, tmp_path: Path) -> None:
     path = tmp_path / "ETHUSDT-trades-2024-01-01.csv"
-    path.write_text("1,2281.47,0.5,1140.735,1704067200000,True,True\n"
-                    "garbage\n"
-                    "2,abc,0.5,1,1704067200001,True,True\n"
-                    "\n"
-                    "3,-1,0.5,1,1704067200002,True,True\n"
-                    "4,2281.48,0.25,570.37,1704067200003,False,True\n")
+    path.write_text(
+        "1,2281.47,0.5,1140.735,1704067200000,True,True\n"
+        "garbage\n"
+        "2,abc,0.5,1,1704067200001,True,True\n"
+        "\n"
+        "3,-1,0.5,1,1704067200002,True,True\n"
+        "4,2281.48,0.25,570.37,1704067200003,False,True\n"
+    )
     feed = ReplayFeed(path, SYMBOLS, sink.on_tick, sink.on_book)
     await feed.run()
     assert [(t.symbol, t.trade_id) for t in sink.ticks] == [("ETHUSDT", 1), ("ETHUSDT", 4)]
@@ -402,8 +429,9 @@ async def test_replay_skips_and_counts_bad_lines(sink: Sink, tmp_path: Path) -> 
 
 async def test_replay_speed_keeps_trade_spacing(sink: Sink) -> None:
     # the sample spans 109 ms of trades; at speed 1 the replay cannot finish sooner
-    feed = ReplayFeed(DATA / "BTCUSDT-trades-sample.csv", SYMBOLS, sink.on_tick, sink.on_book,
-                      speed=1.0)
+    feed = ReplayFeed(
+        DATA / "BTCUSDT-trades-sample.csv", SYMBOLS, sink.on_tick, sink.on_book, speed=1.0
+    )
     started = time.monotonic()
     await feed.run()
     assert 0.1 <= time.monotonic() - started < 3.0
@@ -412,8 +440,9 @@ async def test_replay_speed_keeps_trade_spacing(sink: Sink) -> None:
 
 async def test_fast_replay_yields_to_the_loop(sink: Sink, tmp_path: Path) -> None:
     path = tmp_path / "BTCUSDT-trades-big.csv"
-    path.write_text("".join(f"{i},42000.{i % 100:02d},0.001,42,{T0 + i},True,True\n"
-                            for i in range(1, 2001)))
+    path.write_text(
+        "".join(f"{i},42000.{i % 100:02d},0.001,42,{T0 + i},True,True\n" for i in range(1, 2001))
+    )
     feed = ReplayFeed(path, SYMBOLS, sink.on_tick, sink.on_book)
     seen: list[int] = []
 
@@ -489,12 +518,12 @@ def test_demo_trades_lie_inside_the_book_sent_before_them(sink: Sink) -> None:
     assert checked == 600
 
 
-async def test_every_demo_price_message_lies_within_its_bid_and_ask(make_settings,
-                                                                    http) -> None:
+async def test_every_demo_price_message_lies_within_its_bid_and_ask(make_settings, http) -> None:
     async with LiveServer(make_settings(feed="demo")) as server:
         tok = (await register(http, server))["access"]
-        async with http.ws_connect(server.ws_url("/live-feed/subscribe/"),
-                                   headers=bearer(tok)) as ws:
+        async with http.ws_connect(
+            server.ws_url("/live-feed/subscribe/"), headers=bearer(tok)
+        ) as ws:
             await ws.send_json({"action": "subscribe"})
             prices = []
             async with asyncio.timeout(10):
@@ -510,8 +539,12 @@ async def test_every_demo_price_message_lies_within_its_bid_and_ask(make_setting
 
 
 def test_make_feed_parses_every_spec(sink: Sink) -> None:
-    kw = dict(symbols=SYMBOLS, binance_url="wss://stream.binance.com:9443",
-              on_tick=sink.on_tick, on_book=sink.on_book)
+    kw = dict(
+        symbols=SYMBOLS,
+        binance_url="wss://stream.binance.com:9443",
+        on_tick=sink.on_tick,
+        on_book=sink.on_book,
+    )
     feed = make_feed("binance", **kw)
     assert isinstance(feed, BinanceFeed)
     assert feed.url.startswith("wss://stream.binance.com:9443/stream?streams=btcusdt@trade/")
@@ -552,16 +585,24 @@ def assert_no_key(exc: BaseException | None, caplog: pytest.LogCaptureFixture) -
         assert KEY not in (record.exc_text or "")
 
 
-async def test_fetch_rate_parses_a_quote(alpha: FakeAlphaVantage,
-                                         session: aiohttp.ClientSession) -> None:
+async def test_fetch_rate_parses_a_quote(
+    alpha: FakeAlphaVantage, session: aiohttp.ClientSession
+) -> None:
     quote = await fetch_rate(session, alpha.url, KEY, "BTC", "USD")
     assert quote == Quote("BTC", "USD", 58073.74, 58073.73, 58073.74, "2021-05-01T02:58:06Z")
-    assert alpha.requests == [{"function": "CURRENCY_EXCHANGE_RATE", "from_currency": "BTC",
-                               "to_currency": "USD", "apikey": KEY}]
+    assert alpha.requests == [
+        {
+            "function": "CURRENCY_EXCHANGE_RATE",
+            "from_currency": "BTC",
+            "to_currency": "USD",
+            "apikey": KEY,
+        }
+    ]
 
 
-async def test_fetch_rate_converts_the_time_zone_to_utc(alpha: FakeAlphaVantage,
-                                                        session: aiohttp.ClientSession) -> None:
+async def test_fetch_rate_converts_the_time_zone_to_utc(
+    alpha: FakeAlphaVantage, session: aiohttp.ClientSession
+) -> None:
     rec = dict(alpha.success["Realtime Currency Exchange Rate"])
     rec.update({"7. Time Zone": "US/Eastern", "8. Bid Price": "-"})
     del rec["9. Ask Price"]
@@ -571,18 +612,26 @@ async def test_fetch_rate_converts_the_time_zone_to_utc(alpha: FakeAlphaVantage,
     assert quote.bid is None and quote.ask is None
 
 
-@pytest.mark.parametrize(("mode", "error", "text"), [
-    ("note", UpstreamRateLimited, "rate limit"),
-    ("information", UpstreamRateLimited, "rate limit"),
-    ("error", UpstreamError, "invalid or missing"),
-    ("500", UpstreamError, "HTTP 500"),
-    ("garbage", UpstreamError, "not JSON"),
-    ("missing_field", UpstreamError, "invalid field"),
-    ("slow", UpstreamError, "no answer within"),
-])
+@pytest.mark.parametrize(
+    ("mode", "error", "text"),
+    [
+        ("note", UpstreamRateLimited, "rate limit"),
+        ("information", UpstreamRateLimited, "rate limit"),
+        ("error", UpstreamError, "invalid or missing"),
+        ("500", UpstreamError, "HTTP 500"),
+        ("garbage", UpstreamError, "not JSON"),
+        ("missing_field", UpstreamError, "invalid field"),
+        ("slow", UpstreamError, "no answer within"),
+    ],
+)
 async def test_fetch_rate_failures_raise_without_the_key(
-        alpha: FakeAlphaVantage, session: aiohttp.ClientSession,
-        caplog: pytest.LogCaptureFixture, mode: str, error: type[Exception], text: str) -> None:
+    alpha: FakeAlphaVantage,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
+    error: type[Exception],
+    text: str,
+) -> None:
     alpha.mode = mode
     with pytest.raises(error, match=text) as info:
         await fetch_rate(session, alpha.url, KEY, "BTC", "USD", timeout=0.3)
@@ -591,19 +640,22 @@ async def test_fetch_rate_failures_raise_without_the_key(
     assert_no_key(info.value, caplog)
 
 
-async def test_fetch_rate_connection_refused(session: aiohttp.ClientSession,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+async def test_fetch_rate_connection_refused(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
     url = f"http://127.0.0.1:{free_port()}/query"
     with pytest.raises(UpstreamError, match="request failed") as info:
         await fetch_rate(session, url, KEY, "BTC", "USD")
     assert_no_key(info.value, caplog)
 
 
-async def test_quote_poller_delivers_every_pair(alpha: FakeAlphaVantage,
-                                                session: aiohttp.ClientSession) -> None:
+async def test_quote_poller_delivers_every_pair(
+    alpha: FakeAlphaVantage, session: aiohttp.ClientSession
+) -> None:
     quotes: asyncio.Queue[Quote] = asyncio.Queue()
-    poller = QuotePoller(session, alpha.url, KEY, [("BTC", "USD"), ("ETH", "USD")], 0.05,
-                         quotes.put)
+    poller = QuotePoller(
+        session, alpha.url, KEY, [("BTC", "USD"), ("ETH", "USD")], 0.05, quotes.put
+    )
     async with running(poller):  # type: ignore[arg-type]
         async with asyncio.timeout(5):
             first, second, third = [await quotes.get() for _ in range(3)]
@@ -614,12 +666,13 @@ async def test_quote_poller_delivers_every_pair(alpha: FakeAlphaVantage,
 
 
 async def test_quote_poller_rate_limit_skips_the_slot_and_logs_once(
-        alpha: FakeAlphaVantage, session: aiohttp.ClientSession,
-        caplog: pytest.LogCaptureFixture) -> None:
+    alpha: FakeAlphaVantage, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
     alpha.mode = "information"
     quotes: asyncio.Queue[Quote] = asyncio.Queue()
-    poller = QuotePoller(session, alpha.url, KEY, [("BTC", "USD"), ("ETH", "USD")], 0.05,
-                         quotes.put)
+    poller = QuotePoller(
+        session, alpha.url, KEY, [("BTC", "USD"), ("ETH", "USD")], 0.05, quotes.put
+    )
     with caplog.at_level(logging.WARNING, logger="pricewatch.feeds"):
         async with running(poller):  # type: ignore[arg-type]
             await alpha.wait_requests(3)
@@ -638,14 +691,23 @@ async def test_quote_poller_rate_limit_skips_the_slot_and_logs_once(
 # --------------------------------------------------------------------------- hardening
 
 
-@pytest.mark.parametrize("time_value, expected", [
-    (1704067200121, 1704067200121),            # milliseconds, as Binance sends
-    (1704067200121000, 1704067200121),         # microseconds (2025+ dumps): converted
-    (10**17, None), (0, None), (-5, None),     # nonsense: refused, never reaches candles
-])
+@pytest.mark.parametrize(
+    "time_value, expected",
+    [
+        (1704067200121, 1704067200121),  # milliseconds, as Binance sends
+        (1704067200121000, 1704067200121),  # microseconds (2025+ dumps): converted
+        (10**17, None),
+        (0, None),
+        (-5, None),  # nonsense: refused, never reaches candles
+    ],
+)
 def test_trade_times_are_checked(time_value: int, expected: int | None) -> None:
-    frame = orjson.dumps({"stream": "btcusdt@trade", "data": {
-        "e": "trade", "s": "BTCUSDT", "t": 1, "p": "1.5", "q": "1", "T": time_value}})
+    frame = orjson.dumps(
+        {
+            "stream": "btcusdt@trade",
+            "data": {"e": "trade", "s": "BTCUSDT", "t": 1, "p": "1.5", "q": "1", "T": time_value},
+        }
+    )
     if expected is None:
         with pytest.raises(ParseError):
             decode_event(frame)
@@ -654,8 +716,12 @@ def test_trade_times_are_checked(time_value: int, expected: int | None) -> None:
 
 
 def test_feed_urls_shown_in_health_hide_credentials(sink: Sink) -> None:
-    feed = BinanceFeed("wss://user:s3cret@example.com:9443/stream?streams=btcusdt@trade"
-                       "&apikey=TOPSECRET", SYMBOLS, sink.on_tick, sink.on_book)
+    feed = BinanceFeed(
+        "wss://user:s3cret@example.com:9443/stream?streams=btcusdt@trade&apikey=TOPSECRET",
+        SYMBOLS,
+        sink.on_tick,
+        sink.on_book,
+    )
     shown = feed.health()["url"]
     assert "s3cret" not in shown and "TOPSECRET" not in shown and "user" not in shown
     assert shown == "wss://example.com:9443/stream?streams=btcusdt@trade&apikey=***"
@@ -689,29 +755,49 @@ async def test_redirects_are_refused_when_asked(fake: FakeBinance, sink: Sink) -
     await site.start()
     port = runner.addresses[0][1]
     try:
-        feed = BinanceFeed(f"ws://127.0.0.1:{port}", SYMBOLS, sink.on_tick, sink.on_book,
-                           backoff_initial=0.05, backoff_cap=0.2, follow_redirects=False)
+        feed = BinanceFeed(
+            f"ws://127.0.0.1:{port}",
+            SYMBOLS,
+            sink.on_tick,
+            sink.on_book,
+            backoff_initial=0.05,
+            backoff_cap=0.2,
+            follow_redirects=False,
+        )
         async with running(feed):
             await asyncio.wait_for(hits.wait(), 5)
             await wait_state(feed, "backoff")
         assert fake.connections == []  # the redirect target was never contacted
-        followed = BinanceFeed(f"ws://127.0.0.1:{port}", SYMBOLS, sink.on_tick,
-                               sink.on_book, backoff_initial=0.05, backoff_cap=0.2)
+        followed = BinanceFeed(
+            f"ws://127.0.0.1:{port}",
+            SYMBOLS,
+            sink.on_tick,
+            sink.on_book,
+            backoff_initial=0.05,
+            backoff_cap=0.2,
+        )
         async with running(followed):  # the default follows it: the check above can fail
             await fake.wait_connections(1)
     finally:
         await runner.cleanup()
 
 
-async def test_precheck_pins_the_connection_to_the_checked_address(fake: FakeBinance,
-                                                                   sink: Sink) -> None:
+async def test_precheck_pins_the_connection_to_the_checked_address(
+    fake: FakeBinance, sink: Sink
+) -> None:
     async def pin(url: str) -> dict:
         return {"host": "127.0.0.1", "port": fake.port}
 
     # The name does not resolve: only a connection pinned to the checked address gets there.
-    feed = BinanceFeed("ws://feed.invalid:1/stream?streams=btcusdt@trade", SYMBOLS,
-                       sink.on_tick, sink.on_book, backoff_initial=0.05, backoff_cap=0.2,
-                       precheck=pin)
+    feed = BinanceFeed(
+        "ws://feed.invalid:1/stream?streams=btcusdt@trade",
+        SYMBOLS,
+        sink.on_tick,
+        sink.on_book,
+        backoff_initial=0.05,
+        backoff_cap=0.2,
+        precheck=pin,
+    )
     async with running(feed):
         await fake.wait_connections(1)
         await fake.send_trade("BTCUSDT", 1, 42000, 1, T0)

@@ -19,15 +19,21 @@ def reference(trades: list[tuple[int, float, float]], tf_ms: int, limit: int) ->
     for start, rows in sorted(groups.items()):
         by_time = sorted(rows, key=lambda r: r[0])
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start // 1000)) + "Z"
-        out.append({"timestamp": stamp, "open": by_time[0][1],
-                    "high": max(r[1] for r in rows), "low": min(r[1] for r in rows),
-                    "close": by_time[-1][1], "volume": sum(r[2] for r in rows),
-                    "trades": len(rows)})
+        out.append(
+            {
+                "timestamp": stamp,
+                "open": by_time[0][1],
+                "high": max(r[1] for r in rows),
+                "low": min(r[1] for r in rows),
+                "close": by_time[-1][1],
+                "volume": sum(r[2] for r in rows),
+                "trades": len(rows),
+            }
+        )
     return out[-limit:]
 
 
-async def test_history_and_live_stream_meet_without_double_counting(make_settings, http,
-                                                                    fake):
+async def test_history_and_live_stream_meet_without_double_counting(make_settings, http, fake):
     now = int(time.time() * 1000)
     cut = now - now % 60_000
     trades: list[tuple[int, float, float]] = []
@@ -40,8 +46,12 @@ async def test_history_and_live_stream_meet_without_double_counting(make_setting
         price, qty = 100.0 + (i * 37 % 23), 0.25 * (1 + i % 4)
         fake.record_trade("BTCUSDT", trade_id, price, qty, t)
         trades.append((t, price, qty))
-    settings = make_settings(feed="binance", binance_ws_url=fake.url,
-                             binance_rest_url=fake.rest_url, symbols=("BTCUSDT",))
+    settings = make_settings(
+        feed="binance",
+        binance_ws_url=fake.url,
+        binance_rest_url=fake.rest_url,
+        symbols=("BTCUSDT",),
+    )
     async with LiveServer(settings) as server:
         await fake.wait_open(1)  # history is loaded before the stream connects
         for i in range(3):  # gone by when the stream connected: only REST knows them
@@ -62,15 +72,21 @@ async def test_history_and_live_stream_meet_without_double_counting(make_setting
                 if msg["type"] == "candle" and msg["candle"]["close"] == 131.0:
                     break
         for tf, tf_ms in TIMEFRAMES.items():
-            async with http.get(server.url + "/api/v1/ohlc", params={
-                    "symbol": "BTCUSDT", "timeframe": tf, "limit": 1000}) as resp:
+            async with http.get(
+                server.url + "/api/v1/ohlc",
+                params={"symbol": "BTCUSDT", "timeframe": tf, "limit": 1000},
+            ) as resp:
                 data = (await resp.json())["data"]
             assert data == reference(trades, tf_ms, 1000), tf
         async with http.get(server.url + "/api/v1/prices/BTCUSDT") as resp:
             day = await resp.json()
         prices = [p for _, p, _ in trades]  # in time order; all within the last 24 h
         assert (day["open_24h"], day["high_24h"], day["low_24h"], day["volume_24h"]) == (
-            prices[0], max(prices), min(prices), round(sum(q for _, _, q in trades), 8))
+            prices[0],
+            max(prices),
+            min(prices),
+            round(sum(q for _, _, q in trades), 8),
+        )
         assert day["change_24h"] == round((prices[-1] - prices[0]) / prices[0] * 100, 4)
         async with http.get(server.url + "/healthz") as resp:
             feed = (await resp.json())["feeds"]["binance"]
@@ -80,10 +96,13 @@ async def test_history_and_live_stream_meet_without_double_counting(make_setting
 
 async def test_history_failure_starts_without_it(make_settings, http, fake):
     fake.answer_first = [500] * 20
-    settings = make_settings(feed="binance", binance_ws_url=fake.url,
-                             binance_rest_url=fake.rest_url, symbols=("BTCUSDT",))
-    async with LiveServer(settings) as server, \
-            http.ws_connect(server.ws_url("/ws/ohlc/")) as ws:
+    settings = make_settings(
+        feed="binance",
+        binance_ws_url=fake.url,
+        binance_rest_url=fake.rest_url,
+        symbols=("BTCUSDT",),
+    )
+    async with LiveServer(settings) as server, http.ws_connect(server.ws_url("/ws/ohlc/")) as ws:
         await ws.send_json({"symbol": "BTCUSDT", "timeframe": "1m"})
         assert (await ws.receive_json(timeout=5))["data"] == []  # no history
         await fake.wait_open(1)

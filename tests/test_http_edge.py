@@ -22,12 +22,14 @@ from conftest import LiveServer, bearer, register
 from test_ops import sample, scrape
 
 from pricewatch import api, httpd
+from pricewatch.errors import error_middleware, error_response
 from pricewatch.httpd import make_runner
 from pricewatch.metrics import HTTP_METRICS, HttpMetrics, metrics_middleware
-from pricewatch.server import error_middleware, error_response
 
-WS_HEAD = ("GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-           "Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+WS_HEAD = (
+    "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
 
 
 @pytest.fixture
@@ -70,6 +72,7 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
 
 # -- slow clients ------------------------------------------------------------------------------
 
+
 async def test_a_client_that_sends_nothing_is_disconnected(make_settings, fast_limits):
     async with LiveServer(make_settings()) as server:
         reader, writer = await connect(server.url)
@@ -100,8 +103,9 @@ async def test_a_head_sent_byte_by_byte_is_cut_off_at_the_deadline(make_settings
         writer.close()
 
 
-async def test_an_idle_keep_alive_connection_is_closed_after_its_response(make_settings,
-                                                                          fast_limits):
+async def test_an_idle_keep_alive_connection_is_closed_after_its_response(
+    make_settings, fast_limits
+):
     async with LiveServer(make_settings()) as server:
         reader, writer = await connect(server.url)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -113,12 +117,15 @@ async def test_an_idle_keep_alive_connection_is_closed_after_its_response(make_s
         writer.close()
 
 
-async def test_a_stalled_body_gets_408_timeout_and_the_connection_ends(make_settings,
-                                                                       fast_limits, http):
+async def test_a_stalled_body_gets_408_timeout_and_the_connection_ends(
+    make_settings, fast_limits, http
+):
     async with LiveServer(make_settings()) as server:
         reader, writer = await connect(server.url)
-        writer.write(b"POST /auth/token HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
-                     b"\r\nContent-Length: 100\r\n\r\n{")
+        writer.write(
+            b"POST /auth/token HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
+            b"\r\nContent-Length: 100\r\n\r\n{"
+        )
         data = await read_until_closed(reader)
         status, headers, body = split_response(data)
         assert status == 408 and headers["content-type"].startswith("application/json")
@@ -126,8 +133,12 @@ async def test_a_stalled_body_gets_408_timeout_and_the_connection_ends(make_sett
         assert headers["connection"].lower() == "close"
         writer.close()
         text = await scrape(http, server)
-    assert sample(text, "pricewatch_http_requests_total", method="POST", route="/auth/token",
-                  status=408) == 1
+    assert (
+        sample(
+            text, "pricewatch_http_requests_total", method="POST", route="/auth/token", status=408
+        )
+        == 1
+    )
 
 
 async def test_a_websocket_outlives_the_head_deadline(make_settings, fast_limits, http):
@@ -142,11 +153,13 @@ async def test_a_websocket_outlives_the_head_deadline(make_settings, fast_limits
 
 # -- aborted bodies and malformed requests -----------------------------------------------------
 
+
 async def test_a_client_that_aborts_mid_body_is_no_500_and_no_traceback(server, http, caplog):
     caplog.set_level(logging.DEBUG)
     reader, writer = await connect(server.url)
-    writer.write(b"POST /auth/register HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n"
-                 b'{"username": "abc')
+    writer.write(
+        b'POST /auth/register HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n{"username": "abc'
+    )
     await writer.drain()
     writer.close()
     for _ in range(100):  # the server's own record of it, polled, at most ~5 s
@@ -154,8 +167,16 @@ async def test_a_client_that_aborts_mid_body_is_no_500_and_no_traceback(server, 
         if 'route="/auth/register",status="499"' in text:
             break
         await asyncio.sleep(0.05)
-    assert sample(text, "pricewatch_http_requests_total", method="POST",
-                  route="/auth/register", status=499) == 1
+    assert (
+        sample(
+            text,
+            "pricewatch_http_requests_total",
+            method="POST",
+            route="/auth/register",
+            status=499,
+        )
+        == 1
+    )
     assert 'status="500"' not in text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert "Traceback" not in caplog.text
@@ -165,13 +186,20 @@ MARKER = "ECHO-ME-NOT"
 MALFORMED = {
     "long URL": (431, f"GET /{MARKER}{'a' * 9000} HTTP/1.1\r\nHost: t\r\n\r\n"),
     "long header": (431, f"GET / HTTP/1.1\r\nHost: t\r\nX-{MARKER}: {'a' * 9000}\r\n\r\n"),
-    "many headers": (431, "GET / HTTP/1.1\r\nHost: t\r\n"
-                          + "".join(f"X-{MARKER}-{i}: a\r\n" for i in range(200)) + "\r\n"),
+    "many headers": (
+        431,
+        "GET / HTTP/1.1\r\nHost: t\r\n"
+        + "".join(f"X-{MARKER}-{i}: a\r\n" for i in range(200))
+        + "\r\n",
+    ),
     "bad method": (400, f"G{MARKER}(T / HTTP/1.1\r\nHost: t\r\n\r\n"),
     "bad header": (400, f"GET / HTTP/1.1\r\nHost: t\r\n{MARKER} no colon\r\n\r\n"),
     "garbage": (400, f"\x16\x03\x01\x02\x00{MARKER}\r\n\r\n"),
-    "body not gzip": (400, "POST /auth/token HTTP/1.1\r\nHost: t\r\nContent-Encoding: gzip\r\n"
-                           f"Content-Length: {len(MARKER)}\r\n\r\n{MARKER}"),
+    "body not gzip": (
+        400,
+        "POST /auth/token HTTP/1.1\r\nHost: t\r\nContent-Encoding: gzip\r\n"
+        f"Content-Length: {len(MARKER)}\r\n\r\n{MARKER}",
+    ),
 }
 
 
@@ -187,13 +215,17 @@ async def test_malformed_requests_get_a_json_error_that_echoes_nothing(server, c
     assert status == expected
     assert headers["content-type"].startswith("application/json")
     error = orjson.loads(body)
-    assert error["error"] == "invalid_request" and error["detail"] and set(error) == {
-        "error", "detail"}
+    assert (
+        error["error"] == "invalid_request"
+        and error["detail"]
+        and set(error) == {"error", "detail"}
+    )
     assert MARKER.encode() not in data
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 # -- nothing written into an upgraded socket ---------------------------------------------------
+
 
 def upgraded_app(raise_after_prepare: Exception) -> web.Application:
     """A websocket route that prepares (101) and then raises, behind pricewatch's middlewares."""
@@ -209,8 +241,11 @@ def upgraded_app(raise_after_prepare: Exception) -> web.Application:
     return app
 
 
-@pytest.mark.parametrize("error", [RecursionError("deep"), api.ApiError(400, "validation", "x")],
-                         ids=["bug", "api-error"])
+@pytest.mark.parametrize(
+    "error",
+    [RecursionError("deep"), api.ApiError(400, "validation", "x")],
+    ids=["bug", "api-error"],
+)
 async def test_an_error_after_the_upgrade_writes_no_http_into_the_socket(error, caplog):
     caplog.set_level(logging.DEBUG)
     app = upgraded_app(error)
@@ -244,11 +279,15 @@ def test_a_408_answer_ends_the_connection():
 
 # -- JSON numbers ----------------------------------------------------------------------------
 
+
 async def test_an_integer_price_past_1e308_is_a_validation_error(server, http):
     token = (await register(http, server))["access"]
     raw = b'{"asset": "BTCUSDT", "direction": "above", "price": 1' + b"0" * 400 + b"}"
-    async with http.post(server.url + "/api/v1/alerts", data=raw, headers={
-            **bearer(token), "Content-Type": "application/json"}) as resp:
+    async with http.post(
+        server.url + "/api/v1/alerts",
+        data=raw,
+        headers={**bearer(token), "Content-Type": "application/json"},
+    ) as resp:
         body = await resp.json()
         assert resp.status == 400, body
     assert body["error"] == "validation" and "price" in body["fields"]

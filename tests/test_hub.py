@@ -80,8 +80,9 @@ async def test_queued_frames_go_out_in_order_in_one_write_once_the_socket_drains
     hub.send(client, b"late")  # even with room now, nothing overtakes the queue
     transport.buffered = 0
     hub.flush(client)
-    assert transport.written == [b"".join(frame(b'{"n": %d}' % i) for i in range(3))
-                                 + frame(b"late")]
+    assert transport.written == [
+        b"".join(frame(b'{"n": %d}' % i) for i in range(3)) + frame(b"late")
+    ]
     assert client.writer.queued == 0 and not client.writer.events and client not in hub.backlog
 
 

@@ -73,8 +73,12 @@ def test_a_request_the_parser_refused_is_still_given_an_address():
 def test_query_integers_are_plain_ascii_digits():
     from pricewatch.api import strict_int
 
-    assert [strict_int(v) for v in ("5", "-3", "0", "123456789012345678")] == [5, -3, 0,
-                                                                             123456789012345678]
+    assert [strict_int(v) for v in ("5", "-3", "0", "123456789012345678")] == [
+        5,
+        -3,
+        0,
+        123456789012345678,
+    ]
     for bad in ("1_0", " 5", "5 ", "+5", "\uff15", "\u0665", "", "-", "1e3", "1" * 19):
         assert strict_int(bad) is None, bad
 
@@ -82,8 +86,11 @@ def test_query_integers_are_plain_ascii_digits():
 def test_ipv6_clients_count_by_their_64():
     from pricewatch.addresses import limit_key
 
-    assert limit_key("2001:db8:1:2:aaaa::1") == limit_key("2001:db8:1:2:bbbb::9") == (
-        "2001:db8:1:2::/64")
+    assert (
+        limit_key("2001:db8:1:2:aaaa::1")
+        == limit_key("2001:db8:1:2:bbbb::9")
+        == ("2001:db8:1:2::/64")
+    )
     assert limit_key("2001:db8:1:3::1") != limit_key("2001:db8:1:2::1")
     assert limit_key("203.0.113.9") == "203.0.113.9"
     assert limit_key("::ffff:203.0.113.9") == "203.0.113.9"

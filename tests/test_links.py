@@ -17,15 +17,20 @@ from pricewatch.server import STORE
 LISTS = ["/api/v1/alerts?page_size=1", "/api/v1/quotes?per_page=1"]
 
 
-async def raw_get(server: LiveServer, target: str, host: bytes, token: str
-                  ) -> tuple[int, dict]:
+async def raw_get(server: LiveServer, target: str, host: bytes, token: str) -> tuple[int, dict]:
     """GET `target` with the Host header given as raw bytes; (status, JSON body)."""
     port = int(server.url.rsplit(":", 1)[1])
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(b"GET " + target.encode() + b" HTTP/1.1\r\nHost: " + host
-                     + b"\r\nAuthorization: Bearer " + token.encode()
-                     + b"\r\nConnection: close\r\n\r\n")
+        writer.write(
+            b"GET "
+            + target.encode()
+            + b" HTTP/1.1\r\nHost: "
+            + host
+            + b"\r\nAuthorization: Bearer "
+            + token.encode()
+            + b"\r\nConnection: close\r\n\r\n"
+        )
         await writer.drain()
         answer = await asyncio.wait_for(reader.read(), 5)
     finally:
@@ -38,17 +43,20 @@ async def two_pages(http, server) -> str:
     """A user with two alerts and the store with two quotes; the user's access token."""
     tok = (await register(http, server))["access"]
     for price in (1.0, 2.0):
-        async with http.post(server.url + "/api/v1/alerts", headers=bearer(tok), json={
-                "asset": "BTCUSDT", "price": price, "direction": "above"}) as resp:
+        async with http.post(
+            server.url + "/api/v1/alerts",
+            headers=bearer(tok),
+            json={"asset": "BTCUSDT", "price": price, "direction": "above"},
+        ) as resp:
             assert resp.status == 201
-        await server.app[STORE].add_quote("BTC", "USD", price, None, None,
-                                          "2024-01-01T00:00:00Z")
+        await server.app[STORE].add_quote("BTC", "USD", price, None, None, "2024-01-01T00:00:00Z")
     return tok
 
 
 @pytest.mark.parametrize("target", LISTS)
-@pytest.mark.parametrize("host", [b"x:99999", b"a:b:c", b"\xff", b"ex ample.com",
-                                  b"[::zz]", b"evil.com/", b""])
+@pytest.mark.parametrize(
+    "host", [b"x:99999", b"a:b:c", b"\xff", b"ex ample.com", b"[::zz]", b"evil.com/", b""]
+)
 async def test_malformed_host_on_a_paginated_list_is_400(server, http, target, host):
     tok = await two_pages(http, server)
     status, body = await raw_get(server, target, host, tok)
@@ -57,8 +65,9 @@ async def test_malformed_host_on_a_paginated_list_is_400(server, http, target, h
 
 
 @pytest.mark.parametrize("target", LISTS)
-@pytest.mark.parametrize("host", [b"prices.example.com:8080", b"[::1]:9000", b"127.0.0.1",
-                                  b"my_app.internal."])
+@pytest.mark.parametrize(
+    "host", [b"prices.example.com:8080", b"[::1]:9000", b"127.0.0.1", b"my_app.internal."]
+)
 async def test_well_formed_host_is_used_in_links(server, http, target, host):
     tok = await two_pages(http, server)
     status, body = await raw_get(server, target, host, tok)

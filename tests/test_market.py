@@ -81,8 +81,9 @@ async def recv_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -
     return orjson.loads(msg.data)
 
 
-async def recv_until(ws: aiohttp.ClientWebSocketResponse, predicate: Callable[[dict], bool],
-                     timeout: float = 5.0) -> list[dict]:
+async def recv_until(
+    ws: aiohttp.ClientWebSocketResponse, predicate: Callable[[dict], bool], timeout: float = 5.0
+) -> list[dict]:
     """Receive until a message satisfies `predicate`; returns every message up to it."""
     seen = []
     async with asyncio.timeout(timeout):
@@ -93,8 +94,9 @@ async def recv_until(ws: aiohttp.ClientWebSocketResponse, predicate: Callable[[d
 
 
 @contextlib.asynccontextmanager
-async def ohlc_ws(http: aiohttp.ClientSession, server: LiveServer, symbol: str = "BTCUSDT",
-                  timeframe: str = "1s") -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+async def ohlc_ws(
+    http: aiohttp.ClientSession, server: LiveServer, symbol: str = "BTCUSDT", timeframe: str = "1s"
+) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
     """A /ws/ohlc/ client already subscribed (its snapshot consumed)."""
     async with http.ws_connect(server.ws_url("/ws/ohlc/")) as ws:
         await ws.send_json({"symbol": symbol, "timeframe": timeframe})
@@ -104,8 +106,11 @@ async def ohlc_ws(http: aiohttp.ClientSession, server: LiveServer, symbol: str =
 
 def candle_at(timestamp: str, close: float) -> Callable[[dict], bool]:
     """Predicate: a candle message for the candle `timestamp` closing at `close`."""
-    return lambda m: (m["type"] == "candle" and m["candle"]["timestamp"] == timestamp
-                      and m["candle"]["close"] == close)
+    return lambda m: (
+        m["type"] == "candle"
+        and m["candle"]["timestamp"] == timestamp
+        and m["candle"]["close"] == close
+    )
 
 
 async def get_json(http: aiohttp.ClientSession, url: str, **kw) -> tuple[int, dict]:
@@ -114,21 +119,31 @@ async def get_json(http: aiohttp.ClientSession, url: str, **kw) -> tuple[int, di
 
 
 async def get_ohlc(http: aiohttp.ClientSession, server: LiveServer, **params) -> tuple[int, dict]:
-    return await get_json(http, server.url + "/api/v1/ohlc",
-                          params={k: str(v) for k, v in params.items()})
+    return await get_json(
+        http, server.url + "/api/v1/ohlc", params={k: str(v) for k, v in params.items()}
+    )
 
 
-def candle(timestamp: str, o: float, h: float, lo: float, c: float, volume: float,
-           trades: int) -> dict:
-    return {"timestamp": timestamp, "open": o, "high": h, "low": lo, "close": c,
-            "volume": volume, "trades": trades}
+def candle(
+    timestamp: str, o: float, h: float, lo: float, c: float, volume: float, trades: int
+) -> dict:
+    return {
+        "timestamp": timestamp,
+        "open": o,
+        "high": h,
+        "low": lo,
+        "close": c,
+        "volume": volume,
+        "trades": trades,
+    }
 
 
 # --------------------------------------------------------------------------- candles
 
 
 async def test_trades_build_exact_candles_across_timeframe_boundaries(
-        live: LiveServer, upstream: Upstream, http: aiohttp.ClientSession) -> None:
+    live: LiveServer, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
     # Dyadic prices and sizes: every sum is exact in binary floating point.
     trades = [
         ("BTCUSDT", 100.0, 0.125, T0 + 1_000),
@@ -145,10 +160,14 @@ async def test_trades_build_exact_candles_across_timeframe_boundaries(
 
     status, body = await get_ohlc(http, live, symbol="BTCUSDT", timeframe="1m")
     assert status == 200
-    assert body == {"symbol": "BTCUSDT", "timeframe": "1m", "data": [
-        candle("2024-01-01T00:00:00Z", 100.0, 102.5, 100.0, 102.5, 0.375, 2),
-        candle("2024-01-01T00:01:00Z", 101.0, 101.0, 99.75, 100.25, 3.5, 3),
-    ]}
+    assert body == {
+        "symbol": "BTCUSDT",
+        "timeframe": "1m",
+        "data": [
+            candle("2024-01-01T00:00:00Z", 100.0, 102.5, 100.0, 102.5, 0.375, 2),
+            candle("2024-01-01T00:01:00Z", 101.0, 101.0, 99.75, 100.25, 3.5, 3),
+        ],
+    }
     status, body = await get_ohlc(http, live, symbol="btcusdt", timeframe="1s")
     assert status == 200 and body["symbol"] == "BTCUSDT"
     assert body["data"] == [
@@ -159,15 +178,14 @@ async def test_trades_build_exact_candles_across_timeframe_boundaries(
         candle("2024-01-01T00:01:59Z", 100.25, 100.25, 100.25, 100.25, 1.0, 1),
     ]
     status, body = await get_ohlc(http, live, symbol="BTCUSDT", timeframe="1h")
-    assert body["data"] == [candle("2024-01-01T00:00:00Z", 100.0, 102.5, 99.75, 100.25,
-                                   3.875, 5)]
+    assert body["data"] == [candle("2024-01-01T00:00:00Z", 100.0, 102.5, 99.75, 100.25, 3.875, 5)]
     status, body = await get_ohlc(http, live, symbol="ETHUSDT", timeframe="1m")
-    assert body["data"] == [candle("2024-01-01T00:00:00Z", 2000.0, 2000.0, 2000.0, 2000.0,
-                                   1.0, 1)]
+    assert body["data"] == [candle("2024-01-01T00:00:00Z", 2000.0, 2000.0, 2000.0, 2000.0, 1.0, 1)]
 
 
 async def test_book_ticker_sets_bid_and_ask_of_latest_price(
-        live: LiveServer, upstream: Upstream, http: aiohttp.ClientSession) -> None:
+    live: LiveServer, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
     status, body = await get_json(http, live.url + "/api/v1/prices")
     assert (status, body) == (200, {"results": []})
 
@@ -176,9 +194,18 @@ async def test_book_ticker_sets_bid_and_ask_of_latest_price(
         await upstream.trade("BTCUSDT", 42000.5, 0.5, T0 + 1_500)
         await recv_until(ws, candle_at("2024-01-01T00:00:00Z", 42000.5))
 
-    expected = {"symbol": "BTCUSDT", "price": 42000.5, "bid": 42000.25, "ask": 42000.75,
-                "time": "2024-01-01T00:00:01.500Z", "open_24h": 42000.5,
-                "high_24h": 42000.5, "low_24h": 42000.5, "volume_24h": 0.5, "change_24h": 0.0}
+    expected = {
+        "symbol": "BTCUSDT",
+        "price": 42000.5,
+        "bid": 42000.25,
+        "ask": 42000.75,
+        "time": "2024-01-01T00:00:01.500Z",
+        "open_24h": 42000.5,
+        "high_24h": 42000.5,
+        "low_24h": 42000.5,
+        "volume_24h": 0.5,
+        "change_24h": 0.0,
+    }
     status, body = await get_json(http, live.url + "/api/v1/prices")
     assert (status, body) == (200, {"results": [expected]})
     for path in ("/api/v1/prices/BTCUSDT", "/api/v1/prices/btcusdt/"):
@@ -193,7 +220,8 @@ async def test_book_ticker_sets_bid_and_ask_of_latest_price(
 
 
 async def test_ohlc_query_is_validated_field_by_field(
-        live: LiveServer, http: aiohttp.ClientSession) -> None:
+    live: LiveServer, http: aiohttp.ClientSession
+) -> None:
     cases = [
         ({"timeframe": "1m"}, {"symbol"}),
         ({"symbol": ""}, {"symbol"}),
@@ -219,7 +247,8 @@ async def test_ohlc_query_is_validated_field_by_field(
 
 
 async def test_ohlc_limit_defaults_to_100_and_returns_the_newest_oldest_first(
-        live: LiveServer, upstream: Upstream, http: aiohttp.ClientSession) -> None:
+    live: LiveServer, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
     def ts(second: int) -> str:
         return f"2024-01-01T00:{second // 60:02d}:{second % 60:02d}Z"
 
@@ -239,7 +268,8 @@ async def test_ohlc_limit_defaults_to_100_and_returns_the_newest_oldest_first(
 
 
 async def test_trade_too_old_for_the_ring_sends_no_candle(
-        live: LiveServer, upstream: Upstream, http: aiohttp.ClientSession) -> None:
+    live: LiveServer, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
     # 1001 one-second candles: the 1s ring (1000 candles) has let go of second 0.
     async with ohlc_ws(http, live, "BTCUSDT", "1d") as watch:
         for first in range(0, 1001, 200):  # batches, so no queue overflows in a burst
@@ -256,12 +286,16 @@ async def test_trade_too_old_for_the_ring_sends_no_candle(
         # Conflated state: one flush may carry both trades; each touched candle arrives
         # (per topic in start order), the 1s candle of the dropped trade never does.
         got: list[dict] = []
-        await recv_until(ws, lambda m: got.append(m) or sum(
-            x["candle"]["close"] == 6.0 for x in got) == 2)
-        assert sorted((m["timeframe"], m["candle"]["timestamp"], m["candle"]["close"])
-                      for m in got) == [("1m", "2024-01-01T00:00:00Z", 1059.0),
-                                        ("1m", "2024-01-01T00:16:00Z", 6.0),
-                                        ("1s", "2024-01-01T00:16:41Z", 6.0)]
+        await recv_until(
+            ws, lambda m: got.append(m) or sum(x["candle"]["close"] == 6.0 for x in got) == 2
+        )
+        assert sorted(
+            (m["timeframe"], m["candle"]["timestamp"], m["candle"]["close"]) for m in got
+        ) == [
+            ("1m", "2024-01-01T00:00:00Z", 1059.0),
+            ("1m", "2024-01-01T00:16:00Z", 6.0),
+            ("1s", "2024-01-01T00:16:41Z", 6.0),
+        ]
         assert [m["candle"]["low"] for m in got if m["candle"]["close"] == 1059.0] == [5.0]
 
 
@@ -281,14 +315,24 @@ def reference_candles(path: Path, tf_ms: int) -> list[dict]:
         by_time = sorted(rows, key=lambda r: r[0])  # stable: ties keep file order
         sec = start // 1000
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sec))
-        out.append(candle(stamp, by_time[0][1], max(prices), min(prices), by_time[-1][1],
-                          round(sum(q for _, _, q in rows), 8), len(rows)))
+        out.append(
+            candle(
+                stamp,
+                by_time[0][1],
+                max(prices),
+                min(prices),
+                by_time[-1][1],
+                round(sum(q for _, _, q in rows), 8),
+                len(rows),
+            )
+        )
     return out
 
 
 @pytest.mark.parametrize("name", ["BTCUSDT-trades-sample.csv", "BTCUSDT-trades-2025-sample.csv"])
 async def test_replayed_trades_csv_gives_exact_candles(
-        name: str, make_settings, http: aiohttp.ClientSession) -> None:
+    name: str, make_settings, http: aiohttp.ClientSession
+) -> None:
     path = DATA / name
     settings = make_settings(feed=f"replay:{path}", symbols=SYMBOLS)
     async with LiveServer(settings) as server:
@@ -310,19 +354,26 @@ async def test_replayed_trades_csv_gives_exact_candles(
 
 
 async def test_ws_ohlc_sends_snapshot_then_every_change_of_the_candle(
-        live: LiveServer, upstream: Upstream, http: aiohttp.ClientSession) -> None:
+    live: LiveServer, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
     async with ohlc_ws(http, live, "BTCUSDT", "1m") as first:
         await upstream.trade("BTCUSDT", 100.0, 1.0, T0 + 5_000)
         msg = await recv_json(first)
-        assert msg == {"type": "candle", "symbol": "BTCUSDT", "timeframe": "1m",
-                       "candle": candle("2024-01-01T00:00:00Z", 100.0, 100.0, 100.0, 100.0,
-                                        1.0, 1)}
+        assert msg == {
+            "type": "candle",
+            "symbol": "BTCUSDT",
+            "timeframe": "1m",
+            "candle": candle("2024-01-01T00:00:00Z", 100.0, 100.0, 100.0, 100.0, 1.0, 1),
+        }
 
         async with http.ws_connect(live.ws_url("/ws/ohlc")) as ws:
             await ws.send_json({"symbol": "btcusdt", "timeframe": "1m"})
             assert await recv_json(ws) == {
-                "type": "snapshot", "symbol": "BTCUSDT", "timeframe": "1m",
-                "data": [candle("2024-01-01T00:00:00Z", 100.0, 100.0, 100.0, 100.0, 1.0, 1)]}
+                "type": "snapshot",
+                "symbol": "BTCUSDT",
+                "timeframe": "1m",
+                "data": [candle("2024-01-01T00:00:00Z", 100.0, 100.0, 100.0, 100.0, 1.0, 1)],
+            }
 
             await upstream.trade("BTCUSDT", 104.0, 0.5, T0 + 20_000)
             await upstream.trade("ETHUSDT", 2000.0, 0.5, T0 + 21_000)  # not subscribed
@@ -334,8 +385,12 @@ async def test_ws_ohlc_sends_snapshot_then_every_change_of_the_candle(
             for client in (ws, first):
                 for want in expected:
                     msg = await recv_json(client)
-                    assert msg == {"type": "candle", "symbol": "BTCUSDT", "timeframe": "1m",
-                                   "candle": want}
+                    assert msg == {
+                        "type": "candle",
+                        "symbol": "BTCUSDT",
+                        "timeframe": "1m",
+                        "candle": want,
+                    }
 
             # Bad subscriptions are answered with an error; the socket stays usable.
             bad = [
@@ -358,14 +413,19 @@ async def test_ws_ohlc_sends_snapshot_then_every_change_of_the_candle(
 
             await ws.send_json({"symbol": "BTCUSDT", "timeframe": "1h", "limit": 1})
             msg = await recv_json(ws)
-            assert msg == {"type": "snapshot", "symbol": "BTCUSDT", "timeframe": "1h",
-                           "data": [candle("2024-01-01T00:00:00Z", 100.0, 104.0, 96.0, 96.0,
-                                           1.75, 3)]}
+            assert msg == {
+                "type": "snapshot",
+                "symbol": "BTCUSDT",
+                "timeframe": "1h",
+                "data": [candle("2024-01-01T00:00:00Z", 100.0, 104.0, 96.0, 96.0, 1.75, 3)],
+            }
             await upstream.trade("BTCUSDT", 97.0, 0.25, T0 + 62_000)
             # Subscribed to 1m and 1h now: one update for each, in TIMEFRAMES order.
             got = [await recv_json(ws), await recv_json(ws)]
             assert [(m["type"], m["timeframe"], m["candle"]["close"]) for m in got] == [
-                ("candle", "1m", 97.0), ("candle", "1h", 97.0)]
+                ("candle", "1m", 97.0),
+                ("candle", "1h", 97.0),
+            ]
             assert not ws.closed
 
 
@@ -373,13 +433,19 @@ async def test_ws_ohlc_sends_snapshot_then_every_change_of_the_candle(
 
 
 async def test_live_feed_refuses_the_upgrade_without_a_valid_token(
-        live: LiveServer, http: aiohttp.ClientSession) -> None:
+    live: LiveServer, http: aiohttp.ClientSession
+) -> None:
     url = live.ws_url("/live-feed/subscribe/")
-    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
-               "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode()}
+    upgrade = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+    }
     for extra, query in (({}, ""), (bearer("not-a-token"), ""), ({}, "?token=garbage")):
-        async with http.get(live.url + "/live-feed/subscribe/" + query,
-                            headers={**upgrade, **extra}) as resp:
+        async with http.get(
+            live.url + "/live-feed/subscribe/" + query, headers={**upgrade, **extra}
+        ) as resp:
             assert resp.status == 401
             assert await resp.json() == NOT_AUTHENTICATED
         with pytest.raises(aiohttp.WSServerHandshakeError) as err:
@@ -397,18 +463,24 @@ async def test_live_feed_refuses_the_upgrade_without_a_valid_token(
             assert await recv_json(ws) == {"type": "subscribed", "symbols": SYMBOLS_SORTED}
 
 
-
 async def test_live_feed_sends_only_subscribed_symbols(
-        live: LiveServer, upstream: Upstream, http: aiohttp.ClientSession) -> None:
+    live: LiveServer, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
     user = await register(http, live)
-    async with http.ws_connect(live.ws_url("/live-feed/subscribe"),
-                               headers=bearer(user["access"])) as ws:
+    async with http.ws_connect(
+        live.ws_url("/live-feed/subscribe"), headers=bearer(user["access"])
+    ) as ws:
         # Default: every watched symbol.
         await upstream.fake.send_book("ETHUSDT", 1999.5, 2000.5)
         await upstream.trade("ETHUSDT", 2000.0, 1.0, T0 + 1_000)
-        assert await recv_json(ws) == {"type": "price", "symbol": "ETHUSDT", "price": 2000.0,
-                                       "bid": 1999.5, "ask": 2000.5,
-                                       "time": "2024-01-01T00:00:01.000Z"}
+        assert await recv_json(ws) == {
+            "type": "price",
+            "symbol": "ETHUSDT",
+            "price": 2000.0,
+            "bid": 1999.5,
+            "ask": 2000.5,
+            "time": "2024-01-01T00:00:01.000Z",
+        }
 
         await ws.send_json({"action": "unsubscribe", "symbols": ["ethusdt"]})
         assert await recv_json(ws) == {"type": "unsubscribed", "symbols": ["BTCUSDT"]}
@@ -418,14 +490,16 @@ async def test_live_feed_sends_only_subscribed_symbols(
         assert (msg["type"], msg["symbol"], msg["price"]) == ("price", "BTCUSDT", 42000.0)
 
         # Bad requests get an error each and change nothing.
-        for message in ({"action": "watch", "symbols": ["BTCUSDT"]},
-                        {"symbols": ["BTCUSDT"]},
-                        {"action": "subscribe", "symbols": ["DOGEUSDT"]},
-                        {"action": "subscribe", "symbols": ["BTCUSDT", 7]},
-                        {"action": "subscribe", "symbols": [["ETHUSDT"]]},
-                        {"action": "subscribe", "symbols": "ETHUSDT"},
-                        {"action": "subscribe", "symbols": []},
-                        {"action": "subscribe", "symbols": {"ETHUSDT": 1}}):
+        for message in (
+            {"action": "watch", "symbols": ["BTCUSDT"]},
+            {"symbols": ["BTCUSDT"]},
+            {"action": "subscribe", "symbols": ["DOGEUSDT"]},
+            {"action": "subscribe", "symbols": ["BTCUSDT", 7]},
+            {"action": "subscribe", "symbols": [["ETHUSDT"]]},
+            {"action": "subscribe", "symbols": "ETHUSDT"},
+            {"action": "subscribe", "symbols": []},
+            {"action": "subscribe", "symbols": {"ETHUSDT": 1}},
+        ):
             await ws.send_json(message)
             msg = await recv_json(ws)
             assert msg["type"] == "error" and isinstance(msg["detail"], str), message
@@ -459,8 +533,13 @@ class SlowClientRig:
     bounded number of trades. The hub's `drop` and `detach` are wrapped to signal events.
     """
 
-    def __init__(self, server: LiveServer, upstream: Upstream, http: aiohttp.ClientSession,
-                 monkeypatch: pytest.MonkeyPatch):
+    def __init__(
+        self,
+        server: LiveServer,
+        upstream: Upstream,
+        http: aiohttp.ClientSession,
+        monkeypatch: pytest.MonkeyPatch,
+    ):
         self.server, self.upstream, self.http = server, upstream, http
         self.hub = hub = server.app[HUB]
         self.dropped, self.slow_detached = asyncio.Event(), asyncio.Event()
@@ -483,8 +562,9 @@ class SlowClientRig:
 
     async def start(self) -> None:
         user = await register(self.http, self.server)
-        self.reader = await self.http.ws_connect(self.server.ws_url("/live-feed/subscribe/"),
-                                                 headers=bearer(user["access"]))
+        self.reader = await self.http.ws_connect(
+            self.server.ws_url("/live-feed/subscribe/"), headers=bearer(user["access"])
+        )
         await self.reader.send_json({"action": "unsubscribe", "symbols": ["ETHUSDT"]})
         assert (await recv_json(self.reader))["type"] == "unsubscribed"
 
@@ -494,12 +574,17 @@ class SlowClientRig:
         sock.setblocking(False)
         host, port = self.server.url.removeprefix("http://").split(":")
         await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-        self.slow = await ws_client_connect(self.server.ws_url("/ws/ohlc/"), sock=sock,
-                                            max_queue=1, compression=None,
-                                            ping_interval=None)
+        self.slow = await ws_client_connect(
+            self.server.ws_url("/ws/ohlc/"),
+            sock=sock,
+            max_queue=1,
+            compression=None,
+            ping_interval=None,
+        )
         for tf in ("1s", "1m", "5m", "15m", "1h", "4h", "1d"):
-            await self.slow.send(orjson.dumps(
-                {"symbol": "BTCUSDT", "timeframe": tf, "max_rate": 0}).decode())
+            await self.slow.send(
+                orjson.dumps({"symbol": "BTCUSDT", "timeframe": tf, "max_rate": 0}).decode()
+            )
             msg = orjson.loads(await asyncio.wait_for(self.slow.recv(), 5))
             assert msg["type"] == "snapshot"
         (self.slow_client,) = [c for c in self.hub.clients if c.endpoint == "ohlc"]
@@ -548,8 +633,11 @@ class SlowClientRig:
 
 
 async def test_client_that_never_reads_is_dropped_and_others_keep_the_newest_price(
-        live: LiveServer, upstream: Upstream, http: aiohttp.ClientSession,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    live: LiveServer,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     rig = SlowClientRig(live, upstream, http, monkeypatch)
     try:
         await rig.start()
@@ -561,8 +649,9 @@ async def test_client_that_never_reads_is_dropped_and_others_keep_the_newest_pri
             writer = rig.slow_client.writer
             if writer.events or writer.state or rig.dropped.is_set():
                 break
-        assert writer.events or writer.state or rig.dropped.is_set(), \
+        assert writer.events or writer.state or rig.dropped.is_set(), (
             "the slow client never filled its buffers"
+        )
         await asyncio.wait_for(rig.dropped.wait(), 5)
         assert rig.slow_client.writer.peak <= rig.hub.max_queue_bytes
         await rig.finish()
@@ -571,8 +660,11 @@ async def test_client_that_never_reads_is_dropped_and_others_keep_the_newest_pri
 
 
 async def test_client_that_reads_too_slowly_is_dropped(
-        live: LiveServer, upstream: Upstream, http: aiohttp.ClientSession,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    live: LiveServer,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     rig = SlowClientRig(live, upstream, http, monkeypatch)
     try:
         await rig.start()
@@ -594,12 +686,14 @@ async def test_client_that_reads_too_slowly_is_dropped(
 
 
 async def test_shutdown_closes_websockets_with_going_away(
-        fake: FakeBinance, make_settings, http: aiohttp.ClientSession) -> None:
+    fake: FakeBinance, make_settings, http: aiohttp.ClientSession
+) -> None:
     settings = make_settings(feed="binance", binance_ws_url=fake.url, symbols=SYMBOLS)
     async with LiveServer(settings) as server:
         user = await register(http, server)
-        live_ws = await http.ws_connect(server.ws_url("/live-feed/subscribe/"),
-                                        headers=bearer(user["access"]))
+        live_ws = await http.ws_connect(
+            server.ws_url("/live-feed/subscribe/"), headers=bearer(user["access"])
+        )
         ohlc = await http.ws_connect(server.ws_url("/ws/ohlc/"))
         await ohlc.send_json({"symbol": "BTCUSDT", "timeframe": "1m"})
         assert (await recv_json(ohlc))["type"] == "snapshot"
@@ -616,13 +710,17 @@ async def test_shutdown_closes_websockets_with_going_away(
 
 
 async def test_upstream_close_reconnects_the_server_feed(
-        live: LiveServer, fake: FakeBinance, upstream: Upstream,
-        http: aiohttp.ClientSession) -> None:
+    live: LiveServer, fake: FakeBinance, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
     await fake.drop_all()
     await fake.wait_connections(2)
     assert fake.connections[1] == fake.connections[0]
-    assert sorted(fake.connections[0]) == ["btcusdt@bookTicker", "btcusdt@trade",
-                                           "ethusdt@bookTicker", "ethusdt@trade"]
+    assert sorted(fake.connections[0]) == [
+        "btcusdt@bookTicker",
+        "btcusdt@trade",
+        "ethusdt@bookTicker",
+        "ethusdt@trade",
+    ]
     # Data flows over the new connection.
     async with ohlc_ws(http, live, "BTCUSDT", "1m") as ws:
         await upstream.trade("BTCUSDT", 50_000.0, 1.0, T0)
@@ -642,8 +740,10 @@ async def test_snapshots_of_every_size_arrive_intact(server, http, candles):
     for i in range(candles):
         market.on_tick(Tick("BTCUSDT", 100.0 + i, 0.5, T0 + i * 1000, i + 1))
     query = {"symbol": "BTCUSDT", "timeframe": "1s", "limit": 1000}
-    async with http.ws_connect(server.ws_url("/ws/ohlc/")) as a, \
-            http.ws_connect(server.ws_url("/ws/ohlc/")) as b:
+    async with (
+        http.ws_connect(server.ws_url("/ws/ohlc/")) as a,
+        http.ws_connect(server.ws_url("/ws/ohlc/")) as b,
+    ):
         got = []
         for ws in (a, b):
             await ws.send_json(query)

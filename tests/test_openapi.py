@@ -31,8 +31,11 @@ EXAMPLES_PER_OPERATION = 25
 
 def routed_operations(app: web.Application) -> set[tuple[str, str]]:
     """(METHOD, path) of every route, trailing slashes folded, HEAD ignored."""
-    return {(route.method, route.resource.canonical.rstrip("/") or "/")
-            for route in app.router.routes() if route.method != "HEAD"}
+    return {
+        (route.method, route.resource.canonical.rstrip("/") or "/")
+        for route in app.router.routes()
+        if route.method != "HEAD"
+    }
 
 
 def documented_operations(spec: dict) -> set[tuple[str, str]]:
@@ -80,16 +83,18 @@ async def test_docs_page_is_self_contained_html_naming_every_operation(server, h
         assert html.escape(path) in page, path
         assert f'<span class="m {method}">' in page
     assert "<script" not in page and "https://" not in page  # works offline, no CDN
-    assert 'id="schema-Alert"' in page and '&quot;exclusiveMinimum&quot;: 0' in page
+    assert 'id="schema-Alert"' in page and "&quot;exclusiveMinimum&quot;: 0" in page
 
 
 async def test_websocket_routes_answer_a_plain_get_as_documented(server, http):
     user = await register(http, server)
     spec = build_spec(server.app)
-    cases = [("/ws/ohlc", {}, 400, "invalid_request"),
-             ("/ws/rates/", {}, 400, "invalid_request"),
-             ("/live-feed/subscribe", {}, 401, "not_authenticated"),
-             ("/live-feed/subscribe/", bearer(user["access"]), 400, "invalid_request")]
+    cases = [
+        ("/ws/ohlc", {}, 400, "invalid_request"),
+        ("/ws/rates/", {}, 400, "invalid_request"),
+        ("/live-feed/subscribe", {}, 401, "not_authenticated"),
+        ("/live-feed/subscribe/", bearer(user["access"]), 400, "invalid_request"),
+    ]
     for path, headers, status, code in cases:
         async with http.get(server.url + path, headers=headers) as resp:
             assert (resp.status, (await resp.json())["error"]) == (status, code), path
@@ -99,10 +104,12 @@ async def test_websocket_routes_answer_a_plain_get_as_documented(server, http):
 
 # -- schemathesis against a live server ------------------------------------------------------
 
-CHECKS = [schemathesis.checks.not_a_server_error,
-          schemathesis.checks.status_code_conformance,
-          schemathesis.checks.content_type_conformance,
-          schemathesis.checks.response_schema_conformance]
+CHECKS = [
+    schemathesis.checks.not_a_server_error,
+    schemathesis.checks.status_code_conformance,
+    schemathesis.checks.content_type_conformance,
+    schemathesis.checks.response_schema_conformance,
+]
 
 # Admin operations run with an admin's token, except the feed admin's POSTs: those would
 # make the server resolve and connect to whatever ws:// host the fuzzer invents, and this
@@ -110,8 +117,9 @@ CHECKS = [schemathesis.checks.not_a_server_error,
 AS_ADMIN = {"GET /api/v1/feeds", "DELETE /api/v1/feeds", "DELETE /api/v1/feeds/{feed_id}"}
 
 
-def fuzz(schema_url: str, base_url: str, user_token: str, admin_token: str
-         ) -> tuple[list[str], dict[str, set[int]]]:
+def fuzz(
+    schema_url: str, base_url: str, user_token: str, admin_token: str
+) -> tuple[list[str], dict[str, set[int]]]:
     """Run every operation of the served document against the server.
 
     Returns (failures, statuses each operation got from valid requests). Blocking
@@ -131,9 +139,13 @@ def fuzz(schema_url: str, base_url: str, user_token: str, admin_token: str
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
                 @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
-                @hypothesis.settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None,
-                                     phases=[Phase.explicit, Phase.generate], database=None,
-                                     suppress_health_check=list(HealthCheck))
+                @hypothesis.settings(
+                    max_examples=EXAMPLES_PER_OPERATION,
+                    deadline=None,
+                    phases=[Phase.explicit, Phase.generate],
+                    database=None,
+                    suppress_health_check=list(HealthCheck),
+                )
                 def check(case: schemathesis.Case) -> None:
                     response = case.call(session=session, headers=headers, timeout=10)
                     if mode is GenerationMode.POSITIVE:
@@ -172,23 +184,36 @@ async def test_live_server_conforms_to_its_openapi_document(make_settings, http,
 
     monkeypatch.setattr(loop, "getaddrinfo", literal_only)
     monkeypatch.setattr(WebhookSink, "send", never_sent)
-    async with FakeAlphaVantage() as fake, SmtpSink() as smtp, LiveServer(make_settings(
-            feed="demo", login_max_failures=10**6, max_alerts_per_user=10**6,
-            alphavantage_api_key="KEY", alphavantage_url=fake.url,
-            smtp_host="127.0.0.1", smtp_port=smtp.port)) as server:
+    async with (
+        FakeAlphaVantage() as fake,
+        SmtpSink() as smtp,
+        LiveServer(
+            make_settings(
+                feed="demo",
+                login_max_failures=10**6,
+                max_alerts_per_user=10**6,
+                alphavantage_api_key="KEY",
+                alphavantage_url=fake.url,
+                smtp_host="127.0.0.1",
+                smtp_port=smtp.port,
+            )
+        ) as server,
+    ):
         priced = asyncio.Event()
         server.app[MARKET].trade_hooks.append(lambda tick: priced.set())
         await asyncio.wait_for(priced.wait(), 10)
         user = await register(http, server, "fuzzer")
-        admin = await server.app[STORE].create_user("root", "root@example.com", "-",
-                                                    is_admin=True)
+        admin = await server.app[STORE].create_user("root", "root@example.com", "-", is_admin=True)
         admin_tokens = await server.app[AUTH].issue_pair(admin.id)
-        async with http.post(server.url + "/api/v1/alerts", json={"asset": "BTCUSDT",
-                             "price": 1.0}, headers=bearer(user["access"])) as resp:
+        async with http.post(
+            server.url + "/api/v1/alerts",
+            json={"asset": "BTCUSDT", "price": 1.0},
+            headers=bearer(user["access"]),
+        ) as resp:
             assert resp.status == 201  # alert 1 exists: generated ids sometimes hit it
         failures, statuses = await asyncio.to_thread(
-            fuzz, server.url + "/openapi.json", server.url, user["access"],
-            admin_tokens["access"])
+            fuzz, server.url + "/openapi.json", server.url, user["access"], admin_tokens["access"]
+        )
     assert not failures, "\n\n".join(failures)
     # The tokens worked: valid requests to authenticated operations got past the 401.
     for (method, path), entry in OPERATIONS.items():

@@ -23,8 +23,12 @@ async def upstream():
 
 
 def quote_settings(make_settings, upstream, **overrides):
-    return make_settings(alphavantage_url=upstream.url, alphavantage_api_key=KEY,
-                         alphavantage_timeout=0.5, **overrides)
+    return make_settings(
+        alphavantage_url=upstream.url,
+        alphavantage_api_key=KEY,
+        alphavantage_timeout=0.5,
+        **overrides,
+    )
 
 
 async def post_quote(http, server, token, body=None):
@@ -35,15 +39,17 @@ async def post_quote(http, server, token, body=None):
 
 async def test_post_fetches_stores_and_broadcasts_a_quote(make_settings, http, upstream):
     # A long interval: the poller's first fetch happens at start, then not again in the test.
-    async with LiveServer(quote_settings(make_settings, upstream,
-                                         alphavantage_interval=3600)) as server:
+    async with LiveServer(
+        quote_settings(make_settings, upstream, alphavantage_interval=3600)
+    ) as server:
         await upstream.wait_requests(1)  # the poller's first poll at startup
         tok = (await register(http, server))["access"]
         async with http.ws_connect(server.ws_url("/ws/rates/")) as ws:
             first = orjson.loads((await asyncio.wait_for(ws.receive(), 5)).data)
             assert first["type"] == "quote"  # the latest stored quote, on connect
-            status, quote, _ = await post_quote(http, server, tok,
-                                                {"from_currency": "btc", "to_currency": "usd"})
+            status, quote, _ = await post_quote(
+                http, server, tok, {"from_currency": "btc", "to_currency": "usd"}
+            )
             assert status == 201
             assert quote["from_currency"] == "BTC" and quote["to_currency"] == "USD"
             assert quote["rate"] == 58073.74 and quote["bid"] == 58073.73
@@ -51,9 +57,12 @@ async def test_post_fetches_stores_and_broadcasts_a_quote(make_settings, http, u
             assert quote["fetched_at"].endswith("Z") and quote["id"] == first["id"] + 1
             pushed = orjson.loads((await asyncio.wait_for(ws.receive(), 5)).data)
             assert pushed == {"type": "quote", **quote}
-        assert upstream.requests[-1] == {"function": "CURRENCY_EXCHANGE_RATE",
-                                         "from_currency": "BTC", "to_currency": "USD",
-                                         "apikey": KEY}
+        assert upstream.requests[-1] == {
+            "function": "CURRENCY_EXCHANGE_RATE",
+            "from_currency": "BTC",
+            "to_currency": "USD",
+            "apikey": KEY,
+        }
         assert (await server.app[STORE].quote_span())[0] == 2
 
 
@@ -68,11 +77,19 @@ async def test_rate_limit_is_503_with_retry_after(make_settings, http, upstream,
         assert int(headers["Retry-After"]) > 0 and KEY not in orjson.dumps(err).decode()
 
 
-@pytest.mark.parametrize("mode, text", [("error", "apikey is invalid"), ("500", "HTTP 500"),
-                                        ("garbage", "not JSON"), ("slow", "no answer"),
-                                        ("missing_field", "Exchange Rate")])
-async def test_upstream_failures_are_502_and_store_nothing(make_settings, http, upstream,
-                                                           mode, text, caplog):
+@pytest.mark.parametrize(
+    "mode, text",
+    [
+        ("error", "apikey is invalid"),
+        ("500", "HTTP 500"),
+        ("garbage", "not JSON"),
+        ("slow", "no answer"),
+        ("missing_field", "Exchange Rate"),
+    ],
+)
+async def test_upstream_failures_are_502_and_store_nothing(
+    make_settings, http, upstream, mode, text, caplog
+):
     async with LiveServer(quote_settings(make_settings, upstream)) as server:
         await upstream.wait_requests(1)
         tok = (await register(http, server))["access"]
@@ -109,8 +126,14 @@ async def test_quotes_need_auth_and_valid_input(make_settings, http, upstream):
 
 async def test_poller_stores_and_backs_off_on_rate_limit(make_settings, http, upstream):
     upstream.mode = "note"
-    async with LiveServer(quote_settings(make_settings, upstream, alphavantage_interval=0.05,
-                                         quote_pairs=(("BTC", "USD"), ("ETH", "USD")))) as server:
+    async with LiveServer(
+        quote_settings(
+            make_settings,
+            upstream,
+            alphavantage_interval=0.05,
+            quote_pairs=(("BTC", "USD"), ("ETH", "USD")),
+        )
+    ) as server:
         await upstream.wait_requests(3)
         # Rate limited: each slot stops at the first pair instead of hammering the second.
         assert all(r["from_currency"] == "BTC" for r in upstream.requests[:3])
@@ -149,8 +172,7 @@ async def test_pagination_arithmetic_on_25_rows(server, http):
     assert [q["rate"] for q in last["results"]] == [104.0 - i for i in range(5)]
     _, beyond = await page("per_page=10&page=4")
     assert beyond["results"] == [] and beyond["next"] is None and beyond["count"] == 25
-    for bad in ("per_page=0", "per_page=abc", "page=0", "page=-1&per_page=5",
-                "per_page=1001"):
+    for bad in ("per_page=0", "per_page=abc", "page=0", "page=-1&per_page=5", "per_page=1001"):
         status, err = await page(bad)
         assert status == 400 and err["error"] == "validation", bad
 
@@ -169,10 +191,13 @@ async def test_listing_without_per_page_streams_every_row(server, http):
 
 
 async def test_quote_min_gap_lets_one_of_many_concurrent_posts_reach_upstream(
-        make_settings, http, upstream):
-    async with LiveServer(quote_settings(make_settings, upstream, quote_min_gap=60,
-                                         quote_pairs=(("BTC", "USD"), ("ETH", "USD")))
-                          ) as server:
+    make_settings, http, upstream
+):
+    async with LiveServer(
+        quote_settings(
+            make_settings, upstream, quote_min_gap=60, quote_pairs=(("BTC", "USD"), ("ETH", "USD"))
+        )
+    ) as server:
         await upstream.wait_requests(2)  # the poller's own fetches do not count
         tok = (await register(http, server))["access"]
         before = len(upstream.requests)
@@ -185,8 +210,9 @@ async def test_quote_min_gap_lets_one_of_many_concurrent_posts_reach_upstream(
                 assert err["error"] == "rate_limited"
                 assert 1 <= int(headers["Retry-After"]) <= 60
         # The gap is per pair: another pair is fetched at once.
-        status, _, _ = await post_quote(http, server, tok,
-                                        {"from_currency": "ETH", "to_currency": "USD"})
+        status, _, _ = await post_quote(
+            http, server, tok, {"from_currency": "ETH", "to_currency": "USD"}
+        )
         assert status == 201 and len(upstream.requests) == before + 2
 
 
@@ -198,14 +224,16 @@ async def test_quote_min_gap_zero_turns_the_gap_off(make_settings, http, upstrea
         assert [status for status, _, _ in results] == [201] * 3
 
 
-async def test_a_key_straddling_the_message_cut_is_still_redacted(make_settings, http,
-                                                                  upstream, caplog):
+async def test_a_key_straddling_the_message_cut_is_still_redacted(
+    make_settings, http, upstream, caplog
+):
     # The upstream error echoes the key about 84 characters into the message: a 250-char key
     # runs across the 300-character cut.
     key = "".join(f"{i:03d}" for i in range(84))[:250]
     upstream.mode = "error"
-    settings = make_settings(alphavantage_url=upstream.url, alphavantage_api_key=key,
-                             alphavantage_timeout=0.5)
+    settings = make_settings(
+        alphavantage_url=upstream.url, alphavantage_api_key=key, alphavantage_timeout=0.5
+    )
     with caplog.at_level(logging.DEBUG):
         async with LiveServer(settings) as server:
             poller = server.app[QUOTES].poller
@@ -217,8 +245,11 @@ async def test_a_key_straddling_the_message_cut_is_still_redacted(make_settings,
             async with http.get(server.url + "/healthz") as resp:
                 health = await resp.json()
     assert status == 502 and "***" in err["detail"]
-    shown = [err["detail"], health["feeds"]["alphavantage"]["last_error"],
-             *(r.getMessage() for r in caplog.records)]
+    shown = [
+        err["detail"],
+        health["feeds"]["alphavantage"]["last_error"],
+        *(r.getMessage() for r in caplog.records),
+    ]
     assert all(key[:40] not in text for text in shown)
 
 
@@ -229,8 +260,9 @@ async def test_only_configured_pairs_are_fetched_on_demand(make_settings, http, 
         tok = (await register(http, server))["access"]
         before = len(upstream.requests)
         for code in ("AAA", "AAB", "AAC"):
-            status, err, _ = await post_quote(http, server, tok,
-                                              {"from_currency": code, "to_currency": "USD"})
+            status, err, _ = await post_quote(
+                http, server, tok, {"from_currency": code, "to_currency": "USD"}
+            )
             assert status == 400 and err["error"] == "validation"
             assert "BTC/USD" in err["fields"]["from_currency"]
         assert len(upstream.requests) == before

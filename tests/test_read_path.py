@@ -71,8 +71,9 @@ async def test_the_list_endpoint_shows_every_write_on_the_next_request(server, h
             return [(a["price"], a["status"]) for a in (await resp.json())["results"]]
 
     assert await listed() == []
-    async with http.post(url, headers=headers, json={
-            "asset": "BTCUSDT", "price": 5.0, "direction": "above"}) as resp:
+    async with http.post(
+        url, headers=headers, json={"asset": "BTCUSDT", "price": 5.0, "direction": "above"}
+    ) as resp:
         assert resp.status == 201
         created = await resp.json()
     assert await listed() == await listed() == [(5.0, "CREATED")]

@@ -27,10 +27,21 @@ TOKEN = "123456:AAF-bot-token-SECRETPART"
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
 
-def delivery(n: int = 1, channel: Channel | None = None, note: str | None = None
-             ) -> Delivery:
-    alert = Alert(n, 7, "BTCUSDT", 100_000.0, "above", "TRIGGERED", T0, T0 + n, 100_012.5,
-                  "pending", note=note, channels=(1,))
+def delivery(n: int = 1, channel: Channel | None = None, note: str | None = None) -> Delivery:
+    alert = Alert(
+        n,
+        7,
+        "BTCUSDT",
+        100_000.0,
+        "above",
+        "TRIGGERED",
+        T0,
+        T0 + n,
+        100_012.5,
+        "pending",
+        note=note,
+        channels=(1,),
+    )
     event = Event(100 + n, n, 7, T0 + n, 100_012.5)
     return Delivery(n, 0, alert, event, channel or Channel(1, 7, "webhook"))
 
@@ -95,8 +106,9 @@ async def test_json_digest_lists_every_event(receiver):
     assert got["headers"]["X-Pricewatch-Event"] == "101,102,103"
 
 
-@pytest.mark.parametrize(("format", "key", "limit"), [("discord", "content", 2000),
-                                                      ("slack", "text", 3000)])
+@pytest.mark.parametrize(
+    ("format", "key", "limit"), [("discord", "content", 2000), ("slack", "text", 3000)]
+)
 async def test_chat_formats_carry_the_shared_text(receiver, format, key, limit):
     one = batch_to(receiver.url, 1, format)
     many = batch_to(receiver.url, 80, format)  # a digest longer than the limit
@@ -116,8 +128,10 @@ NOTE = "@everyone @here <!channel> <!here|here> <!everyone> <@U123> <@&42> & mor
 
 async def test_a_note_with_mentions_pings_nobody_on_discord(receiver):
     async with running(webhooks()) as sink:
-        assert await sink.send([delivery(1, hook(receiver.url + "/hook", "discord"),
-                                         note=NOTE)]) == Sent()
+        assert (
+            await sink.send([delivery(1, hook(receiver.url + "/hook", "discord"), note=NOTE)])
+            == Sent()
+        )
     [got] = receiver.received
     assert got["json"]["allowed_mentions"] == {"parse": []}  # no mention is parsed
     assert NOTE in got["json"]["content"]  # the note itself is shown as written
@@ -125,15 +139,20 @@ async def test_a_note_with_mentions_pings_nobody_on_discord(receiver):
 
 async def test_a_note_with_mentions_pings_nobody_on_slack(receiver):
     async with running(webhooks()) as sink:
-        assert await sink.send([delivery(1, hook(receiver.url + "/hook", "slack"),
-                                         note=NOTE)]) == Sent()
+        assert (
+            await sink.send([delivery(1, hook(receiver.url + "/hook", "slack"), note=NOTE)])
+            == Sent()
+        )
     [got] = receiver.received
     text = got["json"]["text"]
     assert "<" not in text and ">" not in text  # no Slack control sequence survives
-    assert ("@everyone @here &lt;!channel&gt; &lt;!here|here&gt; &lt;!everyone&gt; "
-            "&lt;@U123&gt; &lt;@&amp;42&gt; &amp; more") in text
-    many = [delivery(i, hook(receiver.url + "/hook", "slack"), note="<>" * 30)
-            for i in range(1, 81)]
+    assert (
+        "@everyone @here &lt;!channel&gt; &lt;!here|here&gt; &lt;!everyone&gt; "
+        "&lt;@U123&gt; &lt;@&amp;42&gt; &amp; more"
+    ) in text
+    many = [
+        delivery(i, hook(receiver.url + "/hook", "slack"), note="<>" * 30) for i in range(1, 81)
+    ]
     async with running(webhooks()) as sink:
         assert await sink.send(many) == Sent()
     assert len(receiver.received[1]["json"]["text"]) <= 3000  # measured once escaped
@@ -168,8 +187,9 @@ async def test_retry_after_header_is_obeyed(receiver):
 
 
 async def test_discord_json_retry_after_is_obeyed(receiver):
-    receiver.answer(429, body={"message": "You are being rate limited.", "retry_after": 2.5,
-                               "global": False})
+    receiver.answer(
+        429, body={"message": "You are being rate limited.", "retry_after": 2.5, "global": False}
+    )
     async with running(webhooks()) as sink:
         outcome = await sink.send(batch_to(receiver.url, 1, "discord"))
     assert isinstance(outcome, Retry) and outcome.after == 2.5
@@ -231,6 +251,7 @@ def test_error_text_hides_the_webhook_token():
 
 # -- Telegram -----------------------------------------------------------------------------
 
+
 @pytest.fixture
 async def telegram():
     async with FakeTelegram() as fake:
@@ -271,8 +292,14 @@ async def test_telegram_429_retry_after_then_sent(telegram):
 
 
 async def test_telegram_403_fails_and_500_retries(telegram):
-    telegram.answer(403, body={"ok": False, "error_code": 403,
-                               "description": "Forbidden: bot was blocked by the user"})
+    telegram.answer(
+        403,
+        body={
+            "ok": False,
+            "error_code": 403,
+            "description": "Forbidden: bot was blocked by the user",
+        },
+    )
     telegram.answer(502, body=b"<html>Bad Gateway</html>")
     async with running(telegrams(telegram.url)) as sink:
         blocked = await sink.send(to_chat("42"))

@@ -39,8 +39,7 @@ def unwritable(path: Path):
     path.chmod(0o555 if path.is_dir() else 0o444)
     immutable = False
     if os.access(path, os.W_OK) and shutil.which("chattr"):  # root ignores the mode
-        immutable = subprocess.run(["chattr", "+i", str(path)], capture_output=True
-                                   ).returncode == 0
+        immutable = subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
     try:
         if os.access(path, os.W_OK):
             pytest.skip("cannot make a path unwritable here")
@@ -90,9 +89,18 @@ async def test_a_second_pricewatch_on_the_same_database_refuses_to_start(tmp_pat
     env.update(serve_env(db, 0), PRICEWATCH_LOG_LEVEL="INFO")
     # The first one through `serve --port`: the options work after the subcommand too.
     first = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pricewatch", "serve", "--port", "0", cwd=tmp_path, env=env,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "pricewatch",
+        "serve",
+        "--port",
+        "0",
+        cwd=tmp_path,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         lines = []
         while True:  # the serving line, read as it is written
@@ -106,8 +114,7 @@ async def test_a_second_pricewatch_on_the_same_database_refuses_to_start(tmp_pat
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.close()
         second = await asyncio.to_thread(run_cli, "serve", env=serve_env(db, 0), cwd=tmp_path)
-        assert_one_line_exit_2(second, str(db), "in use by another pricewatch",
-                               f"pid {first.pid}")
+        assert_one_line_exit_2(second, str(db), "in use by another pricewatch", f"pid {first.pid}")
     finally:
         first.send_signal(signal.SIGTERM)
         await asyncio.wait_for(first.wait(), 15)

@@ -33,8 +33,9 @@ async def test_migrations_are_idempotent_and_keep_data(tmp_path):
 async def test_a_new_migration_is_applied_once(tmp_path, monkeypatch):
     path = str(tmp_path / "pw.db")
     await (await Store.open(path)).close()
-    monkeypatch.setattr(schema, "MIGRATIONS", [
-        *schema.MIGRATIONS, "CREATE TABLE extra (id INTEGER PRIMARY KEY)"])
+    monkeypatch.setattr(
+        schema, "MIGRATIONS", [*schema.MIGRATIONS, "CREATE TABLE extra (id INTEGER PRIMARY KEY)"]
+    )
     for _ in range(2):
         store = await Store.open(path)
         assert await store.schema_version() == len(schema.MIGRATIONS)
@@ -75,7 +76,11 @@ async def test_trigger_skips_an_alert_changed_since_it_matched(tmp_path):
         assert done.status == "TRIGGERED" and done.triggered_price == 101.0
         assert await store.trigger_alerts(fresh) == []  # once only
         assert (await store.delivery_counts())["email"] == {
-            "pending": 1, "sent": 0, "failed": 0, "skipped": 0}
+            "pending": 1,
+            "sent": 0,
+            "failed": 0,
+            "skipped": 0,
+        }
     finally:
         await store.close()
 
@@ -94,16 +99,19 @@ async def test_usernames_are_unique_after_nfkc_and_case_folding(tmp_path):
 
 
 async def test_colliding_names_from_before_the_key_migration_keep_working(
-        tmp_path, monkeypatch, caplog):
+    tmp_path, monkeypatch, caplog
+):
     """Names unique only by exact spelling before migration 2: it must not fail. The oldest
     owns the normalised name; the later ones log in by their exact spelling."""
     path = str(tmp_path / "pw.db")
     monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
     await (await Store.open(path)).close()
     with sqlite3.connect(path) as db:
-        db.executemany("INSERT INTO users(username, email, password_hash, created_at)"
-                       " VALUES (?, 'x@example.com', '$2b$hash', 0)",
-                       [("alice",), ("ALICE",), ("bob",), ("\uff21lice",)])
+        db.executemany(
+            "INSERT INTO users(username, email, password_hash, created_at)"
+            " VALUES (?, 'x@example.com', '$2b$hash', 0)",
+            [("alice",), ("ALICE",), ("bob",), ("\uff21lice",)],
+        )
     monkeypatch.undo()
     with caplog.at_level(logging.WARNING, logger="pricewatch.schema"):
         store = await Store.open(path)
@@ -127,8 +135,16 @@ async def test_login_addresses_are_known_for_a_while_and_bounded(tmp_path):
         user = await store.create_user("alice", "a@example.com", "$2b$hash")
 
         async def login(jti: str, address: str, at: float) -> None:
-            await store.add_refresh_token(jti, user.id, "fam", at, at + 1, address=address,
-                                          forget_before=at - 100, max_addresses=3)
+            await store.add_refresh_token(
+                jti,
+                user.id,
+                "fam",
+                at,
+                at + 1,
+                address=address,
+                forget_before=at - 100,
+                max_addresses=3,
+            )
 
         await login("j1", "10.0.0.1", 1000.0)
         assert await store.user_for_login("ALICE", "10.0.0.1", 900.0) == (user, True)
@@ -141,8 +157,7 @@ async def test_login_addresses_are_known_for_a_while_and_bounded(tmp_path):
         assert not (await store.user_for_login("alice", "10.0.0.1", 0.0))[1]
         assert (await store.user_for_login("alice", "10.0.0.2", 0.0))[1]
         await login("j2", "10.0.0.5", 1200.0)  # forgets what is older than 1100
-        known = [(await store.user_for_login("alice", f"10.0.0.{i}", 0.0))[1]
-                 for i in range(2, 6)]
+        known = [(await store.user_for_login("alice", f"10.0.0.{i}", 0.0))[1] for i in range(2, 6)]
         assert known == [False, False, False, True]
         assert await store.purge_login_addresses(1201.0) == 1
     finally:

@@ -61,15 +61,20 @@ async def metric(http, server, line_start: str) -> str:
 
 
 def settings_for(make_settings, fake: FakeBinance, **kw):
-    return make_settings(feed="binance", binance_ws_url=fake.url,
-                         binance_rest_url=fake.rest_url, **{"candle_history": False, **kw})
+    return make_settings(
+        feed="binance",
+        binance_ws_url=fake.url,
+        binance_rest_url=fake.rest_url,
+        **{"candle_history": False, **kw},
+    )
 
 
 # --------------------------------------------------------------------------- future trades
 
 
 async def test_a_future_trade_is_dropped_counted_and_stored_candles_survive_the_prune(
-        make_settings, http, fake):
+    make_settings, http, fake
+):
     async with LiveServer(settings_for(make_settings, fake)) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
@@ -77,8 +82,16 @@ async def test_a_future_trade_is_dropped_counted_and_stored_candles_survive_the_
             for i in range(3):  # three real minutes
                 await fake.send_trade("BTCUSDT", 1 + i, 100.0 + i, 1, start + i * 60_000)
             await market.next_of("price", price=102.0)
-            status, alert = await create(http, server, tok, asset="BTCUSDT", price=500.0,
-                                         direction="above", repeat=True, cooldown=60)
+            status, alert = await create(
+                http,
+                server,
+                tok,
+                asset="BTCUSDT",
+                price=500.0,
+                direction="above",
+                repeat=True,
+                cooldown=60,
+            )
             assert status == 201
             await fake.send_trade("BTCUSDT", 4, 999.0, 1, YEAR_4000)
             await fake.send_trade("BTCUSDT", 5, 998.0, 1, now_ms() + DAY)
@@ -93,8 +106,9 @@ async def test_a_future_trade_is_dropped_counted_and_stored_candles_survive_the_
         status, _, feed = await feed_health(http, server)
         assert status == 200 and feed["future_trades"] == 2
         assert feed["missed_trades"]["BTCUSDT"] == 0  # their ids were accounted for
-        assert (await metric(http, server, 'pricewatch_feed_future_trades_total{feed="binance"}')
-                ).endswith(" 2")
+        assert (
+            await metric(http, server, 'pricewatch_feed_future_trades_total{feed="binance"}')
+        ).endswith(" 2")
         async with http.get(server.url + "/api/v1/prices/BTCUSDT") as resp:
             day = await resp.json()
         assert day["high_24h"] == 501.0 and day["low_24h"] == 100.0
@@ -111,13 +125,37 @@ async def test_the_candle_prune_counts_back_from_now_not_from_a_stored_future_ca
     store = await Store.open(str(tmp_path / "c.db"))
     try:
         now = now_ms() - now_ms() % 60_000
-        real = [("BTCUSDT", "1m", now - k * 60_000, 100.0, 101.0, 99.0, 100.5, 1.0, 1,
-                 now - k * 60_000, now - k * 60_000) for k in range(3)]
-        bogus = ("BTCUSDT", "1m", YEAR_4000, 999.0, 999.0, 999.0, 999.0, 1.0, 1, YEAR_4000,
-                 YEAR_4000)
+        real = [
+            (
+                "BTCUSDT",
+                "1m",
+                now - k * 60_000,
+                100.0,
+                101.0,
+                99.0,
+                100.5,
+                1.0,
+                1,
+                now - k * 60_000,
+                now - k * 60_000,
+            )
+            for k in range(3)
+        ]
+        bogus = (
+            "BTCUSDT",
+            "1m",
+            YEAR_4000,
+            999.0,
+            999.0,
+            999.0,
+            999.0,
+            1.0,
+            1,
+            YEAR_4000,
+            YEAR_4000,
+        )
         await store.upsert_candles([*real, bogus])
-        writer = CandleWriter(CandleBook(sizes=DAY_OF_MINUTES), store, ("BTCUSDT",),
-                              retention=1000)
+        writer = CandleWriter(CandleBook(sizes=DAY_OF_MINUTES), store, ("BTCUSDT",), retention=1000)
         assert await writer.load() == 3  # the future one is not loaded
         assert writer.book.candles("BTCUSDT", "1m", 10)[-1]["close"] == 100.5
         assert await writer.prune() == 1
@@ -130,8 +168,10 @@ async def test_the_candle_prune_counts_back_from_now_not_from_a_stored_future_ca
 @pytest.mark.parametrize("speed", [0.0, 1.0])  # at 1x, it is not waited for either
 async def test_a_replayed_future_trade_is_dropped_too(tmp_path, speed):
     path = Path(tmp_path / "trades.jsonl")
-    lines = [f'{{"e":"trade","E":1,"s":"BTCUSDT","t":{i},"p":"{p}","q":"1","T":{t}}}'
-             for i, p, t in ((1, 100, now_ms()), (2, 999, YEAR_4000), (3, 101, now_ms()))]
+    lines = [
+        f'{{"e":"trade","E":1,"s":"BTCUSDT","t":{i},"p":"{p}","q":"1","T":{t}}}'
+        for i, p, t in ((1, 100, now_ms()), (2, 999, YEAR_4000), (3, 101, now_ms()))
+    ]
     path.write_text("\n".join(lines) + "\n")
     sink = Sink()
     feed = ReplayFeed(path, ["BTCUSDT"], sink.on_tick, sink.on_book, speed=speed)
@@ -145,8 +185,10 @@ async def test_a_replayed_future_trade_is_dropped_too(tmp_path, speed):
 @pytest.mark.parametrize("speed", [0.0, 1.0])
 async def test_a_replayed_future_trade_with_a_huge_id_is_no_reset_and_no_gap(tmp_path, speed):
     path = Path(tmp_path / "trades.jsonl")
-    lines = [f'{{"e":"trade","E":1,"s":"BTCUSDT","t":{i},"p":"{p}","q":"1","T":{t}}}'
-             for i, p, t in ((1, 100, now_ms()), (2**62, 999, YEAR_4000), (2, 101, now_ms()))]
+    lines = [
+        f'{{"e":"trade","E":1,"s":"BTCUSDT","t":{i},"p":"{p}","q":"1","T":{t}}}'
+        for i, p, t in ((1, 100, now_ms()), (2**62, 999, YEAR_4000), (2, 101, now_ms()))
+    ]
     path.write_text("\n".join(lines) + "\n")
     sink = Sink()
     feed = ReplayFeed(path, ["BTCUSDT"], sink.on_tick, sink.on_book, speed=speed)
@@ -158,13 +200,16 @@ async def test_a_replayed_future_trade_with_a_huge_id_is_no_reset_and_no_gap(tmp
     assert health["gaps"] == {"BTCUSDT": 0} and health["out_of_order"] == 0
 
 
-async def test_a_replayed_reset_just_behind_the_last_id_is_a_reset_and_a_late_one_is_not(
-        tmp_path):
+async def test_a_replayed_reset_just_behind_the_last_id_is_a_reset_and_a_late_one_is_not(tmp_path):
     t = now_ms() - 60_000
     rows = [*((i, t + i) for i in range(1, 51)), (49, t + 50), (1, t + 100), (2, t + 101)]
     path = Path(tmp_path / "trades.jsonl")
-    path.write_text("".join(f'{{"e":"trade","E":1,"s":"BTCUSDT","t":{i},"p":"1","q":"1",'
-                            f'"T":{at}}}\n' for i, at in rows))
+    path.write_text(
+        "".join(
+            f'{{"e":"trade","E":1,"s":"BTCUSDT","t":{i},"p":"1","q":"1","T":{at}}}\n'
+            for i, at in rows
+        )
+    )
     sink = Sink()
     feed = ReplayFeed(path, ["BTCUSDT"], sink.on_tick, sink.on_book)
     async with asyncio.timeout(5):
@@ -205,14 +250,16 @@ async def trading_at_100(fake, market) -> int:
     return t
 
 
-async def test_a_trade_id_reset_rebases_and_an_alert_crossed_after_it_fires(make_settings,
-                                                                             http, fake):
+async def test_a_trade_id_reset_rebases_and_an_alert_crossed_after_it_fires(
+    make_settings, http, fake
+):
     async with LiveServer(settings_for(make_settings, fake)) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
             t = await trading_at_100(fake, market)
-            status, alert = await create(http, server, tok, asset="BTCUSDT", price=150.0,
-                                         direction="above")
+            status, alert = await create(
+                http, server, tok, asset="BTCUSDT", price=150.0, direction="above"
+            )
             assert status == 201
             # The venue restarted: ids from 1 again, later times. Three in a row re-base at
             # once (how fast is bench/abuse.py's to measure, not a unit test's).
@@ -225,21 +272,24 @@ async def test_a_trade_id_reset_rebases_and_an_alert_crossed_after_it_fires(make
         _, _, feed = await feed_health(http, server)
         assert feed["id_resets"] == 1 and feed["missed_trades"]["BTCUSDT"] == 0
         assert feed["out_of_order"] == 0 and not feed["degraded"]
-        assert (await metric(http, server, 'pricewatch_feed_id_resets_total{feed="binance"}')
-                ).endswith(" 1")
+        assert (
+            await metric(http, server, 'pricewatch_feed_id_resets_total{feed="binance"}')
+        ).endswith(" 1")
         assert not [c for c in fake.rest_calls if "historicalTrades" in c[0]]  # no backfill
         candles = server.app[MARKET].candles.candles("BTCUSDT", "1m", 5)
         assert sum(c["trades"] for c in candles) == 5 + len(prices)
 
 
 async def test_one_huge_trade_id_neither_freezes_the_price_nor_explodes_missed_trades(
-        make_settings, http, fake):
+    make_settings, http, fake
+):
     async with LiveServer(settings_for(make_settings, fake)) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
             t = await trading_at_100(fake, market)
-            status, alert = await create(http, server, tok, asset="BTCUSDT", price=150.0,
-                                         direction="above")
+            status, alert = await create(
+                http, server, tok, asset="BTCUSDT", price=150.0, direction="above"
+            )
             assert status == 201
             await fake.send_trade("BTCUSDT", 2**63, 170.0, 1, t + 10)  # one bogus id
             await fake.send_trade("BTCUSDT", 1005, 110.0, 1, t + 11)
@@ -250,12 +300,14 @@ async def test_one_huge_trade_id_neither_freezes_the_price_nor_explodes_missed_t
         _, _, feed = await feed_health(http, server)
         assert feed["missed_trades"]["BTCUSDT"] == 0 and feed["gaps"]["BTCUSDT"] == 0
         assert feed["out_of_order"] == 1  # the lone outlier, dropped
-        assert 170.0 not in [c["high"] for c in server.app[MARKET].candles.candles(
-            "BTCUSDT", "1m", 5)]
+        assert 170.0 not in [
+            c["high"] for c in server.app[MARKET].candles.candles("BTCUSDT", "1m", 5)
+        ]
 
 
-async def test_a_sustained_jump_past_max_id_jump_rebases_without_backfill(make_settings, http,
-                                                                           fake):
+async def test_a_sustained_jump_past_max_id_jump_rebases_without_backfill(
+    make_settings, http, fake
+):
     settings = settings_for(make_settings, fake, max_id_jump=1000)
     async with LiveServer(settings) as server:
         tok = (await register(http, server))["access"]
@@ -272,8 +324,9 @@ async def test_a_sustained_jump_past_max_id_jump_rebases_without_backfill(make_s
         assert not [c for c in fake.rest_calls if "Trades" in c[0] or "klines" in c[0]]
 
 
-async def test_healthz_says_degraded_while_trades_are_dropped_out_of_order(make_settings, http,
-                                                                           fake):
+async def test_healthz_says_degraded_while_trades_are_dropped_out_of_order(
+    make_settings, http, fake
+):
     async with LiveServer(settings_for(make_settings, fake)) as server:
         tok = (await register(http, server))["access"]
         async with Trader(fake, server, http, tok) as market:
@@ -291,12 +344,14 @@ async def test_healthz_says_degraded_while_trades_are_dropped_out_of_order(make_
             async def degraded() -> bool:
                 status, body, _ = await feed_health(http, server)
                 return status == 503 and body["status"] == "degraded"
+
             await until(degraded)
             _, body, feed = await feed_health(http, server)
             assert body["degraded_feeds"] == ["binance"] and feed["degraded"]
             assert feed["id_resets"] == 0
-            assert (await metric(http, server, 'pricewatch_feed_degraded{feed="binance"}')
-                    ).endswith(" 1")
+            assert (
+                await metric(http, server, 'pricewatch_feed_degraded{feed="binance"}')
+            ).endswith(" 1")
             await fake.send_trade("BTCUSDT", 1005, 101.0, 1, t + 5)
             await market.next_of("price", price=101.0)
             status, body, feed = await feed_health(http, server)
@@ -334,8 +389,9 @@ async def test_a_candidate_out_of_step_with_the_run_starts_a_new_run_and_is_kept
     await feed.sequencer.stop()
 
 
-async def test_a_reset_followed_by_one_trade_then_silence_shows_that_trade(make_settings,
-                                                                           http, fake):
+async def test_a_reset_followed_by_one_trade_then_silence_shows_that_trade(
+    make_settings, http, fake
+):
     """A slow market: one trade of the new sequence and nothing after it. The price follows
     it once it has waited RESET_WAIT with no trade of the old sequence."""
     async with LiveServer(settings_for(make_settings, fake)) as server:
@@ -398,8 +454,9 @@ def test_binance_hosts_of_one_market_are_one_venue():
     assert venue_of("ws://127.0.0.1:81", spot) != venue_of("ws://127.0.0.1:82", spot)
     watched = ("BTCUSDT", "ETHUSDT")
     assert traded_symbols("wss://data-stream.binance.vision", watched) == set(watched)
-    assert traded_symbols("wss://x/stream?streams=btcusdt@trade/ethusdt@bookTicker",
-                          watched) == {"BTCUSDT"}
+    assert traded_symbols("wss://x/stream?streams=btcusdt@trade/ethusdt@bookTicker", watched) == {
+        "BTCUSDT"
+    }
     assert traded_symbols("wss://x/ws/ethusdt@aggTrade", watched) == {"ETHUSDT"}
     assert traded_symbols("wss://x/custom", watched) is None
 
@@ -415,16 +472,19 @@ def test_a_binance_url_that_does_not_say_what_it_carries_is_judged_and_refused()
     """Any path but /stream and /ws/... on a Binance host: taken to carry every watched
     symbol, so it duplicates the main feed (not waved through as a relay would be)."""
     watched = ("BTCUSDT", "ETHUSDT")
-    assert traded_symbols("wss://x.binance.vision/custom", watched, "binance:spot") == set(
-        watched)
+    assert traded_symbols("wss://x.binance.vision/custom", watched, "binance:spot") == set(watched)
 
     def feed(url: str) -> BinanceFeed:
         return BinanceFeed(url, watched, lambda tick: None, lambda book: None)
 
-    extra = ExtraFeeds(web.Application(), None, None, False,
-                       main=feed("wss://stream.binance.com:9443"))
-    for url in ("wss://data-stream.binance.vision/custom", "wss://stream.binance.com/x/y",
-                "wss://stream.binance.com:9443/stream;a=1"):
+    extra = ExtraFeeds(
+        web.Application(), None, None, False, main=feed("wss://stream.binance.com:9443")
+    )
+    for url in (
+        "wss://data-stream.binance.vision/custom",
+        "wss://stream.binance.com/x/y",
+        "wss://stream.binance.com:9443/stream;a=1",
+    ):
         assert feed(url).carries == set(watched), url
         assert extra.duplicated(feed(url)) == "main feed", url
     assert extra.duplicated(feed("wss://evilbinance.vision/custom")) is None  # another venue
@@ -439,10 +499,12 @@ async def test_an_added_feed_is_built_once_and_that_one_runs(make_settings, http
         def counting(url: str, name: str):
             built.append(make(url, name))
             return built[-1]
+
         feeds._make = counting
         tok = await admin_token(http, server)
-        async with http.post(server.url + "/api/v1/feeds", headers=bearer(tok),
-                             json={"url": fake.url}) as resp:
+        async with http.post(
+            server.url + "/api/v1/feeds", headers=bearer(tok), json={"url": fake.url}
+        ) as resp:
             body = await resp.json()
             assert resp.status == 201
         assert len(built) == 1 and feeds.running[body["id"]][1].feed is built[0]
@@ -450,26 +512,36 @@ async def test_an_added_feed_is_built_once_and_that_one_runs(make_settings, http
         await fake.wait_open(1)
 
 
-async def test_an_admin_feed_duplicating_the_main_feed_is_refused_with_409(make_settings, http,
-                                                                           fake):
+async def test_an_admin_feed_duplicating_the_main_feed_is_refused_with_409(
+    make_settings, http, fake
+):
     settings = settings_for(make_settings, fake, allow_private_feeds=True)
     async with FakeBinance() as other, LiveServer(settings) as server:
         tok = await admin_token(http, server)
-        for url in (fake.url, fake.url + "/stream?streams=btcusdt@trade",
-                    fake.url + "/ws/ethusdt@trade"):
-            async with http.post(server.url + "/api/v1/feeds", headers=bearer(tok),
-                                 json={"url": url}) as resp:
+        for url in (
+            fake.url,
+            fake.url + "/stream?streams=btcusdt@trade",
+            fake.url + "/ws/ethusdt@trade",
+        ):
+            async with http.post(
+                server.url + "/api/v1/feeds", headers=bearer(tok), json={"url": url}
+            ) as resp:
                 body = await resp.json()
                 assert resp.status == 409 and body["error"] == "conflict", (url, body)
                 assert "main feed" in body["detail"]
-        async with http.post(server.url + "/api/v1/feeds", headers=bearer(tok),
-                             json={"url": other.url}) as resp:
+        async with http.post(
+            server.url + "/api/v1/feeds", headers=bearer(tok), json={"url": other.url}
+        ) as resp:
             assert resp.status == 201  # another venue
-        async with http.post(server.url + "/api/v1/feeds", headers=bearer(tok),
-                             json={"url": other.url + "/ws/btcusdt@trade"}) as resp:
+        async with http.post(
+            server.url + "/api/v1/feeds",
+            headers=bearer(tok),
+            json={"url": other.url + "/ws/btcusdt@trade"},
+        ) as resp:
             assert resp.status == 409  # ... but only one feed of it
-        async with http.post(server.url + "/save_quotes/", headers=bearer(tok),
-                             json={"api_url": fake.url + "/"}) as resp:
+        async with http.post(
+            server.url + "/save_quotes/", headers=bearer(tok), json={"api_url": fake.url + "/"}
+        ) as resp:
             assert resp.status == 409
 
 
@@ -478,21 +550,24 @@ async def test_two_concurrent_adds_of_one_market_start_one_feed(make_settings, h
         tok = await admin_token(http, server)
 
         async def add(url: str) -> int:
-            async with http.post(server.url + "/api/v1/feeds", headers=bearer(tok),
-                                 json={"url": url}) as resp:
+            async with http.post(
+                server.url + "/api/v1/feeds", headers=bearer(tok), json={"url": url}
+            ) as resp:
                 return resp.status
 
         statuses = await asyncio.gather(add(fake.url), add(fake.url + "/ws/btcusdt@trade"))
         assert sorted(statuses) == [201, 409]
 
 
-async def test_a_stored_feed_duplicating_the_main_feed_is_not_started(make_settings, http,
-                                                                      fake, caplog):
+async def test_a_stored_feed_duplicating_the_main_feed_is_not_started(
+    make_settings, http, fake, caplog
+):
     settings = make_settings(allow_private_feeds=True)
     async with LiveServer(settings) as server:  # main feed off: the extra feed is welcome
         tok = await admin_token(http, server)
-        async with http.post(server.url + "/api/v1/feeds", headers=bearer(tok),
-                             json={"url": fake.url}) as resp:
+        async with http.post(
+            server.url + "/api/v1/feeds", headers=bearer(tok), json={"url": fake.url}
+        ) as resp:
             assert resp.status == 201
     async with LiveServer(settings_for(make_settings, fake, allow_private_feeds=True)) as server:
         await fake.wait_open(1)
@@ -504,15 +579,19 @@ async def test_a_stored_feed_duplicating_the_main_feed_is_not_started(make_setti
     assert any("would duplicate the main feed" in r.getMessage() for r in caplog.records)
 
 
-async def test_a_duplicate_feed_that_slips_through_counts_each_trade_once(make_settings, http,
-                                                                          fake):
+async def test_a_duplicate_feed_that_slips_through_counts_each_trade_once(
+    make_settings, http, fake
+):
     """A relay URL that does not say what it carries is accepted; the market still takes
     each trade (same id and time) once."""
     settings = settings_for(make_settings, fake, allow_private_feeds=True)
     async with LiveServer(settings) as server:
         tok = await admin_token(http, server)
-        async with http.post(server.url + "/api/v1/feeds", headers=bearer(tok),
-                             json={"url": fake.url + "/stream?relay=1"}) as resp:
+        async with http.post(
+            server.url + "/api/v1/feeds",
+            headers=bearer(tok),
+            json={"url": fake.url + "/stream?relay=1"},
+        ) as resp:
             assert resp.status == 201
         await fake.wait_open(2)
         t = now_ms() - 5_000
@@ -522,10 +601,12 @@ async def test_a_duplicate_feed_that_slips_through_counts_each_trade_once(make_s
 
         async def both_delivered() -> bool:  # each feed handed on all five
             return mkt.duplicates + mkt.ticks["BTCUSDT"] >= 10
+
         await until(both_delivered)
         assert mkt.ticks["BTCUSDT"] == 5 and mkt.duplicates == 5
         assert (await metric(http, server, "pricewatch_trades_duplicate_total ")) == (
-            "pricewatch_trades_duplicate_total 5")
+            "pricewatch_trades_duplicate_total 5"
+        )
         candles = mkt.candles.candles("BTCUSDT", "1m", 5)
         assert sum(c["volume"] for c in candles) == 2.5
         assert sum(c["trades"] for c in candles) == 5
@@ -552,8 +633,10 @@ async def test_a_crossed_book_is_rejected_and_the_last_good_one_kept(fake):
         await fake.send_book("BTCUSDT", 101.0, 100.0)  # bid above ask
         await fake.send_book("ETHUSDT", 10.0, 11.0)
         await sink.wait(lambda: len(sink.books) == 2)
-    assert [(b.symbol, b.bid, b.ask) for b in sink.books] == [("BTCUSDT", 99.0, 100.0),
-                                                             ("ETHUSDT", 10.0, 11.0)]
+    assert [(b.symbol, b.bid, b.ask) for b in sink.books] == [
+        ("BTCUSDT", 99.0, 100.0),
+        ("ETHUSDT", 10.0, 11.0),
+    ]
     assert feed.stats.parse_errors == 1
 
 
@@ -599,7 +682,8 @@ def test_a_flood_of_future_trades_logs_one_line_a_minute(caplog):
 
 
 async def test_a_history_load_that_fails_unforeseen_still_starts_the_live_feed(
-        make_settings, http, fake, monkeypatch, caplog):
+    make_settings, http, fake, monkeypatch, caplog
+):
     """An answer nobody foresaw (here: the history reader raising ValueError) costs the
     candle history, never the live feed: before, it ended the feed's task for good."""
 

@@ -21,9 +21,20 @@ from pricewatch.quotes_api import QUOTES
 from pricewatch.upstream.binance_rest import BinanceRest, RestError
 from pricewatch.upstream_read import MAX_VALUES, PARSE_INLINE, BadAnswer, parse_json
 
-ROW = [1499040000000, "0.01634790", "0.80000000", "0.01575800", "0.01577100",
-       "148976.11427815", 1499644799999, "2434.19055334", 308, "1756.87402397",
-       "28.46694368", "17928899.62484339"]
+ROW = [
+    1499040000000,
+    "0.01634790",
+    "0.80000000",
+    "0.01575800",
+    "0.01577100",
+    "148976.11427815",
+    1499644799999,
+    "2434.19055334",
+    308,
+    "1756.87402397",
+    "28.46694368",
+    "17928899.62484339",
+]
 LIMIT = 256 * 1024
 
 
@@ -63,8 +74,7 @@ class Flood:
 
     async def _endless(self, request: web.Request) -> web.StreamResponse:
         self.paths.append(request.path)
-        resp = web.StreamResponse(status=self.status,
-                                  headers={"Content-Type": "application/json"})
+        resp = web.StreamResponse(status=self.status, headers={"Content-Type": "application/json"})
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         chunk = b",".join([orjson.dumps(ROW)] * 64) + b","
@@ -140,8 +150,12 @@ async def test_a_large_body_that_is_not_json_is_refused(body):
 
 
 async def test_large_bodies_parse_as_orjson_does():
-    doc = {"a": [{"k": ["é\n\"\\", None, True, False, -1.5e-7, 12]}] * 20_000, "b": {},
-           "c": [], "d": [[[]]]}
+    doc = {
+        "a": [{"k": ['é\n"\\', None, True, False, -1.5e-7, 12]}] * 20_000,
+        "b": {},
+        "c": [],
+        "d": [[[]]],
+    }
     for raw in (orjson.dumps(doc), orjson.dumps(doc, option=orjson.OPT_INDENT_2)):
         assert len(raw) > PARSE_INLINE
         assert await parse_json(raw) == doc
@@ -171,8 +185,9 @@ async def test_binance_rest_counts_the_bytes_a_compressed_answer_expands_to():
     bomb = packer.compress(b"[" + b"0," * (25 << 20)) + packer.flush()  # 50 MB in ~50 KB
 
     async def klines(request: web.Request) -> web.Response:
-        return web.Response(body=bomb, headers={"Content-Encoding": "gzip",
-                                                "Content-Type": "application/json"})
+        return web.Response(
+            body=bomb, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        )
 
     app = web.Application()
     app.router.add_get("/api/v3/klines", klines)
@@ -198,10 +213,15 @@ async def healthz(http, server) -> int:
 
 
 async def test_feed_reports_an_endless_rest_answer_while_the_server_answers(
-        make_settings, http, fake, flood, caplog):
+    make_settings, http, fake, flood, caplog
+):
     caplog.set_level(logging.WARNING, "pricewatch")
-    settings = make_settings(feed="binance", binance_ws_url=fake.url,
-                             binance_rest_url=flood.url, upstream_max_bytes=LIMIT)
+    settings = make_settings(
+        feed="binance",
+        binance_ws_url=fake.url,
+        binance_rest_url=flood.url,
+        upstream_max_bytes=LIMIT,
+    )
     async with LiveServer(settings) as server:
         await asyncio.wait_for(flood.started.wait(), 10)  # the candle history call
         assert await healthz(http, server) in (200, 503)  # answered mid-read
@@ -216,10 +236,14 @@ async def test_feed_reports_an_endless_rest_answer_while_the_server_answers(
 
 
 async def test_quote_poller_reports_an_endless_answer_while_the_server_answers(
-        make_settings, http, flood):
-    settings = make_settings(alphavantage_url=flood.url + "/query",
-                             alphavantage_api_key="KEY", alphavantage_interval=3600,
-                             upstream_max_bytes=LIMIT)
+    make_settings, http, flood
+):
+    settings = make_settings(
+        alphavantage_url=flood.url + "/query",
+        alphavantage_api_key="KEY",
+        alphavantage_interval=3600,
+        upstream_max_bytes=LIMIT,
+    )
     async with LiveServer(settings) as server:
         await asyncio.wait_for(flood.started.wait(), 10)  # the poller's first poll
         assert await healthz(http, server) in (200, 503)
@@ -240,7 +264,8 @@ async def test_webhook_endless_answer_is_judged_by_its_status(status, outcome):
         upstream.release.set()
         async with running(webhooks()) as sink:
             result = await asyncio.wait_for(
-                sink.send([delivery(1, hook(upstream.url + "/hook"))]), 10)
+                sink.send([delivery(1, hook(upstream.url + "/hook"))]), 10
+            )
         assert isinstance(result, outcome), result
         await asyncio.wait_for(upstream.ended.wait(), 5)  # the rest was never read
 

@@ -25,13 +25,18 @@ from pricewatch.ws_gate import FrameGate, LingeringTransport
 
 USERS = itertools.count()
 # Every websocket endpoint: anonymous ones, the live feed with a login, and its compat form.
-ENDPOINTS = ("/ws/ohlc/", "/ws/rates/", "/live-feed/subscribe/",
-             "/live-feed/subscribe/?format=binance")
+ENDPOINTS = (
+    "/ws/ohlc/",
+    "/ws/rates/",
+    "/live-feed/subscribe/",
+    "/live-feed/subscribe/?format=binance",
+)
 
 PINGS = client_frame(b"", PING) * 10_000  # 60 KB of empty pings, one write
 PONGS = client_frame(b"", PONG) * 10_000
-CONTINUATIONS = client_frame(b'{"a":', TEXT, fin=False) + client_frame(
-    b"", CONTINUATION, fin=False) * 10_000  # a message that never ends
+CONTINUATIONS = (
+    client_frame(b'{"a":', TEXT, fin=False) + client_frame(b"", CONTINUATION, fin=False) * 10_000
+)  # a message that never ends
 
 
 async def open_ws(server: LiveServer, http, path: str, **kwargs) -> RawWebSocket:
@@ -51,6 +56,7 @@ async def close_code(ws: RawWebSocket) -> int | None:
 
 
 # ------------------------------------------------------------------------------- the seam
+
 
 async def test_aiohttp_hands_every_websocket_parser_to_the_gate(server, http) -> None:
     """The seam ws_gate relies on (aiohttp internals, pinned in pyproject): the parser
@@ -73,6 +79,7 @@ async def test_aiohttp_hands_every_websocket_parser_to_the_gate(server, http) ->
 
 # ------------------------------------------------------------------------ control floods
 
+
 @pytest.mark.parametrize("path", ENDPOINTS)
 async def test_a_ping_flood_is_closed_with_1008_on_every_endpoint(server, http, path) -> None:
     ws = await open_ws(server, http, path)
@@ -86,25 +93,32 @@ async def test_a_flood_sent_with_the_upgrade_request_is_closed_with_1008(server)
     websocket handler runs: counted all the same."""
     host, port = server.url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(f"GET /ws/ohlc/ HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n"
-                 "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode() + PINGS)
+    writer.write(
+        f"GET /ws/ohlc/ HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n"
+        "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+        + PINGS
+    )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 101")
     assert await close_code(RawWebSocket(reader, writer)) == 1008
 
 
-@pytest.mark.skipif(importlib.util.find_spec("redis") is None,
-                    reason="the redis client is not installed (pip install -e '.[test]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("redis") is None,
+    reason="the redis client is not installed (pip install -e '.[test]')",
+)
 @pytest.mark.parametrize("path", ["/ws/ohlc/", "/ws/rates/"])
-async def test_a_cluster_edge_closes_a_ping_flood_with_1008(make_settings, http, monkeypatch,
-                                                           path) -> None:
+async def test_a_cluster_edge_closes_a_ping_flood_with_1008(
+    make_settings, http, monkeypatch, path
+) -> None:
     """Edges serve the same websockets through the same gate (Redis need not be up)."""
     from pricewatch.cluster import edge as edge_module
 
     monkeypatch.setattr(edge_module, "START_WAIT", 0.2)
-    settings = make_settings(redis_url="redis://127.0.0.1:9/0", role="edge",
-                             jwt_secret="edge-test-secret-" + "x" * 32)
+    settings = make_settings(
+        redis_url="redis://127.0.0.1:9/0", role="edge", jwt_secret="edge-test-secret-" + "x" * 32
+    )
     async with LiveServer(settings) as edge:
         ws = await RawWebSocket.connect(edge.url, path)
         ws.send(PINGS)
@@ -112,15 +126,13 @@ async def test_a_cluster_edge_closes_a_ping_flood_with_1008(make_settings, http,
 
 
 @pytest.mark.parametrize("flood", [PONGS, CONTINUATIONS], ids=["pongs", "continuations"])
-async def test_pong_and_empty_continuation_floods_are_closed_with_1008(server, http,
-                                                                     flood) -> None:
+async def test_pong_and_empty_continuation_floods_are_closed_with_1008(server, http, flood) -> None:
     ws = await open_ws(server, http, "/ws/ohlc/")
     ws.send(flood)
     assert await close_code(ws) == 1008
 
 
-async def test_pings_within_the_budget_are_answered_and_the_socket_stays_open(
-        server, http) -> None:
+async def test_pings_within_the_budget_are_answered_and_the_socket_stays_open(server, http) -> None:
     ws = await open_ws(server, http, "/ws/ohlc/")
     try:
         ws.send(client_frame(b"hi", PING) * (WS_BURST - 1))
@@ -139,12 +151,13 @@ async def test_a_flood_split_into_single_bytes_is_counted_all_the_same(server, h
     ws = await open_ws(server, http, "/ws/ohlc/")
     data = client_frame(b"x" * 200, PING) + client_frame(b"", PING) * (WS_BURST + 5)
     for i in range(len(data)):
-        ws.send(data[i:i + 1])
+        ws.send(data[i : i + 1])
         await ws.writer.drain()
     assert await close_code(ws) == 1008
 
 
 # ---------------------------------------------------------------------- close, no reset
+
 
 async def test_100_messages_in_one_write_always_read_the_close_frame(server, http) -> None:
     """The client is reading: it gets the 1008 close frame every time, never a reset,
@@ -202,11 +215,11 @@ async def test_an_oversized_message_reads_the_1009_close_frame(server, http) -> 
 
 
 async def test_a_message_growing_past_the_bound_in_fragments_is_closed_with_1009(
-        server, http) -> None:
+    server, http
+) -> None:
     ws = await open_ws(server, http, "/ws/ohlc/")
     part = b"x" * (WS_MAX_MESSAGE // 4)
-    ws.send(client_frame(part, TEXT, fin=False)
-            + client_frame(part, CONTINUATION, fin=False) * 4)
+    ws.send(client_frame(part, TEXT, fin=False) + client_frame(part, CONTINUATION, fin=False) * 4)
     assert await close_code(ws) == 1009
 
 
@@ -227,7 +240,8 @@ async def test_a_polite_client_is_let_go_without_waiting(server, http, monkeypat
 
 
 async def test_a_read_of_many_close_frames_is_answered_once_and_the_connection_ends(
-        server, http) -> None:
+    server, http
+) -> None:
     """10,000 close frames in one write: the first is answered (one close frame), the rest
     are dropped unparsed (and read, not left to reset the connection), and the connection
     ends once the client ends its side."""
@@ -243,6 +257,7 @@ async def test_a_read_of_many_close_frames_is_answered_once_and_the_connection_e
 
 
 # ---------------------------------------------------------------------- nobody starves
+
 
 async def test_three_ping_flooders_do_not_starve_other_clients(server, http) -> None:
     """Three clients flood pings as fast as they can, reconnecting when closed; meanwhile
@@ -292,6 +307,7 @@ async def test_three_ping_flooders_do_not_starve_other_clients(server, http) -> 
 
 # --------------------------------------------------------------------- the gate, alone
 
+
 class Parser:
     """What aiohttp's WebSocketReader looks like to the gate: collects what it is fed."""
 
@@ -328,7 +344,7 @@ async def test_the_gate_counts_one_token_per_frame_however_reads_are_cut() -> No
         pos = 0
         while pos < len(data):
             step = rng.choice([1, 2, 3, 7, 13, 500, 70000])
-            assert gate.feed_data(data[pos:pos + step]) == (False, b"")
+            assert gate.feed_data(data[pos : pos + step]) == (False, b"")
             pos += step
         assert bytes(parser.data) == data  # passed through untouched
         assert round(1000 - bucket.tokens) == 60
@@ -400,7 +416,6 @@ async def test_lingering_reads_a_bounded_number_of_bytes_then_waits() -> None:
     assert transport.closed
 
 
-
 async def test_the_gate_hands_the_parser_nothing_after_a_close_frame() -> None:
     """A close frame is the last one parsed: however the reads are cut, the parser gets the
     input up to its end (its payload included) and nothing after it."""
@@ -412,7 +427,7 @@ async def test_the_gate_hands_the_parser_nothing_after_a_close_frame() -> None:
         parser = Parser()
         gate = FrameGate(parser, _Transport(), TokenBucket(0.0, 40.0, now=0.0), 1 << 20)
         for pos in range(0, len(data), step):
-            assert gate.feed_data(data[pos:pos + step]) == (False, b"")
+            assert gate.feed_data(data[pos : pos + step]) == (False, b"")
         assert bytes(parser.data) == before + close, step
         assert gate.discarding and gate.over is None
         gate.finish()

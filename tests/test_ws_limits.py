@@ -40,7 +40,8 @@ async def open_ws(server: LiveServer, http, path: str) -> RawWebSocket:
 
 
 async def test_a_non_reader_asking_for_big_snapshots_is_closed_at_the_byte_bound(
-        server: LiveServer, http) -> None:
+    server: LiveServer, http
+) -> None:
     """The High finding: snapshot requests from a client that never reads must not grow the
     server's memory. It is closed with 1008 once it would hold more than
     PRICEWATCH_WS_MAX_QUEUE_BYTES, and a reading client keeps getting every price."""
@@ -49,8 +50,9 @@ async def test_a_non_reader_asking_for_big_snapshots_is_closed_at_the_byte_bound
     for i in range(1000):  # 1000 one-second candles: a snapshot of ~128 KB
         market.on_tick(Tick("BTCUSDT", 100.0 + i, 0.5, T0 + i * 1000, i + 1))
     user = await register(http, server)
-    async with http.ws_connect(server.ws_url("/live-feed/subscribe/"),
-                               headers=bearer(user["access"])) as reader:
+    async with http.ws_connect(
+        server.ws_url("/live-feed/subscribe/"), headers=bearer(user["access"])
+    ) as reader:
         msg = await reader.receive_json(timeout=5)  # the latest price on connect
         assert (msg["type"], msg["symbol"]) == ("price", "BTCUSDT")
 
@@ -59,7 +61,8 @@ async def test_a_non_reader_asking_for_big_snapshots_is_closed_at_the_byte_bound
         # Loopback send buffers grow to megabytes; keep the kernel's share small so the
         # server's own accounting is what fills.
         client.transport.get_extra_info("socket").setsockopt(
-            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
         request = {"symbol": "BTCUSDT", "timeframe": "1s", "limit": 1000}
         attacker.send_json(*[request] * 30)  # within the burst of 40: not a rate violation
         market.on_tick(Tick("BTCUSDT", 5000.0, 1.0, T0 + 1_000_000, 1001))
@@ -97,7 +100,8 @@ def bad_message(path: str) -> dict:
 
 @pytest.mark.parametrize("path", ENDPOINTS)
 async def test_a_burst_of_40_messages_is_answered_and_41_closes_with_1008(
-        server: LiveServer, http, path: str) -> None:
+    server: LiveServer, http, path: str
+) -> None:
     ws = await open_ws(server, http, path)
     ws.send_json(*[bad_message(path)] * WS_BURST)
     for _ in range(WS_BURST):
@@ -125,11 +129,13 @@ async def many_symbols(make_settings):
 
 
 async def test_the_65th_live_subscription_is_refused_and_the_connection_stays_open(
-        many_symbols, http) -> None:
+    many_symbols, http
+) -> None:
     server, symbols = many_symbols
     user = await register(http, server)
-    async with http.ws_connect(server.ws_url("/live-feed/subscribe/"),
-                               headers=bearer(user["access"])) as ws:
+    async with http.ws_connect(
+        server.ws_url("/live-feed/subscribe/"), headers=bearer(user["access"])
+    ) as ws:
         (client,) = server.app[HUB].clients  # default: the first 64 watched symbols
         assert len(client.topics) == MAX_SUBSCRIPTIONS
         await ws.send_json({"action": "subscribe", "symbols": [symbols[64]]})
@@ -147,10 +153,10 @@ async def test_the_65th_live_subscription_is_refused_and_the_connection_stays_op
 
 
 async def test_the_65th_ohlc_pair_is_refused_and_the_connection_stays_open(
-        many_symbols, http) -> None:
+    many_symbols, http
+) -> None:
     server, symbols = many_symbols
-    pairs = [(s, tf) for s in symbols[:10] for tf in ("1s", "1m", "5m", "15m", "1h", "4h",
-                                                      "1d")]
+    pairs = [(s, tf) for s in symbols[:10] for tf in ("1s", "1m", "5m", "15m", "1h", "4h", "1d")]
     async with http.ws_connect(server.ws_url("/ws/ohlc/")) as ws:
         for symbol, tf in pairs[:MAX_SUBSCRIPTIONS]:
             await ws.send_json({"symbol": symbol, "timeframe": tf})
@@ -175,8 +181,7 @@ def refused_429(exc: Refused) -> None:
     assert exc.headers["content-type"].startswith("application/json")
 
 
-async def test_open_websockets_per_address_are_capped_across_endpoints(
-        make_settings, http) -> None:
+async def test_open_websockets_per_address_are_capped_across_endpoints(make_settings, http) -> None:
     async with LiveServer(make_settings(max_ws_per_address=3)) as server:
         hub = server.app[HUB]
         held = [await open_ws(server, http, path) for path in ENDPOINTS]
@@ -186,8 +191,9 @@ async def test_open_websockets_per_address_are_capped_across_endpoints(
             refused_429(refused.value)
         # X-Forwarded-For from an untrusted peer changes nothing.
         with pytest.raises(Refused) as refused:
-            await RawWebSocket.connect(server.url, "/ws/ohlc/",
-                                       headers={"X-Forwarded-For": "203.0.113.9"})
+            await RawWebSocket.connect(
+                server.url, "/ws/ohlc/", headers={"X-Forwarded-For": "203.0.113.9"}
+            )
         refused_429(refused.value)
         held.pop().abort()  # a closed socket frees its slot
         async with asyncio.timeout(5):
@@ -202,11 +208,11 @@ async def test_concurrent_upgrades_cannot_pass_the_cap_together(make_settings, h
     async with LiveServer(make_settings(max_ws_per_address=2)) as server:
         results = await asyncio.gather(
             *(RawWebSocket.connect(server.url, "/ws/ohlc/") for _ in range(8)),
-            return_exceptions=True)
+            return_exceptions=True,
+        )
         opened = [r for r in results if isinstance(r, RawWebSocket)]
         assert len(opened) == 2
-        assert all(isinstance(r, Refused) and r.status == 429 for r in results
-                   if r not in opened)
+        assert all(isinstance(r, Refused) and r.status == 429 for r in results if r not in opened)
         for ws in opened:
             ws.abort()
 
@@ -217,9 +223,9 @@ def via(server: LiveServer, address: str):
 
 
 async def test_behind_a_trusted_proxy_the_cap_counts_each_forwarded_address(
-        make_settings, http) -> None:
-    settings = make_settings(max_ws_per_address=2,
-                             trusted_proxies=(ip_network("127.0.0.1/32"),))
+    make_settings, http
+) -> None:
+    settings = make_settings(max_ws_per_address=2, trusted_proxies=(ip_network("127.0.0.1/32"),))
     async with LiveServer(settings) as server:
         held = [await via(server, "203.0.113.5"), await via(server, "198.51.100.7, 203.0.113.5")]
         with pytest.raises(Refused) as refused:
@@ -233,8 +239,7 @@ async def test_behind_a_trusted_proxy_the_cap_counts_each_forwarded_address(
 
 async def test_ipv6_clients_share_the_cap_of_their_64(make_settings, http) -> None:
     """One subscriber holds a whole /64: 2**64 addresses must not be 2**64 caps."""
-    settings = make_settings(max_ws_per_address=2,
-                             trusted_proxies=(ip_network("127.0.0.1/32"),))
+    settings = make_settings(max_ws_per_address=2, trusted_proxies=(ip_network("127.0.0.1/32"),))
     async with LiveServer(settings) as server:
         held = [await via(server, "2001:db8:1:2::1"), await via(server, "2001:db8:1:2::ffff")]
         with pytest.raises(Refused) as refused:
@@ -256,28 +261,39 @@ def nested(depth: int) -> bytes:
 @pytest.mark.parametrize("path", ENDPOINTS)
 @pytest.mark.parametrize("depth", [1000, 5000])
 async def test_deeply_nested_messages_get_an_error_and_the_connection_stays_open(
-        server: LiveServer, http, path: str, depth: int) -> None:
+    server: LiveServer, http, path: str, depth: int
+) -> None:
     ws = await open_ws(server, http, path)
-    for payload in (b'{"action":"subscribe","symbols":' + nested(depth) + b"}",
-                    b'{"action":"subscribe","symbols":[' + nested(depth) + b"]}",
-                    b'{"symbol":' + nested(depth) + b',"timeframe":"1m"}',
-                    b'{"symbol":"BTCUSDT","timeframe":' + nested(depth) + b"}",
-                    b'{"symbol":"BTCUSDT","limit":' + nested(depth) + b"}"):
+    for payload in (
+        b'{"action":"subscribe","symbols":' + nested(depth) + b"}",
+        b'{"action":"subscribe","symbols":[' + nested(depth) + b"]}",
+        b'{"symbol":' + nested(depth) + b',"timeframe":"1m"}',
+        b'{"symbol":"BTCUSDT","timeframe":' + nested(depth) + b"}",
+        b'{"symbol":"BTCUSDT","limit":' + nested(depth) + b"}",
+    ):
         ws.send(client_frame(payload))
         msg = await ws.recv_json()
         assert msg["type"] == "error" and isinstance(msg["detail"], str), payload[:60]
     # Still open and still answering normally.
-    good = ({"action": "subscribe", "symbols": ["BTCUSDT"]} if path.startswith("/live-feed")
-            else {"symbol": "BTCUSDT", "timeframe": "1m"})
+    good = (
+        {"action": "subscribe", "symbols": ["BTCUSDT"]}
+        if path.startswith("/live-feed")
+        else {"symbol": "BTCUSDT", "timeframe": "1m"}
+    )
     ws.send_json(good)
     msg = await ws.recv_json()
-    assert msg["type"] == {"/live-feed/subscribe/": "subscribed", "/ws/ohlc/": "snapshot",
-                           "/ws/rates/": "error"}[path]
+    assert (
+        msg["type"]
+        == {"/live-feed/subscribe/": "subscribed", "/ws/ohlc/": "snapshot", "/ws/rates/": "error"}[
+            path
+        ]
+    )
     ws.abort()
 
 
 async def test_unknown_symbols_are_named_briefly_whatever_their_json_type(
-        server: LiveServer, http) -> None:
+    server: LiveServer, http
+) -> None:
     ws = await open_ws(server, http, "/live-feed/subscribe/")
     ws.send_json({"action": "subscribe", "symbols": ["DOGEUSDT", 7, {"a": [1]}, None] * 10})
     msg = await ws.recv_json()

@@ -42,7 +42,7 @@ BATCH = 200  # sends per MULTI/EXEC transaction at most
 def backoff(attempt: int) -> float:
     """Equal jitter: half the capped exponential delay, plus up to as much again at random
     (never a tight loop, never every process in step after a Redis restart)."""
-    delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** attempt)
+    delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt)
     return delay / 2 + random.uniform(0, delay / 2)
 
 
@@ -52,8 +52,10 @@ def require_redis() -> None:
     try:
         import redis.asyncio  # noqa: F401
     except ImportError as exc:
-        raise StartupError(f"PRICEWATCH_REDIS_URL is set but the redis package cannot be "
-                           f"imported ({exc}): pip install 'pricewatch[cluster]'") from None
+        raise StartupError(
+            f"PRICEWATCH_REDIS_URL is set but the redis package cannot be "
+            f"imported ({exc}): pip install 'pricewatch[cluster]'"
+        ) from None
 
 
 def connect(url: str):
@@ -63,15 +65,20 @@ def connect(url: str):
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
-    return Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
-                          retry=Retry(NoBackoff(), 0))
+    return Redis.from_url(
+        url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, retry=Retry(NoBackoff(), 0)
+    )
 
 
 class RedisBus:
     """Publish to, and (with `on_message`) listen on, CHANNEL through Redis at `url`."""
 
-    def __init__(self, url: str, on_connect: Callable[[Any], Awaitable[None]],
-                 on_message: Callable[[bytes], Awaitable[None] | None] | None = None):
+    def __init__(
+        self,
+        url: str,
+        on_connect: Callable[[Any], Awaitable[None]],
+        on_message: Callable[[bytes], Awaitable[None] | None] | None = None,
+    ):
         self.url = url
         self.on_connect = on_connect
         self.on_message = on_message
@@ -92,8 +99,7 @@ class RedisBus:
 
     def health(self) -> dict[str, Any]:
         """For /healthz: connected or since when not, with the last error."""
-        out: dict[str, Any] = {"connected": self.client is not None,
-                               "reconnects": self.reconnects}
+        out: dict[str, Any] = {"connected": self.client is not None, "reconnects": self.reconnects}
         if self.client is None:
             out["down_for"] = round(time.time() - (self.down_since or time.time()), 1)
             if self.last_error:

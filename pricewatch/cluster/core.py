@@ -148,8 +148,12 @@ class Publisher:
             if quote is not None:
                 pipe.set(QUOTE, quote)
             if event_id is not None:
-                pipe.xadd(events_key(header["u"]), {"e": event_id, "d": payload},
-                          maxlen=EVENTS_KEPT, approximate=False)
+                pipe.xadd(
+                    events_key(header["u"]),
+                    {"e": event_id, "d": payload},
+                    maxlen=EVENTS_KEPT,
+                    approximate=False,
+                )
             pipe.set(SEQ, header["seq"])
             pipe.publish(CHANNEL, data)
 

@@ -81,8 +81,7 @@ class Edge:
         pipe.get(SEQ)
         pipe.hgetall(LATEST)
         pipe.get(QUOTE)
-        pipe.zrangebyscore(REVOKED, time.time() - self.settings.access_ttl, "+inf",
-                           withscores=True)
+        pipe.zrangebyscore(REVOKED, time.time() - self.settings.access_ttl, "+inf", withscores=True)
         for symbol in symbols:
             for tf in self.timeframes:
                 pipe.hgetall(candles_key(symbol, tf))
@@ -164,8 +163,11 @@ class Edge:
             pipe.get(EVENTS_FLOOR)
             pipe.xrange(events_key(user_id))
             floor, entries = await pipe.execute()
-            complete = floor is not None and since >= int(floor) and (
-                len(entries) < EVENTS_KEPT or int(entries[0][1][b"e"]) <= since)
+            complete = (
+                floor is not None
+                and since >= int(floor)
+                and (len(entries) < EVENTS_KEPT or int(entries[0][1][b"e"]) <= since)
+            )
             events = ((int(fields[b"e"]), fields[b"d"]) for _, fields in entries)
             return [(event_id, data) for event_id, data in events if event_id > since], complete
 
@@ -240,8 +242,12 @@ async def edge_ctx(app: web.Application) -> AsyncIterator[None]:
     assert settings.jwt_secret is not None  # Settings.from_env requires it for an edge
     # No database: no user check (see the docstring). Auth.store is typed Store for the core's
     # routes, which need one; an edge serves none of them.
-    auth_ = app[auth.AUTH] = auth.Auth(settings, None,  # type: ignore[arg-type]
-                                       settings.jwt_secret, {})
+    auth_ = app[auth.AUTH] = auth.Auth(
+        settings,
+        None,  # type: ignore[arg-type]
+        settings.jwt_secret,
+        {},
+    )
     app[HUB].revoked = auth_.revoked
     edge = app[EDGE] = Edge(settings, app[MARKET], app[HUB], auth_)
     # The live feed's `resume` asks app[ENGINE]; on an edge the Edge answers it from Redis.
@@ -251,8 +257,10 @@ async def edge_ctx(app: web.Application) -> AsyncIterator[None]:
             async with asyncio.timeout(START_WAIT):
                 await edge.bus.ready()
         except TimeoutError:
-            log.warning("no Redis yet (%s): serving without market data until it answers",
-                        edge.bus.health().get("error", "connecting"))
+            log.warning(
+                "no Redis yet (%s): serving without market data until it answers",
+                edge.bus.health().get("error", "connecting"),
+            )
         try:
             yield
         finally:
@@ -260,6 +268,7 @@ async def edge_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 # -- routes that differ from the single process's ---------------------------------------
+
 
 async def healthz(request: web.Request) -> web.Response:
     """200 `ok` while connected to Redis and synchronised; else 503 `stale` (the sockets
@@ -278,27 +287,37 @@ async def metrics(request: web.Request) -> web.Response:
     render_websockets(out, hub)
     bus = edge.bus
     for name, kind, text, value in [
-            ("pricewatch_redis_connected", "gauge", "1 while connected to Redis.",
-             int(bus.client is not None)),
-            ("pricewatch_redis_reconnects_total", "counter", "Redis reconnect attempts.",
-             bus.reconnects),
-            ("pricewatch_redis_messages_total", "counter", "Bus messages received.",
-             bus.received),
-            ("pricewatch_redis_resyncs_total", "counter", "Snapshots read from Redis.",
-             edge.resyncs)]:
+        (
+            "pricewatch_redis_connected",
+            "gauge",
+            "1 while connected to Redis.",
+            int(bus.client is not None),
+        ),
+        (
+            "pricewatch_redis_reconnects_total",
+            "counter",
+            "Redis reconnect attempts.",
+            bus.reconnects,
+        ),
+        ("pricewatch_redis_messages_total", "counter", "Bus messages received.", bus.received),
+        ("pricewatch_redis_resyncs_total", "counter", "Snapshots read from Redis.", edge.resyncs),
+    ]:
         out.metric(name, kind, text)
         out.sample(name, value)
     edge.resumer.render_metrics(out)
     render_http(out, app[HTTP_METRICS])
-    return web.Response(body=out.text().encode(),
-                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    return web.Response(
+        body=out.text().encode(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
 
 
 async def edge_ohlc(request: web.Request) -> web.StreamResponse:
     """`/api/v1/ohlc` from memory; `start`/`end` (stored history) only the core serves."""
     if "start" in request.query or "end" in request.query:
-        raise ApiError(503, "unavailable", "Candle history (start/end) is served by the core, "
-                                           "not by an edge.")
+        raise ApiError(
+            503, "unavailable", "Candle history (start/end) is served by the core, not by an edge."
+        )
     return await ohlc(request)
 
 
@@ -313,8 +332,9 @@ async def ws_rates(request: web.Request) -> web.StreamResponse:
         hub.subscribe(client, "rates")
 
     def on_message(client, data: dict) -> None:
-        hub.send(client, orjson.dumps({"type": "error",
-                                       "detail": "This stream takes no messages."}))
+        hub.send(
+            client, orjson.dumps({"type": "error", "detail": "This stream takes no messages."})
+        )
 
     return await serve_ws(request, "rates", None, on_open, on_message)
 
@@ -322,11 +342,13 @@ async def ws_rates(request: web.Request) -> web.StreamResponse:
 def routes() -> list[tuple[str, str, Any]]:
     from .. import market
 
-    return [("GET", "/healthz", healthz), ("GET", "/metrics", metrics),
-            ("GET", "/api/v1/prices", market.prices),
-            ("GET", "/api/v1/prices/{symbol}", market.price),
-            ("GET", "/api/v1/ohlc", edge_ohlc),
-            ("GET", "/live-feed/subscribe", market.live_feed),
-            ("GET", "/ws/ohlc", market.ws_ohlc),
-            ("GET", "/ws/rates", ws_rates)]
-
+    return [
+        ("GET", "/healthz", healthz),
+        ("GET", "/metrics", metrics),
+        ("GET", "/api/v1/prices", market.prices),
+        ("GET", "/api/v1/prices/{symbol}", market.price),
+        ("GET", "/api/v1/ohlc", edge_ohlc),
+        ("GET", "/live-feed/subscribe", market.live_feed),
+        ("GET", "/ws/ohlc", market.ws_ohlc),
+        ("GET", "/ws/rates", ws_rates),
+    ]

@@ -70,12 +70,14 @@ def build(sender: str, to: str, subject: str, text: str, ident: str) -> bytes:
     Written out directly: the `email` package's EmailMessage costs about a millisecond per
     message, most of the server's work when a thousand alerts trigger at once. Every header
     value is a configured or validated one (sender, address, symbols, numbers)."""
-    head = (f"From: {_header(sender)}\r\nTo: {_header(to)}\r\n"
-            f"Date: {formatdate(usegmt=True)}\r\n"
-            f"Message-ID: {ident}\r\n"
-            f"Subject: {_header(subject)}\r\nMIME-Version: 1.0\r\n"
-            "Content-Type: text/plain; charset=utf-8\r\n"
-            "Content-Transfer-Encoding: quoted-printable\r\n\r\n")
+    head = (
+        f"From: {_header(sender)}\r\nTo: {_header(to)}\r\n"
+        f"Date: {formatdate(usegmt=True)}\r\n"
+        f"Message-ID: {ident}\r\n"
+        f"Subject: {_header(subject)}\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+    )
     body = binascii.b2a_qp(text.encode(), istext=True).replace(b"\n", b"\r\n")
     return head.encode("ascii") + body
 
@@ -130,9 +132,14 @@ class SmtpPool:
 
     def _new(self) -> aiosmtplib.SMTP:
         s = self.settings
-        return aiosmtplib.SMTP(hostname=s.smtp_host, port=s.smtp_port, username=s.smtp_user,
-                               password=s.smtp_password, start_tls=s.smtp_starttls,
-                               timeout=s.smtp_timeout)
+        return aiosmtplib.SMTP(
+            hostname=s.smtp_host,
+            port=s.smtp_port,
+            username=s.smtp_user,
+            password=s.smtp_password,
+            start_tls=s.smtp_starttls,
+            timeout=s.smtp_timeout,
+        )
 
     async def send(self, msg: tuple[str, str, bytes]) -> None:
         """Send `msg` (envelope sender, recipient and the message's bytes); raises what

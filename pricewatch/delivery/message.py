@@ -53,18 +53,21 @@ def _details(delivery: Delivery, public_url: str | None) -> str:
         what = f"Target:        {plain(alert.price)} ({alert.direction}: price {sign} target)\n"
     note = f"Note:          {alert.note}\n" if alert.note else ""
     link = f"Live prices:   {public_url}/\n" if public_url else ""
-    return (f"Your {alert.kind} alert #{alert.id} has triggered.\n\n"
-            f"Asset:         {alert.asset}\n" + what +
-            f"Trigger price: {plain(event.price)}\n"
-            f"Time (UTC):    {clock.iso(event.time)}\n" + note + link)
+    return (
+        f"Your {alert.kind} alert #{alert.id} has triggered.\n\n"
+        f"Asset:         {alert.asset}\n" + what + f"Trigger price: {plain(event.price)}\n"
+        f"Time (UTC):    {clock.iso(event.time)}\n" + note + link
+    )
 
 
 def digest_line(delivery: Delivery) -> str:
     """One trigger of a digest: `#12 BTCUSDT above 100000: 100012.5 at 2026-...Z (note)`."""
     alert, event = delivery.alert, delivery.event
     note = f" ({alert.note})" if alert.note else ""
-    return (f"#{alert.id} {alert.asset} {condition(alert)}: {plain(event.price)}"
-            f" at {clock.iso(event.time)}{note}")
+    return (
+        f"#{alert.id} {alert.asset} {condition(alert)}: {plain(event.price)}"
+        f" at {clock.iso(event.time)}{note}"
+    )
 
 
 def render(batch: Sequence[Delivery], public_url: str | None = None) -> Message:
@@ -76,15 +79,23 @@ def render(batch: Sequence[Delivery], public_url: str | None = None) -> Message:
         f"pricewatch: {len(batch)} alerts triggered (digest)",
         f"{len(batch)} alert triggers went beyond your hourly notification budget on this"
         " channel; here they are together, oldest first.\n\n"
-        + "".join(digest_line(d) + "\n" for d in batch) + link)
+        + "".join(digest_line(d) + "\n" for d in batch)
+        + link,
+    )
 
 
-def chat(batch: Sequence[Delivery], limit: int, public_url: str | None = None,
-         utf16: bool = False, escape: Callable[[str], str] | None = None) -> str:
+def chat(
+    batch: Sequence[Delivery],
+    limit: int,
+    public_url: str | None = None,
+    utf16: bool = False,
+    escape: Callable[[str], str] | None = None,
+) -> str:
     """One text for a chat service (title, blank line, body), at most `limit` characters
     (`utf16`: UTF-16 code units, as Telegram counts them: an emoji is two): a digest too
     long loses its last lines, replaced by how many were left out. `escape` (the service's
     markup escaping) is applied before the text is measured."""
+
     def size(text: str) -> int:
         return len(text.encode("utf-16-le")) // 2 if utf16 else len(text)
 
@@ -111,5 +122,9 @@ def chat(batch: Sequence[Delivery], limit: int, public_url: str | None = None,
 def event_json(delivery: Delivery) -> dict:
     """A `json` webhook's body for one event: {event_id, alert, price, time}."""
     event = delivery.event
-    return {"event_id": event.id, "alert": delivery.alert.public(),
-            "price": event.price, "time": clock.iso(event.time)}
+    return {
+        "event_id": event.id,
+        "alert": delivery.alert.public(),
+        "price": event.price,
+        "time": clock.iso(event.time),
+    }

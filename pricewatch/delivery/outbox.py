@@ -69,8 +69,7 @@ class Deliverer:
         self.skipped = 0  # email deliveries skipped (not verified within WAIT_VERIFIED)
         self.attempts = 0  # attempts that did not succeed (retried or given up)
         # Deliveries recorded sent or failed by this process, per type (a digest: each).
-        self.by_type: dict[str, dict[str, int]] = {
-            t: {"sent": 0, "failed": 0} for t in self.sinks}
+        self.by_type: dict[str, dict[str, int]] = {t: {"sent": 0, "failed": 0} for t in self.sinks}
         self.progress = asyncio.Condition()  # notified after every recorded outcome
         self._wake = asyncio.Event()
         self._inflight: set[int] = set()
@@ -122,8 +121,10 @@ class Deliverer:
             await sink.start()
         if not self.sinks["email"].configured:
             log.warning("PRICEWATCH_SMTP_HOST is not set: alert emails stay queued (pending)")
-        self._tasks = [asyncio.create_task(self._scheduler(), name="deliveries"),
-                       asyncio.create_task(self._recorder(), name="delivery-recorder")]
+        self._tasks = [
+            asyncio.create_task(self._scheduler(), name="deliveries"),
+            asyncio.create_task(self._recorder(), name="delivery-recorder"),
+        ]
 
     async def stop(self, timeout: float = 1.5) -> None:
         """Give sends in flight `timeout` seconds, commit the outcomes that arrived, stop."""
@@ -170,7 +171,8 @@ class Deliverer:
                 # Rows being sent, or of users at their cap, are not "due": an outcome
                 # wakes this loop.
                 next_due = await self.store.next_delivery_due(
-                    types, exclude=self._inflight, exclude_users=self._full_users())
+                    types, exclude=self._inflight, exclude_users=self._full_users()
+                )
             except Exception as exc:  # a database hiccup must not end delivery for good
                 log_failure(log, exc, "could not read the delivery outbox; retrying in 5 s")
                 next_due = clock.now() + 5.0
@@ -192,9 +194,13 @@ class Deliverer:
         # Outcomes committed before this read are in it; later ones may not be (see below).
         self._recent.clear()  # everything committed so far is in the read below
         seq = self._seq
-        due = await self.store.due_deliveries(clock.now(), types, sum(room[t] for t in types),
-                                              exclude=tuple(self._inflight),
-                                              exclude_users=self._full_users())
+        due = await self.store.due_deliveries(
+            clock.now(),
+            types,
+            sum(room[t] for t in types),
+            exclude=tuple(self._inflight),
+            exclude_users=self._full_users(),
+        )
         if len(self._deleted) > 1000:  # a claim never outlives a minute or so of sending
             cutoff = time.monotonic() - HOUR
             self._deleted = {c: t for c, t in self._deleted.items() if t > cutoff}
@@ -210,8 +216,11 @@ class Deliverer:
             await self._plan(key, rows)
 
     def _full_users(self) -> list[tuple[str, int]]:
-        return [(kind, user) for (kind, user), n in self._user_sends.items()
-                if n >= (self._per_user[kind] or n + 1)]
+        return [
+            (kind, user)
+            for (kind, user), n in self._user_sends.items()
+            if n >= (self._per_user[kind] or n + 1)
+        ]
 
     def _free(self, key: Key) -> int:
         """How many more sends the channel's user may start now (types without a cap: as
@@ -229,8 +238,7 @@ class Deliverer:
             return
         window = await self._window(key, now)
         waiting = self._ready.get((key[1], key[0]), ())
-        room = (self.settings.notify_per_hour - len(window)
-                - sum(1 for k, _ in waiting if k == key))
+        room = self.settings.notify_per_hour - len(window) - sum(1 for k, _ in waiting if k == key)
         if room <= 0:
             await self.store.hold_deliveries([(d.id, window[0] + HOUR) for d in rows])
             return
@@ -240,15 +248,21 @@ class Deliverer:
         if any(d.held for d in rows):  # the hour allows again: everything due goes together
             self._start(key, await self._gather(key, rows, now), window, now)
             return
-        for d in rows[:min(room, free)]:
+        for d in rows[: min(room, free)]:
             self._start(key, [d], window, now)
         # Within the budget but beyond the user's cap: claimed now, started as their
         # sends finish (reading them again for every finished send would cost a read each).
-        self._hold_ready(key, rows[min(room, free):room])
+        self._hold_ready(key, rows[min(room, free) : room])
         rest = rows[room:]
         if rest:
-            log.info("user %d %s channel %s: over %d deliveries an hour; %d wait for a digest",
-                     key[0], key[1], key[2], self.settings.notify_per_hour, len(rest))
+            log.info(
+                "user %d %s channel %s: over %d deliveries an hour; %d wait for a digest",
+                key[0],
+                key[1],
+                key[2],
+                self.settings.notify_per_hour,
+                len(rest),
+            )
             await self.store.hold_deliveries([(d.id, window[0] + HOUR) for d in rest])
 
     async def _gather(self, key: Key, rows: list[Delivery], now: float) -> list[Delivery]:
@@ -256,10 +270,15 @@ class Deliverer:
         claim read stops at the type's claim limit, a digest must not."""
         seq = self._seq
         more = await self.store.due_deliveries(
-            now, [key[1]], DIGEST_MAX - len(rows),
-            exclude=(*self._inflight, *(d.id for d in rows)), channel=key)
-        return rows + [d for d in more
-                       if d.id not in self._inflight and self._recent.get(d.id, 0) <= seq]
+            now,
+            [key[1]],
+            DIGEST_MAX - len(rows),
+            exclude=(*self._inflight, *(d.id for d in rows)),
+            channel=key,
+        )
+        return rows + [
+            d for d in more if d.id not in self._inflight and self._recent.get(d.id, 0) <= seq
+        ]
 
     async def _await_verified(self, rows: list[Delivery], now: float) -> list[Delivery]:
         """No alert mail goes to an unverified address: such deliveries wait (verification
@@ -275,8 +294,12 @@ class Deliverer:
             async with self.progress:
                 self.progress.notify_all()
         await self.store.defer_unverified(
-            [(d.id, d.created_at + WAIT_VERIFIED) for d in waiting
-             if d.created_at + WAIT_VERIFIED > now])
+            [
+                (d.id, d.created_at + WAIT_VERIFIED)
+                for d in waiting
+                if d.created_at + WAIT_VERIFIED > now
+            ]
+        )
         return [d for d in rows if d.channel.verified]
 
     async def _window(self, key: Key, now: float) -> deque[float]:
@@ -292,8 +315,9 @@ class Deliverer:
             # Forget channels quiet for an hour (read from the store again when needed);
             # amortised: the next sweep waits until the dict has doubled.
             cutoff = now - HOUR
-            for k in [k for k, w in self._windows.items()
-                      if k != key and (not w or w[-1] <= cutoff)]:
+            for k in [
+                k for k, w in self._windows.items() if k != key and (not w or w[-1] <= cutoff)
+            ]:
                 del self._windows[k]
             self._forget_at = max(WINDOWS_KEPT, 2 * len(self._windows))
         return window
@@ -309,29 +333,37 @@ class Deliverer:
         """Claim `rows` (at most READY_PER_USER waiting per user; the rest stay on disk, due)
         to be started by `_sent_one` as the user's sends finish."""
         ready = self._ready.setdefault((key[1], key[0]), deque())
-        rows = rows[:max(0, READY_PER_USER - len(ready))]
+        rows = rows[: max(0, READY_PER_USER - len(ready))]
         self._claim_rows(key, rows, units=len(rows))
         ready.extend((key, d) for d in rows)
         if not ready:
             del self._ready[(key[1], key[0])]
 
-    def _start(self, key: Key, batch: list[Delivery], window: deque[float], now: float,
-               claimed: bool = False) -> None:
+    def _start(
+        self,
+        key: Key,
+        batch: list[Delivery],
+        window: deque[float],
+        now: float,
+        claimed: bool = False,
+    ) -> None:
         kind = key[1]
         if not claimed:
             self._claim_rows(key, batch)
         user = (kind, key[0])
         self._user_sends[user] = self._user_sends.get(user, 0) + 1
         window.append(now)
-        task = asyncio.create_task(self._send(key, batch, window, now),
-                                   name=f"delivery-{batch[0].id}")
+        task = asyncio.create_task(
+            self._send(key, batch, window, now), name=f"delivery-{batch[0].id}"
+        )
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
     # sending --------------------------------------------------------------------------
 
-    async def _send(self, key: Key, batch: list[Delivery], window: deque[float],
-                    stamp: float) -> None:
+    async def _send(
+        self, key: Key, batch: list[Delivery], window: deque[float], stamp: float
+    ) -> None:
         kind = key[1]
         recorded = False
         sending = True
@@ -369,23 +401,32 @@ class Deliverer:
             if not recorded:  # cancelled or dropped before an outcome: the rows stay as
                 self._release([d.id for d in batch], key)  # they are on disk
 
-    def _outcome_rows(self, kind: str, batch: Sequence[Delivery], outcome: Outcome,
-                      took: float) -> list[tuple]:
+    def _outcome_rows(
+        self, kind: str, batch: Sequence[Delivery], outcome: Outcome, took: float
+    ) -> list[tuple]:
         """The rows `record_deliveries` takes for `outcome` of `batch`, with the log line."""
         lead = batch[0]
-        what = (f"alert {lead.alert.id}" if len(batch) == 1
-                else f"digest of {len(batch)} alerts")
+        what = f"alert {lead.alert.id}" if len(batch) == 1 else f"digest of {len(batch)} alerts"
         digest = lead.id if len(batch) > 1 else None
         if isinstance(outcome, Sent):
             log.info("%s %s sent to %s in %.2fs", what, kind, lead.recipient, took)
             return [(d.id, "sent", None, None, d.recipient, digest) for d in batch]
         error = outcome.error[:500]
         attempts = max(d.attempts for d in batch) + 1
-        limit = (self.settings.smtp_max_attempts if kind == "email"
-                 else self.settings.delivery_max_attempts)
+        limit = (
+            self.settings.smtp_max_attempts
+            if kind == "email"
+            else self.settings.delivery_max_attempts
+        )
         if isinstance(outcome, Failed) or attempts >= limit:
-            log.error("%s %s to %s failed after %d attempts: %s", what, kind, lead.recipient,
-                      attempts, error)
+            log.error(
+                "%s %s to %s failed after %d attempts: %s",
+                what,
+                kind,
+                lead.recipient,
+                attempts,
+                error,
+            )
             return [(d.id, "failed", None, error, None, None) for d in batch]
         base = self.settings.delivery_retry_base
         if kind == "email" and self.settings.smtp_retry_base is not None:
@@ -395,8 +436,9 @@ class Deliverer:
         # `Retry-After: 0` (or a date in the past) must not burn every attempt at once.
         delay = backoff if outcome.after is None else max(outcome.after, base)
         delay = min(delay, MAX_DELAY)
-        log.warning("%s %s attempt %d failed (%s); retrying in %.1fs", what, kind, attempts,
-                    error, delay)
+        log.warning(
+            "%s %s attempt %d failed (%s); retrying in %.1fs", what, kind, attempts, error, delay
+        )
         return [(d.id, "pending", clock.now() + delay, error, None, None) for d in batch]
 
     def _release(self, ids: Sequence[int], key: Key) -> None:
@@ -420,8 +462,9 @@ class Deliverer:
         # so that no read picks them up in between.
         others = self._inflight - sending - {d.id for d in dropped}
         try:
-            await self.store.defer_channel(key[0], key[1], _channel_id(key), until,
-                                           exclude=tuple(others))
+            await self.store.defer_channel(
+                key[0], key[1], _channel_id(key), until, exclude=tuple(others)
+            )
         finally:
             for d in dropped:
                 self._release([d.id], key)
@@ -466,8 +509,13 @@ class Deliverer:
                     await self.store.record_deliveries(r for rows, _, _ in batch for r in rows)
                 except Exception as exc:
                     self._committing = False
-                    log_failure(log, exc, "could not record %d delivery outcomes; retrying in "
-                                "%.1fs", sum(len(rows) for rows, _, _ in batch), delay)
+                    log_failure(
+                        log,
+                        exc,
+                        "could not record %d delivery outcomes; retrying in %.1fs",
+                        sum(len(rows) for rows, _, _ in batch),
+                        delay,
+                    )
                     self._queue[:0] = batch
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10.0)
@@ -500,15 +548,19 @@ def make_sinks(settings: Settings) -> dict[str, Sink]:
     from .telegram import TelegramSink
     from .webhook import WebhookSink
 
-    return {"email": EmailSink(settings), "webhook": WebhookSink(settings),
-            "telegram": TelegramSink(settings)}
+    return {
+        "email": EmailSink(settings),
+        "webhook": WebhookSink(settings),
+        "telegram": TelegramSink(settings),
+    }
 
 
 async def render_metrics(out, deliverer: Deliverer) -> None:
     """The delivery figures of /metrics (`out`: a metrics.Exposition)."""
     counts = await deliverer.store.delivery_counts()
-    out.metric("pricewatch_deliveries", "gauge", "Deliveries in the outbox, by channel type"
-               " and state.")
+    out.metric(
+        "pricewatch_deliveries", "gauge", "Deliveries in the outbox, by channel type and state."
+    )
     for kind, states in counts.items():
         for state, count in states.items():
             out.sample("pricewatch_deliveries", count, channel=kind, state=state)

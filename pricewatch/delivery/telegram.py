@@ -51,7 +51,8 @@ class TelegramSink:
             connector=aiohttp.TCPConnector(limit=self.concurrency, keepalive_timeout=30),
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=self.settings.delivery_timeout),
-            headers={"User-Agent": "pricewatch"})
+            headers={"User-Agent": "pricewatch"},
+        )
 
     async def close(self) -> None:
         if self.session is not None:
@@ -62,25 +63,29 @@ class TelegramSink:
         if not self.configured:
             return Retry("PRICEWATCH_TELEGRAM_BOT_TOKEN is not set")
         url = f"{s.telegram_api_url.rstrip('/')}/bot{s.telegram_bot_token}/sendMessage"
-        raw = orjson.dumps({"chat_id": chat_id(batch[0].channel.chat_id),
-                            "text": chat(batch, TEXT_LIMIT, s.public_url, utf16=True)})
+        raw = orjson.dumps(
+            {
+                "chat_id": chat_id(batch[0].channel.chat_id),
+                "text": chat(batch, TEXT_LIMIT, s.public_url, utf16=True),
+            }
+        )
         try:
             session = self.session
             assert session is not None, "send() before start()"
-            async with session.post(url, data=raw, allow_redirects=False,
-                                    headers={"Content-Type": "application/json"}
-                                    ) as resp:
+            async with session.post(
+                url, data=raw, allow_redirects=False, headers={"Content-Type": "application/json"}
+            ) as resp:
                 # A sent message's answer repeats it (up to 4096 characters and entities).
-                answer = json_head(await read_head(
-                    resp, min(4 * RESPONSE_HEAD, s.upstream_max_bytes)))
+                answer = json_head(
+                    await read_head(resp, min(4 * RESPONSE_HEAD, s.upstream_max_bytes))
+                )
                 status = resp.status
         except Exception as exc:
             return describe(exc, self._secrets)
         if 200 <= status < 300 and answer.get("ok") is not False:
             return Sent()
         code = answer.get("error_code", status)
-        error = redact(f"telegram {code}: {answer.get('description', '')}"[:500],
-                       self._secrets)
+        error = redact(f"telegram {code}: {answer.get('description', '')}"[:500], self._secrets)
         if code == 429 or status == 429 or status >= 500:
             params = answer.get("parameters")
             after = seconds(params.get("retry_after")) if isinstance(params, dict) else None

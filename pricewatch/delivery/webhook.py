@@ -42,8 +42,9 @@ class PublicResolver(AbstractResolver):
     def __init__(self) -> None:
         self._inner = DefaultResolver()
 
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         infos = await self._inner.resolve(host, port, family)
         for info in infos:
             if not is_public_address(info["host"]):
@@ -67,11 +68,11 @@ def body(batch: Sequence[Delivery], format: str, public_url: str | None) -> byte
     `@everyone`, `<@id>` or `<!channel>` pings nobody: Discord is told to parse no mention
     (`allowed_mentions`), Slack gets the text escaped."""
     if format == "discord":
-        return orjson.dumps({"content": chat(batch, LIMITS[format], public_url),
-                             "allowed_mentions": {"parse": []}})
+        return orjson.dumps(
+            {"content": chat(batch, LIMITS[format], public_url), "allowed_mentions": {"parse": []}}
+        )
     if format == "slack":
-        return orjson.dumps({"text": chat(batch, LIMITS[format], public_url,
-                                          escape=slack_escape)})
+        return orjson.dumps({"text": chat(batch, LIMITS[format], public_url, escape=slack_escape)})
     if len(batch) == 1:
         return orjson.dumps(event_json(batch[0]))
     return orjson.dumps({"digest": True, "events": [event_json(d) for d in batch]})
@@ -107,13 +108,18 @@ class WebhookSink:
     async def start(self) -> None:
         if not self.settings.allow_private_webhooks:
             self._resolver = PublicResolver()
-        connector = aiohttp.TCPConnector(limit=self.concurrency, resolver=self._resolver,
-                                         keepalive_timeout=30)
+        connector = aiohttp.TCPConnector(
+            limit=self.concurrency, resolver=self._resolver, keepalive_timeout=30
+        )
         self.session = aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=self.settings.delivery_timeout,
-                                          sock_connect=min(5.0, self.settings.delivery_timeout)),
-            headers={"User-Agent": "pricewatch"})
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(
+                total=self.settings.delivery_timeout,
+                sock_connect=min(5.0, self.settings.delivery_timeout),
+            ),
+            headers={"User-Agent": "pricewatch"},
+        )
 
     async def close(self) -> None:
         if self.session is not None:
@@ -125,19 +131,19 @@ class WebhookSink:
         channel = batch[0].channel
         url = channel.url or ""
         raw = body(batch, channel.format or "json", self.settings.public_url)
-        headers = {"Content-Type": "application/json",
-                   "X-Pricewatch-Event": event_header(batch),
-                   "X-Pricewatch-Signature": signature(channel.secret or "", raw)}
+        headers = {
+            "Content-Type": "application/json",
+            "X-Pricewatch-Event": event_header(batch),
+            "X-Pricewatch-Signature": signature(channel.secret or "", raw),
+        }
         try:
             host = URL(url).host or ""
             if not self.settings.allow_private_webhooks and not _public_literal(host):
                 return Failed(f"refused: {host} is not a public address")
             session = self.session
             assert session is not None, "send() before start()"
-            async with session.post(url, data=raw, headers=headers,
-                                    allow_redirects=False) as resp:
-                head = await read_head(
-                    resp, min(RESPONSE_HEAD, self.settings.upstream_max_bytes))
+            async with session.post(url, data=raw, headers=headers, allow_redirects=False) as resp:
+                head = await read_head(resp, min(RESPONSE_HEAD, self.settings.upstream_max_bytes))
                 status = resp.status
                 if 200 <= status < 300:
                     return Sent()

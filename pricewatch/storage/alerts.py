@@ -16,8 +16,7 @@ from .base import Conflict, Database, NotFound, UnknownUser, inserted_id, presen
 from .rows import ALERT_COLS, CHANNEL_IDS, EVENT_DELIVERIES, insert_deliveries, parse_alert
 
 # What a create or an update may set besides asset, price and direction (column names).
-ALERT_FIELDS = ("kind", "percent", "win", "repeat", "cooldown", "expires_at", "note",
-                "channels")
+ALERT_FIELDS = ("kind", "percent", "win", "repeat", "cooldown", "expires_at", "note", "channels")
 # A repeating alert triggers at most once per max(cooldown, MIN_COOLDOWN) seconds, whatever
 # its row says (the API refuses less; rows written before it did are held to it here).
 MIN_COOLDOWN = 60
@@ -25,8 +24,15 @@ _EVENT_COLS = "e.id, e.alert_id, e.user_id, e.time, e.price, e.backfill, " + EVE
 
 
 def _event(row) -> Event:
-    return Event(row[0], row[1], row[2], row[3], row[4], row[5],
-                 tuple(tuple(d) for d in orjson.loads(row[6])))
+    return Event(
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        row[4],
+        row[5],
+        tuple(tuple(d) for d in orjson.loads(row[6])),
+    )
 
 
 class AlertsMixin(Database):
@@ -34,8 +40,15 @@ class AlertsMixin(Database):
 
     # alerts ---------------------------------------------------------------------------
 
-    async def create_alert(self, user_id: int, asset: str, price: float | None,
-                           direction: str, max_active: int, **fields) -> Alert:
+    async def create_alert(
+        self,
+        user_id: int,
+        asset: str,
+        price: float | None,
+        direction: str,
+        max_active: int,
+        **fields,
+    ) -> Alert:
         """Insert a CREATED alert; `fields` may set any of ALERT_FIELDS. Raises Conflict
         when the user has `max_active` already, UnknownUser when the user does not exist
         (any more)."""
@@ -45,7 +58,9 @@ class AlertsMixin(Database):
             async with db.execute(
                 "SELECT EXISTS(SELECT 1 FROM users WHERE id = ?), COUNT(*) FROM alerts"
                 " WHERE user_id = ? AND (status = 'CREATED' OR (status = 'TRIGGERED'"
-                " AND repeat = 1))", (user_id, user_id)) as cur:
+                " AND repeat = 1))",
+                (user_id, user_id),
+            ) as cur:
                 exists, active = present(await cur.fetchone())
             if not exists:
                 raise UnknownUser(f"user {user_id} does not exist")
@@ -57,21 +72,25 @@ class AlertsMixin(Database):
             cur = await db.execute(
                 f"INSERT INTO alerts(user_id, asset, price, direction, created_at, updated_at"
                 f"{names}) VALUES (?, ?, ?, ?, ?, ?{', ?' * len(extra)})",
-                (user_id, asset, price, direction, now, now, *extra.values()))
-            async with db.execute(f"SELECT {ALERT_COLS} FROM alerts WHERE id = ?",
-                                  (cur.lastrowid,)) as cur:
+                (user_id, asset, price, direction, now, now, *extra.values()),
+            )
+            async with db.execute(
+                f"SELECT {ALERT_COLS} FROM alerts WHERE id = ?", (cur.lastrowid,)
+            ) as cur:
                 return parse_alert(await cur.fetchone())
 
     async def get_alert(self, user_id: int, alert_id: int) -> Alert:
         """The user's alert `alert_id`. Raises NotFound for a missing or foreign alert."""
-        row = await self._one(f"SELECT {ALERT_COLS} FROM alerts WHERE id = ? AND user_id = ?",
-                              (alert_id, user_id))
+        row = await self._one(
+            f"SELECT {ALERT_COLS} FROM alerts WHERE id = ? AND user_id = ?", (alert_id, user_id)
+        )
         if row is None:
             raise NotFound("alert not found")
         return parse_alert(row)
 
-    async def list_alerts(self, user_id: int, status: str | None, offset: int,
-                          limit: int) -> tuple[int, list[Alert]]:
+    async def list_alerts(
+        self, user_id: int, status: str | None, offset: int, limit: int
+    ) -> tuple[int, list[Alert]]:
         """(total count, one page newest first) of the user's alerts, optionally by status.
 
         A page is read again only after a commit (see `version`): clients polling their
@@ -89,39 +108,52 @@ class AlertsMixin(Database):
             self._pages[key] = (version, result)
         return result
 
-    async def _list_alerts(self, user_id: int, status: str | None, offset: int,
-                           limit: int) -> tuple[int, list[Alert]]:
+    async def _list_alerts(
+        self, user_id: int, status: str | None, offset: int, limit: int
+    ) -> tuple[int, list[Alert]]:
         where = "user_id = ?"
         params: list[int | str] = [user_id]
         if status is not None:
             where += " AND status = ?"
             params.append(status)
-        count, rows = await self._counted_page(ALERT_COLS, "alerts", where, params, "id",
-                                               limit, offset)
+        count, rows = await self._counted_page(
+            ALERT_COLS, "alerts", where, params, "id", limit, offset
+        )
         return count, [parse_alert(r) for r in rows]
 
-    async def _counted_page(self, columns: str, table: str, where: str, params: list,
-                            order: str, limit: int, offset: int) -> tuple[int, list]:
+    async def _counted_page(
+        self,
+        columns: str,
+        table: str,
+        where: str,
+        params: list,
+        order: str,
+        limit: int,
+        offset: int,
+    ) -> tuple[int, list]:
         """(total count, one page of rows newest first by `order`). The total rides along
         each row (a window count): one query for page and count."""
         rows = await self._all(
             f"SELECT {columns}, COUNT(*) OVER () FROM {table} WHERE {where}"
-            f" ORDER BY {order} DESC LIMIT ? OFFSET ?", [*params, limit, offset])
+            f" ORDER BY {order} DESC LIMIT ? OFFSET ?",
+            [*params, limit, offset],
+        )
         if rows:
             return rows[0][-1], rows
         # past the last page: no row carries the count
         (count,) = await self._one(f"SELECT COUNT(*) FROM {table} WHERE {where}", params)
         return count, rows
 
-    async def update_alert(self, user_id: int, alert_id: int, asset: str, price: float | None,
-                           direction: str, **fields) -> Alert:
+    async def update_alert(
+        self, user_id: int, alert_id: int, asset: str, price: float | None, direction: str, **fields
+    ) -> Alert:
         """Change a CREATED alert (`fields`: any of ALERT_FIELDS); it is armed afresh.
         NotFound if not the user's; Conflict if not CREATED."""
         extra = _fields(fields)
         async with self._tx() as db:
             async with db.execute(
-                "SELECT status FROM alerts WHERE id = ? AND user_id = ?",
-                (alert_id, user_id)) as cur:
+                "SELECT status FROM alerts WHERE id = ? AND user_id = ?", (alert_id, user_id)
+            ) as cur:
                 row = await cur.fetchone()
             if row is None:
                 raise NotFound("alert not found")
@@ -133,32 +165,38 @@ class AlertsMixin(Database):
             await db.execute(
                 f"UPDATE alerts SET asset = ?, price = ?, direction = ?, updated_at = ?,"
                 f" armed = 1{sets} WHERE id = ?",
-                (asset, price, direction, clock.now(), *extra.values(), alert_id))
-            async with db.execute(f"SELECT {ALERT_COLS} FROM alerts WHERE id = ?",
-                                  (alert_id,)) as cur:
+                (asset, price, direction, clock.now(), *extra.values(), alert_id),
+            )
+            async with db.execute(
+                f"SELECT {ALERT_COLS} FROM alerts WHERE id = ?", (alert_id,)
+            ) as cur:
                 return parse_alert(await cur.fetchone())
 
     async def delete_alert(self, user_id: int, alert_id: int) -> Alert:
         """Soft-delete the user's alert (status DELETED). NotFound if not the user's."""
         async with self._tx() as db:
             cur = await db.execute(
-                "UPDATE alerts SET status = 'DELETED', updated_at = ?"
-                " WHERE id = ? AND user_id = ?", (clock.now(), alert_id, user_id))
+                "UPDATE alerts SET status = 'DELETED', updated_at = ? WHERE id = ? AND user_id = ?",
+                (clock.now(), alert_id, user_id),
+            )
             if cur.rowcount == 0:
                 raise NotFound("alert not found")
-            async with db.execute(f"SELECT {ALERT_COLS} FROM alerts WHERE id = ?",
-                                  (alert_id,)) as cur:
+            async with db.execute(
+                f"SELECT {ALERT_COLS} FROM alerts WHERE id = ?", (alert_id,)
+            ) as cur:
                 return parse_alert(await cur.fetchone())
 
     async def set_alert_note(self, user_id: int, alert_id: int, note: str) -> Alert:
         """Name the user's alert `alert_id` (seed 002's purpose). NotFound if not the user's."""
         async with self._tx() as db:
-            cur = await db.execute("UPDATE alerts SET note = ? WHERE id = ? AND user_id = ?",
-                                   (note, alert_id, user_id))
+            cur = await db.execute(
+                "UPDATE alerts SET note = ? WHERE id = ? AND user_id = ?", (note, alert_id, user_id)
+            )
             if cur.rowcount == 0:
                 raise NotFound("alert not found")
-            async with db.execute(f"SELECT {ALERT_COLS} FROM alerts WHERE id = ?",
-                                  (alert_id,)) as cur:
+            async with db.execute(
+                f"SELECT {ALERT_COLS} FROM alerts WHERE id = ?", (alert_id,)
+            ) as cur:
                 return parse_alert(await cur.fetchone())
 
     async def delete_alerts_by_note(self, user_id: int, note: str) -> list[Alert]:
@@ -166,58 +204,75 @@ class AlertsMixin(Database):
         returns them (newest first, possibly none)."""
         async with self._tx() as db:
             async with db.execute(
-                    "SELECT id FROM alerts WHERE user_id = ? AND note = ? AND status = 'CREATED'"
-                    " ORDER BY id DESC", (user_id, note)) as cur:
+                "SELECT id FROM alerts WHERE user_id = ? AND note = ? AND status = 'CREATED'"
+                " ORDER BY id DESC",
+                (user_id, note),
+            ) as cur:
                 ids = [row[0] for row in await cur.fetchall()]
             if not ids:
                 return []
             marks = ",".join("?" * len(ids))
-            await db.execute(f"UPDATE alerts SET status = 'DELETED', updated_at = ?"
-                             f" WHERE id IN ({marks})", (clock.now(), *ids))
-            async with db.execute(f"SELECT {ALERT_COLS} FROM alerts WHERE id IN ({marks})"
-                                  " ORDER BY id DESC", ids) as cur:
+            await db.execute(
+                f"UPDATE alerts SET status = 'DELETED', updated_at = ? WHERE id IN ({marks})",
+                (clock.now(), *ids),
+            )
+            async with db.execute(
+                f"SELECT {ALERT_COLS} FROM alerts WHERE id IN ({marks}) ORDER BY id DESC", ids
+            ) as cur:
                 return [parse_alert(row) for row in await cur.fetchall()]
 
     async def active_alerts(self) -> list[Alert]:
         """Every alert the engine watches: CREATED, and repeating ones in their cooldown."""
-        return [parse_alert(r) for r in await self._all(
-            f"SELECT {ALERT_COLS} FROM alerts WHERE status = 'CREATED'"
-            " OR (status = 'TRIGGERED' AND repeat = 1)")]
+        return [
+            parse_alert(r)
+            for r in await self._all(
+                f"SELECT {ALERT_COLS} FROM alerts WHERE status = 'CREATED'"
+                " OR (status = 'TRIGGERED' AND repeat = 1)"
+            )
+        ]
 
     async def expire_alerts(self, now: float) -> list[int]:
         """Mark EXPIRED every watched alert (see `active_alerts`) whose expires_at <= `now`;
         returns their ids."""
         async with self._tx() as db:
             async with db.execute(
-                    "SELECT id FROM alerts WHERE expires_at <= ? AND (status = 'CREATED'"
-                    " OR (status = 'TRIGGERED' AND repeat = 1))", (now,)) as cur:
+                "SELECT id FROM alerts WHERE expires_at <= ? AND (status = 'CREATED'"
+                " OR (status = 'TRIGGERED' AND repeat = 1))",
+                (now,),
+            ) as cur:
                 ids = [r[0] for r in await cur.fetchall()]
             if ids:
                 await db.executemany(
                     "UPDATE alerts SET status = 'EXPIRED', updated_at = ?, rearm_at = NULL"
-                    " WHERE id = ?", [(now, i) for i in ids])
+                    " WHERE id = ?",
+                    [(now, i) for i in ids],
+                )
             return ids
 
-    async def list_events(self, user_id: int, alert_id: int | None, offset: int,
-                          limit: int) -> tuple[int, list[Event]]:
+    async def list_events(
+        self, user_id: int, alert_id: int | None, offset: int, limit: int
+    ) -> tuple[int, list[Event]]:
         """(total count, one page newest first) of the user's events, of one alert or all."""
         where, params = "e.user_id = ?", [user_id]
         if alert_id is not None:
             where += " AND e.alert_id = ?"
             params.append(alert_id)
-        count, rows = await self._counted_page(_EVENT_COLS, "events e", where, params, "e.id",
-                                               limit, offset)
+        count, rows = await self._counted_page(
+            _EVENT_COLS, "events e", where, params, "e.id", limit, offset
+        )
         return count, [_event(r) for r in rows]
 
-    async def events_between(self, user_id: int, after: int, upto: int, limit: int
-                             ) -> list[tuple[Event, Alert]]:
+    async def events_between(
+        self, user_id: int, after: int, upto: int, limit: int
+    ) -> list[tuple[Event, Alert]]:
         """The user's events with `after` < id <= `upto`, oldest first (at most `limit`),
         each with its alert as it is now."""
         cols = ", ".join("a." + c.strip() for c in ALERT_COLS.split(","))
         rows = await self._all(
             f"SELECT {_EVENT_COLS}, {cols} FROM events e JOIN alerts a ON a.id = e.alert_id"
             " WHERE e.user_id = ? AND e.id > ? AND e.id <= ? ORDER BY e.id LIMIT ?",
-            (user_id, after, upto, limit))
+            (user_id, after, upto, limit),
+        )
         return [(_event(r), parse_alert(r[7:])) for r in rows]
 
     async def last_event_id(self) -> int:
@@ -229,7 +284,9 @@ class AlertsMixin(Database):
         before = await self._one("SELECT MAX(id) FROM alerts WHERE created_at <= ?", (since,))
         after = await self._all(
             "SELECT id, created_at FROM alerts WHERE status = 'CREATED' AND created_at > ? "
-            "ORDER BY id", (since,))
+            "ORDER BY id",
+            (since,),
+        )
         return before[0] or 0, [tuple(r) for r in after]
 
     async def trigger_alerts(self, items: Iterable[Hit | Arm | tuple]) -> list[Alert]:
@@ -251,7 +308,8 @@ class AlertsMixin(Database):
                         "UPDATE alerts SET status = 'CREATED', armed = ?, rearm_at = NULL,"
                         " updated_at = ? WHERE id = ? AND ((status = 'TRIGGERED' AND repeat = 1)"
                         " OR (status = 'CREATED' AND armed = 0))",
-                        (int(item.armed), now, item.alert_id))
+                        (int(item.armed), now, item.alert_id),
+                    )
                     continue
                 alert = _trigger(db, item, now)
                 if alert is not None:
@@ -269,12 +327,13 @@ class AlertsMixin(Database):
             async with self._tx() as db:
                 cur = await db.execute(
                     "DELETE FROM alerts WHERE id IN (SELECT id FROM alerts"
-                    " WHERE status = 'DELETED' AND updated_at < ? LIMIT 1000)", (older_than,))
+                    " WHERE status = 'DELETED' AND updated_at < ? LIMIT 1000)",
+                    (older_than,),
+                )
                 removed = cur.rowcount
             total += removed
             if removed < 1000:
                 return total
-
 
     async def purge_events(self, older_than: float, window: int = 5000) -> int:
         """Remove the events whose time is before `older_than` (epoch s) with their finished
@@ -289,14 +348,14 @@ class AlertsMixin(Database):
         total, after = 0, 0
         while True:
             async with self._tx() as db:
-                async with db.execute("SELECT MIN(id) FROM events WHERE id > ?",
-                                      (after,)) as cur:
+                async with db.execute("SELECT MIN(id) FROM events WHERE id > ?", (after,)) as cur:
                     first = present(await cur.fetchone())[0]
                 if first is None:
                     return total
                 last = first + window - 1
-                async with db.execute("SELECT MIN(time) FROM events WHERE id BETWEEN ? AND ?",
-                                      (first, last)) as cur:
+                async with db.execute(
+                    "SELECT MIN(time) FROM events WHERE id BETWEEN ? AND ?", (first, last)
+                ) as cur:
                     oldest = present(await cur.fetchone())[0]
                 if oldest >= older_than:
                     return total
@@ -304,7 +363,9 @@ class AlertsMixin(Database):
                 cur = await db.execute(
                     "DELETE FROM events WHERE id BETWEEN ? AND ? AND time < ? AND NOT EXISTS"
                     " (SELECT 1 FROM deliveries d WHERE d.event_id = events.id"
-                    " AND d.status = 'pending')", (first, last, older_than))
+                    " AND d.status = 'pending')",
+                    (first, last, older_than),
+                )
                 total += cur.rowcount
             after = last
 
@@ -341,19 +402,37 @@ def _trigger(db: sqlite3.Connection, hit: Hit, now: float) -> Alert | None:
         " WHERE id = ? AND status = 'CREATED' AND armed = 1 AND asset = ?"
         " AND COALESCE(price, percent) = ? AND direction = ? AND COALESCE(win, '') = ?"
         " AND (expires_at IS NULL OR expires_at > ?)",
-        (at, price, backfill, now, at, MIN_COOLDOWN, alert_id, asset, target, direction,
-         window or "", at))
+        (
+            at,
+            price,
+            backfill,
+            now,
+            at,
+            MIN_COOLDOWN,
+            alert_id,
+            asset,
+            target,
+            direction,
+            window or "",
+            at,
+        ),
+    )
     if cur.rowcount == 0:
         return None
-    event_id = inserted_id(db.execute(
-        "INSERT INTO events(alert_id, user_id, time, price, backfill)"
-        " SELECT id, user_id, ?, ?, ? FROM alerts WHERE id = ?",
-        (at, price, backfill, alert_id)))
+    event_id = inserted_id(
+        db.execute(
+            "INSERT INTO events(alert_id, user_id, time, price, backfill)"
+            " SELECT id, user_id, ?, ?, ? FROM alerts WHERE id = ?",
+            (at, price, backfill, alert_id),
+        )
+    )
     # A user without an email (seed 000's register, compat.py) gets no email delivery; with
     # no delivery at all `notified` is null.
     deliveries = insert_deliveries(db, event_id, alert_id, now)
-    row = db.execute(f"UPDATE alerts SET notified = ? WHERE id = ? RETURNING {ALERT_COLS}",
-                     ("pending" if deliveries else None, alert_id)).fetchone()
+    row = db.execute(
+        f"UPDATE alerts SET notified = ? WHERE id = ? RETURNING {ALERT_COLS}",
+        ("pending" if deliveries else None, alert_id),
+    ).fetchone()
     alert = parse_alert(row)
     event = Event(event_id, alert_id, alert.user_id, at, price, backfill, deliveries)
     return replace(alert, event=event)

@@ -36,8 +36,9 @@ class BackupResult:
     seconds: float
 
 
-def backup_database(db: str, path: str, force: bool = False,
-                    step_pages: int = STEP_PAGES) -> BackupResult:
+def backup_database(
+    db: str, path: str, force: bool = False, step_pages: int = STEP_PAGES
+) -> BackupResult:
     """Copy the database file `db` to `path`. Raises BackupError (PATH exists and not
     `force`, no database, PATH not writable, the copy fails its integrity check)."""
     began = time.monotonic()
@@ -54,8 +55,11 @@ def backup_database(db: str, path: str, force: bool = False,
     if target.is_dir():
         raise BackupError(f"{path} is a directory")
     if not target.parent.is_dir():
-        raise BackupError(f"{target.parent} is not a directory" if target.parent.exists()
-                          else f"directory {target.parent} does not exist")
+        raise BackupError(
+            f"{target.parent} is not a directory"
+            if target.parent.exists()
+            else f"directory {target.parent} does not exist"
+        )
     temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         pages = _copy(db, temp, step_pages)
@@ -75,8 +79,9 @@ def _copy(db: str, temp: Path, step_pages: int) -> int:
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # ours alone, from now
     os.close(fd)
     # `mode=rw`: never create a database that is not there (raced away since the check).
-    source = sqlite3.connect(Path(db).resolve().as_uri() + "?mode=rw", uri=True,
-                             isolation_level=None)
+    source = sqlite3.connect(
+        Path(db).resolve().as_uri() + "?mode=rw", uri=True, isolation_level=None
+    )
     try:
         source.execute("PRAGMA busy_timeout=5000")
         source.execute("PRAGMA query_only=1")
@@ -90,8 +95,7 @@ def _copy(db: str, temp: Path, step_pages: int) -> int:
             copy.execute("PRAGMA journal_mode=DELETE")  # one standalone file
             problems = [row[0] for row in copy.execute("PRAGMA integrity_check")]
             if problems != ["ok"]:
-                raise BackupError("the copy fails its integrity check: "
-                                  + "; ".join(problems[:3]))
+                raise BackupError("the copy fails its integrity check: " + "; ".join(problems[:3]))
             return copy.execute("PRAGMA page_count").fetchone()[0]
         finally:
             copy.close()

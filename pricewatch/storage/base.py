@@ -81,8 +81,9 @@ def log_failure(logger: logging.Logger, exc: BaseException, msg: str, *args: obj
 # SQLite primary result codes that are about the storage, not the statement: the same write
 # can succeed later. Extended codes (SQLITE_IOERR_WRITE, SQLITE_READONLY_DBMOVED...) carry the
 # primary code in their low byte.
-_UNAVAILABLE_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY,
-                                sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN})
+_UNAVAILABLE_CODES = frozenset(
+    {sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN}
+)
 LOG_EVERY = 60.0  # seconds between two log lines about refused writes
 PROBE_EVERY = 1.0  # seconds between two write probes while degraded (see `ping`)
 
@@ -99,8 +100,13 @@ def _probe_write(conn: sqlite3.Connection) -> None:
 class Database:
     """The connections. Open with `await Store.open(path)`, close with `await store.close()`."""
 
-    def __init__(self, path: str, writer: aiosqlite.Connection, reader: aiosqlite.Connection,
-                 probe: sqlite3.Connection | None = None):
+    def __init__(
+        self,
+        path: str,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        probe: sqlite3.Connection | None = None,
+    ):
         self.path = path
         self._w = writer
         self._r = reader
@@ -198,6 +204,7 @@ class Database:
         datasette's `execute_write_fn`): a batch of many statements costs one thread switch,
         not one per statement, and no cancel can land between its statements (a cancelled
         caller stops waiting; the transaction still commits or rolls back whole)."""
+
         def run(conn: sqlite3.Connection) -> tuple[T, bool]:
             changes = conn.total_changes
             conn.execute("BEGIN IMMEDIATE")
@@ -233,9 +240,13 @@ class Database:
             self._refused_since = now
         self._refused += 1
         if now - self._logged_at >= LOG_EVERY:
-            log.error("database %s refuses writes (%s): they answer 503 until it takes "
-                      "them again (%d refused since the previous such line)", self.path, exc,
-                      self._refused)
+            log.error(
+                "database %s refuses writes (%s): they answer 503 until it takes "
+                "them again (%d refused since the previous such line)",
+                self.path,
+                exc,
+                self._refused,
+            )
             self._logged_at, self._refused, self._told = now, 0, True
         return StorageUnavailable(str(exc))
 
@@ -245,8 +256,11 @@ class Database:
         if self._refused_since is not None:
             if self._told:  # once per line about refusals, never more often
                 self._told = False
-                log.warning("database %s takes writes again after %.0fs", self.path,
-                            time.monotonic() - self._refused_since)
+                log.warning(
+                    "database %s takes writes again after %.0fs",
+                    self.path,
+                    time.monotonic() - self._refused_since,
+                )
             self._refused_since = None
 
     async def _one(self, sql: str, params: Iterable = ()):
@@ -261,7 +275,7 @@ class Database:
         return present(await self._one("SELECT MAX(version) FROM schema_version"))[0] or 0
 
     async def ping(self) -> str:
-        """"ok"; "degraded" while writes are refused for want of storage (reads work). Raises
+        """ "ok"; "degraded" while writes are refused for want of storage (reads work). Raises
         if the database cannot answer a query. While degraded, a probe write (at most once
         a second) notices when writes work again even if nobody else writes."""
         await self._one("SELECT 1 FROM schema_version LIMIT 1")
@@ -277,5 +291,3 @@ async def _configure(db: aiosqlite.Connection) -> None:
     await db.execute("PRAGMA foreign_keys=ON")
     await db.execute("PRAGMA synchronous=FULL")
     await db.execute("PRAGMA busy_timeout=5000")
-
-

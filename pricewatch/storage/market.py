@@ -21,17 +21,24 @@ class MarketMixin(Database):
 
     # quotes ---------------------------------------------------------------------------
 
-    async def add_quote(self, from_currency: str, to_currency: str, rate: float,
-                        bid: float | None, ask: float | None, source_time: str) -> Quote:
+    async def add_quote(
+        self,
+        from_currency: str,
+        to_currency: str,
+        rate: float,
+        bid: float | None,
+        ask: float | None,
+        source_time: str,
+    ) -> Quote:
         fetched_at = clock.now()
         async with self._tx() as db:
             cur = await db.execute(
                 "INSERT INTO quotes(from_currency, to_currency, rate, bid, ask, source_time,"
                 " fetched_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (from_currency, to_currency, rate, bid, ask, source_time, fetched_at))
+                (from_currency, to_currency, rate, bid, ask, source_time, fetched_at),
+            )
             quote_id = inserted_id(cur)
-        return Quote(quote_id, from_currency, to_currency, rate, bid, ask, source_time,
-                     fetched_at)
+        return Quote(quote_id, from_currency, to_currency, rate, bid, ask, source_time, fetched_at)
 
     async def quote_span(self) -> tuple[int, int]:
         """(number of quotes, highest id): a consistent view for listing them all."""
@@ -45,19 +52,19 @@ class MarketMixin(Database):
     async def list_quotes(self, offset: int, limit: int) -> list[Quote]:
         """One page of quotes, newest first."""
         rows = await self._all(
-            f"SELECT {_QUOTE_COLS} FROM quotes ORDER BY id DESC LIMIT ? OFFSET ?",
-            (limit, offset))
+            f"SELECT {_QUOTE_COLS} FROM quotes ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset)
+        )
         return [_quote(r) for r in rows]
 
-    async def iter_quotes(self, upto_id: int, batch: int = 1000
-                          ) -> AsyncIterator[list[Quote]]:
+    async def iter_quotes(self, upto_id: int, batch: int = 1000) -> AsyncIterator[list[Quote]]:
         """Every quote with id <= `upto_id`, newest first, in batches (keyset pagination:
         constant memory however many rows there are)."""
         last = upto_id + 1
         while True:
             rows = await self._all(
                 f"SELECT {_QUOTE_COLS} FROM quotes WHERE id < ? ORDER BY id DESC LIMIT ?",
-                (last, batch))
+                (last, batch),
+            )
             if not rows:
                 return
             yield [_quote(r) for r in rows]
@@ -71,7 +78,8 @@ class MarketMixin(Database):
             async with self._tx() as db:
                 cur = await db.execute(
                     "INSERT INTO feeds(url, created_by, created_at) VALUES (?, ?, ?)",
-                    (url, created_by, clock.now()))
+                    (url, created_by, clock.now()),
+                )
                 return inserted_id(cur)
         except sqlite3.IntegrityError:
             raise Conflict("feed already exists") from None
@@ -98,22 +106,32 @@ class MarketMixin(Database):
         """The newest `limit` stored candles, oldest first."""
         rows = await self._all(
             f"SELECT {_CANDLE_COLUMNS} FROM candles WHERE symbol = ? AND timeframe = ? "
-            "ORDER BY start DESC LIMIT ?", (symbol, timeframe, limit))
+            "ORDER BY start DESC LIMIT ?",
+            (symbol, timeframe, limit),
+        )
         rows.reverse()
         return rows
 
-    async def candles_between(self, symbol: str, timeframe: str, start: int, end: int,
-                              limit: int) -> list[tuple]:
+    async def candles_between(
+        self, symbol: str, timeframe: str, start: int, end: int, limit: int
+    ) -> list[tuple]:
         """The newest `limit` stored candles starting within [start, end], oldest first."""
         rows = await self._all(
             f"SELECT {_CANDLE_COLUMNS} FROM candles WHERE symbol = ? AND timeframe = ? "
             "AND start BETWEEN ? AND ? ORDER BY start DESC LIMIT ?",
-            (symbol, timeframe, start, end, limit))
+            (symbol, timeframe, start, end, limit),
+        )
         rows.reverse()
         return rows
 
-    async def prune_candles(self, timeframe: str, keep: int, size_ms: int,
-                            now_ms: int | None = None, future_ms: int | None = None) -> int:
+    async def prune_candles(
+        self,
+        timeframe: str,
+        keep: int,
+        size_ms: int,
+        now_ms: int | None = None,
+        future_ms: int | None = None,
+    ) -> int:
         """Delete candles of `timeframe` older than `keep` periods before each symbol's newest
         (or before `now_ms` if that is earlier), and those starting after `future_ms`."""
         now = 2**62 if now_ms is None else now_ms
@@ -123,14 +141,14 @@ class MarketMixin(Database):
                 "DELETE FROM candles WHERE timeframe = ?1 AND (start > ?4 OR start < "
                 "MIN((SELECT MAX(start) FROM candles c WHERE c.symbol = candles.symbol "
                 "AND c.timeframe = ?1 AND c.start <= ?4), ?3) - ?2)",
-                (timeframe, keep * size_ms, now, future))
+                (timeframe, keep * size_ms, now, future),
+            )
             return cur.rowcount
 
 
-
-_CANDLE_COLUMNS = ("symbol, timeframe, start, open, high, low, close, volume, trades, "
-                   "first_ts, last_ts")
-_UPSERT_CANDLE = (f"INSERT OR REPLACE INTO candles ({_CANDLE_COLUMNS}) "
-                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-
-
+_CANDLE_COLUMNS = (
+    "symbol, timeframe, start, open, high, low, close, volume, trades, first_ts, last_ts"
+)
+_UPSERT_CANDLE = (
+    f"INSERT OR REPLACE INTO candles ({_CANDLE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)

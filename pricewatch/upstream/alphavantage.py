@@ -108,13 +108,23 @@ def _parse_quote(body: object, from_currency: str, to_currency: str) -> Quote:
     return Quote(
         code_from.upper() if isinstance(code_from, str) and code_from else from_currency.upper(),
         code_to.upper() if isinstance(code_to, str) and code_to else to_currency.upper(),
-        rate, bid, ask, when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        rate,
+        bid,
+        ask,
+        when.strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
 
 
-async def fetch_rate(session: aiohttp.ClientSession, base_url: str, api_key: str,
-                     from_currency: str, to_currency: str, *, timeout: float = 10.0,
-                     max_bytes: int = 8 << 20) -> Quote:
+async def fetch_rate(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    api_key: str,
+    from_currency: str,
+    to_currency: str,
+    *,
+    timeout: float = 10.0,
+    max_bytes: int = 8 << 20,
+) -> Quote:
     """GET one CURRENCY_EXCHANGE_RATE quote.
 
     An answer larger than `max_bytes` (PRICEWATCH_UPSTREAM_MAX_BYTES) is an UpstreamError,
@@ -123,13 +133,18 @@ async def fetch_rate(session: aiohttp.ClientSession, base_url: str, api_key: str
     Returns a fully parsed Quote or raises UpstreamRateLimited / UpstreamError. Exceptions carry
     no URL and no API key (aiohttp's own errors embed the URL, so they are replaced, unchained).
     """
-    params = {"function": "CURRENCY_EXCHANGE_RATE", "from_currency": from_currency,
-              "to_currency": to_currency, "apikey": api_key}
+    params = {
+        "function": "CURRENCY_EXCHANGE_RATE",
+        "from_currency": from_currency,
+        "to_currency": to_currency,
+        "apikey": api_key,
+    }
     pair = f"{from_currency}/{to_currency}"
     error: UpstreamError | None = None
     try:
-        async with session.get(base_url, params=params,
-                               timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with session.get(
+            base_url, params=params, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
             status = resp.status
             # An error answer's body is not used: never read (the connection is closed).
             body = await read_body(resp, max_bytes) if status < 400 else b""
@@ -161,10 +176,19 @@ class QuotePoller:
 
     kind = "alphavantage"
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str,
-                 pairs: list[tuple[str, str]], interval: float,
-                 on_quote: Callable[[Quote], Awaitable[object]], *, timeout: float = 10.0,
-                 name: str = "alphavantage", max_bytes: int = 8 << 20) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        api_key: str,
+        pairs: list[tuple[str, str]],
+        interval: float,
+        on_quote: Callable[[Quote], Awaitable[object]],
+        *,
+        timeout: float = 10.0,
+        name: str = "alphavantage",
+        max_bytes: int = 8 << 20,
+    ) -> None:
         if interval <= 0 or not pairs:
             raise FeedConfigError("QuotePoller needs pairs and an interval > 0")
         self.name = name
@@ -185,25 +209,38 @@ class QuotePoller:
         self._limited_logged = False
 
     def health(self) -> dict[str, Any]:
-        age = None if self.last_quote_at is None else round(time.monotonic() -
-                                                            self.last_quote_at, 3)
-        return {"kind": self.kind, "state": self.state, "last_message_age": age,
-                "messages": self.quotes, "errors": self.errors,
-                "rate_limited": self.rate_limited, "last_error": self.last_error}
+        age = (
+            None if self.last_quote_at is None else round(time.monotonic() - self.last_quote_at, 3)
+        )
+        return {
+            "kind": self.kind,
+            "state": self.state,
+            "last_message_age": age,
+            "messages": self.quotes,
+            "errors": self.errors,
+            "rate_limited": self.rate_limited,
+            "last_error": self.last_error,
+        }
 
     async def poll_once(self) -> None:
         """Fetch every pair once (stopping at a rate limit), awaiting on_quote for each."""
         for a, b in self.pairs:
             try:
-                quote = await fetch_rate(self._session, self._base_url, self._api_key, a, b,
-                                         timeout=self.timeout, max_bytes=self.max_bytes)
+                quote = await fetch_rate(
+                    self._session,
+                    self._base_url,
+                    self._api_key,
+                    a,
+                    b,
+                    timeout=self.timeout,
+                    max_bytes=self.max_bytes,
+                )
             except UpstreamRateLimited as exc:
                 self.rate_limited += 1
                 self.last_error = str(exc)
                 if not self._limited_logged:
                     self._limited_logged = True
-                    log.warning("%s: rate limited, skipping to the next poll (%s)", self.name,
-                                exc)
+                    log.warning("%s: rate limited, skipping to the next poll (%s)", self.name, exc)
                 return
             except UpstreamError as exc:
                 self.errors += 1

@@ -54,8 +54,18 @@ RESET_WAIT = 0.8  # seconds a lone candidate waits for the old sequence before i
 
 
 class _Symbol:
-    __slots__ = ("last_id", "last_time", "held", "task", "state", "minute", "minute_volume",
-                 "minute_trades", "candidates", "timer")
+    __slots__ = (
+        "last_id",
+        "last_time",
+        "held",
+        "task",
+        "state",
+        "minute",
+        "minute_volume",
+        "minute_trades",
+        "candidates",
+        "timer",
+    )
 
     def __init__(self) -> None:
         self.last_id: int | None = None
@@ -75,10 +85,17 @@ class _Symbol:
 class Sequencer:
     """Delivers each symbol's trades exactly once in trade-id order, filling gaps over REST."""
 
-    def __init__(self, deliver: Callable[[Tick], Any], stats: FeedStats,
-                 rest: BinanceRest | None, *, max_trades: int = 100_000,
-                 hold_limit: float = 5.0, max_held: int = 200_000,
-                 deliver_bar: Callable[[Bar], Any] | None = None):
+    def __init__(
+        self,
+        deliver: Callable[[Tick], Any],
+        stats: FeedStats,
+        rest: BinanceRest | None,
+        *,
+        max_trades: int = 100_000,
+        hold_limit: float = 5.0,
+        max_held: int = 200_000,
+        deliver_bar: Callable[[Bar], Any] | None = None,
+    ):
         self._deliver = deliver
         self._deliver_bar = deliver_bar  # gaps past max_trades are filled from klines
         self.stats = stats
@@ -126,8 +143,11 @@ class Sequencer:
             self._emit(sym, tick)
             return True
         if trade_id <= last:
-            if (tick.time > sym.last_time if sym.last_time is not None
-                    else last - trade_id > REORDER_WINDOW):
+            if (
+                tick.time > sym.last_time
+                if sym.last_time is not None
+                else last - trade_id > REORDER_WINDOW
+            ):
                 self._candidate(symbol, sym, tick)
             else:
                 self.stats.dropped_out_of_order()
@@ -140,8 +160,7 @@ class Sequencer:
         self.stats.gaps[symbol] = self.stats.gaps.get(symbol, 0) + 1
         missing = trade_id - last - 1
         too_many = missing > self.max_trades
-        if self.rest is None or (too_many and (self._deliver_bar is None
-                                               or sym.last_time is None)):
+        if self.rest is None or (too_many and (self._deliver_bar is None or sym.last_time is None)):
             # Not fetched at all: counted as missed at once, nothing is held.
             self._missed(symbol, missing)
             sym.state = "gave_up" if self.rest is not None else "idle"
@@ -151,7 +170,8 @@ class Sequencer:
         sym.state = "filling"
         fetch = self._fetch_bars if too_many else self._fetch
         sym.task = asyncio.get_running_loop().create_task(
-            self._fill(symbol, sym, last + 1, trade_id - 1, fetch), name=f"backfill-{symbol}")
+            self._fill(symbol, sym, last + 1, trade_id - 1, fetch), name=f"backfill-{symbol}"
+        )
         return False
 
     def _candidate(self, symbol: str, sym: _Symbol, tick: Tick) -> None:
@@ -170,8 +190,7 @@ class Sequencer:
         if len(run) >= RESET_CONFIRM:
             self._rebase(symbol, sym)
         elif sym.timer is None:
-            sym.timer = asyncio.get_running_loop().call_later(RESET_WAIT, self._waited,
-                                                              symbol, sym)
+            sym.timer = asyncio.get_running_loop().call_later(RESET_WAIT, self._waited, symbol, sym)
 
     def _rebase(self, symbol: str, sym: _Symbol) -> None:
         """The held candidates start the new sequence: delivered next, in order."""
@@ -231,24 +250,35 @@ class Sequencer:
 
     # ---- filling a gap
 
-    async def _fill(self, symbol: str, sym: _Symbol, first: int, last: int,
-                    fetch: Callable[[str, _Symbol, int], Awaitable[None]]) -> None:
+    async def _fill(
+        self,
+        symbol: str,
+        sym: _Symbol,
+        first: int,
+        last: int,
+        fetch: Callable[[str, _Symbol, int], Awaitable[None]],
+    ) -> None:
         began = time.monotonic()
         try:
             async with asyncio.timeout(self.hold_limit):
                 await fetch(symbol, sym, last)
         except TimeoutError:
-            log.warning("%s: backfill of trades %d..%d not done within %.1f s; giving up",
-                        symbol, sym.last_id + 1 if sym.last_id is not None else first, last,
-                        self.hold_limit)
+            log.warning(
+                "%s: backfill of trades %d..%d not done within %.1f s; giving up",
+                symbol,
+                sym.last_id + 1 if sym.last_id is not None else first,
+                last,
+                self.hold_limit,
+            )
         except asyncio.CancelledError:
             if self._stopping:
                 raise  # the feed stops
             task = asyncio.current_task()
             assert task is not None  # a coroutine of this loop runs in a task
             task.uncancel()
-            log.warning("%s: %d live trades held during a backfill; giving up", symbol,
-                        self.max_held)
+            log.warning(
+                "%s: %d live trades held during a backfill; giving up", symbol, self.max_held
+            )
         except RestError as exc:
             log.warning("%s: backfill failed: %s", symbol, exc)
         except Exception:  # an answer nobody foresaw must not leave the gap held open
@@ -263,8 +293,9 @@ class Sequencer:
             else:
                 sym.state = "idle"
             sym.task = None
-            log.info("%s: gap closed in %.2f s (%d missed)", symbol, time.monotonic() - began,
-                     missed)
+            log.info(
+                "%s: gap closed in %.2f s (%d missed)", symbol, time.monotonic() - began, missed
+            )
             self._release(symbol, sym)
             self.changed.set()
 
@@ -277,15 +308,17 @@ class Sequencer:
         while sym.last_id is not None and sym.last_id < last:
             try:
                 if by_aggregate:
-                    batch = await rest.agg_trades(symbol, from_id=sym.last_id + 1,
-                                                  limit=min(1000, last - sym.last_id))
+                    batch = await rest.agg_trades(
+                        symbol, from_id=sym.last_id + 1, limit=min(1000, last - sym.last_id)
+                    )
                 elif self._agg_only:
                     start = sym.last_time or 0
                     end = min(held_time or int(time.time() * 1000), start + 3_600_000 - 1)
                     batch = await rest.agg_trades(symbol, start, end)
                 else:
-                    batch = await rest.trades(symbol, sym.last_id + 1,
-                                              min(1000, last - sym.last_id))
+                    batch = await rest.trades(
+                        symbol, sym.last_id + 1, min(1000, last - sym.last_id)
+                    )
             except RestLimited as exc:
                 await asyncio.sleep(exc.retry_after)  # bounded by hold_limit's timeout
                 continue
@@ -340,8 +373,9 @@ class Sequencer:
         start = first_minute
         while start < held_minute and len(bars) < MAX_BAR_MINUTES:
             try:
-                page = await rest.klines(symbol, "1m", limit=1000, start_ms=start,
-                                         end_ms=held_minute - 1)
+                page = await rest.klines(
+                    symbol, "1m", limit=1000, start_ms=start, end_ms=held_minute - 1
+                )
             except RestLimited as exc:
                 await asyncio.sleep(exc.retry_after)  # bounded by the fill's timeout
                 continue
@@ -354,8 +388,19 @@ class Sequencer:
                     volume = max(0.0, volume - sym.minute_volume)
                     trades = max(0, trades - sym.minute_trades)
                 if trades:
-                    bars.append(Bar(symbol, k.open_time, k.close_time, open_, k.high, k.low,
-                                    k.close, volume, trades))
+                    bars.append(
+                        Bar(
+                            symbol,
+                            k.open_time,
+                            k.close_time,
+                            open_,
+                            k.high,
+                            k.low,
+                            k.close,
+                            volume,
+                            trades,
+                        )
+                    )
                     covered += trades
             start = page[-1].open_time + MINUTE
         for bar in bars:
@@ -366,8 +411,14 @@ class Sequencer:
                 self.stats.callback_error(self.stats.kind, exc)
         self.kline_filled[symbol] = self.kline_filled.get(symbol, 0) + covered
         self._missed(symbol, max(0, missing - covered))
-        log.info("%s: a gap of %d trades filled from %d one-minute klines (%d trades), %d "
-                 "missed", symbol, missing, len(bars), covered, max(0, missing - covered))
+        log.info(
+            "%s: a gap of %d trades filled from %d one-minute klines (%d trades), %d missed",
+            symbol,
+            missing,
+            len(bars),
+            covered,
+            max(0, missing - covered),
+        )
         sym.last_id = last
         sym.last_time = max(sym.last_time, held_minute - 1)
         sym.minute = -1  # what was delivered of a minute is no longer known
@@ -385,9 +436,11 @@ class Sequencer:
     # ---- reporting and lifetime
 
     def health(self) -> dict[str, Any]:
-        return {"backfilled_trades": dict(self.backfilled),
-                "kline_filled_trades": dict(self.kline_filled),
-                "backfill_state": {s: sym.state for s, sym in self._symbols.items()}}
+        return {
+            "backfilled_trades": dict(self.backfilled),
+            "kline_filled_trades": dict(self.kline_filled),
+            "backfill_state": {s: sym.state for s, sym in self._symbols.items()},
+        }
 
     async def stop(self) -> None:
         self._stopping = True

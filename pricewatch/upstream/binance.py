@@ -46,8 +46,9 @@ MAX_SYMBOLS = 512
 
 
 #: Venue names of Binance's own hosts (`venue_of`).
-BINANCE_VENUES = frozenset({"binance:spot", "binance:usdm", "binance:coinm",
-                            "binance-testnet:spot", "binanceus:spot"})
+BINANCE_VENUES = frozenset(
+    {"binance:spot", "binance:usdm", "binance:coinm", "binance-testnet:spot", "binanceus:spot"}
+)
 
 
 def venue_of(url: str, market: BinanceMarket) -> str:
@@ -58,8 +59,13 @@ def venue_of(url: str, market: BinanceMarket) -> str:
     parts = urlsplit(url)
     host = (parts.hostname or "").lower().rstrip(".")
     if host == "binance.com" or host.endswith(".binance.com"):
-        kind = ("usdm" if host.startswith("fstream") else
-                "coinm" if host.startswith("dstream") else "spot")
+        kind = (
+            "usdm"
+            if host.startswith("fstream")
+            else "coinm"
+            if host.startswith("dstream")
+            else "spot"
+        )
         return f"binance:{kind}"
     if host == "binance.vision" or host.endswith(".binance.vision"):
         return "binance-testnet:spot" if "testnet" in host else "binance:spot"
@@ -72,8 +78,9 @@ def venue_of(url: str, market: BinanceMarket) -> str:
     return f"{host}:{port}{market.prefix}"
 
 
-def traded_symbols(url: str, symbols: Iterable[str],
-                   venue: str | None = None) -> frozenset[str] | None:
+def traded_symbols(
+    url: str, symbols: Iterable[str], venue: str | None = None
+) -> frozenset[str] | None:
     """The watched `symbols` whose trades a stream URL carries: all of them for a bare base
     (the feed asks for every one), those with a `@trade`/`@aggTrade` stream named in a
     `/stream?streams=` or `/ws/` URL. When the URL does not say (another path): all of them
@@ -81,8 +88,12 @@ def traded_symbols(url: str, symbols: Iterable[str],
     None elsewhere (a relay of unknown content)."""
     parts = urlsplit(url)
     path = parts.path.strip("/")
-    if not path or (venue is not None and venue in BINANCE_VENUES
-                    and path != "stream" and not path.startswith("ws/")):
+    if not path or (
+        venue is not None
+        and venue in BINANCE_VENUES
+        and path != "stream"
+        and not path.startswith("ws/")
+    ):
         return frozenset(symbols)
     if path == "stream":
         names = [n for v in parse_qs(parts.query).get("streams", []) for n in v.split("/")]
@@ -90,8 +101,11 @@ def traded_symbols(url: str, symbols: Iterable[str],
         names = path[3:].split("/")
     else:
         return None
-    streamed = {name.partition("@")[0].upper() for name in names
-                if name.partition("@")[2].lower() in ("trade", "aggtrade")}
+    streamed = {
+        name.partition("@")[0].upper()
+        for name in names
+        if name.partition("@")[2].lower() in ("trade", "aggtrade")
+    }
     return frozenset(streamed & set(symbols))
 
 
@@ -109,25 +123,44 @@ class BinanceFeed(Feed):
 
     kind = "binance"
 
-    def __init__(self, base_url: str, symbols: Iterable[str], on_tick: TickCallback,
-                 on_book: BookCallback, *, name: str = "binance", backoff_initial: float = 0.5,
-                 backoff_cap: float = 30.0, stale_after: float = 60.0,
-                 open_timeout: float = 10.0,
-                 precheck: Callable[[str], Awaitable[dict | None]] | None = None,
-                 follow_redirects: bool = True, rest: BinanceRest | None = None,
-                 backfill_max_trades: int = 100_000, backfill_hold: float = 5.0,
-                 history: Mapping[str, tuple[int, int]] | None = None,
-                 on_history: Callable[[KlineFill], object] | None = None,
-                 market: BinanceMarket | None = None,
-                 on_bar: BarCallback | None = None, max_clock_skew: float = 10.0,
-                 max_id_jump: int = 10_000_000) -> None:
-        super().__init__(name, symbols, on_tick, on_book, max_clock_skew=max_clock_skew,
-                         max_id_jump=max_id_jump)
+    def __init__(
+        self,
+        base_url: str,
+        symbols: Iterable[str],
+        on_tick: TickCallback,
+        on_book: BookCallback,
+        *,
+        name: str = "binance",
+        backoff_initial: float = 0.5,
+        backoff_cap: float = 30.0,
+        stale_after: float = 60.0,
+        open_timeout: float = 10.0,
+        precheck: Callable[[str], Awaitable[dict | None]] | None = None,
+        follow_redirects: bool = True,
+        rest: BinanceRest | None = None,
+        backfill_max_trades: int = 100_000,
+        backfill_hold: float = 5.0,
+        history: Mapping[str, tuple[int, int]] | None = None,
+        on_history: Callable[[KlineFill], object] | None = None,
+        market: BinanceMarket | None = None,
+        on_bar: BarCallback | None = None,
+        max_clock_skew: float = 10.0,
+        max_id_jump: int = 10_000_000,
+    ) -> None:
+        super().__init__(
+            name, symbols, on_tick, on_book, max_clock_skew=max_clock_skew, max_id_jump=max_id_jump
+        )
         self.market = market or (rest.market if rest is not None else MARKETS["spot"])
         # Every streamed trade passes the sequencer: ids in order, gaps filled over REST
         # (`rest`), or counted as missed without it.
-        self.sequencer = Sequencer(on_tick, self.stats, rest, max_trades=backfill_max_trades,
-                                   hold_limit=backfill_hold, deliver_bar=on_bar)
+        self.sequencer = Sequencer(
+            on_tick,
+            self.stats,
+            rest,
+            max_trades=backfill_max_trades,
+            hold_limit=backfill_hold,
+            deliver_bar=on_bar,
+        )
         self.rest = rest
         # Candle history from REST klines before the first connection (`history`: timeframe
         # -> (ms, ring size)), handed to `on_history`.
@@ -139,22 +172,25 @@ class BinanceFeed(Feed):
         self.precheck = precheck
         self._connect = connect if follow_redirects else _connect_no_redirects
         if len(self.symbols) > MAX_SYMBOLS:
-            raise FeedConfigError(f"at most {MAX_SYMBOLS} symbols per Binance connection "
-                                  f"(1024 streams), got {len(self.symbols)}")
+            raise FeedConfigError(
+                f"at most {MAX_SYMBOLS} symbols per Binance connection "
+                f"(1024 streams), got {len(self.symbols)}"
+            )
         if not re.match(r"wss?://[^/?#\s]+", base_url):
-            raise FeedConfigError(f"Binance websocket URL must start with ws:// or wss://, "
-                                  f"got {base_url!r}")
+            raise FeedConfigError(
+                f"Binance websocket URL must start with ws:// or wss://, got {base_url!r}"
+            )
         if not (0 < backoff_initial <= backoff_cap) or stale_after <= 0 or open_timeout <= 0:
-            raise FeedConfigError("backoff/stale/open timeouts must be positive, "
-                                  "backoff_initial <= backoff_cap")
+            raise FeedConfigError(
+                "backoff/stale/open timeouts must be positive, backoff_initial <= backoff_cap"
+            )
         if urlsplit(base_url).path.strip("/"):
             # A full stream URL (an admin's extra feed: `/stream?streams=...` or `/ws/x@trade`)
             # is used as given; a bare base gets every watched symbol's streams.
             self.url = base_url
         else:
             trade = self.market.trade_stream
-            streams = "/".join(f"{s.lower()}@{trade}/{s.lower()}@bookTicker"
-                               for s in self.symbols)
+            streams = "/".join(f"{s.lower()}@{trade}/{s.lower()}@bookTicker" for s in self.symbols)
             self.url = f"{base_url.rstrip('/')}/stream?streams={streams}"
         self.backoff_initial = backoff_initial
         self.backoff_cap = backoff_cap
@@ -181,22 +217,28 @@ class BinanceFeed(Feed):
                 seen = stats.messages
                 try:
                     pinned = await self.precheck(self.url) if self.precheck else None
-                    async with self._connect(self.url, open_timeout=self.open_timeout,
-                                             close_timeout=5.0, **(pinned or {})) as ws:
+                    async with self._connect(
+                        self.url,
+                        open_timeout=self.open_timeout,
+                        close_timeout=5.0,
+                        **(pinned or {}),
+                    ) as ws:
                         stats.state = "connected"
                         log.info("%s feed: connected to %s", self.name, stats.url)
                         outcome = await self._consume(ws)
                 except ConnectionClosed as exc:
-                    log.info("%s feed: upstream closed the connection (%s); reconnecting",
-                             self.name, exc)
+                    log.info(
+                        "%s feed: upstream closed the connection (%s); reconnecting", self.name, exc
+                    )
                 except InvalidStatus as exc:
                     status = exc.response.status_code
                     log.warning("%s feed: handshake refused with HTTP %s", self.name, status)
                     if status in (418, 429):  # rate limited / banned: back off hard
                         delay = self.backoff_cap
                 except (OSError, TimeoutError, WebSocketException, FeedRefused) as exc:
-                    log.warning("%s feed: connection failed: %s", self.name,
-                                str(exc) or type(exc).__name__)
+                    log.warning(
+                        "%s feed: connection failed: %s", self.name, str(exc) or type(exc).__name__
+                    )
                 except Exception:
                     log.exception("%s feed: unexpected error; reconnecting", self.name)
                 if outcome == "shutdown":
@@ -216,8 +258,11 @@ class BinanceFeed(Feed):
     def health(self) -> dict[str, Any]:
         out = {**self.stats.health(), **self.sequencer.health()}
         if self.rest is not None:  # the REST budget: Binance bans clients that overrun it
-            out["rest"] = {"calls": self.rest.calls, "used_weight": self.rest.used_weight,
-                           "blocked_for": round(self.rest.blocked_for(), 1)}
+            out["rest"] = {
+                "calls": self.rest.calls,
+                "used_weight": self.rest.used_weight,
+                "blocked_for": round(self.rest.blocked_for(), 1),
+            }
         return out
 
     async def _load_history(self, budget: float = 30.0) -> None:
@@ -236,14 +281,20 @@ class BinanceFeed(Feed):
                         self._on_history(fill)
                     if resume is not None:
                         self.sequencer.resume(symbol, *resume)
-            log.info("%s feed: candle history of %d symbols loaded in %.2f s", self.name,
-                     len(self.symbols), time.monotonic() - began)
+            log.info(
+                "%s feed: candle history of %d symbols loaded in %.2f s",
+                self.name,
+                len(self.symbols),
+                time.monotonic() - began,
+            )
         except (RestError, TimeoutError) as exc:
-            log.warning("%s feed: no candle history from REST (%s); starting without it",
-                        self.name, exc or type(exc).__name__)
+            log.warning(
+                "%s feed: no candle history from REST (%s); starting without it",
+                self.name,
+                exc or type(exc).__name__,
+            )
         except Exception:  # the live feed matters more than the history: never end run()
-            log.exception("%s feed: no candle history from REST; starting without it",
-                          self.name)
+            log.exception("%s feed: no candle history from REST; starting without it", self.name)
 
     def _deliver(self, event: Tick | Book) -> None:
         if type(event) is Tick:
@@ -278,14 +329,16 @@ class BinanceFeed(Feed):
                         if event is None:
                             continue
                         if type(event) is ServerShutdown:
-                            log.info("%s feed: serverShutdown received; reconnecting now",
-                                     self.name)
+                            log.info(
+                                "%s feed: serverShutdown received; reconnecting now", self.name
+                            )
                             return "shutdown"
                         self._deliver(event)
             except TimeoutError:
                 if time.monotonic() - last >= self.stale_after:
-                    log.warning("%s feed: no message for %.1f s; reconnecting", self.name,
-                                self.stale_after)
+                    log.warning(
+                        "%s feed: no message for %.1f s; reconnecting", self.name, self.stale_after
+                    )
                     return "stale"
 
 
@@ -294,5 +347,3 @@ class _connect_no_redirects(connect):  # named like `connect`, and used exactly 
 
     def process_redirect(self, exc: Exception) -> Exception:
         return exc
-
-

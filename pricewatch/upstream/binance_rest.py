@@ -44,8 +44,9 @@ class RestLimited(RestError):
     """429/418: no call may be made for `retry_after` seconds."""
 
     def __init__(self, retry_after: float, status: int):
-        super().__init__(f"rate limited by Binance (HTTP {status}), retry after "
-                         f"{retry_after:.0f}s", status)
+        super().__init__(
+            f"rate limited by Binance (HTTP {status}), retry after {retry_after:.0f}s", status
+        )
         self.retry_after = retry_after
 
 
@@ -85,27 +86,40 @@ class BinanceMarket:
 
     def paths(self) -> dict[str, str]:
         p = self.prefix
-        return {"trades": f"{p}/historicalTrades", "agg_trades": f"{p}/aggTrades",
-                "klines": f"{p}/klines", "recent": f"{p}/trades"}
+        return {
+            "trades": f"{p}/historicalTrades",
+            "agg_trades": f"{p}/aggTrades",
+            "klines": f"{p}/klines",
+            "recent": f"{p}/trades",
+        }
 
 
 _INTERVALS = frozenset({"1s", "1m", "5m", "15m", "1h", "4h", "1d"})
 
 MARKETS = {
-    "spot": BinanceMarket("wss://stream.binance.com:9443", "https://api.binance.com",
-                          "/api/v3", "trade"),
-    "usdm": BinanceMarket("wss://fstream.binance.com", "https://fapi.binance.com", "/fapi/v1",
-                          "aggTrade"),
-    "coinm": BinanceMarket("wss://dstream.binance.com", "https://dapi.binance.com",
-                           "/dapi/v1", "aggTrade"),
+    "spot": BinanceMarket(
+        "wss://stream.binance.com:9443", "https://api.binance.com", "/api/v3", "trade"
+    ),
+    "usdm": BinanceMarket(
+        "wss://fstream.binance.com", "https://fapi.binance.com", "/fapi/v1", "aggTrade"
+    ),
+    "coinm": BinanceMarket(
+        "wss://dstream.binance.com", "https://dapi.binance.com", "/dapi/v1", "aggTrade"
+    ),
 }
 
 
 class BinanceRest:
     """Calls `base_url` (e.g. https://api.binance.com) on a session set by the app."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 10.0,
-                 market: BinanceMarket = MARKETS["spot"], max_bytes: int = 8 << 20):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 10.0,
+        market: BinanceMarket = MARKETS["spot"],
+        max_bytes: int = 8 << 20,
+    ):
         self.base_url = base_url.rstrip("/")
         self.max_bytes = max_bytes  # an answer's size at most (PRICEWATCH_UPSTREAM_MAX_BYTES)
         self._headers = {"X-MBX-APIKEY": api_key} if api_key else {}
@@ -135,8 +149,13 @@ class BinanceRest:
         url = self.base_url + self.paths[name]
         status: int | None = None
         try:
-            async with self.session.get(url, params=params, headers=self._headers,
-                                        timeout=self.timeout, allow_redirects=False) as resp:
+            async with self.session.get(
+                url,
+                params=params,
+                headers=self._headers,
+                timeout=self.timeout,
+                allow_redirects=False,
+            ) as resp:
                 status = resp.status
                 weight = resp.headers.get("X-MBX-USED-WEIGHT-1M")
                 if weight is not None and weight.isdigit():
@@ -144,17 +163,20 @@ class BinanceRest:
                 if resp.status in (418, 429):
                     retry = _retry_after(resp.headers.get("Retry-After"))
                     self._blocked_until = time.monotonic() + retry
-                    log.warning("Binance REST answered %d: no REST call for %.0f s",
-                                resp.status, retry)
+                    log.warning(
+                        "Binance REST answered %d: no REST call for %.0f s", resp.status, retry
+                    )
                     raise RestLimited(retry, resp.status)
                 data = await _json(await read_body(resp, self.max_bytes))
                 if resp.status != 200:
                     code = data.get("code") if isinstance(data, dict) else None
                     msg = data.get("msg") if isinstance(data, dict) else None
                     said = msg[:200] if isinstance(msg, str) and msg else "no message"
-                    raise RestError(f"HTTP {resp.status} from {self.paths[name]}: {said}",
-                                    resp.status,
-                                    code if isinstance(code, int) else None)
+                    raise RestError(
+                        f"HTTP {resp.status} from {self.paths[name]}: {said}",
+                        resp.status,
+                        code if isinstance(code, int) else None,
+                    )
                 return data
         except AnswerTooLarge as exc:  # an upstream error like a 5xx: no weight for it
             raise RestError(f"{self.paths[name]}: {exc}", status) from None
@@ -163,19 +185,32 @@ class BinanceRest:
 
     async def trades(self, symbol: str, from_id: int, limit: int = MAX_LIMIT) -> list[Tick]:
         """Trades with id >= `from_id`, ascending (`historicalTrades`)."""
-        rows = await self.get("trades", {"symbol": symbol, "fromId": from_id,
-                                         "limit": min(limit, MAX_LIMIT)})
+        rows = await self.get(
+            "trades", {"symbol": symbol, "fromId": from_id, "limit": min(limit, MAX_LIMIT)}
+        )
         try:
-            return [Tick(symbol, parse_number(r["price"], "price"),
-                         parse_number(r["qty"], "qty", zero_ok=True),
-                         parse_trade_time(r["time"]), _id(r["id"]), backfill="trade")
-                    for r in _list(rows)]
+            return [
+                Tick(
+                    symbol,
+                    parse_number(r["price"], "price"),
+                    parse_number(r["qty"], "qty", zero_ok=True),
+                    parse_trade_time(r["time"]),
+                    _id(r["id"]),
+                    backfill="trade",
+                )
+                for r in _list(rows)
+            ]
         except (KeyError, TypeError, ParseError) as exc:
             raise RestError(f"malformed historicalTrades answer: {exc}") from None
 
-    async def agg_trades(self, symbol: str, start_ms: int | None = None,
-                         end_ms: int | None = None, limit: int = MAX_LIMIT,
-                         from_id: int | None = None) -> list[Tick]:
+    async def agg_trades(
+        self,
+        symbol: str,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+        limit: int = MAX_LIMIT,
+        from_id: int | None = None,
+    ) -> list[Tick]:
         """Aggregate trades by time (`start_ms <= T <= end_ms`, at most one hour apart) or
         from aggregate id `from_id`, as Ticks with `count` = the trades each holds. Their
         `trade_id` is the aggregate id on a futures market (trades are sequenced by it),
@@ -193,10 +228,17 @@ class BinanceRest:
             out = []
             for r in _list(rows):
                 first, last = _id(r["f"]), _id(r["l"])
-                out.append(Tick(symbol, parse_number(r["p"], "p"),
-                                parse_number(r["q"], "q", zero_ok=True),
-                                parse_trade_time(r["T"]), _id(r["a"]) if by_aggregate else last,
-                                max(1, last - first + 1), backfill="trade"))
+                out.append(
+                    Tick(
+                        symbol,
+                        parse_number(r["p"], "p"),
+                        parse_number(r["q"], "q", zero_ok=True),
+                        parse_trade_time(r["T"]),
+                        _id(r["a"]) if by_aggregate else last,
+                        max(1, last - first + 1),
+                        backfill="trade",
+                    )
+                )
             return out
         except (KeyError, TypeError, ParseError) as exc:
             raise RestError(f"malformed aggTrades answer: {exc}") from None
@@ -205,28 +247,55 @@ class BinanceRest:
         """The most recent trade (`/api/v3/trades?limit=1`), or None when there is none."""
         rows = await self.get("recent", {"symbol": symbol, "limit": 1})
         try:
-            return next((Tick(symbol, parse_number(r["price"], "price"),
-                              parse_number(r["qty"], "qty", zero_ok=True),
-                              parse_trade_time(r["time"]), _id(r["id"]))
-                         for r in _list(rows)), None)
+            return next(
+                (
+                    Tick(
+                        symbol,
+                        parse_number(r["price"], "price"),
+                        parse_number(r["qty"], "qty", zero_ok=True),
+                        parse_trade_time(r["time"]),
+                        _id(r["id"]),
+                    )
+                    for r in _list(rows)
+                ),
+                None,
+            )
         except (KeyError, TypeError, ParseError) as exc:
             raise RestError(f"malformed trades answer: {exc}") from None
 
-    async def klines(self, symbol: str, interval: str, limit: int = MAX_LIMIT,
-                     start_ms: int | None = None, end_ms: int | None = None) -> list[Kline]:
+    async def klines(
+        self,
+        symbol: str,
+        interval: str,
+        limit: int = MAX_LIMIT,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+    ) -> list[Kline]:
         """Klines oldest first; the last one may be the still open candle."""
-        params: dict[str, Any] = {"symbol": symbol, "interval": interval,
-                                  "limit": min(limit, MAX_LIMIT)}
+        params: dict[str, Any] = {
+            "symbol": symbol,
+            "interval": interval,
+            "limit": min(limit, MAX_LIMIT),
+        }
         if start_ms is not None:
             params["startTime"] = start_ms
         if end_ms is not None:
             params["endTime"] = end_ms
         rows = await self.get("klines", params)
         try:
-            return [Kline(_id(k[0]), parse_number(k[1], "open"), parse_number(k[2], "high"),
-                          parse_number(k[3], "low"), parse_number(k[4], "close"),
-                          parse_number(k[5], "volume", zero_ok=True), _id(k[6]), _id(k[8]))
-                    for k in _list(rows)]
+            return [
+                Kline(
+                    _id(k[0]),
+                    parse_number(k[1], "open"),
+                    parse_number(k[2], "high"),
+                    parse_number(k[3], "low"),
+                    parse_number(k[4], "close"),
+                    parse_number(k[5], "volume", zero_ok=True),
+                    _id(k[6]),
+                    _id(k[8]),
+                )
+                for k in _list(rows)
+            ]
         except (IndexError, TypeError, ParseError) as exc:
             raise RestError(f"malformed klines answer: {exc}") from None
 

@@ -39,9 +39,15 @@ class DemoQuotes:
 
     kind = "demo-quotes"
 
-    def __init__(self, latest: LatestLookup, pairs: list[tuple[str, str]], interval: float,
-                 on_quote: Callable[[Quote], Awaitable[object]],
-                 *, name: str = "quotes-demo") -> None:
+    def __init__(
+        self,
+        latest: LatestLookup,
+        pairs: list[tuple[str, str]],
+        interval: float,
+        on_quote: Callable[[Quote], Awaitable[object]],
+        *,
+        name: str = "quotes-demo",
+    ) -> None:
         if interval <= 0 or not pairs:
             raise FeedConfigError("DemoQuotes needs pairs and an interval > 0")
         self.name = name
@@ -55,10 +61,16 @@ class DemoQuotes:
         self.last_quote_at: float | None = None
 
     def health(self) -> dict[str, Any]:
-        age = None if self.last_quote_at is None else round(time.monotonic() -
-                                                            self.last_quote_at, 3)
-        return {"kind": self.kind, "state": self.state, "last_message_age": age,
-                "messages": self.quotes, "errors": self.errors}
+        age = (
+            None if self.last_quote_at is None else round(time.monotonic() - self.last_quote_at, 3)
+        )
+        return {
+            "kind": self.kind,
+            "state": self.state,
+            "last_message_age": age,
+            "messages": self.quotes,
+            "errors": self.errors,
+        }
 
     def quote(self, from_currency: str, to_currency: str) -> Quote | None:
         """The pair's quote now, or None while its market has no trade."""
@@ -95,8 +107,9 @@ class DemoQuotes:
                 complete = await self.poll_once()
                 self.state = "waiting"
                 early = not complete and self.quotes == 0  # nothing traded yet
-                await asyncio.sleep(min(self.interval, FIRST_QUOTE_RETRY) if early
-                                    else self.interval)
+                await asyncio.sleep(
+                    min(self.interval, FIRST_QUOTE_RETRY) if early else self.interval
+                )
         except asyncio.CancelledError:
             self.state = "stopped"
             raise

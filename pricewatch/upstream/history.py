@@ -38,23 +38,46 @@ class KlineFill:
 
 
 def _row(symbol: str, timeframe: str, k: Kline, last_ts: int) -> tuple:
-    return (symbol, timeframe, k.open_time, k.open, k.high, k.low, k.close, k.volume,
-            k.trades, k.open_time, last_ts)
+    return (
+        symbol,
+        timeframe,
+        k.open_time,
+        k.open,
+        k.high,
+        k.low,
+        k.close,
+        k.volume,
+        k.trades,
+        k.open_time,
+        last_ts,
+    )
 
 
-def _partial(symbol: str, timeframe: str, start: int, minutes: list[Kline], cut: int
-             ) -> tuple | None:
+def _partial(
+    symbol: str, timeframe: str, start: int, minutes: list[Kline], cut: int
+) -> tuple | None:
     """The open candle [start, cut) summed from 1m klines, or None without trades."""
     inside = [k for k in minutes if start <= k.open_time < cut and k.trades]
     if not inside:
         return None
-    return (symbol, timeframe, start, inside[0].open, max(k.high for k in inside),
-            min(k.low for k in inside), inside[-1].close, sum(k.volume for k in inside),
-            sum(k.trades for k in inside), inside[0].open_time, cut - 1)
+    return (
+        symbol,
+        timeframe,
+        start,
+        inside[0].open,
+        max(k.high for k in inside),
+        min(k.low for k in inside),
+        inside[-1].close,
+        sum(k.volume for k in inside),
+        sum(k.trades for k in inside),
+        inside[0].open_time,
+        cut - 1,
+    )
 
 
-async def fetch_history(rest: BinanceRest, symbol: str, rings: Mapping[str, tuple[int, int]],
-                        now_ms: int | None = None) -> tuple[list[KlineFill], int]:
+async def fetch_history(
+    rest: BinanceRest, symbol: str, rings: Mapping[str, tuple[int, int]], now_ms: int | None = None
+) -> tuple[list[KlineFill], int]:
     """Klines for every ring of `symbol` (`rings`: timeframe -> (ms, size)), cut at the
     current minute. Returns the fills and the cut (ms)."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
@@ -64,10 +87,12 @@ async def fetch_history(rest: BinanceRest, symbol: str, rings: Mapping[str, tupl
     for timeframe, (size_ms, size) in rings.items():
         if timeframe not in rest.market.kline_intervals:
             continue  # futures have no 1s klines: that ring starts with the stream
-        klines = minutes if timeframe == "1m" else await _klines(rest, symbol, timeframe,
-                                                                 size, cut)
-        rows = [_row(symbol, timeframe, k, k.open_time + size_ms - 1) for k in klines
-                if k.trades and k.open_time + size_ms <= cut]
+        klines = minutes if timeframe == "1m" else await _klines(rest, symbol, timeframe, size, cut)
+        rows = [
+            _row(symbol, timeframe, k, k.open_time + size_ms - 1)
+            for k in klines
+            if k.trades and k.open_time + size_ms <= cut
+        ]
         open_start = cut - cut % size_ms
         if open_start < cut:
             partial = _partial(symbol, timeframe, open_start, minutes, cut)
@@ -78,14 +103,14 @@ async def fetch_history(rest: BinanceRest, symbol: str, rings: Mapping[str, tupl
     return fills, cut
 
 
-async def _klines(rest: BinanceRest, symbol: str, interval: str, count: int, cut: int
-                  ) -> list[Kline]:
+async def _klines(
+    rest: BinanceRest, symbol: str, interval: str, count: int, cut: int
+) -> list[Kline]:
     """The `count` newest klines opening before `cut`, oldest first (pages of 1000)."""
     out: list[Kline] = []
     end = cut - 1
     while len(out) < count:
-        page = await rest.klines(symbol, interval, limit=min(1000, count - len(out)),
-                                 end_ms=end)
+        page = await rest.klines(symbol, interval, limit=min(1000, count - len(out)), end_ms=end)
         page = [k for k in page if k.open_time <= end]
         if not page:
             break

@@ -46,9 +46,17 @@ class DemoFeed(Feed):
 
     kind = "demo"
 
-    def __init__(self, symbols: Iterable[str], on_tick: TickCallback, on_book: BookCallback,
-                 *, rate: float = 10.0, seed: int | None = None, name: str = "demo",
-                 max_clock_skew: float = 10.0) -> None:
+    def __init__(
+        self,
+        symbols: Iterable[str],
+        on_tick: TickCallback,
+        on_book: BookCallback,
+        *,
+        rate: float = 10.0,
+        seed: int | None = None,
+        name: str = "demo",
+        max_clock_skew: float = 10.0,
+    ) -> None:
         super().__init__(name, symbols, on_tick, on_book, max_clock_skew=max_clock_skew)
         if not (0 < rate <= 10_000):
             raise FeedConfigError(f"demo rate must be in (0, 10000] trades/s, got {rate!r}")
@@ -70,10 +78,24 @@ class DemoFeed(Feed):
         half = max(0.01, round(px * 0.00001, 2))
         self.stats.messages += 1
         self.stats.last_message_at = time.monotonic()
-        self._deliver(Book(symbol, round(px - half, 2), round(px + half, 2),
-                           round(rng.uniform(0.01, 5.0), 5), round(rng.uniform(0.01, 5.0), 5)))
-        self._deliver(Tick(symbol, px, round(rng.expovariate(20.0) + 0.00001, 5),
-                           time.time_ns() // 1_000_000, self._ids[symbol]))
+        self._deliver(
+            Book(
+                symbol,
+                round(px - half, 2),
+                round(px + half, 2),
+                round(rng.uniform(0.01, 5.0), 5),
+                round(rng.uniform(0.01, 5.0), 5),
+            )
+        )
+        self._deliver(
+            Tick(
+                symbol,
+                px,
+                round(rng.expovariate(20.0) + 0.00001, 5),
+                time.time_ns() // 1_000_000,
+                self._ids[symbol],
+            )
+        )
 
     async def run(self) -> None:
         """Run until cancelled (state "running", then "stopped")."""
@@ -124,8 +146,13 @@ def parse_trades_csv_line(line: bytes, symbol: str) -> Tick:
         t = int(parts[4])
     except ValueError:
         raise ParseError("csv_bad_int", repr(line[:80])) from None
-    return Tick(symbol, parse_price(parts[1].decode("ascii", "replace"), "price"),
-                parse_qty(parts[2].decode("ascii", "replace"), "qty"), _csv_time_ms(t), trade_id)
+    return Tick(
+        symbol,
+        parse_price(parts[1].decode("ascii", "replace"), "price"),
+        parse_qty(parts[2].decode("ascii", "replace"), "qty"),
+        _csv_time_ms(t),
+        trade_id,
+    )
 
 
 class ReplayFeed(Feed):
@@ -140,11 +167,21 @@ class ReplayFeed(Feed):
 
     kind = "replay"
 
-    def __init__(self, path: str | Path, symbols: Iterable[str], on_tick: TickCallback,
-                 on_book: BookCallback, *, speed: float = 0.0, name: str = "replay",
-                 max_clock_skew: float = 10.0, max_id_jump: int = 10_000_000) -> None:
-        super().__init__(name, symbols, on_tick, on_book, max_clock_skew=max_clock_skew,
-                         max_id_jump=max_id_jump)
+    def __init__(
+        self,
+        path: str | Path,
+        symbols: Iterable[str],
+        on_tick: TickCallback,
+        on_book: BookCallback,
+        *,
+        speed: float = 0.0,
+        name: str = "replay",
+        max_clock_skew: float = 10.0,
+        max_id_jump: int = 10_000_000,
+    ) -> None:
+        super().__init__(
+            name, symbols, on_tick, on_book, max_clock_skew=max_clock_skew, max_id_jump=max_id_jump
+        )
         self.path = Path(path)
         if not self.path.is_file():
             raise FeedConfigError(f"replay file not found: {str(self.path)!r}")
@@ -163,8 +200,10 @@ class ReplayFeed(Feed):
         m = _FILE_SYMBOL.match(self.path.name)
         self.csv_symbol = m.group(1).upper() if m else self.symbols[0]
         if self.format == "csv" and self.csv_symbol not in self._watched:
-            raise FeedConfigError(f"replay file {self.path.name!r} holds {self.csv_symbol} "
-                                  f"trades, which is not a watched symbol")
+            raise FeedConfigError(
+                f"replay file {self.path.name!r} holds {self.csv_symbol} "
+                f"trades, which is not a watched symbol"
+            )
         self.stats.state = "running"
 
     def _decode(self, line: bytes, first: bool) -> Tick | Book | ServerShutdown | None:
@@ -199,8 +238,7 @@ class ReplayFeed(Feed):
                             first = False
                         if event is None or type(event) is ServerShutdown:
                             continue
-                        if (self.speed and type(event) is Tick
-                                and not stats.is_ahead(event.time)):
+                        if self.speed and type(event) is Tick and not stats.is_ahead(event.time):
                             # A trade from the future is not waited for: `_deliver` drops
                             # it (counted, its id seen) at once.
                             if anchor is None:
@@ -213,8 +251,13 @@ class ReplayFeed(Feed):
                         if count % _YIELD_EVERY == 0:
                             await asyncio.sleep(0)
             stats.state = "finished"
-            log.info("%s feed: replay of %s finished (%d events, %d bad lines)", self.name,
-                     self.path.name, count, stats.parse_errors)
+            log.info(
+                "%s feed: replay of %s finished (%d events, %d bad lines)",
+                self.name,
+                self.path.name,
+                count,
+                stats.parse_errors,
+            )
             self.done.set()
         except asyncio.CancelledError:
             stats.state = "stopped"
